@@ -1,0 +1,1 @@
+"""kvmesh: disaggregated LLM serving."""

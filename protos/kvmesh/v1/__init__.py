@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the kvmesh.v1 contract."""

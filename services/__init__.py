@@ -1,0 +1,1 @@
+"""kvmesh services: the engine, the five gRPC services, the CLI and the launcher."""

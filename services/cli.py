@@ -1,0 +1,72 @@
+"""The `kvmesh` command: one sub-command per service plus the tools around them.
+
+Each sub-command registers its flags here and imports its implementation lazily, so `kvmesh --help` stays
+fast and a service pulls in only what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _model_init(args: argparse.Namespace) -> int:
+    from kvmesh.services.engine.model_init import init_model
+
+    path = init_model(args.path, preset=args.preset, family=args.family, seed=args.seed, dtype=args.dtype)
+    print(f"model written to {path}")
+    return 0
+
+
+def _model_import(args: argparse.Namespace) -> int:
+    from kvmesh.services.engine.gguf_import import import_gguf
+
+    path = import_gguf(args.gguf_file, args.out)
+    print(f"model written to {path}")
+    return 0
+
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="make or import model checkpoints")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    init = msub.add_parser("init", help="make a random-weight Llama-family model with a real tokenizer")
+    init.add_argument("path")
+    init.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    init.add_argument("--family", default="llama", choices=["llama", "qwen2", "mistral"])
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    init.set_defaults(func=_model_init)
+    imp = msub.add_parser("import", help="convert a GGUF checkpoint into an HF folder the engine loads")
+    imp.add_argument("gguf_file")
+    imp.add_argument("out")
+    imp.set_defaults(func=_model_import)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services import generate
+
+    gen = sub.add_parser("generate", help="offline generation in one process, the prompts as one batch")
+    generate.add_arguments(gen)
+    gen.set_defaults(func=generate.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree."""
+    parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_model(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kvmesh` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""KV transports: one contract, one module per backend."""
