@@ -1,0 +1,56 @@
+"""Compile protos/kvmesh/v1/*.proto into the importable package kvmesh.v1 (run after editing a .proto).
+
+    python protos/generate.py          # regenerate in place
+    python protos/generate.py --check  # exit 1 if the committed stubs are stale (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PACKAGE = HERE / "kvmesh" / "v1"
+
+
+def compile_into(out: Path) -> None:
+    """Run protoc (from grpcio-tools) on every .proto, writing *_pb2.py, *_pb2.pyi and *_pb2_grpc.py under out."""
+    from grpc_tools import protoc
+    import grpc_tools
+
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    protos = sorted(str(p.relative_to(HERE)) for p in PACKAGE.glob("*.proto"))
+    args = ["protoc", f"-I{HERE}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}",
+            f"--grpc_python_out={out}", *protos]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+
+
+def generated(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*_pb2*") if p.suffix in (".py", ".pyi"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = parser.parse_args()
+    if not args.check:
+        compile_into(HERE)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        compile_into(Path(tmp))
+        fresh = generated(Path(tmp) / "kvmesh" / "v1")
+        stale = [p.name for p in fresh if not (PACKAGE / p.name).exists()
+                 or not filecmp.cmp(p, PACKAGE / p.name, shallow=False)]
+        extra = {p.name for p in generated(PACKAGE)} - {p.name for p in fresh}
+    if stale or extra:
+        print(f"stale generated stubs: {sorted(stale) + sorted(extra)}; run python protos/generate.py")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
