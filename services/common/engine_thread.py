@@ -1,0 +1,103 @@
+"""Running an `LLMEngine` off the event loop: one dedicated thread steps it, the loop talks to it by messages.
+
+The event loop never computes (torch releases the GIL inside its kernels, so a forward pass in this thread
+leaves heartbeats, token streams, KV transfers and cancellations flowing). The loop sends commands with
+`call()` — they run in the engine thread between two steps, so the engine needs no locks — and receives each
+request's outputs on its own asyncio queue. The thread sleeps when the engine has nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+_STOP = object()
+
+
+class EngineThread:
+    """Owns an engine and the thread that steps it."""
+
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop, name: str = "engine"):
+        self.engine = engine
+        self._loop = loop
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outputs: dict[str, asyncio.Queue] = {}
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.last_step_s = 0.0
+        self.num_steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the thread to finish its current step and exit."""
+        self._commands.put(_STOP)
+        self._thread.join(timeout_s)
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run fn(*args) in the engine thread between steps; return its result (or raise its error) here."""
+        future = self._loop.create_future()
+        self._commands.put((fn, args, kwargs, future))
+        return await future
+
+    def subscribe(self, request_id: str) -> asyncio.Queue:
+        """The queue on which this request's RequestOutputs will arrive (call before adding the request)."""
+        q = self._outputs[request_id] = asyncio.Queue()
+        return q
+
+    def unsubscribe(self, request_id: str) -> None:
+        self._outputs.pop(request_id, None)
+
+    def _settle(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def _run_command(self, item) -> bool:
+        if item is _STOP:
+            return False
+        fn, args, kwargs, future = item
+        try:
+            result, error = fn(*args, **kwargs), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            result, error = None, e
+        self._loop.call_soon_threadsafe(self._settle, future, result, error)
+        return True
+
+    def _deliver(self, outputs: list) -> None:
+        for out in outputs:
+            q = self._outputs.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _run(self) -> None:
+        while True:
+            busy = self.engine.has_unfinished()
+            try:
+                item = self._commands.get(block=not busy, timeout=None if not busy else 0)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                if not self._run_command(item):
+                    return
+                while True:  # drain every pending command before the next step
+                    try:
+                        item = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self._run_command(item):
+                        return
+                continue
+            start = time.perf_counter()
+            outputs = self.engine.step()
+            self.last_step_s = time.perf_counter() - start
+            self.num_steps += 1
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver, outputs)

@@ -1,0 +1,131 @@
+"""The gateway's domain: validate a request, route it, stream its tokens back. Shared by gRPC and HTTP.
+
+Both front ends turn their input into `GenerateCall`s and iterate `Gateway.generate()`, which yields
+`kvmesh.v1.decode_pb2.DecodeResponse` messages; a failure anywhere surfaces as one `GatewayError` carrying the
+gRPC status and a message a person can act on. Cancelling the iteration (a client that goes away) cancels the
+decode call, which frees the request's blocks on the decode and the prefill worker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.services.common import channels, telemetry
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class GatewayError(Exception):
+    """A request the gateway cannot serve: a gRPC status and a message for the person who sent it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+
+
+@dataclass
+class GenerateCall:
+    """One generation as the gateway's front ends describe it."""
+
+    prompt_token_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cache_salt: str = ""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the gateway knows of the served model without loading its weights."""
+
+    name: str
+    path: str
+    max_model_len: int
+    vocab_size: int
+
+    @classmethod
+    def from_path(cls, path: str, name: str | None = None) -> "ModelCard":
+        config = json.loads((Path(path) / "config.json").read_text())
+        return cls(name or Path(path).name, str(path), int(config.get("max_position_embeddings", 2048)),
+                   int(config["vocab_size"]))
+
+
+def validate(call: GenerateCall, card: ModelCard) -> None:
+    """Reject what no worker could serve, before it costs a route or a block."""
+    ids, s = call.prompt_token_ids, call.sampling
+    if not ids:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty: send a prompt or prompt_token_ids")
+    bad = [t for t in ids if not 0 <= t < card.vocab_size]
+    if bad:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {card.vocab_size})")
+    max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    if max_tokens < 1:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens must be at least 1, got {max_tokens}")
+    if len(ids) + max_tokens > card.max_model_len:
+        raise GatewayError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of "
+            f"{card.max_model_len} tokens: shorten the prompt or lower max_tokens")
+    if s.HasField("temperature") and not s.temperature >= 0:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"temperature must be >= 0, got {s.temperature}")
+    if s.HasField("top_p") and not 0 < s.top_p <= 1:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"top_p must be in (0, 1], got {s.top_p}")
+    if not 0 <= s.min_p <= 1:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"min_p must be in [0, 1], got {s.min_p}")
+    if s.top_k < -1:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be -1, 0 or positive, got {s.top_k}")
+    if s.HasField("logprobs") and not 0 <= s.logprobs <= 20:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"logprobs must be in [0, 20], got {s.logprobs}")
+
+
+class Gateway:
+    """Routes requests through the scheduler to a decode worker and relays its stream."""
+
+    def __init__(self, card: ModelCard, scheduler_address: str, route_timeout_s: float = 5.0):
+        self.card = card
+        self.scheduler_address = scheduler_address
+        self.route_timeout_s = route_timeout_s
+
+    def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
+        return scheduler_pb2_grpc.SchedulerStub(channels.get_channel(self.scheduler_address))
+
+    async def route(self, call: GenerateCall, timeout: float | None) -> scheduler_pb2.RouteResponse:
+        """Ask the scheduler for a (prefill, decode) pair."""
+        request = scheduler_pb2.RouteRequest(request_id=call.request_id, prompt_token_ids=call.prompt_token_ids,
+                                             cache_salt=call.cache_salt)
+        budget = min(timeout or self.route_timeout_s, self.route_timeout_s)
+        with telemetry.tracer().start_as_current_span("scheduler.route"):
+            try:
+                return await self._scheduler().Route(request, timeout=budget)
+            except grpc.aio.AioRpcError as e:
+                raise GatewayError(e.code(), f"routing failed: {e.details()}") from e
+
+    async def generate(self, call: GenerateCall, timeout: float | None = None
+                       ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        """Validate, route and stream one request's DecodeResponse messages."""
+        validate(call, self.card)
+        route = await self.route(call, timeout)
+        request = decode_pb2.DecodeRequest(
+            request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
+            cache_salt=call.cache_salt, cached_prefix_tokens=route.cached_prefix_tokens)
+        if route.HasField("prefill") and route.prefill.address:
+            request.prefill.address = route.prefill.address
+            request.prefill.worker_id = route.prefill.worker_id
+        stub = decode_pb2_grpc.DecodeStub(channels.get_channel(route.decode.address))
+        stream = stub.Generate(request, timeout=timeout)
+        try:
+            async for response in stream:
+                yield response
+        except grpc.aio.AioRpcError as e:
+            raise GatewayError(e.code(), e.details() or str(e.code())) from e
+        finally:
+            stream.cancel()

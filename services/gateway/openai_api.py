@@ -1,0 +1,242 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions (both with SSE), /v1/models, /health,
+/metrics. A thin layer: OpenAI JSON in, `Gateway.generate()` calls, OpenAI JSON out; errors in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvmesh.services.gateway import openai_format as fmt
+from kvmesh.services.gateway.core import Gateway, GatewayError, GenerateCall, validate
+from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, _Common
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.DATA_LOSS: 502, grpc.StatusCode.FAILED_PRECONDITION: 400,
+}
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    """An error in the OpenAI API's JSON shape."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def gateway_error_response(e: GatewayError) -> JSONResponse:
+    status = e.http_status or HTTP_STATUS.get(e.code, 500)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return error_response(status, e.message, kind)
+
+
+class _Choice:
+    """One choice of a request: its call, and what has come back so far."""
+
+    def __init__(self, index: int, call: GenerateCall):
+        self.index, self.call = index, call
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.logprobs: list = []
+        self.finish_reason: str | None = None
+        self.usage = None
+
+
+async def _merge(gateway: Gateway, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, object]]:
+    """Run every choice's stream at once; yield (choice, DecodeResponse) as they arrive."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(choice: _Choice) -> None:
+        try:
+            async for response in gateway.generate(choice.call):
+                await queue.put((choice, response))
+            await queue.put((choice, done))
+        except BaseException as e:  # the consumer re-raises it; cancellation included
+            await queue.put((choice, e))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            choice, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield choice, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _absorb(choice: _Choice, response) -> None:
+    choice.token_ids.extend(response.token_ids)
+    choice.text.append(response.text)
+    choice.logprobs.extend(response.logprobs)
+    if response.finish_reason:
+        choice.finish_reason = fmt.FINISH[response.finish_reason]
+        choice.usage = response.usage
+
+
+class OpenAIFrontend:
+    """Builds OpenAI responses from gateway streams."""
+
+    def __init__(self, gateway: Gateway, tokenizer, metrics_renderer: Callable | None = None):
+        self.gateway, self.tokenizer, self.metrics_renderer = gateway, tokenizer, metrics_renderer
+
+    def _check_model(self, body: _Common) -> None:
+        if body.model and body.model not in (self.gateway.card.name, self.gateway.card.path):
+            raise GatewayError(grpc.StatusCode.NOT_FOUND,
+                               f"model {body.model!r} is not served here; this gateway serves "
+                               f"{self.gateway.card.name!r} (GET /v1/models)")
+        problem = body.unsupported()
+        if problem:
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    def _prompts(self, body: CompletionRequest) -> list[list[int]]:
+        p = body.prompt
+        if isinstance(p, str):
+            return [self.tokenizer.encode(p, add_special_tokens=True)]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return [self.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else list(x) for x in p]
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(body.rendered(), tokenize=False,
+                                                      add_generation_prompt=body.add_generation_prompt)
+        except Exception as e:  # a template error is the request's fault (bad roles, order)
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot apply the chat template: {e}") from e
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _choices(self, body: _Common, prompts: list[list[int]], request_id: str) -> list[_Choice]:
+        choices = []
+        for p, ids in enumerate(prompts):
+            for j in range(body.n):
+                call = GenerateCall(ids, body.sampling(j), f"{request_id}-{len(choices)}", body.cache_salt or "")
+                choices.append(_Choice(len(choices), call))
+        return choices
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._check_model(body)
+        rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
+        choices = self._choices(body, self._prompts(body), rid)
+        render = fmt.CompletionRenderer(rid, self.gateway.card.name, self.tokenizer)
+        return await self._respond(body, choices, render, request)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        self._check_model(body)
+        rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
+        choices = self._choices(body, [self._chat_prompt(body)], rid)
+        render = fmt.ChatRenderer(rid, self.gateway.card.name, self.tokenizer)
+        return await self._respond(body, choices, render, request)
+
+    async def _respond(self, body: _Common, choices: list[_Choice], render, request: Request):
+        for choice in choices:  # fail before streaming starts, so the error gets a real HTTP status
+            validate(choice.call, self.gateway.card)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._sse(choices, render, include_usage), media_type="text/event-stream")
+        work = asyncio.create_task(self._collect(choices))
+        watch = asyncio.create_task(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():  # the client went away: cancel the request on every worker
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                return Response(status_code=499)
+        work.result()
+        return JSONResponse(render.whole(choices))
+
+    async def _collect(self, choices: list[_Choice]) -> None:
+        async for choice, response in _merge(self.gateway, choices):
+            _absorb(choice, response)
+
+    async def _sse(self, choices: list[_Choice], render, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            for chunk in render.opening(choices):
+                yield _event(chunk)
+            async for choice, response in _merge(self.gateway, choices):
+                _absorb(choice, response)
+                yield _event(render.chunk(choice, response, include_usage))
+            if include_usage:
+                yield _event(render.usage_chunk(choices))
+        except GatewayError as e:
+            yield _event({"error": {"message": e.message, "type": "server_error",
+                                    "code": HTTP_STATUS.get(e.code, 500)}})
+        yield "data: [DONE]\n\n"
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int) -> FastAPI:
+    """The FastAPI app of the gateway's HTTP port."""
+    app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body_bytes:
+            return error_response(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes} "
+                                       "bytes (KVMESH_MAX_BODY_BYTES)")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error_response(400, f"invalid request: {where}: {first.get('msg', 'malformed body')}", param=where)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_failed(_, exc: GatewayError):
+        return gateway_error_response(exc)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await frontend.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return await frontend.chat(body, request)
+
+    @app.get("/v1/models")
+    async def models():
+        card = frontend.gateway.card
+        return {"object": "list", "data": [{"id": card.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "kvmesh", "max_model_len": card.max_model_len}]}
+
+    @app.get("/health")
+    async def healthy():
+        ok, message = await health()
+        return JSONResponse({"status": "ok" if ok else "unavailable", "detail": message},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        if frontend.metrics_renderer is None:
+            return Response(status_code=404)
+        data, content_type = frontend.metrics_renderer()
+        return Response(data, media_type=content_type)
+
+    return app
