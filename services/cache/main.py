@@ -42,4 +42,4 @@ def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kvmesh cache`."""
     config = config_mod.from_args(CacheConfig, "cache", args)
-    return serve(config, lambda server: setup(config, server) and None, name="cache")
+    return serve(config, lambda server: setup(config, server), name="cache")

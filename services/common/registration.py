@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -18,6 +19,8 @@ from kvmesh.services.common.channels import ChannelCache
 from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+MAX_RETRY_S = 5.0
 
 LoadFn = Callable[[], "scheduler_pb2.WorkerLoad | Awaitable[scheduler_pb2.WorkerLoad]"]
 
@@ -62,13 +65,17 @@ class RegistrationClient:
         return reply
 
     async def _register_until_done(self) -> None:
-        while True:
+        """Register, retrying with backoff (retry_s doubling up to MAX_RETRY_S) until the scheduler answers."""
+        delay = self.retry_s
+        for attempt in itertools.count():
             try:
                 await self.register()
                 return
             except grpc.aio.AioRpcError as exc:
-                log.warning("register with %s failed (%s); retrying", self.scheduler_address, exc.code().name)
-                await asyncio.sleep(self.retry_s)
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                log.log(level, "register with %s failed (%s); retrying", self.scheduler_address, exc.code().name)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_S)
 
     async def heartbeat(self) -> None:
         """Send one heartbeat; on NOT_FOUND register again. Other failures raise grpc.aio.AioRpcError."""

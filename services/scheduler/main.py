@@ -47,4 +47,4 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kvmesh scheduler`."""
     config = config_mod.from_args(SchedulerConfig, "scheduler", args)
-    return serve(config, lambda server: setup(config, server) and None, name="scheduler")
+    return serve(config, lambda server: setup(config, server), name="scheduler")
