@@ -20,7 +20,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -94,6 +94,7 @@ class MeshServer:
         self._tasks: list[asyncio.Task] = []
         self._stop_hooks: list[StopHook] = []
         self._server: grpc.aio.Server | None = None
+        self._stopping = False
         self._stopped = asyncio.Event()
 
     @property
@@ -109,7 +110,12 @@ class MeshServer:
         """Run `task(server)` in the background from start until stop, when it is cancelled."""
         self._task_factories.append(task)
         if self._server is not None:
-            self._tasks.append(asyncio.create_task(task(self), name=getattr(task, "__name__", "task")))
+            self._start_task(task)
+
+    def _start_task(self, factory: BackgroundTask) -> None:
+        task = asyncio.create_task(factory(self), name=getattr(factory, "__name__", "task"))
+        task.add_done_callback(_log_failure)
+        self._tasks.append(task)
 
     def on_stop(self, hook: StopHook) -> None:
         """Await `hook()` at stop, after the tasks are cancelled and before in-flight RPCs drain."""
@@ -144,13 +150,17 @@ class MeshServer:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for factory in self._task_factories:
-            self._tasks.append(asyncio.create_task(factory(self), name=getattr(factory, "__name__", "task")))
+            self._start_task(factory)
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, cancel tasks, run stop hooks, drain in-flight RPCs within grace_s, close channels."""
-        if self._server is None or self._stopped.is_set():
+        if self._server is None:
             return
+        if self._stopping:  # a second caller waits for the first one's stop
+            await self._stopped.wait()
+            return
+        self._stopping = True
         grace = self.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
@@ -175,6 +185,12 @@ class MeshServer:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop(0)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A background task that ends with an error is logged at once, not when the server stops."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
 
 Setup = Callable[[MeshServer], "Awaitable[None] | None"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
 from kvmesh.services.common.ids import new_id
@@ -142,7 +142,3 @@ class Registry:
             raise NotFoundError(f"worker {worker_id!r} is not registered (lease lapsed?): register again")
         return worker
 
-
-def with_load(worker: Worker, load: Load) -> Worker:
-    """A copy of worker with another load (for tests and what-if routing)."""
-    return replace(worker, load=load)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
 from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, Worker, WorkerSpec
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-
-from kvmesh.services.common.errors import InvalidArgumentError
 
 log = logging.getLogger(__name__)
 

@@ -111,3 +111,22 @@ def test_a_taken_port_raises_bind_error():
                 await server.start()
 
     asyncio.run(body())
+
+
+def test_a_failing_background_task_is_logged_at_once(caplog):
+    async def body():
+        async def broken(_server):
+            raise RuntimeError("heartbeat loop broke")
+
+        server = make_server(SlowScheduler())
+        server.add_task(broken)
+        await server.start()
+        await asyncio.sleep(0.05)
+        assert "background task broken failed" in caplog.text
+        await asyncio.gather(server.stop(0), server.stop(0))  # concurrent stops are safe
+
+    asyncio.run(body())
+
+
+def test_stop_before_start_is_a_no_op():
+    asyncio.run(make_server(SlowScheduler()).stop())
