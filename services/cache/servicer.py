@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from kvmesh.services.cache.store import BlockStore, checksum
+from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
 
 def layout_key(layout: common_pb2.KVLayout) -> bytes:
     """The namespace of a layout's blocks: its deterministic serialization."""
     return layout.SerializeToString(deterministic=True)
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def block_bytes(layout: common_pb2.KVLayout) -> int | None:
+    """Bytes of one block of this layout (K and V of every layer), or None when the layout does not say."""
+    itemsize = DTYPE_BYTES.get(layout.dtype)
+    if itemsize is None or layout.block_size <= 0:
+        return None
+    return 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
 
 
 class CacheServicer(cache_pb2_grpc.CacheServicer):
@@ -22,6 +34,9 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         return cache_pb2.LookupResponse(num_cached_blocks=found)
 
     async def Put(self, request, context):
+        expected = block_bytes(request.layout)
+        if expected is not None and len(request.data) != expected:
+            raise InvalidArgumentError(f"a block of this layout has {expected} bytes, got {len(request.data)}")
         stored, evicted = await self.store.put(layout_key(request.layout), request.block_hash, request.data,
                                                request.checksum)
         return cache_pb2.PutResponse(stored=stored, num_evicted=evicted)

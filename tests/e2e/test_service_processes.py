@@ -95,7 +95,7 @@ def test_cache_registers_serves_blocks_and_deregisters_on_sigterm(procs):
     assert _wait_for(lambda: [w.address for w in _workers(scheduler.address)] == [cache.address])
     import xxhash
 
-    data = bytes(range(256)) * 4
+    data = bytes(range(256)) * 16  # one block of LAYOUT: 2 * 2 layers * 16 tokens * 2 heads * 8 dims * 4 bytes
     with grpc.insecure_channel(cache.address) as channel:
         stub = cache_pb2_grpc.CacheStub(channel)
         stub.Put(cache_pb2.PutRequest(layout=LAYOUT, block_hash=b"h1", data=data,

@@ -112,9 +112,15 @@ def test_checksum_mismatch_is_data_loss_and_the_block_never_appears():
 def test_bad_puts_are_rejected_with_their_status():
     async def body(stub):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Put(cache_pb2.PutRequest(layout=FP32, data=b"x", checksum=xxhash.xxh3_64_intdigest(b"x")),
+            await stub.Put(cache_pb2.PutRequest(data=b"x", checksum=xxhash.xxh3_64_intdigest(b"x")),  # no hash
                            timeout=2)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        short = b"x" * (BLOCK_BYTES - 1)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # the wrong size for its layout
+            await stub.Put(cache_pb2.PutRequest(layout=FP32, block_hash=b"h", data=short,
+                                                checksum=xxhash.xxh3_64_intdigest(short)), timeout=2)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bytes" in caught.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Put(put_request(1), timeout=2)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
