@@ -134,14 +134,12 @@ def _wrap_stream(fn):
     return handler
 
 
-def _wrap(fn, streaming_response: bool):
-    if fn is None:
-        return None
-    if streaming_response and inspect.isasyncgenfunction(fn):
+def _wrap(fn):
+    if inspect.isasyncgenfunction(fn):
         return _wrap_stream(fn)
-    if not streaming_response and inspect.iscoroutinefunction(fn):
+    if inspect.iscoroutinefunction(fn):  # unary replies, and streams written with context.write()
         return _wrap_unary(fn)
-    return fn  # sync or unusual handlers pass through unchanged
+    return fn  # sync handlers pass through unchanged
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -153,12 +151,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return None
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap(handler.unary_unary, False), handler.request_deserializer, handler.response_serializer)
+                _wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap(handler.unary_stream, True), handler.request_deserializer, handler.response_serializer)
+                _wrap(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap(handler.stream_unary, False), handler.request_deserializer, handler.response_serializer)
+                _wrap(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            _wrap(handler.stream_stream, True), handler.request_deserializer, handler.response_serializer)
+            _wrap(handler.stream_stream), handler.request_deserializer, handler.response_serializer)

@@ -9,9 +9,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvmesh.services.common.config import ServerConfig
-from kvmesh.services.common.errors import UnavailableError
+from kvmesh.services.common.errors import ChecksumError, UnavailableError
 from kvmesh.services.common.server import BindError, MeshServer, Service
-from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 
 class SlowScheduler(scheduler_pb2_grpc.SchedulerServicer):
@@ -130,3 +130,46 @@ def test_a_failing_background_task_is_logged_at_once(caplog):
 
 def test_stop_before_start_is_a_no_op():
     asyncio.run(make_server(SlowScheduler()).stop())
+
+
+class PeerGone(Exception):
+    """An error class from elsewhere that names its own status."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+class BrokenCache(cache_pb2_grpc.CacheServicer):
+    """Get fails after its first block; Stats raises a foreign error; Clear has a bug."""
+
+    async def Get(self, request, context):
+        yield cache_pb2.CachedBlock(block_hash=b"first")
+        raise ChecksumError("block 2 is corrupt")
+
+    async def Stats(self, request, context):
+        raise PeerGone("tier host went away")
+
+    async def Clear(self, request, context):
+        return {}["missing"]
+
+
+def test_errors_mid_stream_and_foreign_errors_become_statuses():
+    async def body():
+        server = MeshServer(ServerConfig(port=0), "test")
+        server.add_service(Service.of(cache_pb2, cache_pb2_grpc, BrokenCache()))
+        async with server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = cache_pb2_grpc.CacheStub(channel)
+                got = []
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for block in stub.Get(cache_pb2.GetRequest(), timeout=2):
+                        got.append(block.block_hash)
+                assert got == [b"first"] and caught.value.code() == grpc.StatusCode.DATA_LOSS
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Stats(cache_pb2.StatsRequest(), timeout=2)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert caught.value.details() == "tier host went away"
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Clear(cache_pb2.ClearRequest(), timeout=2)
+                assert caught.value.code() == grpc.StatusCode.INTERNAL
+
+    asyncio.run(body())
