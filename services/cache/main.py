@@ -10,14 +10,14 @@ from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.cache.tiers import DramTier
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import ids
-from kvmesh.services.common.registration import RegistrationClient
+from kvmesh.services.common.registration import RegistrationClient, advertise_address
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The cache's flags: one per CacheConfig field."""
-    config_mod.add_arguments(parser, CacheConfig)
+    config_mod.add_arguments(parser, CacheConfig, "cache")
 
 
 def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
@@ -27,9 +27,9 @@ def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
     server.add_service(Service.of(cache_pb2, cache_pb2_grpc, servicer))
     if config.scheduler:
         def register_request() -> scheduler_pb2.RegisterRequest:
-            host = config.advertise_host or config.host
             return scheduler_pb2.RegisterRequest(
-                role=scheduler_pb2.WORKER_ROLE_CACHE, address=f"{host}:{server.port}", host_id=ids.host_id(),
+                role=scheduler_pb2.WORKER_ROLE_CACHE,
+                address=advertise_address(config.host, server.port, config.advertise_host), host_id=ids.host_id(),
                 instance_id=server.instance_id, transports=["grpc"])
 
         def load() -> scheduler_pb2.WorkerLoad:

@@ -91,12 +91,20 @@ def _parse(text: str, kind: type, name: str) -> Any:
         raise ConfigError(f"{name}: cannot read {text!r} as {kind.__name__}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def _env_names(service: str, name: str) -> tuple[str, ...]:
+    generic = f"{ENV_PREFIX}{name.upper()}"
+    return (f"{ENV_PREFIX}{service.upper()}_{name.upper()}", generic) if service else (generic,)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, service: str = "") -> None:
     """Add one `--field-name` flag per config field; unset flags stay None so env and defaults apply."""
     kinds = _types(cls)
     for f in dataclasses.fields(cls):
         kind = kinds[f.name]
-        help_text = f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})"
+        if kind not in (int, float, str, bool):
+            raise TypeError(f"{cls.__name__}.{f.name}: config fields are int, float, str or bool, not {kind}")
+        envs = " or ".join(_env_names(service, f.name))
+        help_text = f"{f.metadata.get('help', '')} (env {envs}; default {f.default!r})"
         choices = f.metadata.get("choices")
         if kind is bool:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
@@ -115,7 +123,7 @@ def from_args(cls: type[C], service: str, args: argparse.Namespace | Mapping[str
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         kind = kinds[f.name]
-        names = (f"{ENV_PREFIX}{service.upper()}_{f.name.upper()}", f"{ENV_PREFIX}{f.name.upper()}")
+        names = _env_names(service, f.name)
         raw = given.get(f.name)
         source = _flag(f.name)
         if raw is None:

@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 MAX_RETRY_S = 5.0
 
 LoadFn = Callable[[], "scheduler_pb2.WorkerLoad | Awaitable[scheduler_pb2.WorkerLoad]"]
+
+
+def advertise_address(host: str, port: int, advertise_host: str = "") -> str:
+    """The address peers should dial: advertise_host when set; the bound host unless it is a wildcard
+    (0.0.0.0, ::), then this machine's fully qualified name."""
+    if not advertise_host:
+        advertise_host = socket.getfqdn() if host.strip("[]") in ("0.0.0.0", "::", "") else host
+    return f"{advertise_host}:{port}"
 
 
 class RegistrationClient:

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The scheduler's flags: one per SchedulerConfig field."""
-    config_mod.add_arguments(parser, SchedulerConfig)
+    config_mod.add_arguments(parser, SchedulerConfig, "scheduler")
 
 
 async def expire_leases(registry: Registry, interval_s: float) -> None:

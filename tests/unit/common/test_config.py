@@ -6,7 +6,8 @@ from dataclasses import FrozenInstanceError, dataclass
 
 import pytest
 
-from kvmesh.services.common.config import ConfigError, ServerConfig, add_arguments, check, describe, from_args, knob
+from kvmesh.services.common.config import (ConfigError, ServerConfig, add_arguments, check, describe, from_args,
+                                          knob)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,17 @@ def test_config_is_frozen_and_described_as_one_json_line():
 
 
 def test_every_field_has_help_text_in_the_flags():
-    help_text = argparse.ArgumentParser()
-    add_arguments(help_text, DemoConfig)
-    assert "Seconds of a lease." in help_text.format_help()
-    assert "KVMESH_LEASE_S" in help_text.format_help()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, DemoConfig, "demo")
+    text = " ".join(parser.format_help().split())
+    assert "Seconds of a lease." in text
+    assert "KVMESH_DEMO_LEASE_S or KVMESH_LEASE_S" in text
+
+
+def test_unsupported_field_types_are_refused():
+    @dataclass(frozen=True)
+    class Odd(ServerConfig):
+        ratios: tuple = knob((), "Not a scalar.")
+
+    with pytest.raises(TypeError, match="ratios"):
+        add_arguments(argparse.ArgumentParser(), Odd)

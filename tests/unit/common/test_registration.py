@@ -2,7 +2,7 @@
 
 import asyncio
 
-from kvmesh.services.common.registration import RegistrationClient
+from kvmesh.services.common.registration import RegistrationClient, advertise_address
 from kvmesh.services.common.server import MeshServer
 from kvmesh.services.scheduler import main as scheduler_main
 from kvmesh.services.scheduler.config import SchedulerConfig
@@ -73,3 +73,10 @@ def test_keeps_retrying_until_the_scheduler_is_up():
         await again.stop(0)
 
     asyncio.run(body())
+
+
+def test_advertise_address_never_gives_a_wildcard():
+    assert advertise_address("127.0.0.1", 7001) == "127.0.0.1:7001"
+    assert advertise_address("0.0.0.0", 7001, "node-3") == "node-3:7001"
+    assert not advertise_address("0.0.0.0", 7001).startswith("0.0.0.0")
+    assert not advertise_address("[::]", 7001).startswith("[::]")
