@@ -50,6 +50,7 @@ class RegistrationClient:
         self.interval_s = interval_s
         self.worker_id: str | None = None
         self.num_registrations = 0
+        self.heartbeat_interval_s = interval_s or 1.0
         self.registered = asyncio.Event()
 
     @property
@@ -67,8 +68,9 @@ class RegistrationClient:
         reply = await self._stub.Register(request, timeout=self.rpc_timeout_s)
         self.worker_id = reply.worker_id
         self.num_registrations += 1
-        if self.interval_s is None or self.num_registrations == 1:
-            self._interval = self.interval_s or reply.heartbeat_interval_seconds or reply.lease_seconds / 3
+        # The scheduler's advice may change when it restarts with another lease: follow it on every registration.
+        self.heartbeat_interval_s = (self.interval_s or reply.heartbeat_interval_seconds
+                                     or reply.lease_seconds / 3 or 1.0)
         self.registered.set()
         log.info("registered with %s as %s", self.scheduler_address, self.worker_id)
         return reply
@@ -102,7 +104,7 @@ class RegistrationClient:
         """Register (retrying until the scheduler answers), then heartbeat forever; cancel to stop."""
         await self._register_until_done()
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.heartbeat_interval_s)
             try:
                 await self.heartbeat()
             except grpc.aio.AioRpcError as exc:  # scheduler down or slow: keep trying, NOT_FOUND will follow
