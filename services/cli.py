@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvmesh.services.common.config import ConfigError
+
 
 def _model_init(args: argparse.Namespace) -> int:
     from kvmesh.services.engine.model_init import init_model
@@ -50,12 +52,28 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=generate.run)
 
 
+def _add_services(sub: argparse._SubParsersAction) -> None:
+    """One sub-command per gRPC service; each module offers add_arguments(parser) and run(args) -> int."""
+    from importlib import import_module
+
+    services = {
+        "scheduler": ("kvmesh.services.scheduler.main", "the worker registry and router"),
+        "cache": ("kvmesh.services.cache.main", "the KV block cache service"),
+    }
+    for name, (module_name, help_text) in services.items():
+        module = import_module(module_name)
+        parser = sub.add_parser(name, help=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model(sub)
     _add_generate(sub)
+    _add_services(sub)
     return parser
 
 
@@ -66,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+    except ConfigError as exc:
+        print(f"kvmesh {args.command}: bad configuration: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

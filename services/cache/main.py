@@ -1,0 +1,45 @@
+"""`kvmesh cache`: the KV block cache as a gRPC service that registers itself with the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvmesh.services.cache.config import CacheConfig
+from kvmesh.services.cache.servicer import CacheServicer
+from kvmesh.services.cache.store import BlockStore
+from kvmesh.services.cache.tiers import DramTier
+from kvmesh.services.common import config as config_mod
+from kvmesh.services.common import ids
+from kvmesh.services.common.registration import RegistrationClient, advertise_address
+from kvmesh.services.common.server import MeshServer, Service, serve
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cache's flags: one per CacheConfig field."""
+    config_mod.add_arguments(parser, CacheConfig, "cache")
+
+
+def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
+    """Host the Cache service on server and, when a scheduler is configured, register with it."""
+    store = BlockStore(DramTier(config.dram_bytes))
+    servicer = CacheServicer(store)
+    server.add_service(Service.of(cache_pb2, cache_pb2_grpc, servicer))
+    if config.scheduler:
+        def register_request() -> scheduler_pb2.RegisterRequest:
+            return scheduler_pb2.RegisterRequest(
+                role=scheduler_pb2.WORKER_ROLE_CACHE,
+                address=advertise_address(config.host, server.port, config.advertise_host), host_id=ids.host_id(),
+                instance_id=server.instance_id, transports=["grpc"])
+
+        def load() -> scheduler_pb2.WorkerLoad:
+            return scheduler_pb2.WorkerLoad()
+
+        RegistrationClient(config.scheduler, register_request, load, channels=server.channels).attach(server)
+    return servicer
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `kvmesh cache`."""
+    config = config_mod.from_args(CacheConfig, "cache", args)
+    return serve(config, lambda server: setup(config, server), name="cache")

@@ -1,0 +1,162 @@
+"""Typed errors and their gRPC status codes, in one place.
+
+A class maps to a status in one of two ways: it (or a base class) has a `grpc_status` class attribute — so error
+classes defined elsewhere (transports, later services) plug in without editing this file — or it is listed in
+`_BY_CLASS` below. Anything else is INTERNAL. Servicers raise these errors; `ErrorMappingInterceptor` (installed by
+the server skeleton) turns them into statuses, so no handler catches its own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+import grpc
+
+from kvmesh.services.engine import errors as engine_errors
+
+log = logging.getLogger(__name__)
+
+
+class MeshError(Exception):
+    """Base of the service layer's typed errors; subclasses set `grpc_status`."""
+
+    grpc_status = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgumentError(MeshError, ValueError):
+    """The request is malformed or asks for something impossible: INVALID_ARGUMENT."""
+
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(MeshError, LookupError):
+    """The named thing (worker, request, block) does not exist: NOT_FOUND."""
+
+    grpc_status = grpc.StatusCode.NOT_FOUND
+
+
+class CapacityError(MeshError):
+    """Over capacity or over an admission limit right now; retry later: RESOURCE_EXHAUSTED."""
+
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(MeshError):
+    """No peer can serve this, or the peer is gone: UNAVAILABLE."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineError(MeshError, TimeoutError):
+    """The caller's deadline passed before the work was done: DEADLINE_EXCEEDED."""
+
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ChecksumError(MeshError):
+    """Data arrived corrupted (its checksum does not match): DATA_LOSS."""
+
+    grpc_status = grpc.StatusCode.DATA_LOSS
+
+
+class FailedPreconditionError(MeshError):
+    """The system is not in a state that allows this operation: FAILED_PRECONDITION."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+# Classes without a `grpc_status` attribute, most specific first.
+_BY_CLASS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (engine_errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (engine_errors.UnsupportedModelError, grpc.StatusCode.INVALID_ARGUMENT),
+    (engine_errors.OutOfBlocksError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (engine_errors.EngineError, grpc.StatusCode.INTERNAL),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (asyncio.TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ConnectionError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code an exception stands for."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code()  # a downstream call failed: pass its status on
+    for cls in type(exc).__mro__:
+        code = cls.__dict__.get("grpc_status")
+        if isinstance(code, grpc.StatusCode):
+            return code
+    for cls, code in _BY_CLASS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def describe(exc: BaseException) -> str:
+    """The status message for an exception: its text, or its class name when it has none."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.details() or exc.code().name
+    text = str(exc)
+    return text if text else type(exc).__name__
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the RPC with the status `exc` stands for (raises grpc.aio.AbortError, as context.abort does)."""
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=exc)
+    await context.abort(code, describe(exc))
+
+
+def _wrap_unary(fn):
+    async def handler(request_or_iterator, context):
+        try:
+            return await fn(request_or_iterator, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 — the one place errors become statuses
+            await abort_with(context, exc)
+
+    return handler
+
+
+def _wrap_stream(fn):
+    async def handler(request_or_iterator, context):
+        try:
+            async for message in fn(request_or_iterator, context):
+                yield message
+        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await abort_with(context, exc)
+
+    return handler
+
+
+def _wrap(fn):
+    if inspect.isasyncgenfunction(fn):
+        return _wrap_stream(fn)
+    if inspect.iscoroutinefunction(fn):  # unary replies, and streams written with context.write()
+        return _wrap_unary(fn)
+    return fn  # sync handlers pass through unchanged
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping any handler into the gRPC status `status_for` gives."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap(handler.stream_stream), handler.request_deserializer, handler.response_serializer)

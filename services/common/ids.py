@@ -1,0 +1,44 @@
+"""Identifiers: of this process, of its host, of requests and workers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random id such as `req-1f3a9c0d2b7e4a51`."""
+    return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+
+def request_id() -> str:
+    """A fresh request id."""
+    return new_id("req")
+
+
+def host_id() -> str:
+    """This host's identity: `KVMESH_HOST_ID` when set, else the machine id, else the host name.
+
+    Two workers with equal host ids may exchange KV through same-host transports such as shared memory.
+    """
+    explicit = os.environ.get("KVMESH_HOST_ID")
+    if explicit:
+        return explicit
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii") as f:
+                machine = f.read().strip()
+        except OSError:
+            continue
+        if machine:
+            return machine
+    return socket.gethostname()
+
+
+_INSTANCE_ID = new_id("inst")
+
+
+def instance_id() -> str:
+    """This process's identity, unique per start (the same value for the process's whole life)."""
+    return _INSTANCE_ID

@@ -1,0 +1,133 @@
+"""The worker side of the scheduler's registry: register, heartbeat with load figures, register again when the
+scheduler forgets us (lease lapsed, scheduler restarted), deregister on a clean stop.
+
+    client = RegistrationClient("127.0.0.1:50050", make_register_request, current_load, channels=server.channels)
+    client.attach(server)   # runs while the server runs, deregisters at stop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from kvmesh.services.common.channels import ChannelCache
+from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_S = 5.0
+
+LoadFn = Callable[[], "scheduler_pb2.WorkerLoad | Awaitable[scheduler_pb2.WorkerLoad]"]
+
+
+def advertise_address(host: str, port: int, advertise_host: str = "") -> str:
+    """The address peers should dial: advertise_host when set; the bound host unless it is a wildcard
+    (0.0.0.0, ::), then this machine's fully qualified name."""
+    if not advertise_host:
+        advertise_host = socket.getfqdn() if host.strip("[]") in ("0.0.0.0", "::", "") else host
+    return f"{advertise_host}:{port}"
+
+
+class RegistrationClient:
+    """Keeps one worker registered with the scheduler for as long as `run()` runs."""
+
+    def __init__(self, scheduler_address: str, register_request: Callable[[], scheduler_pb2.RegisterRequest],
+                 load: LoadFn, *, channels: ChannelCache | None = None, rpc_timeout_s: float = 2.0,
+                 retry_s: float = 0.5, interval_s: float | None = None) -> None:
+        self.scheduler_address = scheduler_address
+        self._register_request = register_request
+        self._load = load
+        self._channels = channels or ChannelCache()
+        self._own_channels = channels is None
+        self.rpc_timeout_s = rpc_timeout_s
+        self.retry_s = retry_s
+        self.interval_s = interval_s
+        self.worker_id: str | None = None
+        self.num_registrations = 0
+        self.heartbeat_interval_s = interval_s or 1.0
+        self.registered = asyncio.Event()
+
+    @property
+    def _stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        return scheduler_pb2_grpc.SchedulerStub(self._channels.get(self.scheduler_address))
+
+    async def _current_load(self) -> scheduler_pb2.WorkerLoad:
+        load = self._load()
+        return await load if inspect.isawaitable(load) else load
+
+    async def register(self) -> scheduler_pb2.RegisterResponse:
+        """Register once (raises grpc.aio.AioRpcError on failure); remembers the worker id and the interval."""
+        request = self._register_request()
+        request.load.CopyFrom(await self._current_load())
+        reply = await self._stub.Register(request, timeout=self.rpc_timeout_s)
+        self.worker_id = reply.worker_id
+        self.num_registrations += 1
+        # The scheduler's advice may change when it restarts with another lease: follow it on every registration.
+        self.heartbeat_interval_s = (self.interval_s or reply.heartbeat_interval_seconds
+                                     or reply.lease_seconds / 3 or 1.0)
+        self.registered.set()
+        log.info("registered with %s as %s", self.scheduler_address, self.worker_id)
+        return reply
+
+    async def _register_until_done(self) -> None:
+        """Register, retrying with backoff (retry_s doubling up to MAX_RETRY_S) until the scheduler answers."""
+        delay = self.retry_s
+        for attempt in itertools.count():
+            try:
+                await self.register()
+                return
+            except grpc.aio.AioRpcError as exc:
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                log.log(level, "register with %s failed (%s); retrying", self.scheduler_address, exc.code().name)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_S)
+
+    async def heartbeat(self) -> None:
+        """Send one heartbeat; on NOT_FOUND register again. Other failures raise grpc.aio.AioRpcError."""
+        request = scheduler_pb2.HeartbeatRequest(worker_id=self.worker_id, load=await self._current_load())
+        try:
+            await self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            log.warning("scheduler forgot %s; registering again", self.worker_id)
+            self.registered.clear()
+            await self._register_until_done()
+
+    async def run(self) -> None:
+        """Register (retrying until the scheduler answers), then heartbeat forever; cancel to stop."""
+        await self._register_until_done()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            try:
+                await self.heartbeat()
+            except grpc.aio.AioRpcError as exc:  # scheduler down or slow: keep trying, NOT_FOUND will follow
+                log.warning("heartbeat to %s failed: %s", self.scheduler_address, exc.code().name)
+
+    async def deregister(self) -> None:
+        """Leave the registry (best effort, bounded by rpc_timeout_s); close our channel if we opened it."""
+        worker_id, self.worker_id = self.worker_id, None
+        self.registered.clear()
+        try:
+            if worker_id:
+                await self._stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=worker_id),
+                                            timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("deregister from %s failed: %s", self.scheduler_address, exc.code().name)
+        finally:
+            if self._own_channels:
+                await self._channels.close()
+
+    def attach(self, server) -> None:
+        """Run on `server` (a MeshServer): start with it, deregister when it stops."""
+        async def keep_registered(_server) -> None:
+            await self.run()
+
+        server.add_task(keep_registered)
+        server.on_stop(self.deregister)

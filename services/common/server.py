@@ -1,0 +1,239 @@
+"""The one grpc.aio server skeleton every kvmesh service runs on.
+
+`serve()` owns a service's whole life: it prints the config, starts a `MeshServer` on uvloop, lets the service's
+`setup` add its servicers and background tasks, marks the standard grpc.health.v1 service SERVING, and on
+SIGTERM/SIGINT marks it NOT_SERVING, cancels the background tasks, runs the stop hooks (e.g. deregister), lets
+in-flight RPCs drain for `config.grace_s` and returns 0. A port already in use is one line on stderr and exit code 2.
+
+    def setup(server: MeshServer) -> None:
+        server.add_service(Service.of(scheduler_pb2, scheduler_pb2_grpc, SchedulerServicer(...)))
+        server.add_task(expire_leases_forever)
+
+    sys.exit(serve(config, setup, name="scheduler", role="scheduler"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvmesh.services.common import config as config_mod
+from kvmesh.services.common import errors, ids, telemetry
+from kvmesh.services.common.channels import ChannelCache
+
+log = logging.getLogger(__name__)
+
+BackgroundTask = Callable[["MeshServer"], Awaitable[None]]
+StopHook = Callable[[], Awaitable[None]]
+HOOK_TIMEOUT_S = 3.0
+
+
+class BindError(RuntimeError):
+    """The server could not bind its address (most often: the port is already in use)."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer and what the server needs to host it: its full name and its generated `add_*_to_server`."""
+
+    name: str
+    servicer: object
+    add_to_server: Callable[[object, grpc.aio.Server], None]
+
+    @classmethod
+    def of(cls, pb2: ModuleType, pb2_grpc: ModuleType, servicer: object, service: str | None = None) -> Service:
+        """Describe a servicer from its generated modules; `service` defaults to the file's only service."""
+        services = pb2.DESCRIPTOR.services_by_name
+        descriptor = services[service] if service else next(iter(services.values()))
+        add = getattr(pb2_grpc, f"add_{descriptor.name}Servicer_to_server")
+        return cls(descriptor.full_name, servicer, add)
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise BindError when host:port cannot be bound now (checked with a plain socket, so gRPC's own multi-line
+    log of a failed bind never shows in the common case)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot resolve {host}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise BindError(f"cannot bind {host}:{port}: {exc.strerror.lower()}") from None
+
+
+class MeshServer:
+    """A grpc.aio server with health, reflection, interceptors, background tasks and a graceful stop."""
+
+    def __init__(self, config: config_mod.ServerConfig, name: str, role: str = "") -> None:
+        self.config = config
+        self.name = name
+        self.role = role or name
+        self.instance_id = config.instance_id or ids.instance_id()
+        self.health = health.aio.HealthServicer()
+        self.channels = ChannelCache(config.max_message_bytes)
+        self.port = 0
+        self._services: list[Service] = []
+        self._task_factories: list[BackgroundTask] = []
+        self._tasks: list[asyncio.Task] = []
+        self._stop_hooks: list[StopHook] = []
+        self._server: grpc.aio.Server | None = None
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        """host:port actually bound (valid after start)."""
+        return f"{self.config.host}:{self.port}"
+
+    def add_service(self, service: Service) -> None:
+        """Host a servicer (before start)."""
+        self._services.append(service)
+
+    def add_task(self, task: BackgroundTask) -> None:
+        """Run `task(server)` in the background from start until stop, when it is cancelled."""
+        self._task_factories.append(task)
+        if self._server is not None:
+            self._start_task(task)
+
+    def _start_task(self, factory: BackgroundTask) -> None:
+        task = asyncio.create_task(factory(self), name=getattr(factory, "__name__", "task"))
+        task.add_done_callback(_log_failure)
+        self._tasks.append(task)
+
+    def on_stop(self, hook: StopHook) -> None:
+        """Await `hook()` at stop, after the tasks are cancelled and before in-flight RPCs drain."""
+        self._stop_hooks.append(hook)
+
+    def _options(self) -> list[tuple[str, int]]:
+        size = self.config.max_message_bytes
+        # SO_REUSEPORT off: a second server on a taken port must fail, not share the port silently.
+        return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
+                ("grpc.so_reuseport", 0), ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                ("grpc.http2.max_ping_strikes", 0)]
+
+    async def start(self) -> int:
+        """Bind, start serving, mark every service SERVING and start the background tasks; return the port."""
+        check_bindable(self.config.host, self.config.port)
+        interceptors = [*telemetry.server_interceptors(), errors.ErrorMappingInterceptor()]
+        server = grpc.aio.server(interceptors=interceptors, options=self._options())
+        for service in self._services:
+            service.add_to_server(service.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [s.name for s in self._services]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        try:
+            self.port = server.add_insecure_port(self.config.address)
+        except RuntimeError as exc:
+            raise BindError(f"cannot bind {self.config.address}: {exc}") from None
+        if self.port == 0:  # older grpcio reports failure this way
+            raise BindError(f"cannot bind {self.config.address}: address in use or not available")
+        await server.start()
+        self._server = server
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for factory in self._task_factories:
+            self._start_task(factory)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, cancel tasks, run stop hooks, drain in-flight RPCs within grace_s, close channels."""
+        if self._server is None:
+            return
+        if self._stopping:  # a second caller waits for the first one's stop
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for hook in self._stop_hooks:
+            try:
+                await asyncio.wait_for(hook(), HOOK_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 — a failing hook must not block the stop
+                log.warning("stop hook %s failed", getattr(hook, "__name__", hook), exc_info=True)
+        await self._server.stop(grace)
+        await self.channels.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once stop() has finished."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> MeshServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop(0)
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    """A background task that ends with an error is logged at once, not when the server stops."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+
+Setup = Callable[[MeshServer], "Awaitable[None] | None"]
+
+
+async def run(server: MeshServer, setup: Setup) -> int:
+    """Set up and start `server`, serve until SIGTERM or SIGINT, stop gracefully; return the exit code."""
+    result = setup(server)
+    if inspect.isawaitable(result):
+        await result
+    try:
+        port = await server.start()
+    except BindError as exc:
+        print(f"kvmesh {server.name}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"kvmesh {server.name} listening on {server.config.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping (grace %.1fs)", server.config.grace_s)
+    await server.stop()
+    return 0
+
+
+def serve(config: config_mod.ServerConfig, setup: Setup, *, name: str, role: str = "") -> int:
+    """Run one service process to completion: print config, serve on uvloop, stop on a signal; return exit code."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_mod.print_config(config)
+    server_role = role or name
+    telemetry.setup(name, server_role, config.instance_id or ids.instance_id())
+    try:
+        return _run_loop(lambda: run(MeshServer(config, name, server_role), setup))
+    finally:
+        telemetry.shutdown()
+
+
+def _run_loop(main: Callable[[], Awaitable[int]]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover — uvloop is a dependency on every platform we serve from
+        return asyncio.run(main())
+    return uvloop.run(main())

@@ -1,0 +1,50 @@
+"""`kvmesh scheduler`: the worker registry and router as a gRPC service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from kvmesh.services.common import config as config_mod
+from kvmesh.services.common.server import MeshServer, Service, serve
+from kvmesh.services.scheduler.config import SchedulerConfig
+from kvmesh.services.scheduler.policies import get_policy
+from kvmesh.services.scheduler.registry import Registry
+from kvmesh.services.scheduler.servicer import SchedulerServicer
+from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scheduler's flags: one per SchedulerConfig field."""
+    config_mod.add_arguments(parser, SchedulerConfig, "scheduler")
+
+
+async def expire_leases(registry: Registry, interval_s: float) -> None:
+    """Drop lapsed workers every interval_s, forever (cancelled at stop)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        for worker in registry.expire():
+            log.warning("lease lapsed: dropped %s at %s", worker.worker_id, worker.spec.address)
+
+
+def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
+    """Host the Scheduler service and its expiry task on server; return the servicer."""
+    registry = Registry(config.lease_s)
+    servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.max_queue)
+    server.add_service(Service.of(scheduler_pb2, scheduler_pb2_grpc, servicer))
+    interval = min(1.0, config.lease_s / 4)
+
+    async def expiry(_server: MeshServer) -> None:
+        await expire_leases(registry, interval)
+
+    server.add_task(expiry)
+    return servicer
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `kvmesh scheduler`."""
+    config = config_mod.from_args(SchedulerConfig, "scheduler", args)
+    return serve(config, lambda server: setup(config, server), name="scheduler")

@@ -1,0 +1,144 @@
+"""The registry of live workers: registration, leases renewed by heartbeats, expiry of lapsed workers."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
+from kvmesh.services.common.ids import new_id
+
+
+class Role(enum.IntEnum):
+    """What a worker does; values equal the proto's WorkerRole numbers."""
+
+    PREFILL = 1
+    DECODE = 2
+    CACHE = 3
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape of a worker's KV cache; two workers exchange KV only when their layouts are equal."""
+
+    model_id: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def validate(self) -> None:
+        """Raise InvalidArgumentError unless every field is set and positive."""
+        if not self.model_id or not self.dtype:
+            raise InvalidArgumentError("layout.model_id and layout.dtype must be set")
+        sizes = (self.block_size, self.num_layers, self.num_kv_heads, self.head_dim)
+        if min(sizes) <= 0:
+            raise InvalidArgumentError(f"layout sizes must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class Load:
+    """A worker's load as of its last heartbeat."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker says about itself when it registers. `descriptor` is opaque to the scheduler."""
+
+    role: Role
+    address: str
+    host_id: str = ""
+    instance_id: str = ""
+    transports: tuple[str, ...] = ()
+    layout: Layout | None = None
+    model: str = ""
+    descriptor: object = None
+
+    def validate(self) -> None:
+        """Raise InvalidArgumentError when the spec cannot be registered."""
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgumentError(f"address must be host:port, got {self.address!r}")
+        if self.role in (Role.PREFILL, Role.DECODE):
+            if self.layout is None:
+                raise InvalidArgumentError(f"a {self.role.name} worker must send its KV layout")
+            self.layout.validate()
+
+    @property
+    def served_model(self) -> str:
+        """The model name clients ask for: `model`, else the layout's model id."""
+        return self.model or (self.layout.model_id if self.layout else "")
+
+
+@dataclass
+class Worker:
+    """A registered worker: its spec, its load and when its lease lapses (monotonic seconds)."""
+
+    worker_id: str
+    spec: WorkerSpec
+    load: Load = field(default_factory=Load)
+    expires_at: float = 0.0
+
+
+class Registry:
+    """Live workers by id. Every method is synchronous and quick: call it from the event loop only."""
+
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.lease_s = lease_s
+        self._clock = clock
+        self._workers: dict[str, Worker] = {}
+
+    def register(self, spec: WorkerSpec, load: Load | None = None) -> Worker:
+        """Add a worker (replacing any earlier worker of the same role at the same address) and start its lease."""
+        spec.validate()
+        for old in [w for w in self._workers.values()
+                    if w.spec.address == spec.address and w.spec.role == spec.role]:
+            del self._workers[old.worker_id]
+        # Random ids: after a scheduler restart no old worker's heartbeat can renew a new worker's lease.
+        worker_id = new_id(spec.role.name.lower())
+        worker = Worker(worker_id, spec, load or Load(), self._clock() + self.lease_s)
+        self._workers[worker_id] = worker
+        return worker
+
+    def heartbeat(self, worker_id: str, load: Load) -> Worker:
+        """Record a worker's load and renew its lease; NotFoundError when it is unknown or its lease lapsed."""
+        worker = self._live(worker_id)
+        worker.load = load
+        worker.expires_at = self._clock() + self.lease_s
+        return worker
+
+    def deregister(self, worker_id: str) -> bool:
+        """Remove a worker; False when it was not registered."""
+        return self._workers.pop(worker_id, None) is not None
+
+    def expire(self) -> list[Worker]:
+        """Remove and return every worker whose lease has lapsed."""
+        now = self._clock()
+        lapsed = [w for w in self._workers.values() if w.expires_at <= now]
+        for worker in lapsed:
+            del self._workers[worker.worker_id]
+        return lapsed
+
+    def workers(self, role: Role | None = None) -> list[Worker]:
+        """Live workers (lease not lapsed), optionally of one role, in registration order."""
+        now = self._clock()
+        return [w for w in self._workers.values() if w.expires_at > now and (role is None or w.spec.role == role)]
+
+    def lease_remaining(self, worker: Worker) -> float:
+        """Seconds until the worker's lease lapses (never negative)."""
+        return max(0.0, worker.expires_at - self._clock())
+
+    def _live(self, worker_id: str) -> Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.expires_at <= self._clock():
+            raise NotFoundError(f"worker {worker_id!r} is not registered (lease lapsed?): register again")
+        return worker
+

@@ -1,0 +1,58 @@
+"""The routing work shared by every policy: validation, compatibility, admission control."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, UnavailableError
+from kvmesh.services.scheduler.policies import Candidates, Policy, RoutePlan, RouteQuery
+from kvmesh.services.scheduler.registry import Layout, Role, Worker
+
+
+def _matches(query: RouteQuery, worker: Worker) -> bool:
+    spec = worker.spec
+    if spec.layout is None:
+        return False
+    if query.layout is not None and spec.layout != query.layout:
+        return False
+    return not query.model or query.model in (spec.model, spec.layout.model_id)
+
+
+def group_by_layout(query: RouteQuery, workers: Sequence[Worker]) -> list[Candidates]:
+    """Groups of matching workers with equal layouts that have at least one prefill and one decode worker."""
+    by_layout: dict[Layout, tuple[list[Worker], list[Worker]]] = {}
+    for worker in workers:
+        if worker.spec.role in (Role.PREFILL, Role.DECODE) and _matches(query, worker):
+            prefill, decode = by_layout.setdefault(worker.spec.layout, ([], []))
+            (prefill if worker.spec.role == Role.PREFILL else decode).append(worker)
+    return [Candidates(layout, tuple(p), tuple(d)) for layout, (p, d) in by_layout.items() if p and d]
+
+
+def _admit(groups: list[Candidates], max_queue: int) -> list[Candidates]:
+    admitted = []
+    for group in groups:
+        decode = tuple(d for d in group.decode if d.load.num_waiting < max_queue)
+        if decode:
+            admitted.append(Candidates(group.layout, group.prefill, decode))
+    return admitted
+
+
+def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queue: int) -> RoutePlan:
+    """Pick a (prefill, decode) pair with equal layouts for query.
+
+    InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered,
+    CapacityError when every compatible decode worker has max_queue or more requests waiting.
+    """
+    if not query.prompt_token_ids:
+        raise InvalidArgumentError("prompt_token_ids must not be empty")
+    if any(t < 0 for t in query.prompt_token_ids):
+        raise InvalidArgumentError("prompt_token_ids must be non-negative")
+    groups = group_by_layout(query, workers)
+    if not groups:
+        wanted = f"model {query.model!r}" if query.model else "any model"
+        raise UnavailableError(f"no prefill and decode worker pair with equal KV layouts is registered for {wanted} "
+                               f"({len(workers)} workers live)")
+    admitted = _admit(groups, max_queue)
+    if not admitted:
+        raise CapacityError(f"every decode worker has {max_queue} or more requests waiting; retry later")
+    return policy(query, admitted)

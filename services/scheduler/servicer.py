@@ -1,0 +1,101 @@
+"""The Scheduler gRPC servicer: protobuf in, a registry or router call, protobuf out."""
+
+from __future__ import annotations
+
+import logging
+
+from kvmesh.services.common.errors import InvalidArgumentError
+from kvmesh.services.scheduler import router
+from kvmesh.services.scheduler.policies import Policy, RouteQuery
+from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, Worker, WorkerSpec
+from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def layout_from_proto(msg: common_pb2.KVLayout) -> Layout:
+    """The domain layout of a KVLayout message."""
+    return Layout(msg.model_id, msg.dtype, msg.block_size, msg.num_layers, msg.num_kv_heads, msg.head_dim)
+
+
+def layout_to_proto(layout: Layout) -> common_pb2.KVLayout:
+    """The KVLayout message of a domain layout."""
+    return common_pb2.KVLayout(model_id=layout.model_id, dtype=layout.dtype, block_size=layout.block_size,
+                               num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                               head_dim=layout.head_dim)
+
+
+def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> Load:
+    """The domain load of a WorkerLoad message."""
+    return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks)
+
+
+def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
+    """The worker spec of a RegisterRequest (InvalidArgumentError for an unknown role)."""
+    if msg.role not in tuple(Role):
+        raise InvalidArgumentError("role must be PREFILL, DECODE or CACHE")
+    has_layout = msg.HasField("layout") and msg.layout.block_size > 0
+    descriptor = common_pb2.TransportDescriptor()
+    descriptor.CopyFrom(msg.descriptor)
+    return WorkerSpec(role=Role(msg.role), address=msg.address, host_id=msg.host_id, instance_id=msg.instance_id,
+                      transports=tuple(msg.transports), layout=layout_from_proto(msg.layout) if has_layout else None,
+                      model=msg.model, descriptor=descriptor)
+
+
+def worker_to_proto(worker: Worker, lease_remaining_s: float) -> scheduler_pb2.WorkerInfo:
+    """The WorkerInfo message of a registered worker."""
+    spec, load = worker.spec, worker.load
+    info = scheduler_pb2.WorkerInfo(
+        worker_id=worker.worker_id, role=int(spec.role), address=spec.address, host_id=spec.host_id,
+        instance_id=spec.instance_id, transports=list(spec.transports), model=spec.served_model,
+        load=scheduler_pb2.WorkerLoad(num_waiting=load.num_waiting, num_running=load.num_running,
+                                      num_free_blocks=load.num_free_blocks,
+                                      num_total_blocks=load.num_total_blocks),
+        lease_remaining_seconds=lease_remaining_s)
+    if spec.layout is not None:
+        info.layout.CopyFrom(layout_to_proto(spec.layout))
+    if spec.descriptor is not None:
+        info.descriptor.CopyFrom(spec.descriptor)
+    return info
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """Serves kvmesh.v1.Scheduler over a Registry and a routing policy."""
+
+    def __init__(self, registry: Registry, policy: Policy, policy_name: str, max_queue: int) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.policy_name = policy_name
+        self.max_queue = max_queue
+
+    def _info(self, worker: Worker) -> scheduler_pb2.WorkerInfo:
+        return worker_to_proto(worker, self.registry.lease_remaining(worker))
+
+    async def Register(self, request, context):
+        worker = self.registry.register(spec_from_proto(request), load_from_proto(request.load))
+        log.info("registered %s at %s", worker.worker_id, worker.spec.address)
+        lease = self.registry.lease_s
+        return scheduler_pb2.RegisterResponse(worker_id=worker.worker_id, lease_seconds=lease,
+                                              heartbeat_interval_seconds=lease / 3)
+
+    async def Heartbeat(self, request, context):
+        self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
+        return scheduler_pb2.HeartbeatResponse(lease_seconds=self.registry.lease_s)
+
+    async def Deregister(self, request, context):
+        removed = self.registry.deregister(request.worker_id)
+        if removed:
+            log.info("deregistered %s", request.worker_id)
+        return scheduler_pb2.DeregisterResponse(removed=removed)
+
+    async def Route(self, request, context):
+        layout = layout_from_proto(request.layout) if request.layout.block_size > 0 else None
+        query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
+                           request.cache_salt if request.HasField("cache_salt") else None)
+        plan = router.route(query, self.registry.workers(), self.policy, self.max_queue)
+        return scheduler_pb2.RouteResponse(prefill=self._info(plan.prefill), decode=self._info(plan.decode),
+                                           num_cached_tokens=plan.num_cached_tokens, policy=plan.policy)
+
+    async def ListWorkers(self, request, context):
+        role = Role(request.role) if request.role in tuple(Role) else None
+        return scheduler_pb2.ListWorkersResponse(workers=[self._info(w) for w in self.registry.workers(role)])

@@ -1,0 +1,82 @@
+"""The worker-side registration client against a real in-process scheduler."""
+
+import asyncio
+
+from kvmesh.services.common.registration import RegistrationClient, advertise_address
+from kvmesh.services.common.server import MeshServer
+from kvmesh.services.scheduler import main as scheduler_main
+from kvmesh.services.scheduler.config import SchedulerConfig
+from kvmesh.v1 import common_pb2, scheduler_pb2
+
+LAYOUT = common_pb2.KVLayout(model_id="tiny", dtype="float32", block_size=16, num_layers=2, num_kv_heads=2,
+                             head_dim=8)
+
+
+def decode_request():
+    return scheduler_pb2.RegisterRequest(role=scheduler_pb2.WORKER_ROLE_DECODE, address="127.0.0.1:9",
+                                         layout=LAYOUT)
+
+
+async def until(predicate, timeout_s=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def test_registers_heartbeats_load_reregisters_and_deregisters():
+    async def body():
+        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=0.6), "scheduler")
+        servicer = scheduler_main.setup(scheduler.config, scheduler)
+        await scheduler.start()
+        waiting = {"n": 3}
+        client = RegistrationClient(scheduler.address, decode_request,
+                                    lambda: scheduler_pb2.WorkerLoad(num_waiting=waiting["n"]))
+        task = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.registered.wait(), 5)
+        registry = servicer.registry
+        assert [w.worker_id for w in registry.workers()] == [client.worker_id]
+        waiting["n"] = 7
+        await until(lambda: registry.workers()[0].load.num_waiting == 7)
+        # The scheduler forgets every worker (as after a restart): the next heartbeat gets NOT_FOUND.
+        first_id = client.worker_id
+        registry._workers.clear()
+        await until(lambda: client.num_registrations == 2)
+        assert client.worker_id != first_id and len(registry.workers()) == 1
+        task.cancel()
+        await client.deregister()
+        assert registry.workers() == []
+        await scheduler.stop(0)
+
+    asyncio.run(body())
+
+
+def test_keeps_retrying_until_the_scheduler_is_up():
+    async def body():
+        scheduler = MeshServer(SchedulerConfig(port=0), "scheduler")
+        scheduler_main.setup(scheduler.config, scheduler)
+        await scheduler.start()
+        address = scheduler.address
+        await scheduler.stop(0)
+        client = RegistrationClient(address, decode_request, scheduler_pb2.WorkerLoad, retry_s=0.1,
+                                    rpc_timeout_s=0.5)
+        task = asyncio.create_task(client.run())
+        await asyncio.sleep(0.3)
+        assert not client.registered.is_set()
+        port = int(address.rsplit(":", 1)[1])
+        again = MeshServer(SchedulerConfig(port=port), "scheduler")
+        scheduler_main.setup(again.config, again)
+        await again.start()
+        await asyncio.wait_for(client.registered.wait(), 5)
+        task.cancel()
+        await client.deregister()
+        await again.stop(0)
+
+    asyncio.run(body())
+
+
+def test_advertise_address_never_gives_a_wildcard():
+    assert advertise_address("127.0.0.1", 7001) == "127.0.0.1:7001"
+    assert advertise_address("0.0.0.0", 7001, "node-3") == "node-3:7001"
+    assert not advertise_address("0.0.0.0", 7001).startswith("0.0.0.0")
+    assert not advertise_address("[::]", 7001).startswith("[::]")

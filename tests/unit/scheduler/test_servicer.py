@@ -1,0 +1,117 @@
+"""The Scheduler service over real gRPC on 127.0.0.1 (in process)."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from kvmesh.services.common.server import MeshServer
+from kvmesh.services.scheduler import main as scheduler_main
+from kvmesh.services.scheduler.config import SchedulerConfig
+from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+PREFILL, DECODE, CACHE = (scheduler_pb2.WORKER_ROLE_PREFILL, scheduler_pb2.WORKER_ROLE_DECODE,
+                          scheduler_pb2.WORKER_ROLE_CACHE)
+
+
+def layout(dtype="float32"):
+    return common_pb2.KVLayout(model_id="tiny", dtype=dtype, block_size=16, num_layers=2, num_kv_heads=2,
+                               head_dim=8)
+
+
+def run_with_scheduler(body, **config):
+    async def main():
+        server = MeshServer(SchedulerConfig(port=0, **config), "scheduler")
+        scheduler_main.setup(server.config, server)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                await body(scheduler_pb2_grpc.SchedulerStub(channel))
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+async def register(stub, role, port, dtype="float32", **load):
+    descriptor = common_pb2.TransportDescriptor(backends=["grpc"], address=f"127.0.0.1:{port}",
+                                                layout=layout(dtype))
+    request = scheduler_pb2.RegisterRequest(role=role, address=f"127.0.0.1:{port}", host_id="h", instance_id="i",
+                                            transports=["grpc"], layout=layout(dtype), descriptor=descriptor,
+                                            load=scheduler_pb2.WorkerLoad(**load))
+    return (await stub.Register(request, timeout=2)).worker_id
+
+
+async def status_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code()
+
+
+def test_route_returns_the_least_loaded_pair_with_its_descriptor():
+    async def body(stub):
+        await register(stub, DECODE, 7001, num_running=3)
+        idle = await register(stub, DECODE, 7002, num_running=0)
+        prefill = await register(stub, PREFILL, 7003)
+        await register(stub, PREFILL, 7004, dtype="bfloat16")
+        reply = await stub.Route(scheduler_pb2.RouteRequest(request_id="r1", prompt_token_ids=[1, 2, 3]),
+                                 timeout=2)
+        assert (reply.decode.worker_id, reply.prefill.worker_id) == (idle, prefill)
+        assert reply.decode.descriptor.address == "127.0.0.1:7002"
+        assert reply.decode.layout == reply.prefill.layout == layout()
+        assert reply.num_cached_tokens == 0 and reply.policy == "least_loaded"
+
+    run_with_scheduler(body)
+
+
+def test_heartbeat_load_changes_the_route():
+    async def body(stub):
+        first = await register(stub, DECODE, 7001)
+        second = await register(stub, DECODE, 7002, num_waiting=1)
+        await register(stub, PREFILL, 7003)
+        request = scheduler_pb2.RouteRequest(prompt_token_ids=[5])
+        assert (await stub.Route(request, timeout=2)).decode.worker_id == first
+        await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=first, load=scheduler_pb2.WorkerLoad(
+            num_running=4)), timeout=2)
+        assert (await stub.Route(request, timeout=2)).decode.worker_id == second
+
+    run_with_scheduler(body)
+
+
+def test_status_codes():
+    async def body(stub):
+        route = scheduler_pb2.RouteRequest(prompt_token_ids=[1])
+        assert await status_of(stub.Route(route, timeout=2)) == grpc.StatusCode.UNAVAILABLE
+        assert await status_of(stub.Route(scheduler_pb2.RouteRequest(), timeout=2)) == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        assert await status_of(stub.Register(scheduler_pb2.RegisterRequest(address="127.0.0.1:1"), timeout=2)) == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        assert await status_of(stub.Register(scheduler_pb2.RegisterRequest(role=DECODE, address="127.0.0.1:1"),
+                                             timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await status_of(stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id="decode-x"), timeout=2)) == \
+            grpc.StatusCode.NOT_FOUND
+        await register(stub, DECODE, 7001, num_waiting=2)
+        await register(stub, PREFILL, 7002)
+        assert await status_of(stub.Route(route, timeout=2)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    run_with_scheduler(body, max_queue=2)
+
+
+def test_lease_expiry_drops_a_silent_worker_and_list_workers_filters_by_role():
+    async def body(stub):
+        silent = await register(stub, DECODE, 7001)
+        cache = (await stub.Register(scheduler_pb2.RegisterRequest(role=CACHE, address="127.0.0.1:7009"),
+                                     timeout=2)).worker_id
+        listed = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(role=CACHE), timeout=2)
+        assert [w.worker_id for w in listed.workers] == [cache]
+        for _ in range(6):  # keep the cache alive, let the decode worker's lease lapse
+            await asyncio.sleep(0.15)
+            await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=cache), timeout=2)
+        listed = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2)
+        assert [w.worker_id for w in listed.workers] == [cache]
+        assert await status_of(stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=silent), timeout=2)) == \
+            grpc.StatusCode.NOT_FOUND
+        assert (await stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=cache), timeout=2)).removed
+        assert not (await stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=cache), timeout=2)).removed
+
+    run_with_scheduler(body, lease_s=0.5)
