@@ -59,6 +59,7 @@ def _add_services(sub: argparse._SubParsersAction) -> None:
     services = {
         "scheduler": ("kvmesh.services.scheduler.main", "the worker registry and router"),
         "cache": ("kvmesh.services.cache.main", "the KV block cache service"),
+        "gateway": ("kvmesh.services.gateway.main", "the client-facing gRPC and OpenAI-compatible HTTP API"),
     }
     for name, (module_name, help_text) in services.items():
         module = import_module(module_name)

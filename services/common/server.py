@@ -198,10 +198,10 @@ Setup = Callable[[MeshServer], "Awaitable[None] | None"]
 
 async def run(server: MeshServer, setup: Setup) -> int:
     """Set up and start `server`, serve until SIGTERM or SIGINT, stop gracefully; return the exit code."""
-    result = setup(server)
-    if inspect.isawaitable(result):
-        await result
     try:
+        result = setup(server)
+        if inspect.isawaitable(result):
+            await result
         port = await server.start()
     except BindError as exc:
         print(f"kvmesh {server.name}: {exc}", file=sys.stderr, flush=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from kvmesh.services.common import channels, telemetry
+from kvmesh.services.common import telemetry
+from kvmesh.services.common.channels import ChannelCache
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -50,12 +51,15 @@ class ModelCard:
     path: str
     max_model_len: int
     vocab_size: int
+    model_id: str
 
     @classmethod
     def from_path(cls, path: str, name: str | None = None) -> "ModelCard":
+        from kvmesh.services.engine.weights import model_id
+
         config = json.loads((Path(path) / "config.json").read_text())
         return cls(name or Path(path).name, str(path), int(config.get("max_position_embeddings", 2048)),
-                   int(config["vocab_size"]))
+                   int(config["vocab_size"]), model_id(path))
 
 
 def validate(call: GenerateCall, card: ModelCard) -> None:
@@ -90,18 +94,21 @@ def validate(call: GenerateCall, card: ModelCard) -> None:
 class Gateway:
     """Routes requests through the scheduler to a decode worker and relays its stream."""
 
-    def __init__(self, card: ModelCard, scheduler_address: str, route_timeout_s: float = 5.0):
+    def __init__(self, card: ModelCard, scheduler_address: str, channels: ChannelCache,
+                 route_timeout_s: float = 5.0, request_timeout_s: float = 600.0):
         self.card = card
         self.scheduler_address = scheduler_address
+        self.channels = channels
         self.route_timeout_s = route_timeout_s
+        self.request_timeout_s = request_timeout_s
 
     def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
-        return scheduler_pb2_grpc.SchedulerStub(channels.get_channel(self.scheduler_address))
+        return scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.scheduler_address))
 
     async def route(self, call: GenerateCall, timeout: float | None) -> scheduler_pb2.RouteResponse:
         """Ask the scheduler for a (prefill, decode) pair."""
         request = scheduler_pb2.RouteRequest(request_id=call.request_id, prompt_token_ids=call.prompt_token_ids,
-                                             cache_salt=call.cache_salt)
+                                             model=self.card.model_id, cache_salt=call.cache_salt)
         budget = min(timeout or self.route_timeout_s, self.route_timeout_s)
         with telemetry.tracer().start_as_current_span("scheduler.route"):
             try:
@@ -116,12 +123,12 @@ class Gateway:
         route = await self.route(call, timeout)
         request = decode_pb2.DecodeRequest(
             request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
-            cache_salt=call.cache_salt, cached_prefix_tokens=route.cached_prefix_tokens)
+            cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens)
         if route.HasField("prefill") and route.prefill.address:
             request.prefill.address = route.prefill.address
             request.prefill.worker_id = route.prefill.worker_id
-        stub = decode_pb2_grpc.DecodeStub(channels.get_channel(route.decode.address))
-        stream = stub.Generate(request, timeout=timeout)
+        stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
+        stream = stub.Generate(request, timeout=min(timeout or self.request_timeout_s, self.request_timeout_s))
         try:
             async for response in stream:
                 yield response

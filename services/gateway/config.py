@@ -1,0 +1,33 @@
+"""The gateway's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmesh.services.common.config import ServerConfig, check, knob
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class GatewayConfig(ServerConfig):
+    """Settings of `kvmesh gateway`."""
+
+    port: int = knob(DEFAULT_PORT, "gRPC port of the Gateway service; 0 picks a free one (printed at start).")
+    max_message_bytes: int = knob(4 * 1024 * 1024, "Largest gRPC message accepted from clients, in bytes; a "
+                                                   "larger request gets RESOURCE_EXHAUSTED.")
+    http_host: str = knob("127.0.0.1", "Address of the OpenAI-compatible HTTP API.")
+    http_port: int = knob(8000, "Port of the OpenAI-compatible HTTP API; -1 turns it off, 0 picks a free one.")
+    model: str = knob("", "Folder of the served model (its tokenizer, chat template and config are read here).")
+    served_model_name: str = knob("", "Name clients use for the model; empty means the folder's name.")
+    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler.")
+    max_body_bytes: int = knob(4 * 1024 * 1024, "Largest HTTP request body, in bytes; larger gets HTTP 413.")
+    request_timeout_s: float = knob(600.0, "Deadline of a request that names none, in seconds.")
+    route_timeout_s: float = knob(5.0, "Deadline of the call to the scheduler, in seconds.")
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.model), "model is required: the folder of the served model (--model PATH)")
+        check(-1 <= self.http_port <= 65535, f"http_port must be in [-1, 65535], got {self.http_port}")
+        check(self.max_body_bytes > 0, f"max_body_bytes must be > 0, got {self.max_body_bytes}")
+        check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")

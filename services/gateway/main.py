@@ -1,0 +1,93 @@
+"""`kvmesh gateway`: the client-facing edge — the Gateway gRPC service and the OpenAI-compatible HTTP API,
+served from one process and one event loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+import grpc
+
+from kvmesh.services.common import config as config_mod
+from kvmesh.services.common.server import BindError, MeshServer, Service, serve
+from kvmesh.services.gateway.config import GatewayConfig
+from kvmesh.services.gateway.core import Gateway, ModelCard
+from kvmesh.services.gateway.openai_api import OpenAIFrontend, build_app
+from kvmesh.services.gateway.servicer import GatewayServicer
+from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The gateway's flags: one per GatewayConfig field."""
+    config_mod.add_arguments(parser, GatewayConfig, "gateway")
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound here so a taken port is one clear error, not uvicorn's exit."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind HTTP {host}:{port}: {exc.strerror.lower()}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _health(gateway: Gateway):
+    async def check() -> tuple[bool, str]:
+        stub = scheduler_pb2_grpc.SchedulerStub(gateway.channels.get(gateway.scheduler_address))
+        try:
+            reply = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as e:
+            return False, f"scheduler at {gateway.scheduler_address} unreachable: {e.code().name}"
+        roles = {w.role for w in reply.workers}
+        missing = [n for r, n in ((scheduler_pb2.WORKER_ROLE_DECODE, "decode"),
+                                  (scheduler_pb2.WORKER_ROLE_PREFILL, "prefill")) if r not in roles]
+        return (not missing), ("no live " + " or ".join(missing) + " worker" if missing else "ready")
+    return check
+
+
+def _metrics_renderer():
+    try:
+        from kvmesh.services.common.metrics import render_latest
+    except ImportError:
+        return None
+    return render_latest
+
+
+def setup(config: GatewayConfig, server: MeshServer) -> None:
+    """Host the Gateway service and the HTTP API on server's loop."""
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    card = ModelCard.from_path(config.model, config.served_model_name or None)
+    gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s)
+    server.add_service(Service.of(gateway_pb2, gateway_pb2_grpc, GatewayServicer(gateway, tokenizer)))
+    if config.http_port < 0:
+        return
+    sock = bind_http(config.http_host, config.http_port)
+    app = build_app(OpenAIFrontend(gateway, tokenizer, _metrics_renderer()), _health(gateway), config.max_body_bytes)
+    http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+
+    async def serve_http(_server: MeshServer) -> None:
+        print(f"kvmesh gateway HTTP on http://{config.http_host}:{sock.getsockname()[1]}", flush=True)
+        await http.serve(sockets=[sock])
+
+    async def stop_http() -> None:
+        http.should_exit = True
+
+    server.add_task(serve_http)
+    server.on_stop(stop_http)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `kvmesh gateway`."""
+    config = config_mod.from_args(GatewayConfig, "gateway", args)
+    return serve(config, lambda server: setup(config, server), name="gateway")
