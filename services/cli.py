@@ -50,12 +50,21 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=generate.run)
 
 
+def _add_trace(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services.trace import cli as trace_cli
+
+    trace = sub.add_parser("trace", help="draw requests' spans as waterfalls and split their TTFT into phases")
+    trace_cli.add_arguments(trace)
+    trace.set_defaults(func=trace_cli.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model(sub)
     _add_generate(sub)
+    _add_trace(sub)
     return parser
 
 
