@@ -31,7 +31,7 @@ def test_trace_id_crosses_a_grpc_hop_between_processes_sharing_one_file(tmp_path
         server.send_signal(signal.SIGTERM)
         assert server.wait(10) == 0
     spans = {s["name"]: s for s in _lines(spans_file)}
-    assert set(spans) == {"gateway.Generate", "/kvmesh.test.Echo/Echo", "prefill.compute"}
+    assert set(spans) == {"gateway.Generate", "/kvmesh.test.Echo/Echo", "prefill.compute"}, "no health-check span"
     assert len({s["context"]["trace_id"] for s in spans.values()}) == 1
     client_rpc = [s for s in _lines(spans_file) if s["name"] == "/kvmesh.test.Echo/Echo"]
     assert len(client_rpc) == 2, "one client span (gateway) and one server span (prefill)"

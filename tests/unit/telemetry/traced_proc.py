@@ -1,7 +1,7 @@
 """A traced grpc.aio server or client process for the telemetry tests (run as a script).
 
     traced_proc.py server          prints its port, serves /kvmesh.test.Echo/Echo until SIGTERM
-    traced_proc.py client PORT     one `gateway.Generate` span around one Echo call, then exits
+    traced_proc.py client PORT     one `gateway.Generate` span around one Echo call (and an untraced health check)
 
 Both call telemetry.setup() and telemetry.shutdown() as the services do; exporters come from the environment.
 """
@@ -11,6 +11,7 @@ import signal
 import sys
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvmesh.services.common import telemetry
 
@@ -27,6 +28,7 @@ async def serve() -> None:
         "kvmesh.test.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     server = grpc.aio.server(interceptors=telemetry.server_interceptors())
     server.add_generic_rpc_handlers((handler,))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     stop = asyncio.Event()
@@ -45,6 +47,8 @@ async def call(port: int) -> None:
         with telemetry.tracer().start_as_current_span("gateway.Generate") as span:
             span.set_attribute("kvmesh.request_id", "req-1")
             assert await echo(b"req-1", timeout=5) == b"req-1"
+            # Health checks are filtered out of tracing on both sides: no span for this one.
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     telemetry.shutdown()
 
 
