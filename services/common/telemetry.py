@@ -23,6 +23,7 @@ import os
 import threading
 from typing import Sequence
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -168,11 +169,55 @@ def server_interceptors() -> list:
     return [aio_server_interceptor(filter_=_untraced_services())]
 
 
+class _EndOnce:
+    """A span proxy whose end() is idempotent, so two paths may each end it."""
+
+    def __init__(self, span: trace.Span):
+        self._span = span
+        self._ended = False
+
+    def end(self, end_time: int | None = None) -> None:
+        if not self._ended:
+            self._ended = True
+            self._span.end(end_time)
+
+    def __getattr__(self, name: str):
+        return getattr(self._span, name)
+
+
+def _end_span_on_cancel(interceptor) -> None:
+    """Make a streaming client interceptor end its span when the call is cancelled.
+
+    The instrumentation ends a streaming call's span only when its response iterator finishes; a consumer that
+    stops reading and cancels (the gateway on a client disconnect) would leave the span open and unexported.
+    """
+    base = type(interceptor)
+
+    class EndOnCancel(base):
+        def _wrap_stream_response(self, span, call):
+            once = _EndOnce(span)
+
+            def on_done(done_call) -> None:
+                if done_call.cancelled():
+                    once.set_attribute("rpc.grpc.status_code", 1)  # CANCELLED
+                    once.end()
+
+            call.add_done_callback(on_done)
+            return super()._wrap_stream_response(once, call)
+
+    if hasattr(base, "_wrap_stream_response"):
+        interceptor.__class__ = EndOnCancel
+
+
 def client_interceptors() -> list:
     """grpc.aio channel interceptors that put the current trace context into `traceparent` metadata."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors(filter_=_untraced_services()))
+    interceptors = list(aio_client_interceptors(filter_=_untraced_services()))
+    for interceptor in interceptors:
+        if isinstance(interceptor, (grpc.aio.UnaryStreamClientInterceptor, grpc.aio.StreamStreamClientInterceptor)):
+            _end_span_on_cancel(interceptor)
+    return interceptors
 
 
 def inject(carrier: dict | None = None) -> dict:

@@ -117,3 +117,16 @@ def test_setup_is_idempotent_and_shutdown_flushes(tmp_path):
     (span,) = _lines(spans_file)
     assert span["name"] == "scheduler.route"
     assert span["resource"]["attributes"]["service.name"] == "kvmesh-scheduler"
+
+
+def test_interceptors_keep_stream_cancellation_and_deadlines():
+    out = subprocess.run([sys.executable, str(SCRIPT.with_name("stream_proc.py"))], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["got"] == [0, 1, 2]
+    assert result["server_cancelled"], "a client cancel must reach the server handler through the interceptors"
+    assert result["deadline"] == "DEADLINE_EXCEEDED"
+    spans = result["spans"]
+    assert [(n, k) for n, k, _ in spans] == [("/kvmesh.test.Stream/Tokens", "CLIENT")] * 2 + [
+        ("/kvmesh.test.Stream/Tokens", "SERVER")] * 2
+    assert len({t for _, _, t in spans}) == 2, "client and server span of one call share its trace id"
