@@ -155,11 +155,20 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-def _untraced_services():
-    from opentelemetry.instrumentation.grpc.filters import any_of, negate, service_name, service_prefix
+# RPCs that would drown the requests in traces: probes every few seconds, a heartbeat per worker per second.
+UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                     "grpc.reflection.v1.ServerReflection")
+UNTRACED_METHODS = ("/kvmesh.v1.Scheduler/Heartbeat",)
 
-    # Health probes every few seconds would drown the real requests.
-    return negate(any_of(service_name("grpc.health.v1.Health"), service_prefix("grpc.reflection")))
+
+def _untraced_services():
+    """A filter keeping the RPCs worth a span; `OTEL_PYTHON_GRPC_EXCLUDED_SERVICES` adds services to skip."""
+    from opentelemetry.instrumentation.grpc.filters import any_of, full_method_name, negate, service_name
+
+    extra = [s.strip() for s in os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(",") if s.strip()]
+    skipped = [service_name(s) for s in (*UNTRACED_SERVICES, *extra)]
+    skipped += [full_method_name(m) for m in UNTRACED_METHODS]
+    return negate(any_of(*skipped))
 
 
 def server_interceptors() -> list:

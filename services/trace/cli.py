@@ -43,6 +43,12 @@ def _load(args: argparse.Namespace) -> dict[str, Trace]:
     return group_traces(spans)
 
 
+def requests(traces: dict[str, Trace]) -> list[Trace]:
+    """The traces of client requests (with a `gateway.Generate` span); every trace when none has one."""
+    found = [t for t in traces.values() if t.has_request]
+    return found or list(traces.values())
+
+
 def select(traces: dict[str, Trace], args: argparse.Namespace) -> list[Trace]:
     """The traces the flags ask for (may be empty)."""
     if args.trace_id:
@@ -50,7 +56,7 @@ def select(traces: dict[str, Trace], args: argparse.Namespace) -> list[Trace]:
         return [traces[wanted]] if wanted in traces else []
     if args.request_id:
         return [t for t in traces.values() if t.request_id() == args.request_id]
-    return sorted(traces.values(), key=lambda t: t.duration, reverse=True)[:args.slowest]
+    return sorted(requests(traces), key=lambda t: t.duration, reverse=True)[:args.slowest]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvmesh trace: {exc}", file=sys.stderr)
         return 2
     if not (args.trace_id or args.request_id or args.slowest):
-        results = [breakdown(t) for t in traces.values()]
+        results = [breakdown(t) for t in requests(traces)]
         if not results:
             print("kvmesh trace: no requests found", file=sys.stderr)
             return 1

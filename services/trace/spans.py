@@ -108,6 +108,11 @@ class Trace:
         root = self.roots[0]
         return max(root.duration, 0.0)
 
+    @property
+    def has_request(self) -> bool:
+        """True when the trace holds a `gateway.Generate` span (background work does not)."""
+        return any(s.name == names.REQUEST_SPAN for s in self.spans)
+
     def request_span(self) -> Span:
         """The `gateway.Generate` span, else the first root."""
         for span in self.spans:

@@ -130,3 +130,19 @@ def test_interceptors_keep_stream_cancellation_and_deadlines():
     assert [(n, k) for n, k, _ in spans] == [("/kvmesh.test.Stream/Tokens", "CLIENT")] * 2 + [
         ("/kvmesh.test.Stream/Tokens", "SERVER")] * 2
     assert len({t for _, _, t in spans}) == 2, "client and server span of one call share its trace id"
+
+
+def test_health_heartbeat_and_excluded_services_stay_untraced(monkeypatch):
+    import grpc
+
+    monkeypatch.setenv("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "kvmesh.v1.Cache")
+    keep = telemetry._untraced_services()
+
+    def details(method):
+        return grpc.aio.ClientCallDetails(method, None, None, None, None)
+
+    assert keep(details("/kvmesh.v1.Gateway/Generate"))
+    assert keep(details("/kvmesh.v1.Scheduler/Route"))
+    assert not keep(details("/kvmesh.v1.Scheduler/Heartbeat"))
+    assert not keep(details("/grpc.health.v1.Health/Check"))
+    assert not keep(details("/kvmesh.v1.Cache/Lookup"))

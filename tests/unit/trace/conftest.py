@@ -1,6 +1,6 @@
 """A synthetic span file made by the real OTel SDK and kvmesh's JSON-lines exporter, three services, five requests.
 
-Request i has every time scaled by (1 + i/10); in milliseconds at scale 1 (TTFT 200):
+Plus one background trace (no gateway.Generate) longer than all of them. Request i has every time scaled by (1 + i/10); in milliseconds at scale 1 (TTFT 200):
 
     gateway.Generate            0-300  kvmesh.ttft_s = 0.2
       scheduler.route           2-7     queue
@@ -75,6 +75,8 @@ def span_file(tmp_path_factory):
     tracers = [p.get_tracer("test") for p in providers]
     for i in range(5):
         _request(tracers, i, base_ms=1000.0 * i)
+    # Background work in its own trace, longer than any request: neither a request nor among the slowest.
+    _span(tracers[0], "scheduler.expire_leases", None, 0, 10_000, 1)
     for provider in providers:
         provider.shutdown()
     return path

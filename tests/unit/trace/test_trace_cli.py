@@ -23,7 +23,7 @@ def _by_request(span_file):
 
 def test_remote_parent_hops_keep_one_trace_and_the_tree(span_file):
     traces = _traces(span_file)
-    assert len(traces) == 5
+    assert len(traces) == 6 and sum(t.has_request for t in traces.values()) == 5
     trace = _by_request(span_file)["r-0"]
     tree = [(depth, span.name, span.service) for depth, span in trace.walk()]
     assert tree[:3] == [(0, "gateway.Generate", "kvmesh-gateway"), (1, "scheduler.route", "kvmesh-gateway"),
