@@ -37,6 +37,12 @@ def _wait_for(sock: socket.socket, prefix: str, timeout: float) -> str:
     raise AssertionError(f"no {prefix} within {timeout} s")
 
 
+def _probe(target: str) -> subprocess.CompletedProcess:
+    """The container healthcheck command, as compose runs it."""
+    return subprocess.run([sys.executable, "-m", "kvmesh.services.common.healthcheck", target, "--timeout", "2"],
+                          capture_output=True, text=True, timeout=30)
+
+
 @pytest.fixture
 def notify_socket():
     name = f"@kvmesh-test-{os.getpid()}-{time.monotonic_ns()}"
@@ -56,10 +62,13 @@ def test_ready_only_after_health_serving_then_watchdog_then_stopping(notify_sock
         port = int(proc.stdout.readline())
         target = f"127.0.0.1:{port}"
         assert not healthcheck.check(target)
+        assert _probe(target).returncode == 1
         assert _receive(sock, 0.3) == [], "READY=1 (or a ping) came before the port answered SERVING"
         proc.send_signal(signal.SIGUSR1)
         message = _wait_for(sock, "READY=1", 10)
         assert healthcheck.check(target)
+        probe = _probe(target)
+        assert probe.returncode == 0 and probe.stdout.strip() == "SERVING"
         assert f"STATUS=serving on {target}" in message
         pings = [m for m in _receive(sock, 0.6) if m == "WATCHDOG=1"]
         assert len(pings) >= 3  # every 0.1 s for 0.6 s, with room for a slow machine
@@ -94,3 +103,11 @@ def test_notify_to_a_filesystem_socket(tmp_path, monkeypatch):
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         assert sdnotify.stopping()
         assert sock.recv(100) == b"STOPPING=1"
+
+
+def test_healthcheck_fails_on_a_closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        result = _probe(f"127.0.0.1:{port}")
+    assert result.returncode == 1 and "NOT SERVING" in result.stdout
