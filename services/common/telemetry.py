@@ -12,7 +12,8 @@ batch processor so no span is lost). Exporters are chosen by the standard variab
   which `kvmesh trace` reads. Several processes may share one file: each batch is one `O_APPEND` write under a lock.
 - `OTEL_SDK_DISABLED=true` turns tracing off altogether.
 
-The span names and attributes the services use are fixed in `kvmesh.services.trace.conventions`.
+The span names and attributes the services use are fixed in `kvmesh.services.trace.conventions`. This module
+imports no gRPC at import time, so transports may use `kv_transfer_span()`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import fcntl
 import logging
 import os
 import threading
-from typing import Sequence
-
-import grpc
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -222,6 +223,8 @@ def client_interceptors() -> list:
     """grpc.aio channel interceptors that put the current trace context into `traceparent` metadata."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+    import grpc
+
     interceptors = list(aio_client_interceptors(filter_=_untraced_services()))
     for interceptor in interceptors:
         if isinstance(interceptor, (grpc.aio.UnaryStreamClientInterceptor, grpc.aio.StreamStreamClientInterceptor)):
@@ -239,3 +242,24 @@ def inject(carrier: dict | None = None) -> dict:
 def extract(carrier: dict) -> otel_context.Context:
     """The trace context carried by a dict from inject(); pass it as `context=` when starting a span."""
     return propagate.extract(carrier)
+
+
+@contextmanager
+def kv_transfer_span(backend: str, direction: str, num_bytes: int, num_blocks: int,
+                     **attributes) -> Iterator[trace.Span]:
+    """A `kv.transfer` span with the conventional attributes (bandwidth set at the end) and the transfer metrics.
+
+    `direction` is "send" or "recv"; extra keyword attributes are set as `kvmesh.kv.<name>` (e.g. layer=3).
+    """
+    from kvmesh.services.common import metrics
+    from kvmesh.services.trace import conventions as names
+
+    attrs = {names.ATTR_KV_BACKEND: backend, names.ATTR_KV_DIRECTION: direction,
+             names.ATTR_KV_BYTES: num_bytes, names.ATTR_KV_BLOCKS: num_blocks}
+    attrs.update({f"kvmesh.kv.{key}": value for key, value in attributes.items()})
+    start = time.perf_counter()
+    with tracer().start_as_current_span(names.KV_TRANSFER, attributes=attrs) as span:
+        yield span
+        seconds = time.perf_counter() - start
+        span.set_attribute(names.ATTR_KV_GBPS, num_bytes / seconds / 1e9 if seconds > 0 else 0.0)
+    metrics.observe_kv_transfer(backend, direction, num_bytes, seconds)

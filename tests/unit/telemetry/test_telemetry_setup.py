@@ -146,3 +146,26 @@ def test_health_heartbeat_and_excluded_services_stay_untraced(monkeypatch):
     assert not keep(details("/kvmesh.v1.Scheduler/Heartbeat"))
     assert not keep(details("/grpc.health.v1.Health/Check"))
     assert not keep(details("/kvmesh.v1.Cache/Lookup"))
+
+
+def test_kv_transfer_span_sets_conventional_attributes_and_metrics(tmp_path):
+    spans_file = tmp_path / "kv.jsonl"
+    code = (
+        "import time, sys\n"
+        "from kvmesh.services.common import telemetry as t, metrics as m\n"
+        "assert 'grpc' not in sys.modules, 'telemetry must not pull gRPC into transports'\n"
+        "t.setup('prefill', 'prefill', 'p')\n"
+        "with t.kv_transfer_span('shm', 'send', 10_000_000, 8, layer=3):\n"
+        "    time.sleep(0.05)\n"
+        "t.shutdown()\n"
+        "print(m.KV_TRANSFER_BYTES.labels(backend='shm', direction='send')._value.get())\n")
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "jsonl", "KVMESH_TRACES_FILE": str(spans_file)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=30, capture_output=True,
+                         text=True).stdout
+    assert float(out) == 10_000_000
+    (span,) = _lines(spans_file)
+    attrs = span["attributes"]
+    assert span["name"] == "kv.transfer"
+    assert (attrs["kvmesh.kv.backend"], attrs["kvmesh.kv.direction"], attrs["kvmesh.kv.bytes"],
+            attrs["kvmesh.kv.blocks"], attrs["kvmesh.kv.layer"]) == ("shm", "send", 10_000_000, 8, 3)
+    assert 0.01 < attrs["kvmesh.kv.gbps"] < 0.2  # 10 MB in a little over 50 ms
