@@ -9,7 +9,7 @@ import sys
 from kvmesh.services.trace import jaeger
 from kvmesh.services.trace.breakdown import breakdown, summarize
 from kvmesh.services.trace.spans import Trace, TraceFileError, group_traces, read_jsonl
-from kvmesh.services.trace.waterfall import render_summary, render_text, save_png
+from kvmesh.services.trace.waterfall import render_summary, render_text, save_png, save_summary_png
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pick.add_argument("--slowest", type=int, metavar="N", help="show the N slowest requests (by root duration)")
     pick.add_argument("--summary", action="store_true", help="p50/p99 of each TTFT phase over all requests "
                       "(the default)")
-    parser.add_argument("--png", metavar="FILE", help="also draw the waterfalls into a PNG (needs matplotlib)")
+    parser.add_argument("--png", metavar="FILE", help="also draw into a PNG (needs matplotlib): the "
+                        "waterfalls, or with --summary each request's TTFT as stacked phases")
     parser.add_argument("--width", type=int, default=50, help="width of the terminal bars in characters")
     parser.add_argument("--limit", type=int, default=200, help="Jaeger: how many recent requests to fetch")
     parser.add_argument("--lookback", default="1h", help="Jaeger: how far back to search (e.g. 15m, 2h)")
@@ -72,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
             print("kvmesh trace: no requests found", file=sys.stderr)
             return 1
         print(render_summary(summarize(results), len(results)))
+        if args.png:
+            save_summary_png(results, args.png)
+            print(f"phases per request written to {args.png}")
         return 0
     chosen = select(traces, args)
     if not chosen:

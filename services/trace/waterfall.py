@@ -104,3 +104,25 @@ def save_png(traces: list[tuple[Trace, Breakdown | None]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_summary_png(results: list[Breakdown], path: str) -> None:
+    """Each request's TTFT as one stacked bar of its phases, requests sorted by TTFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(results, key=lambda b: b.ttft)
+    fig, ax = plt.subplots(figsize=(11, 4 + len(ordered) * 0.02))
+    left = [0.0] * len(ordered)
+    for phase, colour in PHASE_COLOURS.items():
+        widths = [b.phases[phase] * 1e3 for b in ordered]
+        ax.barh(range(len(ordered)), widths, left=left, color=colour, label=phase, height=1.0)
+        left = [a + w for a, w in zip(left, widths)]
+    ax.set_xlabel("TTFT (ms), split into phases")
+    ax.set_ylabel("requests, by TTFT")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -95,6 +95,9 @@ def test_png(span_file, tmp_path):
     out = tmp_path / "w.png"
     assert main(["trace", str(span_file), "--slowest", "2", "--png", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    summary = tmp_path / "s.png"
+    assert main(["trace", str(span_file), "--summary", "--png", str(summary)]) == 0
+    assert summary.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary.stat().st_size > 5000
 
 
 def _as_jaeger(spans: list[dict]) -> dict:
