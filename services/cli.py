@@ -76,6 +76,14 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     up.set_defaults(func=launcher.run)
 
 
+def _add_trace(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services.trace import cli as trace_cli
+
+    trace = sub.add_parser("trace", help="draw requests' spans as waterfalls and split their TTFT into phases")
+    trace_cli.add_arguments(trace)
+    trace.set_defaults(func=trace_cli.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
@@ -84,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_services(sub)
     _add_up(sub)
+    _add_trace(sub)
     return parser
 
 

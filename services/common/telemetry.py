@@ -1,25 +1,265 @@
-"""Placeholder for the telemetry module: four no-op functions with the real module's names and signatures.
+"""OpenTelemetry tracing for every kvmesh service: one setup call, interceptors, context carriers.
 
-The telemetry helper's real `telemetry.py` replaces this file at merge; the server skeleton codes against exactly
-these names.
+A service calls `setup(service_name, role, instance_id)` once at start and `shutdown()` on SIGTERM (it flushes the
+batch processor so no span is lost). Exporters are chosen by the standard variables alone:
+
+- `OTEL_TRACES_EXPORTER`: comma-separated list of `otlp`, `console`, `jsonl`, `none`. Unset means `none` (a
+  deliberate departure from the spec's `otlp` default, so tests and laptops never dial a missing collector); spans
+  still get real ids and the trace context still crosses every hop.
+- `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL` /
+  `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` (`grpc`, the default, or `http/protobuf`): read by the OTLP exporters.
+- `KVMESH_TRACES_FILE`: the file the `jsonl` exporter appends to, one span per line (`span.to_json(indent=None)`),
+  which `kvmesh trace` reads. Several processes may share one file: each batch is one `O_APPEND` write under a lock.
+- `OTEL_SDK_DISABLED=true` turns tracing off altogether.
+
+The span names and attributes the services use are fixed in `kvmesh.services.trace.conventions`. This module
+imports no gRPC at import time, so transports may use `kv_transfer_span()`.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "kvmesh"
+EXPORTER_NAMES = ("otlp", "console", "jsonl", "none")
+
+_lock = threading.Lock()
+_provider: TracerProvider | None = None
+
+
+class TelemetryConfigError(ValueError):
+    """An OTEL_* or KVMESH_TRACES_FILE variable names something this module cannot build."""
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends finished spans to a file, one JSON object per line, safe to share between processes."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not spans:
+            return SpanExportResult.SUCCESS
+        data = "".join(span.to_json(indent=None) + "\n" for span in spans).encode()
+        try:
+            with self._lock:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    # O_APPEND makes each write atomic in position; the flock keeps a large batch whole too.
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+        except OSError:
+            log.exception("cannot append spans to %s", self.path)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release: the file is opened per batch."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def exporter_names(env: dict[str, str] | None = None) -> list[str]:
+    """The exporters `OTEL_TRACES_EXPORTER` asks for, validated; [] when tracing exports nothing."""
+    env = os.environ if env is None else env
+    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "none").split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXPORTER_NAMES]
+    if unknown:
+        raise TelemetryConfigError(f"OTEL_TRACES_EXPORTER: unknown exporter(s) {unknown}; use {EXPORTER_NAMES}")
+    return [n for n in names if n != "none"]
+
+
+def build_exporter(name: str, env: dict[str, str] | None = None) -> SpanExporter:
+    """One span exporter by its OTEL_TRACES_EXPORTER name; the OTLP ones read their own OTEL_EXPORTER_OTLP_*."""
+    env = os.environ if env is None else env
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name == "jsonl":
+        path = env.get("KVMESH_TRACES_FILE")
+        if not path:
+            raise TelemetryConfigError("OTEL_TRACES_EXPORTER=jsonl needs KVMESH_TRACES_FILE (the file to append to)")
+        return JsonLinesSpanExporter(path)
+    if name == "otlp":
+        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        elif protocol == "http/protobuf":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        else:
+            raise TelemetryConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: use grpc or http/protobuf")
+        return OTLPSpanExporter()
+    raise TelemetryConfigError(f"unknown exporter {name!r}")
+
+
+def build_provider(service_name: str, role: str, instance_id: str,
+                   env: dict[str, str] | None = None) -> TracerProvider:
+    """A TracerProvider with kvmesh's resource and one BatchSpanProcessor per configured exporter."""
+    resource = Resource.create({
+        "service.name": f"kvmesh-{service_name}",
+        "service.instance.id": instance_id,
+        "kvmesh.role": role,
+    })
+    provider = TracerProvider(resource=resource)
+    for name in exporter_names(env):
+        provider.add_span_processor(BatchSpanProcessor(build_exporter(name, env)))
+    return provider
+
 
 def setup(service_name: str, role: str, instance_id: str) -> None:
-    """Configure tracing and metrics for this process (no-op placeholder)."""
-
-
-def server_interceptors() -> list:
-    """grpc.aio server interceptors that open a span per RPC (none in the placeholder)."""
-    return []
-
-
-def client_interceptors() -> list:
-    """grpc.aio client interceptors that carry the trace context (none in the placeholder)."""
-    return []
+    """Install kvmesh's global TracerProvider once per process; later calls are no-ops."""
+    global _provider
+    with _lock:
+        if _provider is not None:
+            return
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return
+        _provider = build_provider(service_name, role, instance_id)
+        trace.set_tracer_provider(_provider)
+        log.info("tracing: service kvmesh-%s, exporters %s", service_name, exporter_names() or ["none"])
 
 
 def shutdown() -> None:
-    """Flush and close exporters (no-op placeholder)."""
+    """Flush every pending span and stop the exporters; safe to call twice or without setup()."""
+    global _provider
+    with _lock:
+        provider, _provider = _provider, None
+    if provider is not None:
+        provider.force_flush()
+        provider.shutdown()
+
+
+def tracer() -> trace.Tracer:
+    """kvmesh's tracer (a no-op one until setup() ran)."""
+    return trace.get_tracer(TRACER_NAME)
+
+
+# RPCs that would drown the requests in traces: probes every few seconds, a heartbeat per worker per second.
+UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                     "grpc.reflection.v1.ServerReflection")
+UNTRACED_METHODS = ("/kvmesh.v1.Scheduler/Heartbeat",)
+
+
+def _untraced_services():
+    """A filter keeping the RPCs worth a span; `OTEL_PYTHON_GRPC_EXCLUDED_SERVICES` adds services to skip."""
+    from opentelemetry.instrumentation.grpc.filters import any_of, full_method_name, negate, service_name
+
+    extra = [s.strip() for s in os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(",") if s.strip()]
+    skipped = [service_name(s) for s in (*UNTRACED_SERVICES, *extra)]
+    skipped += [full_method_name(m) for m in UNTRACED_METHODS]
+    return negate(any_of(*skipped))
+
+
+def server_interceptors() -> list:
+    """grpc.aio server interceptors that continue the caller's trace (from `traceparent` metadata)."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor(filter_=_untraced_services())]
+
+
+class _EndOnce:
+    """A span proxy whose end() is idempotent, so two paths may each end it."""
+
+    def __init__(self, span: trace.Span):
+        self._span = span
+        self._ended = False
+
+    def end(self, end_time: int | None = None) -> None:
+        if not self._ended:
+            self._ended = True
+            self._span.end(end_time)
+
+    def __getattr__(self, name: str):
+        return getattr(self._span, name)
+
+
+def _end_span_on_cancel(interceptor) -> None:
+    """Make a streaming client interceptor end its span when the call is cancelled.
+
+    The instrumentation ends a streaming call's span only when its response iterator finishes; a consumer that
+    stops reading and cancels (the gateway on a client disconnect) would leave the span open and unexported.
+    """
+    base = type(interceptor)
+
+    class EndOnCancel(base):
+        def _wrap_stream_response(self, span, call):
+            once = _EndOnce(span)
+
+            def on_done(done_call) -> None:
+                if done_call.cancelled():
+                    once.set_attribute("rpc.grpc.status_code", 1)  # CANCELLED
+                    once.end()
+
+            call.add_done_callback(on_done)
+            return super()._wrap_stream_response(once, call)
+
+    if hasattr(base, "_wrap_stream_response"):
+        interceptor.__class__ = EndOnCancel
+
+
+def client_interceptors() -> list:
+    """grpc.aio channel interceptors that put the current trace context into `traceparent` metadata."""
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    import grpc
+
+    interceptors = list(aio_client_interceptors(filter_=_untraced_services()))
+    for interceptor in interceptors:
+        if isinstance(interceptor, (grpc.aio.UnaryStreamClientInterceptor, grpc.aio.StreamStreamClientInterceptor)):
+            _end_span_on_cancel(interceptor)
+    return interceptors
+
+
+def inject(carrier: dict | None = None) -> dict:
+    """Write the current W3C trace context (`traceparent`, `tracestate`) into a plain dict and return it."""
+    carrier = {} if carrier is None else carrier
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract(carrier: dict) -> otel_context.Context:
+    """The trace context carried by a dict from inject(); pass it as `context=` when starting a span."""
+    return propagate.extract(carrier)
+
+
+@contextmanager
+def kv_transfer_span(backend: str, direction: str, num_bytes: int, num_blocks: int,
+                     **attributes) -> Iterator[trace.Span]:
+    """A `kv.transfer` span with the conventional attributes (bandwidth set at the end) and the transfer metrics.
+
+    `direction` is "send" or "recv"; extra keyword attributes are set as `kvmesh.kv.<name>` (e.g. layer=3).
+    """
+    from kvmesh.services.common import metrics
+    from kvmesh.services.trace import conventions as names
+
+    attrs = {names.ATTR_KV_BACKEND: backend, names.ATTR_KV_DIRECTION: direction,
+             names.ATTR_KV_BYTES: num_bytes, names.ATTR_KV_BLOCKS: num_blocks}
+    attrs.update({f"kvmesh.kv.{key}": value for key, value in attributes.items()})
+    start = time.perf_counter()
+    with tracer().start_as_current_span(names.KV_TRANSFER, attributes=attrs) as span:
+        yield span
+        seconds = time.perf_counter() - start
+        span.set_attribute(names.ATTR_KV_GBPS, num_bytes / seconds / 1e9 if seconds > 0 else 0.0)
+    metrics.observe_kv_transfer(backend, direction, num_bytes, seconds)

@@ -1,0 +1,141 @@
+"""Every Prometheus metric kvmesh exports, defined once here, named in vLLM's `prefix:name` style.
+
+Services import the metric objects and observe them; nothing else in kvmesh defines a metric. Processes without an
+HTTP port of their own serve them with `start_metrics_server(port)`; the gateway mounts `metrics_asgi_app()` (or
+answers with `render_latest()`) on its HTTP port. All metrics live in `REGISTRY` (with the process and GC
+collectors), not in prometheus_client's global default registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    make_asgi_app,
+    start_http_server,
+)
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+# Seconds. TTFT spans a loaded CPU prefill (seconds) down to a cache hit (milliseconds).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "kvmesh:time_to_first_token_seconds",
+    "Time from a request's arrival at the gateway to its first generated token.",
+    buckets=TTFT_BUCKETS, registry=REGISTRY)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "kvmesh:time_per_output_token_seconds",
+    "Per request: (end-to-end latency - TTFT) / (output tokens - 1).",
+    buckets=TOKEN_BUCKETS, registry=REGISTRY)
+INTER_TOKEN_LATENCY = Histogram(
+    "kvmesh:inter_token_latency_seconds",
+    "Time between two consecutive tokens streamed for one request.",
+    buckets=TOKEN_BUCKETS, registry=REGISTRY)
+E2E_REQUEST_LATENCY = Histogram(
+    "kvmesh:e2e_request_latency_seconds",
+    "Time from a request's arrival to its last token (finished, cancelled or failed).",
+    buckets=E2E_BUCKETS, registry=REGISTRY)
+
+NUM_REQUESTS_WAITING = Gauge(
+    "kvmesh:num_requests_waiting",
+    "Requests admitted but not yet computing (queued for prefill or for a decode batch slot).",
+    registry=REGISTRY)
+NUM_REQUESTS_RUNNING = Gauge(
+    "kvmesh:num_requests_running",
+    "Requests in a running prefill or decode batch.",
+    registry=REGISTRY)
+KV_BLOCKS_USED = Gauge(
+    "kvmesh:kv_blocks_used",
+    "Paged KV cache blocks held by requests (reserved, being written or decoding).",
+    registry=REGISTRY)
+KV_BLOCKS_FREE = Gauge(
+    "kvmesh:kv_blocks_free",
+    "Paged KV cache blocks free for new requests.",
+    registry=REGISTRY)
+
+KV_TRANSFER_BYTES = Counter(
+    "kvmesh:kv_transfer_bytes_total",
+    "KV bytes moved by a transport; direction is send or recv.",
+    ["backend", "direction"], registry=REGISTRY)
+KV_TRANSFER_SECONDS = Histogram(
+    "kvmesh:kv_transfer_seconds",
+    "Duration of one KV transfer (one layer or one block batch); direction is send or recv.",
+    ["backend", "direction"], buckets=TRANSFER_BUCKETS, registry=REGISTRY)
+
+CACHE_HITS = Counter(
+    "kvmesh:cache_hits_total",
+    "KV cache blocks found, by the tier (dram or ssd) that held them.",
+    ["tier"], registry=REGISTRY)
+CACHE_MISSES = Counter(
+    "kvmesh:cache_misses_total",
+    "KV cache blocks asked for and held by no tier.",
+    registry=REGISTRY)
+CACHE_BYTES = Gauge(
+    "kvmesh:cache_bytes",
+    "Bytes of KV blocks held, by tier (dram or ssd).",
+    ["tier"], registry=REGISTRY)
+
+ROUTE_DECISIONS = Counter(
+    "kvmesh:route_decisions_total",
+    "Routing decisions by the scheduler, by reason (e.g. cache_affinity, least_loaded, local_prefill).",
+    ["reason"], registry=REGISTRY)
+ROUTE_REJECTIONS = Counter(
+    "kvmesh:route_rejections_total",
+    "Requests the scheduler rejected, by reason (e.g. no_workers, overloaded, too_long).",
+    ["reason"], registry=REGISTRY)
+
+_servers: list = []
+
+
+def observe_kv_transfer(backend: str, direction: str, num_bytes: int, seconds: float) -> None:
+    """Count one KV transfer's bytes and duration."""
+    KV_TRANSFER_BYTES.labels(backend=backend, direction=direction).inc(num_bytes)
+    KV_TRANSFER_SECONDS.labels(backend=backend, direction=direction).observe(seconds)
+
+
+def observe_request(ttft: float, e2e: float, num_output_tokens: int) -> None:
+    """Record a finished request's TTFT, end-to-end latency and TPOT (when it made more than one token)."""
+    TIME_TO_FIRST_TOKEN.observe(ttft)
+    E2E_REQUEST_LATENCY.observe(e2e)
+    if num_output_tokens > 1:
+        TIME_PER_OUTPUT_TOKEN.observe((e2e - ttft) / (num_output_tokens - 1))
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
+    """Serve /metrics from a daemon thread on host:port (0 picks a free port); returns the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    _servers.append(server)
+    return server.server_port
+
+
+def stop_metrics_servers() -> None:
+    """Close every server start_metrics_server() opened (for tests and clean shutdown)."""
+    while _servers:
+        server = _servers.pop()
+        server.shutdown()
+        server.server_close()
+
+
+def metrics_asgi_app():
+    """An ASGI app answering Prometheus scrapes, to mount at /metrics on the gateway's HTTP port."""
+    return make_asgi_app(registry=REGISTRY)
+
+
+def render_latest() -> tuple[bytes, str]:
+    """The current exposition text and its content type, for a hand-written /metrics handler."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,52 @@
+"""Span names, attribute names and TTFT phases shared by the services (who write them) and `kvmesh trace`."""
+
+from __future__ import annotations
+
+REQUEST_SPAN = "gateway.Generate"
+SCHEDULER_ROUTE = "scheduler.route"
+DECODE_ADMIT = "decode.admit"
+DECODE_QUEUE = "decode.queue"
+PREFILL_QUEUE = "prefill.queue"
+PREFILL_COMPUTE = "prefill.compute"
+KV_TRANSFER = "kv.transfer"
+CACHE_LOOKUP = "cache.lookup"
+CACHE_GET = "cache.get"
+CACHE_PUT = "cache.put"
+DECODE_STREAM = "decode.stream"
+
+ATTR_REQUEST_ID = "kvmesh.request_id"
+ATTR_TTFT_S = "kvmesh.ttft_s"
+ATTR_PHASE = "kvmesh.phase"
+ATTR_PROMPT_TOKENS = "kvmesh.prompt_tokens"
+ATTR_OUTPUT_TOKENS = "kvmesh.output_tokens"
+ATTR_PREFILL_TOKENS = "kvmesh.prefill.tokens"
+ATTR_CACHED_TOKENS = "kvmesh.cached_tokens"
+ATTR_ROUTE_PREFILL = "kvmesh.route.prefill"
+ATTR_ROUTE_DECODE = "kvmesh.route.decode"
+ATTR_ROUTE_REASON = "kvmesh.route.reason"
+ATTR_KV_BYTES = "kvmesh.kv.bytes"
+ATTR_KV_BLOCKS = "kvmesh.kv.blocks"
+ATTR_KV_BACKEND = "kvmesh.kv.backend"
+ATTR_KV_GBPS = "kvmesh.kv.gbps"
+ATTR_KV_LAYER = "kvmesh.kv.layer"
+ATTR_KV_DIRECTION = "kvmesh.kv.direction"
+ATTR_CACHE_HIT_BLOCKS = "kvmesh.cache.hit_blocks"
+ATTR_CACHE_TIER = "kvmesh.cache.tier"
+
+EVENT_FIRST_TOKEN = "first_token"
+
+# Highest priority first: an instant covered by several phases goes to the first of them.
+PHASES = ("prefill", "transfer", "cache", "queue")
+OTHER = "other"
+
+PHASE_OF_SPAN = {
+    SCHEDULER_ROUTE: "queue",
+    DECODE_ADMIT: "queue",
+    DECODE_QUEUE: "queue",
+    PREFILL_QUEUE: "queue",
+    PREFILL_COMPUTE: "prefill",
+    KV_TRANSFER: "transfer",
+    CACHE_LOOKUP: "cache",
+    CACHE_GET: "cache",
+    CACHE_PUT: "cache",
+}

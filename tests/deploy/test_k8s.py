@@ -1,0 +1,58 @@
+"""deploy/k8s: every manifest validates against Kubernetes' schemas (strict, offline) and has probes and scraping."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is not installed (it is in the `test` extra)")
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.30.0"
+ROLES = {"scheduler": 50050, "cache": 50060, "prefill": 50070, "decode": 50080, "gateway": 50051}
+
+
+def _documents() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _deployment(role: str) -> dict:
+    return next(d for _, d in _documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == f"kvmesh-{role}")
+
+
+@pytest.mark.parametrize("name, doc", _documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_manifest_validates_strictly(name, doc):
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_a_misspelt_field_is_rejected():
+    doc = _deployment("decode")
+    doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grcp": {"port": 50080}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="grcp"):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_role_has_grpc_probes_scrape_annotations_and_a_service(role):
+    deployment = _deployment(role)
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    port = ROLES[role]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": port}, probe
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    metrics_port = int(pod["metadata"]["annotations"]["prometheus.io/port"])
+    assert metrics_port in {p["containerPort"] for p in container["ports"]}
+    assert container["args"] == [role]
+    services = [d for _, d in _documents() if d["kind"] == "Service" and d["metadata"]["name"] == f"kvmesh-{role}"]
+    assert services and services[0]["spec"]["selector"] == pod["metadata"]["labels"]
+
+
+def test_cache_ssd_tier_is_a_persistent_volume_claim():
+    pod = _deployment("cache")["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    pvcs = {d["metadata"]["name"] for _, d in _documents() if d["kind"] == "PersistentVolumeClaim"}
+    assert "kvmesh-cache-ssd" in claims and "kvmesh-cache-ssd" in pvcs
+    assert _deployment("cache")["spec"]["strategy"]["type"] == "Recreate"
