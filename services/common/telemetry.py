@@ -138,7 +138,7 @@ def setup(service_name: str, role: str, instance_id: str) -> None:
             return
         _provider = build_provider(service_name, role, instance_id)
         trace.set_tracer_provider(_provider)
-        log.info("tracing: service kvmesh-%s, exporters %s", service_name, exporter_names() or ["none"])
+        log.debug("tracing: service kvmesh-%s, exporters %s", service_name, exporter_names() or ["none"])
 
 
 def shutdown() -> None:

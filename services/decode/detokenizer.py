@@ -17,7 +17,10 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_ids: list[int] | None = None):
         self.tokenizer = tokenizer
-        self.ids: list[int] = list(prompt_ids or [])[-WINDOW:]
+        context = list(prompt_ids or [])[-WINDOW:]
+        while context and self._decode(context).endswith(REPLACEMENT):  # a prompt cut mid-character
+            context.pop()
+        self.ids: list[int] = context
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.num_prompt_context = len(self.ids)

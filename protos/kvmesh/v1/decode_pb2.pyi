@@ -57,7 +57,7 @@ class AbortReply(_message.Message):
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
-class StatsRequest(_message.Message):
+class WorkerStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

@@ -46,7 +46,7 @@ class DecodeStub:
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvmesh.v1.Decode/Stats',
-                request_serializer=kvmesh_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
+                request_serializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStatsRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStats.FromString,
                 _registered_method=True)
 
@@ -92,7 +92,7 @@ def add_DecodeServicer_to_server(servicer, server):
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=kvmesh_dot_v1_dot_decode__pb2.StatsRequest.FromString,
+                    request_deserializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStatsRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStats.SerializeToString,
             ),
     }
@@ -175,7 +175,7 @@ class Decode:
             request,
             target,
             '/kvmesh.v1.Decode/Stats',
-            kvmesh_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
+            kvmesh_dot_v1_dot_decode__pb2.WorkerStatsRequest.SerializeToString,
             kvmesh_dot_v1_dot_decode__pb2.WorkerStats.FromString,
             options,
             channel_credentials,

@@ -42,7 +42,7 @@ class PrefillStub:
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvmesh.v1.Prefill/Stats',
-                request_serializer=kvmesh_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
+                request_serializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStatsRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStats.FromString,
                 _registered_method=True)
 
@@ -76,7 +76,7 @@ def add_PrefillServicer_to_server(servicer, server):
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=kvmesh_dot_v1_dot_decode__pb2.StatsRequest.FromString,
+                    request_deserializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStatsRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_decode__pb2.WorkerStats.SerializeToString,
             ),
     }
@@ -132,7 +132,7 @@ class Prefill:
             request,
             target,
             '/kvmesh.v1.Prefill/Stats',
-            kvmesh_dot_v1_dot_decode__pb2.StatsRequest.SerializeToString,
+            kvmesh_dot_v1_dot_decode__pb2.WorkerStatsRequest.SerializeToString,
             kvmesh_dot_v1_dot_decode__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
