@@ -47,6 +47,7 @@ class ServerConfig:
     grace_s: float = knob(5.0, "Seconds in-flight RPCs may take to finish after SIGTERM.")
     max_message_bytes: int = knob(64 * 1024 * 1024, "Largest gRPC message sent or received, in bytes.")
     instance_id: str = knob("", "Identity of this process for logs and traces; empty makes a fresh one.")
+    metrics_port: int = knob(-1, "Port of the Prometheus /metrics endpoint; -1 turns it off, 0 picks a free one.")
 
     def validate(self) -> None:
         """Raise ConfigError when a value is out of range. Subclasses extend it (and call super)."""

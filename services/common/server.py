@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.services.common import config as config_mod
-from kvmesh.services.common import errors, ids, telemetry
+from kvmesh.services.common import errors, healthcheck, ids, metrics, sdnotify, telemetry
 from kvmesh.services.common.channels import ChannelCache
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,10 @@ Setup = Callable[[MeshServer], "Awaitable[None] | None"]
 
 async def run(server: MeshServer, setup: Setup) -> int:
     """Set up and start `server`, serve until SIGTERM or SIGINT, stop gracefully; return the exit code."""
+    stop = asyncio.Event()  # handlers first: a SIGTERM that arrives while starting still stops cleanly
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         result = setup(server)
         if inspect.isawaitable(result):
@@ -207,14 +211,34 @@ async def run(server: MeshServer, setup: Setup) -> int:
         print(f"kvmesh {server.name}: {exc}", file=sys.stderr, flush=True)
         return 2
     print(f"kvmesh {server.name} listening on {server.config.host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    _start_metrics(server)
+    await _announce_ready(server)
     await stop.wait()
+    sdnotify.stopping()
     log.info("stopping (grace %.1fs)", server.config.grace_s)
     await server.stop()
     return 0
+
+
+def _start_metrics(server: MeshServer) -> None:
+    """Prometheus /metrics on its own port, for services without an HTTP port of their own."""
+    if server.config.metrics_port >= 0:
+        port = metrics.start_metrics_server(server.config.metrics_port, server.config.host)
+        print(f"kvmesh {server.name} metrics on http://{server.config.host}:{port}/metrics", flush=True)
+
+
+async def _announce_ready(server: MeshServer) -> None:
+    """Tell systemd READY=1 once the port answers health checks, then keep its watchdog fed while healthy."""
+    target = f"127.0.0.1:{server.port}" if server.config.host in ("0.0.0.0", "::", "[::]") else server.address
+    if not await healthcheck.wait_serving(target, timeout=10.0):
+        log.warning("health check of %s did not answer SERVING; not announcing readiness", target)
+        return
+    sdnotify.ready()
+
+    async def watchdog(_server: MeshServer) -> None:
+        await sdnotify.watchdog_loop(lambda: healthcheck.check_async(target, timeout=1.0))
+
+    server.add_task(watchdog)
 
 
 def serve(config: config_mod.ServerConfig, setup: Setup, *, name: str, role: str = "") -> int:

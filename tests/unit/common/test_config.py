@@ -61,7 +61,7 @@ def test_config_is_frozen_and_described_as_one_json_line():
     line = describe(config)
     assert "\n" not in line
     assert json.loads(line) == {"config": "DemoConfig", "host": "127.0.0.1", "port": 1234, "grace_s": 5.0,
-                                "max_message_bytes": 64 * 1024 * 1024, "instance_id": "", "lease_s": 10.0,
+                                "max_message_bytes": 64 * 1024 * 1024, "instance_id": "", "metrics_port": -1, "lease_s": 10.0,
                                 "verbose": False, "policy": "a"}
 
 
