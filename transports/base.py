@@ -164,9 +164,7 @@ class Transfer(ABC):
             raise errors.InvalidTransfer(f"{src.size} src blocks for {self.dst_ids.size} dst blocks")
         runs = layer_runs(self.pool, layer, src, self.dst_ids)
         nbytes = sum(r.nbytes for r in runs)
-        checksum, _ = await self._guard(lambda: asyncio.gather(self._checksum(runs, nbytes), self._writer(runs)),
-                                        f"send_layer({layer})")
-        self.layer_checksums[layer] = checksum
+        self.layer_checksums[layer] = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.nbytes += nbytes
 
     async def commit(self) -> TransferStats:
@@ -212,6 +210,13 @@ class Transfer(ABC):
     async def _write_runs(self, runs: list[Run]) -> None:
         """Move one layer's runs into the receiver's blocks `dst_start ...`. Awaited under the deadline."""
 
+    #: The backend implements `_write_runs_checksummed` (checksums each piece while it is hot in cache).
+    fused_checksum: ClassVar[bool] = False
+
+    async def _write_runs_checksummed(self, runs: list[Run], nbytes: int) -> int:
+        """Like `_write_runs`, and return the layer checksum of the runs' source bytes (only if fused_checksum)."""
+        raise NotImplementedError
+
     async def _end(self) -> None:
         """Make sure every byte written so far has reached the receiver before Commit is sent."""
 
@@ -220,11 +225,23 @@ class Transfer(ABC):
 
     # ---- shared machinery ----
 
-    async def _checksum(self, runs: list[Run], nbytes: int) -> int:
+    async def _send(self, runs: list[Run], nbytes: int) -> int:
+        """Checksum the layer (in a thread, beside the write, when large) and write it; returns the checksum."""
         if not self.sender.verify:
+            await self._writer(runs)
             return 0
+        if self._writer == self._write_runs and self.fused_checksum:  # no chaos in between: one pass
+            return await self._write_runs_checksummed(runs, nbytes)
+        if nbytes < OFFLOAD_BYTES:
+            checksum = self._timed_checksum(runs)
+            await self._writer(runs)
+            return checksum
+        checksum, _ = await asyncio.gather(asyncio.to_thread(self._timed_checksum, runs), self._writer(runs))
+        return checksum
+
+    def _timed_checksum(self, runs: list[Run]) -> int:
         t = time.perf_counter()
-        value = await asyncio.to_thread(src_checksum, runs) if nbytes >= OFFLOAD_BYTES else src_checksum(runs)
+        value = src_checksum(runs)
         self.checksum_seconds += time.perf_counter() - t
         return value
 
@@ -241,8 +258,7 @@ class Transfer(ABC):
     async def _guard(self, make: Callable[[], object], what: str):
         """Await `make()` under the transfer's deadline; on any failure abort the transfer, raise a TransportError."""
         try:
-            left = self._remaining()
-            return await asyncio.wait_for(make(), left)
+            return await _within(make, self._remaining())
         except BaseException as exc:
             typed = _typed(exc, f"transfer {self.transfer_id}: {what}")
             await self.abort(f"{what} failed: {typed}")
@@ -262,6 +278,13 @@ class Transfer(ABC):
                 self._span.set_attribute("kv.error", error)
             self._span.end()
             self._span = None
+
+
+async def _within(make: Callable[[], object], seconds: float):
+    if hasattr(asyncio, "timeout"):  # 3.11+: no extra task per await
+        async with asyncio.timeout(seconds):
+            return await make()
+    return await asyncio.wait_for(make(), seconds)  # pragma: no cover - python 3.10
 
 
 def _typed(exc: BaseException, where: str) -> errors.TransportError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -69,7 +69,10 @@ def src_checksum(runs: list[Run]) -> int:
     return layer_checksum(r.src for r in runs)
 
 
-def dst_checksums(pool: np.ndarray, dst_ids: np.ndarray, num_layers: int) -> list[int]:
-    """Each layer's checksum from the receiver's pool: K then V bytes of the blocks, in dst order."""
+def dst_checksums(pool: np.ndarray, dst_ids: np.ndarray, num_layers: int,
+                  layers: Iterable[int] | None = None) -> list[int]:
+    """Each layer's checksum (of `layers`, default all) from the receiver's pool: K then V bytes of the blocks,
+    in dst order."""
     runs = dst_runs(dst_ids)
-    return [layer_checksum(pool[layer, kv, d:d + n] for kv in (0, 1) for d, n in runs) for layer in range(num_layers)]
+    return [layer_checksum(pool[layer, kv, d:d + n] for kv in (0, 1) for d, n in runs)
+            for layer in (range(num_layers) if layers is None else layers)]

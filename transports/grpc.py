@@ -31,6 +31,52 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+class ChunkView:
+    """A received KVChunk whose `data` is a view into the message bytes (no copy); other fields from `header`."""
+
+    __slots__ = ("header", "data")
+
+    def __init__(self, header: kv_pb2.KVChunk, data) -> None:
+        self.header, self.data = header, data
+
+    def __getattr__(self, name: str):
+        return getattr(self.header, name)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def decode_chunk(buf: bytes):
+    """Parse a serialised KVChunk without copying its data when data is the last field (as our senders write
+    it); any other field order falls back to protobuf's parser."""
+    pos, size = 0, len(buf)
+    while pos < size:
+        start = pos
+        tag, pos = _read_varint(buf, pos)
+        wire = tag & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            if tag >> 3 == 15 and pos + length == size:
+                return ChunkView(kv_pb2.KVChunk.FromString(buf[:start]), memoryview(buf)[pos:])
+            pos += length
+        else:
+            break
+    return kv_pb2.KVChunk.FromString(buf)
+
+
 class GrpcTransfer(Transfer):
     """Streams a transfer's chunks on one Push call."""
 
@@ -126,12 +172,15 @@ class GrpcBackend(Backend):
     transfer_class = GrpcTransfer
 
 
-def _land(chunk, views: list[np.ndarray]) -> None:
-    """Verify one chunk's checksum and copy its pieces into the region."""
+def _land(record, chunk, views: list[np.ndarray]) -> None:
+    """Verify one chunk's checksum, copy its pieces into the region, and extend its layer's running checksum
+    (chunks of a layer arrive in the sender's order, so that equals the sender's layer checksum)."""
     data = chunk.data
     if chunk.has_checksum and xxhash.xxh3_64_intdigest(data) != chunk.checksum:
         raise errors.DataLossError(f"transfer {chunk.transfer_id}: checksum mismatch in a chunk of layer "
                                    f"{chunk.layer}")
+    if chunk.has_checksum:
+        record.layer_hashers.setdefault(chunk.layer, xxhash.xxh3_64()).update(data)
     pos = 0
     for view in views:
         np.copyto(view, np.frombuffer(data, dtype=np.uint8, count=view.size, offset=pos))
@@ -151,7 +200,7 @@ async def receive_push(receiver, request_iterator) -> tuple[int, int]:
             record, views = receiver._chunk_views(chunk.transfer_id, chunk)
             records[chunk.transfer_id] = record
             try:
-                _land(chunk, views)
+                _land(record, chunk, views)
             except errors.DataLossError as exc:
                 receiver._fail(record, exc)
                 raise

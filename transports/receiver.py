@@ -36,6 +36,7 @@ class _Record:
     backend: str = ""
     opened: float = field(default_factory=time.perf_counter)
     nbytes: int = 0  # bytes received through Push
+    layer_hashers: dict = field(default_factory=dict)  # running per-layer checksums of Push data
 
 
 class Receiver:
@@ -133,14 +134,15 @@ class Receiver:
         return True
 
     def servicer(self):
-        """The grpc.aio KVTransfer servicer; mount it on the worker's main server (or use `mount`)."""
+        """The grpc.aio KVTransfer servicer. Prefer `mount`, which also installs a zero-copy Push decoder;
+        `kv_pb2_grpc.add_KVTransferServicer_to_server(receiver.servicer(), server)` works too."""
         from kvmesh.transports.service import KVTransferServicer
         return KVTransferServicer(self)
 
     def mount(self, server) -> None:
         """Add this receiver's KVTransfer service to a grpc.aio server (before `server.start()`)."""
-        from kvmesh.v1 import kv_pb2_grpc
-        kv_pb2_grpc.add_KVTransferServicer_to_server(self.servicer(), server)
+        from kvmesh.transports.service import add_to_server
+        add_to_server(self.servicer(), server)
 
     def close(self, close_region: bool = True) -> None:
         """Fail live transfers, release backend resources and (by default) the region. Idempotent."""
@@ -202,10 +204,7 @@ class Receiver:
         checksum_seconds = 0.0
         if has_checksums and self.verify:
             t = time.perf_counter()
-            if want >= OFFLOAD_BYTES:
-                got = await asyncio.to_thread(dst_checksums, self.region.array, record.dst_ids, record.num_layers)
-            else:
-                got = dst_checksums(self.region.array, record.dst_ids, record.num_layers)
+            got = await self._checksums(record, backend, want)
             checksum_seconds = time.perf_counter() - t
             if self._records.get(transfer_id) is not record:  # expired or aborted while we hashed
                 raise record.future.exception()
@@ -217,6 +216,15 @@ class Receiver:
         record.state = "ready"
         record.future.set_result(stats)
         return stats
+
+    async def _checksums(self, record: _Record, backend: str, nbytes: int) -> list[int]:
+        """Each layer's checksum of what landed: for data that came through Push, the running checksums kept
+        while landing it; for one-sided writes, re-read from the region."""
+        if not backend_class(backend).one_sided:
+            return [record.layer_hashers[i].intdigest() if i in record.layer_hashers else -1
+                    for i in range(record.num_layers)]
+        args = (self.region.array, record.dst_ids, record.num_layers)
+        return await asyncio.to_thread(dst_checksums, *args) if nbytes >= OFFLOAD_BYTES else dst_checksums(*args)
 
     def _abort(self, transfer_id: str, reason: str) -> bool:
         record = self._records.get(transfer_id)

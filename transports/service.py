@@ -60,6 +60,26 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
         return kv_pb2.AbortReply(found=self.receiver._abort(request.transfer_id, request.reason))
 
 
+def add_to_server(servicer: KVTransferServicer, server) -> None:
+    """Register `servicer` on a grpc.aio server, decoding Push chunks without copying their data (the generated
+    `add_KVTransferServicer_to_server` works too, with one more copy per chunk)."""
+    from kvmesh.transports.grpc import decode_chunk
+
+    def unary(method, request):
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
+                                                   response_serializer=lambda reply: reply.SerializeToString())
+
+    handlers = {
+        "Open": unary(servicer.Open, kv_pb2.OpenRequest),
+        "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, request_deserializer=decode_chunk,
+                                                     response_serializer=kv_pb2.PushReply.SerializeToString),
+        "Commit": unary(servicer.Commit, kv_pb2.CommitRequest),
+        "Abort": unary(servicer.Abort, kv_pb2.AbortRequest),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvmesh.v1.KVTransfer", handlers),))
+    server.add_registered_method_handlers("kvmesh.v1.KVTransfer", handlers)
+
+
 class Peer:
     """A sender's control channel to one receiver address (cached by the Sender)."""
 

@@ -19,6 +19,7 @@ import signal
 import threading
 
 import numpy as np
+import xxhash
 
 from kvmesh.transports.base import OFFLOAD_BYTES, Backend, Transfer
 from kvmesh.transports.blocks import Run
@@ -30,6 +31,7 @@ _NAME = re.compile(r"^kvmesh-(\d+)-[0-9a-f]+$")
 _owned: set[str] = set()  # segments this process created and has not unlinked yet
 _lock = threading.Lock()
 _hooks_installed = False
+PIECE_BYTES = 512 << 10  # copy-then-checksum granularity: stays in L2 between the two passes
 
 
 def _path(name: str) -> str:
@@ -157,10 +159,27 @@ class ShmTransfer(Transfer):
         else:
             self._copy(runs)
 
-    def _copy(self, runs: list[Run]) -> None:
+    def _copy(self, runs: list[Run], hasher=None) -> None:
         dst = self.link.array
         for run in runs:
-            np.copyto(dst[run.layer, run.kv, run.dst_start:run.dst_start + run.num_blocks], run.src)
+            target = dst[run.layer, run.kv, run.dst_start:run.dst_start + run.num_blocks]
+            if hasher is None:
+                np.copyto(target, run.src)
+                continue
+            step = max(1, PIECE_BYTES // run.src.shape[1])  # copy then hash a cache-sized piece
+            for i in range(0, run.num_blocks, step):
+                np.copyto(target[i:i + step], run.src[i:i + step])
+                hasher.update(run.src[i:i + step].reshape(-1).data)
+
+    fused_checksum = True
+
+    async def _write_runs_checksummed(self, runs: list[Run], nbytes: int) -> int:
+        hasher = xxhash.xxh3_64()
+        if nbytes >= OFFLOAD_BYTES:
+            await asyncio.to_thread(self._copy, runs, hasher)
+        else:
+            self._copy(runs, hasher)
+        return hasher.intdigest()
 
 
 class ShmBackend(Backend):
