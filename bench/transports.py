@@ -89,6 +89,9 @@ async def serve(backend: str, num_blocks: int) -> None:
     import grpc
     from kvmesh.transports import Receiver, allocate_region
 
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # libraries that log to stdout (NIXL) must not garble the replies
+
     region = allocate_region(LAYERS, num_blocks, BLOCK_NBYTES, backend)
     region.array[:] = 0  # fault the pages in, as a long-running worker's pool would be
     server = grpc.aio.server()
@@ -96,16 +99,16 @@ async def serve(backend: str, num_blocks: int) -> None:
     receiver = Receiver(region, layout(), address=f"127.0.0.1:{port}", backends=[backend])
     receiver.mount(server)
     await server.start()
-    print(base64.b64encode(receiver.descriptor().SerializeToString()).decode(), flush=True)
+    print(base64.b64encode(receiver.descriptor().SerializeToString()).decode(), file=replies, flush=True)
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
         op, tid, n = line.split()
         if op == "expect":
             receiver.expect(tid, list(range(int(n))), lease_s=60)
-            print("ok", flush=True)
+            print("ok", file=replies, flush=True)
         else:
             stats = await receiver.wait(tid, 60)
-            print(json.dumps(stats.to_dict()), flush=True)
+            print(json.dumps(stats.to_dict()), file=replies, flush=True)
     await server.stop(0)
     receiver.close()
 

@@ -51,6 +51,17 @@ class TransferStats:
         return {**asdict(self), "gbps": self.gbps}
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """A backend's state on one receiver: its descriptor entry, how to release it, and (for libraries that need
+    the target to make progress, like UCX without a progress thread) a non-blocking call the receiver makes
+    about every millisecond while a transfer through this backend is open."""
+
+    params: bytes = b""
+    close: Callable[[], None] = lambda: None
+    progress: Callable[[], None] | None = None
+
+
 class Backend(ABC):
     """One way of moving bytes. Class flags say what it can do; an instance is a sender's link to one receiver.
 
@@ -78,10 +89,10 @@ class Backend(ABC):
         return None
 
     @classmethod
-    def attach(cls, receiver: "Receiver") -> tuple[bytes, Callable[[], None]] | None:
-        """Receiver side, once at start: (backend_params entry, closer), or None if this receiver's region cannot
-        be served by this backend. Must not touch the network or block for long."""
-        return b"", lambda: None
+    def attach(cls, receiver: "Receiver") -> "Attachment | None":
+        """Receiver side, once at start: what the receiver publishes and must release, or None if this receiver's
+        region cannot be served by this backend. Must not touch the network or block for long."""
+        return Attachment()
 
     async def connect(self) -> None:
         """Sender side, once per receiver before its first transfer (map its memory, exchange metadata)."""

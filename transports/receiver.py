@@ -11,17 +11,18 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import OFFLOAD_BYTES, PREFERENCE, TransferStats, backend_class
+from kvmesh.transports.base import OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, backend_class
 from kvmesh.transports.blocks import as_block_ids, dst_checksums
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.v1 import common_pb2
 
-TOMBSTONES = 1024  # failed transfers remembered, so a late `wait` gets the real error
+TOMBSTONES = 1024
+PUMP_S = 0.001  # progress polling period for backends that need it (ucx)  # failed transfers remembered, so a late `wait` gets the real error
 
 
 @dataclass(eq=False)
@@ -47,14 +48,14 @@ class Receiver:
         check_region(region, layout)
         self.region, self.layout, self.address, self.verify = region, layout, address, verify
         self.host_id = host_id or this_host_id()
-        self._params: dict[str, bytes] = {}
-        self._closers: list[Callable[[], None]] = []
+        self._attached: dict[str, Attachment] = {}
         for name in backends:
             cls = backend_class(name)
-            attached = None if cls.unavailable_reason() else cls.attach(self)
-            if attached is not None:
-                self._params[name], closer = attached
-                self._closers.append(closer)
+            attachment = None if cls.unavailable_reason() else cls.attach(self)
+            if attachment is not None:
+                self._attached[name] = attachment
+        self._params = {name: a.params for name, a in self._attached.items()}
+        self._pump: asyncio.Task | None = None
         if not self._params:
             raise ValueError(f"none of {list(backends)} can serve this region ({region.backend})")
         self._records: dict[str, _Record] = {}
@@ -148,9 +149,11 @@ class Receiver:
         """Fail live transfers, release backend resources and (by default) the region. Idempotent."""
         for record in list(self._records.values()):
             self._fail(record, errors.TransferAborted("receiver closing"))
-        closers, self._closers = self._closers, []
-        for closer in closers:
-            closer()
+        if self._pump is not None:
+            self._pump.cancel()
+        attached, self._attached = self._attached, {}
+        for attachment in attached.values():
+            attachment.close()
         if close_region:
             self.region.close()
 
@@ -167,6 +170,8 @@ class Receiver:
         if not np.array_equal(np.asarray(dst_ids, dtype=np.int64), record.dst_ids):
             raise errors.InvalidTransfer(f"transfer {transfer_id}: dst blocks differ from the reserved ones")
         record.state, record.backend, record.opened = "writing", backend, time.perf_counter()
+        if self._attached[backend].progress is not None and (self._pump is None or self._pump.done()):
+            self._pump = asyncio.ensure_future(self._run_pump())
         return max(record.timer.when() - asyncio.get_running_loop().time(), 0.0)
 
     def _chunk_views(self, transfer_id: str, chunk) -> tuple[_Record, list[np.ndarray]]:
@@ -234,6 +239,17 @@ class Receiver:
         return True
 
     # ---- private ----
+
+    async def _run_pump(self) -> None:
+        """Drive backends that need the target's progress, while any transfer through them is open."""
+        while True:
+            busy = {r.backend for r in self._records.values() if r.state in ("writing", "verifying")}
+            progress = [a.progress for n, a in self._attached.items() if n in busy and a.progress is not None]
+            if not progress:
+                return
+            for call in progress:
+                call()
+            await asyncio.sleep(PUMP_S)
 
     def _live(self, transfer_id: str) -> _Record:
         record = self._records.get(transfer_id)

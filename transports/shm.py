@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import xxhash
 
-from kvmesh.transports.base import OFFLOAD_BYTES, Backend, Transfer
+from kvmesh.transports.base import OFFLOAD_BYTES, Attachment, Backend, Transfer
 from kvmesh.transports.blocks import Run
 from kvmesh.transports.region import KVRegion
 
@@ -195,7 +195,7 @@ class ShmBackend(Backend):
     def attach(cls, receiver):
         if receiver.region.backend != "shm" or not receiver.region.name:
             return None
-        return receiver.region.name.encode(), lambda: None
+        return Attachment(params=receiver.region.name.encode())
 
     async def connect(self) -> None:
         d = self.descriptor

@@ -22,6 +22,11 @@ from kvmesh.transports.blocks import dst_checksums
 from kvmesh.v1 import common_pb2
 
 
+# Replies go to the original stdout; anything libraries print (NIXL logs to stdout) goes to stderr instead.
+REPLIES = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
+
+
 class Peer:
     def __init__(self, args) -> None:
         self.layout = make_layout(args.layers, args.block_size, args.heads, args.head_dim, args.dtype, "conformance")
@@ -76,7 +81,7 @@ class Peer:
             reply = {"id": rid, "ok": True, **await getattr(self, f"op_{op}")(**msg)}
         except Exception as exc:  # reported to the test, which asserts on the type name
             reply = {"id": rid, "error": type(exc).__name__, "message": str(exc)}
-        print(json.dumps(reply), flush=True)
+        print(json.dumps(reply), file=REPLIES, flush=True)
 
 
 async def main() -> None:
@@ -86,7 +91,7 @@ async def main() -> None:
     for name, default in (("layers", 2), ("blocks", 1024), ("block-size", 4), ("heads", 2), ("head-dim", 8)):
         parser.add_argument(f"--{name}", type=int, default=default)
     peer = Peer(parser.parse_args())
-    print(json.dumps({"id": 0, "ok": True, **await peer.start()}), flush=True)
+    print(json.dumps({"id": 0, "ok": True, **await peer.start()}), file=REPLIES, flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import DTYPES, NUM_BLOCKS, RemoteError, layout_for
+from harness import DTYPES, NUM_BLOCKS, RemoteError, layout_for
 from kvmesh.transports import (DataLossError, InvalidTransfer, LayoutMismatch, Sender, TransferTimeout,
                                TransportError, UnknownTransfer)
 from kvmesh.transports.blocks import layer_checksum
