@@ -78,14 +78,53 @@ def decode_chunk(buf: bytes):
 
 
 class GrpcTransfer(Transfer):
-    """Streams a transfer's chunks on one Push call."""
+    """Streams a transfer's chunks on one Push call. Small layers are coalesced: a chunk goes out when it is full,
+    and the last partial one at commit (its bytes copied, so the sender's pool may change after send_layer)."""
 
     async def _begin(self) -> None:
         self.call = self.link.peer.push(timeout=self._remaining())
+        self._tail: list[tuple] = []  # pieces of the next, not yet full chunk (owned bytes)
+        self._tail_bytes = 0
 
     async def _write_runs(self, runs: list[Run]) -> None:
-        chunks = self._pack(runs)
-        if sum(r.nbytes for r in runs) < OFFLOAD_BYTES:
+        await self._send_chunks(self._pack(runs))
+
+    async def _end(self) -> None:
+        if self._tail:
+            tail, self._tail, self._tail_bytes = self._tail, [], 0
+            await self._send_chunks([tail])
+        try:  # the receiver checks the byte count at Commit, and reports missing bytes as data loss
+            await self.call.done_writing()
+            await self.call
+        except Exception as exc:
+            raise await self._call_error(exc) from None
+
+    async def _cancel(self) -> None:
+        call = getattr(self, "call", None)
+        if call is not None:
+            call.cancel()
+
+    def _pack(self, runs: list[Run]) -> list[list[tuple]]:
+        """Full chunks of <= chunk_bytes, continuing the tail: many small runs share a chunk, long runs are split.
+        A piece is (layer, kv, dst_start, num_blocks, offset, bytes); what does not fill a chunk becomes the tail."""
+        size = self.sender.chunk_bytes
+        chunks, current, room = [], self._tail, size - self._tail_bytes
+        for run in runs:
+            flat, pos = memoryview(run.src.reshape(-1)), 0
+            while pos < len(flat):
+                take = min(room, len(flat) - pos)
+                current.append((run.layer, run.kv, run.dst_start, run.num_blocks, pos, flat[pos:pos + take]))
+                pos, room = pos + take, room - take
+                if room == 0:
+                    chunks.append(current)
+                    current, room = [], size
+        self._tail = [p if isinstance(p[5], bytes) else (*p[:5], bytes(p[5])) for p in current]
+        self._tail_bytes = size - room
+        return chunks
+
+    async def _send_chunks(self, chunks: list[list[tuple]]) -> None:
+        """Encode and write chunks; large batches are encoded in a thread, one batch ahead of the writes."""
+        if sum(len(p[5]) for c in chunks for p in c) < OFFLOAD_BYTES:
             await self._write(self._encode(chunks))
             return
         batches = [chunks[i:i + BATCH_CHUNKS] for i in range(0, len(chunks), BATCH_CHUNKS)]
@@ -99,53 +138,23 @@ class GrpcTransfer(Transfer):
         finally:
             ahead.cancel()
 
-    async def _end(self) -> None:
-        try:  # the receiver checks the byte count at Commit, and reports missing bytes as data loss
-            await self.call.done_writing()
-            await self.call
-        except Exception as exc:
-            raise await self._call_error(exc) from None
-
-    async def _cancel(self) -> None:
-        call = getattr(self, "call", None)
-        if call is not None:
-            call.cancel()
-
-    def _pack(self, runs: list[Run]) -> list[list[tuple[Run, int, memoryview]]]:
-        """Group runs into chunks of <= chunk_bytes: many small runs share a chunk, long runs are split."""
-        size = self.sender.chunk_bytes
-        chunks, current, room = [], [], size
-        for run in runs:
-            flat, pos = memoryview(run.src.reshape(-1)), 0
-            while pos < len(flat):
-                take = min(room, len(flat) - pos)
-                current.append((run, pos, flat[pos:pos + take]))
-                pos, room = pos + take, room - take
-                if room == 0:
-                    chunks.append(current)
-                    current, room = [], size
-        if current:
-            chunks.append(current)
-        return chunks
-
-    def _encode(self, chunks) -> list[bytes]:
+    def _encode(self, chunks: list[list[tuple]]) -> list[bytes]:
         """Serialised KVChunks: header (with one span per piece), then the pieces' bytes (one copy)."""
-        dtype, verify, layer = self.sender.layout.dtype, self.sender.verify, chunks[0][0][0].layer
+        dtype, verify = self.sender.layout.dtype, self.sender.verify
         out = []
         for pieces in chunks:
-            spans = [kv_pb2.KVSpan(kv=run.kv, dst_block_start=run.dst_start, num_blocks=run.num_blocks,
-                                   offset=offset, nbytes=len(view)) for run, offset, view in pieces]
-            nbytes = sum(len(view) for _, _, view in pieces)
+            spans = [kv_pb2.KVSpan(layer=layer, kv=kv, dst_block_start=start, num_blocks=count, offset=offset,
+                                   nbytes=len(data)) for layer, kv, start, count, offset, data in pieces]
+            nbytes = sum(len(p[5]) for p in pieces)
             checksum = 0
             if verify:
                 h = xxhash.xxh3_64()
-                for _, _, view in pieces:
-                    h.update(view)
+                for piece in pieces:
+                    h.update(piece[5])
                 checksum = h.intdigest()
-            header = kv_pb2.KVChunk(transfer_id=self.transfer_id, layer=layer, dtype=dtype, spans=spans,
-                                    nbytes=nbytes, checksum=checksum, has_checksum=verify)
-            out.append(b"".join((header.SerializeToString(), DATA_TAG, _varint(nbytes),
-                                 *(view for _, _, view in pieces))))
+            header = kv_pb2.KVChunk(transfer_id=self.transfer_id, dtype=dtype, spans=spans, nbytes=nbytes,
+                                    checksum=checksum, has_checksum=verify)
+            out.append(b"".join((header.SerializeToString(), DATA_TAG, _varint(nbytes), *(p[5] for p in pieces))))
         return out
 
     async def _write(self, messages: list[bytes]) -> None:
@@ -177,13 +186,13 @@ def _land(record, chunk, views: list[np.ndarray]) -> None:
     (chunks of a layer arrive in the sender's order, so that equals the sender's layer checksum)."""
     data = chunk.data
     if chunk.has_checksum and xxhash.xxh3_64_intdigest(data) != chunk.checksum:
-        raise errors.DataLossError(f"transfer {chunk.transfer_id}: checksum mismatch in a chunk of layer "
-                                   f"{chunk.layer}")
-    if chunk.has_checksum:
-        record.layer_hashers.setdefault(chunk.layer, xxhash.xxh3_64()).update(data)
+        raise errors.DataLossError(f"transfer {chunk.transfer_id}: chunk checksum mismatch")
     pos = 0
-    for view in views:
-        np.copyto(view, np.frombuffer(data, dtype=np.uint8, count=view.size, offset=pos))
+    for span, view in zip(chunk.spans, views):
+        piece = data[pos:pos + view.size]
+        np.copyto(view, np.frombuffer(piece, dtype=np.uint8))
+        if chunk.has_checksum:
+            record.layer_hashers.setdefault(span.layer, xxhash.xxh3_64()).update(piece)
         pos += view.size
 
 

@@ -180,15 +180,15 @@ class Receiver:
         record = self._live(transfer_id)
         if record.state != "writing" or record.backend != "grpc":
             raise errors.InvalidTransfer(f"transfer {transfer_id} is not open for grpc chunks")
-        if not 0 <= chunk.layer < record.num_layers or chunk.dtype != self.layout.dtype:
-            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: bad layer or dtype")
+        if chunk.dtype != self.layout.dtype:
+            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: dtype {chunk.dtype!r}")
         views, total = [], 0
         for span in chunk.spans:
             start, end = span.dst_block_start, span.dst_block_start + span.num_blocks
-            if not (span.kv in (0, 1) and span.num_blocks > 0 and start >= 0 and end <= self.region.num_blocks
-                    and record.mask[start:end].all()):
-                raise errors.InvalidTransfer(f"chunk outside transfer {transfer_id}'s blocks")
-            run = self.region.array[chunk.layer, span.kv, start:end].reshape(-1)
+            if not (0 <= span.layer < record.num_layers and span.kv in (0, 1) and span.num_blocks > 0
+                    and start >= 0 and end <= self.region.num_blocks and record.mask[start:end].all()):
+                raise errors.InvalidTransfer(f"chunk outside transfer {transfer_id}'s blocks or layers")
+            run = self.region.array[span.layer, span.kv, start:end].reshape(-1)
             if not (span.nbytes > 0 and 0 <= span.offset <= run.size - span.nbytes):
                 raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: span outside its run")
             views.append(run[span.offset:span.offset + span.nbytes])

@@ -145,7 +145,11 @@ def _unlink_owned() -> None:
 
 
 def _on_signal(signum, frame) -> None:
-    _unlink_owned()
+    for name in list(_owned):  # no lock: the interrupted code may hold it
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
+            pass
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

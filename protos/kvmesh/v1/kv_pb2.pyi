@@ -28,23 +28,24 @@ class OpenReply(_message.Message):
     def __init__(self, lease_remaining_s: _Optional[float] = ...) -> None: ...
 
 class KVSpan(_message.Message):
-    __slots__ = ("kv", "dst_block_start", "num_blocks", "offset", "nbytes")
+    __slots__ = ("layer", "kv", "dst_block_start", "num_blocks", "offset", "nbytes")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCK_START_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    layer: int
     kv: int
     dst_block_start: int
     num_blocks: int
     offset: int
     nbytes: int
-    def __init__(self, kv: _Optional[int] = ..., dst_block_start: _Optional[int] = ..., num_blocks: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., kv: _Optional[int] = ..., dst_block_start: _Optional[int] = ..., num_blocks: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("transfer_id", "layer", "dtype", "spans", "nbytes", "checksum", "has_checksum", "data")
+    __slots__ = ("transfer_id", "dtype", "spans", "nbytes", "checksum", "has_checksum", "data")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
-    LAYER_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
@@ -52,14 +53,13 @@ class KVChunk(_message.Message):
     HAS_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
-    layer: int
     dtype: str
     spans: _containers.RepeatedCompositeFieldContainer[KVSpan]
     nbytes: int
     checksum: int
     has_checksum: bool
     data: bytes
-    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[KVSpan, _Mapping]]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., has_checksum: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, transfer_id: _Optional[str] = ..., dtype: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[KVSpan, _Mapping]]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., has_checksum: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("nbytes", "num_chunks")

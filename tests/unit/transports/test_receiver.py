@@ -84,8 +84,8 @@ def test_bad_expectations_are_rejected(args):
 
 
 def chunk(data: bytes, checksum: int, block: int = 3) -> kv_pb2.KVChunk:
-    span = kv_pb2.KVSpan(kv=0, dst_block_start=block, num_blocks=1, offset=0, nbytes=len(data))
-    return kv_pb2.KVChunk(transfer_id="t", layer=0, dtype="float32", spans=[span], nbytes=len(data),
+    span = kv_pb2.KVSpan(layer=0, kv=0, dst_block_start=block, num_blocks=1, offset=0, nbytes=len(data))
+    return kv_pb2.KVChunk(transfer_id="t", dtype="float32", spans=[span], nbytes=len(data),
                           checksum=checksum, has_checksum=True, data=data)
 
 
