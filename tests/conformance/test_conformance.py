@@ -4,6 +4,7 @@ the sender runs in the test process."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import numpy as np
@@ -131,7 +132,6 @@ def test_sender_gone_mid_transfer_fails_receiver_within_lease(backend, peers, ne
 
 
 def _b64(peer) -> str:
-    import base64
     return base64.b64encode(peer.descriptor.SerializeToString()).decode()
 
 
