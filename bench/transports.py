@@ -215,7 +215,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     if args.results:
-        png = args.results.with_name("transports.png")
+        png = args.results.with_name("transports-nochecksums.png" if args.no_checksums else "transports.png")
         plot(rows, png)
         write_results(rows, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), args.results, png)
 
