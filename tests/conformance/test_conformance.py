@@ -218,3 +218,36 @@ def test_receiver_cancel_makes_commit_fail(backend, peers, sender_region):
     asyncio.run(run())
     assert peer.call("cancel", tid="cancelled")["found"] is False
     assert peer.call("records")["n"] == 0
+
+
+def test_throttle_caps_bandwidth(backend, peers, sender_region):
+    peer, region = peers(backend), sender_region()
+    ids = list(range(2000, 3000))  # 1,024,000 bytes in all
+    peer.call("expect", tid="slow", blocks=ids, lease=20)
+
+    async def run():
+        sender = make_sender(region, backend, chaos="throttle=10MBps")
+        try:
+            return await send_all(sender, peer, "slow", ids, ids)
+        finally:
+            await sender.close()
+
+    stats = asyncio.run(run())
+    assert stats.seconds >= 0.1 and stats.gbps <= 0.0105
+    peer.call("wait", tid="slow", timeout=5)
+
+
+def test_closing_the_sender_aborts_its_open_transfers(backend, peers, sender_region):
+    peer, region = peers(backend), sender_region()
+    peer.call("expect", tid="closing", blocks=[40, 41], lease=20)
+
+    async def run():
+        sender = make_sender(region, backend)
+        transfer = await sender.open(peer.descriptor, "closing", [40, 41], timeout=5)
+        await transfer.send_layer(0, [1, 2])
+        await sender.close()
+        assert sender.num_open_transfers == 0 and transfer.state == "failed"
+
+    asyncio.run(run())
+    with pytest.raises(RemoteError, match="TransferAborted"):
+        peer.call("wait", tid="closing", timeout=5)
