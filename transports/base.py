@@ -40,6 +40,7 @@ class TransferStats:
     blocks: int
     layers: int
     seconds: float
+    #: Time spent on checksums apart from the copies (0 where a backend fuses them into its copy, as shm does).
     checksum_seconds: float = 0.0
 
     @property
@@ -154,6 +155,8 @@ class Transfer(ABC):
         self.state = "open"  # open -> committed | failed
         self.started = time.perf_counter()
         self._writer: Callable[[list[Run]], object] = self._write_runs  # the chaos seam
+        self._lock = asyncio.Lock()
+        self._sending: set[int] = set()
         self._span = _start_span(link.name, transfer_id)
 
     # ---- public: called by the sending worker, on its event loop ----
@@ -168,14 +171,18 @@ class Transfer(ABC):
         self._check_open()
         if not 0 <= layer < self.pool.shape[0]:
             raise errors.InvalidTransfer(f"layer {layer} out of range [0, {self.pool.shape[0]})")
-        if layer in self.layer_checksums:
+        if layer in self.layer_checksums or layer in self._sending:
             raise errors.InvalidTransfer(f"layer {layer} already sent")
+        self._sending.add(layer)
         src = as_block_ids(src_block_ids, self.pool.shape[2], "src_block_ids")
         if src.size != self.dst_ids.size:
             raise errors.InvalidTransfer(f"{src.size} src blocks for {self.dst_ids.size} dst blocks")
         runs = layer_runs(self.pool, layer, src, self.dst_ids)
         nbytes = sum(r.nbytes for r in runs)
-        self.layer_checksums[layer] = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
+        async with self._lock:  # callers may overlap layers; backends write one layer at a time
+            self._check_open()
+            checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
+        self.layer_checksums[layer] = checksum
         self.nbytes += nbytes
 
     async def commit(self) -> TransferStats:
@@ -188,7 +195,8 @@ class Transfer(ABC):
         missing = sorted(set(range(self.pool.shape[0])) - set(self.layer_checksums))
         if missing:
             raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
-        await self._guard(self._end, "flush")
+        async with self._lock:
+            await self._guard(self._end, "flush")
         verify = self.sender.verify
         sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
         await self._guard(lambda: self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,

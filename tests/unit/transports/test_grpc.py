@@ -50,3 +50,28 @@ def test_decode_chunk_views_the_data_without_copying():
     decoded = decode_chunk(chunk.SerializeToString())
     assert isinstance(decoded.data, memoryview) and bytes(decoded.data) == b"abc"
     assert decoded.transfer_id == "t" and decoded.spans[0].layer == 1
+
+
+def test_layers_sent_concurrently_land_intact():
+    async def main():
+        dst_region, src_region = allocate_region(3, 128, 256), allocate_region(3, 128, 256)
+        src_region.array[:] = np.random.default_rng(1).integers(0, 256, src_region.array.shape, np.uint8)
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        receiver = Receiver(dst_region, LAYOUT, address=f"127.0.0.1:{port}", backends=["grpc"])
+        receiver.mount(server)
+        await server.start()
+        sender = Sender(src_region, LAYOUT, backends=["grpc"], chunk_bytes=4096)
+        try:
+            receiver.expect("t", list(range(64)))
+            transfer = await sender.open(receiver.descriptor(), "t", list(range(64)), timeout=5)
+            await asyncio.gather(*(transfer.send_layer(layer, list(range(64, 128))) for layer in range(3)))
+            await transfer.commit()
+            await receiver.wait("t", 1)
+            assert np.array_equal(dst_region.array[:, :, :64], src_region.array[:, :, 64:])
+        finally:
+            await sender.close()
+            await server.stop(0)
+            receiver.close()
+
+    asyncio.run(main())
