@@ -1,0 +1,225 @@
+"""Transport micro-benchmark: GB/s of each backend at 1, 16 and 256 MiB, with memcpy and raw loopback TCP
+measured in the same run as baselines (this machine is noisy: compare ratios, not absolute figures).
+
+    python bench/transports.py [--out FILE.json] [--quick] [--no-checksums] [--results bench/RESULTS.md]
+
+Each backend's receiver runs in its own process (a Receiver on a grpc.aio server on 127.0.0.1); the sender runs
+here. A transfer is timed from Sender.open to Transfer.commit returning, i.e. until the receiver has verified
+every layer's checksum. Rows: {"backend", "size_bytes", "gbps", "memcpy_gbps", "tcp_gbps"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MiB = 1 << 20
+LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM, DTYPE = 8, 16, 8, 128, "bfloat16"  # 32 KiB blocks, Llama-8B-like
+BLOCK_NBYTES = BLOCK_SIZE * HEADS * HEAD_DIM * 2
+
+
+def layout():
+    from kvmesh.transports import make_layout
+    return make_layout(LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM, DTYPE, "bench")
+
+
+def blocks_for(size: int) -> int:
+    return max(1, size // (LAYERS * 2 * BLOCK_NBYTES))
+
+
+def median_gbps(nbytes: int, seconds: list[float]) -> float:
+    return nbytes / statistics.median(seconds) / 1e9
+
+
+def bench_memcpy(size: int, reps: int) -> float:
+    src, dst = np.random.default_rng(0).integers(0, 256, size, np.uint8), np.empty(size, np.uint8)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t)
+    return median_gbps(size, times)
+
+
+TCP_SINK = """
+import socket, sys
+size, reps = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.create_server(("127.0.0.1", 0)); print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept(); buf = memoryview(bytearray(size))
+for _ in range(reps + 1):
+    got = 0
+    while got < size:
+        got += conn.recv_into(buf[got:], size - got)
+    conn.sendall(b"k")
+"""
+
+
+def bench_tcp(size: int, reps: int) -> float:
+    """sendall of `size` bytes to another process over loopback, until its one-byte ack."""
+    sink = subprocess.Popen([sys.executable, "-c", TCP_SINK, str(size), str(reps)], stdout=subprocess.PIPE, text=True)
+    try:
+        conn = socket.create_connection(("127.0.0.1", int(sink.stdout.readline())))
+        data, times = memoryview(np.random.default_rng(0).integers(0, 256, size, np.uint8)), []
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            conn.sendall(data)
+            conn.recv(1)
+            if i:  # the first round warms up
+                times.append(time.perf_counter() - t)
+        conn.close()
+        return median_gbps(size, times)
+    finally:
+        sink.wait(10)
+
+
+async def serve(backend: str, num_blocks: int) -> None:
+    """The receiver side: a region, a Receiver and its service; commands on stdin: expect/wait <tid> <n>."""
+    import grpc
+    from kvmesh.transports import Receiver, allocate_region
+
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # libraries that log to stdout (NIXL) must not garble the replies
+
+    region = allocate_region(LAYERS, num_blocks, BLOCK_NBYTES, backend)
+    region.array[:] = 0  # fault the pages in, as a long-running worker's pool would be
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    receiver = Receiver(region, layout(), address=f"127.0.0.1:{port}", backends=[backend])
+    receiver.mount(server)
+    await server.start()
+    print(base64.b64encode(receiver.descriptor().SerializeToString()).decode(), file=replies, flush=True)
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        op, tid, n = line.split()
+        if op == "expect":
+            receiver.expect(tid, list(range(int(n))), lease_s=60)
+            print("ok", file=replies, flush=True)
+        else:
+            stats = await receiver.wait(tid, 60)
+            print(json.dumps(stats.to_dict()), file=replies, flush=True)
+    await server.stop(0)
+    receiver.close()
+
+
+async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool) -> dict[int, float]:
+    from kvmesh.transports import Sender, allocate_region
+    from kvmesh.v1 import common_pb2
+
+    num_blocks = blocks_for(max(sizes))
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", backend, "--blocks", str(num_blocks)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    region = allocate_region(LAYERS, num_blocks, BLOCK_NBYTES, "grpc")
+    region.array[:] = np.random.default_rng(0).integers(0, 256, region.array.shape, np.uint8)
+    descriptor = common_pb2.TransportDescriptor.FromString(base64.b64decode(proc.stdout.readline()))
+    sender = Sender(region, layout(), backends=[backend], force=backend, verify=verify)
+
+    def ask(line: str) -> str:
+        proc.stdin.write(line + "\n")
+        return proc.stdout.readline()
+
+    results, counter = {}, 0
+    try:
+        for size in sizes:
+            n, times = blocks_for(size), []
+            for i in range(reps + 1):
+                counter += 1
+                tid = f"b{counter}"
+                ask(f"expect {tid} {n}")
+                ids = list(range(n))
+                t = time.perf_counter()
+                transfer = await sender.open(descriptor, tid, ids, timeout=60)
+                for layer in range(LAYERS):
+                    await transfer.send_layer(layer, ids)
+                stats = await transfer.commit()
+                if i:  # the first round warms up connections and pages
+                    times.append(time.perf_counter() - t)
+                ask(f"wait {tid} 0")
+            results[size] = median_gbps(stats.bytes, times)
+            print(f"  {backend:5s} {size // MiB:4d} MiB  {results[size]:6.2f} GB/s", file=sys.stderr)
+    finally:
+        await sender.close()
+        proc.stdin.close()
+        proc.wait(10)
+        region.close()
+    return results
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sizes = sorted({r["size_bytes"] for r in rows})
+    for backend in sorted({r["backend"] for r in rows}):
+        ax.plot([s / MiB for s in sizes], [next(r["gbps"] for r in rows if r["backend"] == backend
+                                                and r["size_bytes"] == s) for s in sizes], "o-", label=backend)
+    for key, style in (("memcpy_gbps", "k--"), ("tcp_gbps", "k:")):
+        ax.plot([s / MiB for s in sizes], [next(r[key] for r in rows if r["size_bytes"] == s) for s in sizes],
+                style, label=key.replace("_gbps", ""))
+    ax.set(xscale="log", yscale="log", xlabel="transfer size (MiB)", ylabel="GB/s", title="kvmesh KV transports")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_results(rows: list[dict], command: str, path: Path, png: Path) -> None:
+    lines = ["", f"## Transports ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "", f"`{command}`", "",
+             "| backend | size | GB/s | memcpy GB/s | raw TCP GB/s | vs memcpy | vs TCP |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['size_bytes'] // MiB} MiB | {r['gbps']:.2f} | {r['memcpy_gbps']:.2f} "
+                     f"| {r['tcp_gbps']:.2f} | {r['gbps'] / r['memcpy_gbps']:.2f} | {r['gbps'] / r['tcp_gbps']:.2f} |")
+    lines += ["", f"![transports]({png.name})", ""]
+    with open(path, "a") as f:
+        f.write("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--no-checksums", action="store_true", help="switch per-layer/chunk checksums off")
+    parser.add_argument("--backends", default="", help="comma-separated (default: every available backend)")
+    parser.add_argument("--results", type=Path, help="append a table to this markdown file, and a PNG beside it")
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve, args.blocks))
+        return
+    from kvmesh.transports import available_backends
+
+    sizes, reps = [1 * MiB, 16 * MiB, 256 * MiB], (3 if args.quick else 7)
+    backends = args.backends.split(",") if args.backends else available_backends()
+    memcpy = {s: bench_memcpy(s, reps * 3) for s in sizes}
+    tcp = {s: bench_tcp(s, reps) for s in sizes}
+    rows = []
+    for backend in backends:
+        for size, gbps in asyncio.run(bench_backend(backend, sizes, reps, not args.no_checksums)).items():
+            rows.append({"backend": backend, "size_bytes": size, "gbps": round(gbps, 3),
+                         "memcpy_gbps": round(memcpy[size], 3), "tcp_gbps": round(tcp[size], 3)})
+    print(json.dumps(rows, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.results:
+        png = args.results.with_name("transports-nochecksums.png" if args.no_checksums else "transports.png")
+        plot(rows, png)
+        write_results(rows, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), args.results, png)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,328 @@
+"""The transport contract: capability flags, the registry, and the public classes each side calls.
+
+Public wraps private: `Receiver`, `Sender` and `Transfer` validate, enforce deadlines and leases, checksum,
+measure, trace and clean up — once, for every backend. A backend (`grpc.py`, `shm.py`, `ucx.py`) subclasses
+`Backend` and `Transfer` and fills in only the private hooks (`_begin`, `_write_runs`, `_end`, `_cancel`, and the
+`attach`/`connect`/`close` hooks of `Backend`). See `receiver.py` for the receiving side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from kvmesh.transports import errors
+from kvmesh.transports.blocks import Run, as_block_ids, layer_runs, src_checksum
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvmesh.transports.receiver import Receiver
+    from kvmesh.transports.sender import Sender
+    from kvmesh.transports.service import Peer
+
+# Best first. A receiver lists what it accepts in this order unless told otherwise.
+PREFERENCE = ("shm", "ucx", "grpc")
+# Large enough that a layer's copy or hash is worth a thread hop; smaller work runs inline.
+OFFLOAD_BYTES = 256 << 10
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one transfer moved and how fast; services put these on spans and metrics."""
+
+    backend: str
+    bytes: int
+    blocks: int
+    layers: int
+    seconds: float
+    #: Time spent on checksums apart from the copies (0 where a backend fuses them into its copy, as shm does).
+    checksum_seconds: float = 0.0
+
+    @property
+    def gbps(self) -> float:
+        """Gigabytes (1e9 bytes) per second."""
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "gbps": self.gbps}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A backend's state on one receiver: its descriptor entry, how to release it, and (for libraries that need
+    the target to make progress, like UCX without a progress thread) a non-blocking call the receiver makes
+    about every millisecond while a transfer through this backend is open."""
+
+    params: bytes = b""
+    close: Callable[[], None] = lambda: None
+    progress: Callable[[], None] | None = None
+
+
+class Backend(ABC):
+    """One way of moving bytes. Class flags say what it can do; an instance is a sender's link to one receiver.
+
+    Sender side: the `Sender` makes one instance per receiver (cached), awaits `connect()` once, creates
+    `transfer_class` objects for each transfer, and awaits `close()` when the receiver goes away or on
+    `Sender.close()`. Receiver side: `attach()` is a classmethod called once by `Receiver.__init__`.
+    """
+
+    name: ClassVar[str]
+    #: The sender must be on the receiver's host (equal host ids).
+    same_host_only: ClassVar[bool] = False
+    #: The receiver's pool must live in shared memory (`allocate_region` then makes a shm segment).
+    needs_shared_region: ClassVar[bool] = False
+    #: The sender writes directly into the receiver's memory; the receiver sees no data messages.
+    one_sided: ClassVar[bool] = False
+    transfer_class: ClassVar[type["Transfer"]]
+
+    def __init__(self, sender: "Sender", descriptor, peer: "Peer") -> None:
+        self.sender, self.descriptor, self.peer = sender, descriptor, peer
+        self.users = 0  # open transfers using this link
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run in this process (a missing library), or None. Must be cheap."""
+        return None
+
+    @classmethod
+    def attach(cls, receiver: "Receiver") -> "Attachment | None":
+        """Receiver side, once at start: what the receiver publishes and must release, or None if this receiver's
+        region cannot be served by this backend. Must not touch the network or block for long."""
+        return Attachment()
+
+    async def connect(self) -> None:
+        """Sender side, once per receiver before its first transfer (map its memory, exchange metadata)."""
+
+    async def close(self) -> None:
+        """Release what `connect` took. Called once; must not raise."""
+
+
+def _grpc() -> type[Backend]:
+    from kvmesh.transports.grpc import GrpcBackend
+    return GrpcBackend
+
+
+def _shm() -> type[Backend]:
+    from kvmesh.transports.shm import ShmBackend
+    return ShmBackend
+
+
+def _ucx() -> type[Backend]:
+    from kvmesh.transports.ucx import UcxBackend
+    return UcxBackend
+
+
+# The registry: one explicit line per backend; creators import implementations lazily.
+BACKENDS: dict[str, Callable[[], type[Backend]]] = {"grpc": _grpc, "shm": _shm, "ucx": _ucx}
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The Backend subclass registered under `name`; ValueError for an unknown name."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown transport backend {name!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+def available_backends() -> list[str]:
+    """Registered backends that can run in this process, best first."""
+    return [n for n in sorted(BACKENDS, key=_rank) if backend_class(n).unavailable_reason() is None]
+
+
+def _rank(name: str) -> int:
+    return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
+
+
+class Transfer(ABC):
+    """One transfer from the sender's pool into a receiver's reserved blocks; made by `Sender.open`.
+
+    Call `send_layer` once per layer (in any order, as soon as that layer's KV exists), then `commit`; or
+    `abort`. Any error aborts the transfer, releases its resources and raises a `TransportError`. Use as
+    `async with await sender.open(...) as t:` to abort automatically when the body raises.
+    """
+
+    def __init__(self, link: Backend, transfer_id: str, dst_ids: np.ndarray, deadline: float) -> None:
+        self.link, self.transfer_id, self.dst_ids, self.deadline = link, transfer_id, dst_ids, deadline
+        self.sender = link.sender
+        self.pool = link.sender.region.array
+        self.layer_checksums: dict[int, int] = {}
+        self.nbytes = 0
+        self.checksum_seconds = 0.0
+        self.state = "open"  # open -> committed | failed
+        self.started = time.perf_counter()
+        self._writer: Callable[[list[Run]], object] = self._write_runs  # the chaos seam
+        self._lock = asyncio.Lock()
+        self._sending: set[int] = set()
+        self._span = _start_span(link.name, transfer_id)
+
+    # ---- public: called by the sending worker, on its event loop ----
+
+    async def send_layer(self, layer: int, src_block_ids: Sequence[int] | np.ndarray) -> None:
+        """Write one layer (K and V) of `src_block_ids` (sender's pool) into the transfer's dst blocks.
+
+        Called by the sender (e.g. the prefill step loop, via the event loop) right after that layer is computed.
+        Awaits until the bytes are handed to the backend (on the wire, or copied for one-sided backends); does
+        not wait for the receiver. Must not be called again for the same layer, nor after commit/abort.
+        """
+        self._check_open()
+        if not 0 <= layer < self.pool.shape[0]:
+            raise errors.InvalidTransfer(f"layer {layer} out of range [0, {self.pool.shape[0]})")
+        if layer in self.layer_checksums or layer in self._sending:
+            raise errors.InvalidTransfer(f"layer {layer} already sent")
+        self._sending.add(layer)
+        src = as_block_ids(src_block_ids, self.pool.shape[2], "src_block_ids")
+        if src.size != self.dst_ids.size:
+            raise errors.InvalidTransfer(f"{src.size} src blocks for {self.dst_ids.size} dst blocks")
+        runs = layer_runs(self.pool, layer, src, self.dst_ids)
+        nbytes = sum(r.nbytes for r in runs)
+        async with self._lock:  # callers may overlap layers; backends write one layer at a time
+            self._check_open()
+            checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
+        self.layer_checksums[layer] = checksum
+        self.nbytes += nbytes
+
+    async def commit(self) -> TransferStats:
+        """Finish: flush the backend, then ask the receiver to verify every layer. Returns this side's stats.
+
+        Called once by the sender after the last `send_layer`. Awaits the receiver's verdict (within the
+        transfer's deadline): DataLossError when the receiver found damaged or missing bytes.
+        """
+        self._check_open()
+        missing = sorted(set(range(self.pool.shape[0])) - set(self.layer_checksums))
+        if missing:
+            raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
+        async with self._lock:
+            await self._guard(self._end, "flush")
+        verify = self.sender.verify
+        sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
+        await self._guard(lambda: self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
+                                                        self._remaining()), "commit")
+        stats = TransferStats(self.link.name, self.nbytes, int(self.dst_ids.size), self.pool.shape[0],
+                              time.perf_counter() - self.started, self.checksum_seconds)
+        self._finish("committed", stats=stats)
+        return stats
+
+    async def abort(self, reason: str = "aborted by sender") -> None:
+        """Give up: release backend resources and tell the receiver (best effort). Idempotent; never raises."""
+        if self.state != "open":
+            return
+        self._finish("failed", error=reason)
+        await self._cancel()
+        await self.link.peer.abort(self.transfer_id, reason)
+
+    async def __aenter__(self) -> "Transfer":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.abort(f"sender raised {exc_type.__name__}" if exc_type else "closed without commit")
+
+    # ---- private hooks, filled in by each backend ----
+
+    async def _begin(self) -> None:
+        """Set up per-transfer state (e.g. open a stream). Called once by `Sender.open` after the receiver's Open."""
+
+    @abstractmethod
+    async def _write_runs(self, runs: list[Run]) -> None:
+        """Move one layer's runs into the receiver's blocks `dst_start ...`. Awaited under the deadline."""
+
+    #: The backend implements `_write_runs_checksummed` (checksums each piece while it is hot in cache).
+    fused_checksum: ClassVar[bool] = False
+
+    async def _write_runs_checksummed(self, runs: list[Run], nbytes: int) -> int:
+        """Like `_write_runs`, and return the layer checksum of the runs' source bytes (only if fused_checksum)."""
+        raise NotImplementedError
+
+    async def _end(self) -> None:
+        """Make sure every byte written so far has reached the receiver before Commit is sent."""
+
+    async def _cancel(self) -> None:
+        """Release per-transfer resources after a failure or abort. Must not raise or wait for the peer."""
+
+    # ---- shared machinery ----
+
+    async def _send(self, runs: list[Run], nbytes: int) -> int:
+        """Checksum the layer (in a thread, beside the write, when large) and write it; returns the checksum."""
+        if not self.sender.verify:
+            await self._writer(runs)
+            return 0
+        if self._writer == self._write_runs and self.fused_checksum:  # no chaos in between: one pass
+            return await self._write_runs_checksummed(runs, nbytes)
+        if nbytes < OFFLOAD_BYTES:
+            checksum = self._timed_checksum(runs)
+            await self._writer(runs)
+            return checksum
+        checksum, _ = await asyncio.gather(asyncio.to_thread(self._timed_checksum, runs), self._writer(runs))
+        return checksum
+
+    def _timed_checksum(self, runs: list[Run]) -> int:
+        t = time.perf_counter()
+        value = src_checksum(runs)
+        self.checksum_seconds += time.perf_counter() - t
+        return value
+
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise errors.InvalidTransfer(f"transfer {self.transfer_id} is {self.state}")
+
+    def _remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise errors.TransferTimeout(f"transfer {self.transfer_id}: deadline passed")
+        return left
+
+    async def _guard(self, make: Callable[[], object], what: str):
+        """Await `make()` under the transfer's deadline; on any failure abort the transfer, raise a TransportError."""
+        try:
+            return await _within(make, self._remaining())
+        except BaseException as exc:
+            typed = _typed(exc, f"transfer {self.transfer_id}: {what}")
+            await self.abort(f"{what} failed: {typed}")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(typed, errors.PeerUnavailable):
+                await self.sender._forget(self.link)
+            raise typed from exc
+
+    def _finish(self, state: str, stats: TransferStats | None = None, error: str = "") -> None:
+        self.state = state
+        self.sender._release(self)
+        if self._span is not None:
+            if stats is not None:
+                self._span.set_attributes({f"kv.{k}": v for k, v in stats.to_dict().items()})
+            if error:
+                self._span.set_attribute("kv.error", error)
+            self._span.end()
+            self._span = None
+
+
+async def _within(make: Callable[[], object], seconds: float):
+    if hasattr(asyncio, "timeout"):  # 3.11+: no extra task per await
+        async with asyncio.timeout(seconds):
+            return await make()
+    return await asyncio.wait_for(make(), seconds)  # pragma: no cover - python 3.10
+
+
+def _typed(exc: BaseException, where: str) -> errors.TransportError:
+    if isinstance(exc, errors.TransportError):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return errors.TransferTimeout(f"{where}: deadline passed")
+    if isinstance(exc, asyncio.CancelledError):
+        return errors.TransferAborted(f"{where}: cancelled")
+    if isinstance(exc, (ConnectionError, OSError)):
+        return errors.PeerUnavailable(f"{where}: {exc}")
+    return errors.TransportError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _start_span(backend: str, transfer_id: str):
+    try:
+        from opentelemetry import trace
+    except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
+        return None
+    span = trace.get_tracer("kvmesh.transports").start_span("kv.transfer")
+    span.set_attributes({"kv.backend": backend, "kv.transfer_id": transfer_id})
+    return span

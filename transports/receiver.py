@@ -1,0 +1,291 @@
+"""The receiving side: one `Receiver` per receiving worker (decode worker, cache service), owning its region.
+
+A transfer's record lives here: expected -> writing -> ready, or failed (aborted, cancelled, expired, data loss).
+Every state holds the lease set by `expect`; when it lapses the record fails and is dropped. All methods run on the
+receiver's event loop (the one its grpc.aio server runs on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from kvmesh.transports import errors
+from kvmesh.transports.base import OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, backend_class
+from kvmesh.transports.blocks import as_block_ids, dst_checksums
+from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
+from kvmesh.v1 import common_pb2
+
+TOMBSTONES = 1024
+PUMP_S = 0.001  # progress polling period for backends that need it (ucx)  # failed transfers remembered, so a late `wait` gets the real error
+
+
+@dataclass(eq=False)
+class _Record:
+    transfer_id: str
+    dst_ids: np.ndarray
+    mask: np.ndarray  # True on reserved blocks: chunk bounds checks
+    num_layers: int
+    future: asyncio.Future
+    timer: asyncio.TimerHandle | None = None
+    state: str = "expected"
+    backend: str = ""
+    opened: float = field(default_factory=time.perf_counter)
+    nbytes: int = 0  # bytes received through Push
+    layer_hashers: dict = field(default_factory=dict)  # running per-layer checksums of Push data
+
+
+class Receiver:
+    """Accepts KV writes into reserved blocks of this worker's region and tells the worker when they landed."""
+
+    def __init__(self, region: KVRegion, layout: common_pb2.KVLayout, *, address: str = "",
+                 backends: Sequence[str] = PREFERENCE, host_id: str | None = None, verify: bool = True) -> None:
+        check_region(region, layout)
+        self.region, self.layout, self.address, self.verify = region, layout, address, verify
+        self.host_id = host_id or this_host_id()
+        self._attached: dict[str, Attachment] = {}
+        for name in backends:
+            cls = backend_class(name)
+            attachment = None if cls.unavailable_reason() else cls.attach(self)
+            if attachment is not None:
+                self._attached[name] = attachment
+        self._params = {name: a.params for name, a in self._attached.items()}
+        self._pump: asyncio.Task | None = None
+        if not self._params:
+            raise ValueError(f"none of {list(backends)} can serve this region ({region.backend})")
+        self._records: dict[str, _Record] = {}
+        self._tombstones: OrderedDict[str, errors.TransportError] = OrderedDict()
+
+    @property
+    def backends(self) -> list[str]:
+        """Backends this receiver accepts, best first."""
+        return list(self._params)
+
+    @property
+    def num_transfers(self) -> int:
+        """Live transfer records (0 once everything finished, failed or expired)."""
+        return len(self._records)
+
+    def descriptor(self) -> common_pb2.TransportDescriptor:
+        """What a sender needs to write here; the worker hands it to senders (e.g. inside a Prefill request)."""
+        return common_pb2.TransportDescriptor(
+            backends=self.backends, host_id=self.host_id, address=self.address, layout=self.layout,
+            num_blocks=self.region.num_blocks, backend_params={k: v for k, v in self._params.items() if v})
+
+    def expect(self, transfer_id: str, block_ids: Sequence[int], num_layers: int | None = None,
+               lease_s: float = 30.0) -> None:
+        """Allow a sender to write `block_ids` (all layers, K and V) for `transfer_id`, for at most `lease_s`.
+
+        Called by the receiving worker after reserving the blocks and before asking a sender to fill them. Does
+        not block. The blocks must not be reused until `wait` returned or raised (or `cancel` was called and the
+        sender had time to stop: one-sided backends cannot be fenced).
+        """
+        if transfer_id in self._records:
+            raise errors.InvalidTransfer(f"transfer {transfer_id} already expected")
+        layers = self.layout.num_layers if num_layers is None else num_layers
+        if layers != self.layout.num_layers:
+            raise errors.InvalidTransfer(f"num_layers {layers} != layout's {self.layout.num_layers}")
+        if lease_s <= 0:
+            raise errors.InvalidTransfer(f"lease_s must be > 0, got {lease_s}")
+        try:
+            ids = as_block_ids(block_ids, self.region.num_blocks, "block_ids")
+        except ValueError as exc:
+            raise errors.InvalidTransfer(str(exc)) from None
+        if np.unique(ids).size != ids.size:
+            raise errors.InvalidTransfer("block_ids repeat a block")
+        loop = asyncio.get_running_loop()
+        mask = np.zeros(self.region.num_blocks, dtype=bool)
+        mask[ids] = True
+        record = _Record(transfer_id, ids, mask, layers, loop.create_future())
+        record.future.add_done_callback(_retrieve)
+        record.timer = loop.call_later(lease_s, self._expire, record, lease_s)
+        self._tombstones.pop(transfer_id, None)
+        self._records[transfer_id] = record
+
+    async def wait(self, transfer_id: str, timeout: float | None = None) -> TransferStats:
+        """Resolve when every layer of the transfer landed and was verified; the record is then dropped.
+
+        Called by the receiving worker (once per transfer) after `expect`. Raises DataLossError, TransferTimeout
+        (lease or `timeout` lapsed; the transfer is then cancelled), TransferAborted, UnknownTransfer.
+        """
+        record = self._records.get(transfer_id)
+        if record is None:
+            raise self._tombstones.pop(transfer_id, None) or errors.UnknownTransfer(f"no transfer {transfer_id}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(record.future), timeout)
+        except asyncio.TimeoutError:
+            self._fail(record, errors.TransferTimeout(f"transfer {transfer_id}: wait timed out after {timeout}s"))
+            raise self._tombstones.pop(transfer_id) from None
+        finally:
+            if record.future.done() and self._records.get(transfer_id) is record:
+                self._drop(record)
+            self._tombstones.pop(transfer_id, None)
+
+    def cancel(self, transfer_id: str) -> bool:
+        """Fail the transfer (its waiter gets TransferAborted) and drop it. Idempotent: False if unknown."""
+        record = self._records.get(transfer_id)
+        if record is None:
+            return False
+        self._fail(record, errors.TransferAborted(f"transfer {transfer_id} cancelled by receiver"))
+        return True
+
+    def servicer(self):
+        """The grpc.aio KVTransfer servicer. Prefer `mount`, which also installs a zero-copy Push decoder;
+        `kv_pb2_grpc.add_KVTransferServicer_to_server(receiver.servicer(), server)` works too."""
+        from kvmesh.transports.service import KVTransferServicer
+        return KVTransferServicer(self)
+
+    def mount(self, server) -> None:
+        """Add this receiver's KVTransfer service to a grpc.aio server (before `server.start()`)."""
+        from kvmesh.transports.service import add_to_server
+        add_to_server(self.servicer(), server)
+
+    def close(self, close_region: bool = True) -> None:
+        """Fail live transfers, release backend resources and (by default) the region. Idempotent."""
+        for record in list(self._records.values()):
+            self._fail(record, errors.TransferAborted("receiver closing"))
+        if self._pump is not None:
+            self._pump.cancel()
+        attached, self._attached = self._attached, {}
+        for attachment in attached.values():
+            attachment.close()
+        if close_region:
+            self.region.close()
+
+    # ---- called by the KVTransfer servicer ----
+
+    def _open(self, transfer_id: str, dst_ids: Sequence[int], layout, backend: str) -> float:
+        record = self._live(transfer_id)
+        if record.state != "expected":
+            raise errors.InvalidTransfer(f"transfer {transfer_id} is {record.state}, not expected")
+        if layout != self.layout:
+            raise errors.LayoutMismatch(f"transfer {transfer_id}: sender layout differs from receiver's")
+        if backend not in self._params:
+            raise errors.InvalidTransfer(f"backend {backend!r} not accepted here ({self.backends})")
+        if not np.array_equal(np.asarray(dst_ids, dtype=np.int64), record.dst_ids):
+            raise errors.InvalidTransfer(f"transfer {transfer_id}: dst blocks differ from the reserved ones")
+        record.state, record.backend, record.opened = "writing", backend, time.perf_counter()
+        if self._attached[backend].progress is not None and (self._pump is None or self._pump.done()):
+            self._pump = asyncio.ensure_future(self._run_pump())
+        return max(record.timer.when() - asyncio.get_running_loop().time(), 0.0)
+
+    def _chunk_views(self, transfer_id: str, chunk) -> tuple[_Record, list[np.ndarray]]:
+        """The flat slices of the region a Push chunk's pieces go to, after checking them against the
+        reservation."""
+        record = self._live(transfer_id)
+        if record.state != "writing" or record.backend != "grpc":
+            raise errors.InvalidTransfer(f"transfer {transfer_id} is not open for grpc chunks")
+        if chunk.dtype != self.layout.dtype:
+            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: dtype {chunk.dtype!r}")
+        views, total = [], 0
+        for span in chunk.spans:
+            start, end = span.dst_block_start, span.dst_block_start + span.num_blocks
+            if not (0 <= span.layer < record.num_layers and span.kv in (0, 1) and span.num_blocks > 0
+                    and start >= 0 and end <= self.region.num_blocks and record.mask[start:end].all()):
+                raise errors.InvalidTransfer(f"chunk outside transfer {transfer_id}'s blocks or layers")
+            run = self.region.array[span.layer, span.kv, start:end].reshape(-1)
+            if not (span.nbytes > 0 and 0 <= span.offset <= run.size - span.nbytes):
+                raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: span outside its run")
+            views.append(run[span.offset:span.offset + span.nbytes])
+            total += span.nbytes
+        if total != chunk.nbytes or total != len(chunk.data):
+            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: spans, nbytes and data disagree")
+        return record, views
+
+    async def _commit(self, transfer_id: str, backend: str, nbytes: int, checksums: Sequence[int],
+                      has_checksums: bool) -> TransferStats:
+        record = self._live(transfer_id)
+        if record.state != "writing" or backend != record.backend:
+            raise errors.InvalidTransfer(f"transfer {transfer_id} is {record.state} via {record.backend!r}")
+        record.state = "verifying"
+        want = record.num_layers * 2 * record.dst_ids.size * self.region.block_nbytes
+        if nbytes != want or (not backend_class(backend).one_sided and record.nbytes != want):
+            return self._lose(record, f"{record.nbytes if backend == 'grpc' else nbytes} of {want} bytes arrived")
+        checksum_seconds = 0.0
+        if has_checksums and self.verify:
+            t = time.perf_counter()
+            got = await self._checksums(record, backend, want)
+            checksum_seconds = time.perf_counter() - t
+            if self._records.get(transfer_id) is not record:  # expired or aborted while we hashed
+                raise record.future.exception()
+            bad = [i for i, (a, b) in enumerate(zip(got, checksums)) if a != b]
+            if bad or len(checksums) != record.num_layers:
+                return self._lose(record, f"checksum mismatch in layers {bad or 'count'}")
+        stats = TransferStats(backend, want, int(record.dst_ids.size), record.num_layers,
+                              time.perf_counter() - record.opened, checksum_seconds)
+        record.state = "ready"
+        record.future.set_result(stats)
+        return stats
+
+    async def _checksums(self, record: _Record, backend: str, nbytes: int) -> list[int]:
+        """Each layer's checksum of what landed: for data that came through Push, the running checksums kept
+        while landing it; for one-sided writes, re-read from the region."""
+        if not backend_class(backend).one_sided:
+            return [record.layer_hashers[i].intdigest() if i in record.layer_hashers else -1
+                    for i in range(record.num_layers)]
+        args = (self.region.array, record.dst_ids, record.num_layers)
+        return await asyncio.to_thread(dst_checksums, *args) if nbytes >= OFFLOAD_BYTES else dst_checksums(*args)
+
+    def _abort(self, transfer_id: str, reason: str) -> bool:
+        record = self._records.get(transfer_id)
+        if record is None:
+            return False
+        self._fail(record, errors.TransferAborted(f"transfer {transfer_id} aborted by sender: {reason}"))
+        return True
+
+    # ---- private ----
+
+    async def _run_pump(self) -> None:
+        """Drive backends that need the target's progress, while any transfer through them is open."""
+        while True:
+            busy = {r.backend for r in self._records.values() if r.state in ("writing", "verifying")}
+            progress = [a.progress for n, a in self._attached.items() if n in busy and a.progress is not None]
+            if not progress:
+                return
+            for call in progress:
+                call()
+            await asyncio.sleep(PUMP_S)
+
+    def _live(self, transfer_id: str) -> _Record:
+        record = self._records.get(transfer_id)
+        if record is None:
+            raise errors.UnknownTransfer(f"no live transfer {transfer_id}")
+        return record
+
+    def _lose(self, record: _Record, why: str):
+        error = errors.DataLossError(f"transfer {record.transfer_id}: {why}")
+        self._fail(record, error)
+        raise error
+
+    def _expire(self, record: _Record, lease_s: float) -> None:
+        if record.state == "ready":  # landed but nobody waited: just drop it
+            self._drop(record)
+        else:
+            self._fail(record, errors.TransferTimeout(f"transfer {record.transfer_id}: lease of {lease_s}s lapsed"
+                                                      f" while {record.state}"))
+
+    def _fail(self, record: _Record, error: errors.TransportError) -> None:
+        if self._records.get(record.transfer_id) is not record:
+            return
+        record.state = "failed"
+        if not record.future.done():
+            record.future.set_exception(error)
+        self._tombstones[record.transfer_id] = error
+        while len(self._tombstones) > TOMBSTONES:
+            self._tombstones.popitem(last=False)
+        self._drop(record)
+
+    def _drop(self, record: _Record) -> None:
+        if record.timer is not None:
+            record.timer.cancel()
+        self._records.pop(record.transfer_id, None)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # mark retrieved: a failed transfer nobody waits for is not an "unhandled" error

@@ -1,0 +1,106 @@
+"""The memory a transport moves KV in and out of: a worker's whole KV pool, and the facts that describe it.
+
+A pool is ONE numpy uint8 array shaped [num_layers, 2, num_blocks, block_nbytes] (axis 1: 0 = K, 1 = V). One
+block of one layer is one contiguous run of bytes and consecutive block ids are contiguous, so a run of blocks is a
+single memcpy. Transports allocate the pool (`allocate_region`); the engine wraps `region.array` without copying.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from kvmesh.v1 import common_pb2
+
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class KVRegion:
+    """A KV pool and whoever owns its memory. `close()` releases it (for shm: unmaps and unlinks the segment)."""
+
+    array: np.ndarray
+    backend: str = "local"
+    name: str = ""  # shm segment name when the pool lives in shared memory
+    _closer: Callable[[], None] | None = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.array.shape[2]
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.array.shape[3]
+
+    def close(self) -> None:
+        """Release the memory. Idempotent; views of `array` held elsewhere stay readable until dropped."""
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            closer()
+
+
+def allocate_region(num_layers: int, num_blocks: int, block_nbytes: int,
+                    backend: str | Sequence[str] = "grpc") -> KVRegion:
+    """Allocate a KV pool for receiving through `backend` (a name or the list a receiver will accept).
+
+    If any named backend needs the receiver's pool in shared memory (shm), the pool is a POSIX shm segment that a
+    same-host sender maps; otherwise it is ordinary process memory.
+    """
+    for n, what in ((num_layers, "num_layers"), (num_blocks, "num_blocks"), (block_nbytes, "block_nbytes")):
+        if n <= 0:
+            raise ValueError(f"{what} must be > 0, got {n}")
+    names = [backend] if isinstance(backend, str) else list(backend)
+    from kvmesh.transports.base import backend_class  # registry; imported here to keep this module a leaf
+
+    if any(backend_class(n).needs_shared_region for n in names):
+        from kvmesh.transports.shm import create_segment
+
+        return create_segment((num_layers, 2, num_blocks, block_nbytes))
+    array = np.zeros((num_layers, 2, num_blocks, block_nbytes), dtype=np.uint8)
+    return KVRegion(array=array, backend="local")
+
+
+def make_layout(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16",
+                model_id: str = "") -> common_pb2.KVLayout:
+    """A KVLayout message (shorthand for tests and tools)."""
+    return common_pb2.KVLayout(model_id=model_id, dtype=dtype, block_size=block_size, num_layers=num_layers,
+                               num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+
+def block_nbytes(layout: common_pb2.KVLayout) -> int:
+    """Bytes of one block of K (or V) in one layer under `layout`."""
+    if layout.dtype not in DTYPE_SIZES:
+        raise ValueError(f"unknown KV dtype {layout.dtype!r}; expected one of {sorted(DTYPE_SIZES)}")
+    return layout.block_size * layout.num_kv_heads * layout.head_dim * DTYPE_SIZES[layout.dtype]
+
+
+def check_region(region: KVRegion, layout: common_pb2.KVLayout) -> None:
+    """Raise ValueError unless `region` is a uint8 pool shaped for `layout`."""
+    a = region.array
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[1] != 2 or not a.flags.c_contiguous:
+        raise ValueError(f"a KV region must be a C-contiguous uint8 [layers, 2, blocks, bytes] array, "
+                         f"got {a.dtype} {a.shape}")
+    want = (layout.num_layers, block_nbytes(layout))
+    if (a.shape[0], a.shape[3]) != want:
+        raise ValueError(f"region shape {a.shape} does not fit layout (layers, block bytes) = {want}")
+
+
+def host_id() -> str:
+    """A stable id of this host: $KVMESH_HOST_ID, else hostname + kernel boot id (equal ids share /dev/shm)."""
+    forced = os.environ.get("KVMESH_HOST_ID")
+    if forced:
+        return forced
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "noboot"
+    return f"{socket.gethostname()}/{boot}"

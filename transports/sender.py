@@ -1,0 +1,161 @@
+"""The sending side: one `Sender` per sending worker (prefill worker, cache service), owning its KV region."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Sequence
+
+from kvmesh.transports import errors
+from kvmesh.transports.base import PREFERENCE, Backend, Transfer, backend_class
+from kvmesh.transports.blocks import as_block_ids
+from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
+from kvmesh.v1 import common_pb2
+
+DEFAULT_CHUNK_BYTES = (1 << 20) - 1024  # data per grpc message; header + data stay within 1 MiB
+
+
+class Sender:
+    """Opens transfers from this worker's pool into receivers' pools.
+
+    Holds one control channel per receiver address and one backend link per (backend, receiver), both cached.
+    All methods run on the sender's event loop. `chaos` (a spec string, see `chaos.py`) degrades every transfer.
+    """
+
+    def __init__(self, region: KVRegion, layout: common_pb2.KVLayout, *, backends: Sequence[str] = PREFERENCE,
+                 host_id: str | None = None, force: str | None = None, verify: bool = True,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chaos: str | None = None) -> None:
+        check_region(region, layout)
+        if not 4096 <= chunk_bytes <= DEFAULT_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [4096, {DEFAULT_CHUNK_BYTES}], got {chunk_bytes}")
+        self.region, self.layout = region, layout
+        self.backends = [b for b in backends if backend_class(b).unavailable_reason() is None]
+        self.host_id = host_id or this_host_id()
+        self.force, self.verify, self.chunk_bytes = force, verify, chunk_bytes
+        self.chaos = None
+        if chaos:
+            from kvmesh.transports.chaos import Chaos
+            self.chaos = Chaos.parse(chaos)
+        self._peers: dict[str, object] = {}
+        self._links: dict[tuple, Backend] = {}
+        self._locks: dict[tuple, asyncio.Lock] = {}
+        self._transfers: set[Transfer] = set()
+        self._closed = False
+
+    def choose_backend(self, descriptor: common_pb2.TransportDescriptor) -> str:
+        """The backend for this receiver: its list (best first) ∩ ours, same-host ones only on its host, or the
+        forced one. Raises NoCommonBackend."""
+        same_host = descriptor.host_id == self.host_id
+        usable = [b for b in descriptor.backends
+                  if b in self.backends and (same_host or not backend_class(b).same_host_only)]
+        if self.force:
+            if self.force not in usable:
+                raise errors.NoCommonBackend(f"forced backend {self.force!r} not usable; receiver offers "
+                                             f"{list(descriptor.backends)}, same host: {same_host}")
+            return self.force
+        if not usable:
+            raise errors.NoCommonBackend(f"receiver offers {list(descriptor.backends)}, we have {self.backends}, "
+                                         f"same host: {same_host}")
+        return usable[0]
+
+    async def open(self, descriptor: common_pb2.TransportDescriptor, transfer_id: str,
+                   dst_block_ids: Sequence[int], timeout: float = 30.0) -> Transfer:
+        """Start a transfer into the receiver's `dst_block_ids` (which it must have `expect`ed).
+
+        Called by the sending worker when it knows where the KV goes (before or while computing it). Negotiates
+        the backend, checks layouts and block ids, and tells the receiver (Open). `timeout` bounds the whole
+        transfer, commit included. Raises LayoutMismatch, InvalidTransfer, NoCommonBackend, UnknownTransfer,
+        PeerUnavailable or TransferTimeout.
+        """
+        if self._closed:
+            raise errors.InvalidTransfer("sender is closed")
+        if descriptor.layout != self.layout:
+            raise errors.LayoutMismatch(f"receiver layout {_short(descriptor.layout)} != ours {_short(self.layout)}")
+        try:
+            dst = as_block_ids(dst_block_ids, descriptor.num_blocks, "dst_block_ids")
+        except ValueError as exc:
+            raise errors.InvalidTransfer(str(exc)) from None
+        name = self.choose_backend(descriptor)
+        deadline = time.monotonic() + timeout
+        peer = self._peer(descriptor.address)
+        link = None
+        try:
+            link = await asyncio.wait_for(self._link(name, descriptor, peer), timeout)
+            await peer.open(transfer_id, dst, self.layout, name, self.host_id, max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            raise errors.TransferTimeout(f"open {transfer_id}: deadline passed") from None
+        except errors.PeerUnavailable:
+            if link is not None:
+                await self._forget(link)
+            raise
+        transfer = link.transfer_class(link, transfer_id, dst, deadline)
+        if self.chaos is not None:
+            transfer._writer = self.chaos.wrap(transfer._writer)
+        link.users += 1
+        self._transfers.add(transfer)
+        await transfer._guard(transfer._begin, "begin")
+        return transfer
+
+    @property
+    def num_open_transfers(self) -> int:
+        """Transfers opened and not yet committed or aborted (0 when nothing leaks)."""
+        return len(self._transfers)
+
+    @property
+    def num_links(self) -> int:
+        """Cached backend links (one per receiver and backend)."""
+        return len(self._links)
+
+    async def close(self) -> None:
+        """Abort open transfers, close links and control channels. Called once when the worker stops."""
+        self._closed = True
+        for transfer in list(self._transfers):
+            await transfer.abort("sender closing")
+        for link in list(self._links.values()):
+            await link.close()
+        self._links.clear()
+        for peer in self._peers.values():
+            await peer.close()
+        self._peers.clear()
+
+    # ---- used by Transfer ----
+
+    def _release(self, transfer: Transfer) -> None:
+        if transfer in self._transfers:
+            self._transfers.discard(transfer)
+            transfer.link.users -= 1
+
+    async def _forget(self, link: Backend) -> None:
+        """Drop a link whose receiver went away, so a restarted receiver gets a fresh one."""
+        key = _link_key(link.name, link.descriptor)
+        if self._links.get(key) is link:
+            del self._links[key]
+            await link.close()
+
+    # ---- private ----
+
+    def _peer(self, address: str):
+        if not address:
+            raise errors.InvalidTransfer("descriptor has no address")
+        if address not in self._peers:
+            from kvmesh.transports.service import Peer
+            self._peers[address] = Peer(address)
+        return self._peers[address]
+
+    async def _link(self, name: str, descriptor, peer) -> Backend:
+        key = _link_key(name, descriptor)
+        async with self._locks.setdefault(key, asyncio.Lock()):  # concurrent first opens connect once
+            if key not in self._links:
+                link = backend_class(name)(self, descriptor, peer)
+                await link.connect()
+                self._links[key] = link
+            return self._links[key]
+
+
+def _link_key(name: str, descriptor) -> tuple:
+    return name, descriptor.address, bytes(descriptor.backend_params.get(name, b""))
+
+
+def _short(layout: common_pb2.KVLayout) -> str:
+    return (f"{layout.model_id or '?'}:{layout.dtype} L{layout.num_layers} B{layout.block_size} "
+            f"H{layout.num_kv_heads}x{layout.head_dim}")

@@ -1,0 +1,127 @@
+"""The KVTransfer gRPC service: the receiver's servicer (thin: proto -> Receiver -> proto) and the sender's
+control-channel client (`Peer`), which turns gRPC statuses back into typed transport errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from kvmesh.transports import errors
+from kvmesh.v1 import kv_pb2, kv_pb2_grpc
+
+# Chunks are <= 1 MiB; leave room above grpc's 4 MiB default in neither direction, but never below a chunk.
+MAX_MESSAGE_BYTES = 4 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+ABORT_TIMEOUT_S = 1.0
+
+
+async def _abort_with(context, exc: errors.TransportError):
+    await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), str(exc))
+
+
+class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
+    """Serves one Receiver. Mount with `receiver.mount(server)` or `add_KVTransferServicer_to_server`."""
+
+    def __init__(self, receiver) -> None:
+        self.receiver = receiver
+
+    async def Open(self, request, context):
+        try:
+            lease = self.receiver._open(request.transfer_id, request.dst_block_ids, request.layout, request.backend)
+        except errors.TransportError as exc:
+            await _abort_with(context, exc)
+        return kv_pb2.OpenReply(lease_remaining_s=lease)
+
+    async def Push(self, request_iterator, context):
+        from kvmesh.transports.grpc import receive_push
+        try:
+            nbytes, num_chunks = await receive_push(self.receiver, request_iterator)
+        except errors.TransportError as exc:
+            await _abort_with(context, exc)
+        return kv_pb2.PushReply(nbytes=nbytes, num_chunks=num_chunks)
+
+    async def Commit(self, request, context):
+        try:
+            stats = await self.receiver._commit(request.transfer_id, request.backend, request.nbytes,
+                                                list(request.layer_checksums), request.has_checksums)
+        except errors.TransportError as exc:
+            await _abort_with(context, exc)
+        return kv_pb2.CommitReply(checksum_seconds=stats.checksum_seconds, seconds=stats.seconds)
+
+    async def Abort(self, request, context):
+        return kv_pb2.AbortReply(found=self.receiver._abort(request.transfer_id, request.reason))
+
+
+def add_to_server(servicer: KVTransferServicer, server) -> None:
+    """Register `servicer` on a grpc.aio server, decoding Push chunks without copying their data (the generated
+    `add_KVTransferServicer_to_server` works too, with one more copy per chunk)."""
+    from kvmesh.transports.grpc import decode_chunk
+
+    def unary(method, request):
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
+                                                   response_serializer=lambda reply: reply.SerializeToString())
+
+    handlers = {
+        "Open": unary(servicer.Open, kv_pb2.OpenRequest),
+        "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, request_deserializer=decode_chunk,
+                                                     response_serializer=kv_pb2.PushReply.SerializeToString),
+        "Commit": unary(servicer.Commit, kv_pb2.CommitRequest),
+        "Abort": unary(servicer.Abort, kv_pb2.AbortRequest),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvmesh.v1.KVTransfer", handlers),))
+    server.add_registered_method_handlers("kvmesh.v1.KVTransfer", handlers)
+
+
+class Peer:
+    """A sender's control channel to one receiver address (cached by the Sender)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = kv_pb2_grpc.KVTransferStub(self.channel)
+        # Push with a pre-serialised request (bytes): the sender builds chunks itself to avoid copies.
+        self.push = self.channel.stream_unary("/kvmesh.v1.KVTransfer/Push", request_serializer=None,
+                                              response_deserializer=kv_pb2.PushReply.FromString)
+
+    async def open(self, transfer_id, dst_ids, layout, backend, host_id, timeout) -> float:
+        request = kv_pb2.OpenRequest(transfer_id=transfer_id, dst_block_ids=dst_ids.tolist(), layout=layout,
+                                     backend=backend, sender_host_id=host_id)
+        reply = await call(self.stub.Open, request, timeout, f"open {transfer_id}")
+        return reply.lease_remaining_s
+
+    async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout) -> kv_pb2.CommitReply:
+        request = kv_pb2.CommitRequest(transfer_id=transfer_id, backend=backend, nbytes=nbytes,
+                                       layer_checksums=checksums, has_checksums=has_checksums)
+        return await call(self.stub.Commit, request, timeout, f"commit {transfer_id}")
+
+    async def abort(self, transfer_id: str, reason: str) -> None:
+        """Best effort: never raises (the receiver's lease cleans up if this is lost)."""
+        try:
+            await self.stub.Abort(kv_pb2.AbortRequest(transfer_id=transfer_id, reason=reason),
+                                  timeout=ABORT_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError):
+            pass
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def call(method, request, timeout: float, what: str):
+    """A unary call under `timeout`, with gRPC errors turned into typed transport errors."""
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, what) from None
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, what: str) -> errors.TransportError:
+    """The typed error for a failed RPC."""
+    return errors.from_status(exc.code().name, f"{what}: {exc.code().name}: {exc.details()}")
