@@ -41,8 +41,8 @@ class DecodeStub:
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/kvmesh.v1.Decode/Abort',
-                request_serializer=kvmesh_dot_v1_dot_decode__pb2.AbortRequest.SerializeToString,
-                response_deserializer=kvmesh_dot_v1_dot_decode__pb2.AbortReply.FromString,
+                request_serializer=kvmesh_dot_v1_dot_decode__pb2.DecodeAbortRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_decode__pb2.DecodeAbortReply.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvmesh.v1.Decode/Stats',
@@ -87,8 +87,8 @@ def add_DecodeServicer_to_server(servicer, server):
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=kvmesh_dot_v1_dot_decode__pb2.AbortRequest.FromString,
-                    response_serializer=kvmesh_dot_v1_dot_decode__pb2.AbortReply.SerializeToString,
+                    request_deserializer=kvmesh_dot_v1_dot_decode__pb2.DecodeAbortRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_decode__pb2.DecodeAbortReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -148,8 +148,8 @@ class Decode:
             request,
             target,
             '/kvmesh.v1.Decode/Abort',
-            kvmesh_dot_v1_dot_decode__pb2.AbortRequest.SerializeToString,
-            kvmesh_dot_v1_dot_decode__pb2.AbortReply.FromString,
+            kvmesh_dot_v1_dot_decode__pb2.DecodeAbortRequest.SerializeToString,
+            kvmesh_dot_v1_dot_decode__pb2.DecodeAbortReply.FromString,
             options,
             channel_credentials,
             insecure,
