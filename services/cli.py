@@ -59,6 +59,8 @@ def _add_services(sub: argparse._SubParsersAction) -> None:
     services = {
         "scheduler": ("kvmesh.services.scheduler.main", "the worker registry and router"),
         "cache": ("kvmesh.services.cache.main", "the KV block cache service"),
+        "prefill": ("kvmesh.services.prefill.main", "a prefill worker: computes prompts' KV for decode workers"),
+        "decode": ("kvmesh.services.decode.main", "a decode worker: owns requests, decodes with continuous batching"),
         "gateway": ("kvmesh.services.gateway.main", "the client-facing gRPC and OpenAI-compatible HTTP API"),
     }
     for name, (module_name, help_text) in services.items():

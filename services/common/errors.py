@@ -24,6 +24,13 @@ class MeshError(Exception):
 
     grpc_status = grpc.StatusCode.INTERNAL
 
+    @classmethod
+    def with_status(cls, code: grpc.StatusCode, message: str) -> "MeshError":
+        """An error that stands for `code` (e.g. a peer's status passed on with more context)."""
+        error = cls(message)
+        error.grpc_status = code
+        return error
+
 
 class InvalidArgumentError(MeshError, ValueError):
     """The request is malformed or asks for something impossible: INVALID_ARGUMENT."""
@@ -83,6 +90,11 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status code an exception stands for."""
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code()  # a downstream call failed: pass its status on
+    if isinstance(exc.__dict__.get("grpc_status"), grpc.StatusCode):
+        return exc.__dict__["grpc_status"]
+    name = getattr(exc, "status", None)  # the transports' errors name their status
+    if isinstance(name, str) and name in grpc.StatusCode.__members__:
+        return grpc.StatusCode[name]
     for cls in type(exc).__mro__:
         code = cls.__dict__.get("grpc_status")
         if isinstance(code, grpc.StatusCode):

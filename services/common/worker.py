@@ -102,12 +102,16 @@ def sampling_params(proto: common_pb2.SamplingParams):
         logprobs=proto.logprobs if proto.HasField("logprobs") else None)
 
 
-def logprob_protos(entries) -> list[common_pb2.TokenLogprob]:
-    """Engine logprob entries as TokenLogprob messages."""
+def logprob_protos(token_ids: list[int], entries) -> list[common_pb2.TokenLogprob]:
+    """Engine logprob entries ({"logprob", "top": [(id, logprob), ...]}, or None) as TokenLogprob messages."""
     out = []
-    for e in entries or ():
-        out.append(common_pb2.TokenLogprob(token_id=e.token_id, logprob=e.logprob,
-                                           top_token_ids=list(e.top_token_ids), top_logprobs=list(e.top_logprobs)))
+    for token_id, e in zip(token_ids, entries or ()):
+        if e is None:
+            continue
+        top = e.get("top") or []
+        out.append(common_pb2.TokenLogprob(token_id=token_id, logprob=e["logprob"],
+                                           top_token_ids=[int(t) for t, _ in top],
+                                           top_logprobs=[float(lp) for _, lp in top]))
     return out
 
 

@@ -1,0 +1,177 @@
+"""The decode worker's domain: own a request from routing to its last token.
+
+For each request: reserve KV blocks, expect the prefill worker's writes into them, ask it to prefill, wait for
+the last layer to land (checksums verified), admit the sequence into the continuous batch, and stream its tokens.
+One handoff record per request ties every resource it takes (blocks, the expected transfer, the output queue)
+to one release, whichever way the request ends: finish, client cancel, prefill failure, or lease expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvmesh.services.common import errors, telemetry
+from kvmesh.services.common.handoff import HandoffState, HandoffTable
+from kvmesh.services.common.worker import logprob_protos, sampling_params
+from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
+from kvmesh.services.engine.errors import OutOfBlocksError
+from kvmesh.transports import TransportError
+from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
+
+log = logging.getLogger(__name__)
+
+FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+          "abort": common_pb2.FINISH_REASON_ABORT}
+RESERVE_POLL_S = 0.02
+_EXPIRED = object()
+
+
+class DecodeWorker:
+    """Requests in flight on this decode worker."""
+
+    def __init__(self, engine_thread, receiver, channels, lease_s: float, queue_timeout_s: float = 30.0):
+        self.et, self.engine = engine_thread, engine_thread.engine
+        self.receiver, self.channels = receiver, channels
+        self.handoffs = HandoffTable(lease_s)
+        self.queue_timeout_s = queue_timeout_s
+        self.tokenizer = self.engine.tokenizer
+
+    # ---- load, for heartbeats and Stats ----
+
+    def _count(self, *states: HandoffState) -> int:
+        return sum(1 for r in self.handoffs._records.values() if r.state in states)
+
+    def load(self) -> scheduler_pb2.WorkerLoad:
+        return scheduler_pb2.WorkerLoad(
+            num_waiting=self._count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
+            num_running=self._count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
+            num_total_blocks=self.engine.kv_cache.num_blocks)
+
+    def stats(self) -> decode_pb2.WorkerStats:
+        load = self.load()
+        return decode_pb2.WorkerStats(num_waiting=load.num_waiting, num_running=load.num_running,
+                                      num_free_blocks=load.num_free_blocks, num_total_blocks=load.num_total_blocks,
+                                      num_handoffs=len(self.handoffs), num_transfers=self.receiver.num_transfers)
+
+    # ---- one request ----
+
+    async def _reserve(self, request_id: str, num_tokens: int) -> list[int]:
+        """Blocks for the prompt; wait a while for blocks to free up before giving up with RESOURCE_EXHAUSTED."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout_s
+        while True:
+            try:
+                return await self.et.call(self.engine.reserve, request_id, num_tokens)
+            except OutOfBlocksError as e:
+                if loop.time() > deadline:
+                    raise errors.CapacityError(f"no free KV blocks for {num_tokens} prompt tokens after "
+                                               f"{self.queue_timeout_s:g} s: {e}") from None
+                await asyncio.sleep(RESERVE_POLL_S)
+
+    async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], timeout: float):
+        """Have the prefill worker fill this request's reserved blocks; return its PrefillResponse."""
+        rid = request.request_id
+        blocks = await self._reserve(rid, len(ids))
+        self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+        self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
+        self.handoffs.on_release(rid, lambda: self.receiver.cancel(rid))
+        self.handoffs.advance(rid, HandoffState.WRITING)
+        stub = prefill_pb2_grpc.PrefillStub(self.channels.get(request.prefill.address))
+        call = prefill_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=ids, sampling=request.sampling,
+            destination=self.receiver.descriptor(), destination_blocks=common_pb2.BlockRef(block_ids=blocks),
+            cache_salt=request.cache_salt, trace_context=telemetry.inject({}))
+        prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
+        landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))
+        try:
+            with telemetry.tracer().start_as_current_span("decode.wait_kv"):
+                done, _ = await asyncio.wait({prefill, landed}, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # the first failure, if any, raises here
+                reply, stats = await prefill, await landed
+        except grpc.aio.AioRpcError as e:
+            raise _peer_error(request.prefill.address, e) from None
+        except TransportError as e:
+            raise _transfer_error(e) from None
+        finally:
+            for task in (prefill, landed):
+                task.cancel()
+            await asyncio.gather(prefill, landed, return_exceptions=True)
+        self.handoffs.advance(rid, HandoffState.READY)
+        return reply, stats
+
+    async def generate(self, request: decode_pb2.DecodeRequest, timeout: float
+                       ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        """Serve one routed request; every resource it takes is released when this generator ends."""
+        rid, ids = request.request_id, list(request.prompt_token_ids)
+        params = sampling_params(request.sampling)
+        await self.et.call(self.engine.validate, ids, params)
+        self.handoffs.open(rid)
+        outputs = self.et.subscribe(rid)
+        self.handoffs.on_release(rid, lambda: outputs.put_nowait(_EXPIRED))
+        try:
+            first_logprob, cached = None, 0
+            if request.prefill.address:
+                reply, _stats = await self._remote_prefill(request, ids, timeout)
+                first_logprob, cached = reply.first_logprob if reply.HasField("first_logprob") else None, \
+                    reply.num_cached_tokens
+                with telemetry.tracer().start_as_current_span("decode.admit"):
+                    await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
+            else:
+                self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+                await self.et.call(self.engine.add_request, rid, ids, params)
+            self.handoffs.advance(rid, HandoffState.DECODING)
+            async for response in self._stream(rid, ids, outputs, first_logprob, cached):
+                yield response
+        finally:
+            self.et.unsubscribe(rid)
+            await self.handoffs.end(rid)
+
+    async def _stream(self, rid, ids, outputs: asyncio.Queue, first_logprob, cached: int):
+        detok = IncrementalDetokenizer(self.tokenizer, ids)
+        num_generated = 0
+        with telemetry.tracer().start_as_current_span("decode.stream") as span:
+            while True:
+                out = await outputs.get()
+                if out is _EXPIRED:
+                    record = self.handoffs.get(rid)
+                    raise errors.DeadlineError(f"request {rid} expired on the decode worker "
+                                               f"({record.reason if record else 'lease lapsed'})")
+                self.handoffs.renew(rid)
+                logprobs = logprob_protos(out.new_token_ids, out.logprobs)
+                if first_logprob is not None and num_generated == 0:
+                    logprobs.insert(0, first_logprob)
+                num_generated += len(out.new_token_ids)
+                text = detok.add(out.new_token_ids) + (detok.flush() if out.finished else "")
+                response = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, text=text, logprobs=logprobs)
+                if out.finished:
+                    response.finish_reason = FINISH.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
+                    response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=num_generated,
+                                                             cached_tokens=max(cached, out.num_cached_tokens)))
+                    span.set_attribute("kvmesh.output_tokens", num_generated)
+                yield response
+                if out.finished:
+                    return
+
+    async def abort(self, request_id: str) -> bool:
+        """Cancel a request by id; idempotent."""
+        return await self.handoffs.end(request_id, HandoffState.FAILED, "aborted")
+
+
+def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:
+    """A failed Prefill call as the error the client sees, naming the worker."""
+    code = e.code()
+    message = f"prefill worker {address} failed: {code.name}: {e.details()}"
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
+                grpc.StatusCode.DEADLINE_EXCEEDED):
+        return errors.MeshError.with_status(code, message)
+    return errors.UnavailableError(message)
+
+
+def _transfer_error(e: TransportError) -> errors.MeshError:
+    """A failed KV transfer as the error the client sees (DATA_LOSS, DEADLINE_EXCEEDED, UNAVAILABLE, ...)."""
+    return errors.MeshError.with_status(errors.status_for(e), f"KV transfer failed: {e}")

@@ -1,0 +1,55 @@
+"""`kvmesh prefill`: a prefill worker — its engine on a dedicated thread, writing each prompt's KV into decode
+workers' blocks through the transports, registered with the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from kvmesh.services.common import config as config_mod
+from kvmesh.services.common.engine_thread import EngineThread
+from kvmesh.services.common.server import MeshServer, Service, serve
+from kvmesh.services.common.worker import layout_proto, load_engine, register, set_threads
+from kvmesh.services.prefill.config import PrefillConfig
+from kvmesh.services.prefill.servicer import PrefillServicer
+from kvmesh.services.prefill.worker import PrefillWorker
+from kvmesh.transports import Sender
+from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc, scheduler_pb2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The prefill worker's flags: one per PrefillConfig field."""
+    config_mod.add_arguments(parser, PrefillConfig, "prefill")
+
+
+async def setup(config: PrefillConfig, server: MeshServer) -> None:
+    """Load the engine, open a sender over its KV pool, host the Prefill service."""
+    set_threads(config)
+    backends = config.backends()
+    engine, region = await asyncio.to_thread(load_engine, config, ["grpc"])  # a sender needs no shared pool
+    sender = Sender(region, layout_proto(engine.layout), backends=backends,
+                    force=None if config.transport == "auto" else config.transport,
+                    chaos=config.transport_chaos or None)
+    engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="prefill-engine")
+    worker = PrefillWorker(engine_thread, sender, config.handoff_lease_s)
+    server.add_service(Service.of(prefill_pb2, prefill_pb2_grpc, PrefillServicer(worker, config.prefill_timeout_s)))
+
+    async def start(_server: MeshServer) -> None:
+        engine_thread.start()
+        worker.handoffs.start()
+
+    async def stop() -> None:
+        await worker.handoffs.close()
+        await sender.close()
+        engine_thread.stop()
+        region.close()
+
+    server.add_task(start)
+    server.on_stop(stop)
+    register(server, config, scheduler_pb2.WORKER_ROLE_PREFILL, engine.layout, None, worker.load)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `kvmesh prefill`."""
+    config = config_mod.from_args(PrefillConfig, "prefill", args)
+    return serve(config, lambda server: setup(config, server), name="prefill")

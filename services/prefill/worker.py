@@ -1,0 +1,130 @@
+"""The prefill worker's domain: compute a prompt's KV and write it into a decode worker's reserved blocks.
+
+Prompts join the engine's batch like any request, marked prefill-only: the engine stops after the first token
+and keeps the blocks. The engine thread calls back after each layer of a step in which a prompt's prefill
+completes; each such layer is handed to the transport at once, so the transfer of layer l overlaps the compute
+of layers l+1…. When the engine returns the first token, the remaining layers are flushed, the transfer is
+committed (the receiver verifies every layer's checksum), and the worker's blocks are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kvmesh.services.common import errors, telemetry
+from kvmesh.services.common.handoff import HandoffState, HandoffTable
+from kvmesh.services.common.worker import logprob_protos, sampling_params
+from kvmesh.transports import TransportError
+from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
+
+log = logging.getLogger(__name__)
+
+
+class LayerStream:
+    """Sends one request's layers in order as the engine finishes them."""
+
+    def __init__(self, transfer, num_blocks: int):
+        self.transfer, self.num_blocks = transfer, num_blocks
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._run())
+        self.num_layers_sent = 0
+
+    def push(self, layer: int, block_table: list[int]) -> None:
+        """Called on the loop (via call_soon_threadsafe) when `layer` of this request is in the pool."""
+        self.queue.put_nowait((layer, block_table[:self.num_blocks]))
+
+    async def _run(self) -> None:
+        while True:
+            layer, blocks = await self.queue.get()
+            if layer is None:
+                return
+            await self.transfer.send_layer(layer, blocks)
+            self.num_layers_sent += 1
+
+    async def finish(self) -> None:
+        """Wait until every pushed layer is sent."""
+        self.queue.put_nowait((None, None))
+        await self.task
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+class PrefillWorker:
+    """Prompts being prefilled on this worker."""
+
+    def __init__(self, engine_thread, sender, lease_s: float):
+        self.et, self.engine = engine_thread, engine_thread.engine
+        self.sender = sender
+        self.handoffs = HandoffTable(lease_s)
+        self.streams: dict[str, LayerStream] = {}
+        self._loop = asyncio.get_running_loop()
+        self.engine.set_layer_hook(self._on_layer)
+
+    def _on_layer(self, layer: int, request_ids: list[str]) -> None:
+        """Engine thread: `layer` of these requests' prompts is complete in the pool."""
+        for rid in request_ids:
+            stream = self.streams.get(rid)
+            if stream is not None:
+                self._loop.call_soon_threadsafe(stream.push, layer, self.engine.block_table(rid))
+
+    def load(self) -> scheduler_pb2.WorkerLoad:
+        return scheduler_pb2.WorkerLoad(num_waiting=0, num_running=len(self.handoffs),
+                                        num_free_blocks=self.engine.num_free_blocks,
+                                        num_total_blocks=self.engine.kv_cache.num_blocks)
+
+    def stats(self) -> decode_pb2.WorkerStats:
+        load = self.load()
+        return decode_pb2.WorkerStats(num_running=load.num_running, num_free_blocks=load.num_free_blocks,
+                                      num_total_blocks=load.num_total_blocks, num_handoffs=len(self.handoffs),
+                                      num_transfers=self.sender.num_open_transfers)
+
+    async def prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
+        """Prefill one prompt into the destination's blocks; return its first token."""
+        rid, ids = request.request_id, list(request.prompt_token_ids)
+        params = sampling_params(request.sampling)
+        await self.et.call(self.engine.validate, ids, params)
+        dst = list(request.destination_blocks.block_ids)
+        needed = self.engine.layout.num_blocks_for(len(ids))
+        if len(dst) != needed:
+            raise errors.InvalidArgumentError(f"destination_blocks has {len(dst)} blocks; a prompt of {len(ids)} "
+                                              f"tokens needs {needed}")
+        self.handoffs.open(rid)
+        outputs = self.et.subscribe(rid)
+        transfer_done = False
+        try:
+            transfer = await self.sender.open(request.destination, rid, dst, timeout=timeout)
+            self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+            self.handoffs.on_release(rid, lambda: None if transfer_done else transfer.abort())
+            stream = self.streams[rid] = LayerStream(transfer, needed)
+            self.handoffs.on_release(rid, stream.cancel)
+            self.handoffs.advance(rid, HandoffState.WRITING)
+            start = time.perf_counter()
+            with telemetry.tracer().start_as_current_span("prefill.compute") as span:
+                span.set_attribute("kvmesh.prefill.tokens", len(ids))
+                await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True)
+                out = await asyncio.wait_for(outputs.get(), timeout)
+            compute_s = time.perf_counter() - start
+            if out.finish_reason != "prefill" or not out.new_token_ids:
+                raise errors.UnavailableError(f"prefill of {rid} ended with {out.finish_reason!r}")
+            await stream.finish()
+            stats = await transfer.commit()
+            transfer_done = True
+            self.handoffs.advance(rid, HandoffState.READY)
+        except TransportError as e:
+            raise errors.MeshError.with_status(errors.status_for(e), f"KV transfer to "
+                                               f"{request.destination.address} failed: {e}") from None
+        except asyncio.TimeoutError:
+            raise errors.DeadlineError(f"prefill of {rid} did not finish within {timeout:.1f} s") from None
+        finally:
+            self.streams.pop(rid, None)
+            self.et.unsubscribe(rid)
+            await self.handoffs.end(rid)
+        logprobs = logprob_protos(out.new_token_ids[:1], out.logprobs)
+        return prefill_pb2.PrefillResponse(
+            first_token_id=out.new_token_ids[0], first_logprob=logprobs[0] if logprobs else None,
+            num_cached_tokens=out.num_cached_tokens, compute_seconds=compute_s,
+            transfer=prefill_pb2.TransferSummary(backend=stats.backend, bytes=stats.bytes, blocks=stats.blocks,
+                                                 seconds=stats.seconds))
