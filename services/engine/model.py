@@ -129,9 +129,7 @@ class LlamaModel:
             vc = v_pool.index_select(0, batch.decode_blocks).view(n, -1, cfg.num_kv_heads, cfg.head_dim)
             kc = kc[:, :batch.decode_len].transpose(1, 2)
             vc = vc[:, :batch.decode_len].transpose(1, 2)
-            qd = q[:n].unsqueeze(2)  # [n, heads, 1, head_dim]
-            out = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=batch.decode_mask, enable_gqa=True)
-            outs.append(out.reshape(n, -1))
+            outs.append(self._decode_attention(q[:n], kc, vc, batch.decode_mask).reshape(n, -1))
         for span in batch.prefills:
             sl = slice(span.offset, span.offset + span.length)
             qp = q[sl].transpose(0, 1).unsqueeze(0)
@@ -146,3 +144,17 @@ class LlamaModel:
                 out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, enable_gqa=True)
             outs.append(out[0].transpose(0, 1).reshape(span.length, -1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        """One query token per sequence: q [n, heads, head_dim], k/v [n, kv_heads, ctx, head_dim]."""
+        if q.dtype == torch.float32:
+            return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
+        # CPU SDPA kernels are several times slower in bfloat16/float16 than two small matmuls with a float32
+        # softmax, for decode's single-query shapes.
+        n, cfg = q.shape[0], self.config
+        qg = q.view(n, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * cfg.head_dim ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.matmul(scores.softmax(-1).to(q.dtype), v)
