@@ -91,6 +91,11 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------------------
 
     @property
+    def model_id(self) -> str:
+        """Folder name plus a short hash of config.json: the salt of block hashes, the key of shared KV."""
+        return self.layout.model_id
+
+    @property
     def num_free_blocks(self) -> int:
         return self.allocator.num_free_blocks
 
@@ -110,7 +115,11 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(
                 f"prompt token ids {bad[:5]} lie outside the vocabulary [0, {self.vocab_size})")
-        total = min(n + params.max_tokens, self.max_model_len)
+        total = n + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's context of "
+                f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - n}")
         if self.layout.num_blocks_for(total) > self.kv_cache.num_blocks:
             raise InvalidRequestError(
                 f"prompt plus max_tokens ({total} tokens) exceeds the KV cache of "

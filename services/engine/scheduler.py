@@ -1,7 +1,7 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
-Each step first serves the running sequences (oldest first: one decode token each, or the next chunk of a
-long prompt), then admits waiting ones while the token budget (max_num_batched_tokens), the free blocks and
+Each step first serves the running sequences (one decode token each, then the next chunk of each long prompt
+still prefilling, oldest first), then admits waiting ones while the token budget (max_num_batched_tokens), the free blocks and
 max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens.
 """
@@ -55,7 +55,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
-        for seq in list(self.running):
+        # decodes first (stable: oldest first within each group), so a long prompt's chunks never starve them
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)

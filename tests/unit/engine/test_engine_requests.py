@@ -30,7 +30,8 @@ def engine(model_dir):
     ([5], SamplingParams(logprobs=99), "logprobs"),
     ([5], SamplingParams(stop=("",)), "stop"),
     ([5], SamplingParams(stop_token_ids=(5000,)), "stop_token_ids"),
-    ([5] * 600, SamplingParams(max_tokens=1000), "exceeds the KV cache|context"),
+    ([5] * 600, SamplingParams(max_tokens=500), "lower max_tokens to at most 424"),
+    ([5] * 600, SamplingParams(max_tokens=100), "exceeds the KV cache"),
 ])
 def test_bad_requests_raise_actionable_errors(engine, ids, params, message):
     with pytest.raises(InvalidRequestError, match=message):
