@@ -125,11 +125,7 @@ class LlamaModel:
         outs = []
         n = batch.num_decode
         if n:
-            kc = k_pool.index_select(0, batch.decode_blocks).view(n, -1, cfg.num_kv_heads, cfg.head_dim)
-            vc = v_pool.index_select(0, batch.decode_blocks).view(n, -1, cfg.num_kv_heads, cfg.head_dim)
-            kc = kc[:, :batch.decode_len].transpose(1, 2)
-            vc = vc[:, :batch.decode_len].transpose(1, 2)
-            outs.append(self._decode_attention(q[:n], kc, vc, batch.decode_mask).reshape(n, -1))
+            outs.append(self._decode_attention(batch, q[:n], k_pool, v_pool))
         for span in batch.prefills:
             sl = slice(span.offset, span.offset + span.length)
             qp = q[sl].transpose(0, 1).unsqueeze(0)
@@ -145,16 +141,20 @@ class LlamaModel:
             outs.append(out[0].transpose(0, 1).reshape(span.length, -1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mask: torch.Tensor | None) -> torch.Tensor:
-        """One query token per sequence: q [n, heads, head_dim], k/v [n, kv_heads, ctx, head_dim]."""
+    def _decode_attention(self, batch: StepBatch, q: torch.Tensor, k_pool: torch.Tensor,
+                          v_pool: torch.Tensor) -> torch.Tensor:
+        """One query token per sequence (q [n, heads, head_dim]) over its gathered blocks: [n, heads*head_dim]."""
+        cfg, n, ctx = self.config, q.shape[0], batch.decode_len
+        kv_heads, dim = cfg.num_kv_heads, cfg.head_dim
+        k = k_pool.index_select(0, batch.decode_blocks).view(n, -1, kv_heads, dim)[:, :ctx].transpose(1, 2)
+        v = v_pool.index_select(0, batch.decode_blocks).view(n, -1, kv_heads, dim)[:, :ctx].transpose(1, 2)
         if q.dtype == torch.float32:
-            return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=batch.decode_mask, enable_gqa=True)
+            return out.reshape(n, -1)
         # CPU SDPA kernels are several times slower in bfloat16/float16 than two small matmuls with a float32
         # softmax, for decode's single-query shapes.
-        n, cfg = q.shape[0], self.config
-        qg = q.view(n, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * cfg.head_dim ** -0.5
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.matmul(scores.softmax(-1).to(q.dtype), v)
+        qg = q.view(n, kv_heads, cfg.num_heads // kv_heads, dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * dim ** -0.5
+        if batch.decode_mask is not None:
+            scores = scores.masked_fill(~batch.decode_mask, float("-inf"))
+        return torch.matmul(scores.softmax(-1).to(q.dtype), v).reshape(n, -1)
