@@ -1,0 +1,290 @@
+"""`LLMEngine`: the facade services drive from one dedicated thread (it is not thread-safe).
+
+A request's life: `add_request` -> `step()` ... (each step returns the new tokens of every request that made
+progress) -> a final `RequestOutput` with `finished=True`. Disaggregated serving adds two paths:
+
+* decode side: `reserve` blocks for a prompt, let a prefill worker write its KV into them, then
+  `add_prefilled` with the first token; the next `step()` emits that token (together with the next one, whose
+  decode runs in the same step) and decoding continues. `release` frees a reservation or a running request.
+* prefill side: `add_request(..., prefill_only=True)` prefills the prompt (batched and chunked like any other),
+  returns the first token with `finish_reason="prefill"`, and keeps the blocks (`block_table`) until
+  `release`. With `num_cached_tokens=k` the caller has `reserve`d the blocks and imported the first k tokens'
+  KV into them; only the rest is computed. `set_layer_hook` lets the caller stream KV out layer by layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kvmesh.services.engine.batch import Chunk, build_batch
+from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
+from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, dtype_name
+from kvmesh.services.engine.model import LlamaModel
+from kvmesh.services.engine.output import RequestOutput, StopChecker
+from kvmesh.services.engine.sampler import SamplingParams, sample
+from kvmesh.services.engine.scheduler import Scheduler
+from kvmesh.services.engine.sequence import Sequence, SequenceStatus
+from kvmesh.services.engine.weights import model_id
+
+DEFAULT_KV_CACHE_BYTES = 512 * 2**20
+
+__all__ = ["LLMEngine", "OutOfBlocksError", "RequestOutput", "SamplingParams"]
+
+
+class LLMEngine:
+    """Continuous-batching inference over a paged KV cache for one Llama-family model."""
+
+    def __init__(self, model: LlamaModel, tokenizer, layout: KVLayout, kv_cache: KVCache, max_model_len: int,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
+        self.model, self.tokenizer, self.layout, self.kv_cache = model, tokenizer, layout, kv_cache
+        self.max_model_len = max_model_len
+        self.vocab_size = model.config.vocab_size
+        eos = list(model.config.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(eos)
+        self.allocator = BlockAllocator(kv_cache.num_blocks)
+        self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs)
+        self.stops = StopChecker(tokenizer, self.eos_token_ids, max_model_len)
+        self._seqs: dict[str, Sequence] = {}  # waiting, running and prefilled (held) sequences
+        self._reserved: dict[str, list[int]] = {}
+        self._pending: list[Sequence] = []  # to be emitted by the next step even if not scheduled
+        self._aborted: list[RequestOutput] = []
+        self._arrivals = 0
+        self._layer_hook: Callable[[int, list[str]], None] | None = None
+
+    @classmethod
+    def from_path(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
+                  num_blocks: int | None = None, kv_cache_bytes: int | None = None,
+                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
+                  kv_storage: np.ndarray | None = None) -> "LLMEngine":
+        """Load a local HF checkpoint folder and size the KV pool (blocks, bytes, or given storage)."""
+        from transformers import AutoTokenizer
+
+        if block_size <= 0 or max_num_batched_tokens <= 0 or max_num_seqs <= 0:
+            raise InvalidRequestError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        model = LlamaModel.from_path(path, dtype, device)
+        cfg = model.config
+        layout = KVLayout(model_id(path), dtype_name(model.dtype), block_size, cfg.num_layers, cfg.num_kv_heads,
+                          cfg.head_dim)
+        max_model_len = cfg.max_position_embeddings
+        if kv_storage is not None:
+            num_blocks = int(kv_storage.shape[2])
+        elif num_blocks is None:
+            per_block = 2 * cfg.num_layers * layout.block_nbytes
+            if kv_cache_bytes is not None:
+                num_blocks = kv_cache_bytes // per_block
+            else:
+                wanted = layout.num_blocks_for(max_model_len) * max_num_seqs
+                num_blocks = max(min(wanted, DEFAULT_KV_CACHE_BYTES // per_block),
+                                 layout.num_blocks_for(max_model_len) + 1)
+        if num_blocks < 1:
+            raise InvalidRequestError(f"the KV cache needs at least one block; got {num_blocks}")
+        kv = KVCache(layout, num_blocks, device, kv_storage)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return cls(model, tokenizer, layout, kv, max_model_len, max_num_batched_tokens, max_num_seqs)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        """Folder name plus a short hash of config.json: the salt of block hashes, the key of shared KV."""
+        return self.layout.model_id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free_blocks
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError when the request cannot be served as asked."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams")
+        params.validate(self.max_model_len, self.vocab_size)
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the model's context is {self.max_model_len}; shorten the prompt "
+                f"to at most {self.max_model_len - 1} tokens")
+        bad = [t for t in prompt_token_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids {bad[:5]} lie outside the vocabulary [0, {self.vocab_size})")
+        total = n + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's context of "
+                f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - n}")
+        if self.layout.num_blocks_for(total) > self.kv_cache.num_blocks:
+            raise InvalidRequestError(
+                f"prompt plus max_tokens ({total} tokens) exceeds the KV cache of "
+                f"{self.kv_cache.num_blocks * self.layout.block_size} tokens; lower max_tokens or the prompt")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prefill_only: bool = False, num_cached_tokens: int = 0) -> None:
+        """Queue a request; with prefill_only it stops after the first token and keeps its blocks."""
+        self.validate(prompt_token_ids, params)
+        self._check_new_id(request_id, allow_reserved=True)
+        n = len(prompt_token_ids)
+        if num_cached_tokens % self.layout.block_size or not 0 <= num_cached_tokens < n:
+            raise InvalidRequestError(
+                f"num_cached_tokens must be a multiple of block_size {self.layout.block_size} below the prompt "
+                f"length {n}, got {num_cached_tokens}")
+        if num_cached_tokens and request_id not in self._reserved:
+            raise InvalidRequestError("num_cached_tokens > 0 needs blocks from reserve() holding that KV first")
+        blocks = self._take_reservation(request_id, n) if request_id in self._reserved else []
+        seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only)
+        seq.block_table = blocks
+        seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its last output says finish_reason="abort". Idempotent."""
+        if self._drop(request_id):
+            self._aborted.append(RequestOutput(request_id, [], True, "abort", None, 0, 0))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending or self._aborted)
+
+    # ---- disaggregation -------------------------------------------------------------------------------------
+
+    def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int]:
+        """Allocate the blocks a prompt of `num_prompt_tokens` needs; OutOfBlocksError when there is no room."""
+        self._check_new_id(request_id)
+        if num_prompt_tokens <= 0 or num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError(f"num_prompt_tokens must lie in [1, {self.max_model_len}), "
+                                      f"got {num_prompt_tokens}")
+        blocks = self.allocator.allocate(self.layout.num_blocks_for(num_prompt_tokens))
+        self._reserved[request_id] = blocks
+        return list(blocks)
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
+                      params: SamplingParams) -> None:
+        """Start decoding a reserved request whose prompt KV is in its blocks and whose first token is known."""
+        self.validate(prompt_token_ids, params)
+        if request_id not in self._reserved:
+            raise InvalidRequestError(f"request {request_id!r} has no reservation; call reserve() first")
+        if not 0 <= first_token_id < self.vocab_size:
+            raise InvalidRequestError(f"first_token_id {first_token_id} lies outside [0, {self.vocab_size})")
+        blocks = self._take_reservation(request_id, len(prompt_token_ids))
+        seq = self._new_seq(request_id, prompt_token_ids, params, False)
+        seq.block_table = blocks
+        seq.num_computed_tokens = len(prompt_token_ids)
+        self._append_token(seq, first_token_id, None)
+        self._pending.append(seq)
+        if seq.status.finished:
+            self._finish(seq)
+        else:
+            self.scheduler.add_running(seq)
+
+    def release(self, request_id: str) -> None:
+        """Free a reservation, a prefilled request's kept blocks, or a live request. Idempotent."""
+        self._drop(request_id)
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The block ids holding a request's KV (reserved, live or prefilled)."""
+        if request_id in self._reserved:
+            return list(self._reserved[request_id])
+        if request_id in self._seqs:
+            return list(self._seqs[request_id].block_table)
+        raise InvalidRequestError(f"unknown request {request_id!r}")
+
+    def set_layer_hook(self, fn: Callable[[int, list[str]], None] | None) -> None:
+        """fn(layer_index, request ids prefilling in this step), called after each layer's KV is written."""
+        self._layer_hook = fn
+
+    # ---- the step -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward step over the scheduled batch; return the progress of every request it touched."""
+        outputs = self._aborted
+        self._aborted = []
+        touched = list(self._pending)
+        self._pending = []
+        scheduled = self.scheduler.schedule()
+        if scheduled:
+            self._run(scheduled)
+            touched += [seq for seq, _ in scheduled if seq not in touched]
+        for seq in touched:
+            out = self.stops.emit(seq)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        chunks = [Chunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n],
+                        seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + n == seq.num_tokens)
+                  for seq, n in scheduled]
+        batch = build_batch(chunks, self.layout.block_size, self.model.device)
+        hook = None
+        if self._layer_hook is not None:
+            ids = [seq.request_id for seq, _ in scheduled if seq.num_computed_tokens < seq.num_prompt_tokens]
+            hook = (lambda i: self._layer_hook(i, ids)) if ids else None
+        logits = self.model.forward(batch, self.kv_cache, hook)
+        sampled = [(seq, batch.chunk_rows[j]) for j, (seq, _) in enumerate(scheduled) if chunks[j].want_logits]
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+        if not sampled:
+            return
+        rows = torch.tensor([row for _, row in sampled], device=logits.device)
+        tokens, infos = sample(logits.index_select(0, rows), [s.params for s, _ in sampled],
+                               [s.generator for s, _ in sampled])
+        for (seq, _), token, info in zip(sampled, tokens, infos):
+            self._append_token(seq, token, info)
+            if seq.status.finished or seq.status is SequenceStatus.PREFILLED:
+                self._finish(seq)
+
+    def _append_token(self, seq: Sequence, token: int, info: dict | None) -> None:
+        seq.token_ids.append(token)
+        seq.logprobs.append(info)
+        if seq.prefill_only:
+            seq.status = SequenceStatus.PREFILLED
+        self.stops.check(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        """A sequence is done: leave the batch; free its blocks unless a prefill caller still needs them."""
+        self.scheduler.remove(seq)
+        if seq.status is SequenceStatus.PREFILLED:
+            return
+        self.scheduler.free_blocks(seq)
+        self._seqs.pop(seq.request_id, None)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------
+
+    def _new_seq(self, request_id: str, ids: list[int], params: SamplingParams, prefill_only: bool) -> Sequence:
+        seq = Sequence(request_id, [int(t) for t in ids], params, self._arrivals, self.model.device, prefill_only)
+        self._arrivals += 1
+        self._seqs[request_id] = seq
+        return seq
+
+    def _check_new_id(self, request_id: str, allow_reserved: bool = False) -> None:
+        if request_id in self._seqs or (request_id in self._reserved and not allow_reserved):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+
+    def _take_reservation(self, request_id: str, num_tokens: int) -> list[int]:
+        blocks = self._reserved[request_id]
+        if len(blocks) < self.layout.num_blocks_for(num_tokens):
+            raise InvalidRequestError(f"request {request_id!r} reserved {len(blocks)} blocks, too few for "
+                                      f"{num_tokens} prompt tokens")
+        return self._reserved.pop(request_id)
+
+    def _drop(self, request_id: str) -> bool:
+        """Forget a request and free whatever blocks it holds; False if it was unknown."""
+        if request_id in self._reserved:
+            self.allocator.free(self._reserved.pop(request_id))
+            return True
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        self.scheduler.free_blocks(seq)
+        if seq in self._pending:
+            self._pending.remove(seq)
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        return True
+

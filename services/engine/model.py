@@ -1,0 +1,160 @@
+"""The Llama-family forward pass (Llama, Mistral, Qwen2, SmolLM) over the paged KV cache.
+
+RMSNorm, RoPE (default, linear, llama3), grouped-query attention, SwiGLU. Weights stay in the model dtype;
+q/k/v and gate/up projections are fused into one matmul each. Decode tokens of every sequence share one
+scaled_dot_product_attention call (padded context + mask); prefill chunks run one call each, plain causal
+when they start at position 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kvmesh.services.engine.batch import StepBatch
+from kvmesh.services.engine.errors import UnsupportedModelError
+from kvmesh.services.engine.kv_cache import DTYPES, KVCache
+from kvmesh.services.engine.weights import ModelConfig, inv_freq, load_config, load_weights
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights (fused projections)."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as the reference implementation does."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [tokens, heads, head_dim] by the per-token cos/sin ([tokens, 1, head_dim])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaModel:
+    """Weights and forward of one Llama-family checkpoint."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
+                 max_positions: int):
+        self.config, self.dtype, self.device = config, dtype, device
+        self.embed = weights["embed_tokens.weight"]
+        self.norm = weights["norm.weight"]
+        self.lm_head = weights["lm_head.weight"]
+        self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq(config))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin = emb.cos().to(device), emb.sin().to(device)
+
+    @classmethod
+    def from_path(cls, path: str | Path, dtype: str = "auto", device: str = "cpu",
+                  max_positions: int | None = None) -> "LlamaModel":
+        """Load config and safetensors weights from a local HF folder; dtype "auto" = the checkpoint's own."""
+        config = load_config(path)
+        name = config.dtype if dtype == "auto" else dtype
+        if name not in DTYPES:
+            raise UnsupportedModelError(f"dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
+        weights = load_weights(path, config, DTYPES[name], device)
+        return cls(config, weights, DTYPES[name], device, max_positions or config.max_position_embeddings)
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
+        p = f"layers.{i}."
+        try:
+            qkv = torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            biases = [w.get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            return Layer(
+                input_norm=w[p + "input_layernorm.weight"],
+                qkv=qkv,
+                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
+                o=w[p + "self_attn.o_proj.weight"],
+                post_norm=w[p + "post_attention_layernorm.weight"],
+                gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+                down=w[p + "mlp.down_proj.weight"],
+            )
+        except KeyError as e:
+            raise UnsupportedModelError(f"checkpoint is missing weight {e.args[0]!r}") from None
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, kv: KVCache,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run one step: write the new K/V into the cache, return logits [len(batch.logits_index), vocab]."""
+        cfg = self.config
+        num_tokens = batch.input_ids.shape[0]
+        h = self.embed[batch.input_ids]
+        cos = self._cos[batch.positions].to(self.dtype)[:, None, :]
+        sin = self._sin[batch.positions].to(self.dtype)[:, None, :]
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+            q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            k_pool, v_pool = kv.layer(i)
+            k_pool.view(-1, cfg.num_kv_heads, cfg.head_dim).index_copy_(0, batch.slots, k)
+            v_pool.view(-1, cfg.num_kv_heads, cfg.head_dim).index_copy_(0, batch.slots, v)
+            if layer_hook is not None:
+                layer_hook(i)
+            attn = self._attention(batch, q, k, v, k_pool, v_pool)
+            h = h + F.linear(attn, layer.o)
+            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        h = rms_norm(h[batch.logits_index], self.norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head)
+
+    def _attention(self, batch: StepBatch, q, k, v, k_pool, v_pool) -> torch.Tensor:
+        """Attention of every token over its sequence's cached context: [tokens, heads * head_dim]."""
+        cfg = self.config
+        outs = []
+        n = batch.num_decode
+        if n:
+            outs.append(self._decode_attention(batch, q[:n], k_pool, v_pool))
+        for span in batch.prefills:
+            sl = slice(span.offset, span.offset + span.length)
+            qp = q[sl].transpose(0, 1).unsqueeze(0)
+            if span.blocks is None:
+                kp, vp = k[sl].transpose(0, 1).unsqueeze(0), v[sl].transpose(0, 1).unsqueeze(0)
+                out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+            else:
+                ctx = span.start + span.length
+                kp = k_pool.index_select(0, span.blocks).view(-1, cfg.num_kv_heads, cfg.head_dim)[:ctx]
+                vp = v_pool.index_select(0, span.blocks).view(-1, cfg.num_kv_heads, cfg.head_dim)[:ctx]
+                kp, vp = kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0)
+                out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=span.mask, enable_gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(span.length, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _decode_attention(self, batch: StepBatch, q: torch.Tensor, k_pool: torch.Tensor,
+                          v_pool: torch.Tensor) -> torch.Tensor:
+        """One query token per sequence (q [n, heads, head_dim]) over its gathered blocks: [n, heads*head_dim]."""
+        cfg, n, ctx = self.config, q.shape[0], batch.decode_len
+        kv_heads, dim = cfg.num_kv_heads, cfg.head_dim
+        k = k_pool.index_select(0, batch.decode_blocks).view(n, -1, kv_heads, dim)[:, :ctx].transpose(1, 2)
+        v = v_pool.index_select(0, batch.decode_blocks).view(n, -1, kv_heads, dim)[:, :ctx].transpose(1, 2)
+        if q.dtype == torch.float32:
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=batch.decode_mask, enable_gqa=True)
+            return out.reshape(n, -1)
+        # CPU SDPA kernels are several times slower in bfloat16/float16 than two small matmuls with a float32
+        # softmax, for decode's single-query shapes.
+        qg = q.view(n, kv_heads, cfg.num_heads // kv_heads, dim)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * dim ** -0.5
+        if batch.decode_mask is not None:
+            scores = scores.masked_fill(~batch.decode_mask, float("-inf"))
+        return torch.matmul(scores.softmax(-1).to(q.dtype), v).reshape(n, -1)

@@ -1,0 +1,104 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step first serves the running sequences (one decode token each, then the next chunk of each long prompt
+still prefilling, oldest first), then admits waiting ones while the token budget (max_num_batched_tokens), the free blocks and
+max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
+preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvmesh.services.engine.kv_cache import BlockAllocator
+from kvmesh.services.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list; hands out and takes back KV blocks."""
+
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_batched_tokens: int, max_num_seqs: int):
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (blocks it already holds, e.g. a reservation, are kept)."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """Join a sequence whose KV is already in its blocks straight into the running batch."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the queues (its blocks are the caller's business)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def free_blocks(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """The (sequence, number of tokens) pairs of the next step; blocks for them are allocated."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        # decodes first (stable: oldest first within each group), so a long prompt's chunks never starve them
+        for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:
+                continue
+            while not self.allocator.can_allocate(self._blocks_needed(seq, n)):
+                preempted = True
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self._grow(seq, n)
+            scheduled.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.allocator.can_allocate(self._blocks_needed(seq, n)):
+                break
+            self.waiting.popleft()
+            self._grow(seq, n)
+            self.add_running(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        total = -(-(seq.num_computed_tokens + n) // self.block_size)
+        return max(0, total - len(seq.block_table))
+
+    def _grow(self, seq: Sequence, n: int) -> None:
+        need = self._blocks_needed(seq, n)
+        if need:
+            seq.block_table.extend(self.allocator.allocate(need))
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it will be recomputed from its tokens when readmitted."""
+        self.running.remove(seq)
+        self.free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

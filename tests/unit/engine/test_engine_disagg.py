@@ -1,0 +1,91 @@
+"""Prefill on one engine, decode on another: reserve, KV export/import, add_prefilled, prefill_only, release."""
+
+import pytest
+import torch
+from engine_helpers import FAMILIES, prompts_of_lengths, run_all
+
+from kvmesh.services.engine.engine import LLMEngine
+from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
+from kvmesh.services.engine.sampler import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20)
+
+
+def prefill(engine, rid, ids, params=GREEDY, **kw):
+    engine.add_request(rid, ids, params, prefill_only=True, **kw)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    (out,) = [o for o in outs if o.request_id == rid]
+    assert out.finished and out.finish_reason == "prefill" and len(out.new_token_ids) == 1
+    return out.new_token_ids[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_import_then_decode_matches_one_engine(model_dir, family):
+    path = model_dir(family)
+    ids = prompts_of_lengths([37], seed=7)[0]
+    want = run_all(LLMEngine.from_path(path, num_blocks=16), requests={"r": (ids, GREEDY)})["tokens"]["r"]
+    pre = LLMEngine.from_path(path, num_blocks=16, max_num_batched_tokens=16)  # chunked prefill
+    dec = LLMEngine.from_path(path, num_blocks=24)
+    first = prefill(pre, "r", ids)
+    src_blocks = pre.block_table("r")
+    assert pre.num_free_blocks == 16 - 3  # blocks are kept for the transfer
+    dst_blocks = dec.reserve("r", len(ids))
+    dec.kv_cache.import_blocks(dst_blocks, pre.kv_cache.export_blocks(src_blocks))
+    pre.release("r")
+    pre.release("r")  # idempotent
+    assert pre.num_free_blocks == 16
+    dec.add_prefilled("r", ids, first, GREEDY)
+    got = run_all(dec)["tokens"]["r"]
+    assert got == want and got[0] == first
+    assert dec.num_free_blocks == 24
+
+
+def test_prefill_with_cached_prefix_computes_only_the_rest(model_dir):
+    path = model_dir("llama")
+    ids = prompts_of_lengths([45], seed=8)[0]
+    full = LLMEngine.from_path(path, num_blocks=8)
+    first = prefill(full, "a", ids)
+    part = LLMEngine.from_path(path, num_blocks=8)
+    blocks = part.reserve("a", len(ids))
+    part.kv_cache.import_blocks(blocks[:2], full.kv_cache.export_blocks(full.block_table("a")[:2]))
+    seen = []
+    part.set_layer_hook(lambda layer, rids: seen.append((layer, tuple(rids))))
+    assert prefill(part, "a", ids, num_cached_tokens=32) == first
+    assert seen == [(i, ("a",)) for i in range(part.layout.num_layers)]
+    # identical KV for the computed rest, so a decode engine could take either copy
+    ours = torch.from_numpy(part.kv_cache.export_blocks(blocks)).view(torch.float32)
+    theirs = torch.from_numpy(full.kv_cache.export_blocks(full.block_table("a"))).view(torch.float32)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_reserve_raises_when_blocks_run_out_and_release_frees(model_dir):
+    engine = LLMEngine.from_path(model_dir("llama"), num_blocks=4)
+    engine.reserve("a", 40)
+    with pytest.raises(OutOfBlocksError):
+        engine.reserve("b", 40)
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.reserve("a", 5)
+    engine.release("a")
+    assert engine.num_free_blocks == 4
+    with pytest.raises(InvalidRequestError, match="reserve"):
+        engine.add_prefilled("zz", [5, 6], 7, GREEDY)
+
+
+def test_add_prefilled_emits_first_token_and_stops_at_max_tokens(model_dir):
+    engine = LLMEngine.from_path(model_dir("qwen2"), num_blocks=8)
+    engine.reserve("a", 3)
+    engine.add_prefilled("a", [5, 6, 7], 42, SamplingParams(temperature=0, max_tokens=1))
+    (out,) = engine.step()
+    assert out.new_token_ids == [42] and out.finished and out.finish_reason == "length"
+    assert engine.num_free_blocks == 8 and not engine.has_unfinished()
+
+
+def test_release_of_running_request_frees_blocks(model_dir):
+    engine = LLMEngine.from_path(model_dir("mistral"), num_blocks=8)
+    engine.add_request("a", list(range(5, 30)), SamplingParams(temperature=0, max_tokens=50))
+    engine.step()
+    assert engine.num_free_blocks < 8
+    engine.release("a")
+    assert engine.num_free_blocks == 8 and not engine.has_unfinished()
