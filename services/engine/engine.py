@@ -61,8 +61,11 @@ class LLMEngine:
     def from_path(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
                   num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                   max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                  kv_storage: np.ndarray | None = None) -> "LLMEngine":
-        """Load a local HF checkpoint folder and size the KV pool (blocks, bytes, or given storage)."""
+                  kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None = None) -> "LLMEngine":
+        """Load a local HF checkpoint folder and size the KV pool (blocks, bytes, or given storage).
+
+        kv_storage: the pool's memory, or a function (num_layers, num_blocks, block_nbytes) -> that memory.
+        """
         from transformers import AutoTokenizer
 
         if block_size <= 0 or max_num_batched_tokens <= 0 or max_num_seqs <= 0:
@@ -72,7 +75,7 @@ class LLMEngine:
         layout = KVLayout(model_id(path), dtype_name(model.dtype), block_size, cfg.num_layers, cfg.num_kv_heads,
                           cfg.head_dim)
         max_model_len = cfg.max_position_embeddings
-        if kv_storage is not None:
+        if kv_storage is not None and not callable(kv_storage):
             num_blocks = int(kv_storage.shape[2])
         elif num_blocks is None:
             per_block = 2 * cfg.num_layers * layout.block_nbytes
@@ -84,6 +87,8 @@ class LLMEngine:
                                  layout.num_blocks_for(max_model_len) + 1)
         if num_blocks < 1:
             raise InvalidRequestError(f"the KV cache needs at least one block; got {num_blocks}")
+        if callable(kv_storage):  # the caller places the pool (e.g. in shared memory) once its size is known
+            kv_storage = kv_storage(cfg.num_layers, num_blocks, layout.block_nbytes)
         kv = KVCache(layout, num_blocks, device, kv_storage)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         return cls(model, tokenizer, layout, kv, max_model_len, max_num_batched_tokens, max_num_seqs)
@@ -195,7 +200,7 @@ class LLMEngine:
         raise InvalidRequestError(f"unknown request {request_id!r}")
 
     def set_layer_hook(self, fn: Callable[[int, list[str]], None] | None) -> None:
-        """fn(layer_index, request ids prefilling in this step), called after each layer's KV is written."""
+        """fn(layer_index, request ids whose prompt this step completes), called after each layer's KV is written."""
         self._layer_hook = fn
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -223,7 +228,9 @@ class LLMEngine:
         batch = build_batch(chunks, self.layout.block_size, self.model.device)
         hook = None
         if self._layer_hook is not None:
-            ids = [seq.request_id for seq, _ in scheduled if seq.num_computed_tokens < seq.num_prompt_tokens]
+            # only prompts this step completes: their every layer is final once its hook fires
+            ids = [seq.request_id for seq, n in scheduled
+                   if seq.num_computed_tokens < seq.num_prompt_tokens <= seq.num_computed_tokens + n]
             hook = (lambda i: self._layer_hook(i, ids)) if ids else None
         logits = self.model.forward(batch, self.kv_cache, hook)
         sampled = [(seq, batch.chunk_rows[j]) for j, (seq, _) in enumerate(scheduled) if chunks[j].want_logits]

@@ -1,0 +1,116 @@
+"""A whole kvmesh mesh as real processes on 127.0.0.1, and the references its output is checked against."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from procs import Procs, ServiceProcess
+from kvmesh.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc,
+                       scheduler_pb2, scheduler_pb2_grpc)
+
+START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Mesh:
+    """Addresses and processes of one running mesh."""
+
+    procs: Procs
+    scheduler: ServiceProcess
+    cache: ServiceProcess
+    prefills: list[ServiceProcess]
+    decodes: list[ServiceProcess]
+    gateway: ServiceProcess
+    http_port: int
+    channels: dict = field(default_factory=dict)
+
+    def channel(self, address: str) -> grpc.Channel:
+        if address not in self.channels:
+            self.channels[address] = grpc.insecure_channel(address)
+        return self.channels[address]
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def gateway_stub(self) -> gateway_pb2_grpc.GatewayStub:
+        return gateway_pb2_grpc.GatewayStub(self.channel(self.gateway.address))
+
+    def generate(self, prompt_ids: list[int], max_tokens: int = 16, timeout: float = 60, **sampling):
+        """Greedy (unless told otherwise) generation through the gateway's gRPC API: (token ids, responses)."""
+        params = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling)
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=params)
+        responses = list(self.gateway_stub().Generate(request, timeout=timeout))
+        return [t for r in responses for t in r.token_ids], responses
+
+    def worker_stats(self, proc: ServiceProcess, role: str) -> decode_pb2.WorkerStats:
+        stub_cls = decode_pb2_grpc.DecodeStub if role == "decode" else prefill_pb2_grpc.PrefillStub
+        return stub_cls(self.channel(proc.address)).Stats(decode_pb2.WorkerStatsRequest(), timeout=5)
+
+    def all_blocks_free(self) -> bool:
+        """True when every worker's pool is entirely free and no handoff or transfer is alive."""
+        for procs, role in ((self.decodes, "decode"), (self.prefills, "prefill")):
+            for proc in procs:
+                s = self.worker_stats(proc, role)
+                if s.num_free_blocks != s.num_total_blocks or s.num_handoffs or s.num_transfers:
+                    return False
+        return True
+
+    def wait_blocks_free(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.all_blocks_free():
+                return True
+            time.sleep(0.05)
+        return self.all_blocks_free()
+
+    def workers(self, role: int) -> list[scheduler_pb2.WorkerInfo]:
+        stub = scheduler_pb2_grpc.SchedulerStub(self.channel(self.scheduler.address))
+        return list(stub.ListWorkers(scheduler_pb2.ListWorkersRequest(role=role), timeout=5).workers)
+
+    def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.procs.kill_all()
+
+
+def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
+               lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None) -> Mesh:
+    """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered."""
+    procs = Procs()
+    try:
+        scheduler = procs.start("scheduler", "--lease-s", str(lease_s), env=env)
+        common = ["--scheduler", scheduler.address]
+        cache = procs.start("cache", *common, env=env)
+        worker = [*common, "--model", model, "--transport", transport, "--kv-cache-bytes", str(64 * 2**20),
+                  "--handoff-lease-s", "5", *worker_args]
+        if chaos:
+            worker += ["--transport-chaos", chaos]
+        prefills = [procs.launch("prefill", *worker, env=env) for _ in range(prefill)]
+        decodes = [procs.launch("decode", *worker, env=env) for _ in range(decode)]
+        for proc in prefills + decodes:
+            proc.wait_serving(START_TIMEOUT_S)
+        http_port = free_port()
+        gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), env=env,
+                              timeout_s=START_TIMEOUT_S)
+        mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # registration is asynchronous to SERVING
+            if (len(mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL)) == prefill
+                    and len(mesh.workers(scheduler_pb2.WORKER_ROLE_DECODE)) == decode):
+                return mesh
+            time.sleep(0.05)
+        raise RuntimeError("workers did not register with the scheduler within 10 s")
+    except BaseException:
+        procs.kill_all()
+        raise
