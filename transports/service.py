@@ -43,7 +43,7 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
     async def Push(self, request_iterator, context):
         from kvmesh.transports.grpc import receive_push
         try:
-            nbytes, num_chunks = await receive_push(self.receiver, request_iterator)
+            nbytes, num_chunks = await receive_push(self.receiver, _well_formed(request_iterator))
         except errors.TransportError as exc:
             await _abort_with(context, exc)
         return kv_pb2.PushReply(nbytes=nbytes, num_chunks=num_chunks)
@@ -60,6 +60,30 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
         return kv_pb2.AbortReply(found=self.receiver._abort(request.transfer_id, request.reason))
 
 
+class MalformedChunk:
+    """What a Push message that does not parse as a KVChunk becomes, so the handler can answer INVALID_ARGUMENT
+    (a deserializer that raises makes gRPC answer INTERNAL)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(parse):
+    def deserialize(buf: bytes):
+        try:
+            return parse(buf)
+        except Exception as exc:  # noqa: BLE001 — any parse failure is the peer's malformed message
+            return MalformedChunk(str(exc) or type(exc).__name__)
+    return deserialize
+
+
+async def _well_formed(chunks):
+    async for chunk in chunks:
+        if isinstance(chunk, MalformedChunk):
+            raise errors.InvalidTransfer(f"malformed KV chunk: {chunk.reason}")
+        yield chunk
+
+
 def add_to_server(servicer: KVTransferServicer, server) -> None:
     """Register `servicer` on a grpc.aio server, decoding Push chunks without copying their data (the generated
     `add_KVTransferServicer_to_server` works too, with one more copy per chunk)."""
@@ -71,7 +95,7 @@ def add_to_server(servicer: KVTransferServicer, server) -> None:
 
     handlers = {
         "Open": unary(servicer.Open, kv_pb2.OpenRequest),
-        "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, request_deserializer=decode_chunk,
+        "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, request_deserializer=_lenient(decode_chunk),
                                                      response_serializer=kv_pb2.PushReply.SerializeToString),
         "Commit": unary(servicer.Commit, kv_pb2.CommitRequest),
         "Abort": unary(servicer.Abort, kv_pb2.AbortRequest),
