@@ -74,19 +74,21 @@ def wait_serving(child: Child, timeout_s: float) -> None:
 
 
 def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
-    """SIGTERM every live child (last started first), then SIGKILL what is left after the grace period."""
-    for child in reversed(children):
-        if child.alive():
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for child in reversed(children):
-        if child.process is None:
-            continue
-        try:
-            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
+    """SIGTERM the workers and the gateway, then the first child (the scheduler, so the others can deregister);
+    SIGKILL whatever is left after the grace period."""
+    for wave in (children[1:], children[:1]):
+        for child in reversed(wave):
+            if child.alive():
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in reversed(wave):
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
 
 
 class Mesh:

@@ -26,7 +26,7 @@ class IncrementalDetokenizer:
         self.num_prompt_context = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the text that became complete."""

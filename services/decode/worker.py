@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -75,7 +76,9 @@ class DecodeWorker:
     async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], timeout: float):
         """Have the prefill worker fill this request's reserved blocks; return its PrefillResponse."""
         rid = request.request_id
+        start = time.perf_counter()
         blocks = await self._reserve(rid, len(ids))
+        queue_s = time.perf_counter() - start
         self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
         self.handoffs.on_release(rid, lambda: self.receiver.cancel(rid))
@@ -102,38 +105,44 @@ class DecodeWorker:
                 task.cancel()
             await asyncio.gather(prefill, landed, return_exceptions=True)
         self.handoffs.advance(rid, HandoffState.READY)
-        return reply, stats
+        timings = common_pb2.Timings(queue_seconds=queue_s, prefill_compute_seconds=reply.compute_seconds,
+                                     kv_transfer_seconds=stats.seconds, kv_transfer_bytes=stats.bytes,
+                                     kv_transport=stats.backend)
+        return reply, timings
 
     async def generate(self, request: decode_pb2.DecodeRequest, timeout: float
                        ) -> AsyncIterator[decode_pb2.DecodeResponse]:
         """Serve one routed request; every resource it takes is released when this generator ends."""
         rid, ids = request.request_id, list(request.prompt_token_ids)
+        start = time.perf_counter()
         params = sampling_params(request.sampling)
         await self.et.call(self.engine.validate, ids, params)
         self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         self.handoffs.on_release(rid, lambda: outputs.put_nowait(_EXPIRED))
         try:
-            first_logprob, cached = None, 0
+            stream = _Stream(IncrementalDetokenizer(self.tokenizer, ids), len(ids))
             if request.prefill.address:
-                reply, _stats = await self._remote_prefill(request, ids, timeout)
-                first_logprob, cached = reply.first_logprob if reply.HasField("first_logprob") else None, \
-                    reply.num_cached_tokens
+                reply, stream.timings = await self._remote_prefill(request, ids, timeout)
+                stream.cached = reply.num_cached_tokens
                 with telemetry.tracer().start_as_current_span("decode.admit"):
                     await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
+                self.handoffs.advance(rid, HandoffState.DECODING)
+                if not params.stop:  # the first token is final: send it now, not after a decode step
+                    first = [reply.first_logprob] if reply.HasField("first_logprob") else []
+                    stream.timings.time_to_first_token_seconds = time.perf_counter() - start
+                    yield stream.early(reply.first_token_id, first)
             else:
                 self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
                 await self.et.call(self.engine.add_request, rid, ids, params)
-            self.handoffs.advance(rid, HandoffState.DECODING)
-            async for response in self._stream(rid, ids, outputs, first_logprob, cached):
+                self.handoffs.advance(rid, HandoffState.DECODING)
+            async for response in self._stream(rid, outputs, stream, start):
                 yield response
         finally:
             self.et.unsubscribe(rid)
             await self.handoffs.end(rid)
 
-    async def _stream(self, rid, ids, outputs: asyncio.Queue, first_logprob, cached: int):
-        detok = IncrementalDetokenizer(self.tokenizer, ids)
-        num_generated = 0
+    async def _stream(self, rid: str, outputs: asyncio.Queue, stream: "_Stream", start: float):
         with telemetry.tracer().start_as_current_span("decode.stream") as span:
             while True:
                 out = await outputs.get()
@@ -142,17 +151,11 @@ class DecodeWorker:
                     raise errors.DeadlineError(f"request {rid} expired on the decode worker "
                                                f"({record.reason if record else 'lease lapsed'})")
                 self.handoffs.renew(rid)
-                logprobs = logprob_protos(out.new_token_ids, out.logprobs)
-                if first_logprob is not None and num_generated == 0:
-                    logprobs.insert(0, first_logprob)
-                num_generated += len(out.new_token_ids)
-                text = detok.add(out.new_token_ids) + (detok.flush() if out.finished else "")
-                response = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, text=text, logprobs=logprobs)
+                if not stream.timings.time_to_first_token_seconds and out.new_token_ids:
+                    stream.timings.time_to_first_token_seconds = time.perf_counter() - start
+                response = stream.response(out)
                 if out.finished:
-                    response.finish_reason = FINISH.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
-                    response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=num_generated,
-                                                             cached_tokens=max(cached, out.num_cached_tokens)))
-                    span.set_attribute("kvmesh.output_tokens", num_generated)
+                    span.set_attribute("kvmesh.output_tokens", stream.num_generated)
                 yield response
                 if out.finished:
                     return
@@ -160,6 +163,37 @@ class DecodeWorker:
     async def abort(self, request_id: str) -> bool:
         """Cancel a request by id; idempotent."""
         return await self.handoffs.end(request_id, HandoffState.FAILED, "aborted")
+
+
+class _Stream:
+    """One request's outgoing stream: text deltas, logprobs, usage, and a first token sent ahead of the engine."""
+
+    def __init__(self, detok: IncrementalDetokenizer, num_prompt_tokens: int):
+        self.detok, self.num_prompt_tokens = detok, num_prompt_tokens
+        self.num_generated = self.cached = 0
+        self.timings = common_pb2.Timings()
+        self.skip_first = False  # the engine's first output repeats the token already sent early
+
+    def early(self, token_id: int, logprobs: list) -> decode_pb2.DecodeResponse:
+        self.skip_first = True
+        self.num_generated = 1
+        return decode_pb2.DecodeResponse(token_ids=[token_id], text=self.detok.add([token_id]), logprobs=logprobs)
+
+    def response(self, out) -> decode_pb2.DecodeResponse:
+        ids, entries = list(out.new_token_ids), list(out.logprobs or [])
+        if self.skip_first and ids:
+            ids, entries, self.skip_first = ids[1:], entries[1:], False
+        logprobs = logprob_protos(ids, entries)
+        self.num_generated += len(ids)
+        text = self.detok.add(ids) + (self.detok.flush() if out.finished else "")
+        response = decode_pb2.DecodeResponse(token_ids=ids, text=text, logprobs=logprobs)
+        if out.finished:
+            response.finish_reason = FINISH.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
+            response.usage.CopyFrom(common_pb2.Usage(
+                prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_generated,
+                cached_tokens=max(self.cached, out.num_cached_tokens)))
+            response.timings.CopyFrom(self.timings)
+        return response
 
 
 def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:

@@ -48,7 +48,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for out in self.gateway.generate(call, context.time_remaining()):
                 yield gateway_pb2.GenerateResponse(
                     request_id=call.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
-                    finish_reason=out.finish_reason, usage=out.usage if out.HasField("usage") else None)
+                    finish_reason=out.finish_reason, usage=out.usage if out.HasField("usage") else None,
+                    timings=out.timings if out.HasField("timings") else None)
         except GatewayError as e:
             await context.abort(e.code, e.message)
 

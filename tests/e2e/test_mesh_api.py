@@ -41,7 +41,7 @@ def client(mesh):
 
 def test_openai_completions_equal_transformers(mesh, client, tiny):
     path, tokenizer, model = tiny
-    want = tokenizer.decode(hf_greedy(model, tokenizer.encode(PROMPT), MAX_TOKENS))
+    want = tokenizer.decode(hf_greedy(model, tokenizer.encode(PROMPT), MAX_TOKENS), skip_special_tokens=True)
     whole = client.completions.create(model=path.name, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
                                       extra_body={"ignore_eos": True})
     assert whole.choices[0].text == want
@@ -59,7 +59,7 @@ def test_openai_chat_equals_transformers(mesh, client, tiny):
     messages = [{"role": "user", "content": [{"type": "text", "text": "Tell me a story"}]}]
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a story"}], tokenize=True,
                                         add_generation_prompt=True, return_dict=False)
-    want = tokenizer.decode(hf_greedy(model, list(ids), MAX_TOKENS))
+    want = tokenizer.decode(hf_greedy(model, list(ids), MAX_TOKENS), skip_special_tokens=True)
     whole = client.chat.completions.create(model=path.name, messages=messages, max_completion_tokens=MAX_TOKENS,
                                            temperature=0, extra_body={"ignore_eos": True})
     assert whole.choices[0].message.content == want
