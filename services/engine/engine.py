@@ -242,9 +242,10 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, info: dict | None) -> None:
         seq.token_ids.append(token)
         seq.logprobs.append(info)
-        if seq.prefill_only:
+        if seq.prefill_only:  # the decode worker applies the stop rules to this token
             seq.status = SequenceStatus.PREFILLED
-        self.stops.check(seq)
+        else:
+            self.stops.check(seq)
 
     def _finish(self, seq: Sequence) -> None:
         """A sequence is done: leave the batch; free its blocks unless a prefill caller still needs them."""

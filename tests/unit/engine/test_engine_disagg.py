@@ -89,3 +89,19 @@ def test_release_of_running_request_frees_blocks(model_dir):
     assert engine.num_free_blocks < 8
     engine.release("a")
     assert engine.num_free_blocks == 8 and not engine.has_unfinished()
+
+
+def test_prefill_only_keeps_blocks_even_when_the_first_token_would_end_the_request(model_dir):
+    engine = LLMEngine.from_path(model_dir("llama"), num_blocks=8)
+    ids = list(range(5, 25))
+    first = prefill(engine, "p", ids, SamplingParams(temperature=0, max_tokens=1))
+    assert len(engine.block_table("p")) == 2 and engine.num_free_blocks == 6
+    engine.abort("p")  # abort frees a prefilled request too
+    assert engine.num_free_blocks == 8
+    # the decode side applies the stop rules to the first token
+    engine.reserve("d", len(ids))
+    engine.add_prefilled("d", ids, first, SamplingParams(temperature=0, max_tokens=1))
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs["p"].finish_reason == "abort"
+    assert outs["d"].new_token_ids == [first] and outs["d"].finish_reason == "length"
+    assert engine.num_free_blocks == 8
