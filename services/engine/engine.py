@@ -56,6 +56,9 @@ class LLMEngine:
         self._aborted: list[RequestOutput] = []
         self._arrivals = 0
         self._layer_hook: Callable[[int, list[str]], None] | None = None
+        # request id -> (first position, number of tokens) computed by the step now running (or last run):
+        # tells a layer hook which slots of block_table(request_id) the step has just written
+        self.step_chunks: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
@@ -195,7 +198,10 @@ class LLMEngine:
         raise InvalidRequestError(f"unknown request {request_id!r}")
 
     def set_layer_hook(self, fn: Callable[[int, list[str]], None] | None) -> None:
-        """fn(layer_index, request ids prefilling in this step), called after each layer's KV is written."""
+        """fn(layer_index, request ids prefilling in this step), called after each layer's KV is written.
+
+        Called on the engine thread inside step(); `step_chunks[request_id]` gives the positions written.
+        """
         self._layer_hook = fn
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -221,6 +227,7 @@ class LLMEngine:
                         seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + n == seq.num_tokens)
                   for seq, n in scheduled]
         batch = build_batch(chunks, self.layout.block_size, self.model.device)
+        self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n) for seq, n in scheduled}
         hook = None
         if self._layer_hook is not None:
             ids = [seq.request_id for seq, _ in scheduled if seq.num_computed_tokens < seq.num_prompt_tokens]

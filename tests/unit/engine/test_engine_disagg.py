@@ -51,9 +51,9 @@ def test_prefill_with_cached_prefix_computes_only_the_rest(model_dir):
     blocks = part.reserve("a", len(ids))
     part.kv_cache.import_blocks(blocks[:2], full.kv_cache.export_blocks(full.block_table("a")[:2]))
     seen = []
-    part.set_layer_hook(lambda layer, rids: seen.append((layer, tuple(rids))))
+    part.set_layer_hook(lambda layer, rids: seen.append((layer, tuple(rids), part.step_chunks[rids[0]])))
     assert prefill(part, "a", ids, num_cached_tokens=32) == first
-    assert seen == [(i, ("a",)) for i in range(part.layout.num_layers)]
+    assert seen == [(i, ("a",), (32, 13)) for i in range(part.layout.num_layers)]
     # identical KV for the computed rest, so a decode engine could take either copy
     ours = torch.from_numpy(part.kv_cache.export_blocks(blocks)).view(torch.float32)
     theirs = torch.from_numpy(full.kv_cache.export_blocks(full.block_table("a"))).view(torch.float32)
