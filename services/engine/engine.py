@@ -22,7 +22,7 @@ import torch
 
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
-from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, dtype_name
+from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, block_hashes, dtype_name
 from kvmesh.services.engine.model import LlamaModel
 from kvmesh.services.engine.output import RequestOutput, StopChecker
 from kvmesh.services.engine.sampler import SamplingParams, sample
@@ -97,6 +97,10 @@ class LLMEngine:
     def model_id(self) -> str:
         """Folder name plus a short hash of config.json: the salt of block hashes, the key of shared KV."""
         return self.layout.model_id
+
+    def block_hashes(self, token_ids: list[int]) -> list[bytes]:
+        """Chained hashes of the full blocks of `token_ids`, salted with this model's id."""
+        return block_hashes(token_ids, self.layout.block_size, self.layout.model_id.encode())
 
     @property
     def num_free_blocks(self) -> int:

@@ -105,3 +105,18 @@ def test_prefill_only_keeps_blocks_even_when_the_first_token_would_end_the_reque
     assert outs["p"].finish_reason == "abort"
     assert outs["d"].new_token_ids == [first] and outs["d"].finish_reason == "length"
     assert engine.num_free_blocks == 8
+
+
+def test_layer_hook_sees_that_layers_kv_already_written(model_dir):
+    engine = LLMEngine.from_path(model_dir("qwen2"), num_blocks=4)
+    written = []
+
+    def hook(layer, rids):
+        data = engine.kv_cache.export_blocks(engine.block_table(rids[0]))
+        written.append([bool(data[i].any()) for i in range(engine.layout.num_layers)])
+
+    engine.set_layer_hook(hook)
+    prefill(engine, "h", list(range(5, 25)))
+    layers = engine.layout.num_layers
+    assert written == [[j <= i for j in range(layers)] for i in range(layers)]
+    assert engine.block_hashes(list(range(5, 25))) == engine.block_hashes(list(range(5, 21)))  # one full block
