@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def generate(engine, prompts: list[str], params) -> list[dict]:
     """Run `prompts` as one batch to completion; one result dict per prompt, in order."""
     ids = [engine.tokenizer(p).input_ids for p in prompts]
-    for i, prompt_ids in enumerate(ids):
+    for prompt_ids in ids:  # all or nothing: refuse before any prompt starts
         engine.validate(prompt_ids, params)
     for i, prompt_ids in enumerate(ids):
         engine.add_request(str(i), prompt_ids, params)

@@ -22,7 +22,7 @@ import torch
 
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
-from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, dtype_name
+from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, block_hashes, dtype_name
 from kvmesh.services.engine.model import LlamaModel
 from kvmesh.services.engine.output import RequestOutput, StopChecker
 from kvmesh.services.engine.sampler import SamplingParams, sample
@@ -56,6 +56,9 @@ class LLMEngine:
         self._aborted: list[RequestOutput] = []
         self._arrivals = 0
         self._layer_hook: Callable[[int, list[str]], None] | None = None
+        # request id -> (first position, number of tokens) computed by the step now running (or last run):
+        # tells a layer hook which slots of block_table(request_id) the step has just written
+        self.step_chunks: dict[str, tuple[int, int]] = {}
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
@@ -99,6 +102,10 @@ class LLMEngine:
     def model_id(self) -> str:
         """Folder name plus a short hash of config.json: the salt of block hashes, the key of shared KV."""
         return self.layout.model_id
+
+    def block_hashes(self, token_ids: list[int]) -> list[bytes]:
+        """Chained hashes of the full blocks of `token_ids`, salted with this model's id."""
+        return block_hashes(token_ids, self.layout.block_size, self.layout.model_id.encode())
 
     @property
     def num_free_blocks(self) -> int:
@@ -200,7 +207,10 @@ class LLMEngine:
         raise InvalidRequestError(f"unknown request {request_id!r}")
 
     def set_layer_hook(self, fn: Callable[[int, list[str]], None] | None) -> None:
-        """fn(layer_index, request ids whose prompt this step completes), called after each layer's KV is written."""
+        """fn(layer_index, request ids whose prompt this step completes), called after each layer's KV is written.
+
+        Called on the engine thread inside step(); `step_chunks[request_id]` gives the positions written.
+        """
         self._layer_hook = fn
 
     # ---- the step -------------------------------------------------------------------------------------------
@@ -226,6 +236,7 @@ class LLMEngine:
                         seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + n == seq.num_tokens)
                   for seq, n in scheduled]
         batch = build_batch(chunks, self.layout.block_size, self.model.device)
+        self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n) for seq, n in scheduled}
         hook = None
         if self._layer_hook is not None:
             # only prompts this step completes: their every layer is final once its hook fires
@@ -249,9 +260,10 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, info: dict | None) -> None:
         seq.token_ids.append(token)
         seq.logprobs.append(info)
-        if seq.prefill_only:
+        if seq.prefill_only:  # the decode worker applies the stop rules to this token
             seq.status = SequenceStatus.PREFILLED
-        self.stops.check(seq)
+        else:
+            self.stops.check(seq)
 
     def _finish(self, seq: Sequence) -> None:
         """A sequence is done: leave the batch; free its blocks unless a prefill caller still needs them."""

@@ -61,32 +61,50 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, min-p and top-p applied to one row of float32 logits."""
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    if p.top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep tokens until the mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+def _column(params: Sequence[SamplingParams], field: str, device, default=None) -> torch.Tensor:
+    values = [getattr(p, field) for p in params]
+    if default is not None:
+        values = [v if v > 0 else default for v in values]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Sample one token per row by inverse CDF, batched; each row's uniform comes from its own generator.
+
+    Temperature, then top-k, min-p and top-p (in that order, each on the renormalised survivors). Rows that
+    need none of the three skip the sort over the vocabulary.
+    """
+    vocab = logits.shape[-1]
+    logits = logits / _column(params, "temperature", logits.device)[:, None]
+    u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(logits.device)
+    if all(p.top_k <= 0 and p.min_p == 0 and p.top_p == 1 for p in params):
+        cdf = logits.softmax(-1).cumsum(-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=vocab - 1)[:, 0]
+    sorted_logits, order = logits.sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    keep = ranks < _column(params, "top_k", logits.device, default=vocab)[:, None]
+    keep &= probs >= _column(params, "min_p", logits.device)[:, None] * probs[:, :1]
+    probs = probs * keep
+    probs = probs / probs.sum(-1, keepdim=True)
+    keep &= (probs.cumsum(-1) - probs) < _column(params, "top_p", logits.device)[:, None]
+    cdf = (probs * keep).cumsum(-1)
+    pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=vocab - 1)
+    return order.gather(1, pos)[:, 0]
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator]) -> tuple[list[int], list[dict | None]]:
     """One token per row of `logits`; plus, for rows that asked, {"logprob", "top": [(id, logprob), ...]}."""
     logits = logits.float()
-    tokens = logits.argmax(-1).tolist()
-    for row, p in enumerate(params):
-        if not p.greedy:
-            probs = _filter(logits[row], p).softmax(-1)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=generators[row]).item())
+    chosen = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        drawn = _sample_rows(logits.index_select(0, index), [params[i] for i in rows], [generators[i] for i in rows])
+        chosen = chosen.index_copy(0, index, drawn)
+    tokens = chosen.tolist()
     infos: list[dict | None] = [None] * len(params)
     if any(p.logprobs is not None for p in params):
         logp = logits.log_softmax(-1)

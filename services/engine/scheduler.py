@@ -1,8 +1,8 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
-Each step first serves the running sequences (one decode token each, then the next chunk of each long prompt
-still prefilling, oldest first), then admits waiting ones while the token budget (max_num_batched_tokens), the free blocks and
-max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
+Each step first serves the running sequences (one decode token each, then the next chunk of each long
+prompt still prefilling, oldest first), then admits waiting ones while the token budget
+(max_num_batched_tokens), the free blocks and max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens.
 """
 

@@ -81,8 +81,11 @@ def load_config(folder: str | Path) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"architecture {arch!r} is not supported; kvmesh runs {', '.join(ARCHITECTURES)}")
-    if raw.get("sliding_window") and raw.get("use_sliding_window", arch == "MistralForCausalLM"):
-        raise UnsupportedModelError("sliding-window attention is not supported; set sliding_window to null")
+    max_positions = raw.get("max_position_embeddings", 2048)
+    window = raw.get("sliding_window")
+    if window and raw.get("use_sliding_window", arch == "MistralForCausalLM"):
+        # Full attention equals sliding-window attention while the context fits in the window.
+        max_positions = min(max_positions, int(window))
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
         raise UnsupportedModelError(f"checkpoint dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -98,7 +101,7 @@ def load_config(folder: str | Path) -> ModelConfig:
         num_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        max_position_embeddings=max_positions,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         dtype=dtype,
         rope_theta=theta,

@@ -26,12 +26,13 @@ def engine_path(model_dir):
     return model_dir("llama")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
 def test_blocks_all_return_whatever_happens(engine_path, ops):
     # 10 blocks of 16 tokens and requests up to 100 tokens: preemption happens often
     engine = LLMEngine.from_path(engine_path, num_blocks=NUM_BLOCKS, max_num_batched_tokens=32)
     n = 0
+    prefilled = set()  # prefill-only requests hold their blocks until released
     for op, a, b in ops:
         if op == "add":
             engine.add_request(str(n), [5 + (i % 50) for i in range(a)], SamplingParams(temperature=0, max_tokens=b))
@@ -41,7 +42,7 @@ def test_blocks_all_return_whatever_happens(engine_path, ops):
             n += 1
         elif op == "step":
             for _ in range(a):
-                engine.step()
+                prefilled.update(o.request_id for o in engine.step() if o.finish_reason == "prefill")
         elif op == "abort":
             engine.abort(str(a))
         else:
@@ -49,10 +50,17 @@ def test_blocks_all_return_whatever_happens(engine_path, ops):
         assert all(engine.allocator.refcount(b) >= 0 for b in range(NUM_BLOCKS))
         held = sum(len(s.block_table) for s in engine._seqs.values())
         assert engine.num_free_blocks + held == NUM_BLOCKS
-    while engine.has_unfinished():
-        engine.step()
+    for rid in prefilled:
+        engine.release(rid)
+    for _ in range(1000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if out.finish_reason == "prefill":
+                engine.release(out.request_id)
+    assert not engine.has_unfinished()
     for i in range(n):
-        engine.release(str(i))  # prefill-only requests keep their blocks until released
+        engine.release(str(i))
     assert engine.num_free_blocks == NUM_BLOCKS
     assert all(engine.allocator.refcount(b) == 0 for b in range(NUM_BLOCKS))
 

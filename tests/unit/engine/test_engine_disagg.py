@@ -51,9 +51,9 @@ def test_prefill_with_cached_prefix_computes_only_the_rest(model_dir):
     blocks = part.reserve("a", len(ids))
     part.kv_cache.import_blocks(blocks[:2], full.kv_cache.export_blocks(full.block_table("a")[:2]))
     seen = []
-    part.set_layer_hook(lambda layer, rids: seen.append((layer, tuple(rids))))
+    part.set_layer_hook(lambda layer, rids: seen.append((layer, tuple(rids), part.step_chunks[rids[0]])))
     assert prefill(part, "a", ids, num_cached_tokens=32) == first
-    assert seen == [(i, ("a",)) for i in range(part.layout.num_layers)]
+    assert seen == [(i, ("a",), (32, 13)) for i in range(part.layout.num_layers)]
     # identical KV for the computed rest, so a decode engine could take either copy
     ours = torch.from_numpy(part.kv_cache.export_blocks(blocks)).view(torch.float32)
     theirs = torch.from_numpy(full.kv_cache.export_blocks(full.block_table("a"))).view(torch.float32)
@@ -89,3 +89,34 @@ def test_release_of_running_request_frees_blocks(model_dir):
     assert engine.num_free_blocks < 8
     engine.release("a")
     assert engine.num_free_blocks == 8 and not engine.has_unfinished()
+
+
+def test_prefill_only_keeps_blocks_even_when_the_first_token_would_end_the_request(model_dir):
+    engine = LLMEngine.from_path(model_dir("llama"), num_blocks=8)
+    ids = list(range(5, 25))
+    first = prefill(engine, "p", ids, SamplingParams(temperature=0, max_tokens=1))
+    assert len(engine.block_table("p")) == 2 and engine.num_free_blocks == 6
+    engine.abort("p")  # abort frees a prefilled request too
+    assert engine.num_free_blocks == 8
+    # the decode side applies the stop rules to the first token
+    engine.reserve("d", len(ids))
+    engine.add_prefilled("d", ids, first, SamplingParams(temperature=0, max_tokens=1))
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs["p"].finish_reason == "abort"
+    assert outs["d"].new_token_ids == [first] and outs["d"].finish_reason == "length"
+    assert engine.num_free_blocks == 8
+
+
+def test_layer_hook_sees_that_layers_kv_already_written(model_dir):
+    engine = LLMEngine.from_path(model_dir("qwen2"), num_blocks=4)
+    written = []
+
+    def hook(layer, rids):
+        data = engine.kv_cache.export_blocks(engine.block_table(rids[0]))
+        written.append([bool(data[i].any()) for i in range(engine.layout.num_layers)])
+
+    engine.set_layer_hook(hook)
+    prefill(engine, "h", list(range(5, 25)))
+    layers = engine.layout.num_layers
+    assert written == [[j <= i for j in range(layers)] for i in range(layers)]
+    assert engine.block_hashes(list(range(5, 25))) == engine.block_hashes(list(range(5, 21)))  # one full block

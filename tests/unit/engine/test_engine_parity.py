@@ -135,7 +135,8 @@ def test_mha_parity(tmp_path, hf_model):
 
 
 def test_bfloat16_batched_greedy_departs_from_float32_only_at_near_ties(model_dir, hf_model):
-    """bf16 greedy cannot equal fp32 token for token; where it differs, fp32 rates our token within BF16_TOL of its best."""
+    """bf16 greedy cannot equal fp32 token for token; where it differs, fp32 rates our token within BF16_TOL
+    of its best."""
     path = model_dir("llama")
     prompts = prompts_of_lengths([3, 17, 30, 1, 45, 21], seed=2)
     engine = LLMEngine.from_path(path, dtype="bfloat16", max_num_batched_tokens=40, num_blocks=64)

@@ -117,3 +117,27 @@ def test_model_id_tells_models_apart(model_dir):
     a = LLMEngine.from_path(model_dir("llama"), num_blocks=2).layout.model_id
     b = LLMEngine.from_path(model_dir("mistral"), num_blocks=2).layout.model_id
     assert a != b and a.startswith(model_dir("llama").name)
+
+
+def test_sliding_window_caps_the_context(variant_dir):
+    path = variant_dir("mistral", "window-64", sliding_window=64)
+    engine = LLMEngine.from_path(path, num_blocks=8)
+    assert engine.max_model_len == 64
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.validate([5] * 70, SamplingParams(max_tokens=1))
+
+
+def test_kv_pool_can_live_in_caller_memory(model_dir):
+    import numpy as np
+
+    path = model_dir("llama")
+    probe = LLMEngine.from_path(path, num_blocks=1)
+    layout = probe.layout
+    storage = np.zeros((layout.num_layers, 2, 6, layout.block_nbytes), dtype=np.uint8)
+    engine = LLMEngine.from_path(path, kv_storage=storage)
+    assert engine.kv_cache.num_blocks == 6 and np.shares_memory(engine.kv_cache.byte_view(), storage)
+    ids = list(range(5, 40))
+    got = run_all(engine, requests={"a": (ids, SamplingParams(temperature=0, max_tokens=8))})["tokens"]["a"]
+    want = run_all(LLMEngine.from_path(path, num_blocks=6),
+                   requests={"a": (ids, SamplingParams(temperature=0, max_tokens=8))})["tokens"]["a"]
+    assert got == want and storage.any()
