@@ -93,6 +93,7 @@ class MeshServer:
         self._task_factories: list[BackgroundTask] = []
         self._tasks: list[asyncio.Task] = []
         self._stop_hooks: list[StopHook] = []
+        self._stopped_hooks: list[StopHook] = []
         self._server: grpc.aio.Server | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -120,6 +121,10 @@ class MeshServer:
     def on_stop(self, hook: StopHook) -> None:
         """Await `hook()` at stop, after the tasks are cancelled and before in-flight RPCs drain."""
         self._stop_hooks.append(hook)
+
+    def on_stopped(self, hook: StopHook) -> None:
+        """Await `hook()` once in-flight RPCs have drained (or the grace period ended): release what they used."""
+        self._stopped_hooks.append(hook)
 
     def _options(self) -> list[tuple[str, int]]:
         size = self.config.max_message_bytes
@@ -166,12 +171,9 @@ class MeshServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for hook in self._stop_hooks:
-            try:
-                await asyncio.wait_for(hook(), HOOK_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 — a failing hook must not block the stop
-                log.warning("stop hook %s failed", getattr(hook, "__name__", hook), exc_info=True)
+        await _run_hooks(self._stop_hooks)
         await self._server.stop(grace)
+        await _run_hooks(self._stopped_hooks)
         await self.channels.close()
         self._stopped.set()
 
@@ -185,6 +187,14 @@ class MeshServer:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop(0)
+
+
+async def _run_hooks(hooks: list[StopHook]) -> None:
+    for hook in hooks:
+        try:
+            await asyncio.wait_for(hook(), HOOK_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 — a failing hook must not block the stop
+            log.warning("stop hook %s failed", getattr(hook, "__name__", hook), exc_info=True)
 
 
 def _log_failure(task: asyncio.Task) -> None:

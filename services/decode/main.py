@@ -51,7 +51,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         receiver.close()
 
     server.add_task(start)
-    server.on_stop(stop)
+    server.on_stopped(stop)  # after in-flight requests drained
     register(server, config, scheduler_pb2.WORKER_ROLE_DECODE, engine.layout, descriptor, worker.load)
 
 

@@ -45,7 +45,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
         region.close()
 
     server.add_task(start)
-    server.on_stop(stop)
+    server.on_stopped(stop)  # after in-flight requests drained
     register(server, config, scheduler_pb2.WORKER_ROLE_PREFILL, engine.layout, None, worker.load)
 
 

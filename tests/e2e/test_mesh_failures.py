@@ -119,3 +119,18 @@ def test_decode_killed_mid_transfer_frees_the_prefill_workers_blocks(model_dir):
         assert s.num_free_blocks == s.num_total_blocks and s.num_handoffs == 0 and s.num_transfers == 0
     finally:
         mesh.close()
+
+
+def test_sigterm_on_a_decode_worker_drains_its_streams_then_exits_zero(model_dir):
+    mesh = start_mesh(str(model_dir("llama")))
+    try:
+        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+        call = mesh.gateway_stub().Generate(gateway_pb2.GenerateRequest(prompt="Hello", sampling=sampling),
+                                            timeout=60)
+        got = [next(call) for _ in range(3)]
+        mesh.decodes[0].proc.send_signal(signal.SIGTERM)
+        got += list(call)
+        assert sum(len(r.token_ids) for r in got) == 300 and got[-1].finish_reason
+        assert mesh.decodes[0].wait(15) == 0
+    finally:
+        mesh.close()
