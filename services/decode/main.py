@@ -47,7 +47,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
 
     async def stop() -> None:
         await worker.handoffs.close()
-        engine_thread.stop()
+        await asyncio.to_thread(engine_thread.stop)
         receiver.close()
 
     server.add_task(start)

@@ -41,7 +41,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     async def stop() -> None:
         await worker.handoffs.close()
         await sender.close()
-        engine_thread.stop()
+        await asyncio.to_thread(engine_thread.stop)
         region.close()
 
     server.add_task(start)
