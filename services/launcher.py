@@ -46,8 +46,10 @@ class Child:
     address: str
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    metrics_url: str = ""
 
     def start(self) -> None:
+        # the child inherits this environment, so OTEL_* and KVMESH_TRACES_FILE reach every service
         cmd = [sys.executable, "-m", "kvmesh.services.cli", *self.argv]
         self.process = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
 
@@ -101,7 +103,8 @@ class Mesh:
             for child in self.children:
                 child.start()
                 wait_serving(child, self.start_timeout_s)
-                print(f"kvmesh up: {child.name:<12} serving on {child.address}", flush=True)
+                metrics = f", metrics {child.metrics_url}" if child.metrics_url else ""
+                print(f"kvmesh up: {child.name:<12} serving on {child.address}{metrics}", flush=True)
         except BaseException:
             stop_all(self.children)
             raise
@@ -148,8 +151,13 @@ def plan(args) -> list[Child]:
         for i in range(count):
             port = free_port()
             children.append(Child(f"{role}-{i}", [role, "--port", str(port), *worker], f"{host}:{port}", env))
+    for child in children:  # the gateway serves /metrics on its HTTP port; every other service gets a port
+        metrics_port = free_port()
+        child.argv += ["--metrics-port", str(metrics_port)]
+        child.metrics_url = f"http://{host}:{metrics_port}/metrics"
     children.append(Child("gateway", ["gateway", "--port", str(args.grpc_port), "--http-port", str(args.http_port),
-                                      "--model", str(args.model), *common], f"{host}:{args.grpc_port}"))
+                                      "--model", str(args.model), *common], f"{host}:{args.grpc_port}",
+                          metrics_url=f"http://{host}:{args.http_port}/metrics"))
     return children
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
-from kvmesh.services.common import errors, telemetry
+from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.common.handoff import HandoffState, HandoffTable
 from kvmesh.services.common.worker import logprob_protos, sampling_params
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
 from kvmesh.services.engine.errors import OutOfBlocksError
+from kvmesh.services.trace import conventions as names
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 
@@ -46,10 +48,12 @@ class DecodeWorker:
         return sum(1 for r in self.handoffs._records.values() if r.state in states)
 
     def load(self) -> scheduler_pb2.WorkerLoad:
-        return scheduler_pb2.WorkerLoad(
+        load = scheduler_pb2.WorkerLoad(
             num_waiting=self._count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
             num_running=self._count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
             num_total_blocks=self.engine.kv_cache.num_blocks)
+        metrics.observe_load(load)
+        return load
 
     def stats(self) -> decode_pb2.WorkerStats:
         load = self.load()
@@ -75,7 +79,11 @@ class DecodeWorker:
     async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], timeout: float):
         """Have the prefill worker fill this request's reserved blocks; return its PrefillResponse."""
         rid = request.request_id
-        blocks = await self._reserve(rid, len(ids))
+        queued = time.perf_counter()
+        with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
+            blocks = await self._reserve(rid, len(ids))
+            span.set_attribute(names.ATTR_KV_BLOCKS, len(blocks))
+        metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(time.perf_counter() - queued)
         self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
         self.handoffs.on_release(rid, lambda: self.receiver.cancel(rid))
@@ -93,6 +101,7 @@ class DecodeWorker:
                 for task in done:
                     task.result()  # the first failure, if any, raises here
                 reply, stats = await prefill, await landed
+            _record_receive(stats)
         except grpc.aio.AioRpcError as e:
             raise _peer_error(request.prefill.address, e) from None
         except TransportError as e:
@@ -119,7 +128,7 @@ class DecodeWorker:
                 reply, _stats = await self._remote_prefill(request, ids, timeout)
                 first_logprob, cached = reply.first_logprob if reply.HasField("first_logprob") else None, \
                     reply.num_cached_tokens
-                with telemetry.tracer().start_as_current_span("decode.admit"):
+                with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
                     await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
             else:
                 self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
@@ -134,7 +143,8 @@ class DecodeWorker:
     async def _stream(self, rid, ids, outputs: asyncio.Queue, first_logprob, cached: int):
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         num_generated = 0
-        with telemetry.tracer().start_as_current_span("decode.stream") as span:
+        watch = _StreamWatch()  # not made current: the context must not stay attached across yields
+        try:
             while True:
                 out = await outputs.get()
                 if out is _EXPIRED:
@@ -146,20 +156,57 @@ class DecodeWorker:
                 if first_logprob is not None and num_generated == 0:
                     logprobs.insert(0, first_logprob)
                 num_generated += len(out.new_token_ids)
+                watch.tokens(len(out.new_token_ids))
                 text = detok.add(out.new_token_ids) + (detok.flush() if out.finished else "")
                 response = decode_pb2.DecodeResponse(token_ids=out.new_token_ids, text=text, logprobs=logprobs)
                 if out.finished:
                     response.finish_reason = FINISH.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
                     response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=num_generated,
                                                              cached_tokens=max(cached, out.num_cached_tokens)))
-                    span.set_attribute("kvmesh.output_tokens", num_generated)
                 yield response
                 if out.finished:
                     return
+        finally:
+            watch.end(num_generated)
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request by id; idempotent."""
         return await self.handoffs.end(request_id, HandoffState.FAILED, "aborted")
+
+
+class _StreamWatch:
+    """The `decode.stream` span of one request: from admission to its last token, with TTFT and mean ITL."""
+
+    def __init__(self):
+        self.span = telemetry.tracer().start_span(names.DECODE_STREAM)
+        self.start_ns = time.time_ns()
+        self.first_ns = self.last_ns = 0
+        self.count = 0
+
+    def tokens(self, count: int) -> None:
+        if count <= 0:
+            return
+        self.last_ns = time.time_ns()
+        if not self.first_ns:
+            self.first_ns = self.last_ns
+            self.span.set_attribute(names.ATTR_TTFT_S, (self.first_ns - self.start_ns) / 1e9)
+        self.count += count
+
+    def end(self, num_generated: int) -> None:
+        self.span.set_attribute(names.ATTR_OUTPUT_TOKENS, num_generated)
+        if self.count > 1:
+            self.span.set_attribute("kvmesh.mean_itl_s", (self.last_ns - self.first_ns) / 1e9 / (self.count - 1))
+        self.span.end()
+
+
+def _record_receive(stats) -> None:
+    """The receiving side of a finished KV transfer: a `kv.transfer` span (direction recv) and its metrics."""
+    end_ns = time.time_ns()
+    telemetry.record_span(names.KV_TRANSFER, end_ns - int(stats.seconds * 1e9), end_ns, {
+        names.ATTR_KV_BACKEND: stats.backend, names.ATTR_KV_DIRECTION: "recv", names.ATTR_KV_BYTES: stats.bytes,
+        names.ATTR_KV_BLOCKS: stats.blocks, names.ATTR_KV_GBPS: stats.gbps, "kvmesh.kv.layers": stats.layers,
+        "kvmesh.kv.checksum_s": stats.checksum_seconds})
+    metrics.observe_kv_transfer(stats.backend, "recv", stats.bytes, stats.seconds)
 
 
 def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:
