@@ -117,6 +117,7 @@ class DecodeWorker:
                        ) -> AsyncIterator[decode_pb2.DecodeResponse]:
         """Serve one routed request; every resource it takes is released when this generator ends."""
         rid, ids = request.request_id, list(request.prompt_token_ids)
+        arrival_ns = time.time_ns()
         params = sampling_params(request.sampling)
         await self.et.call(self.engine.validate, ids, params)
         self.handoffs.open(rid)
@@ -134,16 +135,16 @@ class DecodeWorker:
                 self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
                 await self.et.call(self.engine.add_request, rid, ids, params)
             self.handoffs.advance(rid, HandoffState.DECODING)
-            async for response in self._stream(rid, ids, outputs, first_logprob, cached):
+            async for response in self._stream(rid, ids, outputs, first_logprob, cached, arrival_ns):
                 yield response
         finally:
             self.et.unsubscribe(rid)
             await self.handoffs.end(rid)
 
-    async def _stream(self, rid, ids, outputs: asyncio.Queue, first_logprob, cached: int):
+    async def _stream(self, rid, ids, outputs: asyncio.Queue, first_logprob, cached: int, arrival_ns: int):
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         num_generated = 0
-        watch = _StreamWatch()  # not made current: the context must not stay attached across yields
+        watch = _StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
             while True:
                 out = await outputs.get()
@@ -175,11 +176,12 @@ class DecodeWorker:
 
 
 class _StreamWatch:
-    """The `decode.stream` span of one request: from admission to its last token, with TTFT and mean ITL."""
+    """The `decode.stream` span of one request: from admission to its last token, with the decode worker's TTFT
+    (from the request's arrival here) and mean ITL."""
 
-    def __init__(self):
+    def __init__(self, arrival_ns: int):
         self.span = telemetry.tracer().start_span(names.DECODE_STREAM)
-        self.start_ns = time.time_ns()
+        self.start_ns = arrival_ns
         self.first_ns = self.last_ns = 0
         self.count = 0
 

@@ -195,9 +195,19 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def _no_native_telemetry() -> dict:
+    """Turn off FastAPI's own OpenTelemetry spans (newer releases have them): the gateway opens the request's
+    root span, `gateway.Generate`, itself, continuing the `traceparent` header."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+
+
 def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int) -> FastAPI:
     """The FastAPI app of the gateway's HTTP port."""
-    app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None)
+    app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, **_no_native_telemetry())
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
