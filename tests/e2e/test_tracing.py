@@ -11,6 +11,7 @@ import time
 import urllib.request
 import uuid
 
+import grpc
 import pytest
 
 from mesh import start_mesh
@@ -233,3 +234,25 @@ def test_every_service_serves_metrics_with_observed_histograms(traced):
     for values in workers:
         total = _metric(values, "kvmesh:kv_blocks_free") + _metric(values, "kvmesh:kv_blocks_used")
         assert total > 0 and "kvmesh:num_requests_waiting" in values and "kvmesh:num_requests_running" in values
+
+
+def test_a_cancelled_request_still_ends_its_spans(traced):
+    mesh, path = traced
+    rid = f"cancel-{uuid.uuid4().hex}"
+    stream = mesh.gateway_stub().Generate(gateway_pb2.GenerateRequest(
+        prompt_token_ids=PROMPT, request_id=rid,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)), timeout=60)
+    next(stream)
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while True:
+        spans = read_jsonl(path)
+        roots = [s for s in spans if s.attributes.get(names.ATTR_REQUEST_ID) == rid]
+        streams = [s for s in spans if roots and s.trace_id == roots[0].trace_id and s.name == names.DECODE_STREAM]
+        if roots and streams:
+            break
+        assert time.monotonic() < deadline, "the cancelled request's spans were not exported"
+        time.sleep(0.1)
+    assert roots[0].attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert 1 <= roots[0].attributes[names.ATTR_OUTPUT_TOKENS] < 400
+    assert streams[0].attributes[names.ATTR_OUTPUT_TOKENS] < 400
