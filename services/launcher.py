@@ -3,9 +3,10 @@
 Children are started in dependency order (the scheduler; then the cache and the prefill and decode workers
 together; then the gateway), each on 127.0.0.1 and each awaited until its grpc.health.v1 service says SERVING.
 Every child inherits the launcher's environment (so OTEL_* and KVMESH_TRACES_FILE reach them all) and gets its own
-`--metrics-port` (the gateway serves /metrics on its HTTP port); the addresses are printed as each one serves. On SIGINT/SIGTERM, or when any child
-dies, every child gets SIGTERM (reverse order), then SIGKILL after a grace period. Children also get
-PR_SET_PDEATHSIG, so a launcher killed outright leaves no orphan behind.
+`--metrics-port` (the gateway serves /metrics on its HTTP port); the addresses are printed as each one serves.
+On SIGINT/SIGTERM, or when any child dies, every child gets SIGTERM (reverse order; each flushes its spans), then
+SIGKILL after a grace period. Children also get PR_SET_PDEATHSIG, so a launcher killed outright leaves no orphan
+behind.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ class DecodeWorker:
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
         landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))
         try:
-            with telemetry.tracer().start_as_current_span("decode.wait_kv"):
+            with telemetry.tracer().start_as_current_span(names.DECODE_WAIT_KV):
                 done, _ = await asyncio.wait({prefill, landed}, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
                     task.result()  # the first failure, if any, raises here
@@ -197,7 +197,7 @@ class _StreamWatch:
     def end(self, num_generated: int) -> None:
         self.span.set_attribute(names.ATTR_OUTPUT_TOKENS, num_generated)
         if self.count > 1:
-            self.span.set_attribute("kvmesh.mean_itl_s", (self.last_ns - self.first_ns) / 1e9 / (self.count - 1))
+            self.span.set_attribute(names.ATTR_MEAN_ITL_S, (self.last_ns - self.first_ns) / 1e9 / (self.count - 1))
         self.span.end()
 
 
@@ -206,8 +206,8 @@ def _record_receive(stats) -> None:
     end_ns = time.time_ns()
     telemetry.record_span(names.KV_TRANSFER, end_ns - int(stats.seconds * 1e9), end_ns, {
         names.ATTR_KV_BACKEND: stats.backend, names.ATTR_KV_DIRECTION: "recv", names.ATTR_KV_BYTES: stats.bytes,
-        names.ATTR_KV_BLOCKS: stats.blocks, names.ATTR_KV_GBPS: stats.gbps, "kvmesh.kv.layers": stats.layers,
-        "kvmesh.kv.checksum_s": stats.checksum_seconds})
+        names.ATTR_KV_BLOCKS: stats.blocks, names.ATTR_KV_GBPS: stats.gbps, names.ATTR_KV_LAYERS: stats.layers,
+        names.ATTR_KV_CHECKSUM_S: stats.checksum_seconds})
     metrics.observe_kv_transfer(stats.backend, "recv", stats.bytes, stats.seconds)
 
 

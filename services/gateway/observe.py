@@ -17,8 +17,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from kvmesh.services.common import metrics, telemetry
 from kvmesh.services.trace import conventions as names
 
-ATTR_MEAN_ITL_S = "kvmesh.mean_itl_s"
-ATTR_E2E_S = "kvmesh.e2e_s"
 ATTR_STATUS = "rpc.grpc.status_code"
 
 
@@ -67,9 +65,10 @@ class RequestObserver:
         end_ns = time.time_ns()
         self.span.set_attribute(names.ATTR_OUTPUT_TOKENS, self.num_tokens)
         e2e = (end_ns - self.arrival_ns) / 1e9
-        self.span.set_attribute(ATTR_E2E_S, e2e)
+        self.span.set_attribute(names.ATTR_E2E_S, e2e)
         if self.first_ns is not None:
             if self.num_tokens > 1:
-                self.span.set_attribute(ATTR_MEAN_ITL_S, (self.last_ns - self.first_ns) / 1e9 / (self.num_tokens - 1))
+                mean_itl = (self.last_ns - self.first_ns) / 1e9 / (self.num_tokens - 1)
+                self.span.set_attribute(names.ATTR_MEAN_ITL_S, mean_itl)
             metrics.observe_request((self.first_ns - self.arrival_ns) / 1e9, e2e, self.num_tokens)
         self.span.end(end_time=end_ns)

@@ -48,7 +48,7 @@ class LayerStream:
             with telemetry.kv_transfer_span(self.transfer.link.name, "send", len(blocks) * self.layer_block_nbytes,
                                             len(blocks), layer=layer) as span:
                 await self.transfer.send_layer(layer, blocks)
-                span.set_attribute("kvmesh.kv.checksum_s", self.transfer.checksum_seconds - checksum_s)
+                span.set_attribute(names.ATTR_KV_CHECKSUM_S, self.transfer.checksum_seconds - checksum_s)
             self.num_layers_sent += 1
 
     async def finish(self) -> None:

@@ -39,8 +39,8 @@ def traced(model_dir, tmp_path_factory):
 
 
 def _generate(mesh, request_id: str, metadata=()) -> list[gateway_pb2.GenerateResponse]:
-    request = gateway_pb2.GenerateRequest(prompt_token_ids=PROMPT, request_id=request_id, sampling=common_pb2.SamplingParams(
-        temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    request = gateway_pb2.GenerateRequest(prompt_token_ids=PROMPT, request_id=request_id, sampling=sampling)
     return list(mesh.gateway_stub().Generate(request, timeout=60, metadata=metadata))
 
 
