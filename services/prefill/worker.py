@@ -75,15 +75,15 @@ class PrefillWorker:
     def _on_layer(self, layer: int, request_ids: list[str]) -> None:
         """Engine thread: `layer` of these requests' prompts is complete in the pool."""
         for rid in request_ids:
-            self.compute_started.setdefault(rid, self.et.step_started_ns)
             stream = self.streams.get(rid)
             if stream is not None:
+                self.compute_started.setdefault(rid, self.et.step_started_ns)
                 self._loop.call_soon_threadsafe(stream.push, layer, self.engine.block_table(rid))
 
     def load(self) -> scheduler_pb2.WorkerLoad:
         load = scheduler_pb2.WorkerLoad(num_waiting=0, num_running=len(self.handoffs),
-                                        num_free_blocks=self.engine.num_free_blocks,
-                                        num_total_blocks=self.engine.kv_cache.num_blocks)
+                                          num_free_blocks=self.engine.num_free_blocks,
+                                          num_total_blocks=self.engine.kv_cache.num_blocks)
         metrics.observe_load(load)
         return load
 

@@ -93,3 +93,29 @@ def test_the_gateway_and_kv_data_rpcs_get_no_server_span_but_clients_still_propa
     for method in ("/kvmesh.v1.Gateway/Generate", "/kvmesh.v1.KVTransfer/Push"):
         assert not server(details(method)) and client(details(method))
     assert server(details("/kvmesh.v1.Decode/Generate")) and server(details("/kvmesh.v1.Gateway/Tokenize"))
+
+
+def test_prefill_continues_the_trace_context_field_when_metadata_carried_none():
+    import asyncio
+    from types import SimpleNamespace
+
+    from opentelemetry import trace
+
+    from kvmesh.services.prefill.worker import PrefillWorker
+    from kvmesh.v1 import prefill_pb2
+
+    async def main():
+        engine = SimpleNamespace(set_layer_hook=lambda fn: None)
+        worker = PrefillWorker(SimpleNamespace(engine=engine), sender=None, lease_s=1.0)
+
+        async def seen(request, timeout):
+            return trace.get_current_span().get_span_context()
+
+        worker._prefill = seen
+        with_field = await worker.prefill(prefill_pb2.PrefillRequest(trace_context={"traceparent": TRACEPARENT}), 1)
+        without = await worker.prefill(prefill_pb2.PrefillRequest(), 1)
+        return with_field, without, trace.get_current_span().get_span_context()
+
+    with_field, without, after = asyncio.run(main())
+    assert format(with_field.trace_id, "032x") == TRACE_ID and format(with_field.span_id, "016x") == SPAN_ID
+    assert not without.is_valid and not after.is_valid
