@@ -131,18 +131,21 @@ def test_grpc_traceparent_becomes_the_parent(traced):
     _assert_continues(_trace_of(path, rid), trace_id, span_id)
 
 
-def test_http_traceparent_header_becomes_the_parent(traced):
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_http_traceparent_header_becomes_the_parent(traced, stream):
     mesh, path = traced
     trace_id, span_id, header = _traceparent()
     rid = f"http-{uuid.uuid4().hex}"
-    body = json.dumps({"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "request_id": rid}).encode()
+    body = json.dumps({"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "request_id": rid,
+                       "ignore_eos": True, "stream": stream}).encode()
     request = urllib.request.Request(f"{mesh.http_base}/completions", body, method="POST",
                                      headers={"Content-Type": "application/json", "traceparent": header})
     with urllib.request.urlopen(request, timeout=60) as reply:
         assert reply.status == 200
+        reply.read()
     trace = _trace_of(path, f"{rid}-0")
     _assert_continues(trace, trace_id, span_id)
-    assert trace.roots[0].attributes[names.ATTR_OUTPUT_TOKENS] >= 1
+    assert trace.roots[0].attributes[names.ATTR_OUTPUT_TOKENS] == MAX_TOKENS
 
 
 def test_kvmesh_trace_slowest_prints_waterfalls_and_ttft_adds_up(traced):
