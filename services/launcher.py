@@ -1,9 +1,12 @@
 """`kvmesh up`: start the whole mesh on this machine as child processes, watch it, stop it.
 
-Children are started in dependency order (scheduler, cache, prefill and decode workers, gateway), each on
-127.0.0.1 and each awaited until its grpc.health.v1 service says SERVING. On SIGINT/SIGTERM, or when any child
-dies, every child gets SIGTERM (reverse order), then SIGKILL after a grace period. Children also get
-PR_SET_PDEATHSIG, so a launcher killed outright leaves no orphan behind.
+Children are started in dependency order (the scheduler; then the cache and the prefill and decode workers
+together; then the gateway), each on 127.0.0.1 and each awaited until its grpc.health.v1 service says SERVING.
+Every child inherits the launcher's environment (so OTEL_* and KVMESH_TRACES_FILE reach them all) and gets its own
+`--metrics-port` (the gateway serves /metrics on its HTTP port); the addresses are printed as each one serves.
+On SIGINT/SIGTERM, or when any child dies, every child gets SIGTERM (reverse order; each flushes its spans), then
+SIGKILL after a grace period. Children also get PR_SET_PDEATHSIG, so a launcher killed outright leaves no orphan
+behind.
 """
 
 from __future__ import annotations
@@ -46,8 +49,12 @@ class Child:
     address: str
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
+    metrics_url: str = ""
+    #: Children of one stage start together; a stage starts once every child of the one before serves.
+    stage: int = 1
 
     def start(self) -> None:
+        # the child inherits this environment, so OTEL_* and KVMESH_TRACES_FILE reach every service
         cmd = [sys.executable, "-m", "kvmesh.services.cli", *self.argv]
         self.process = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
 
@@ -99,11 +106,16 @@ class Mesh:
         self.start_timeout_s = start_timeout_s
 
     def start(self) -> None:
+        """Start stage by stage (scheduler; cache and workers together; gateway), each child awaited SERVING."""
         try:
-            for child in self.children:
-                child.start()
-                wait_serving(child, self.start_timeout_s)
-                print(f"kvmesh up: {child.name:<12} serving on {child.address}", flush=True)
+            for stage in sorted({c.stage for c in self.children}):
+                group = [c for c in self.children if c.stage == stage]
+                for child in group:
+                    child.start()
+                for child in group:
+                    wait_serving(child, self.start_timeout_s)
+                    metrics = f", metrics {child.metrics_url}" if child.metrics_url else ""
+                    print(f"kvmesh up: {child.name:<12} serving on {child.address}{metrics}", flush=True)
         except BaseException:
             stop_all(self.children)
             raise
@@ -143,15 +155,20 @@ def plan(args) -> list[Child]:
     if args.transport_chaos:
         worker += ["--transport-chaos", args.transport_chaos]
     children = [Child("scheduler", ["scheduler", "--port", scheduler.split(":")[1], "--lease-s",
-                                    str(args.lease_s)], scheduler)]
+                                    str(args.lease_s)], scheduler, stage=0)]
     port = free_port()
     children.append(Child("cache", ["cache", "--port", str(port), *common], f"{host}:{port}", env))
     for role, count in (("prefill", args.prefill), ("decode", args.decode)):
         for i in range(count):
             port = free_port()
             children.append(Child(f"{role}-{i}", [role, "--port", str(port), *worker], f"{host}:{port}", env))
+    for child in children:  # the gateway serves /metrics on its HTTP port; every other service gets a port
+        metrics_port = free_port()
+        child.argv += ["--metrics-port", str(metrics_port)]
+        child.metrics_url = f"http://{host}:{metrics_port}/metrics"
     children.append(Child("gateway", ["gateway", "--port", str(args.grpc_port), "--http-port", str(args.http_port),
-                                      "--model", str(args.model), *common], f"{host}:{args.grpc_port}"))
+                                      "--model", str(args.model), *common], f"{host}:{args.grpc_port}",
+                          metrics_url=f"http://{host}:{args.http_port}/metrics", stage=2))
     return children
 
 

@@ -28,6 +28,8 @@ class EngineThread:
         self._outputs: dict[str, asyncio.Queue] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.last_step_s = 0.0
+        #: `time.time_ns()` when the current (or last) step began; read from the engine thread's own callbacks.
+        self.step_started_ns = 0
         self.num_steps = 0
 
     def start(self) -> None:
@@ -96,6 +98,7 @@ class EngineThread:
                         return
                 continue
             start = time.perf_counter()
+            self.step_started_ns = time.time_ns()
             outputs = self.engine.step()
             self.last_step_s = time.perf_counter() - start
             self.num_steps += 1

@@ -99,7 +99,30 @@ ROUTE_REJECTIONS = Counter(
     "Requests the scheduler rejected, by reason (e.g. no_workers, overloaded, too_long).",
     ["reason"], registry=REGISTRY)
 
+REQUEST_QUEUE_TIME = Histogram(
+    "kvmesh:request_queue_time_seconds",
+    "Time a request waited on a worker before its work started; stage is decode (waiting for KV blocks) or "
+    "prefill (waiting for the engine to start its prefill).",
+    ["stage"], buckets=TTFT_BUCKETS, registry=REGISTRY)
+REQUEST_PREFILL_TIME = Histogram(
+    "kvmesh:request_prefill_time_seconds",
+    "Time the prefill engine computed one prompt (the step that completes it) until its first token.",
+    buckets=TTFT_BUCKETS, registry=REGISTRY)
+ROUTE_SECONDS = Histogram(
+    "kvmesh:route_seconds",
+    "Time the scheduler took to answer one Route call (decisions and rejections).",
+    buckets=TRANSFER_BUCKETS, registry=REGISTRY)
+
 _servers: list = []
+
+
+def observe_load(load) -> None:
+    """Set the worker gauges from a load report (a `WorkerLoad`-like object: num_waiting, num_running,
+    num_free_blocks, num_total_blocks); workers call it whenever they compute their load."""
+    NUM_REQUESTS_WAITING.set(load.num_waiting)
+    NUM_REQUESTS_RUNNING.set(load.num_running)
+    KV_BLOCKS_FREE.set(load.num_free_blocks)
+    KV_BLOCKS_USED.set(max(load.num_total_blocks - load.num_free_blocks, 0))
 
 
 def observe_kv_transfer(backend: str, direction: str, num_bytes: int, seconds: float) -> None:

@@ -160,15 +160,21 @@ def tracer() -> trace.Tracer:
 UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                      "grpc.reflection.v1.ServerReflection")
 UNTRACED_METHODS = ("/kvmesh.v1.Scheduler/Heartbeat",)
+# Server side only: the gateway opens the request's root span `gateway.Generate` itself (from the caller's
+# `traceparent`), and KV transfers are traced as `kv.transfer` spans by the workers (the transports' control
+# channel carries no trace context, so its server spans would only be stray one-span traces).
+SERVER_UNTRACED_SERVICES = ("kvmesh.v1.KVTransfer",)
+SERVER_UNTRACED_METHODS = ("/kvmesh.v1.Gateway/Generate",)
 
 
-def _untraced_services():
+def _untraced_services(server: bool = False):
     """A filter keeping the RPCs worth a span; `OTEL_PYTHON_GRPC_EXCLUDED_SERVICES` adds services to skip."""
     from opentelemetry.instrumentation.grpc.filters import any_of, full_method_name, negate, service_name
 
     extra = [s.strip() for s in os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(",") if s.strip()]
-    skipped = [service_name(s) for s in (*UNTRACED_SERVICES, *extra)]
-    skipped += [full_method_name(m) for m in UNTRACED_METHODS]
+    services = (*UNTRACED_SERVICES, *extra, *(SERVER_UNTRACED_SERVICES if server else ()))
+    methods = (*UNTRACED_METHODS, *(SERVER_UNTRACED_METHODS if server else ()))
+    skipped = [service_name(s) for s in services] + [full_method_name(m) for m in methods]
     return negate(any_of(*skipped))
 
 
@@ -176,7 +182,7 @@ def server_interceptors() -> list:
     """grpc.aio server interceptors that continue the caller's trace (from `traceparent` metadata)."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(filter_=_untraced_services())]
+    return [aio_server_interceptor(filter_=_untraced_services(server=True))]
 
 
 class _EndOnce:
@@ -242,6 +248,29 @@ def inject(carrier: dict | None = None) -> dict:
 def extract(carrier: dict) -> otel_context.Context:
     """The trace context carried by a dict from inject(); pass it as `context=` when starting a span."""
     return propagate.extract(carrier)
+
+
+def extract_metadata(metadata) -> otel_context.Context:
+    """The trace context of gRPC invocation metadata ((key, value) pairs) or HTTP headers (a mapping)."""
+    items = metadata.items() if hasattr(metadata, "items") else (metadata or ())
+    carrier = {str(k).lower(): v for k, v in items if isinstance(v, str)}
+    return propagate.extract(carrier)
+
+
+def has_span(ctx: otel_context.Context | None = None) -> bool:
+    """True when ctx (default: the current context) holds a valid span, local or remote."""
+    return trace.get_current_span(ctx).get_span_context().is_valid
+
+
+def record_span(name: str, start_ns: int, end_ns: int, attributes: dict | None = None,
+                context: otel_context.Context | None = None) -> trace.Span:
+    """A span for something already measured (a queue wait, a compute window): started and ended at once.
+
+    Times are `time.time_ns()` values; the parent is the current span unless `context` is given.
+    """
+    span = tracer().start_span(name, context=context, start_time=start_ns, attributes=attributes or {})
+    span.end(end_time=max(end_ns, start_ns))
+    return span
 
 
 @contextmanager

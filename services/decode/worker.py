@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from kvmesh.services.common import errors, telemetry
+from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.common.handoff import HandoffState, HandoffTable
 from kvmesh.services.common.worker import logprob_protos, sampling_params
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
 from kvmesh.services.engine.errors import OutOfBlocksError
+from kvmesh.services.trace import conventions as names
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 
@@ -47,10 +48,12 @@ class DecodeWorker:
         return sum(1 for r in self.handoffs._records.values() if r.state in states)
 
     def load(self) -> scheduler_pb2.WorkerLoad:
-        return scheduler_pb2.WorkerLoad(
+        load = scheduler_pb2.WorkerLoad(
             num_waiting=self._count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
             num_running=self._count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
             num_total_blocks=self.engine.kv_cache.num_blocks)
+        metrics.observe_load(load)
+        return load
 
     def stats(self) -> decode_pb2.WorkerStats:
         load = self.load()
@@ -76,9 +79,12 @@ class DecodeWorker:
     async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], timeout: float):
         """Have the prefill worker fill this request's reserved blocks; return its PrefillResponse."""
         rid = request.request_id
-        start = time.perf_counter()
-        blocks = await self._reserve(rid, len(ids))
-        queue_s = time.perf_counter() - start
+        queued = time.perf_counter()
+        with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
+            blocks = await self._reserve(rid, len(ids))
+            span.set_attribute(names.ATTR_KV_BLOCKS, len(blocks))
+        queue_s = time.perf_counter() - queued
+        metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
         self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
         self.handoffs.on_release(rid, lambda: self.receiver.cancel(rid))
@@ -91,11 +97,12 @@ class DecodeWorker:
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
         landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))
         try:
-            with telemetry.tracer().start_as_current_span("decode.wait_kv"):
+            with telemetry.tracer().start_as_current_span(names.DECODE_WAIT_KV):
                 done, _ = await asyncio.wait({prefill, landed}, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
                     task.result()  # the first failure, if any, raises here
                 reply, stats = await prefill, await landed
+            _record_receive(stats)
         except grpc.aio.AioRpcError as e:
             raise _peer_error(request.prefill.address, e) from None
         except TransportError as e:
@@ -114,36 +121,29 @@ class DecodeWorker:
                        ) -> AsyncIterator[decode_pb2.DecodeResponse]:
         """Serve one routed request; every resource it takes is released when this generator ends."""
         rid, ids = request.request_id, list(request.prompt_token_ids)
-        start = time.perf_counter()
+        arrival_ns, start = time.time_ns(), time.perf_counter()
         params = sampling_params(request.sampling)
         await self.et.call(self.engine.validate, ids, params)
         self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         self.handoffs.on_release(rid, lambda: outputs.put_nowait(_EXPIRED))
+        stream = _Stream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
+        watch = _StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
-            stream = _Stream(IncrementalDetokenizer(self.tokenizer, ids), len(ids))
             if request.prefill.address:
                 reply, stream.timings = await self._remote_prefill(request, ids, timeout)
                 stream.cached = reply.num_cached_tokens
-                with telemetry.tracer().start_as_current_span("decode.admit"):
+                with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
                     await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
                 self.handoffs.advance(rid, HandoffState.DECODING)
                 if not params.stop:  # the first token is final: send it now, not after a decode step
                     first = [reply.first_logprob] if reply.HasField("first_logprob") else []
-                    stream.timings.time_to_first_token_seconds = time.perf_counter() - start
+                    watch.tokens(1)
                     yield stream.early(reply.first_token_id, first)
             else:
                 self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
                 await self.et.call(self.engine.add_request, rid, ids, params)
                 self.handoffs.advance(rid, HandoffState.DECODING)
-            async for response in self._stream(rid, outputs, stream, start):
-                yield response
-        finally:
-            self.et.unsubscribe(rid)
-            await self.handoffs.end(rid)
-
-    async def _stream(self, rid: str, outputs: asyncio.Queue, stream: "_Stream", start: float):
-        with telemetry.tracer().start_as_current_span("decode.stream") as span:
             while True:
                 out = await outputs.get()
                 if out is _EXPIRED:
@@ -151,14 +151,15 @@ class DecodeWorker:
                     raise errors.DeadlineError(f"request {rid} expired on the decode worker "
                                                f"({record.reason if record else 'lease lapsed'})")
                 self.handoffs.renew(rid)
-                if not stream.timings.time_to_first_token_seconds and out.new_token_ids:
-                    stream.timings.time_to_first_token_seconds = time.perf_counter() - start
                 response = stream.response(out)
-                if out.finished:
-                    span.set_attribute("kvmesh.output_tokens", stream.num_generated)
+                watch.tokens(len(response.token_ids))
                 yield response
                 if out.finished:
                     return
+        finally:
+            watch.end(stream.num_generated)
+            self.et.unsubscribe(rid)
+            await self.handoffs.end(rid)
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request by id; idempotent."""
@@ -168,15 +169,20 @@ class DecodeWorker:
 class _Stream:
     """One request's outgoing stream: text deltas, logprobs, usage, and a first token sent ahead of the engine."""
 
-    def __init__(self, detok: IncrementalDetokenizer, num_prompt_tokens: int):
-        self.detok, self.num_prompt_tokens = detok, num_prompt_tokens
+    def __init__(self, detok: IncrementalDetokenizer, num_prompt_tokens: int, start: float):
+        self.detok, self.num_prompt_tokens, self.start = detok, num_prompt_tokens, start
         self.num_generated = self.cached = 0
         self.timings = common_pb2.Timings()
         self.skip_first = False  # the engine's first output repeats the token already sent early
 
+    def _first_token_now(self) -> None:
+        if not self.timings.time_to_first_token_seconds:
+            self.timings.time_to_first_token_seconds = time.perf_counter() - self.start
+
     def early(self, token_id: int, logprobs: list) -> decode_pb2.DecodeResponse:
         self.skip_first = True
         self.num_generated = 1
+        self._first_token_now()
         return decode_pb2.DecodeResponse(token_ids=[token_id], text=self.detok.add([token_id]), logprobs=logprobs)
 
     def response(self, out) -> decode_pb2.DecodeResponse:
@@ -185,6 +191,8 @@ class _Stream:
             ids, entries, self.skip_first = ids[1:], entries[1:], False
         logprobs = logprob_protos(ids, entries)
         self.num_generated += len(ids)
+        if ids:
+            self._first_token_now()
         text = self.detok.add(ids) + (self.detok.flush() if out.finished else "")
         response = decode_pb2.DecodeResponse(token_ids=ids, text=text, logprobs=logprobs)
         if out.finished:
@@ -194,6 +202,42 @@ class _Stream:
                 cached_tokens=max(self.cached, out.num_cached_tokens)))
             response.timings.CopyFrom(self.timings)
         return response
+
+
+class _StreamWatch:
+    """The `decode.stream` span of one request: from admission to its last token, with the decode worker's TTFT
+    (from the request's arrival here) and mean ITL."""
+
+    def __init__(self, arrival_ns: int):
+        self.span = telemetry.tracer().start_span(names.DECODE_STREAM)
+        self.start_ns = arrival_ns
+        self.first_ns = self.last_ns = 0
+        self.count = 0
+
+    def tokens(self, count: int) -> None:
+        if count <= 0:
+            return
+        self.last_ns = time.time_ns()
+        if not self.first_ns:
+            self.first_ns = self.last_ns
+            self.span.set_attribute(names.ATTR_TTFT_S, (self.first_ns - self.start_ns) / 1e9)
+        self.count += count
+
+    def end(self, num_generated: int) -> None:
+        self.span.set_attribute(names.ATTR_OUTPUT_TOKENS, num_generated)
+        if self.count > 1:
+            self.span.set_attribute(names.ATTR_MEAN_ITL_S, (self.last_ns - self.first_ns) / 1e9 / (self.count - 1))
+        self.span.end()
+
+
+def _record_receive(stats) -> None:
+    """The receiving side of a finished KV transfer: a `kv.transfer` span (direction recv) and its metrics."""
+    end_ns = time.time_ns()
+    telemetry.record_span(names.KV_TRANSFER, end_ns - int(stats.seconds * 1e9), end_ns, {
+        names.ATTR_KV_BACKEND: stats.backend, names.ATTR_KV_DIRECTION: "recv", names.ATTR_KV_BYTES: stats.bytes,
+        names.ATTR_KV_BLOCKS: stats.blocks, names.ATTR_KV_GBPS: stats.gbps, names.ATTR_KV_LAYERS: stats.layers,
+        names.ATTR_KV_CHECKSUM_S: stats.checksum_seconds})
+    metrics.observe_kv_transfer(stats.backend, "recv", stats.bytes, stats.seconds)
 
 
 def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:

@@ -19,6 +19,8 @@ import grpc
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.channels import ChannelCache
+from kvmesh.services.gateway.observe import RequestObserver
+from kvmesh.services.trace import conventions as names
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -41,6 +43,10 @@ class GenerateCall:
     sampling: common_pb2.SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cache_salt: str = ""
+    #: The caller's W3C trace context (from `traceparent` metadata or header); None starts a new trace.
+    trace_parent: object = None
+    #: `time.time_ns()` when the request's first byte reached the gateway; 0 means "now".
+    arrival_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,25 +116,47 @@ class Gateway:
         request = scheduler_pb2.RouteRequest(request_id=call.request_id, prompt_token_ids=call.prompt_token_ids,
                                              model=self.card.model_id, cache_salt=call.cache_salt)
         budget = min(timeout or self.route_timeout_s, self.route_timeout_s)
-        with telemetry.tracer().start_as_current_span("scheduler.route"):
+        with telemetry.tracer().start_as_current_span(names.SCHEDULER_ROUTE) as span:
             try:
-                return await self._scheduler().Route(request, timeout=budget)
+                route = await self._scheduler().Route(request, timeout=budget)
             except grpc.aio.AioRpcError as e:
                 raise GatewayError(e.code(), f"routing failed: {e.details()}") from e
+            span.set_attributes({names.ATTR_ROUTE_PREFILL: route.prefill.worker_id,
+                                 names.ATTR_ROUTE_DECODE: route.decode.worker_id,
+                                 names.ATTR_ROUTE_REASON: route.policy,
+                                 names.ATTR_CACHED_TOKENS: route.num_cached_tokens})
+            return route
 
     async def generate(self, call: GenerateCall, timeout: float | None = None
                        ) -> AsyncIterator[decode_pb2.DecodeResponse]:
-        """Validate, route and stream one request's DecodeResponse messages."""
-        validate(call, self.card)
-        route = await self.route(call, timeout)
-        request = decode_pb2.DecodeRequest(
-            request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
-            cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens)
-        if route.HasField("prefill") and route.prefill.address:
-            request.prefill.address = route.prefill.address
-            request.prefill.worker_id = route.prefill.worker_id
-        stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
-        stream = stub.Generate(request, timeout=min(timeout or self.request_timeout_s, self.request_timeout_s))
+        """Validate, route and stream one request's DecodeResponse messages, under its `gateway.Generate` span."""
+        observer = RequestObserver(call.request_id, len(call.prompt_token_ids), call.arrival_ns, call.trace_parent)
+        try:
+            async for response in self._generate(call, timeout, observer):
+                observer.token(len(response.token_ids))
+                yield response
+        except GatewayError as e:
+            observer.fail(e.code, e.message)
+            raise
+        except BaseException as e:  # cancelled, or the consumer stopped early (GeneratorExit)
+            observer.fail(grpc.StatusCode.CANCELLED, type(e).__name__)
+            raise
+        finally:
+            observer.finish()
+
+    async def _generate(self, call: GenerateCall, timeout: float | None, observer: RequestObserver
+                        ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        with observer.context():  # the route and the decode call are children of the root span
+            validate(call, self.card)
+            route = await self.route(call, timeout)
+            request = decode_pb2.DecodeRequest(
+                request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
+                cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens)
+            if route.HasField("prefill") and route.prefill.address:
+                request.prefill.address = route.prefill.address
+                request.prefill.worker_id = route.prefill.worker_id
+            stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
+            stream = stub.Generate(request, timeout=min(timeout or self.request_timeout_s, self.request_timeout_s))
         try:
             async for response in stream:
                 yield response

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvmesh.services.common import telemetry
 from kvmesh.services.gateway import openai_format as fmt
 from kvmesh.services.gateway.core import Gateway, GatewayError, GenerateCall, validate
 from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, _Common
@@ -121,25 +122,29 @@ class OpenAIFrontend:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot apply the chat template: {e}") from e
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _choices(self, body: _Common, prompts: list[list[int]], request_id: str) -> list[_Choice]:
+    def _choices(self, body: _Common, prompts: list[list[int]], request_id: str,
+                 request: Request | None = None) -> list[_Choice]:
         choices = []
+        parent = telemetry.extract_metadata(request.headers) if request is not None else None
+        arrival_ns = getattr(request.state, "arrival_ns", 0) if request is not None else 0
         for p, ids in enumerate(prompts):
             for j in range(body.n):
-                call = GenerateCall(ids, body.sampling(j), f"{request_id}-{len(choices)}", body.cache_salt or "")
+                call = GenerateCall(ids, body.sampling(j), f"{request_id}-{len(choices)}", body.cache_salt or "",
+                                    trace_parent=parent, arrival_ns=arrival_ns)
                 choices.append(_Choice(len(choices), call))
         return choices
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body)
         rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
-        choices = self._choices(body, self._prompts(body), rid)
+        choices = self._choices(body, self._prompts(body), rid, request)
         render = fmt.CompletionRenderer(rid, self.gateway.card.name, self.tokenizer)
         return await self._respond(body, choices, render, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body)
         rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        choices = self._choices(body, [self._chat_prompt(body)], rid)
+        choices = self._choices(body, [self._chat_prompt(body)], rid, request)
         render = fmt.ChatRenderer(rid, self.gateway.card.name, self.tokenizer)
         return await self._respond(body, choices, render, request)
 
@@ -190,12 +195,23 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def _no_native_telemetry() -> dict:
+    """Turn off FastAPI's own OpenTelemetry spans (newer releases have them): the gateway opens the request's
+    root span, `gateway.Generate`, itself, continuing the `traceparent` header."""
+    import inspect
+
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
+
+
 def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int) -> FastAPI:
     """The FastAPI app of the gateway's HTTP port."""
-    app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None)
+    app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, **_no_native_telemetry())
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        request.state.arrival_ns = time.time_ns()  # the request's first byte, for TTFT and its root span
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body_bytes:
             return error_response(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes} "

@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 
+from kvmesh.services.common import telemetry
 from kvmesh.services.gateway.core import Gateway, GatewayError, GenerateCall
 from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -33,18 +34,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise GatewayError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not served here; this gateway "
                                                           f"serves {self.gateway.card.name!r} (ListModels)")
 
-    async def _call(self, request: gateway_pb2.GenerateRequest) -> GenerateCall:
+    async def _call(self, request: gateway_pb2.GenerateRequest, context=None) -> GenerateCall:
         self._check_model(request.model)
         if bool(request.prompt) == bool(request.prompt_token_ids):
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
                                "set exactly one of prompt and prompt_token_ids"
                                + (" (both were set)" if request.prompt else " (neither was set)"))
         ids = list(request.prompt_token_ids) or await tokenize(self.tokenizer, request.prompt)
-        return GenerateCall(ids, request.sampling, request.request_id or uuid.uuid4().hex, request.cache_salt)
+        parent = telemetry.extract_metadata(context.invocation_metadata()) if context is not None else None
+        return GenerateCall(ids, request.sampling, request.request_id or uuid.uuid4().hex, request.cache_salt,
+                            trace_parent=parent)
 
     async def Generate(self, request, context):
+        arrival_ns = time.time_ns()
         try:
-            call = await self._call(request)
+            call = await self._call(request, context)
+            call.arrival_ns = arrival_ns
             async for out in self.gateway.generate(call, context.time_remaining()):
                 yield gateway_pb2.GenerateResponse(
                     request_id=call.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,

@@ -13,9 +13,12 @@ import asyncio
 import logging
 import time
 
-from kvmesh.services.common import errors, telemetry
+from opentelemetry import context as otel_context
+
+from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.common.handoff import HandoffState, HandoffTable
 from kvmesh.services.common.worker import logprob_protos, sampling_params
+from kvmesh.services.trace import conventions as names
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
 
@@ -30,6 +33,7 @@ class LayerStream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task = asyncio.ensure_future(self._run())
         self.num_layers_sent = 0
+        self.layer_block_nbytes = int(transfer.pool[0, :, 0].nbytes)  # K and V of one block in one layer
 
     def push(self, layer: int, block_table: list[int]) -> None:
         """Called on the loop (via call_soon_threadsafe) when `layer` of this request is in the pool."""
@@ -40,7 +44,11 @@ class LayerStream:
             layer, blocks = await self.queue.get()
             if layer is None:
                 return
-            await self.transfer.send_layer(layer, blocks)
+            checksum_s = self.transfer.checksum_seconds
+            with telemetry.kv_transfer_span(self.transfer.link.name, "send", len(blocks) * self.layer_block_nbytes,
+                                            len(blocks), layer=layer) as span:
+                await self.transfer.send_layer(layer, blocks)
+                span.set_attribute(names.ATTR_KV_CHECKSUM_S, self.transfer.checksum_seconds - checksum_s)
             self.num_layers_sent += 1
 
     async def finish(self) -> None:
@@ -60,6 +68,7 @@ class PrefillWorker:
         self.sender = sender
         self.handoffs = HandoffTable(lease_s)
         self.streams: dict[str, LayerStream] = {}
+        self.compute_started: dict[str, int] = {}  # request id -> time.time_ns() its completing step began
         self._loop = asyncio.get_running_loop()
         self.engine.set_layer_hook(self._on_layer)
 
@@ -68,12 +77,15 @@ class PrefillWorker:
         for rid in request_ids:
             stream = self.streams.get(rid)
             if stream is not None:
+                self.compute_started.setdefault(rid, self.et.step_started_ns)
                 self._loop.call_soon_threadsafe(stream.push, layer, self.engine.block_table(rid))
 
     def load(self) -> scheduler_pb2.WorkerLoad:
-        return scheduler_pb2.WorkerLoad(num_waiting=0, num_running=len(self.handoffs),
-                                        num_free_blocks=self.engine.num_free_blocks,
-                                        num_total_blocks=self.engine.kv_cache.num_blocks)
+        load = scheduler_pb2.WorkerLoad(num_waiting=0, num_running=len(self.handoffs),
+                                          num_free_blocks=self.engine.num_free_blocks,
+                                          num_total_blocks=self.engine.kv_cache.num_blocks)
+        metrics.observe_load(load)
+        return load
 
     def stats(self) -> decode_pb2.WorkerStats:
         load = self.load()
@@ -82,7 +94,20 @@ class PrefillWorker:
                                       num_transfers=self.sender.num_open_transfers)
 
     async def prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
-        """Prefill one prompt into the destination's blocks; return its first token."""
+        """Prefill one prompt into the destination's blocks; return its first token.
+
+        Continues the caller's trace: from the gRPC metadata (the server interceptor), else from
+        `request.trace_context`, so the queue, compute and KV-transfer spans are children of the request's trace.
+        """
+        if telemetry.has_span() or not request.trace_context:
+            return await self._prefill(request, timeout)
+        token = otel_context.attach(telemetry.extract(dict(request.trace_context)))
+        try:
+            return await self._prefill(request, timeout)
+        finally:
+            otel_context.detach(token)
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
         rid, ids = request.request_id, list(request.prompt_token_ids)
         params = sampling_params(request.sampling)
         await self.et.call(self.engine.validate, ids, params)
@@ -101,12 +126,11 @@ class PrefillWorker:
             stream = self.streams[rid] = LayerStream(transfer, needed)
             self.handoffs.on_release(rid, stream.cancel)
             self.handoffs.advance(rid, HandoffState.WRITING)
-            start = time.perf_counter()
-            with telemetry.tracer().start_as_current_span("prefill.compute") as span:
-                span.set_attribute("kvmesh.prefill.tokens", len(ids))
-                await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True)
-                out = await asyncio.wait_for(outputs.get(), timeout)
+            start, submitted_ns = time.perf_counter(), time.time_ns()
+            await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True)
+            out = await asyncio.wait_for(outputs.get(), timeout)
             compute_s = time.perf_counter() - start
+            _record_compute(submitted_ns, self.compute_started.pop(rid, 0), len(ids), out.num_cached_tokens)
             if out.finish_reason != "prefill" or not out.new_token_ids:
                 raise errors.UnavailableError(f"prefill of {rid} ended with {out.finish_reason!r}")
             await stream.finish()
@@ -119,6 +143,7 @@ class PrefillWorker:
         except asyncio.TimeoutError:
             raise errors.DeadlineError(f"prefill of {rid} did not finish within {timeout:.1f} s") from None
         finally:
+            self.compute_started.pop(rid, None)
             self.streams.pop(rid, None)
             self.et.unsubscribe(rid)
             await self.handoffs.end(rid)
@@ -128,3 +153,17 @@ class PrefillWorker:
             num_cached_tokens=out.num_cached_tokens, compute_seconds=compute_s,
             transfer=prefill_pb2.TransferSummary(backend=stats.backend, bytes=stats.bytes, blocks=stats.blocks,
                                                  seconds=stats.seconds))
+
+
+def _record_compute(submitted_ns: int, started_ns: int, num_tokens: int, num_cached: int) -> None:
+    """The `prefill.queue` (submitted → the engine step completing the prompt began) and `prefill.compute` (that
+    step → first token) spans, and their histograms. A prompt chunked over several steps counts its earlier
+    chunks as queue time."""
+    done_ns = time.time_ns()
+    started_ns = min(max(started_ns, submitted_ns), done_ns)
+    telemetry.record_span(names.PREFILL_QUEUE, submitted_ns, started_ns)
+    telemetry.record_span(names.PREFILL_COMPUTE, started_ns, done_ns, {
+        names.ATTR_PREFILL_TOKENS: num_tokens - num_cached, names.ATTR_PROMPT_TOKENS: num_tokens,
+        names.ATTR_CACHED_TOKENS: num_cached})
+    metrics.REQUEST_QUEUE_TIME.labels(stage="prefill").observe((started_ns - submitted_ns) / 1e9)
+    metrics.REQUEST_PREFILL_TIME.observe((done_ns - started_ns) / 1e9)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 
-from kvmesh.services.common.errors import InvalidArgumentError
+from opentelemetry import trace
+
+from kvmesh.services.common import metrics
+from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, MeshError, UnavailableError
 from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
 from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, Worker, WorkerSpec
@@ -92,10 +96,32 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         layout = layout_from_proto(request.layout) if request.layout.block_size > 0 else None
         query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
                            request.cache_salt if request.HasField("cache_salt") else None)
-        plan = router.route(query, self.registry.workers(), self.policy, self.max_queue)
+        start = time.perf_counter()
+        try:
+            plan = router.route(query, self.registry.workers(), self.policy, self.max_queue)
+        except MeshError as e:
+            metrics.ROUTE_REJECTIONS.labels(reason=_rejection_reason(e)).inc()
+            raise
+        finally:
+            metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
+        metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
+        trace.get_current_span().set_attributes({
+            "kvmesh.route.prefill": plan.prefill.worker_id, "kvmesh.route.decode": plan.decode.worker_id,
+            "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens})
         return scheduler_pb2.RouteResponse(prefill=self._info(plan.prefill), decode=self._info(plan.decode),
                                            num_cached_tokens=plan.num_cached_tokens, policy=plan.policy)
 
     async def ListWorkers(self, request, context):
         role = Role(request.role) if request.role in tuple(Role) else None
         return scheduler_pb2.ListWorkersResponse(workers=[self._info(w) for w in self.registry.workers(role)])
+
+
+def _rejection_reason(error: MeshError) -> str:
+    """The `reason` label of a rejected Route call."""
+    if isinstance(error, CapacityError):
+        return "overloaded"
+    if isinstance(error, UnavailableError):
+        return "no_workers"
+    if isinstance(error, InvalidArgumentError):
+        return "invalid"
+    return type(error).__name__
