@@ -184,6 +184,8 @@ class Transfer(ABC):
             checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.layer_checksums[layer] = checksum
         self.nbytes += nbytes
+        if self._span is not None:  # per-layer timestamps: show that layers leave while later ones compute
+            self._span.add_event("kv.layer_sent", {"kvmesh.kv.layer": layer, "kvmesh.kv.bytes": nbytes})
 
     async def commit(self) -> TransferStats:
         """Finish: flush the backend, then ask the receiver to verify every layer. Returns this side's stats.
@@ -290,13 +292,29 @@ class Transfer(ABC):
     def _finish(self, state: str, stats: TransferStats | None = None, error: str = "") -> None:
         self.state = state
         self.sender._release(self)
+        if stats is not None:
+            report(stats, "send", self._span)
         if self._span is not None:
-            if stats is not None:
-                self._span.set_attributes({f"kv.{k}": v for k, v in stats.to_dict().items()})
             if error:
                 self._span.set_attribute("kv.error", error)
             self._span.end()
             self._span = None
+
+
+def report(stats: TransferStats, direction: str, span=None) -> None:
+    """Put a finished transfer's figures on its span (conventional `kvmesh.kv.*` attributes, plus the raw
+    `kv.*` stats) and on the Prometheus metrics; `direction` is "send" or "recv". Never raises."""
+    try:
+        from kvmesh.services.common import metrics
+        from kvmesh.services.trace import conventions as names
+    except ImportError:  # pragma: no cover - transports used without the services package
+        return
+    metrics.observe_kv_transfer(stats.backend, direction, stats.bytes, stats.seconds)
+    if span is not None:
+        span.set_attributes({f"kv.{k}": v for k, v in stats.to_dict().items()})
+        span.set_attributes({names.ATTR_KV_BACKEND: stats.backend, names.ATTR_KV_DIRECTION: direction,
+                             names.ATTR_KV_BYTES: stats.bytes, names.ATTR_KV_BLOCKS: stats.blocks,
+                             names.ATTR_KV_GBPS: stats.gbps, "kvmesh.kv.seconds": stats.seconds})
 
 
 async def _within(make: Callable[[], object], seconds: float):
@@ -318,11 +336,13 @@ def _typed(exc: BaseException, where: str) -> errors.TransportError:
     return errors.TransportError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def _start_span(backend: str, transfer_id: str):
+def _start_span(backend: str, transfer_id: str, direction: str = "send", start_time: int | None = None):
+    """A `kv.transfer` span, child of the caller's current span; `start_time` in epoch ns (default now)."""
     try:
         from opentelemetry import trace
     except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
         return None
-    span = trace.get_tracer("kvmesh.transports").start_span("kv.transfer")
-    span.set_attributes({"kv.backend": backend, "kv.transfer_id": transfer_id})
+    span = trace.get_tracer("kvmesh.transports").start_span("kv.transfer", start_time=start_time)
+    span.set_attributes({"kv.backend": backend, "kv.transfer_id": transfer_id, "kvmesh.kv.backend": backend,
+                         "kvmesh.kv.direction": direction})
     return span

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, backend_class
+from kvmesh.transports.base import (OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, _start_span,
+                                    backend_class, report)
 from kvmesh.transports.blocks import as_block_ids, dst_checksums
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.v1 import common_pb2
@@ -220,6 +221,7 @@ class Receiver:
                               time.perf_counter() - record.opened, checksum_seconds)
         record.state = "ready"
         record.future.set_result(stats)
+        _report_recv(transfer_id, stats)
         return stats
 
     async def _checksums(self, record: _Record, backend: str, nbytes: int) -> list[int]:
@@ -284,6 +286,15 @@ class Receiver:
         if record.timer is not None:
             record.timer.cancel()
         self._records.pop(record.transfer_id, None)
+
+
+def _report_recv(transfer_id: str, stats: TransferStats) -> None:
+    """The receiver's `kv.transfer` span (from Open to verified Commit, made after the fact) and metrics."""
+    end = time.time_ns()
+    span = _start_span(stats.backend, transfer_id, "recv", start_time=end - int(stats.seconds * 1e9))
+    report(stats, "recv", span)
+    if span is not None:
+        span.end(end_time=end)
 
 
 def _retrieve(future: asyncio.Future) -> None:
