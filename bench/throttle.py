@@ -12,15 +12,20 @@ everything; throttling the transport to
 
     throttle = kv_bytes_per_token × prefill_tokens_per_s_here / r
 
-restores the same r here. With layer-wise streaming, layer l is ready at (l+1)·T_c/L and takes t = T_x/L to send,
-one layer after another, so the last byte lands at max over l of ((l+1)·T_c/L + (L−l)·t), and the transfer time
-the request sees beyond its compute is
+restores the same r here. With layer-wise streaming, layer l's KV exists at (l + f)·T_c/L — f is the part of a
+layer's compute done before its K and V are written (the QKV projection: the engine's hook fires right after the
+write, before attention and MLP; f ≈ 0.15 here) — and takes t = T_x/L to send, one layer after another. The last
+byte lands at max over l of ((l + f)·T_c/L + (L − l)·t); the function is linear in l, so the transfer time the
+request sees beyond its compute is
 
-    exposed = max(T_x / L, T_x − T_c·(L−1)/L)
+    exposed = max(0, (T_x − (1 − f)·T_c) / L, T_x − (L − f)·T_c / L)
 
-(the last layer's transfer can never hide; when the link is slower than compute, the transfer is the critical
-path from layer 0 on). Measured: TTFT at the client minus the prefill's compute (the `prefill.compute` span), minus
-the same difference with an unthrottled transport (routing, admission, commit and the first decode step).
+The middle term is the last layer, hiding only behind its own attention and MLP; the last term is the link being
+the critical path from layer 0 on. With f = 1 (a hook after the whole layer) this is the familiar
+max(T_x / L, T_x − T_c·(L − 1)/L). The bench takes the layers' ready times from the unthrottled run's spans
+(`kv.layer_sent` events relative to `prefill.compute`), i.e. the exact form of the same max. Measured: TTFT at the
+client minus the prefill's compute, minus the same difference with an unthrottled transport (routing, admission,
+commit and the first decode step).
 
 Runs the real mesh (tests/e2e/mesh.py: scheduler, cache, one prefill and one decode worker, gateway) once per
 throttle value, on the `small` preset (`kvmesh model init DIR --preset small`), transport shm + chaos throttle.
@@ -68,9 +73,19 @@ CLUSTERS = (
 )
 
 
-def predicted_exposed(transfer_s: float, compute_s: float, num_layers: int) -> float:
-    """Seconds of transfer not hidden behind compute, with layer-wise streaming (derivation above)."""
-    return max(transfer_s / num_layers, transfer_s - compute_s * (num_layers - 1) / num_layers)
+def predicted_exposed(transfer_s: float, compute_s: float, ready: list[float]) -> float:
+    """Seconds of transfer not hidden behind compute (derivation above); `ready[l]` is the fraction of the compute
+    after which layer l's KV exists."""
+    num_layers = len(ready)
+    per_layer = transfer_s / num_layers
+    finish = max(compute_s * r + (num_layers - l) * per_layer for l, r in enumerate(ready))
+    return max(0.0, finish - compute_s)
+
+
+def closed_form_exposed(transfer_s: float, compute_s: float, num_layers: int, f: float) -> float:
+    """The same with evenly spaced layers: max(0, (T_x − (1 − f)·T_c)/L, T_x − (L − f)·T_c/L)."""
+    return max(0.0, (transfer_s - (1 - f) * compute_s) / num_layers,
+               transfer_s - (num_layers - f) * compute_s / num_layers)
 
 
 def throttle_for(cluster: Cluster, kv_bytes_per_s_here: float) -> float:
@@ -86,7 +101,8 @@ def run_mesh(model: str, chaos: str, prompts: list[list[int]], traces: Path) -> 
     from kvmesh.v1 import common_pb2, gateway_pb2
 
     env = {"OTEL_TRACES_EXPORTER": "jsonl", "KVMESH_TRACES_FILE": str(traces), "OTEL_BSP_SCHEDULE_DELAY": "50"}
-    mesh = start_mesh(model, transport="shm", chaos=chaos, env=env)
+    # leases long enough for the slowest throttled transfer
+    mesh = start_mesh(model, transport="shm", chaos=chaos, env=env, worker_args=("--handoff-lease-s", "120"))
     ttfts = []
     try:
         for prompt in prompts:
@@ -109,14 +125,16 @@ def run_mesh(model: str, chaos: str, prompts: list[list[int]], traces: Path) -> 
     finally:
         mesh.close()
     return [{"ttft_s": t, "compute_s": c.duration, "kv_bytes": s.attributes["kvmesh.kv.bytes"],
-             "transfer_s": s.duration} for t, c, s in zip(ttfts[1:], computes[1:], sends[1:])]
+             "transfer_s": s.duration, "layer_sent": sorted((e - c.start) / c.duration for n, e in s.events
+                                                            if n == "kv.layer_sent")}
+            for t, c, s in zip(ttfts[1:], computes[1:], sends[1:])]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model folder (default: a fresh `small` preset)")
     parser.add_argument("--prompt-tokens", type=int, default=1000)
-    parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--clusters", default="A100 + 25 Gb/s TCP,H100 + 25 Gb/s TCP,H100 + 10 Gb/s TCP")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -137,6 +155,8 @@ def main() -> None:
         kv_bytes = statistics.median(r["kv_bytes"] for r in base)
         overhead_s = statistics.median(r["ttft_s"] - r["compute_s"] for r in base)
         kv_rate = kv_bytes / compute_s
+        ready = [statistics.median(r["layer_sent"][layer] for r in base) for layer in range(num_layers)]
+        f = ready[0] * num_layers  # layer 0's KV exists after f of one layer's compute
         print(f"unthrottled: compute {compute_s * 1e3:.0f} ms, {kv_bytes / 1e6:.1f} MB KV "
               f"({kv_rate / 1e6:.1f} MB/s), TTFT - compute {overhead_s * 1e3:.0f} ms", file=sys.stderr)
         rows = []
@@ -144,19 +164,23 @@ def main() -> None:
             rate = throttle_for(cluster, kv_rate)
             runs = run_mesh(model, f"throttle={rate / 1e6:.3f}MBps", prompts(), Path(tmp) / f"{len(rows)}.jsonl")
             measured = statistics.median(r["ttft_s"] - r["compute_s"] for r in runs) - overhead_s
-            predicted = statistics.median(predicted_exposed(r["kv_bytes"] / rate, r["compute_s"], num_layers)
+            predicted = statistics.median(predicted_exposed(r["kv_bytes"] / rate, r["compute_s"], ready)
                                           for r in runs)
+            closed = statistics.median(closed_form_exposed(r["kv_bytes"] / rate, r["compute_s"], num_layers, f)
+                                       for r in runs)
             row = {"cluster": cluster.name, "ratio": cluster.ratio, "throttle_MBps": rate / 1e6,
                    "compute_s": statistics.median(r["compute_s"] for r in runs),
-                   "predicted_exposed_s": predicted, "measured_exposed_s": measured,
-                   "measured_over_predicted": measured / predicted, "runs": runs}
+                   "predicted_exposed_s": predicted, "closed_form_exposed_s": closed,
+                   "measured_exposed_s": measured,
+                   "measured_over_predicted": measured / predicted if predicted > 0 else None, "runs": runs}
             rows.append(row)
             print(f"{cluster.name}: r={cluster.ratio:.2f} throttle {rate / 1e6:.1f} MB/s  exposed: predicted "
-                  f"{predicted * 1e3:.0f} ms, measured {measured * 1e3:.0f} ms ({measured / predicted:.2f}x)",
+                  f"{predicted * 1e3:.0f} ms (closed form {closed * 1e3:.0f}), measured {measured * 1e3:.0f} ms",
                   file=sys.stderr)
     result = {"model": "small preset" if not args.model else args.model, "num_layers": num_layers,
               "prompt_tokens": args.prompt_tokens, "reps": args.reps, "baseline": {
                   "compute_s": compute_s, "kv_bytes": kv_bytes, "kv_bytes_per_s": kv_rate,
+                  "layer_ready_fraction": ready, "f": f,
                   "ttft_minus_compute_s": overhead_s, "runs": base}, "rows": rows}
     text = json.dumps(result, indent=2)
     if args.out:
