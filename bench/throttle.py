@@ -168,7 +168,9 @@ def main() -> None:
                                           for r in runs)
             closed = statistics.median(closed_form_exposed(r["kv_bytes"] / rate, r["compute_s"], num_layers, f)
                                        for r in runs)
+            effective = statistics.median(r["kv_bytes"] / rate / r["compute_s"] for r in runs)
             row = {"cluster": cluster.name, "ratio": cluster.ratio, "throttle_MBps": rate / 1e6,
+                   "effective_ratio": effective,  # T_x / T_c as run: the load here drifts between meshes
                    "compute_s": statistics.median(r["compute_s"] for r in runs),
                    "predicted_exposed_s": predicted, "closed_form_exposed_s": closed,
                    "measured_exposed_s": measured,
