@@ -93,6 +93,20 @@ class CommitReply(_message.Message):
     seconds: float
     def __init__(self, checksum_seconds: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
+class LayerWrittenRequest(_message.Message):
+    __slots__ = ("transfer_id", "layer")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    layer: int
+    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
+
+class LayerWrittenReply(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
 class AbortRequest(_message.Message):
     __slots__ = ("transfer_id", "reason")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
