@@ -178,8 +178,8 @@ class GrpcBackend(Backend):
 
 
 def _land(record, chunk, views: list[np.ndarray], counts: list[int]) -> None:
-    """Verify one chunk's checksum (if it has one), copy its pieces into the region, and extend its layer's running checksum
-    (chunks of a layer arrive in the sender's order, so that equals the sender's layer checksum)."""
+    """Verify one chunk's checksum (if it has one), copy its pieces into the region, and extend its layer's running
+    checksum (chunks of a layer arrive in the sender's order, so that equals the sender's layer checksum)."""
     data = chunk.data
     if chunk.has_checksum and xxhash.xxh3_64_intdigest(data) != chunk.checksum:
         raise errors.DataLossError(f"transfer {chunk.transfer_id}: chunk checksum mismatch")

@@ -22,8 +22,8 @@ from kvmesh.transports.blocks import as_block_ids, dst_checksums
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.v1 import common_pb2
 
-TOMBSTONES = 1024
-PUMP_S = 0.001  # progress polling period for backends that need it (ucx)  # failed transfers remembered, so a late `wait` gets the real error
+TOMBSTONES = 1024  # failed transfers remembered, so a late `wait` gets the real error
+PUMP_S = 0.001  # progress polling period for backends that need it (ucx)
 
 
 @dataclass(eq=False)
