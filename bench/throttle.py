@@ -62,14 +62,16 @@ class Cluster:
 
 
 # Reference model: Llama-3.1-8B in bf16: 32 layers × 8 KV heads × 128 dims × 2 (K, V) × 2 bytes = 128 KiB/token.
-# Prefill ≈ 2 × 8e9 FLOP/token; at 50 % MFU an H100 SXM (989 dense bf16 TFLOP/s) does ~31k tokens/s and an A100
-# (312) ~9.8k. Usable link rates: 400 Gb/s RDMA ~ 45 GB/s, 25 Gb/s TCP ~ 2.5 GB/s, 10 Gb/s TCP ~ 1.0 GB/s.
+# Prefill ≈ 2 × 8e9 FLOP/token; at 50 % MFU an H100 SXM (989 dense bf16 TFLOP/s) does ~31k tokens/s, an A100
+# (312) ~9.8k, a B200 (~2250) ~70k. Usable link rates: 400 Gb/s RDMA ~ 45 GB/s, 25 Gb/s TCP ~ 2.5 GB/s,
+# 10 Gb/s TCP ~ 1.0 GB/s.
 REF_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
 CLUSTERS = (
     Cluster("H100 + 400 Gb/s RDMA", 31e3, 45e9),
     Cluster("A100 + 25 Gb/s TCP", 9.8e3, 2.5e9),
     Cluster("H100 + 25 Gb/s TCP", 31e3, 2.5e9),
     Cluster("H100 + 10 Gb/s TCP", 31e3, 1.0e9),
+    Cluster("B200 + 25 Gb/s TCP", 70e3, 2.5e9),
 )
 
 
@@ -135,7 +137,8 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: a fresh `small` preset)")
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--clusters", default="A100 + 25 Gb/s TCP,H100 + 25 Gb/s TCP,H100 + 10 Gb/s TCP")
+    parser.add_argument("--clusters", default="A100 + 25 Gb/s TCP,H100 + 25 Gb/s TCP,B200 + 25 Gb/s TCP,"
+                                                  "H100 + 10 Gb/s TCP")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
