@@ -5,7 +5,8 @@ measured in the same run as baselines (this machine is noisy: compare ratios, no
 
 Each backend's receiver runs in its own process (a Receiver on a grpc.aio server on 127.0.0.1); the sender runs
 here. A transfer is timed from Sender.open to Transfer.commit returning, i.e. until the receiver has verified
-every layer's checksum. Rows: {"backend", "size_bytes", "gbps", "memcpy_gbps", "tcp_gbps"}.
+every layer's checksum. Rows: {"backend", "size_bytes", "gbps", "open_ms", "commit_ms", "gbps_after_open",
+"memcpy_gbps", "tcp_gbps", "loadavg_1m"}.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ async def serve(backend: str, num_blocks: int) -> None:
     receiver.close()
 
 
-async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool) -> dict[int, float]:
+async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool) -> dict[int, dict]:
+    """Per size: median GB/s (Open to verified Commit), median Open and Commit milliseconds, and GB/s without the
+    Open round trip (a worker opens before it computes, so Open is off its critical path)."""
     from kvmesh.transports import Sender, allocate_region
     from kvmesh.v1 import common_pb2
 
@@ -132,7 +135,7 @@ async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool)
     results, counter = {}, 0
     try:
         for size in sizes:
-            n, times = blocks_for(size), []
+            n, times, phases = blocks_for(size), [], []
             for i in range(reps + 1):
                 counter += 1
                 tid = f"b{counter}"
@@ -140,14 +143,19 @@ async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool)
                 ids = list(range(n))
                 t = time.perf_counter()
                 transfer = await sender.open(descriptor, tid, ids, timeout=60)
+                opened = time.perf_counter()
                 for layer in range(LAYERS):
                     await transfer.send_layer(layer, ids)
+                sent = time.perf_counter()
                 stats = await transfer.commit()
                 if i:  # the first round warms up connections and pages
                     times.append(time.perf_counter() - t)
+                    phases.append((opened - t, time.perf_counter() - sent, time.perf_counter() - opened))
                 ask(f"wait {tid} 0")
-            results[size] = median_gbps(stats.bytes, times)
-            print(f"  {backend:5s} {size // MiB:4d} MiB  {results[size]:6.2f} GB/s", file=sys.stderr)
+            open_s, commit_s, after_open_s = (statistics.median(p) for p in zip(*phases))
+            results[size] = {"gbps": median_gbps(stats.bytes, times), "open_ms": open_s * 1e3,
+                             "commit_ms": commit_s * 1e3, "gbps_after_open": stats.bytes / after_open_s / 1e9}
+            print(f"  {backend:5s} {size // MiB:4d} MiB  {results[size]['gbps']:6.2f} GB/s", file=sys.stderr)
     finally:
         await sender.close()
         proc.stdin.close()
@@ -176,12 +184,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write_results(rows: list[dict], command: str, path: Path, png: Path) -> None:
+    loads = [r["loadavg_1m"] for r in rows]
     lines = ["", f"## Transports ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "", f"`{command}`", "",
-             "| backend | size | GB/s | memcpy GB/s | raw TCP GB/s | vs memcpy | vs TCP |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"1-minute load average on the 2 cores during the run: {min(loads):.1f}–{max(loads):.1f}.", "",
+             "| backend | size | GB/s | memcpy GB/s | raw TCP GB/s | vs memcpy | vs TCP | Open ms | Commit ms "
+             "| GB/s after Open |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['size_bytes'] // MiB} MiB | {r['gbps']:.2f} | {r['memcpy_gbps']:.2f} "
-                     f"| {r['tcp_gbps']:.2f} | {r['gbps'] / r['memcpy_gbps']:.2f} | {r['gbps'] / r['tcp_gbps']:.2f} |")
+                     f"| {r['tcp_gbps']:.2f} | {r['gbps'] / r['memcpy_gbps']:.2f} | {r['gbps'] / r['tcp_gbps']:.2f} "
+                     f"| {r['open_ms']:.2f} | {r['commit_ms']:.2f} | {r['gbps_after_open']:.2f} |")
     lines += ["", f"![transports]({png.name})", ""]
     with open(path, "a") as f:
         f.write("\n".join(lines))
@@ -208,9 +219,10 @@ def main() -> None:
     tcp = {s: bench_tcp(s, reps) for s in sizes}
     rows = []
     for backend in backends:
-        for size, gbps in asyncio.run(bench_backend(backend, sizes, reps, not args.no_checksums)).items():
-            rows.append({"backend": backend, "size_bytes": size, "gbps": round(gbps, 3),
-                         "memcpy_gbps": round(memcpy[size], 3), "tcp_gbps": round(tcp[size], 3)})
+        for size, got in asyncio.run(bench_backend(backend, sizes, reps, not args.no_checksums)).items():
+            rows.append({"backend": backend, "size_bytes": size, **{k: round(v, 3) for k, v in got.items()},
+                         "memcpy_gbps": round(memcpy[size], 3), "tcp_gbps": round(tcp[size], 3),
+                         "loadavg_1m": round(os.getloadavg()[0], 2)})
     print(json.dumps(rows, indent=1))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")

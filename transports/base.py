@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
 PREFERENCE = ("shm", "ucx", "grpc")
 # Large enough that a layer's copy or hash is worth a thread hop; smaller work runs inline.
 OFFLOAD_BYTES = 256 << 10
+# One-sided backends tell the receiver a layer of at least this size is written (LayerWritten), so it verifies
+# that layer while later ones are written; smaller layers are not worth the extra message.
+EARLY_VERIFY_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class Backend(ABC):
     needs_shared_region: ClassVar[bool] = False
     #: The sender writes directly into the receiver's memory; the receiver sees no data messages.
     one_sided: ClassVar[bool] = False
+    #: A layer is in the receiver's memory once `_write_runs` returns (shm; not ucx, whose completion may precede
+    #: visibility to the receiver's CPU), so the receiver may verify it early (LayerWritten).
+    early_verify: ClassVar[bool] = False
     transfer_class: ClassVar[type["Transfer"]]
 
     def __init__(self, sender: "Sender", descriptor, peer: "Peer") -> None:
@@ -157,6 +163,7 @@ class Transfer(ABC):
         self._writer: Callable[[list[Run]], object] = self._write_runs  # the chaos seam
         self._lock = asyncio.Lock()
         self._sending: set[int] = set()
+        self._hints: list[asyncio.Future] = []  # LayerWritten calls in flight
         self._span = _start_span(link.name, transfer_id)
 
     # ---- public: called by the sending worker, on its event loop ----
@@ -184,6 +191,11 @@ class Transfer(ABC):
             checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.layer_checksums[layer] = checksum
         self.nbytes += nbytes
+        if (self.link.early_verify and self.sender.verify and nbytes >= EARLY_VERIFY_BYTES
+                and len(self.layer_checksums) < self.pool.shape[0]):  # the last layer is verified by Commit anyway
+            self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, layer)))
+        if self._span is not None:  # per-layer timestamps: show that layers leave while later ones compute
+            self._span.add_event("kv.layer_sent", {"kvmesh.kv.layer": layer, "kvmesh.kv.bytes": nbytes})
 
     async def commit(self) -> TransferStats:
         """Finish: flush the backend, then ask the receiver to verify every layer. Returns this side's stats.
@@ -197,6 +209,8 @@ class Transfer(ABC):
             raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
         async with self._lock:
             await self._guard(self._end, "flush")
+        if self._hints:  # they normally landed long ago; hints left behind would race the Commit
+            await asyncio.gather(*self._hints)
         verify = self.sender.verify
         sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
         await self._guard(lambda: self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
@@ -211,6 +225,8 @@ class Transfer(ABC):
         if self.state != "open":
             return
         self._finish("failed", error=reason)
+        for hint in self._hints:
+            hint.cancel()
         await self._cancel()
         await self.link.peer.abort(self.transfer_id, reason)
 
@@ -290,13 +306,29 @@ class Transfer(ABC):
     def _finish(self, state: str, stats: TransferStats | None = None, error: str = "") -> None:
         self.state = state
         self.sender._release(self)
+        if stats is not None:
+            report(stats, "send", self._span)
         if self._span is not None:
-            if stats is not None:
-                self._span.set_attributes({f"kv.{k}": v for k, v in stats.to_dict().items()})
             if error:
                 self._span.set_attribute("kv.error", error)
             self._span.end()
             self._span = None
+
+
+def report(stats: TransferStats, direction: str, span=None) -> None:
+    """Put a finished transfer's figures on its span (conventional `kvmesh.kv.*` attributes, plus the raw
+    `kv.*` stats) and on the Prometheus metrics; `direction` is "send" or "recv". Never raises."""
+    try:
+        from kvmesh.services.common import metrics
+        from kvmesh.services.trace import conventions as names
+    except ImportError:  # pragma: no cover - transports used without the services package
+        return
+    metrics.observe_kv_transfer(stats.backend, direction, stats.bytes, stats.seconds)
+    if span is not None:
+        span.set_attributes({f"kv.{k}": v for k, v in stats.to_dict().items()})
+        span.set_attributes({names.ATTR_KV_BACKEND: stats.backend, names.ATTR_KV_DIRECTION: direction,
+                             names.ATTR_KV_BYTES: stats.bytes, names.ATTR_KV_BLOCKS: stats.blocks,
+                             names.ATTR_KV_GBPS: stats.gbps, "kvmesh.kv.seconds": stats.seconds})
 
 
 async def _within(make: Callable[[], object], seconds: float):
@@ -318,11 +350,13 @@ def _typed(exc: BaseException, where: str) -> errors.TransportError:
     return errors.TransportError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def _start_span(backend: str, transfer_id: str):
+def _start_span(backend: str, transfer_id: str, direction: str = "send", start_time: int | None = None):
+    """A `kv.transfer` span, child of the caller's current span; `start_time` in epoch ns (default now)."""
     try:
         from opentelemetry import trace
     except ImportError:  # pragma: no cover - opentelemetry-api is a dependency
         return None
-    span = trace.get_tracer("kvmesh.transports").start_span("kv.transfer")
-    span.set_attributes({"kv.backend": backend, "kv.transfer_id": transfer_id})
+    span = trace.get_tracer("kvmesh.transports").start_span("kv.transfer", start_time=start_time)
+    span.set_attributes({"kv.backend": backend, "kv.transfer_id": transfer_id, "kvmesh.kv.backend": backend,
+                         "kvmesh.kv.direction": direction})
     return span

@@ -59,6 +59,9 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
     async def Abort(self, request, context):
         return kv_pb2.AbortReply(found=self.receiver._abort(request.transfer_id, request.reason))
 
+    async def LayerWritten(self, request, context):
+        return kv_pb2.LayerWrittenReply(accepted=self.receiver._layer_written(request.transfer_id, request.layer))
+
 
 class MalformedChunk:
     """What a Push message that does not parse as a KVChunk becomes, so the handler can answer INVALID_ARGUMENT
@@ -99,6 +102,7 @@ def add_to_server(servicer: KVTransferServicer, server) -> None:
                                                      response_serializer=kv_pb2.PushReply.SerializeToString),
         "Commit": unary(servicer.Commit, kv_pb2.CommitRequest),
         "Abort": unary(servicer.Abort, kv_pb2.AbortRequest),
+        "LayerWritten": unary(servicer.LayerWritten, kv_pb2.LayerWrittenRequest),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvmesh.v1.KVTransfer", handlers),))
     server.add_registered_method_handlers("kvmesh.v1.KVTransfer", handlers)
@@ -131,6 +135,14 @@ class Peer:
         try:
             await self.stub.Abort(kv_pb2.AbortRequest(transfer_id=transfer_id, reason=reason),
                                   timeout=ABORT_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError):
+            pass
+
+    async def layer_written(self, transfer_id: str, layer: int) -> None:
+        """A hint (see kv.proto); never raises: the receiver verifies the layer at Commit if this is lost."""
+        try:
+            await self.stub.LayerWritten(kv_pb2.LayerWrittenRequest(transfer_id=transfer_id, layer=layer),
+                                         timeout=ABORT_TIMEOUT_S)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, grpc.aio.UsageError):
             pass
 

@@ -193,6 +193,7 @@ class ShmBackend(Backend):
     same_host_only = True
     needs_shared_region = True
     one_sided = True
+    early_verify = True
     transfer_class = ShmTransfer
 
     @classmethod

@@ -11,6 +11,7 @@ shared memory or TCP.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import secrets
 import struct
@@ -26,6 +27,11 @@ POLL_S = (0.0, 0.0001, 0.0005, 0.001)  # completion polling back-off
 
 
 def _nixl():
+    """NIXL's Python module: $KVMESH_NIXL_MODULE if set (e.g. `nixl` for a source build against the cluster's
+    own UCX), else the PyPI wheel's `nixl_cu12`, else `nixl`."""
+    forced = os.environ.get("KVMESH_NIXL_MODULE")
+    if forced:
+        return importlib.import_module(forced)
     try:
         import nixl_cu12 as nixl
     except ImportError:

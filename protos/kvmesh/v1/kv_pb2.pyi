@@ -44,13 +44,14 @@ class KVSpan(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., kv: _Optional[int] = ..., dst_block_start: _Optional[int] = ..., num_blocks: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("transfer_id", "dtype", "spans", "nbytes", "checksum", "has_checksum", "data")
+    __slots__ = ("transfer_id", "dtype", "spans", "nbytes", "checksum", "has_checksum", "layer_checksums", "data")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     HAS_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    LAYER_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     dtype: str
@@ -58,8 +59,9 @@ class KVChunk(_message.Message):
     nbytes: int
     checksum: int
     has_checksum: bool
+    layer_checksums: bool
     data: bytes
-    def __init__(self, transfer_id: _Optional[str] = ..., dtype: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[KVSpan, _Mapping]]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., has_checksum: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, transfer_id: _Optional[str] = ..., dtype: _Optional[str] = ..., spans: _Optional[_Iterable[_Union[KVSpan, _Mapping]]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., has_checksum: _Optional[bool] = ..., layer_checksums: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("nbytes", "num_chunks")
@@ -90,6 +92,20 @@ class CommitReply(_message.Message):
     checksum_seconds: float
     seconds: float
     def __init__(self, checksum_seconds: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class LayerWrittenRequest(_message.Message):
+    __slots__ = ("transfer_id", "layer")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    layer: int
+    def __init__(self, transfer_id: _Optional[str] = ..., layer: _Optional[int] = ...) -> None: ...
+
+class LayerWrittenReply(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("transfer_id", "reason")

@@ -55,6 +55,11 @@ class KVTransferStub:
                 request_serializer=kvmesh_dot_v1_dot_kv__pb2.AbortRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_kv__pb2.AbortReply.FromString,
                 _registered_method=True)
+        self.LayerWritten = channel.unary_unary(
+                '/kvmesh.v1.KVTransfer/LayerWritten',
+                request_serializer=kvmesh_dot_v1_dot_kv__pb2.LayerWrittenRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_kv__pb2.LayerWrittenReply.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -90,6 +95,14 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LayerWritten(self, request, context):
+        """One-sided backends: one layer is completely written, so the receiver may start verifying it while later
+        layers are written; Commit then has less left to check. A hint only: never fails, may arrive late or never.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=kvmesh_dot_v1_dot_kv__pb2.AbortRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_kv__pb2.AbortReply.SerializeToString,
+            ),
+            'LayerWritten': grpc.unary_unary_rpc_method_handler(
+                    servicer.LayerWritten,
+                    request_deserializer=kvmesh_dot_v1_dot_kv__pb2.LayerWrittenRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_kv__pb2.LayerWrittenReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +241,33 @@ class KVTransfer:
             '/kvmesh.v1.KVTransfer/Abort',
             kvmesh_dot_v1_dot_kv__pb2.AbortRequest.SerializeToString,
             kvmesh_dot_v1_dot_kv__pb2.AbortReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LayerWritten(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.KVTransfer/LayerWritten',
+            kvmesh_dot_v1_dot_kv__pb2.LayerWrittenRequest.SerializeToString,
+            kvmesh_dot_v1_dot_kv__pb2.LayerWrittenReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,60 @@
+"""shm: the receiver verifies big layers as soon as the sender says they are written (LayerWritten), and a damaged
+layer verified early still fails the transfer with DATA_LOSS at Commit."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from kvmesh.transports import DataLossError, Receiver, Sender, allocate_region, make_layout
+
+LAYOUT = make_layout(3, 4, 2, 8, "float32")  # 256-byte blocks
+NUM_BLOCKS = 9000  # 2 x 9000 x 256 B = 4.6 MB per layer: above EARLY_VERIFY_BYTES
+
+
+def _run(chaos: str | None):
+    async def main():
+        dst, src = allocate_region(3, NUM_BLOCKS, 256, "shm"), allocate_region(3, NUM_BLOCKS, 256)
+        src.array[:] = np.random.default_rng(3).integers(0, 256, src.array.shape, np.uint8)
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        receiver = Receiver(dst, LAYOUT, address=f"127.0.0.1:{port}", backends=["shm"])
+        hinted = []
+        real = receiver._layer_written
+        receiver._layer_written = lambda tid, layer: hinted.append(layer) or real(tid, layer)
+        receiver.mount(server)
+        await server.start()
+        sender = Sender(src, LAYOUT, backends=["shm"], chaos=chaos)
+        ids = list(range(NUM_BLOCKS))
+        try:
+            receiver.expect("t", ids)
+            transfer = await sender.open(receiver.descriptor(), "t", ids, timeout=10)
+            for layer in range(3):
+                await transfer.send_layer(layer, ids)
+            outcome = None
+            try:
+                await transfer.commit()
+                await receiver.wait("t", 5)
+            except DataLossError as e:
+                outcome = e
+            return hinted, outcome, np.array_equal(dst.array, src.array)
+        finally:
+            await sender.close()
+            await server.stop(0)
+            receiver.close()
+            src.close()
+
+    return asyncio.run(main())
+
+
+def test_big_layers_but_the_last_are_verified_early_and_land_intact():
+    hinted, outcome, equal = _run(None)
+    assert sorted(hinted) == [0, 1] and outcome is None and equal
+
+
+@pytest.mark.parametrize("spec", ["corrupt=1", "drop=1"])
+def test_damage_in_an_early_verified_layer_is_data_loss(spec):
+    hinted, outcome, _ = _run(spec)
+    assert sorted(hinted) == [0, 1]
+    assert isinstance(outcome, DataLossError) and "layers [0, 1, 2]" in str(outcome)
