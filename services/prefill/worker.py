@@ -16,6 +16,7 @@ import time
 from kvmesh.services.common import errors, telemetry
 from kvmesh.services.common.handoff import HandoffState, HandoffTable
 from kvmesh.services.common.worker import logprob_protos, sampling_params
+from kvmesh.services.prefill import prefix
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
 
@@ -55,9 +56,10 @@ class LayerStream:
 class PrefillWorker:
     """Prompts being prefilled on this worker."""
 
-    def __init__(self, engine_thread, sender, lease_s: float):
+    def __init__(self, engine_thread, sender, lease_s: float, cache=None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.sender = sender
+        self.cache = cache  # a kvmesh.services.cache.client.CacheClient, or None: compute every prompt
         self.handoffs = HandoffTable(lease_s)
         self.streams: dict[str, LayerStream] = {}
         self._loop = asyncio.get_running_loop()
@@ -101,14 +103,17 @@ class PrefillWorker:
             stream = self.streams[rid] = LayerStream(transfer, needed)
             self.handoffs.on_release(rid, stream.cancel)
             self.handoffs.advance(rid, HandoffState.WRITING)
+            num_cached = await prefix.import_prefix(self.et, self.cache, rid, ids, request.cache_salt)
             start = time.perf_counter()
             with telemetry.tracer().start_as_current_span("prefill.compute") as span:
-                span.set_attribute("kvmesh.prefill.tokens", len(ids))
-                await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True)
+                span.set_attribute("kvmesh.prefill.tokens", len(ids) - num_cached)
+                await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True,
+                                   num_cached_tokens=num_cached)
                 out = await asyncio.wait_for(outputs.get(), timeout)
             compute_s = time.perf_counter() - start
             if out.finish_reason != "prefill" or not out.new_token_ids:
                 raise errors.UnavailableError(f"prefill of {rid} ended with {out.finish_reason!r}")
+            prefix.offer_new_blocks(self.et, self.cache, rid, ids, request.cache_salt, num_cached)
             await stream.finish()
             stats = await transfer.commit()
             transfer_done = True

@@ -1,0 +1,139 @@
+"""The cache as its callers (prefill workers, the scheduler) see it: best effort, always with a deadline.
+
+A cache that is down, slow or unknown is a miss, never an error: `lookup` answers 0, `get` what it got, and
+`offer` queues blocks for a background task that puts them (bounded; a full queue drops the offer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from kvmesh.services.cache.blockfile import checksum
+from kvmesh.services.common import telemetry
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ADDRESS_TTL_S = 2.0
+
+
+def scheduler_cache_address(channels, scheduler: str) -> Callable[[], Awaitable[str]]:
+    """A function that finds the cache's address through the scheduler's ListWorkers (role CACHE), remembered for
+    a few seconds; "" when there is none or the scheduler does not answer."""
+    state = {"address": "", "at": -1e9}
+
+    async def find() -> str:
+        if time.monotonic() - state["at"] < ADDRESS_TTL_S:
+            return state["address"]
+        state["at"] = time.monotonic()
+        try:
+            stub = scheduler_pb2_grpc.SchedulerStub(channels.get(scheduler))
+            reply = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(role=scheduler_pb2.WORKER_ROLE_CACHE),
+                                           timeout=1.0)
+            state["address"] = reply.workers[0].address if reply.workers else ""
+        except grpc.aio.AioRpcError:
+            state["address"] = ""
+        return state["address"]
+
+    return find
+
+
+class CacheClient:
+    """Lookup, fetch and offer blocks of one KV layout at the cache service."""
+
+    def __init__(self, channels, address: Callable[[], Awaitable[str]], layout: common_pb2.KVLayout,
+                 timeout_s: float = 2.0, max_pending: int = 64) -> None:
+        self.channels, self._address, self.layout = channels, address, layout
+        self.timeout_s = timeout_s
+        self._offers: asyncio.Queue = asyncio.Queue(maxsize=max_pending)
+        self._task: asyncio.Task | None = None
+        self.num_dropped_offers = 0
+
+    async def _stub(self) -> cache_pb2_grpc.CacheStub | None:
+        address = await self._address()
+        return cache_pb2_grpc.CacheStub(self.channels.get(address)) if address else None
+
+    async def lookup(self, block_hashes: list[bytes]) -> int:
+        """Leading blocks of the chain the cache holds; 0 when it is unreachable."""
+        if not block_hashes:
+            return 0
+        try:
+            stub = await self._stub()
+            if stub is None:
+                return 0
+            reply = await stub.Lookup(cache_pb2.LookupRequest(layout=self.layout, block_hashes=block_hashes),
+                                      timeout=self.timeout_s)
+            return reply.num_cached_blocks
+        except grpc.aio.AioRpcError as e:
+            log.warning("cache lookup failed (computing everything): %s", e.code().name)
+            return 0
+
+    async def get(self, block_hashes: list[bytes]) -> list[bytes]:
+        """The leading blocks' bytes, each checked against its checksum; stops at the first missing or bad one."""
+        out: list[bytes] = []
+        if not block_hashes:
+            return out
+        try:
+            stub = await self._stub()
+            if stub is None:
+                return out
+            call = stub.Get(cache_pb2.GetRequest(layout=self.layout, block_hashes=block_hashes),
+                            timeout=self.timeout_s)
+            async for block in call:
+                if block.block_hash != block_hashes[len(out)]:
+                    break
+                crc = await asyncio.to_thread(checksum, block.data) if len(block.data) > 1 << 20 \
+                    else checksum(block.data)
+                if crc != block.checksum:
+                    break
+                out.append(block.data)
+        except grpc.aio.AioRpcError as e:
+            log.warning("cache get failed after %d blocks: %s", len(out), e.code().name)
+        return out
+
+    # ---- offers: behind the request ----
+
+    def can_offer(self) -> bool:
+        return not self._offers.full()
+
+    def offer(self, block_hashes: list[bytes], data: Awaitable) -> bool:
+        """Queue blocks for the cache; data resolves to their bytes, one per hash. False when the queue is full."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._put_loop())
+        try:
+            self._offers.put_nowait((block_hashes, data))
+            return True
+        except asyncio.QueueFull:
+            self.num_dropped_offers += 1
+            return False
+
+    async def _put_loop(self) -> None:
+        while True:
+            block_hashes, data = await self._offers.get()
+            try:
+                await self._put(block_hashes, await data)
+            except Exception as e:  # best effort: a lost offer is only a future miss
+                log.warning("cache put failed: %s", e)
+
+    async def _put(self, block_hashes: list[bytes], blocks: list[bytes]) -> None:
+        stub = await self._stub()
+        if stub is None:
+            return
+        with telemetry.tracer().start_as_current_span("cache.put") as span:
+            span.set_attribute("kvmesh.kv.bytes", sum(len(b) for b in blocks))
+            span.set_attribute("kvmesh.cache.tier", "dram")
+            # tail first: the head of the chain ends most recent in the cache's LRU order
+            for block_hash, block in reversed(list(zip(block_hashes, blocks))):
+                crc = await asyncio.to_thread(checksum, block) if len(block) > 1 << 20 else checksum(block)
+                await stub.Put(cache_pb2.PutRequest(layout=self.layout, block_hash=block_hash, data=block,
+                                                    checksum=crc), timeout=self.timeout_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,0 +1,116 @@
+"""Prefix reuse through the KV cache pool, with real processes: a hit of any length, from DRAM or from SSD,
+gives the same tokens as no hit (and as HF transformers); a warm SSD tier serves after a restart; a corrupt
+block file is never served."""
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh import start_mesh
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc
+
+BLOCK = 16
+TINY_BLOCK_BYTES = 2 * 4 * BLOCK * 2 * 32 * 4  # K and V, 4 layers, 2 KV heads of 32, float32
+MAX_TOKENS = 8
+
+
+def hf_greedy(model, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def cache_stats(mesh) -> cache_pb2.StatsResponse:
+    return cache_pb2_grpc.CacheStub(mesh.channel(mesh.cache.address)).Stats(cache_pb2.StatsRequest(), timeout=5)
+
+
+def tier(stats, name):
+    return next(t for t in stats.tiers if t.name == name)
+
+
+def wait_ssd_blocks(mesh, n: int, timeout_s: float = 10.0) -> None:
+    """Offers reach the cache behind the request and the SSD behind the put: wait for them."""
+    deadline = time.monotonic() + timeout_s
+    while tier(cache_stats(mesh), "ssd").num_blocks < n:
+        assert time.monotonic() < deadline, "the prompt's blocks never reached the SSD tier"
+        time.sleep(0.05)
+
+
+def run(mesh, ids):
+    got, responses = mesh.generate(ids, MAX_TOKENS, ignore_eos=True)
+    return got, responses[-1].usage.cached_tokens
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def cache_mesh(request, model_dir, tmp_path_factory):
+    path = model_dir(request.param)
+    ssd = tmp_path_factory.mktemp(f"ssd-{request.param}")
+    cache_args = ("--dram-bytes", str(4 * TINY_BLOCK_BYTES), "--ssd-dir", str(ssd))
+    mesh = start_mesh(str(path), transport="shm", cache_args=cache_args)
+    yield request.param, path, mesh, ssd, cache_args
+    mesh.close()
+
+
+def test_hits_of_every_length_from_dram_and_ssd_give_the_same_tokens(cache_mesh):
+    family, path, mesh, _, _ = cache_mesh
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    prompt = [(i * 37 + 11) % 1000 + 3 for i in range(8 * BLOCK + 5)]
+    cold, cached = run(mesh, prompt)
+    assert cached == 0 and cold == hf_greedy(hf, prompt)
+    wait_ssd_blocks(mesh, 8)
+    warm, cached = run(mesh, prompt)
+    assert (warm, cached) == (cold, 8 * BLOCK)  # 4 blocks from DRAM at most, the rest from SSD
+    stats = cache_stats(mesh)
+    assert tier(stats, "dram").hits > 0 and tier(stats, "ssd").hits > 0
+    assert tier(stats, "dram").num_bytes <= 4 * TINY_BLOCK_BYTES
+    for num_shared, expected_hit in ((3 * BLOCK + 7, 3), (8 * BLOCK, 7), (BLOCK + 1, 1), (BLOCK, 0)):
+        ids = prompt[:num_shared] + [5, 6, 7][: 0 if num_shared % BLOCK == 0 else 3]
+        got, cached = run(mesh, ids)
+        assert cached == expected_hit * BLOCK, (family, num_shared)
+        assert got == hf_greedy(hf, ids), (family, num_shared)
+    assert mesh.wait_blocks_free(2.0)
+
+
+def test_a_restarted_cache_serves_its_warm_ssd_tier_but_never_a_corrupt_block(cache_mesh):
+    family, path, mesh, ssd, cache_args = cache_mesh
+    if family != "llama":
+        pytest.skip("restart once, on one family")
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    prompt = [(i * 53 + 7) % 1000 + 3 for i in range(6 * BLOCK + 3)]
+    cold, _ = run(mesh, prompt)
+    wait_ssd_blocks(mesh, 6 + 8)  # this prompt's 6 blocks and the first test's 8
+    mesh.cache.stop()
+    # flip one byte of the data of the 3rd block of the earlier prompt: it ends that chain at two blocks
+    files = {p.name: p for p in Path(ssd).iterdir()}
+    assert len(files) >= 14
+    scheduler = mesh.scheduler.address
+    mesh.cache = mesh.procs.start("cache", "--scheduler", scheduler, *cache_args)
+    time.sleep(2.5)  # the prefill worker re-resolves the cache's address every 2 s
+    warm, cached = run(mesh, prompt)
+    assert (warm, cached) == (cold, 6 * BLOCK)
+    assert tier(cache_stats(mesh), "ssd").hits >= 6
+    # corrupt a block of the first prompt on disk, then ask for it
+    mesh.cache.stop()
+    first = [(i * 37 + 11) % 1000 + 3 for i in range(8 * BLOCK + 5)]
+    from kvmesh.services.cache.keys import full_block_hashes
+    from kvmesh.services.engine.engine import LLMEngine
+    layout = LLMEngine.from_path(path, num_blocks=4).layout
+    third = full_block_hashes(layout, first)[2].hex()
+    target = next(p for name, p in files.items() if third in name)
+    raw = bytearray(target.read_bytes())
+    raw[200] ^= 0x01
+    target.write_bytes(bytes(raw))
+    mesh.cache = mesh.procs.start("cache", "--scheduler", scheduler, *cache_args)
+    time.sleep(2.5)
+    got, cached = run(mesh, first)
+    assert got == hf_greedy(hf, first) and cached == 2 * BLOCK
+    assert cache_stats(mesh).corrupt_blocks == 1
+    # the prefill offered the blocks it recomputed: the chain heals, and the file holds good bytes again
+    deadline = time.monotonic() + 10
+    while run(mesh, first)[1] != 8 * BLOCK:
+        assert time.monotonic() < deadline, "the recomputed blocks never made it back into the cache"
+        time.sleep(0.1)
+    assert target.read_bytes() != bytes(raw)
