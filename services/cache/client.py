@@ -58,15 +58,16 @@ class CacheClient:
         address = await self._address()
         return cache_pb2_grpc.CacheStub(self.channels.get(address)) if address else None
 
-    async def lookup(self, block_hashes: list[bytes]) -> int:
-        """Leading blocks of the chain the cache holds; 0 when it is unreachable."""
+    async def lookup(self, block_hashes: list[bytes], peek: bool = False) -> int:
+        """Leading blocks of the chain the cache holds; 0 when it is unreachable. peek: count and touch nothing."""
         if not block_hashes:
             return 0
         try:
             stub = await self._stub()
             if stub is None:
                 return 0
-            reply = await stub.Lookup(cache_pb2.LookupRequest(layout=self.layout, block_hashes=block_hashes),
+            reply = await stub.Lookup(cache_pb2.LookupRequest(layout=self.layout, block_hashes=block_hashes,
+                                                                peek=peek),
                                       timeout=self.timeout_s)
             return reply.num_cached_blocks
         except grpc.aio.AioRpcError as e:

@@ -38,9 +38,12 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
 
     async def Lookup(self, request, context):
         with telemetry.tracer().start_as_current_span("cache.lookup") as span:
-            found = self.store.lookup(layout_key(request.layout), list(request.block_hashes))
+            found = self.store.lookup(layout_key(request.layout), list(request.block_hashes), request.peek)
             span.set_attribute("kvmesh.cache.hit_blocks", found.total)
             span.set_attribute("kvmesh.cache.tier", "ssd" if found.ssd else "dram")
+        if request.peek:
+            return cache_pb2.LookupResponse(num_cached_blocks=found.total, num_dram_blocks=found.dram,
+                                            num_ssd_blocks=found.ssd)
         for tier, n in (("dram", found.dram), ("ssd", found.ssd)):
             if n:
                 metrics.CACHE_HITS.labels(tier=tier).inc(n)

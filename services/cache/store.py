@@ -110,8 +110,9 @@ class BlockStore:
 
     # ---- the operations ----
 
-    def lookup(self, layout: object, block_hashes: Sequence[bytes]) -> LookupResult:
-        """The leading blocks of the chain held, per tier; counts each a hit (by tier) or a miss."""
+    def lookup(self, layout: object, block_hashes: Sequence[bytes], peek: bool = False) -> LookupResult:
+        """The leading blocks of the chain held, per tier; counts each a hit (by tier) or a miss and marks the
+        hits used, unless peek."""
         digest, counts, keys = layout_digest(layout), Counter(), []
         with self._lock:
             for block_hash in block_hashes:
@@ -121,9 +122,10 @@ class BlockStore:
                     break
                 counts[tier] += 1
                 keys.append(key)
-            self._touch_chain(keys)
-            self.stats.hits.update(counts)
-            self.stats.misses += len(block_hashes) - len(keys)
+            if not peek:
+                self._touch_chain(keys)
+                self.stats.hits.update(counts)
+                self.stats.misses += len(block_hashes) - len(keys)
         return LookupResult(counts["dram"], counts["ssd"])
 
     async def put(self, layout: object, block_hash: bytes, data: bytes, expected: int) -> tuple[bool, int]:

@@ -2,7 +2,9 @@
 gives the same tokens as no hit (and as HF transformers); a warm SSD tier serves after a restart; a corrupt
 block file is never served."""
 
+import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mesh import start_mesh
-from kvmesh.v1 import cache_pb2, cache_pb2_grpc
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 BLOCK = 16
 TINY_BLOCK_BYTES = 2 * 4 * BLOCK * 2 * 32 * 4  # K and V, 4 layers, 2 KV heads of 32, float32
@@ -63,6 +65,14 @@ def test_hits_of_every_length_from_dram_and_ssd_give_the_same_tokens(cache_mesh)
     wait_ssd_blocks(mesh, 8)
     warm, cached = run(mesh, prompt)
     assert (warm, cached) == (cold, 8 * BLOCK)  # 4 blocks from DRAM at most, the rest from SSD
+    route = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address)).Route(
+        scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=prompt), timeout=5)
+    assert route.num_cached_tokens == 8 * BLOCK  # the scheduler's peek sees the same hit
+    body = json.dumps({"model": str(path), "prompt": prompt, "max_tokens": 2, "temperature": 0}).encode()
+    http = urllib.request.Request(f"{mesh.http_base}/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(http, timeout=30) as reply:
+        usage = json.loads(reply.read())["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 8 * BLOCK
     stats = cache_stats(mesh)
     assert tier(stats, "dram").hits > 0 and tier(stats, "ssd").hits > 0
     assert tier(stats, "dram").num_bytes <= 4 * TINY_BLOCK_BYTES
