@@ -14,12 +14,15 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from kvmesh.services.cache.blockfile import checksum
+from kvmesh.services.cache.servicer import block_bytes
 from kvmesh.services.common import telemetry
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 ADDRESS_TTL_S = 2.0
+# A Get's deadline grows with what it fetches: the base timeout plus the bytes at this (pessimistic) rate.
+MIN_FETCH_BYTES_PER_S = 20e6
 
 
 def scheduler_cache_address(channels, scheduler: str) -> Callable[[], Awaitable[str]]:
@@ -83,8 +86,9 @@ class CacheClient:
             stub = await self._stub()
             if stub is None:
                 return out
+            nbytes = (block_bytes(self.layout) or 0) * len(block_hashes)
             call = stub.Get(cache_pb2.GetRequest(layout=self.layout, block_hashes=block_hashes),
-                            timeout=self.timeout_s)
+                            timeout=self.timeout_s + nbytes / MIN_FETCH_BYTES_PER_S)
             async for block in call:
                 if block.block_hash != block_hashes[len(out)]:
                     break
@@ -132,7 +136,8 @@ class CacheClient:
             for block_hash, block in reversed(list(zip(block_hashes, blocks))):
                 crc = await asyncio.to_thread(checksum, block) if len(block) > 1 << 20 else checksum(block)
                 await stub.Put(cache_pb2.PutRequest(layout=self.layout, block_hash=block_hash, data=block,
-                                                    checksum=crc), timeout=self.timeout_s)
+                                                    checksum=crc),
+                               timeout=self.timeout_s + len(block) / MIN_FETCH_BYTES_PER_S)
 
     async def close(self) -> None:
         if self._task is not None:
