@@ -81,7 +81,7 @@ def run_tier(model: str, tier: str, reps: int, rng: random.Random) -> list[dict]
         rows, puts = [], 0
         try:
             ttft(mesh, [rng.randrange(3, 4000) for _ in range(PROMPT_TOKENS)])  # warm up every worker
-            puts = stats(mesh).puts
+            puts = PROMPT_TOKENS // BLOCK  # the warm-up's blocks, offered behind its response
             wait_puts(mesh, puts, tier == "ssd")
             for fraction in FRACTIONS:
                 k, times, hits = cached_tokens_for(fraction), [], []
