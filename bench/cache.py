@@ -58,7 +58,7 @@ def ttft(mesh, ids: list[int]) -> tuple[float, int]:
     from kvmesh.v1 import common_pb2, gateway_pb2
 
     request = gateway_pb2.GenerateRequest(prompt_token_ids=ids, sampling=common_pb2.SamplingParams(
-        temperature=0.0, max_tokens=2, ignore_eos=True))  # max_tokens=1: see the report
+        temperature=0.0, max_tokens=2, ignore_eos=True))
     start = time.perf_counter()
     first, cached = None, 0
     for response in mesh.gateway_stub().Generate(request, timeout=300):

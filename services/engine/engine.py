@@ -249,8 +249,9 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, info: dict | None) -> None:
         seq.token_ids.append(token)
         seq.logprobs.append(info)
-        if seq.prefill_only:
+        if seq.prefill_only:  # the decode side applies the stop rules to this token (add_prefilled)
             seq.status = SequenceStatus.PREFILLED
+            return
         self.stops.check(seq)
 
     def _finish(self, seq: Sequence) -> None:

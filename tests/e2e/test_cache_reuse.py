@@ -84,6 +84,16 @@ def test_hits_of_every_length_from_dram_and_ssd_give_the_same_tokens(cache_mesh)
     assert mesh.wait_blocks_free(2.0)
 
 
+def test_one_token_requests_and_eos_first_tokens_survive_the_prefill_handoff(cache_mesh):
+    family, path, mesh, _, _ = cache_mesh
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    prompt = [(i * 41 + 9) % 1000 + 3 for i in range(2 * BLOCK + 3)]
+    got, responses = mesh.generate(prompt, 1)
+    assert got == hf_greedy(hf, prompt, 1) and responses[-1].usage.completion_tokens == 1
+    got, _ = mesh.generate(prompt, 3, stop_token_ids=[got[0]])  # the first token stops the request
+    assert got == hf_greedy(hf, prompt, 1)
+
+
 def test_a_restarted_cache_serves_its_warm_ssd_tier_but_never_a_corrupt_block(cache_mesh):
     family, path, mesh, ssd, cache_args = cache_mesh
     if family != "llama":
