@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mesh import start_mesh
-from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 BLOCK = 16
 TINY_BLOCK_BYTES = 2 * 4 * BLOCK * 2 * 32 * 4  # K and V, 4 layers, 2 KV heads of 32, float32
@@ -92,6 +92,26 @@ def test_one_token_requests_and_eos_first_tokens_survive_the_prefill_handoff(cac
     assert got == hf_greedy(hf, prompt, 1) and responses[-1].usage.completion_tokens == 1
     got, _ = mesh.generate(prompt, 3, stop_token_ids=[got[0]])  # the first token stops the request
     assert got == hf_greedy(hf, prompt, 1)
+
+
+def test_tenants_with_different_cache_salts_never_share_blocks(cache_mesh):
+    family, path, mesh, _, _ = cache_mesh
+    prompt = [(i * 43 + 1) % 1000 + 3 for i in range(3 * BLOCK + 1)]
+
+    def salted(salt: str) -> tuple[list[int], int]:
+        params = common_pb2.SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=prompt, cache_salt=salt, sampling=params)
+        responses = list(mesh.gateway_stub().Generate(request, timeout=60))
+        return [t for r in responses for t in r.token_ids], responses[-1].usage.cached_tokens
+
+    a_cold, cached = salted("tenant-a")
+    assert cached == 0
+    deadline = time.monotonic() + 10
+    while salted("tenant-a")[1] != 3 * BLOCK:  # tenant a's own blocks come back to it
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    b_cold, cached = salted("tenant-b")
+    assert cached == 0 and b_cold == a_cold
 
 
 def test_a_restarted_cache_serves_its_warm_ssd_tier_but_never_a_corrupt_block(cache_mesh):
