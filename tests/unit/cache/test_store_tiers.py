@@ -3,6 +3,7 @@ and a property test over random sequences of all of them."""
 
 import hashlib
 import tempfile
+import threading
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -138,3 +139,30 @@ def test_random_sequences_keep_the_budgets_and_never_serve_other_bytes(ops):
         store.close()
         on_disk = sum(p.stat().st_size - HEADER_BYTES for p in Path(d).iterdir())
         assert on_disk == store.ssd.num_bytes
+
+
+def test_a_block_being_read_is_never_evicted_under_it(tmp_path):
+    store = BlockStore(DramTier(1), SsdTier(2 * len(block(11)), tmp_path))  # DRAM holds nothing: reads hit files
+    put(store, 0)
+    store.flush()
+    reading, release = threading.Event(), threading.Event()
+    real_read = store.ssd.read
+
+    def slow_read(key):
+        reading.set()
+        release.wait(5)
+        return real_read(key)
+
+    store.ssd.read = slow_read
+    result = []
+    reader = threading.Thread(target=lambda: result.extend(store.get(LAYOUT, HASHES[:1])))
+    reader.start()
+    assert reading.wait(5)
+    for i in range(5, 12):  # pressure that would evict block 0 from the SSD tier if it were not leased
+        put(store, i)
+    store.flush()
+    assert store.ssd.contains((hashlib.blake2b(LAYOUT, digest_size=16).digest(), HASHES[0]))
+    release.set()
+    reader.join(5)
+    assert [d for _, d, _ in result] == [block(0)]
+    store.close()
