@@ -21,29 +21,45 @@ from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, scheduler_pb2, sche
 log = logging.getLogger(__name__)
 
 ADDRESS_TTL_S = 2.0
+EMPTY_TTL_S = 0.5
 # A Get's deadline grows with what it fetches: the base timeout plus the bytes at this (pessimistic) rate.
 MIN_FETCH_BYTES_PER_S = 20e6
 
 
-def scheduler_cache_address(channels, scheduler: str) -> Callable[[], Awaitable[str]]:
-    """A function that finds the cache's address through the scheduler's ListWorkers (role CACHE), remembered for
-    a few seconds; "" when there is none or the scheduler does not answer."""
-    state = {"address": "", "at": -1e9}
+class SchedulerCacheAddress:
+    """Finds the cache's address through the scheduler's ListWorkers (role CACHE) and remembers it for a few
+    seconds ("" when there is none or the scheduler does not answer, remembered for less). Call it to get the
+    address; `invalidate()` after a failed call makes the next one ask again."""
 
-    async def find() -> str:
-        if time.monotonic() - state["at"] < ADDRESS_TTL_S:
-            return state["address"]
-        state["at"] = time.monotonic()
+    def __init__(self, channels, scheduler: str) -> None:
+        self.channels, self.scheduler = channels, scheduler
+        self.address, self._expires = "", 0.0
+
+    async def __call__(self) -> str:
+        if time.monotonic() < self._expires:
+            return self.address
+        self._expires = time.monotonic() + EMPTY_TTL_S
         try:
-            stub = scheduler_pb2_grpc.SchedulerStub(channels.get(scheduler))
+            stub = scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.scheduler))
             reply = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(role=scheduler_pb2.WORKER_ROLE_CACHE),
                                            timeout=1.0)
-            state["address"] = reply.workers[0].address if reply.workers else ""
-        except grpc.aio.AioRpcError:
-            state["address"] = ""
-        return state["address"]
+            address = reply.workers[0].address if reply.workers else ""
+        except grpc.aio.AioRpcError as e:
+            log.warning("cannot list the cache service at the scheduler: %s", e.code().name)
+            address = ""
+        if address != self.address:
+            log.info("cache service: %s", address or "none registered")
+        self.address = address
+        self._expires = time.monotonic() + (ADDRESS_TTL_S if address else EMPTY_TTL_S)
+        return address
 
-    return find
+    def invalidate(self) -> None:
+        self._expires = 0.0
+
+
+def scheduler_cache_address(channels, scheduler: str) -> SchedulerCacheAddress:
+    """The cache's address as the scheduler knows it (see SchedulerCacheAddress)."""
+    return SchedulerCacheAddress(channels, scheduler)
 
 
 class CacheClient:
@@ -56,6 +72,12 @@ class CacheClient:
         self._offers: asyncio.Queue = asyncio.Queue(maxsize=max_pending)
         self._task: asyncio.Task | None = None
         self.num_dropped_offers = 0
+
+    def _failed(self) -> None:
+        """A call failed: the cache may have moved; find it again next time."""
+        invalidate = getattr(self._address, "invalidate", None)
+        if invalidate is not None:
+            invalidate()
 
     async def _stub(self) -> cache_pb2_grpc.CacheStub | None:
         address = await self._address()
@@ -75,6 +97,7 @@ class CacheClient:
             return reply.num_cached_blocks
         except grpc.aio.AioRpcError as e:
             log.warning("cache lookup failed (computing everything): %s", e.code().name)
+            self._failed()
             return 0
 
     async def get(self, block_hashes: list[bytes]) -> list[bytes]:
@@ -99,6 +122,7 @@ class CacheClient:
                 out.append(block.data)
         except grpc.aio.AioRpcError as e:
             log.warning("cache get failed after %d blocks: %s", len(out), e.code().name)
+            self._failed()
         return out
 
     # ---- offers: behind the request ----
@@ -124,6 +148,7 @@ class CacheClient:
                 await self._put(block_hashes, await data)
             except Exception as e:  # best effort: a lost offer is only a future miss
                 log.warning("cache put failed: %s", e)
+                self._failed()
 
     async def _put(self, block_hashes: list[bytes], blocks: list[bytes]) -> None:
         stub = await self._stub()

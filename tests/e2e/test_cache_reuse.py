@@ -41,6 +41,18 @@ def wait_ssd_blocks(mesh, n: int, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def until_cached(mesh, ids, expected: list[int], num_cached: int, timeout_s: float = 10.0) -> bool:
+    """Run ids until the hit is num_cached tokens (every run's tokens must equal expected on the way)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got, cached = run(mesh, ids)
+        assert got == expected and cached in (0, num_cached), cached
+        if cached == num_cached:
+            return True
+        assert time.monotonic() < deadline, "the restarted cache never served its SSD tier"
+        time.sleep(0.2)
+
+
 def run(mesh, ids):
     got, responses = mesh.generate(ids, MAX_TOKENS, ignore_eos=True)
     return got, responses[-1].usage.cached_tokens
@@ -120,17 +132,17 @@ def test_a_restarted_cache_serves_its_warm_ssd_tier_but_never_a_corrupt_block(ca
         pytest.skip("restart once, on one family")
     hf = AutoModelForCausalLM.from_pretrained(path)
     prompt = [(i * 53 + 7) % 1000 + 3 for i in range(6 * BLOCK + 3)]
+    held = tier(cache_stats(mesh), "ssd").num_blocks
     cold, _ = run(mesh, prompt)
-    wait_ssd_blocks(mesh, 6 + 8)  # this prompt's 6 blocks and the first test's 8
+    wait_ssd_blocks(mesh, held + 6)  # this prompt's 6 blocks are on disk
     mesh.cache.stop()
+    assert run(mesh, prompt) == (cold, 0)  # no cache: computed in full, never failed
     # flip one byte of the data of the 3rd block of the earlier prompt: it ends that chain at two blocks
     files = {p.name: p for p in Path(ssd).iterdir()}
-    assert len(files) >= 14
+    assert len(files) >= held + 6
     scheduler = mesh.scheduler.address
     mesh.cache = mesh.procs.start("cache", "--scheduler", scheduler, *cache_args)
-    time.sleep(2.5)  # the prefill worker re-resolves the cache's address every 2 s
-    warm, cached = run(mesh, prompt)
-    assert (warm, cached) == (cold, 6 * BLOCK)
+    assert until_cached(mesh, prompt, cold, 6 * BLOCK)  # once the prefill worker has found the new cache
     assert tier(cache_stats(mesh), "ssd").hits >= 6
     # corrupt a block of the first prompt on disk, then ask for it
     mesh.cache.stop()
@@ -144,7 +156,9 @@ def test_a_restarted_cache_serves_its_warm_ssd_tier_but_never_a_corrupt_block(ca
     raw[200] ^= 0x01
     target.write_bytes(bytes(raw))
     mesh.cache = mesh.procs.start("cache", "--scheduler", scheduler, *cache_args)
-    time.sleep(2.5)
+    # a miss on `first` would put good copies of its blocks in DRAM (served instead of the file): so first wait
+    # until the prefill worker reaches the new cache, with the other prompt
+    assert until_cached(mesh, prompt, cold, 6 * BLOCK)
     got, cached = run(mesh, first)
     assert got == hf_greedy(hf, first) and cached == 2 * BLOCK
     assert cache_stats(mesh).corrupt_blocks == 1
