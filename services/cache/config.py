@@ -15,9 +15,15 @@ class CacheConfig(ServerConfig):
 
     port: int = knob(DEFAULT_PORT, "Port to bind; 0 picks a free one (printed at start).")
     dram_bytes: int = knob(1 << 30, "Byte budget of the DRAM tier; least recently used blocks are evicted beyond it.")
+    ssd_dir: str = knob("", "Directory of the SSD tier (one file per block; survives restarts); empty: DRAM only.")
+    ssd_bytes: int = knob(8 << 30, "Byte budget of the SSD tier; least recently used files are deleted beyond it.")
+    write_queue: int = knob(256, "SSD writes (blocks) that may wait behind requests; more are skipped, not waited "
+                                 "for.")
     scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with; empty: do not register.")
     advertise_host: str = knob("", "Host other workers reach this service at; empty: the bound host.")
 
     def validate(self) -> None:
         super().validate()
         check(self.dram_bytes > 0, f"dram_bytes must be > 0, got {self.dram_bytes}")
+        check(self.ssd_bytes > 0, f"ssd_bytes must be > 0, got {self.ssd_bytes}")
+        check(self.write_queue > 0, f"write_queue must be > 0, got {self.write_queue}")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 from kvmesh.services.cache.config import CacheConfig
 from kvmesh.services.cache.servicer import CacheServicer
 from kvmesh.services.cache.store import BlockStore
-from kvmesh.services.cache.tiers import DramTier
+from kvmesh.services.cache.tiers import DramTier, SsdTier
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import ids
 from kvmesh.services.common.registration import RegistrationClient, advertise_address
@@ -22,9 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
     """Host the Cache service on server and, when a scheduler is configured, register with it."""
-    store = BlockStore(DramTier(config.dram_bytes))
+    ssd = SsdTier(config.ssd_bytes, config.ssd_dir) if config.ssd_dir else None
+    store = BlockStore(DramTier(config.dram_bytes), ssd, write_queue=config.write_queue)
     servicer = CacheServicer(store)
     server.add_service(Service.of(cache_pb2, cache_pb2_grpc, servicer))
+
+    async def close_store() -> None:
+        await asyncio.to_thread(store.close)
+
+    server.on_stop(close_store)
     if config.scheduler:
         def register_request() -> scheduler_pb2.RegisterRequest:
             return scheduler_pb2.RegisterRequest(

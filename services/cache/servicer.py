@@ -1,8 +1,11 @@
-"""The Cache gRPC servicer: protobuf in, a BlockStore call, protobuf out."""
+"""The Cache gRPC servicer: protobuf in, a BlockStore call, protobuf out; spans and metrics once, here."""
 
 from __future__ import annotations
 
+import asyncio
+
 from kvmesh.services.cache.store import BlockStore, checksum
+from kvmesh.services.common import metrics, telemetry
 from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
@@ -29,28 +32,68 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     def __init__(self, store: BlockStore) -> None:
         self.store = store
 
+    def _observe_bytes(self) -> None:
+        for tier in self.store.tiers:
+            metrics.CACHE_BYTES.labels(tier=tier.name).set(tier.num_bytes)
+
     async def Lookup(self, request, context):
-        found = self.store.lookup(layout_key(request.layout), list(request.block_hashes))
-        return cache_pb2.LookupResponse(num_cached_blocks=found)
+        with telemetry.tracer().start_as_current_span("cache.lookup") as span:
+            found = self.store.lookup(layout_key(request.layout), list(request.block_hashes), request.peek)
+            span.set_attribute("kvmesh.cache.hit_blocks", found.total)
+            span.set_attribute("kvmesh.cache.tier", "ssd" if found.ssd else "dram")
+        if request.peek:
+            return cache_pb2.LookupResponse(num_cached_blocks=found.total, num_dram_blocks=found.dram,
+                                            num_ssd_blocks=found.ssd)
+        for tier, n in (("dram", found.dram), ("ssd", found.ssd)):
+            if n:
+                metrics.CACHE_HITS.labels(tier=tier).inc(n)
+        if len(request.block_hashes) > found.total:
+            metrics.CACHE_MISSES.inc(len(request.block_hashes) - found.total)
+        return cache_pb2.LookupResponse(num_cached_blocks=found.total, num_dram_blocks=found.dram,
+                                        num_ssd_blocks=found.ssd)
 
     async def Put(self, request, context):
         expected = block_bytes(request.layout)
         if expected is not None and len(request.data) != expected:
             raise InvalidArgumentError(f"a block of this layout has {expected} bytes, got {len(request.data)}")
-        stored, evicted = await self.store.put(layout_key(request.layout), request.block_hash, request.data,
-                                               request.checksum)
+        with telemetry.tracer().start_as_current_span("cache.put") as span:
+            span.set_attribute("kvmesh.kv.bytes", len(request.data))
+            span.set_attribute("kvmesh.cache.tier", "dram")
+            stored, evicted = await self.store.put(layout_key(request.layout), request.block_hash, request.data,
+                                                   request.checksum)
+        self._observe_bytes()
         return cache_pb2.PutResponse(stored=stored, num_evicted=evicted)
 
     async def Get(self, request, context):
-        for block_hash, data in self.store.get(layout_key(request.layout), list(request.block_hashes)):
-            yield cache_pb2.CachedBlock(block_hash=block_hash, data=data, checksum=checksum(data))
+        with telemetry.tracer().start_as_current_span("cache.get") as span:
+            blocks = await asyncio.to_thread(self.store.get, layout_key(request.layout), list(request.block_hashes))
+            span.set_attribute("kvmesh.cache.hit_blocks", len(blocks))
+            span.set_attribute("kvmesh.cache.tier", "ssd" if any(t == "ssd" for _, _, t in blocks) else "dram")
+            span.set_attribute("kvmesh.kv.bytes", sum(len(d) for _, d, _ in blocks))
+        for block_hash, data, tier in blocks:
+            yield cache_pb2.CachedBlock(block_hash=block_hash, data=data, checksum=checksum(data), tier=tier)
 
     async def Stats(self, request, context):
-        stats, tier = self.store.stats, self.store.tier
-        return cache_pb2.StatsResponse(hits=stats.hits, misses=stats.misses, num_blocks=len(tier),
-                                       num_bytes=tier.num_bytes, evictions=tier.num_evictions,
-                                       capacity_bytes=tier.capacity_bytes, puts=stats.puts,
-                                       rejected_puts=stats.rejected_puts)
+        stats, dram = self.store.stats, self.store.dram
+        tiers = [cache_pb2.TierStats(name=t.name, num_blocks=len(t), num_bytes=t.num_bytes,
+                                     capacity_bytes=t.capacity_bytes, hits=stats.hits[t.name],
+                                     evictions=t.num_evictions) for t in self.store.tiers]
+        self._observe_bytes()
+        return cache_pb2.StatsResponse(hits=sum(stats.hits.values()), misses=stats.misses, num_blocks=len(dram),
+                                       num_bytes=dram.num_bytes, evictions=dram.num_evictions,
+                                       capacity_bytes=dram.capacity_bytes, puts=stats.puts,
+                                       rejected_puts=stats.rejected_puts, tiers=tiers,
+                                       corrupt_blocks=stats.corrupt_blocks, dropped_writes=stats.dropped_writes)
 
     async def Clear(self, request, context):
-        return cache_pb2.ClearResponse(num_blocks_removed=self.store.clear())
+        removed = self.store.clear()
+        self._observe_bytes()
+        return cache_pb2.ClearResponse(num_blocks_removed=removed)
+
+    async def Pin(self, request, context):
+        return cache_pb2.PinResponse(num_blocks=self.store.pin(layout_key(request.layout),
+                                                               list(request.block_hashes)))
+
+    async def Unpin(self, request, context):
+        return cache_pb2.PinResponse(num_blocks=self.store.unpin(layout_key(request.layout),
+                                                                 list(request.block_hashes)))

@@ -1,22 +1,29 @@
-"""Cache tiers behind one small interface. The base class does the shared work once (validation, counters,
-keeping within the byte budget); a tier implements only the private hooks that differ.
+"""Cache tiers behind one small interface. The base class keeps the recency order and the byte budget once;
+a tier implements only how a block's payload is kept (`_keep`) and dropped (`_drop`).
 
-An SSD tier comes later: one class here, one line in TIERS.
+Eviction is least-recently-used among the blocks the caller does not protect (pinned, or leased to a reader).
+The store touches a chain's blocks tail first, so within a chain the head is always the most recent: eviction
+takes the tails of prefixes first and never orphans a block whose predecessors are gone (an orphan is useless,
+since a lookup stops at the first missing block).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
+from typing import Any
 
-from kvmesh.services.common.errors import CapacityError, InvalidArgumentError
+from kvmesh.services.cache import blockfile
+from kvmesh.services.common.errors import InvalidArgumentError
 
 Key = Hashable
+Protected = Callable[[Key], bool]
 
 
 class Tier(ABC):
-    """A bounded block store with least-recently-used eviction. Never holds more than capacity_bytes."""
+    """A bounded block store with LRU eviction. Never holds more than capacity_bytes."""
 
     name = "tier"
 
@@ -26,99 +33,148 @@ class Tier(ABC):
         self.capacity_bytes = capacity_bytes
         self.num_bytes = 0
         self.num_evictions = 0
+        self._sizes: OrderedDict[Key, int] = OrderedDict()  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(list(self._sizes))
 
     def contains(self, key: Key) -> bool:
-        """Whether the block is held (does not count as a use)."""
-        return self._contains(key)
+        """Whether the block is held (not a use)."""
+        return key in self._sizes
 
-    def get(self, key: Key) -> bytes | None:
-        """The block's bytes, marking it most recently used; None when it is not held."""
-        return self._get(key)
+    def touch(self, key: Key) -> None:
+        """Mark a held block most recently used."""
+        if key in self._sizes:
+            self._sizes.move_to_end(key)
 
-    def put(self, key: Key, data: bytes) -> tuple[bool, int]:
-        """Store a block whole, evicting the least recently used until it fits. Returns (stored, num_evicted);
-        stored is False when the block was already held (then only its recency changes)."""
-        if not data:
+    def put(self, key: Key, payload: Any, num_bytes: int, protected: Protected | None = None) -> list[Key] | None:
+        """Keep a block, evicting unprotected least recently used blocks until it fits.
+
+        Returns the evicted keys, [] when the block was already held (only its recency changes), or None when it
+        cannot fit even after evicting every unprotected block (then nothing is evicted).
+        """
+        if num_bytes <= 0:
             raise InvalidArgumentError("a block must not be empty")
-        if len(data) > self.capacity_bytes:
-            raise CapacityError(f"block of {len(data)} bytes exceeds the {self.name} tier's "
-                                f"{self.capacity_bytes}-byte budget")
-        if self._get(key) is not None:
-            return False, 0
-        evicted = 0
-        while self.num_bytes + len(data) > self.capacity_bytes:
-            self.num_bytes -= self._evict_oldest()
-            evicted += 1
-        self._store(key, data)
-        self.num_bytes += len(data)
-        self.num_evictions += evicted
-        return True, evicted
+        if key in self._sizes:
+            self.touch(key)
+            return []
+        victims = self._victims(num_bytes, protected or (lambda _key: False))
+        if victims is None:
+            return None
+        for victim in victims:
+            self.remove(victim)
+        self.num_evictions += len(victims)
+        self._keep(key, payload)
+        self._sizes[key] = num_bytes
+        self.num_bytes += num_bytes
+        return victims
+
+    def _victims(self, num_bytes: int, protected: Protected) -> list[Key] | None:
+        need = self.num_bytes + num_bytes - self.capacity_bytes
+        victims: list[Key] = []
+        for key, size in self._sizes.items():
+            if need <= 0:
+                break
+            if not protected(key):
+                victims.append(key)
+                need -= size
+        return victims if need <= 0 else None
+
+    def remove(self, key: Key) -> bool:
+        """Drop a block; False when it was not held."""
+        size = self._sizes.pop(key, None)
+        if size is None:
+            return False
+        self.num_bytes -= size
+        self._drop(key)
+        return True
 
     def clear(self) -> int:
         """Drop every block; return how many there were."""
-        count = len(self)
-        self._clear()
-        self.num_bytes = 0
-        return count
+        keys = list(self._sizes)
+        for key in keys:
+            self.remove(key)
+        return len(keys)
 
     @abstractmethod
-    def __len__(self) -> int:
-        """Blocks held."""
+    def _keep(self, key: Key, payload: Any) -> None:
+        """Hold a new block's payload (known absent and fitting)."""
 
     @abstractmethod
-    def _contains(self, key: Key) -> bool: ...
-
-    @abstractmethod
-    def _get(self, key: Key) -> bytes | None:
-        """Return the block and mark it most recently used."""
-
-    @abstractmethod
-    def _store(self, key: Key, data: bytes) -> None:
-        """Insert a block known to be absent and to fit; it becomes the most recently used."""
-
-    @abstractmethod
-    def _evict_oldest(self) -> int:
-        """Remove the least recently used block; return its size."""
-
-    @abstractmethod
-    def _clear(self) -> None: ...
+    def _drop(self, key: Key) -> None:
+        """Release a block's payload."""
 
 
 class DramTier(Tier):
-    """Blocks in process memory, in an ordered dict kept in recency order (oldest first)."""
+    """Blocks as bytes objects in process memory."""
 
     name = "dram"
 
     def __init__(self, capacity_bytes: int) -> None:
         super().__init__(capacity_bytes)
-        self._blocks: OrderedDict[Key, bytes] = OrderedDict()
+        self._blocks: dict[Key, bytes] = {}
 
-    def __len__(self) -> int:
-        return len(self._blocks)
+    def read(self, key: Key) -> bytes | None:
+        """The block's bytes (not a use), or None."""
+        return self._blocks.get(key)
 
-    def __iter__(self) -> Iterator[Key]:
-        return iter(self._blocks)
+    def _keep(self, key: Key, payload: bytes) -> None:
+        self._blocks[key] = payload
 
-    def _contains(self, key: Key) -> bool:
-        return key in self._blocks
+    def _drop(self, key: Key) -> None:
+        del self._blocks[key]
 
-    def _get(self, key: Key) -> bytes | None:
-        data = self._blocks.get(key)
-        if data is not None:
-            self._blocks.move_to_end(key)
-        return data
 
-    def _store(self, key: Key, data: bytes) -> None:
-        self._blocks[key] = data
+class SsdTier(Tier):
+    """Blocks as files in a directory (format in blockfile.py); keys are (layout digest, block hash).
 
-    def _evict_oldest(self) -> int:
-        _, data = self._blocks.popitem(last=False)
-        return len(data)
+    The payload given to `put` is the path of a block already written under a temporary name (`stage`): keeping
+    it is one rename, so the index changes only in fast steps and the disk writes happen elsewhere.
+    """
 
-    def _clear(self) -> None:
-        self._blocks.clear()
+    name = "ssd"
+
+    def __init__(self, capacity_bytes: int, directory: str | Path) -> None:
+        super().__init__(capacity_bytes)
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.num_corrupt = 0
+
+    def recover(self) -> int:
+        """Index the blocks already on disk (oldest first), dropping broken files and any beyond the budget."""
+        for path, header in blockfile.scan(self.directory):
+            key = (header.layout, header.block_hash)
+            if self.put(key, None, header.length) is None:
+                path.unlink(missing_ok=True)
+        return len(self)
+
+    def stage(self, key: Key, data: bytes, crc: int) -> Path:
+        """Write a block's file under a temporary name (slow: the caller does this off the event loop)."""
+        layout, block_hash = key
+        return blockfile.write_block(self.directory, layout, block_hash, data, crc)
+
+    def path(self, key: Key) -> Path:
+        layout, block_hash = key
+        return self.directory / blockfile.file_name(layout, block_hash)
+
+    def read(self, key: Key) -> bytes:
+        """The block's verified bytes; CorruptBlockError (or OSError) when the file is torn, corrupt or gone."""
+        layout, block_hash = key
+        return blockfile.read_block(self.path(key), layout, block_hash)
+
+    def _keep(self, key: Key, payload: Path | None) -> None:
+        if payload is not None:  # None: recovered, already in place
+            layout, block_hash = key
+            blockfile.publish(payload, layout, block_hash)
+
+    def _drop(self, key: Key) -> None:
+        self.path(key).unlink(missing_ok=True)
 
 
 TIERS: dict[str, type[Tier]] = {
     "dram": DramTier,
+    "ssd": SsdTier,
 }

@@ -42,9 +42,13 @@ class EngineThread:
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run fn(*args) in the engine thread between steps; return its result (or raise its error) here."""
+        return await self.submit(fn, *args, **kwargs)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future:
+        """Queue fn(*args) for the engine thread now (commands run in the order queued); await the future later."""
         future = self._loop.create_future()
         self._commands.put((fn, args, kwargs, future))
-        return await future
+        return future
 
     def subscribe(self, request_id: str) -> asyncio.Queue:
         """The queue on which this request's RequestOutputs will arrive (call before adding the request)."""

@@ -260,10 +260,10 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, info: dict | None) -> None:
         seq.token_ids.append(token)
         seq.logprobs.append(info)
-        if seq.prefill_only:  # the decode worker applies the stop rules to this token
+        if seq.prefill_only:  # the decode side applies the stop rules to this token (add_prefilled)
             seq.status = SequenceStatus.PREFILLED
-        else:
-            self.stops.check(seq)
+            return
+        self.stops.check(seq)
 
     def _finish(self, seq: Sequence) -> None:
         """A sequence is done: leave the batch; free its blocks unless a prefill caller still needs them."""

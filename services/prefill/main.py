@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from kvmesh.services.cache.client import CacheClient, scheduler_cache_address
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.engine_thread import EngineThread
 from kvmesh.services.common.server import MeshServer, Service, serve
@@ -31,7 +32,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
                     force=None if config.transport == "auto" else config.transport,
                     chaos=config.transport_chaos or None)
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="prefill-engine")
-    worker = PrefillWorker(engine_thread, sender, config.handoff_lease_s)
+    worker = PrefillWorker(engine_thread, sender, config.handoff_lease_s, cache_client(config, server, engine))
     server.add_service(Service.of(prefill_pb2, prefill_pb2_grpc, PrefillServicer(worker, config.prefill_timeout_s)))
 
     async def start(_server: MeshServer) -> None:
@@ -39,6 +40,8 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
         worker.handoffs.start()
 
     async def stop() -> None:
+        if worker.cache is not None:
+            await worker.cache.close()
         await worker.handoffs.close()
         await sender.close()
         await asyncio.to_thread(engine_thread.stop)
@@ -47,6 +50,18 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     server.add_task(start)
     server.on_stopped(stop)  # after in-flight requests drained
     register(server, config, scheduler_pb2.WORKER_ROLE_PREFILL, engine.layout, None, worker.load)
+
+
+def cache_client(config: PrefillConfig, server: MeshServer, engine) -> CacheClient | None:
+    """The cache this worker reuses prefixes from: --cache, else the scheduler's registered one."""
+    if config.cache == "none" or not (config.cache or config.scheduler):
+        return None
+    if config.cache:
+        async def address() -> str:
+            return config.cache
+    else:
+        address = scheduler_cache_address(server.channels, config.scheduler)
+    return CacheClient(server.channels, address, layout_proto(engine.layout), config.cache_timeout_s)
 
 
 def run(args: argparse.Namespace) -> int:

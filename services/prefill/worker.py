@@ -18,6 +18,7 @@ from opentelemetry import context as otel_context
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.common.handoff import HandoffState, HandoffTable
 from kvmesh.services.common.worker import logprob_protos, sampling_params
+from kvmesh.services.prefill import prefix
 from kvmesh.services.trace import conventions as names
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
@@ -63,9 +64,10 @@ class LayerStream:
 class PrefillWorker:
     """Prompts being prefilled on this worker."""
 
-    def __init__(self, engine_thread, sender, lease_s: float):
+    def __init__(self, engine_thread, sender, lease_s: float, cache=None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.sender = sender
+        self.cache = cache  # a kvmesh.services.cache.client.CacheClient, or None: compute every prompt
         self.handoffs = HandoffTable(lease_s)
         self.streams: dict[str, LayerStream] = {}
         self.compute_started: dict[str, int] = {}  # request id -> time.time_ns() its completing step began
@@ -126,13 +128,16 @@ class PrefillWorker:
             stream = self.streams[rid] = LayerStream(transfer, needed)
             self.handoffs.on_release(rid, stream.cancel)
             self.handoffs.advance(rid, HandoffState.WRITING)
+            num_cached = await prefix.import_prefix(self.et, self.cache, rid, ids, request.cache_salt)
             start, submitted_ns = time.perf_counter(), time.time_ns()
-            await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True)
+            await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True,
+                               num_cached_tokens=num_cached)
             out = await asyncio.wait_for(outputs.get(), timeout)
             compute_s = time.perf_counter() - start
             _record_compute(submitted_ns, self.compute_started.pop(rid, 0), len(ids), out.num_cached_tokens)
             if out.finish_reason != "prefill" or not out.new_token_ids:
                 raise errors.UnavailableError(f"prefill of {rid} ended with {out.finish_reason!r}")
+            prefix.offer_new_blocks(self.et, self.cache, rid, ids, request.cache_salt, num_cached)
             await stream.finish()
             stats = await transfer.commit()
             transfer_done = True

@@ -8,6 +8,7 @@ import logging
 
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.server import MeshServer, Service, serve
+from kvmesh.services.scheduler.cache_probe import CacheProbe
 from kvmesh.services.scheduler.config import SchedulerConfig
 from kvmesh.services.scheduler.policies import get_policy
 from kvmesh.services.scheduler.registry import Registry
@@ -33,7 +34,8 @@ async def expire_leases(registry: Registry, interval_s: float) -> None:
 def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
     """Host the Scheduler service and its expiry task on server; return the servicer."""
     registry = Registry(config.lease_s)
-    servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.max_queue)
+    probe = CacheProbe() if config.cache_probe else None
+    servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.max_queue, probe)
     server.add_service(Service.of(scheduler_pb2, scheduler_pb2_grpc, servicer))
     interval = min(1.0, config.lease_s / 4)
 
@@ -41,6 +43,8 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
         await expire_leases(registry, interval)
 
     server.add_task(expiry)
+    if probe is not None:
+        server.on_stop(probe.close)
     return servicer
 
 

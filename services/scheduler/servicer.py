@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -66,8 +67,10 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float) -> scheduler_pb2.W
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     """Serves kvmesh.v1.Scheduler over a Registry and a routing policy."""
 
-    def __init__(self, registry: Registry, policy: Policy, policy_name: str, max_queue: int) -> None:
+    def __init__(self, registry: Registry, policy: Policy, policy_name: str, max_queue: int,
+                 cache_probe=None) -> None:
         self.registry = registry
+        self.cache_probe = cache_probe  # a CacheProbe: how much of each prompt the cache holds
         self.policy = policy
         self.policy_name = policy_name
         self.max_queue = max_queue
@@ -96,6 +99,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         layout = layout_from_proto(request.layout) if request.layout.block_size > 0 else None
         query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
                            request.cache_salt if request.HasField("cache_salt") else None)
+        if self.cache_probe is not None:
+            workers = self.registry.workers()
+            query = dataclasses.replace(query, cached_tokens=await self.cache_probe.cached_tokens(query, workers))
         start = time.perf_counter()
         try:
             plan = router.route(query, self.registry.workers(), self.policy, self.max_queue)

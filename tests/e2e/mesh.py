@@ -85,13 +85,14 @@ class Mesh:
 
 
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
-               lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None) -> Mesh:
+               lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
+               cache_args: tuple[str, ...] = ()) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered."""
     procs = Procs()
     try:
         scheduler = procs.start("scheduler", "--lease-s", str(lease_s), env=env)
         common = ["--scheduler", scheduler.address]
-        cache = procs.start("cache", *common, env=env)
+        cache = procs.start("cache", *common, *cache_args, env=env)
         worker = [*common, "--model", model, "--transport", transport, "--kv-cache-bytes", str(64 * 2**20),
                   "--handoff-lease-s", "5", *worker_args]
         if chaos:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvmesh/v1/cache.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"J\n\rLookupRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"+\n\x0eLookupResponse\x12\x19\n\x11num_cached_blocks\x18\x01 \x01(\x05\"e\n\nPutRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\"2\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0bnum_evicted\x18\x02 \x01(\x05\"G\n\nGetRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"A\n\x0b\x43\x61\x63hedBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa4\x01\n\rStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\x12\x11\n\tnum_bytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x15\n\rrejected_puts\x18\x08 \x01(\x04\"\x0e\n\x0c\x43learRequest\"+\n\rClearResponse\x12\x1a\n\x12num_blocks_removed\x18\x01 \x01(\x04\x32\xac\x02\n\x05\x43\x61\x63he\x12=\n\x06Lookup\x12\x18.kvmesh.v1.LookupRequest\x1a\x19.kvmesh.v1.LookupResponse\x12\x34\n\x03Put\x12\x15.kvmesh.v1.PutRequest\x1a\x16.kvmesh.v1.PutResponse\x12\x36\n\x03Get\x12\x15.kvmesh.v1.GetRequest\x1a\x16.kvmesh.v1.CachedBlock0\x01\x12:\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x18.kvmesh.v1.StatsResponse\x12:\n\x05\x43lear\x12\x17.kvmesh.v1.ClearRequest\x1a\x18.kvmesh.v1.ClearResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvmesh/v1/cache.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"X\n\rLookupRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0c\n\x04peek\x18\x03 \x01(\x08\"\\\n\x0eLookupResponse\x12\x19\n\x11num_cached_blocks\x18\x01 \x01(\x05\x12\x17\n\x0fnum_dram_blocks\x18\x02 \x01(\x05\x12\x16\n\x0enum_ssd_blocks\x18\x03 \x01(\x05\"e\n\nPutRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\"2\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0bnum_evicted\x18\x02 \x01(\x05\"G\n\nGetRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"O\n\x0b\x43\x61\x63hedBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x0c\n\x04tier\x18\x04 \x01(\t\"\x0e\n\x0cStatsRequest\"\xf9\x01\n\rStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\x12\x11\n\tnum_bytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x15\n\rrejected_puts\x18\x08 \x01(\x04\x12#\n\x05tiers\x18\t \x03(\x0b\x32\x14.kvmesh.v1.TierStats\x12\x16\n\x0e\x63orrupt_blocks\x18\n \x01(\x04\x12\x16\n\x0e\x64ropped_writes\x18\x0b \x01(\x04\"y\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x04\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"G\n\nPinRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"!\n\x0bPinResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\"\x0e\n\x0c\x43learRequest\"+\n\rClearResponse\x12\x1a\n\x12num_blocks_removed\x18\x01 \x01(\x04\x32\x9a\x03\n\x05\x43\x61\x63he\x12=\n\x06Lookup\x12\x18.kvmesh.v1.LookupRequest\x1a\x19.kvmesh.v1.LookupResponse\x12\x34\n\x03Put\x12\x15.kvmesh.v1.PutRequest\x1a\x16.kvmesh.v1.PutResponse\x12\x36\n\x03Get\x12\x15.kvmesh.v1.GetRequest\x1a\x16.kvmesh.v1.CachedBlock0\x01\x12:\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x18.kvmesh.v1.StatsResponse\x12:\n\x05\x43lear\x12\x17.kvmesh.v1.ClearRequest\x1a\x18.kvmesh.v1.ClearResponse\x12\x34\n\x03Pin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponse\x12\x36\n\x05Unpin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.cache_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOOKUPREQUEST']._serialized_start=60
-  _globals['_LOOKUPREQUEST']._serialized_end=134
-  _globals['_LOOKUPRESPONSE']._serialized_start=136
-  _globals['_LOOKUPRESPONSE']._serialized_end=179
-  _globals['_PUTREQUEST']._serialized_start=181
-  _globals['_PUTREQUEST']._serialized_end=282
-  _globals['_PUTRESPONSE']._serialized_start=284
-  _globals['_PUTRESPONSE']._serialized_end=334
-  _globals['_GETREQUEST']._serialized_start=336
-  _globals['_GETREQUEST']._serialized_end=407
-  _globals['_CACHEDBLOCK']._serialized_start=409
-  _globals['_CACHEDBLOCK']._serialized_end=474
-  _globals['_STATSREQUEST']._serialized_start=476
-  _globals['_STATSREQUEST']._serialized_end=490
-  _globals['_STATSRESPONSE']._serialized_start=493
-  _globals['_STATSRESPONSE']._serialized_end=657
-  _globals['_CLEARREQUEST']._serialized_start=659
-  _globals['_CLEARREQUEST']._serialized_end=673
-  _globals['_CLEARRESPONSE']._serialized_start=675
-  _globals['_CLEARRESPONSE']._serialized_end=718
-  _globals['_CACHE']._serialized_start=721
-  _globals['_CACHE']._serialized_end=1021
+  _globals['_LOOKUPREQUEST']._serialized_end=148
+  _globals['_LOOKUPRESPONSE']._serialized_start=150
+  _globals['_LOOKUPRESPONSE']._serialized_end=242
+  _globals['_PUTREQUEST']._serialized_start=244
+  _globals['_PUTREQUEST']._serialized_end=345
+  _globals['_PUTRESPONSE']._serialized_start=347
+  _globals['_PUTRESPONSE']._serialized_end=397
+  _globals['_GETREQUEST']._serialized_start=399
+  _globals['_GETREQUEST']._serialized_end=470
+  _globals['_CACHEDBLOCK']._serialized_start=472
+  _globals['_CACHEDBLOCK']._serialized_end=551
+  _globals['_STATSREQUEST']._serialized_start=553
+  _globals['_STATSREQUEST']._serialized_end=567
+  _globals['_STATSRESPONSE']._serialized_start=570
+  _globals['_STATSRESPONSE']._serialized_end=819
+  _globals['_TIERSTATS']._serialized_start=821
+  _globals['_TIERSTATS']._serialized_end=942
+  _globals['_PINREQUEST']._serialized_start=944
+  _globals['_PINREQUEST']._serialized_end=1015
+  _globals['_PINRESPONSE']._serialized_start=1017
+  _globals['_PINRESPONSE']._serialized_end=1050
+  _globals['_CLEARREQUEST']._serialized_start=1052
+  _globals['_CLEARREQUEST']._serialized_end=1066
+  _globals['_CLEARRESPONSE']._serialized_start=1068
+  _globals['_CLEARRESPONSE']._serialized_end=1111
+  _globals['_CACHE']._serialized_start=1114
+  _globals['_CACHE']._serialized_end=1524
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LookupRequest(_message.Message):
-    __slots__ = ("layout", "block_hashes")
+    __slots__ = ("layout", "block_hashes", "peek")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PEEK_FIELD_NUMBER: _ClassVar[int]
     layout: _common_pb2.KVLayout
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    peek: bool
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., peek: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("num_cached_blocks",)
+    __slots__ = ("num_cached_blocks", "num_dram_blocks", "num_ssd_blocks")
     NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SSD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     num_cached_blocks: int
-    def __init__(self, num_cached_blocks: _Optional[int] = ...) -> None: ...
+    num_dram_blocks: int
+    num_ssd_blocks: int
+    def __init__(self, num_cached_blocks: _Optional[int] = ..., num_dram_blocks: _Optional[int] = ..., num_ssd_blocks: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("layout", "block_hash", "data", "checksum")
@@ -50,21 +56,23 @@ class GetRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CachedBlock(_message.Message):
-    __slots__ = ("block_hash", "data", "checksum")
+    __slots__ = ("block_hash", "data", "checksum", "tier")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     block_hash: bytes
     data: bytes
     checksum: int
-    def __init__(self, block_hash: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+    tier: str
+    def __init__(self, block_hash: _Optional[bytes] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("hits", "misses", "num_blocks", "num_bytes", "evictions", "capacity_bytes", "puts", "rejected_puts")
+    __slots__ = ("hits", "misses", "num_blocks", "num_bytes", "evictions", "capacity_bytes", "puts", "rejected_puts", "tiers", "corrupt_blocks", "dropped_writes")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +81,9 @@ class StatsResponse(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PUTS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_PUTS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_WRITES_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     num_blocks: int
@@ -81,7 +92,40 @@ class StatsResponse(_message.Message):
     capacity_bytes: int
     puts: int
     rejected_puts: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ...) -> None: ...
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
+    corrupt_blocks: int
+    dropped_writes: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., corrupt_blocks: _Optional[int] = ..., dropped_writes: _Optional[int] = ...) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("name", "num_blocks", "num_bytes", "capacity_bytes", "hits", "evictions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_blocks: int
+    num_bytes: int
+    capacity_bytes: int
+    hits: int
+    evictions: int
+    def __init__(self, name: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("layout", "block_hashes")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    layout: _common_pb2.KVLayout
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("num_blocks",)
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    num_blocks: int
+    def __init__(self, num_blocks: _Optional[int] = ...) -> None: ...
 
 class ClearRequest(_message.Message):
     __slots__ = ()

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class CacheStub:
-    """A block store with a DRAM tier (an SSD tier comes later). Blocks of different KV layouts never mix: every
-    call names the layout, and a block is found only under the layout it was put with.
+    """A block store with a DRAM tier over an SSD tier (write-through, behind the request). Blocks of different KV
+    layouts never mix: every call names the layout, and a block is found only under the layout it was put with.
     """
 
     def __init__(self, channel):
@@ -61,11 +61,21 @@ class CacheStub:
                 request_serializer=kvmesh_dot_v1_dot_cache__pb2.ClearRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_cache__pb2.ClearResponse.FromString,
                 _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/kvmesh.v1.Cache/Pin',
+                request_serializer=kvmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/kvmesh.v1.Cache/Unpin',
+                request_serializer=kvmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
-    """A block store with a DRAM tier (an SSD tier comes later). Blocks of different KV layouts never mix: every
-    call names the layout, and a block is found only under the layout it was put with.
+    """A block store with a DRAM tier over an SSD tier (write-through, behind the request). Blocks of different KV
+    layouts never mix: every call names the layout, and a block is found only under the layout it was put with.
     """
 
     def Lookup(self, request, context):
@@ -105,6 +115,20 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """Keep held blocks from eviction until unpinned (pins count: pin twice, unpin twice). Pins live in memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Drop one pin of each block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +157,16 @@ def add_CacheServicer_to_server(servicer, server):
                     request_deserializer=kvmesh_dot_v1_dot_cache__pb2.ClearRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_cache__pb2.ClearResponse.SerializeToString,
             ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=kvmesh_dot_v1_dot_cache__pb2.PinRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_cache__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=kvmesh_dot_v1_dot_cache__pb2.PinRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_cache__pb2.PinResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'kvmesh.v1.Cache', rpc_method_handlers)
@@ -142,8 +176,8 @@ def add_CacheServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Cache:
-    """A block store with a DRAM tier (an SSD tier comes later). Blocks of different KV layouts never mix: every
-    call names the layout, and a block is found only under the layout it was put with.
+    """A block store with a DRAM tier over an SSD tier (write-through, behind the request). Blocks of different KV
+    layouts never mix: every call names the layout, and a block is found only under the layout it was put with.
     """
 
     @staticmethod
@@ -271,6 +305,60 @@ class Cache:
             '/kvmesh.v1.Cache/Clear',
             kvmesh_dot_v1_dot_cache__pb2.ClearRequest.SerializeToString,
             kvmesh_dot_v1_dot_cache__pb2.ClearResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Cache/Pin',
+            kvmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
+            kvmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Cache/Unpin',
+            kvmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
+            kvmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,10 +16,10 @@ def test_a_large_block_is_invisible_while_its_checksum_is_computed():
         put = asyncio.create_task(store.put("L", b"h", data, checksum(data)))
         await asyncio.sleep(0)  # the put is now waiting for its checksum thread
         assert not put.done()
-        assert store.lookup("L", [b"h"]) == 0
+        assert store.lookup("L", [b"h"]).total == 0
         assert await put == (True, 0)
-        assert store.lookup("L", [b"h"]) == 1
-        assert store.get("L", [b"h"]) == [(b"h", data)]
+        assert store.lookup("L", [b"h"]).dram == 1
+        assert store.get("L", [b"h"]) == [(b"h", data, "dram")]
 
     asyncio.run(body())
 
@@ -30,6 +30,6 @@ def test_a_corrupt_large_block_is_never_stored():
         data = bytes(2 * OFF_LOOP_BYTES)
         with pytest.raises(ChecksumError):
             await store.put("L", b"h", data, checksum(data) + 1)
-        assert store.lookup("L", [b"h"]) == 0 and store.stats.rejected_puts == 1
+        assert store.lookup("L", [b"h"]).total == 0 and store.stats.rejected_puts == 1
 
     asyncio.run(body())

@@ -92,6 +92,6 @@ def test_an_empty_prompt_is_invalid():
 
 
 def test_policy_registry():
-    assert get_policy("least_loaded") is least_loaded and list(POLICIES) == ["least_loaded"]
+    assert get_policy("least_loaded") is least_loaded and list(POLICIES) == ["least_loaded", "kv_aware"]
     with pytest.raises(KeyError, match="known"):
         get_policy("random")

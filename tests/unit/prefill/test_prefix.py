@@ -1,0 +1,18 @@
+"""Cached blocks round-trip through the engine's pool: export, split into block payloads, stack, import."""
+
+import numpy as np
+
+from kvmesh.services.engine.engine import LLMEngine
+from kvmesh.services.prefill.prefix import split_blocks, stack_blocks
+
+
+def test_blocks_split_and_stacked_import_into_other_blocks_unchanged(model_dir):
+    engine = LLMEngine.from_path(model_dir("llama"), num_blocks=8)
+    pool = engine.kv_cache.byte_view()
+    pool[...] = np.random.default_rng(0).integers(0, 256, pool.shape, dtype=np.uint8)
+    payloads = split_blocks(engine.kv_cache.export_blocks([1, 2, 3]))
+    layout = engine.layout
+    assert [len(p) for p in payloads] == [2 * layout.num_layers * layout.block_nbytes] * 3
+    engine.kv_cache.import_blocks([5, 6, 7], stack_blocks(layout, payloads))
+    assert np.array_equal(pool[:, :, 5:8], pool[:, :, 1:4])
+    assert payloads[1] == pool[:, :, 2].tobytes()
