@@ -104,6 +104,15 @@ class Mesh:
     def __init__(self, children: list[Child], start_timeout_s: float = 180.0):
         self.children = children
         self.start_timeout_s = start_timeout_s
+        self.signalled: int | None = None
+
+    def catch_signals(self) -> None:
+        """From now on SIGINT/SIGTERM stop the mesh (at once while starting, else from `watch`)."""
+        def on_signal(signum, _frame):
+            self.signalled = signum
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
 
     def start(self) -> None:
         """Start stage by stage (scheduler; cache and workers together; gateway), each child awaited SERVING."""
@@ -114,6 +123,8 @@ class Mesh:
                     child.start()
                 for child in group:
                     wait_serving(child, self.start_timeout_s)
+                    if self.signalled is not None:
+                        raise RuntimeError("interrupted while starting")
                     metrics = f", metrics {child.metrics_url}" if child.metrics_url else ""
                     print(f"kvmesh up: {child.name:<12} serving on {child.address}{metrics}", flush=True)
         except BaseException:
@@ -122,15 +133,8 @@ class Mesh:
 
     def watch(self) -> int:
         """Sleep until a signal or a child's death; stop everything; return the exit status."""
-        stop = {"signal": None}
-
-        def on_signal(signum, _frame):
-            stop["signal"] = signum
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
         try:
-            while stop["signal"] is None:
+            while self.signalled is None:
                 dead = [c for c in self.children if not c.alive()]
                 if dead:
                     print(f"kvmesh up: {dead[0].name} exited with status {dead[0].process.returncode}; "
@@ -218,6 +222,7 @@ def run(args) -> int:
         print("kvmesh up: --prefill and --decode need at least 1 worker each", file=sys.stderr)
         return 2
     mesh = Mesh(plan(args))
+    mesh.catch_signals()
     try:
         mesh.start()
     except RuntimeError as e:

@@ -119,7 +119,9 @@ class Receiver:
         if record is None:
             raise self._tombstones.pop(transfer_id, None) or errors.UnknownTransfer(f"no transfer {transfer_id}")
         try:
-            return await asyncio.wait_for(asyncio.shield(record.future), timeout)
+            stats = await asyncio.wait_for(asyncio.shield(record.future), timeout)
+            _report_recv(transfer_id, stats)  # here, so the span joins the waiting request's trace
+            return stats
         except asyncio.TimeoutError:
             self._fail(record, errors.TransferTimeout(f"transfer {transfer_id}: wait timed out after {timeout}s"))
             raise self._tombstones.pop(transfer_id) from None
@@ -222,7 +224,6 @@ class Receiver:
                               time.perf_counter() - record.opened, checksum_seconds)
         record.state = "ready"
         record.future.set_result(stats)
-        _report_recv(transfer_id, stats)
         return stats
 
     async def _checksums(self, record: _Record, backend: str, nbytes: int) -> list[int]:

@@ -102,7 +102,6 @@ class DecodeWorker:
                 for task in done:
                     task.result()  # the first failure, if any, raises here
                 reply, stats = await prefill, await landed
-            _record_receive(stats)
         except grpc.aio.AioRpcError as e:
             raise _peer_error(request.prefill.address, e) from None
         except TransportError as e:
@@ -228,16 +227,6 @@ class _StreamWatch:
         if self.count > 1:
             self.span.set_attribute(names.ATTR_MEAN_ITL_S, (self.last_ns - self.first_ns) / 1e9 / (self.count - 1))
         self.span.end()
-
-
-def _record_receive(stats) -> None:
-    """The receiving side of a finished KV transfer: a `kv.transfer` span (direction recv) and its metrics."""
-    end_ns = time.time_ns()
-    telemetry.record_span(names.KV_TRANSFER, end_ns - int(stats.seconds * 1e9), end_ns, {
-        names.ATTR_KV_BACKEND: stats.backend, names.ATTR_KV_DIRECTION: "recv", names.ATTR_KV_BYTES: stats.bytes,
-        names.ATTR_KV_BLOCKS: stats.blocks, names.ATTR_KV_GBPS: stats.gbps, names.ATTR_KV_LAYERS: stats.layers,
-        names.ATTR_KV_CHECKSUM_S: stats.checksum_seconds})
-    metrics.observe_kv_transfer(stats.backend, "recv", stats.bytes, stats.seconds)
 
 
 def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:

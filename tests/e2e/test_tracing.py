@@ -22,7 +22,7 @@ from kvmesh.v1 import common_pb2, gateway_pb2
 
 MAX_TOKENS = 6
 PROMPT = list(range(5, 45))  # 40 tokens: 3 blocks of 16
-SERVICES = {"kvmesh-gateway", "kvmesh-scheduler", "kvmesh-decode", "kvmesh-prefill"}
+SERVICES = {"kvmesh-gateway", "kvmesh-scheduler", "kvmesh-decode", "kvmesh-prefill", "kvmesh-cache"}
 NEEDED = {names.REQUEST_SPAN, names.SCHEDULER_ROUTE, names.DECODE_QUEUE, names.PREFILL_QUEUE,
           names.PREFILL_COMPUTE, names.KV_TRANSFER, names.DECODE_ADMIT, names.DECODE_STREAM}
 METRICS_LINE = re.compile(r"kvmesh \S+ metrics on (http://\S+/metrics)")
@@ -95,20 +95,23 @@ def test_one_request_makes_one_trace_covering_every_hop(traced):
     assert by_name[names.PREFILL_COMPUTE][0].attributes[names.ATTR_PREFILL_TOKENS] == len(PROMPT)
 
     kv = by_name[names.KV_TRANSFER]
-    sends = [s for s in kv if s.attributes.get(names.ATTR_KV_DIRECTION) == "send"]
-    recvs = [s for s in kv if s.attributes.get(names.ATTR_KV_DIRECTION) == "recv"]
-    whole = [s for s in kv if "kv.bytes" in s.attributes]  # the transports' own span of the whole transfer
+    direction = names.ATTR_KV_DIRECTION
+    sends = [s for s in kv if s.attributes.get(direction) == "send" and names.ATTR_KV_LAYER in s.attributes]
+    whole = [s for s in kv if s.attributes.get(direction) == "send" and "kv.bytes" in s.attributes]
+    recvs = [s for s in kv if s.attributes.get(direction) == "recv"]  # the receiver's span of the transfer
     assert sends and len(recvs) == 1 and len(whole) == 1
-    assert {s.service for s in sends} == {"kvmesh-prefill"} and recvs[0].service == "kvmesh-decode"
+    assert {s.service for s in sends + whole} == {"kvmesh-prefill"} and recvs[0].service == "kvmesh-decode"
     layers = sorted(s.attributes[names.ATTR_KV_LAYER] for s in sends)
     assert layers == list(range(len(layers)))
-    for span in sends + recvs:
+    for span in sends + whole + recvs:
         assert span.attributes[names.ATTR_KV_BYTES] > 0 and span.attributes[names.ATTR_KV_BACKEND]
         assert span.attributes[names.ATTR_KV_BLOCKS] == 3 and span.attributes[names.ATTR_KV_GBPS] > 0
-        assert "kvmesh.kv.checksum_s" in span.attributes
+    assert all("kvmesh.kv.checksum_s" in span.attributes for span in sends)
     moved = whole[0].attributes["kv.bytes"]  # = PrefillResponse.transfer.bytes (the same TransferStats)
-    assert sum(s.attributes[names.ATTR_KV_BYTES] for s in sends) == moved == recvs[0].attributes[names.ATTR_KV_BYTES]
-    assert whole[0].attributes["kv.layers"] == len(layers)
+    assert sum(s.attributes[names.ATTR_KV_BYTES] for s in sends) == moved == recvs[0].attributes["kv.bytes"]
+    assert whole[0].attributes["kv.layers"] == recvs[0].attributes["kv.layers"] == len(layers)
+    cache = [s for s in trace.spans if s.service == "kvmesh-cache"]
+    assert cache and {s.name for s in cache} >= {"cache.lookup"}  # the prefill worker asked the cache pool
 
 
 def _traceparent() -> tuple[str, str, str]:
