@@ -2,34 +2,18 @@
 
 The salt covers the model id, the KV dtype and the block size, plus an optional per-request `cache_salt` that
 keeps tenants apart (a tenant cannot probe for, or be served, another tenant's prefix). The chain is the engine's
-(`kvmesh.services.engine.kv_cache.block_hashes`, re-stated here without torch so the scheduler can compute it;
-a unit test keeps the two equal).
+own (`kvmesh.services.engine.hashing`, which imports no torch, so the scheduler can compute it).
 """
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
-
-HASH_BYTES = 16
+from kvmesh.services.engine.hashing import HASH_BYTES, block_hashes  # noqa: F401 (re-exported)
 
 
 def chain_salt(model_id: str, dtype: str, block_size: int, cache_salt: str = "") -> bytes:
     """The salt of a prompt's block-hash chain."""
     parts = [model_id, dtype, str(block_size)] + ([cache_salt] if cache_salt else [])
     return "\x1f".join(parts).encode()
-
-
-def block_hashes(token_ids, block_size: int, salt: bytes) -> list[bytes]:
-    """Chained hashes of the full blocks of token_ids: h_i = blake2b(h_{i-1} || tokens of block i)."""
-    prev = hashlib.blake2b(salt, digest_size=HASH_BYTES).digest()
-    out = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = np.asarray(token_ids[start:start + block_size], dtype="<i8").tobytes()
-        prev = hashlib.blake2b(prev + block, digest_size=HASH_BYTES).digest()
-        out.append(prev)
-    return out
 
 
 def prompt_hashes(layout, token_ids, cache_salt: str = "") -> list[bytes]:

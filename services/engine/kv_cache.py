@@ -16,16 +16,16 @@ h_{-1} = blake2b(salt), with the model id as salt, so equal hashes mean equal KV
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+
+from kvmesh.services.engine.hashing import HASH_BYTES, block_hashes  # noqa: F401 (re-exported)
 import torch
 
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HASH_BYTES = 16
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -160,14 +160,3 @@ class BlockAllocator:
 
     def refcount(self, block_id: int) -> int:
         return self._refcount[block_id]
-
-
-def block_hashes(token_ids: list[int], block_size: int, salt: bytes) -> list[bytes]:
-    """Chained hashes of the full blocks of `token_ids` (a partial last block gets none)."""
-    prev = hashlib.blake2b(salt, digest_size=HASH_BYTES).digest()
-    out = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = np.asarray(token_ids[start:start + block_size], dtype="<i8").tobytes()
-        prev = hashlib.blake2b(prev + block, digest_size=HASH_BYTES).digest()
-        out.append(prev)
-    return out
