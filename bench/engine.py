@@ -151,7 +151,7 @@ def bench_model(name: str, path: str, dtype: str, batches, prefills, out_tokens:
     prefills = [n for n in prefills if n < ctx]
     engine = kvmesh_engine(path, dtype, max(batches), max(PROMPT_RANGE[1] + out_tokens, max(prefills, default=0) + 1))
     hf = hf_model(path, dtype)
-    kvmesh_decode(engine, 2, 4), hf_decode(hf, 2, 4)  # warm up both
+    kvmesh_decode(engine, min(2, max(batches)), 4), hf_decode(hf, 2, 4)  # warm up both
     rows = []
     for b in batches:
         k = best(lambda: kvmesh_decode(engine, b, out_tokens), reps)
