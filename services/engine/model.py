@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kvmesh.services.engine.batch import StepBatch
+from kvmesh.services.engine.batch import DecodeGroup, StepBatch
 from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.kv_cache import DTYPES, KVCache
 from kvmesh.services.engine.weights import ModelConfig, inv_freq, load_config, load_weights
@@ -154,9 +154,8 @@ class LlamaModel:
         """Attention of every token over its sequence's cached context: [tokens, heads * head_dim]."""
         cfg = self.config
         outs = []
-        n = batch.num_decode
-        if n:
-            outs.append(self._decode_attention(batch, q[:n], k_pool, v_pool))
+        for g in batch.decode_groups:
+            outs.append(self._decode_attention(g, q[g.offset:g.offset + g.count], k_pool, v_pool))
         for span in batch.prefills:
             sl = slice(span.offset, span.offset + span.length)
             qp = q[sl].transpose(0, 1).unsqueeze(0)
@@ -172,20 +171,30 @@ class LlamaModel:
             outs.append(out[0].transpose(0, 1).reshape(span.length, -1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _decode_attention(self, batch: StepBatch, q: torch.Tensor, k_pool: torch.Tensor,
+    def _decode_attention(self, group: DecodeGroup, q: torch.Tensor, k_pool: torch.Tensor,
                           v_pool: torch.Tensor) -> torch.Tensor:
         """One query token per sequence (q [n, heads, head_dim]) over its gathered blocks: [n, heads*head_dim]."""
-        cfg, n, ctx = self.config, q.shape[0], batch.decode_len
+        cfg, n, ctx = self.config, q.shape[0], group.ctx_len
         kv_heads, dim = cfg.num_kv_heads, cfg.head_dim
-        k = k_pool.index_select(0, batch.decode_blocks).view(n, -1, kv_heads, dim)[:, :ctx].transpose(1, 2)
-        v = v_pool.index_select(0, batch.decode_blocks).view(n, -1, kv_heads, dim)[:, :ctx].transpose(1, 2)
+        k = k_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
+        v = v_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
         if q.dtype == torch.float32:
-            out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=batch.decode_mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=group.mask, enable_gqa=True)
             return out.reshape(n, -1)
-        # CPU SDPA kernels are several times slower in bfloat16/float16 than two small matmuls with a float32
-        # softmax, for decode's single-query shapes.
-        qg = q.view(n, kv_heads, cfg.num_heads // kv_heads, dim)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * dim ** -0.5
-        if batch.decode_mask is not None:
-            scores = scores.masked_fill(~batch.decode_mask, float("-inf"))
-        return torch.matmul(scores.softmax(-1).to(q.dtype), v).reshape(n, -1)
+        # CPU SDPA kernels are several times slower in bfloat16/float16 than plain batched matmuls for decode's
+        # single-query shapes, and a matmul over the [ctx, kv_heads, dim] cache layout transposed would copy it.
+        # So score every query head against every kv head of each position in one contiguous bmm (q laid out
+        # block-diagonally: [kv_heads*dim, heads]), and keep only each head's own group; 3x the few attention
+        # flops, no copies of the context.
+        group_size = cfg.num_heads // kv_heads
+        qb = q.new_zeros(n, kv_heads, dim, kv_heads, group_size)
+        qb.diagonal(0, 1, 3).copy_(q.view(n, kv_heads, group_size, dim).permute(0, 3, 2, 1))
+        scores = torch.bmm(k.view(n, ctx, kv_heads * dim),
+                           qb.view(n, kv_heads * dim, cfg.num_heads)).float() * dim ** -0.5  # [n, ctx, heads]
+        if group.mask is not None:
+            scores = scores.masked_fill(~group.mask.view(n, ctx, 1), float("-inf"))
+        probs = scores.softmax(1).to(q.dtype)
+        out = torch.bmm(probs.transpose(1, 2), v.view(n, ctx, kv_heads * dim))  # [n, heads, kv_heads*dim]
+        out = out.view(n, kv_heads, group_size, kv_heads, dim).diagonal(0, 1, 3)  # [n, group, dim, kv_heads]
+        return out.permute(0, 3, 1, 2).reshape(n, -1)
