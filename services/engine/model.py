@@ -178,7 +178,7 @@ class LlamaModel:
         kv_heads, dim = cfg.num_kv_heads, cfg.head_dim
         k = k_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
         v = v_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
-        if q.dtype == torch.float32:
+        if q.dtype == torch.float32:  # measured: SDPA beats the bmm path below in float32 (~175 vs ~225 ms/step)
             out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=group.mask, enable_gqa=True)
             return out.reshape(n, -1)
