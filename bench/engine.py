@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
         plot(rows, args.plot)
     if args.results:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = "python " + " ".join(["bench/engine.py"] + (argv if argv is not None else sys.argv[1:]))
+        cmd = "python " + shlex.join(["bench/engine.py"] + (argv if argv is not None else sys.argv[1:]))
         text = (f"\n## Engine{(' — ' + args.label) if args.label else ''} ({stamp})\n\n`{cmd}`\n\n"
                 f"Pinned to cores {cores}, torch threads {args.threads}, {args.clock} clock, "
                 f"torch {torch.__version__}.\n\n"
