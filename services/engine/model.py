@@ -89,6 +89,8 @@ class LlamaModel:
         self.lm_head = weights["lm_head.weight"]
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         self.lm_head_proj = Linear(self.lm_head)
+        # build_batch's group_cost for this model's decode attention path (see batch.GROUP_COST_TOKENS)
+        self.decode_group_cost = 320 if dtype == torch.float32 else 1000
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq(config))
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos, self._sin = emb.cos().to(device), emb.sin().to(device)
