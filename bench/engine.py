@@ -1,7 +1,8 @@
 """Engine micro-benchmark: kvmesh's LLMEngine against HF transformers `generate` on the same model, same run.
 
     python bench/engine.py [--quick] [--out FILE.json] [--model PATH] [--dtype float32|bfloat16]
-                           [--threads N] [--cores 0,1] [--results bench/RESULTS.md] [--plot FILE.png]
+                           [--threads N] [--cores 0,1] [--clock wall|cpu] [--batches 1,32] [--prefills 128,512]
+                           [--reps N] [--results bench/RESULTS.md] [--plot FILE.png] [--label TEXT]
 
 Models: SmolLM2-135M (--model, default /tmp/smollm2) and the `small` preset (made with `kvmesh model init` in a
 temporary folder); --model given alone benchmarks only that model. Both dtypes unless --dtype.
