@@ -1,13 +1,14 @@
 """One forward step's input: the tokens of every scheduled chunk plus the paged-cache indices, built once per step.
 
 A step mixes single decode tokens and prefill chunks of sequences of different lengths. Tokens are laid out
-flat, decode tokens first, then each prefill chunk. Every index the layers need (cache slots to write, blocks
+flat, decode tokens first (shortest context first, cut into groups of similar length so padded attention
+wastes little), then each prefill chunk. Every index the layers need (cache slots to write, blocks
 to gather for attention, padding masks) is computed here once, not once per layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +35,17 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode tokens of similar context length, attended in one padded op: rows offset .. offset+count-1."""
+
+    offset: int
+    count: int
+    blocks: torch.Tensor  # [count * max_blocks] block ids (padded with valid ids)
+    ctx_len: int  # the longest context in the group, rounded up to whole blocks
+    mask: torch.Tensor | None  # [count, 1, 1, ctx_len] bool, None when every context fills ctx_len
+
+
+@dataclass
 class StepBatch:
     """Flat token tensors and paged-attention indices of one step."""
 
@@ -47,11 +59,35 @@ class StepBatch:
     prefills: list[PrefillSpan]
     logits_index: torch.Tensor  # flat token indices whose logits the step returns
     chunk_rows: list[int]  # for each input chunk, its row in the logits (-1: no logits)
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # the decode tokens, shortest first
 
 
-def build_batch(chunks: list[Chunk], block_size: int, device: str = "cpu", all_logits: bool = False) -> StepBatch:
+# Fixed cost of one more decode group, in context tokens of padded attention work (per-op overhead of a
+# group's gather/matmul/softmax against the cost of a padded context token), tuned at batch 32 on SmolLM2-135M:
+# float32 (SDPA) runs best near 320, the bf16 bmm path (more ops per group) near 1000 (the model says which).
+GROUP_COST_TOKENS = 320
+
+
+def group_by_length(lens: list[int], cost: int = GROUP_COST_TOKENS) -> list[int]:
+    """Split ascending `lens` into runs minimising padded work + cost per run; the end index of each run."""
+    n = len(lens)
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):  # run lens[start:end], padded to lens[end-1]
+            c = best[start] + (end - start) * lens[end - 1] + cost
+            if best[end] is None or c < best[end]:
+                best[end], cut[end] = c, start
+    ends, end = [], n
+    while end:
+        ends.append(end)
+        end = cut[end]
+    return ends[::-1]
+
+
+def build_batch(chunks: list[Chunk], block_size: int, device: str = "cpu", all_logits: bool = False,
+                group_cost: int = GROUP_COST_TOKENS) -> StepBatch:
     """Lay the chunks out flat (decode first) and precompute every cache index the layers need."""
-    decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+    decode = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1), key=lambda i: chunks[i].start)
     prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) != 1]
     ids, pos, slots, flat_start = [], [], [], {}
     for i in decode + prefill:
@@ -64,18 +100,19 @@ def build_batch(chunks: list[Chunk], block_size: int, device: str = "cpu", all_l
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     decode_blocks = decode_mask = None
     decode_len = 0
+    groups = []
     if decode:
         lens = [chunks[i].start + 1 for i in decode]
-        decode_len = max(lens)
-        max_blocks = -(-decode_len // block_size)
-        table = []
-        for i in decode:
-            bt = chunks[i].block_table[:max_blocks]
-            table.extend(bt + [bt[0]] * (max_blocks - len(bt)))
-        decode_blocks = as_long(table)
-        if min(lens) != decode_len:
-            decode_mask = (torch.arange(decode_len, device=device)[None, :] < as_long(lens)[:, None])
-            decode_mask = decode_mask[:, None, None, :]
+        decode_len = lens[-1]
+        start = 0
+        for end in group_by_length(lens, group_cost):
+            groups.append(_decode_group(chunks, decode[start:end], lens[start:end], start, block_size, device))
+            start = end
+        if len(groups) == 1:
+            decode_blocks, decode_mask = groups[0].blocks, groups[0].mask
+        else:
+            whole = _decode_group(chunks, decode, lens, 0, block_size, device)
+            decode_blocks, decode_mask = whole.blocks, whole.mask
     spans = []
     for i in prefill:
         c = chunks[i]
@@ -97,4 +134,19 @@ def build_batch(chunks: list[Chunk], block_size: int, device: str = "cpu", all_l
         else:
             rows.append(-1)
     return StepBatch(as_long(ids), as_long(pos), as_long(slots), len(decode), decode_blocks, decode_mask,
-                     decode_len, spans, as_long(logits_index), rows)
+                     decode_len, spans, as_long(logits_index), rows, groups)
+
+
+def _decode_group(chunks: list[Chunk], members: list[int], lens: list[int], offset: int, block_size: int,
+                  device: str) -> DecodeGroup:
+    max_blocks = -(-max(lens) // block_size)
+    ctx = max_blocks * block_size  # whole blocks: the gathered context stays contiguous, the tail is masked
+    table = []
+    for i in members:
+        bt = chunks[i].block_table[:max_blocks]
+        table.extend(bt + [bt[0]] * (max_blocks - len(bt)))
+    mask = None
+    if min(lens) != ctx:
+        mask = torch.arange(ctx, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        mask = mask[:, None, None, :]
+    return DecodeGroup(offset, len(members), torch.tensor(table, dtype=torch.long, device=device), ctx, mask)

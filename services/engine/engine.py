@@ -235,7 +235,8 @@ class LLMEngine:
         chunks = [Chunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n],
                         seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + n == seq.num_tokens)
                   for seq, n in scheduled]
-        batch = build_batch(chunks, self.layout.block_size, self.model.device)
+        batch = build_batch(chunks, self.layout.block_size, self.model.device,
+                            group_cost=self.model.decode_group_cost)
         self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n) for seq, n in scheduled}
         hook = None
         if self._layer_hook is not None:
