@@ -54,9 +54,13 @@ def test_up_once_answers_and_stops_everything(model_dir):
     _, cmd = _up(model_dir("llama"), "--once", "The capital of France is", "--max-tokens", "5")
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     children = set()
-    while launcher.poll() is None:
-        children.update(_children_of(launcher.pid))
-        time.sleep(0.2)
+    try:
+        while launcher.poll() is None:
+            children.update(_children_of(launcher.pid))
+            time.sleep(0.2)
+    finally:  # a hung launcher must not outlive the test (its children die with it: PR_SET_PDEATHSIG)
+        if launcher.poll() is None:
+            launcher.kill()
     out = launcher.stdout.read()
     assert launcher.returncode == 0
     assert "5 generated]" in out
@@ -68,14 +72,20 @@ def test_sigint_stops_the_mesh_and_sigkill_leaves_no_orphans(model_dir):
     for how in (signal.SIGINT, signal.SIGKILL):
         port, cmd = _up(model_dir("llama"))
         launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for line in launcher.stdout:
-            if "kvmesh up: ready" in line:
-                break
-        assert launcher.poll() is None
-        children = _children_of(launcher.pid)
-        assert len(children) == 5
-        launcher.send_signal(how)
-        launcher.wait(30)
-        if how == signal.SIGINT:
-            assert launcher.returncode == 0
-        assert _wait_gone(children, 10) == []
+        children = []
+        try:
+            for line in launcher.stdout:
+                if "kvmesh up: ready" in line:
+                    break
+            assert launcher.poll() is None
+            children = _children_of(launcher.pid)
+            assert len(children) == 5
+            launcher.send_signal(how)
+            launcher.wait(30)
+            if how == signal.SIGINT:
+                assert launcher.returncode == 0
+            assert _wait_gone(children, 10) == []
+        finally:  # a failed assertion must not leave a mesh running
+            launcher.kill()
+            for pid in _alive(children):
+                os.kill(pid, signal.SIGKILL)
