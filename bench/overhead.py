@@ -54,14 +54,19 @@ class Bench:
         self.prompt_ids, self.output_tokens = prompt_ids, output_tokens
         self.sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
 
-    def via_gateway(self):
-        request = gateway_pb2.GenerateRequest(prompt_token_ids=self.prompt_ids, sampling=self.sampling)
+    def prompt(self, n: int) -> list[int]:
+        """A prompt of its own for each request, so no prefix is ever served from the KV cache pool."""
+        return [n + 1000] + self.prompt_ids[1:]
+
+    def via_gateway(self, n: int):
+        request = gateway_pb2.GenerateRequest(prompt_token_ids=self.prompt(n), sampling=self.sampling)
         return timed(self.gateway.Generate(request, timeout=300))
 
     def via_decode(self, n: int):
+        prompt = self.prompt(500 + n)
         route = self.scheduler.Route(scheduler_pb2.RouteRequest(request_id=f"bench-{n}",
-                                                                prompt_token_ids=self.prompt_ids), timeout=10)
-        request = decode_pb2.DecodeRequest(request_id=f"bench-direct-{n}", prompt_token_ids=self.prompt_ids,
+                                                                prompt_token_ids=prompt), timeout=10)
+        request = decode_pb2.DecodeRequest(request_id=f"bench-direct-{n}", prompt_token_ids=prompt,
                                            sampling=self.sampling,
                                            prefill=decode_pb2.PeerRef(address=route.prefill.address))
         stub = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(route.decode.address))
@@ -70,9 +75,9 @@ class Bench:
 
 def measure(bench: Bench, rounds: int) -> dict:
     gateway_itl, decode_itl, ttft_rows = [], [], []
-    bench.via_gateway()  # warm-up: first-call costs of every process
+    bench.via_gateway(rounds)  # warm-up: first-call costs of every process
     for n in range(rounds):
-        times, last = bench.via_gateway()
+        times, last = bench.via_gateway(n)
         gateway_itl += gaps(times)
         t = last.timings
         ttft_rows.append({"ttft_s": times[0], "prefill_compute_s": t.prefill_compute_seconds,
@@ -140,7 +145,7 @@ def main() -> int:
     mesh.start()
     try:
         time.sleep(1.0)  # registrations are asynchronous to SERVING
-        prompt = [(7 * i + 11) % 1000 + 3 for i in range(args.prompt_tokens)]
+        prompt = [(7 * i + 11) % 900 + 3 for i in range(args.prompt_tokens)]
         bench = Bench(mesh.children[-1].address, mesh.children[0].address, prompt, args.output_tokens)
         row = measure(bench, args.rounds)
     finally:
