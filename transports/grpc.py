@@ -1,5 +1,6 @@
-"""The "grpc" backend: one client-streaming Push per transfer, chunks of at most 1 MiB written straight into the
-receiver's region. Works between any two hosts; the fallback when nothing faster is shared.
+"""The "grpc" backend: client-streaming Push calls (one, or STREAMS for large transfers), chunks of at most 1 MiB
+written straight into the receiver's region. Works between any two hosts; the fallback when nothing faster is
+shared.
 
 Copies: sender — one, when a chunk is assembled (header + raw bytes joined from a view of the pool, no protobuf
 copy of the data); receiver — protobuf's bytes object, then one numpy copy into the region. Large layers are
@@ -20,6 +21,9 @@ from kvmesh.v1 import kv_pb2
 
 DATA_TAG = bytes([15 << 3 | 2])  # KVChunk.data: field 15, length-delimited
 BATCH_CHUNKS = 8  # chunks encoded per thread hop
+QUEUED_BATCHES = 2  # encoded batches a Push call's writer may lag behind (bounds the sender's extra memory)
+STRIPE_BYTES = 16 << 20  # transfers at least this large spread their layers over STREAMS Push calls
+STREAMS = 1  # calls per large transfer; 2 calls sharing one HTTP/2 connection measured no faster here
 
 
 def _varint(n: int) -> bytes:
@@ -77,38 +81,99 @@ def decode_chunk(buf: bytes):
     return kv_pb2.KVChunk.FromString(buf)
 
 
+class _Push:
+    """One Push call of a transfer and the task that writes its queued batches of messages, in order."""
+
+    def __init__(self, call, hello: bytes) -> None:
+        self.call = call
+        self.tail: list[tuple] = []  # pieces of the next, not yet full chunk (owned bytes)
+        self.tail_bytes = 0
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUED_BATCHES)
+        self.queue.put_nowait([hello])  # every call carries at least one message, so the receiver counts it
+        self.task = asyncio.ensure_future(self._pump())
+
+    async def _pump(self) -> None:
+        while (batch := await self.queue.get()) is not None:
+            for message in batch:
+                await self.call.write(message)
+        await self.call.done_writing()
+
+
 class GrpcTransfer(Transfer):
-    """Streams a transfer's chunks on one Push call. Small layers are coalesced: a chunk goes out when it is full,
-    and the last partial one at commit (its bytes copied, so the sender's pool may change after send_layer)."""
+    """Streams a transfer's chunks on Push calls: one, or for large transfers STREAMS calls with layer l on call
+    l % STREAMS (a layer's chunks stay in order on one call, as the receiver's running checksums need). Small
+    layers are coalesced: a chunk goes out when it is full, and the last partial one at commit (its bytes copied,
+    so the sender's pool may change after send_layer). `send_layer` returns once its chunks are encoded and
+    queued; the calls' writer tasks overlap the writing with the next layers."""
 
     async def _begin(self) -> None:
-        self.call = self.link.peer.push(timeout=self._remaining())
-        self._tail: list[tuple] = []  # pieces of the next, not yet full chunk (owned bytes)
-        self._tail_bytes = 0
+        total = self.pool.shape[0] * 2 * self.dst_ids.size * self.sender.region.block_nbytes
+        count = min(STREAMS, self.pool.shape[0]) if total >= STRIPE_BYTES else 1
+        push = self.sender._grpc_peer(self.link.descriptor.address).push
+        hello = self._encode([[]])[0]
+        self._calls = [_Push(push(timeout=self._remaining()), hello) for _ in range(count)]
+
+    def _push_streams(self) -> int:
+        return len(self._calls)
 
     async def _write_runs(self, runs: list[Run]) -> None:
-        await self._send_chunks(self._pack(runs))
+        if not runs:  # e.g. the chaos wrapper dropped them all
+            return
+        stream = self._calls[runs[0].layer % len(self._calls)]
+        chunks = self._pack(stream, runs)
+        if sum(len(p[5]) for c in chunks for p in c) < OFFLOAD_BYTES:
+            await self._queue(stream, self._encode(chunks))
+            return
+        batches = [chunks[i:i + BATCH_CHUNKS] for i in range(0, len(chunks), BATCH_CHUNKS)]
+        ahead = asyncio.ensure_future(asyncio.to_thread(self._encode, batches[0]))
+        try:
+            for i in range(len(batches)):
+                messages = await ahead
+                if i + 1 < len(batches):
+                    ahead = asyncio.ensure_future(asyncio.to_thread(self._encode, batches[i + 1]))
+                await self._queue(stream, messages)
+        finally:
+            ahead.cancel()
 
     async def _end(self) -> None:
-        if self._tail:
-            tail, self._tail, self._tail_bytes = self._tail, [], 0
-            await self._send_chunks([tail])
-        try:  # the receiver checks the byte count at Commit, and reports missing bytes as data loss
-            await self.call.done_writing()
-            await self.call
-        except Exception as exc:
-            raise await self._call_error(exc) from None
+        for stream in self._calls:
+            if stream.tail:
+                tail, stream.tail, stream.tail_bytes = stream.tail, [], 0
+                await self._queue(stream, self._encode([tail]))
+            await self._queue(stream, None)
+        for stream in self._calls:  # every message handed to grpc and the calls half-closed
+            try:
+                await stream.task
+            except Exception as exc:
+                raise await self._call_error(stream.call, exc) from None
+
+    async def _settle(self) -> None:
+        for stream in self._calls:  # the receiver's answer to each call (it waits for them before Commit's)
+            try:
+                await stream.call
+            except Exception as exc:
+                raise await self._call_error(stream.call, exc) from None
 
     async def _cancel(self) -> None:
-        call = getattr(self, "call", None)
-        if call is not None:
-            call.cancel()
+        for stream in getattr(self, "_calls", []):
+            stream.task.cancel()
+            stream.call.cancel()
 
-    def _pack(self, runs: list[Run]) -> list[list[tuple]]:
-        """Full chunks of <= chunk_bytes, continuing the tail: many small runs share a chunk, long runs are split.
-        A piece is (layer, kv, dst_start, num_blocks, offset, bytes); what does not fill a chunk becomes the tail."""
+    async def _queue(self, stream: _Push, batch: list[bytes] | None) -> None:
+        """Hand a batch to the call's writer (waiting while it is QUEUED_BATCHES behind); raise if it failed."""
+        put = asyncio.ensure_future(stream.queue.put(batch))
+        done, _ = await asyncio.wait({put, stream.task}, return_when=asyncio.FIRST_COMPLETED)
+        if put not in done:
+            put.cancel()
+            exc = stream.task.exception() if not stream.task.cancelled() else asyncio.CancelledError()
+            raise await self._call_error(stream.call, exc or errors.TransportError("push writer ended early"))
+
+    def _pack(self, stream: _Push, runs: list[Run]) -> list[list[tuple]]:
+        """Full chunks of <= chunk_bytes, continuing the call's tail: many small runs share a chunk, long runs are
+        split. A piece is (layer, kv, dst_start, num_blocks, offset, bytes); what does not fill a chunk becomes the
+        tail."""
         size = self.sender.chunk_bytes
-        chunks, current, room = [], self._tail, size - self._tail_bytes
+        chunks, current, room = [], stream.tail, size - stream.tail_bytes
         for run in runs:
             flat, pos = memoryview(run.src.reshape(-1)), 0
             while pos < len(flat):
@@ -118,25 +183,9 @@ class GrpcTransfer(Transfer):
                 if room == 0:
                     chunks.append(current)
                     current, room = [], size
-        self._tail = [p if isinstance(p[5], bytes) else (*p[:5], bytes(p[5])) for p in current]
-        self._tail_bytes = size - room
+        stream.tail = [p if isinstance(p[5], bytes) else (*p[:5], bytes(p[5])) for p in current]
+        stream.tail_bytes = size - room
         return chunks
-
-    async def _send_chunks(self, chunks: list[list[tuple]]) -> None:
-        """Encode and write chunks; large batches are encoded in a thread, one batch ahead of the writes."""
-        if sum(len(p[5]) for c in chunks for p in c) < OFFLOAD_BYTES:
-            await self._write(self._encode(chunks))
-            return
-        batches = [chunks[i:i + BATCH_CHUNKS] for i in range(0, len(chunks), BATCH_CHUNKS)]
-        ahead = asyncio.ensure_future(asyncio.to_thread(self._encode, batches[0]))
-        try:
-            for i in range(len(batches)):
-                messages = await ahead
-                if i + 1 < len(batches):
-                    ahead = asyncio.ensure_future(asyncio.to_thread(self._encode, batches[i + 1]))
-                await self._write(messages)
-        finally:
-            ahead.cancel()
 
     def _encode(self, chunks: list[list[tuple]]) -> list[bytes]:
         """Serialised KVChunks: header (with one span per piece), then the pieces' bytes (one copy)."""
@@ -153,18 +202,11 @@ class GrpcTransfer(Transfer):
             out.append(b"".join((header.SerializeToString(), DATA_TAG, _varint(nbytes), *(p[5] for p in pieces))))
         return out
 
-    async def _write(self, messages: list[bytes]) -> None:
-        try:
-            for message in messages:
-                await self.call.write(message)
-        except Exception as exc:
-            raise await self._call_error(exc) from None
-
-    async def _call_error(self, exc: Exception) -> errors.TransportError:
+    async def _call_error(self, call, exc: BaseException) -> errors.TransportError:
         if isinstance(exc, errors.TransportError):
             return exc
-        code = (await self.call.code()).name if self.call.done() else ""
-        details = await self.call.details() if code else f"{type(exc).__name__}: {exc}"
+        code = (await call.code()).name if call.done() else ""
+        details = await call.details() if code else f"{type(exc).__name__}: {exc}"
         if code in ("", "OK", "INTERNAL", "UNKNOWN", "CANCELLED"):  # the stream broke: the receiver went away
             return errors.PeerUnavailable(f"push {self.transfer_id}: {code or 'broken'}: {details}")
         return errors.from_status(code, f"push {self.transfer_id}: {details}")
@@ -192,6 +234,7 @@ def _land(record, chunk, views: list[np.ndarray], counts: list[int]) -> None:
             record.layer_hashers.setdefault(span.layer, xxhash.xxh3_64()).update(piece)
         pos += view.size
     record.nbytes += len(data)
+    record.check_landed()
     counts[0] += len(data)
     counts[1] += 1
 
@@ -225,4 +268,7 @@ async def receive_push(receiver, request_iterator) -> tuple[int, int]:
             if record.state == "writing":
                 receiver._fail(record, errors.TransferAborted(f"transfer {record.transfer_id}: sender vanished"))
         raise
+    for record in records.values():  # the sender half-closed this call: a Commit may be waiting for it
+        record.streams_done += 1
+        record.check_landed()
     return counts[0], counts[1]

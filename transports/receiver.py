@@ -8,6 +8,7 @@ receiver's event loop (the one its grpc.aio server runs on).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -16,13 +17,18 @@ from typing import Sequence
 import numpy as np
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import (OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, _start_span,
+from kvmesh.transports.base import (HASH_OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, _start_span,
                                     backend_class, report)
 from kvmesh.transports.blocks import as_block_ids, dst_checksums
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.v1 import common_pb2
 
+log = logging.getLogger(__name__)
+
 TOMBSTONES = 1024  # failed transfers remembered, so a late `wait` gets the real error
+# How long `retire` waits for a one-sided sender that was mid-write when its transfer failed to show it stopped
+# (Abort, Commit, or its control connection closing); a sender silent for longer is taken to be hung.
+FENCE_S = 5.0
 PUMP_S = 0.001  # progress polling period for backends that need it (ucx)
 
 
@@ -40,13 +46,24 @@ class _Record:
     nbytes: int = 0  # bytes received through Push
     layer_hashers: dict = field(default_factory=dict)  # running per-layer checksums of Push data
     early: dict = field(default_factory=dict)  # layer -> future of its checksum, started on LayerWritten
+    want: int = 0  # bytes the transfer must bring: every layer, K and V, of the reserved blocks
+    committing: bool = False  # a Commit arrived (it may wait for Push data still in flight)
+    push_streams: int = -1  # Push calls carrying the data, as the Commit says (-1: no Commit yet)
+    streams_done: int = 0  # Push calls that ended after carrying some of the data
+    landed: asyncio.Event = field(default_factory=asyncio.Event)  # Push data complete, or the record failed
+
+    def check_landed(self) -> None:
+        """Wake a waiting Commit once every byte arrived or every Push call it waits for has ended."""
+        if self.nbytes >= self.want or 0 <= self.push_streams <= self.streams_done:
+            self.landed.set()
 
 
 class Receiver:
     """Accepts KV writes into reserved blocks of this worker's region and tells the worker when they landed."""
 
     def __init__(self, region: KVRegion, layout: common_pb2.KVLayout, *, address: str = "",
-                 backends: Sequence[str] = PREFERENCE, host_id: str | None = None, verify: bool = True) -> None:
+                 backends: Sequence[str] = PREFERENCE, host_id: str | None = None, verify: bool = True,
+                 local_control: bool = True) -> None:
         check_region(region, layout)
         self.region, self.layout, self.address, self.verify = region, layout, address, verify
         self.host_id = host_id or this_host_id()
@@ -62,6 +79,12 @@ class Receiver:
             raise ValueError(f"none of {list(backends)} can serve this region ({region.backend})")
         self._records: dict[str, _Record] = {}
         self._tombstones: OrderedDict[str, errors.TransportError] = OrderedDict()
+        self._fences: dict[str, asyncio.Future] = {}  # see `retire`
+        self._local = None  # the control socket for same-host senders (local.py)
+        if local_control:
+            from kvmesh.transports.local import LocalControlServer
+            self._local = LocalControlServer(self)
+            self._start_local()
 
     @property
     def backends(self) -> list[str]:
@@ -77,7 +100,8 @@ class Receiver:
         """What a sender needs to write here; the worker hands it to senders (e.g. inside a Prefill request)."""
         return common_pb2.TransportDescriptor(
             backends=self.backends, host_id=self.host_id, address=self.address, layout=self.layout,
-            num_blocks=self.region.num_blocks, backend_params={k: v for k, v in self._params.items() if v})
+            num_blocks=self.region.num_blocks, backend_params={k: v for k, v in self._params.items() if v},
+            control_socket=self._local.name if self._local is not None else "")
 
     def expect(self, transfer_id: str, block_ids: Sequence[int], num_layers: int | None = None,
                lease_s: float = 30.0) -> None:
@@ -87,6 +111,7 @@ class Receiver:
         not block. The blocks must not be reused until `wait` returned or raised (or `cancel` was called and the
         sender had time to stop: one-sided backends cannot be fenced).
         """
+        self._start_local()
         if transfer_id in self._records:
             raise errors.InvalidTransfer(f"transfer {transfer_id} already expected")
         layers = self.layout.num_layers if num_layers is None else num_layers
@@ -103,7 +128,8 @@ class Receiver:
         loop = asyncio.get_running_loop()
         mask = np.zeros(self.region.num_blocks, dtype=bool)
         mask[ids] = True
-        record = _Record(transfer_id, ids, mask, layers, loop.create_future())
+        record = _Record(transfer_id, ids, mask, layers, loop.create_future(),
+                         want=layers * 2 * ids.size * self.region.block_nbytes)
         record.future.add_done_callback(_retrieve)
         record.timer = loop.call_later(lease_s, self._expire, record, lease_s)
         self._tombstones.pop(transfer_id, None)
@@ -130,8 +156,35 @@ class Receiver:
                 self._drop(record)
             self._tombstones.pop(transfer_id, None)
 
+    async def retire(self, transfer_id: str, fence_s: float = FENCE_S) -> None:
+        """Cancel the transfer if it is still live, and return once no sender can write into its blocks any more,
+        so the caller may reuse them. Idempotent; never raises.
+
+        Called by the receiving worker when it releases a request's blocks (finish, cancel, failure). Returns at once
+        unless a one-sided sender (shm, ucx: the receiver cannot fence its writes) had opened the transfer and not
+        finished it: then when that sender aborts or commits, when its same-host control connection closes (it
+        died), or after `fence_s` (logged: it may be hung).
+        """
+        self.cancel(transfer_id)
+        fence = self._fences.get(transfer_id)
+        if fence is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(fence), fence_s)
+        except asyncio.TimeoutError:
+            log.warning("transfer %s: its sender neither aborted nor closed within %.1f s after the transfer "
+                        "failed mid-write; releasing its blocks anyway", transfer_id, fence_s)
+        finally:
+            self._lift_fence(transfer_id)
+
+    @property
+    def num_fences(self) -> int:
+        """Failed one-sided transfers whose sender has not yet shown it stopped writing."""
+        return len(self._fences)
+
     def cancel(self, transfer_id: str) -> bool:
-        """Fail the transfer (its waiter gets TransferAborted) and drop it. Idempotent: False if unknown."""
+        """Fail the transfer (its waiter gets TransferAborted) and drop it. Idempotent: False if unknown. The
+        blocks are safe to reuse only after `retire` returned (one-sided senders may still be writing)."""
         record = self._records.get(transfer_id)
         if record is None:
             return False
@@ -153,8 +206,12 @@ class Receiver:
         """Fail live transfers, release backend resources and (by default) the region. Idempotent."""
         for record in list(self._records.values()):
             self._fail(record, errors.TransferAborted("receiver closing"))
+        for transfer_id in list(self._fences):
+            self._lift_fence(transfer_id)
         if self._pump is not None:
             self._pump.cancel()
+        if self._local is not None:
+            self._local.close()
         attached, self._attached = self._attached, {}
         for attachment in attached.values():
             attachment.close()
@@ -202,12 +259,20 @@ class Receiver:
         return record, views
 
     async def _commit(self, transfer_id: str, backend: str, nbytes: int, checksums: Sequence[int],
-                      has_checksums: bool) -> TransferStats:
+                      has_checksums: bool, push_streams: int = 0) -> TransferStats:
+        self._lift_fence(transfer_id)  # a sender commits after its last write, even to a transfer that failed
         record = self._live(transfer_id)
-        if record.state != "writing" or backend != record.backend:
+        if record.state != "writing" or backend != record.backend or record.committing:
             raise errors.InvalidTransfer(f"transfer {transfer_id} is {record.state} via {record.backend!r}")
+        record.committing = True
+        want = record.want
+        if not backend_class(backend).one_sided and nbytes == want and record.nbytes < want:
+            record.push_streams = push_streams  # the sender commits without waiting for its Push calls' replies
+            record.check_landed()
+            await record.landed.wait()
+            if self._records.get(transfer_id) is not record:  # aborted, expired or damaged meanwhile
+                raise record.future.exception()
         record.state = "verifying"
-        want = record.num_layers * 2 * record.dst_ids.size * self.region.block_nbytes
         if nbytes != want or (not backend_class(backend).one_sided and record.nbytes != want):
             return self._lose(record, f"{record.nbytes if backend == 'grpc' else nbytes} of {want} bytes arrived")
         checksum_seconds = 0.0
@@ -234,7 +299,8 @@ class Receiver:
                     for i in range(record.num_layers)]
         rest = [i for i in range(record.num_layers) if i not in record.early]
         args = (self.region.array, record.dst_ids, record.num_layers, rest)
-        late = await asyncio.to_thread(dst_checksums, *args) if nbytes >= OFFLOAD_BYTES else dst_checksums(*args)
+        late_bytes = nbytes // record.num_layers * len(rest)
+        late = await asyncio.to_thread(dst_checksums, *args) if late_bytes >= HASH_OFFLOAD_BYTES else dst_checksums(*args)
         got = dict(zip(rest, late))
         for layer, future in record.early.items():
             got[layer] = (await future)[0]
@@ -253,12 +319,34 @@ class Receiver:
 
     def _abort(self, transfer_id: str, reason: str) -> bool:
         record = self._records.get(transfer_id)
-        if record is None:
-            return False
-        self._fail(record, errors.TransferAborted(f"transfer {transfer_id} aborted by sender: {reason}"))
-        return True
+        if record is not None:
+            self._fail(record, errors.TransferAborted(f"transfer {transfer_id} aborted by sender: {reason}"))
+        self._lift_fence(transfer_id)  # the sender stopped writing before it sent this
+        return record is not None
+
+    def _sender_gone(self, transfer_id: str) -> None:
+        """The same-host sender that opened this transfer closed its control connection (it died or dropped the
+        link) before committing: it will write no more, so fail the transfer now rather than at lease expiry."""
+        record = self._records.get(transfer_id)
+        if record is not None and record.state == "writing":
+            self._fail(record, errors.TransferAborted(f"transfer {transfer_id}: sender vanished mid-transfer"))
+        self._lift_fence(transfer_id)
+
+    def _lift_fence(self, transfer_id: str) -> None:
+        fence = self._fences.pop(transfer_id, None)
+        if fence is not None and not fence.done():
+            fence.set_result(None)
 
     # ---- private ----
+
+    def _start_local(self) -> None:
+        if self._local is None:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on a loop yet: `expect` starts it; senders wait in the socket's backlog until then
+        self._local.start()
 
     async def _run_pump(self) -> None:
         """Drive backends that need the target's progress, while any transfer through them is open."""
@@ -292,7 +380,12 @@ class Receiver:
     def _fail(self, record: _Record, error: errors.TransportError) -> None:
         if self._records.get(record.transfer_id) is not record:
             return
+        if record.state == "writing" and backend_class(record.backend).one_sided:  # writes cannot be fenced
+            self._fences[record.transfer_id] = record.future.get_loop().create_future()
+            while len(self._fences) > TOMBSTONES:  # never retired: forget the oldest
+                self._fences.pop(next(iter(self._fences))).cancel()
         record.state = "failed"
+        record.landed.set()
         if not record.future.done():
             record.future.set_exception(error)
         self._tombstones[record.transfer_id] = error

@@ -7,7 +7,7 @@ import time
 from typing import Sequence
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import PREFERENCE, Backend, Transfer, backend_class
+from kvmesh.transports.base import PREFERENCE, Backend, Transfer, _within, backend_class
 from kvmesh.transports.blocks import as_block_ids
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.v1 import common_pb2
@@ -24,7 +24,7 @@ class Sender:
 
     def __init__(self, region: KVRegion, layout: common_pb2.KVLayout, *, backends: Sequence[str] = PREFERENCE,
                  host_id: str | None = None, force: str | None = None, verify: bool = True,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chaos: str | None = None) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chaos: str | None = None, local_control: bool = True) -> None:
         check_region(region, layout)
         if not 4096 <= chunk_bytes <= DEFAULT_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [4096, {DEFAULT_CHUNK_BYTES}], got {chunk_bytes}")
@@ -32,6 +32,7 @@ class Sender:
         self.backends = [b for b in backends if backend_class(b).unavailable_reason() is None]
         self.host_id = host_id or this_host_id()
         self.force, self.verify, self.chunk_bytes = force, verify, chunk_bytes
+        self.local_control = local_control  # same-host receivers: control messages over their Unix socket
         self.chaos = None
         if chaos:
             from kvmesh.transports.chaos import Chaos
@@ -77,12 +78,12 @@ class Sender:
             raise errors.InvalidTransfer(str(exc)) from None
         name = self.choose_backend(descriptor)
         deadline = time.monotonic() + timeout
-        peer = self._peer(descriptor.address)
+        peer = self._peer(descriptor)
         link = None
         try:
-            link = await asyncio.wait_for(self._link(name, descriptor, peer), timeout)
+            link = await _within(lambda: self._link(name, descriptor, peer), timeout)
             await peer.open(transfer_id, dst, self.layout, name, self.host_id, max(deadline - time.monotonic(), 0))
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):
             raise errors.TransferTimeout(f"open {transfer_id}: deadline passed") from None
         except errors.PeerUnavailable:
             if link is not None:
@@ -134,7 +135,18 @@ class Sender:
 
     # ---- private ----
 
-    def _peer(self, address: str):
+    def _peer(self, descriptor: common_pb2.TransportDescriptor):
+        """The control channel to this receiver: its local socket when it is on our host, else gRPC."""
+        if self.local_control and descriptor.control_socket and descriptor.host_id == self.host_id:
+            key = "local:" + descriptor.control_socket
+            if key not in self._peers:
+                from kvmesh.transports.local import LocalPeer
+                self._peers[key] = LocalPeer(descriptor.control_socket, descriptor.address)
+            return self._peers[key]
+        return self._grpc_peer(descriptor.address)
+
+    def _grpc_peer(self, address: str):
+        """The gRPC channel to a receiver's KVTransfer service (the grpc backend's data path)."""
         if not address:
             raise errors.InvalidTransfer("descriptor has no address")
         if address not in self._peers:

@@ -21,10 +21,44 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 ABORT_TIMEOUT_S = 1.0
+# Options for a server that receives KV over Push: read from the socket in large pieces (grpc's default starts at
+# 8 KiB and adapts slowly), which cuts the receiver's per-byte cost of big transfers.
+SERVER_OPTIONS = [
+    ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
+    ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
+    ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
+]
 
 
 async def _abort_with(context, exc: errors.TransportError):
     await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), str(exc))
+
+
+async def control(receiver, method: str, request):
+    """The receiver's reply to one control message (Open, Commit, Abort, LayerWritten), whichever channel carried
+    it (this gRPC service or the local socket, `local.py`). Raises TransportError."""
+    if method == "Open":
+        lease = receiver._open(request.transfer_id, request.dst_block_ids, request.layout, request.backend)
+        return kv_pb2.OpenReply(lease_remaining_s=lease)
+    if method == "Commit":
+        stats = await receiver._commit(request.transfer_id, request.backend, request.nbytes,
+                                       list(request.layer_checksums), request.has_checksums,
+                                       request.push_streams)
+        return kv_pb2.CommitReply(checksum_seconds=stats.checksum_seconds, seconds=stats.seconds)
+    if method == "Abort":
+        return kv_pb2.AbortReply(found=receiver._abort(request.transfer_id, request.reason))
+    if method == "LayerWritten":
+        return kv_pb2.LayerWrittenReply(accepted=receiver._layer_written(request.transfer_id, request.layer))
+    raise errors.InvalidTransfer(f"unknown control message {method!r}")
+
+
+# Each control message's request and reply types, by method name.
+CONTROL_TYPES = {
+    "Open": (kv_pb2.OpenRequest, kv_pb2.OpenReply),
+    "Commit": (kv_pb2.CommitRequest, kv_pb2.CommitReply),
+    "Abort": (kv_pb2.AbortRequest, kv_pb2.AbortReply),
+    "LayerWritten": (kv_pb2.LayerWrittenRequest, kv_pb2.LayerWrittenReply),
+}
 
 
 class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
@@ -33,12 +67,14 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
     def __init__(self, receiver) -> None:
         self.receiver = receiver
 
-    async def Open(self, request, context):
+    async def _control(self, method: str, request, context):
         try:
-            lease = self.receiver._open(request.transfer_id, request.dst_block_ids, request.layout, request.backend)
+            return await control(self.receiver, method, request)
         except errors.TransportError as exc:
             await _abort_with(context, exc)
-        return kv_pb2.OpenReply(lease_remaining_s=lease)
+
+    async def Open(self, request, context):
+        return await self._control("Open", request, context)
 
     async def Push(self, request_iterator, context):
         from kvmesh.transports.grpc import receive_push
@@ -49,18 +85,13 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
         return kv_pb2.PushReply(nbytes=nbytes, num_chunks=num_chunks)
 
     async def Commit(self, request, context):
-        try:
-            stats = await self.receiver._commit(request.transfer_id, request.backend, request.nbytes,
-                                                list(request.layer_checksums), request.has_checksums)
-        except errors.TransportError as exc:
-            await _abort_with(context, exc)
-        return kv_pb2.CommitReply(checksum_seconds=stats.checksum_seconds, seconds=stats.seconds)
+        return await self._control("Commit", request, context)
 
     async def Abort(self, request, context):
-        return kv_pb2.AbortReply(found=self.receiver._abort(request.transfer_id, request.reason))
+        return await self._control("Abort", request, context)
 
     async def LayerWritten(self, request, context):
-        return kv_pb2.LayerWrittenReply(accepted=self.receiver._layer_written(request.transfer_id, request.layer))
+        return await self._control("LayerWritten", request, context)
 
 
 class MalformedChunk:
@@ -125,9 +156,11 @@ class Peer:
         reply = await call(self.stub.Open, request, timeout, f"open {transfer_id}")
         return reply.lease_remaining_s
 
-    async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout) -> kv_pb2.CommitReply:
+    async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout,
+                     push_streams: int = 0) -> kv_pb2.CommitReply:
         request = kv_pb2.CommitRequest(transfer_id=transfer_id, backend=backend, nbytes=nbytes,
-                                       layer_checksums=checksums, has_checksums=has_checksums)
+                                       layer_checksums=checksums, has_checksums=has_checksums,
+                                       push_streams=push_streams)
         return await call(self.stub.Commit, request, timeout, f"commit {transfer_id}")
 
     async def abort(self, transfer_id: str, reason: str) -> None:

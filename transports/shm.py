@@ -31,7 +31,7 @@ _NAME = re.compile(r"^kvmesh-(\d+)-[0-9a-f]+$")
 _owned: set[str] = set()  # segments this process created and has not unlinked yet
 _lock = threading.Lock()
 _hooks_installed = False
-PIECE_BYTES = 512 << 10  # copy-then-checksum granularity: stays in L2 between the two passes
+PIECE_BYTES = 2097152  # copy-then-checksum granularity
 
 
 def _path(name: str) -> str:
@@ -155,11 +155,29 @@ def _on_signal(signum, frame) -> None:
 
 
 class ShmTransfer(Transfer):
-    """Copies each layer's runs straight into the receiver's mapped pool."""
+    """Copies each layer's runs straight into the receiver's mapped pool. A copy in a worker thread cannot be
+    stopped, so an abort first waits for it: the receiver may reuse the blocks once it hears of the abort."""
+
+    _copying: asyncio.Future | None = None
+
+    async def _in_thread(self, *args) -> None:
+        self._copying = asyncio.ensure_future(asyncio.to_thread(self._copy, *args))
+        try:
+            await asyncio.shield(self._copying)
+        finally:
+            if self._copying.done():
+                self._copying = None
+
+    async def _cancel(self) -> None:
+        copying = self._copying
+        if copying is not None:
+            await asyncio.wait({copying})  # we only need it finished; its error, if any, was the writer's to see
+            if not copying.cancelled():
+                copying.exception()
 
     async def _write_runs(self, runs: list[Run]) -> None:
         if sum(r.nbytes for r in runs) >= OFFLOAD_BYTES:
-            await asyncio.to_thread(self._copy, runs)
+            await self._in_thread(runs)
         else:
             self._copy(runs)
 
@@ -176,11 +194,20 @@ class ShmTransfer(Transfer):
                 hasher.update(run.src[i:i + step].reshape(-1).data)
 
     fused_checksum = True
+    inline_writes = True
+
+    def _write_inline(self, runs: list[Run]) -> int:
+        if not self.sender.verify:
+            self._copy(runs)
+            return 0
+        hasher = xxhash.xxh3_64()
+        self._copy(runs, hasher)
+        return hasher.intdigest()
 
     async def _write_runs_checksummed(self, runs: list[Run], nbytes: int) -> int:
         hasher = xxhash.xxh3_64()
         if nbytes >= OFFLOAD_BYTES:
-            await asyncio.to_thread(self._copy, runs, hasher)
+            await self._in_thread(runs, hasher)
         else:
             self._copy(runs, hasher)
         return hasher.intdigest()

@@ -87,7 +87,7 @@ class DecodeWorker:
         metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
         self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
-        self.handoffs.on_release(rid, lambda: self.receiver.cancel(rid))
+        self.handoffs.on_release(rid, lambda: self.receiver.retire(rid))  # before the blocks are freed
         self.handoffs.advance(rid, HandoffState.WRITING)
         stub = prefill_pb2_grpc.PrefillStub(self.channels.get(request.prefill.address))
         call = prefill_pb2.PrefillRequest(

@@ -83,7 +83,7 @@ class KVLayout(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ...) -> None: ...
 
 class TransportDescriptor(_message.Message):
-    __slots__ = ("backends", "host_id", "address", "layout", "num_blocks", "backend_params")
+    __slots__ = ("backends", "host_id", "address", "layout", "num_blocks", "backend_params", "control_socket")
     class BackendParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,13 +97,15 @@ class TransportDescriptor(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     backends: _containers.RepeatedScalarFieldContainer[str]
     host_id: str
     address: str
     layout: KVLayout
     num_blocks: int
     backend_params: _containers.ScalarMap[str, bytes]
-    def __init__(self, backends: _Optional[_Iterable[str]] = ..., host_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., backend_params: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    control_socket: str
+    def __init__(self, backends: _Optional[_Iterable[str]] = ..., host_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., backend_params: _Optional[_Mapping[str, bytes]] = ..., control_socket: _Optional[str] = ...) -> None: ...
 
 class BlockRef(_message.Message):
     __slots__ = ("block_ids",)

@@ -72,18 +72,20 @@ class PushReply(_message.Message):
     def __init__(self, nbytes: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("transfer_id", "backend", "nbytes", "layer_checksums", "has_checksums")
+    __slots__ = ("transfer_id", "backend", "nbytes", "layer_checksums", "has_checksums", "push_streams")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     LAYER_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_STREAMS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     backend: str
     nbytes: int
     layer_checksums: _containers.RepeatedScalarFieldContainer[int]
     has_checksums: bool
-    def __init__(self, transfer_id: _Optional[str] = ..., backend: _Optional[str] = ..., nbytes: _Optional[int] = ..., layer_checksums: _Optional[_Iterable[int]] = ..., has_checksums: _Optional[bool] = ...) -> None: ...
+    push_streams: int
+    def __init__(self, transfer_id: _Optional[str] = ..., backend: _Optional[str] = ..., nbytes: _Optional[int] = ..., layer_checksums: _Optional[_Iterable[int]] = ..., has_checksums: _Optional[bool] = ..., push_streams: _Optional[int] = ...) -> None: ...
 
 class CommitReply(_message.Message):
     __slots__ = ("checksum_seconds", "seconds")

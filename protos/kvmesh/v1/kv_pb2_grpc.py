@@ -82,7 +82,8 @@ class KVTransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Every layer has been written: the receiver verifies the bytes and resolves its waiter. DATA_LOSS on mismatch.
+        """Every layer has been written (for "grpc": every Push call half-closed): the receiver waits for Push data still
+        in flight, verifies the bytes and resolves its waiter. DATA_LOSS on mismatch or missing bytes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
