@@ -201,7 +201,7 @@ class LocalPeer:
         async with self._lock:
             if self._writer is None or self._writer.is_closing():
                 try:
-                    reader, self._writer = await asyncio.open_unix_connection("\0" + self.name)
+                    reader, self._writer = await asyncio.open_unix_connection(sock=_connected(self.name))
                 except OSError as exc:
                     raise errors.PeerUnavailable(f"{what}: local control {self.name}: {exc}") from None
                 self._reader_task = asyncio.ensure_future(self._read(reader))
@@ -230,3 +230,16 @@ class LocalPeer:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+
+
+def _connected(name: str) -> socket.socket:
+    """A socket connected to an abstract name. Connecting a Unix socket never waits (it succeeds or is refused at
+    once), so it is done here rather than by the loop: uvloop cannot name abstract sockets itself."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect("\0" + name)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock

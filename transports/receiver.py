@@ -329,7 +329,7 @@ class Receiver:
         link) before committing: it will write no more, so fail the transfer now rather than at lease expiry."""
         record = self._records.get(transfer_id)
         if record is not None and record.state == "writing":
-            self._fail(record, errors.TransferAborted(f"transfer {transfer_id}: sender vanished mid-transfer"))
+            self._fail(record, errors.PeerUnavailable(f"transfer {transfer_id}: its sender vanished mid-transfer"))
         self._lift_fence(transfer_id)
 
     def _lift_fence(self, transfer_id: str) -> None:

@@ -105,7 +105,7 @@ class DecodeWorker:
         except grpc.aio.AioRpcError as e:
             raise _peer_error(request.prefill.address, e) from None
         except TransportError as e:
-            raise _transfer_error(e) from None
+            raise _transfer_error(e, request.prefill.address) from None
         finally:
             for task in (prefill, landed):
                 task.cancel()
@@ -239,6 +239,7 @@ def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:
     return errors.UnavailableError(message)
 
 
-def _transfer_error(e: TransportError) -> errors.MeshError:
+def _transfer_error(e: TransportError, prefill_address: str) -> errors.MeshError:
     """A failed KV transfer as the error the client sees (DATA_LOSS, DEADLINE_EXCEEDED, UNAVAILABLE, ...)."""
-    return errors.MeshError.with_status(errors.status_for(e), f"KV transfer failed: {e}")
+    return errors.MeshError.with_status(errors.status_for(e), f"KV transfer from prefill worker {prefill_address} "
+                                                              f"failed: {e}")

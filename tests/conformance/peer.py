@@ -34,6 +34,7 @@ class Peer:
         self.num_blocks = args.blocks
         self.region = allocate_region(args.layers, args.blocks, block_nbytes(self.layout), self.backends)
         self.receiver = self.sender = None
+        self.retiring: dict = {}
 
     async def start(self) -> dict:
         self.server = grpc.aio.server()
@@ -53,6 +54,17 @@ class Peer:
 
     async def op_cancel(self, tid):
         return {"found": self.receiver.cancel(tid)}
+
+    async def op_retire_start(self, tid):
+        self.retiring[tid] = asyncio.ensure_future(self.receiver.retire(tid))
+        return {}
+
+    async def op_retired(self, tid):
+        return {"done": self.retiring[tid].done()}
+
+    async def op_retire(self, tid):
+        await self.receiver.retire(tid)
+        return {"fences": self.receiver.num_fences}
 
     async def op_records(self):
         return {"n": self.receiver.num_transfers}

@@ -126,9 +126,59 @@ def test_sender_gone_mid_transfer_fails_receiver_within_lease(backend, peers, ne
         assert sender.segment in reclaim_stale_segments()
     with pytest.raises(RemoteError) as failed:
         receiver.call("wait", tid="orphan", timeout=30)
-    assert failed.value.kind in ("TransferAborted", "TransferTimeout")
+    assert failed.value.kind in ("PeerUnavailable", "TransferAborted", "TransferTimeout")
     assert time.monotonic() - started <= lease + 0.5
     assert receiver.call("records")["n"] == 0
+
+
+def test_same_host_sender_gone_fails_receiver_at_once(backend, peers, new_peer):
+    """On one host the control connection closing tells the receiver its sender died: no waiting for the lease,
+    and `retire` (what a worker awaits before reusing the blocks) returns at once too."""
+    receiver, sender = peers(backend), new_peer(backend)
+    ids = scattered(300, 6)
+    receiver.call("expect", tid="orphan2", blocks=ids, lease=30)
+    with pytest.raises(RemoteError, match="PeerExited"):
+        sender.call("send", descriptor=_b64(receiver),
+                    tid="orphan2", dst=ids, src=ids, die_after_layers=1, timeout=10)
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as failed:
+        receiver.call("wait", tid="orphan2", timeout=30)
+    assert failed.value.kind in ("PeerUnavailable", "TransferAborted")  # grpc: its Push stream may break first
+    retired = receiver.call("retire", tid="orphan2")
+    assert time.monotonic() - started < 3.0
+    assert retired["fences"] == 0 and receiver.call("records")["n"] == 0
+
+
+def test_blocks_cancelled_mid_write_are_retired_only_once_the_sender_stopped(backend, peers, sender_region):
+    """A one-sided sender cannot be fenced: after the receiving worker cancels, `retire` (which it awaits before
+    reusing the blocks) waits until the sender shows it stopped writing. grpc data passes through the receiver,
+    which refuses it after the cancel, so there `retire` returns at once."""
+    peer, region = peers(backend), sender_region()
+    ids = scattered(200, 7)
+    peer.call("expect", tid="fence", blocks=ids, lease=30)
+
+    async def run():
+        sender = make_sender(region, backend)
+        try:
+            transfer = await sender.open(peer.descriptor, "fence", ids, timeout=10)
+            await transfer.send_layer(0, ids)
+            peer.call("cancel", tid="fence")
+            peer.call("retire_start", tid="fence")
+            time.sleep(0.3)
+            assert peer.call("retired", tid="fence")["done"] is (backend == "grpc")
+            with pytest.raises(TransportError):
+                await transfer.send_layer(1, ids)
+                await transfer.commit()
+            deadline = time.monotonic() + 2
+            while not peer.call("retired", tid="fence")["done"]:
+                assert time.monotonic() < deadline, "retire still waiting after the sender gave up"
+                await asyncio.sleep(0.05)
+            assert sender.num_open_transfers == 0
+        finally:
+            await sender.close()
+
+    asyncio.run(run())
+    assert peer.call("records")["n"] == 0
 
 
 def _b64(peer) -> str:
