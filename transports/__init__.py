@@ -18,8 +18,12 @@ for every layer, K and V of the sender's blocks src[i] into the receiver's block
             await transfer.send_layer(layer, src_block_ids)
         stats = await transfer.commit()           # returns once the receiver verified every layer
 
+    # receiving worker, before reusing the blocks of a request that ended any other way
+    await receiver.retire("req-1")               # waits until a one-sided sender can no longer write into them
+
 Modules: base.py (contract, registry, Transfer), receiver.py, sender.py, region.py (pools, layouts, host id),
-blocks.py (runs, checksums), service.py (the KVTransfer gRPC service), grpc.py / shm.py / ucx.py (backends),
+blocks.py (runs, checksums), service.py (the KVTransfer gRPC service), local.py (the same control messages over a
+Unix socket for same-host senders), grpc.py / shm.py / ucx.py (backends),
 chaos.py (fault and bandwidth injection), errors.py (typed errors with their gRPC status).
 """
 
