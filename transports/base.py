@@ -187,13 +187,13 @@ class Transfer(ABC):
         if layer in self.layer_checksums or layer in self._sending:
             raise errors.InvalidTransfer(f"layer {layer} already sent")
         self._sending.add(layer)
-        runs = [Run(layer, kv, d, self.pool[layer, kv, s:s + n]) for kv in (0, 1) for s, d, n in
-                self._runs_of(src_block_ids)]
-        nbytes = sum(r.nbytes for r in runs)
-        if self.inline_writes and nbytes < OFFLOAD_BYTES and self._writer == self._write_runs \
+        pairs = self._runs_of(src_block_ids)
+        nbytes = 2 * self.dst_ids.size * self.pool.shape[3]
+        if self.inline_writes and nbytes < OFFLOAD_BYTES and self.sender.chaos is None \
                 and not self._lock.locked():  # a small one-sided copy: done here, no await, nothing to interleave
-            checksum = await self._send_inline(runs, layer)
+            checksum = await self._send_inline(layer, pairs)
         else:
+            runs = [Run(layer, kv, d, self.pool[layer, kv, s:s + n]) for kv in (0, 1) for s, d, n in pairs]
             async with self._lock:  # callers may overlap layers; backends write one layer at a time
                 self._check_open()
                 checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
@@ -259,10 +259,10 @@ class Transfer(ABC):
         self._src_key, self._pairs = src_block_ids, paired_runs(src, self.dst_ids)
         return self._pairs
 
-    async def _send_inline(self, runs: list[Run], layer: int) -> int:
+    async def _send_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
         try:
             self._remaining()
-            return self._write_inline(runs)
+            return self._write_inline(layer, pairs)
         except BaseException as exc:
             typed = _typed(exc, f"transfer {self.transfer_id}: send_layer({layer})")
             await self.abort(f"send_layer({layer}) failed: {typed}")
@@ -273,9 +273,9 @@ class Transfer(ABC):
     #: The backend implements `_write_inline` (a synchronous copy, for layers under OFFLOAD_BYTES).
     inline_writes: ClassVar[bool] = False
 
-    def _write_inline(self, runs: list[Run]) -> int:
-        """Write one small layer synchronously on the loop; return its checksum (0 when the sender does not
-        verify). Only if inline_writes."""
+    def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
+        """Write one small layer (K, then V, of the (src_start, dst_start, count) runs) synchronously on the loop;
+        return its checksum (0 when the sender does not verify). Only if inline_writes."""
         raise NotImplementedError
 
     async def _begin(self) -> None:

@@ -1,5 +1,7 @@
 """The "ucx" backend: one-sided RDMA-style WRITEs through NIXL (its UCX plugin) into the receiver's registered
-region; completion and checksums go over the gRPC control channel like every other backend.
+region; completion and checksums go over the control channel like every other backend. A layer of at least
+EARLY_VERIFY_BYTES carries a NIXL notification, which NIXL delivers only once the write's data is in place, so the
+receiver verifies that layer while later ones are written (as LayerWritten does for shm).
 
 The receiver registers its whole pool once (at `Receiver` start) and publishes its NIXL agent metadata and the
 pool's base address in the descriptor. The sender registers its own pool once, loads the receiver's metadata once
@@ -19,7 +21,7 @@ import struct
 import numpy as np
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import Attachment, Backend, Transfer
+from kvmesh.transports.base import EARLY_VERIFY_BYTES, Attachment, Backend, Transfer
 from kvmesh.transports.blocks import Run
 
 _ADDR = struct.Struct("<Q")  # backend_params["ucx"] = base address of the receiver's pool, then agent metadata
@@ -70,22 +72,25 @@ class UcxTransfer(Transfer):
             local = np.array([(r.src.ctypes.data, r.nbytes, 0) for r in runs], dtype=np.uint64).reshape(-1, 3)
             remote = np.array([(link.remote_addr(r), r.nbytes, 0) for r in runs], dtype=np.uint64).reshape(-1, 3)
             if len(runs):
-                await self._post(agent, local, remote)
+                nbytes = sum(r.nbytes for r in runs)
+                early = nbytes >= EARLY_VERIFY_BYTES and len(self.layer_checksums) < self.pool.shape[0] - 1
+                notif = _notif(self.transfer_id, runs[0].layer) if early else b""  # not the last: Commit checks it
+                await self._post(agent, local, remote, notif)
         finally:
             for descs in registered:
                 agent.deregister_memory(descs)
 
-    async def _post(self, agent, local: np.ndarray, remote: np.ndarray) -> None:
+    async def _post(self, agent, local: np.ndarray, remote: np.ndarray, notif: bytes) -> None:
         try:
-            await self._post_once(agent, local, remote)
+            await self._post_once(agent, local, remote, notif)
         except errors.TransportError:
             raise
         except Exception as exc:  # NIXL raises its own types (nixlRemoteDisconnectError, ...)
             raise errors.PeerUnavailable(f"transfer {self.transfer_id}: {type(exc).__name__}: {exc}") from None
 
-    async def _post_once(self, agent, local: np.ndarray, remote: np.ndarray) -> None:
+    async def _post_once(self, agent, local: np.ndarray, remote: np.ndarray, notif: bytes) -> None:
         handle = agent.initialize_xfer("WRITE", agent.get_xfer_descs(local, "DRAM"),
-                                       agent.get_xfer_descs(remote, "DRAM"), self.link.remote_name)
+                                       agent.get_xfer_descs(remote, "DRAM"), self.link.remote_name, notif)
         try:
             state, polls = agent.transfer(handle), 0
             while state == "PROC":
@@ -124,9 +129,16 @@ class UcxBackend(Backend):
         def close() -> None:
             agent.deregister_memory(descs)
 
+        def progress() -> None:  # drives NIXL, and starts verifying each layer a notification says is in place
+            for messages in agent.get_new_notifs().values():
+                for message in messages:
+                    parsed = _parse_notif(message)
+                    if parsed is not None:
+                        receiver._layer_written(*parsed)
+
         # No NIXL progress thread (it spins a whole core); the receiver polls while a ucx transfer is open.
         return Attachment(params=_ADDR.pack(receiver.region.array.ctypes.data) + agent.get_agent_metadata(),
-                          close=close, progress=agent.get_new_notifs)
+                          close=close, progress=progress)
 
     async def connect(self) -> None:
         sender = self.sender
@@ -158,6 +170,22 @@ class UcxBackend(Backend):
         if sender._closed and getattr(sender, "_ucx_registered", None) is not None:
             agent.deregister_memory(sender._ucx_registered)  # the sender's pool may be freed after close
             sender._ucx_registered = None
+
+
+def _notif(transfer_id: str, layer: int) -> bytes:
+    return f"kvmesh-layer\0{transfer_id}\0{layer}".encode()
+
+
+def _parse_notif(message: bytes) -> tuple[str, int] | None:
+    """(transfer id, layer) of one of our layer notifications; None for anything else (a hint: never trusted
+    beyond "verify this layer now", which is checked against the record anyway)."""
+    parts = bytes(message).split(b"\0")
+    if len(parts) != 3 or parts[0] != b"kvmesh-layer" or not parts[2].isdigit():
+        return None
+    try:
+        return parts[1].decode(), int(parts[2])
+    except UnicodeDecodeError:
+        return None
 
 
 def _inside(array: np.ndarray, pool: np.ndarray) -> bool:
