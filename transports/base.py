@@ -12,7 +12,7 @@ import asyncio
 import importlib
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
@@ -54,7 +54,8 @@ class TransferStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "gbps": self.gbps}
+        return {"backend": self.backend, "bytes": self.bytes, "blocks": self.blocks, "layers": self.layers,
+                "seconds": self.seconds, "checksum_seconds": self.checksum_seconds, "gbps": self.gbps}
 
 
 @dataclass(frozen=True)

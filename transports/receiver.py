@@ -19,7 +19,7 @@ import numpy as np
 from kvmesh.transports import errors
 from kvmesh.transports.base import (HASH_OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, _start_span,
                                     backend_class, report)
-from kvmesh.transports.blocks import as_block_ids, dst_checksums
+from kvmesh.transports.blocks import as_block_ids, dst_checksums, dst_runs
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.v1 import common_pb2
 
@@ -51,6 +51,14 @@ class _Record:
     push_streams: int = -1  # Push calls carrying the data, as the Commit says (-1: no Commit yet)
     streams_done: int = 0  # Push calls that ended after carrying some of the data
     landed: asyncio.Event = field(default_factory=asyncio.Event)  # Push data complete, or the record failed
+    _runs: list | None = None
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """The reserved blocks as (start, count) runs, for hashing what landed (computed once)."""
+        if self._runs is None:
+            self._runs = dst_runs(self.dst_ids)
+        return self._runs
 
     def check_landed(self) -> None:
         """Wake a waiting Commit once every byte arrived or every Push call it waits for has ended."""
@@ -298,7 +306,7 @@ class Receiver:
             return [record.layer_hashers[i].intdigest() if i in record.layer_hashers else -1
                     for i in range(record.num_layers)]
         rest = [i for i in range(record.num_layers) if i not in record.early]
-        args = (self.region.array, record.dst_ids, record.num_layers, rest)
+        args = (self.region.array, record.dst_ids, record.num_layers, rest, record.runs)
         late_bytes = nbytes // record.num_layers * len(rest)
         late = await asyncio.to_thread(dst_checksums, *args) if late_bytes >= HASH_OFFLOAD_BYTES else dst_checksums(*args)
         got = dict(zip(rest, late))
@@ -312,7 +320,7 @@ class Receiver:
         if (record is None or record.state != "writing" or not backend_class(record.backend).one_sided
                 or not 0 <= layer < record.num_layers or layer in record.early or not self.verify):
             return False
-        args = (self.region.array, record.dst_ids, record.num_layers, [layer])
+        args = (self.region.array, record.dst_ids, record.num_layers, [layer], record.runs)
         record.early[layer] = asyncio.ensure_future(asyncio.to_thread(dst_checksums, *args))
         record.early[layer].add_done_callback(_retrieve)
         return True
