@@ -87,6 +87,9 @@ class Backend(ABC):
     #: A layer is in the receiver's memory once `_write_runs` returns (shm; not ucx, whose completion may precede
     #: visibility to the receiver's CPU), so the receiver may verify it early (LayerWritten).
     early_verify: ClassVar[bool] = False
+    #: The receiver lands every byte itself and checks it against the reservation (grpc), so the Open may travel
+    #: with the data and the Commit instead of costing a round trip of its own.
+    opens_with_data: ClassVar[bool] = False
     transfer_class: ClassVar[type["Transfer"]]
 
     def __init__(self, sender: "Sender", descriptor, peer: "Peer") -> None:
@@ -182,7 +185,7 @@ class Transfer(ABC):
         same `src_block_ids` object for every layer lets the block arithmetic be done once; do not change that
         object's contents between layers (pass a new one instead).
         """
-        self._check_open()
+        await self._check_open_answer()
         if not 0 <= layer < self.pool.shape[0]:
             raise errors.InvalidTransfer(f"layer {layer} out of range [0, {self.pool.shape[0]})")
         if layer in self.layer_checksums or layer in self._sending:
@@ -200,7 +203,7 @@ class Transfer(ABC):
                 checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.layer_checksums[layer] = checksum
         self.nbytes += nbytes
-        if (self.link.early_verify and self.sender.verify and nbytes >= EARLY_VERIFY_BYTES
+        if (self.link.early_verify and self.open_request is None and self.sender.verify and nbytes >= EARLY_VERIFY_BYTES
                 and len(self.layer_checksums) < self.pool.shape[0]):  # the last layer is verified by Commit anyway
             self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, layer)))
         if self._span is not None:  # per-layer timestamps: show that layers leave while later ones compute
@@ -212,7 +215,7 @@ class Transfer(ABC):
         Called once by the sender after the last `send_layer`. Awaits the receiver's verdict (within the
         transfer's deadline): DataLossError when the receiver found damaged or missing bytes.
         """
-        self._check_open()
+        await self._check_open_answer()
         missing = sorted(set(range(self.pool.shape[0])) - set(self.layer_checksums))
         if missing:
             raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
@@ -223,12 +226,19 @@ class Transfer(ABC):
         verify = self.sender.verify
         sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
         commit = self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
-                                       self._remaining(), self._push_streams())
+                                       self._remaining(), self._push_streams(), **self._commit_fields())
         await self._guard(lambda: _first_failure(commit, self._settle()), "commit")
         stats = TransferStats(self.link.name, self.nbytes, int(self.dst_ids.size), self.pool.shape[0],
                               time.perf_counter() - self.started, self.checksum_seconds)
         self._finish("committed", stats=stats)
         return stats
+
+    async def opened(self) -> None:
+        """Wait until the receiver accepted the Open (at once where `Sender.open` waited for it already); raise its
+        refusal as `send_layer` would. Optional: a caller that does not ask learns of a refusal at its next call."""
+        if self._open_answer is not None:
+            await asyncio.wait({self._open_answer}, timeout=self._remaining())
+        await self._check_open_answer()
 
     async def abort(self, reason: str = "aborted by sender") -> None:
         """Give up: release backend resources and tell the receiver (best effort). Idempotent; never raises."""
@@ -237,6 +247,8 @@ class Transfer(ABC):
         self._finish("failed", error=reason)
         for hint in self._hints:
             hint.cancel()
+        if self._open_answer is not None:
+            self._open_answer.cancel()
         await self._cancel()
         await self.link.peer.abort(self.transfer_id, reason)
 
@@ -301,6 +313,15 @@ class Transfer(ABC):
         """How many Push calls carried the data (for the Commit; 0 for backends without Push)."""
         return 0
 
+    #: Set by `Sender.open` when it skipped the Open round trip: the OpenRequest the data and Commit carry instead,
+    #: and (same host) the task awaiting the answer to the Open it sent anyway.
+    open_request = None
+    _open_answer: asyncio.Future | None = None
+
+    def _commit_fields(self) -> dict:
+        """Extra CommitRequest fields (`open`, `staged`): the Open this Commit stands in for, if any."""
+        return {} if self.open_request is None else {"open": self.open_request}
+
     async def _settle(self) -> None:
         """Awaited beside the Commit: collect what `_end` left in flight (grpc: the Push replies); raise if it
         failed, which aborts the transfer."""
@@ -329,6 +350,15 @@ class Transfer(ABC):
         value = src_checksum(runs)
         self.checksum_seconds += time.perf_counter() - t
         return value
+
+    async def _check_open_answer(self) -> None:
+        """Raise (after aborting) if the receiver refused the Open that `Sender.open` did not wait for."""
+        self._check_open()
+        answer = self._open_answer
+        if answer is not None and answer.done() and not answer.cancelled() and answer.exception() is not None:
+            typed = _typed(answer.exception(), f"transfer {self.transfer_id}: open")
+            await self.abort(f"open failed: {typed}")
+            raise typed
 
     def _check_open(self) -> None:
         if self.state != "open":
