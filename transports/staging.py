@@ -26,8 +26,8 @@ from kvmesh.transports.blocks import Run
 from kvmesh.v1 import kv_pb2
 
 #: Transfers up to this size are staged (when the sender has a free slot); larger ones use the rendezvous.
-STAGED_MAX_BYTES = 4 << 20
-STAGING_SLOTS = 8  # concurrent staged transfers per sending process: 32 MiB of /dev/shm, made on first use
+STAGED_MAX_BYTES = 2 << 20
+STAGING_SLOTS = 8  # concurrent staged transfers per sending process: 16 MiB of /dev/shm, made on first use
 #: A slot whose Commit went unanswered (timeout, abort) is not reused for this long: the receiver may still be
 #: copying it. (Reusing it earlier could only make that copy fail its checksum, never land wrong bytes.)
 QUARANTINE_S = 5.0
