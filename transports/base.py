@@ -193,7 +193,7 @@ class Transfer(ABC):
         self._sending.add(layer)
         pairs = self._runs_of(src_block_ids)
         nbytes = 2 * self.dst_ids.size * self.pool.shape[3]
-        if self.inline_writes and nbytes < OFFLOAD_BYTES and self.sender.chaos is None \
+        if self.inline_writes and nbytes < self.inline_bytes and self.sender.chaos is None \
                 and not self._lock.locked():  # a small one-sided copy: done here, no await, nothing to interleave
             checksum = await self._send_inline(layer, pairs)
         else:
@@ -283,8 +283,9 @@ class Transfer(ABC):
 
     # ---- private hooks, filled in by each backend ----
 
-    #: The backend implements `_write_inline` (a synchronous copy, for layers under OFFLOAD_BYTES).
+    #: The backend implements `_write_inline` (a synchronous copy, for layers under `inline_bytes`).
     inline_writes: ClassVar[bool] = False
+    inline_bytes: ClassVar[int] = OFFLOAD_BYTES
 
     def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
         """Write one small layer (K, then V, of the (src_start, dst_start, count) runs) synchronously on the loop;
