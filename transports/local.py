@@ -121,7 +121,7 @@ class LocalControlServer:
                 opened.add(request.transfer_id)
             elif method in ("Commit", "Abort"):
                 opened.discard(request.transfer_id)
-            kind, body = OK, (await control(self.receiver, method, request)).SerializeToString()
+            kind, body = OK, (await control(self.receiver, method, request, same_host=True)).SerializeToString()
         except DecodeError as exc:
             kind, body = ERROR, f"INVALID_ARGUMENT\nmalformed {method}: {exc}".encode()
         except errors.TransportError as exc:

@@ -34,9 +34,13 @@ async def _abort_with(context, exc: errors.TransportError):
     await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), str(exc))
 
 
-async def control(receiver, method: str, request):
+async def control(receiver, method: str, request, same_host: bool = False):
     """The receiver's reply to one control message (Open, Commit, Abort, LayerWritten), whichever channel carried
-    it (this gRPC service or the local socket, `local.py`). Raises TransportError."""
+    it (this gRPC service or the local socket, `local.py`: `same_host`). Raises TransportError."""
+    if method == "Commit" and request.HasField("staged") and not same_host:
+        # The receiver would read a segment of this host named by the peer: only a same-user process on this host,
+        # checked by the local socket, may ask that.
+        raise errors.InvalidTransfer(f"transfer {request.transfer_id}: staged bytes only over the local socket")
     if method == "Open":
         lease = receiver._open(request)
         return kv_pb2.OpenReply(lease_remaining_s=lease)

@@ -38,10 +38,10 @@ MAPS_KEPT = 8  # senders' segments a receiver keeps mapped
 class StagingArea:
     """The sender's slots: one shm segment of STAGING_SLOTS × STAGED_MAX_BYTES, created on first use."""
 
-    def __init__(self, slots: int = STAGING_SLOTS, slot_bytes: int = STAGED_MAX_BYTES) -> None:
-        self.slots, self.slot_bytes = slots, slot_bytes
+    def __init__(self, slots: int | None = None, slot_bytes: int | None = None) -> None:
+        self.slots, self.slot_bytes = slots or STAGING_SLOTS, slot_bytes or STAGED_MAX_BYTES
         self.region = None
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(self.slots - 1, -1, -1))
         self._quarantined: list[tuple[float, int]] = []
 
     def take(self) -> int | None:
@@ -187,6 +187,8 @@ class StagedMaps:
             mem = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        for gone in [n for n in self._maps if not _owner_alive(n)]:  # a sender that died: its memory can go
+            self._unmap(self._maps.pop(gone))
         self._maps[name] = (np.frombuffer(mem, dtype=np.uint8), mem)
         while len(self._maps) > MAPS_KEPT:
             self._unmap(self._maps.popitem(last=False)[1])
@@ -202,6 +204,12 @@ class StagedMaps:
             held[1].close()
         except BufferError:  # a copy still reads it; the mapping goes when that view does
             pass
+
+
+def _owner_alive(name: str) -> bool:
+    from kvmesh.transports.shm import _NAME, _alive
+    match = _NAME.match(name)
+    return match is not None and _alive(int(match.group(1)))
 
 
 def land_staged(pool: np.ndarray, staged: np.ndarray, runs: list[tuple[int, int]], num_layers: int,
