@@ -22,10 +22,11 @@ class CacheConfig(ServerConfig):
                                  "for.")
     scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with; empty: do not register.")
     advertise_host: str = knob("", "Host other workers reach this service at; empty: the bound host.")
-    staging_blocks: int = knob(256, "Blocks of the staging region kept per KV layout, which Fetch copies held "
-                                    "blocks into before sending them through a transport (allocated on first "
-                                    "use, reused); a fetch delivers at most this many blocks.")
-    staging_wait_s: float = knob(0.05, "Longest a Fetch waits for free staging blocks before delivering nothing "
+    staging_blocks: int = knob(1024, "Blocks of the staging region kept per KV layout, which Fetch copies held "
+                                     "blocks into before sending them through a transport (allocated on first "
+                                     "use and reused; memory is touched only as deep as concurrent fetches "
+                                     "reach); one fetch delivers at most this many blocks.")
+    staging_wait_s: float = knob(0.5, "Longest a Fetch waits for free staging blocks before delivering nothing "
                                        "(the requester computes the prefix instead).")
     transport: str = knob("auto", "KV transport Fetch delivers through: auto negotiates with the requester (shm "
                                   "on one host, then ucx, then grpc), or force one of shm, ucx, grpc.",

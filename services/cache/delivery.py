@@ -104,7 +104,7 @@ class _Lane:
 class Delivery:
     """Delivers a store's blocks into requesters' reserved blocks through the transports (see the module doc)."""
 
-    def __init__(self, store: BlockStore, staging_blocks: int, wait_s: float = 0.05,
+    def __init__(self, store: BlockStore, staging_blocks: int, wait_s: float = 0.5,
                  backends: Sequence[str] = PREFERENCE, force: str | None = None, chaos: str | None = None) -> None:
         self.store, self.staging_blocks, self.wait_s = store, staging_blocks, wait_s
         self.backends, self.force, self.chaos = list(backends), force, chaos

@@ -31,7 +31,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
 
     def __init__(self, store: BlockStore, delivery: Delivery | None = None) -> None:
         self.store = store
-        self.delivery = delivery or Delivery(store, staging_blocks=64)
+        self.delivery = delivery or Delivery(store, staging_blocks=1024)
 
     def _observe_bytes(self) -> None:
         for tier in self.store.tiers:
