@@ -14,6 +14,7 @@ from kvmesh.services.cache.delivery import Delivery, StagingPool, layout_key
 from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.cache.tiers import DramTier
 from kvmesh.transports import DataLossError, Receiver, TransferAborted, allocate_region, block_nbytes, make_layout
+from kvmesh.transports.base import backend_class
 from kvmesh.transports.shm import list_segments
 
 LAYOUT = make_layout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32", model_id="tiny")
@@ -70,7 +71,13 @@ def no_leaks(delivery: Delivery, receiver: Receiver) -> bool:
             receiver.num_fences) == (0, 0, 0, 0)
 
 
-@pytest.mark.parametrize("backend", ["shm", "grpc"])
+def backends():
+    for name in ("shm", "ucx", "grpc"):
+        reason = backend_class(name).unavailable_reason()
+        yield pytest.param(name, marks=pytest.mark.skip(reason=reason) if reason else ())
+
+
+@pytest.mark.parametrize("backend", list(backends()))
 def test_held_blocks_land_in_the_receivers_reserved_blocks(backend):
     async def body(receiver, make):
         delivery = make(store_with([0, 1, 2]))
