@@ -1,7 +1,7 @@
 """Cache hits delivered through the KV transports, with real processes: the cache writes a prompt's cached blocks
 straight into the prefill worker's reserved blocks (shm on this host, grpc when forced), the answer equals the cold
-one, and the spans say how; a damaged delivery, a cache killed mid-fetch and a client that cancels mid-fetch all
-still leave no staging block, transfer record or shared-memory segment behind."""
+one, and the spans say how; a damaged delivery, a stalled cache, a cache killed mid-fetch and a client that cancels
+mid-fetch are misses (or a cancel) that leave no staging block, transfer record or shared-memory segment behind."""
 
 from __future__ import annotations
 
@@ -147,6 +147,22 @@ def test_a_corrupted_delivery_is_caught_and_the_prompt_computed(model_dir):
         assert stats.failed_deliveries >= 2 and stats.deliveries == 0 and stats.hits >= 8
         assert cold == hf_greedy(model, prompt)
         assert_no_leaks(mesh, shm=True)
+    finally:
+        mesh.close()
+
+
+def test_a_stalled_cache_is_a_miss_within_the_fetch_deadline(model_dir):
+    model = model_dir("llama")
+    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "stall=after:1"))
+    try:
+        prompt = make_prompt(53, 3)
+        cold, _ = run(mesh, prompt)
+        wait_cached(mesh, 3)
+        start = time.monotonic()
+        assert run(mesh, prompt) == (cold, 0)
+        assert time.monotonic() - start < 2.0 + 3.0  # the fetch deadline (--cache-timeout-s 2), then computed
+        assert_no_leaks(mesh, shm=True)
+        assert cache_stats(mesh).failed_deliveries == 1
     finally:
         mesh.close()
 
