@@ -40,7 +40,7 @@ def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
             return scheduler_pb2.RegisterRequest(
                 role=scheduler_pb2.WORKER_ROLE_CACHE,
                 address=advertise_address(config.host, server.port, config.advertise_host), host_id=ids.host_id(),
-                instance_id=server.instance_id, transports=["grpc"])
+                instance_id=server.instance_id, transports=servicer.delivery.backends)
 
         def load() -> scheduler_pb2.WorkerLoad:
             return scheduler_pb2.WorkerLoad()
