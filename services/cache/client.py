@@ -1,7 +1,8 @@
 """The cache as its callers (prefill workers, the scheduler) see it: best effort, always with a deadline.
 
-A cache that is down, slow or unknown is a miss, never an error: `lookup` answers 0, `get` what it got, and
-`offer` queues blocks for a background task that puts them (bounded; a full queue drops the offer).
+A cache that is down, slow or unknown is a miss, never an error: `lookup` answers 0, `fetch` (delivery through
+the KV transports into the caller's blocks) an empty reply, `get` (the streamed bytes) what it got, and `offer`
+queues blocks for a background task that puts them (bounded; a full queue drops the offer).
 """
 
 from __future__ import annotations
