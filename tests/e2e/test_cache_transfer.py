@@ -71,7 +71,9 @@ def mesh_segments(mesh) -> dict[str, int]:
 
 def assert_no_leaks(mesh, shm: bool, cache_alive: bool = True, timeout_s: float = 10.0) -> None:
     """Every worker's blocks free with no handoff or transfer left; the cache holds no staging block or open
-    transfer; each worker has exactly its pool's segment (shm) or none, the cache none."""
+    transfer; each worker has exactly its pool's segment (shm) or none, and a sender (the prefill worker, the cache)
+    at most one more: the staging slots of its small shm transfers (transports/staging.py), made once, not per
+    request."""
     assert mesh.wait_blocks_free(timeout_s)
     deadline = time.monotonic() + timeout_s
     while cache_alive:
@@ -80,8 +82,10 @@ def assert_no_leaks(mesh, shm: bool, cache_alive: bool = True, timeout_s: float 
             break
         assert time.monotonic() < deadline, (stats.staging_blocks_used, stats.open_transfers)
         time.sleep(0.05)
-    expected = {"prefill": int(shm), "decode": int(shm), **({"cache": 0} if cache_alive else {})}
-    assert mesh_segments(mesh) == expected
+    found = mesh_segments(mesh)
+    staging = {service: n - int(shm and service != "cache") for service, n in found.items()}
+    assert staging["decode"] == 0 and all(0 <= n <= int(shm) for n in staging.values()), found
+    assert set(found) == {"prefill", "decode", *(["cache"] if cache_alive else [])}
 
 
 def spans_of(path, request_id: str, timeout_s: float = 10.0):
