@@ -19,7 +19,6 @@ imports no gRPC at import time, so transports may use `kv_transfer_span()`.
 from __future__ import annotations
 
 import asyncio
-
 import fcntl
 import logging
 import os
