@@ -46,6 +46,7 @@ class Scheduler:
     def free_blocks(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
