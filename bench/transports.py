@@ -252,17 +252,46 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's four goals, checked against this run's own baselines."""
+    at = {(r["backend"], r["size_bytes"]): r for r in rows}
+    big = max(r["size_bytes"] for r in rows)
+    checks = []
+    for backend, key, factor, what in (("shm", "memcpy_gbps", 0.5, "memcpy"), ("grpc", "tcp_gbps", 0.5, "raw TCP"),
+                                       ("ucx", "tcp_gbps", 1.0, "raw TCP")):
+        r = at.get((backend, big))
+        if r:
+            ratio = r["gbps"] / r[key]
+            checks.append(f"{backend} at {big // MiB} MiB ≥ {factor} × {what}: {ratio:.2f}× — "
+                          f"{'met' if ratio >= factor else 'not met'}")
+    for backend in sorted({r["backend"] for r in rows}):
+        small, large = at.get((backend, MiB)), at.get((backend, big))
+        if small and large:
+            ratio = small["gbps"] / large["gbps"]
+            checks.append(f"{backend} at 1 MiB ≥ 0.5 × at {big // MiB} MiB: {ratio:.2f}× — "
+                          f"{'met' if ratio >= 0.5 else 'not met'}")
+    return checks
+
+
+def fixed_ms(row: dict, rows: list[dict]) -> float:
+    """A transfer's time beyond moving its bytes at the backend's largest-size rate: its fixed cost."""
+    big = max((r for r in rows if r["backend"] == row["backend"]), key=lambda r: r["size_bytes"])
+    return (row["size_bytes"] / row["gbps"] - row["size_bytes"] / big["gbps"]) / 1e6
+
+
 def write_results(rows: list[dict], command: str, path: Path, png: Path) -> None:
     loads = [r["loadavg_1m"] for r in rows]
     lines = ["", f"## Transports ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "", f"`{command}`", "",
              f"1-minute load average on the 2 cores during the run: {min(loads):.1f}–{max(loads):.1f}.", "",
              "| backend | size | GB/s | GB/s after Open | memcpy GB/s | raw TCP GB/s | bare gRPC GB/s | vs memcpy "
-             "| vs TCP | Open ms | Commit ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| vs TCP | Open ms | Commit ms | fixed ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['size_bytes'] // MiB} MiB | {r['gbps']:.2f} | {r['gbps_after_open']:.2f} "
                      f"| {r['memcpy_gbps']:.2f} | {r['tcp_gbps']:.2f} | {r['grpc_ceiling_gbps']:.2f} "
                      f"| {r['gbps'] / r['memcpy_gbps']:.2f} | {r['gbps'] / r['tcp_gbps']:.2f} "
-                     f"| {r['open_ms']:.2f} | {r['commit_ms']:.2f} |")
+                     f"| {r['open_ms']:.2f} | {r['commit_ms']:.2f} | {fixed_ms(r, rows):.2f} |")
+    lines += ["", "Goals, from this run:", ""] + [f"- {check}" for check in goals(rows)]
     lines += ["", f"![transports]({png.name})", ""]
     with open(path, "a") as f:
         f.write("\n".join(lines))
@@ -296,6 +325,7 @@ def main() -> None:
                          "grpc_ceiling_gbps": round(ceiling[size], 3),
                          "loadavg_1m": round(os.getloadavg()[0], 2)})
     print(json.dumps(rows, indent=1))
+    print("\n".join(goals(rows)), file=sys.stderr)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     if args.results:

@@ -23,7 +23,8 @@ for every layer, K and V of the sender's blocks src[i] into the receiver's block
 
 Modules: base.py (contract, registry, Transfer), receiver.py, sender.py, region.py (pools, layouts, host id),
 blocks.py (runs, checksums), service.py (the KVTransfer gRPC service), local.py (the same control messages over a
-Unix socket for same-host senders), grpc.py / shm.py / ucx.py (backends),
+Unix socket for same-host senders), grpc.py / shm.py / ucx.py (backends), staging.py (small shm transfers staged
+in the sender's own segment: one Commit instead of Open + Commit),
 chaos.py (fault and bandwidth injection), errors.py (typed errors with their gRPC status).
 """
 

@@ -12,7 +12,7 @@ import asyncio
 import importlib
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, ClassVar, Sequence
 
 import numpy as np
@@ -54,7 +54,8 @@ class TransferStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "gbps": self.gbps}
+        return {"backend": self.backend, "bytes": self.bytes, "blocks": self.blocks, "layers": self.layers,
+                "seconds": self.seconds, "checksum_seconds": self.checksum_seconds, "gbps": self.gbps}
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class Backend(ABC):
     #: A layer is in the receiver's memory once `_write_runs` returns (shm; not ucx, whose completion may precede
     #: visibility to the receiver's CPU), so the receiver may verify it early (LayerWritten).
     early_verify: ClassVar[bool] = False
+    #: The receiver lands every byte itself and checks it against the reservation (grpc), so the Open may travel
+    #: with the data and the Commit instead of costing a round trip of its own.
+    opens_with_data: ClassVar[bool] = False
     transfer_class: ClassVar[type["Transfer"]]
 
     def __init__(self, sender: "Sender", descriptor, peer: "Peer") -> None:
@@ -181,7 +185,7 @@ class Transfer(ABC):
         same `src_block_ids` object for every layer lets the block arithmetic be done once; do not change that
         object's contents between layers (pass a new one instead).
         """
-        self._check_open()
+        await self._check_open_answer()
         if not 0 <= layer < self.pool.shape[0]:
             raise errors.InvalidTransfer(f"layer {layer} out of range [0, {self.pool.shape[0]})")
         if layer in self.layer_checksums or layer in self._sending:
@@ -189,7 +193,7 @@ class Transfer(ABC):
         self._sending.add(layer)
         pairs = self._runs_of(src_block_ids)
         nbytes = 2 * self.dst_ids.size * self.pool.shape[3]
-        if self.inline_writes and nbytes < OFFLOAD_BYTES and self.sender.chaos is None \
+        if self.inline_writes and nbytes < self.inline_bytes and self.sender.chaos is None \
                 and not self._lock.locked():  # a small one-sided copy: done here, no await, nothing to interleave
             checksum = await self._send_inline(layer, pairs)
         else:
@@ -199,7 +203,7 @@ class Transfer(ABC):
                 checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.layer_checksums[layer] = checksum
         self.nbytes += nbytes
-        if (self.link.early_verify and self.sender.verify and nbytes >= EARLY_VERIFY_BYTES
+        if (self.link.early_verify and self.open_request is None and self.sender.verify and nbytes >= EARLY_VERIFY_BYTES
                 and len(self.layer_checksums) < self.pool.shape[0]):  # the last layer is verified by Commit anyway
             self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, layer)))
         if self._span is not None:  # per-layer timestamps: show that layers leave while later ones compute
@@ -211,7 +215,7 @@ class Transfer(ABC):
         Called once by the sender after the last `send_layer`. Awaits the receiver's verdict (within the
         transfer's deadline): DataLossError when the receiver found damaged or missing bytes.
         """
-        self._check_open()
+        await self._check_open_answer()
         missing = sorted(set(range(self.pool.shape[0])) - set(self.layer_checksums))
         if missing:
             raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
@@ -222,12 +226,19 @@ class Transfer(ABC):
         verify = self.sender.verify
         sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
         commit = self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
-                                       self._remaining(), self._push_streams())
+                                       self._remaining(), self._push_streams(), **self._commit_fields())
         await self._guard(lambda: _first_failure(commit, self._settle()), "commit")
         stats = TransferStats(self.link.name, self.nbytes, int(self.dst_ids.size), self.pool.shape[0],
                               time.perf_counter() - self.started, self.checksum_seconds)
         self._finish("committed", stats=stats)
         return stats
+
+    async def opened(self) -> None:
+        """Wait until the receiver accepted the Open (at once where `Sender.open` waited for it already); raise its
+        refusal as `send_layer` would. Optional: a caller that does not ask learns of a refusal at its next call."""
+        if self._open_answer is not None:
+            await asyncio.wait({self._open_answer}, timeout=self._remaining())
+        await self._check_open_answer()
 
     async def abort(self, reason: str = "aborted by sender") -> None:
         """Give up: release backend resources and tell the receiver (best effort). Idempotent; never raises."""
@@ -236,6 +247,8 @@ class Transfer(ABC):
         self._finish("failed", error=reason)
         for hint in self._hints:
             hint.cancel()
+        if self._open_answer is not None:
+            self._open_answer.cancel()
         await self._cancel()
         await self.link.peer.abort(self.transfer_id, reason)
 
@@ -270,8 +283,9 @@ class Transfer(ABC):
 
     # ---- private hooks, filled in by each backend ----
 
-    #: The backend implements `_write_inline` (a synchronous copy, for layers under OFFLOAD_BYTES).
+    #: The backend implements `_write_inline` (a synchronous copy, for layers under `inline_bytes`).
     inline_writes: ClassVar[bool] = False
+    inline_bytes: ClassVar[int] = OFFLOAD_BYTES
 
     def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
         """Write one small layer (K, then V, of the (src_start, dst_start, count) runs) synchronously on the loop;
@@ -299,6 +313,15 @@ class Transfer(ABC):
     def _push_streams(self) -> int:
         """How many Push calls carried the data (for the Commit; 0 for backends without Push)."""
         return 0
+
+    #: Set by `Sender.open` when it skipped the Open round trip: the OpenRequest the data and Commit carry instead,
+    #: and (same host) the task awaiting the answer to the Open it sent anyway.
+    open_request = None
+    _open_answer: asyncio.Future | None = None
+
+    def _commit_fields(self) -> dict:
+        """Extra CommitRequest fields (`open`, `staged`): the Open this Commit stands in for, if any."""
+        return {} if self.open_request is None else {"open": self.open_request}
 
     async def _settle(self) -> None:
         """Awaited beside the Commit: collect what `_end` left in flight (grpc: the Push replies); raise if it
@@ -328,6 +351,15 @@ class Transfer(ABC):
         value = src_checksum(runs)
         self.checksum_seconds += time.perf_counter() - t
         return value
+
+    async def _check_open_answer(self) -> None:
+        """Raise (after aborting) if the receiver refused the Open that `Sender.open` did not wait for."""
+        self._check_open()
+        answer = self._open_answer
+        if answer is not None and answer.done() and not answer.cancelled() and answer.exception() is not None:
+            typed = _typed(answer.exception(), f"transfer {self.transfer_id}: open")
+            await self.abort(f"open failed: {typed}")
+            raise typed
 
     def _check_open(self) -> None:
         if self.state != "open":

@@ -70,9 +70,9 @@ def src_checksum(runs: list[Run]) -> int:
 
 
 def dst_checksums(pool: np.ndarray, dst_ids: np.ndarray, num_layers: int,
-                  layers: Iterable[int] | None = None) -> list[int]:
+                  layers: Iterable[int] | None = None, runs: list[tuple[int, int]] | None = None) -> list[int]:
     """Each layer's checksum (of `layers`, default all) from the receiver's pool: K then V bytes of the blocks,
-    in dst order."""
-    runs = dst_runs(dst_ids)
+    in dst order. `runs`: `dst_runs(dst_ids)`, if the caller has it already."""
+    runs = dst_runs(dst_ids) if runs is None else runs
     return [layer_checksum(pool[layer, kv, d:d + n] for kv in (0, 1) for d, n in runs)
             for layer in (range(num_layers) if layers is None else layers)]

@@ -1,6 +1,7 @@
 """The "grpc" backend: client-streaming Push calls (one, or STREAMS for large transfers), chunks of at most 1 MiB
 written straight into the receiver's region. Works between any two hosts; the fallback when nothing faster is
-shared.
+shared. The Open travels in each call's first message and in the Commit, not as a round trip of its own: the
+receiver lands every chunk itself and checks it against the reservation, so nothing can land before it knows.
 
 Copies: sender — one, when a chunk is assembled (header + raw bytes joined from a view of the pool, no protobuf
 copy of the data); receiver — protobuf's bytes object, then one numpy copy into the region. Large layers are
@@ -110,7 +111,8 @@ class GrpcTransfer(Transfer):
         total = self.pool.shape[0] * 2 * self.dst_ids.size * self.sender.region.block_nbytes
         count = min(STREAMS, self.pool.shape[0]) if total >= STRIPE_BYTES else 1
         push = self.sender._grpc_peer(self.link.descriptor.address).push
-        hello = self._encode([[]])[0]
+        hello = kv_pb2.KVChunk(transfer_id=self.transfer_id, dtype=self.sender.layout.dtype,
+                               layer_checksums=self.sender.verify, open=self.open_request).SerializeToString()
         self._calls = [_Push(push(timeout=self._remaining()), hello) for _ in range(count)]
 
     def _push_streams(self) -> int:
@@ -216,6 +218,7 @@ class GrpcBackend(Backend):
     """Chunks over the receiver's KVTransfer.Push; no shared memory, any host."""
 
     name = "grpc"
+    opens_with_data = True
     transfer_class = GrpcTransfer
 
     @classmethod
@@ -259,6 +262,10 @@ async def receive_push(receiver, request_iterator) -> tuple[int, int]:
     records = {}
     try:
         async for chunk in request_iterator:
+            if chunk.HasField("open"):  # the sender skipped the Open round trip (a call's first message)
+                if chunk.open.transfer_id != chunk.transfer_id or chunk.open.backend != "grpc":
+                    raise errors.InvalidTransfer(f"chunk of transfer {chunk.transfer_id} carries another's Open")
+                receiver._open(chunk.open)
             record, views = receiver._chunk_views(chunk.transfer_id, chunk)
             records[chunk.transfer_id] = record
             try:

@@ -105,6 +105,8 @@ class LocalControlServer:
                 handler.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the sender closed its link or died
+        except asyncio.CancelledError:
+            pass  # we are closing (the streams' callback would log a cancelled task as an error)
         finally:
             self._writers.discard(writer)
             writer.close()
@@ -119,7 +121,7 @@ class LocalControlServer:
                 opened.add(request.transfer_id)
             elif method in ("Commit", "Abort"):
                 opened.discard(request.transfer_id)
-            kind, body = OK, (await control(self.receiver, method, request)).SerializeToString()
+            kind, body = OK, (await control(self.receiver, method, request, same_host=True)).SerializeToString()
         except DecodeError as exc:
             kind, body = ERROR, f"INVALID_ARGUMENT\nmalformed {method}: {exc}".encode()
         except errors.TransportError as exc:
@@ -147,10 +149,19 @@ class LocalPeer:
                                            backend=backend, sender_host_id=host_id)
         return (await self._call("Open", request, timeout, f"open {transfer_id}")).lease_remaining_s
 
-    async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout, push_streams=0):
+    async def post_open(self, request, timeout: float) -> asyncio.Task:
+        """Send an Open now and return a task for its answer, instead of waiting for it (the sender carries the same
+        Open in its data or Commit): the receiver ties the transfer to this connection at once, and a refusal
+        reaches the sender while it is still computing."""
+        what = f"open {request.transfer_id}"
+        answer = await self._post("Open", request, what)
+        return asyncio.ensure_future(self._answer(answer, "Open", timeout, what))
+
+    async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout, push_streams=0,
+                     open=None, staged=None):
         request = CONTROL_TYPES["Commit"][0](transfer_id=transfer_id, backend=backend, nbytes=nbytes,
                                              layer_checksums=checksums, has_checksums=has_checksums,
-                                             push_streams=push_streams)
+                                             push_streams=push_streams, open=open, staged=staged)
         return await self._call("Commit", request, timeout, f"commit {transfer_id}")
 
     async def abort(self, transfer_id: str, reason: str) -> None:
@@ -180,13 +191,21 @@ class LocalPeer:
     # ---- private ----
 
     async def _call(self, method: str, request, timeout: float, what: str):
+        return await self._answer(await self._post(method, request, what), method, timeout, what)
+
+    async def _post(self, method: str, request, what: str) -> tuple[int, asyncio.Future]:
+        """Write one request; return its call id and the future its raw answer will resolve."""
         writer = await self._connect(what)
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         body = request.SerializeToString()
+        writer.write(HEADER.pack(len(body), KIND_OF[method], call_id) + body)
+        return call_id, future
+
+    async def _answer(self, posted: tuple[int, asyncio.Future], method: str, timeout: float, what: str):
+        call_id, future = posted
         try:
-            writer.write(HEADER.pack(len(body), KIND_OF[method], call_id) + body)
             kind, payload = await _within(lambda: future, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise errors.TransferTimeout(f"{what}: deadline passed") from None

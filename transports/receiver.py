@@ -19,8 +19,9 @@ import numpy as np
 from kvmesh.transports import errors
 from kvmesh.transports.base import (HASH_OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, _start_span,
                                     backend_class, report)
-from kvmesh.transports.blocks import as_block_ids, dst_checksums
+from kvmesh.transports.blocks import as_block_ids, dst_checksums, dst_runs
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
+from kvmesh.transports.staging import StagedMaps, land_staged
 from kvmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,15 @@ class _Record:
     push_streams: int = -1  # Push calls carrying the data, as the Commit says (-1: no Commit yet)
     streams_done: int = 0  # Push calls that ended after carrying some of the data
     landed: asyncio.Event = field(default_factory=asyncio.Event)  # Push data complete, or the record failed
+    staged: bool = False  # the sender stages the bytes and never writes into the blocks (staging.py)
+    _runs: list | None = None
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """The reserved blocks as (start, count) runs, for hashing what landed (computed once)."""
+        if self._runs is None:
+            self._runs = dst_runs(self.dst_ids)
+        return self._runs
 
     def check_landed(self) -> None:
         """Wake a waiting Commit once every byte arrived or every Push call it waits for has ended."""
@@ -80,6 +90,7 @@ class Receiver:
         self._records: dict[str, _Record] = {}
         self._tombstones: OrderedDict[str, errors.TransportError] = OrderedDict()
         self._fences: dict[str, asyncio.Future] = {}  # see `retire`
+        self._staged = StagedMaps()  # same-host senders' staging segments (staged shm transfers)
         self._local = None  # the control socket for same-host senders (local.py)
         if local_control:
             from kvmesh.transports.local import LocalControlServer
@@ -212,6 +223,7 @@ class Receiver:
             self._pump.cancel()
         if self._local is not None:
             self._local.close()
+        self._staged.close()
         attached, self._attached = self._attached, {}
         for attachment in attached.values():
             attachment.close()
@@ -220,19 +232,33 @@ class Receiver:
 
     # ---- called by the KVTransfer servicer ----
 
-    def _open(self, transfer_id: str, dst_ids: Sequence[int], layout, backend: str) -> float:
-        record = self._live(transfer_id)
-        if record.state != "expected":
-            raise errors.InvalidTransfer(f"transfer {transfer_id} is {record.state}, not expected")
-        if layout != self.layout:
-            raise errors.LayoutMismatch(f"transfer {transfer_id}: sender layout differs from receiver's")
-        if backend not in self._params:
-            raise errors.InvalidTransfer(f"backend {backend!r} not accepted here ({self.backends})")
-        if not np.array_equal(np.asarray(dst_ids, dtype=np.int64), record.dst_ids):
-            raise errors.InvalidTransfer(f"transfer {transfer_id}: dst blocks differ from the reserved ones")
-        record.state, record.backend, record.opened = "writing", backend, time.perf_counter()
-        if self._attached[backend].progress is not None and (self._pump is None or self._pump.done()):
-            self._pump = asyncio.ensure_future(self._run_pump())
+    def _open(self, request) -> float:
+        """An OpenRequest, by whichever message carried it: an Open, or (when the sender skipped the Open round
+        trip) a Commit or the first message of a Push call. Opens the transfer if it is still expected; an Open
+        for a transfer already being written must agree with the one that opened it. Returns the lease's seconds
+        left."""
+        tid = request.transfer_id
+        record = self._live(tid)
+        dst_ok = np.array_equal(np.asarray(request.dst_block_ids, dtype=np.int64), record.dst_ids)
+        if record.state == "writing":
+            if request.backend != record.backend or request.staged != record.staged or request.layout != self.layout \
+                    or not dst_ok:
+                raise errors.InvalidTransfer(f"transfer {tid}: its Open disagrees with the one that opened it")
+        elif record.state != "expected":
+            raise errors.InvalidTransfer(f"transfer {tid} is {record.state}, not expected")
+        elif request.layout != self.layout:
+            raise errors.LayoutMismatch(f"transfer {tid}: sender layout differs from receiver's")
+        elif request.backend not in self._params:
+            raise errors.InvalidTransfer(f"backend {request.backend!r} not accepted here ({self.backends})")
+        elif not dst_ok:
+            raise errors.InvalidTransfer(f"transfer {tid}: dst blocks differ from the reserved ones")
+        elif request.staged and request.backend != "shm":
+            raise errors.InvalidTransfer(f"transfer {tid}: only shm transfers are staged")
+        else:
+            record.state, record.backend, record.opened = "writing", request.backend, time.perf_counter()
+            record.staged = request.staged
+            if self._attached[request.backend].progress is not None and (self._pump is None or self._pump.done()):
+                self._pump = asyncio.ensure_future(self._run_pump())
         return max(record.timer.when() - asyncio.get_running_loop().time(), 0.0)
 
     def _chunk_views(self, transfer_id: str, chunk) -> tuple[_Record, list[np.ndarray]]:
@@ -259,9 +285,15 @@ class Receiver:
         return record, views
 
     async def _commit(self, transfer_id: str, backend: str, nbytes: int, checksums: Sequence[int],
-                      has_checksums: bool, push_streams: int = 0) -> TransferStats:
+                      has_checksums: bool, push_streams: int = 0, open_request=None, staged=None) -> TransferStats:
         self._lift_fence(transfer_id)  # a sender commits after its last write, even to a transfer that failed
+        if open_request is not None:
+            if open_request.transfer_id != transfer_id or open_request.backend != backend:
+                raise errors.InvalidTransfer(f"transfer {transfer_id}: the Commit's Open names another transfer")
+            self._open(open_request)
         record = self._live(transfer_id)
+        if staged is not None:
+            return await self._commit_staged(record, staged, nbytes, checksums, has_checksums)
         if record.state != "writing" or backend != record.backend or record.committing:
             raise errors.InvalidTransfer(f"transfer {transfer_id} is {record.state} via {record.backend!r}")
         record.committing = True
@@ -285,7 +317,29 @@ class Receiver:
             bad = [i for i, (a, b) in enumerate(zip(got, checksums)) if a != b]
             if bad or len(checksums) != record.num_layers:
                 return self._lose(record, f"checksum mismatch in layers {bad or 'count'}")
-        stats = TransferStats(backend, want, int(record.dst_ids.size), record.num_layers,
+        return self._ready(record, checksum_seconds)
+
+    async def _commit_staged(self, record: _Record, staged, nbytes: int, checksums: Sequence[int],
+                             has_checksums: bool) -> TransferStats:
+        """A staged shm transfer: copy the sender's staged bytes into the blocks, checksumming what landed."""
+        if record.state != "writing" or not record.staged or record.committing:
+            raise errors.InvalidTransfer(f"transfer {record.transfer_id} is {record.state}, not staged")
+        record.committing = True
+        if nbytes != record.want:
+            return self._lose(record, f"{nbytes} of {record.want} bytes staged")
+        source = self._staged.view(staged, record.want)
+        verify = has_checksums and self.verify
+        t = time.perf_counter()
+        # On the loop: at most STAGED_MAX_BYTES (~0.4 ms), and a thread hop would cost a small transfer more.
+        got = land_staged(self.region.array, source, record.runs, record.num_layers, verify)
+        checksum_seconds = time.perf_counter() - t
+        if verify and list(checksums) != got:
+            bad = [i for i, (a, b) in enumerate(zip(got, checksums)) if a != b]
+            return self._lose(record, f"checksum mismatch in layers {bad or 'count'}")
+        return self._ready(record, checksum_seconds)
+
+    def _ready(self, record: _Record, checksum_seconds: float) -> TransferStats:
+        stats = TransferStats(record.backend, record.want, int(record.dst_ids.size), record.num_layers,
                               time.perf_counter() - record.opened, checksum_seconds)
         record.state = "ready"
         record.future.set_result(stats)
@@ -298,7 +352,7 @@ class Receiver:
             return [record.layer_hashers[i].intdigest() if i in record.layer_hashers else -1
                     for i in range(record.num_layers)]
         rest = [i for i in range(record.num_layers) if i not in record.early]
-        args = (self.region.array, record.dst_ids, record.num_layers, rest)
+        args = (self.region.array, record.dst_ids, record.num_layers, rest, record.runs)
         late_bytes = nbytes // record.num_layers * len(rest)
         late = await asyncio.to_thread(dst_checksums, *args) if late_bytes >= HASH_OFFLOAD_BYTES else dst_checksums(*args)
         got = dict(zip(rest, late))
@@ -312,7 +366,7 @@ class Receiver:
         if (record is None or record.state != "writing" or not backend_class(record.backend).one_sided
                 or not 0 <= layer < record.num_layers or layer in record.early or not self.verify):
             return False
-        args = (self.region.array, record.dst_ids, record.num_layers, [layer])
+        args = (self.region.array, record.dst_ids, record.num_layers, [layer], record.runs)
         record.early[layer] = asyncio.ensure_future(asyncio.to_thread(dst_checksums, *args))
         record.early[layer].add_done_callback(_retrieve)
         return True
@@ -380,8 +434,8 @@ class Receiver:
     def _fail(self, record: _Record, error: errors.TransportError) -> None:
         if self._records.get(record.transfer_id) is not record:
             return
-        if record.state == "writing" and backend_class(record.backend).one_sided:  # writes cannot be fenced
-            self._fences[record.transfer_id] = record.future.get_loop().create_future()
+        if record.state == "writing" and backend_class(record.backend).one_sided and not record.staged:
+            self._fences[record.transfer_id] = record.future.get_loop().create_future()  # writes cannot be stopped
             while len(self._fences) > TOMBSTONES:  # never retired: forget the oldest
                 self._fences.pop(next(iter(self._fences))).cancel()
         record.state = "failed"

@@ -10,7 +10,9 @@ from kvmesh.transports import errors
 from kvmesh.transports.base import PREFERENCE, Backend, Transfer, _within, backend_class
 from kvmesh.transports.blocks import as_block_ids
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
-from kvmesh.v1 import common_pb2
+from kvmesh.transports.service import Peer as ServicePeer
+from kvmesh.transports.staging import StagedTransfer, StagingArea
+from kvmesh.v1 import common_pb2, kv_pb2
 
 DEFAULT_CHUNK_BYTES = (1 << 20) - 1024  # data per grpc message; header + data stay within 1 MiB
 
@@ -41,6 +43,9 @@ class Sender:
         self._links: dict[tuple, Backend] = {}
         self._locks: dict[tuple, asyncio.Lock] = {}
         self._transfers: set[Transfer] = set()
+        self._staging = StagingArea()
+        #: Always Open before writing (no staged shm transfers); for tests and benchmarks of the rendezvous path.
+        self.force_rendezvous = False
         self._closed = False
 
     def choose_backend(self, descriptor: common_pb2.TransportDescriptor) -> str:
@@ -79,17 +84,31 @@ class Sender:
         name = self.choose_backend(descriptor)
         deadline = time.monotonic() + timeout
         peer = self._peer(descriptor)
-        link = None
+        link = slot = None
         try:
             link = await _within(lambda: self._link(name, descriptor, peer), timeout)
-            await peer.open(transfer_id, dst, self.layout, name, self.host_id, max(deadline - time.monotonic(), 0))
+            slot = self._staging_slot(link, peer, dst.size)
+            if slot is None and not link.opens_with_data:
+                await peer.open(transfer_id, dst, self.layout, name, self.host_id,
+                                max(deadline - time.monotonic(), 0))
         except (asyncio.TimeoutError, TimeoutError):
             raise errors.TransferTimeout(f"open {transfer_id}: deadline passed") from None
         except errors.PeerUnavailable:
             if link is not None:
                 await self._forget(link)
             raise
-        transfer = link.transfer_class(link, transfer_id, dst, deadline)
+        if slot is not None:
+            transfer = StagedTransfer(link, transfer_id, dst, deadline)
+            transfer._setup(self._staging, slot, self._open_request(transfer_id, dst, name, staged=True))
+        else:
+            transfer = link.transfer_class(link, transfer_id, dst, deadline)
+            if link.opens_with_data:
+                transfer.open_request = self._open_request(transfer_id, dst, name)
+        if transfer.open_request is not None and not isinstance(peer, ServicePeer):
+            # Same host: still send the Open on the control socket, without waiting for its answer (the Commit
+            # carries it again, and fails as it would), so the receiver learns at once if we die before the Commit.
+            transfer._open_answer = await peer.post_open(transfer.open_request, max(deadline - time.monotonic(), 0))
+            transfer._open_answer.add_done_callback(_retrieved)
         if self.chaos is not None:
             transfer._writer = self.chaos.wrap(transfer._writer)
         link.users += 1
@@ -118,6 +137,12 @@ class Sender:
         for peer in self._peers.values():
             await peer.close()
         self._peers.clear()
+        self._staging.close()
+
+    @property
+    def num_staging_slots_busy(self) -> int:
+        """Staging slots held by transfers or quarantined after a failed one (see staging.py)."""
+        return self._staging.num_busy
 
     # ---- used by Transfer ----
 
@@ -134,6 +159,18 @@ class Sender:
             await link.close()
 
     # ---- private ----
+
+    def _staging_slot(self, link: Backend, peer, num_blocks: int) -> int | None:
+        """A staging slot when this transfer should be staged (small, shm, same-host control), else None."""
+        nbytes = self.region.num_layers * 2 * num_blocks * self.region.block_nbytes
+        if link.name != "shm" or nbytes > self._staging.slot_bytes or self.force_rendezvous:
+            return None
+        from kvmesh.transports.local import LocalPeer
+        return self._staging.take() if isinstance(peer, LocalPeer) else None
+
+    def _open_request(self, transfer_id: str, dst, backend: str, staged: bool = False) -> kv_pb2.OpenRequest:
+        return kv_pb2.OpenRequest(transfer_id=transfer_id, dst_block_ids=dst.tolist(), layout=self.layout,
+                                  backend=backend, sender_host_id=self.host_id, staged=staged)
 
     def _peer(self, descriptor: common_pb2.TransportDescriptor):
         """The control channel to this receiver: its local socket when it is on our host, else gRPC."""
@@ -162,6 +199,11 @@ class Sender:
                 await link.connect()
                 self._links[key] = link
             return self._links[key]
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # a refused Open is seen by the transfer's next call, or by its Commit
 
 
 def _link_key(name: str, descriptor) -> tuple:

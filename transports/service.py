@@ -34,16 +34,21 @@ async def _abort_with(context, exc: errors.TransportError):
     await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), str(exc))
 
 
-async def control(receiver, method: str, request):
+async def control(receiver, method: str, request, same_host: bool = False):
     """The receiver's reply to one control message (Open, Commit, Abort, LayerWritten), whichever channel carried
-    it (this gRPC service or the local socket, `local.py`). Raises TransportError."""
+    it (this gRPC service or the local socket, `local.py`: `same_host`). Raises TransportError."""
+    if method == "Commit" and request.HasField("staged") and not same_host:
+        # The receiver would read a segment of this host named by the peer: only a same-user process on this host,
+        # checked by the local socket, may ask that.
+        raise errors.InvalidTransfer(f"transfer {request.transfer_id}: staged bytes only over the local socket")
     if method == "Open":
-        lease = receiver._open(request.transfer_id, request.dst_block_ids, request.layout, request.backend)
+        lease = receiver._open(request)
         return kv_pb2.OpenReply(lease_remaining_s=lease)
     if method == "Commit":
         stats = await receiver._commit(request.transfer_id, request.backend, request.nbytes,
                                        list(request.layer_checksums), request.has_checksums,
-                                       request.push_streams)
+                                       request.push_streams, request.open if request.HasField("open") else None,
+                                       request.staged if request.HasField("staged") else None)
         return kv_pb2.CommitReply(checksum_seconds=stats.checksum_seconds, seconds=stats.seconds)
     if method == "Abort":
         return kv_pb2.AbortReply(found=receiver._abort(request.transfer_id, request.reason))
@@ -157,10 +162,10 @@ class Peer:
         return reply.lease_remaining_s
 
     async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout,
-                     push_streams: int = 0) -> kv_pb2.CommitReply:
+                     push_streams: int = 0, open=None, staged=None) -> kv_pb2.CommitReply:
         request = kv_pb2.CommitRequest(transfer_id=transfer_id, backend=backend, nbytes=nbytes,
                                        layer_checksums=checksums, has_checksums=has_checksums,
-                                       push_streams=push_streams)
+                                       push_streams=push_streams, open=open, staged=staged)
         return await call(self.stub.Commit, request, timeout, f"commit {transfer_id}")
 
     async def abort(self, transfer_id: str, reason: str) -> None:

@@ -5,7 +5,8 @@ receiver verifies that layer while later ones are written (as LayerWritten does 
 
 The receiver registers its whole pool once (at `Receiver` start) and publishes its NIXL agent metadata and the
 pool's base address in the descriptor. The sender registers its own pool once, loads the receiver's metadata once
-per receiver, and for each layer posts one WRITE whose descriptor list has one entry per run of blocks. Needs the
+per receiver, and for each layer posts one WRITE whose descriptor list has one entry per run of blocks, without
+waiting for it; the Commit follows once every WRITE completed. Needs the
 `kvmesh[ucx]` extra (`nixl-cu12`); reports itself unavailable otherwise. On hosts without RDMA NIC, UCX uses
 shared memory or TCP.
 """
@@ -62,48 +63,68 @@ def _register(agent, array: np.ndarray):
 
 
 class UcxTransfer(Transfer):
-    """Posts one NIXL WRITE per layer (a descriptor per run) and polls it to completion."""
+    """Posts one NIXL WRITE per layer (a descriptor per run) and returns at once; `_end` waits for them all. Layers
+    stream out back to back instead of each waiting for the previous one's completion round trip."""
+
+    _inflight: list | None = None  # (handle, scratch registrations) of posted WRITEs
 
     async def _write_runs(self, runs: list[Run]) -> None:
+        if not runs:
+            return
         agent, link = self.sender._ucx_agent, self.link
         scratch = [r.src for r in runs if not _inside(r.src, self.pool)]  # e.g. chaos' altered copies
         registered = [_register(agent, a) for a in scratch]
+        local = np.array([(r.src.ctypes.data, r.nbytes, 0) for r in runs], dtype=np.uint64).reshape(-1, 3)
+        remote = np.array([(link.remote_addr(r), r.nbytes, 0) for r in runs], dtype=np.uint64).reshape(-1, 3)
+        nbytes = sum(r.nbytes for r in runs)
+        early = nbytes >= EARLY_VERIFY_BYTES and len(self.layer_checksums) < self.pool.shape[0] - 1
+        notif = _notif(self.transfer_id, runs[0].layer) if early else b""  # not the last: Commit checks it
+        handle = None
         try:
-            local = np.array([(r.src.ctypes.data, r.nbytes, 0) for r in runs], dtype=np.uint64).reshape(-1, 3)
-            remote = np.array([(link.remote_addr(r), r.nbytes, 0) for r in runs], dtype=np.uint64).reshape(-1, 3)
-            if len(runs):
-                nbytes = sum(r.nbytes for r in runs)
-                early = nbytes >= EARLY_VERIFY_BYTES and len(self.layer_checksums) < self.pool.shape[0] - 1
-                notif = _notif(self.transfer_id, runs[0].layer) if early else b""  # not the last: Commit checks it
-                await self._post(agent, local, remote, notif)
-        finally:
-            for descs in registered:
-                agent.deregister_memory(descs)
-
-    async def _post(self, agent, local: np.ndarray, remote: np.ndarray, notif: bytes) -> None:
-        try:
-            await self._post_once(agent, local, remote, notif)
-        except errors.TransportError:
-            raise
+            handle = agent.initialize_xfer("WRITE", agent.get_xfer_descs(local, "DRAM"),
+                                           agent.get_xfer_descs(remote, "DRAM"), link.remote_name, notif)
+            state = agent.transfer(handle)
         except Exception as exc:  # NIXL raises its own types (nixlRemoteDisconnectError, ...)
+            self._release(agent, handle, registered)
             raise errors.PeerUnavailable(f"transfer {self.transfer_id}: {type(exc).__name__}: {exc}") from None
+        if self._inflight is None:
+            self._inflight = []
+        self._inflight.append((handle, registered))
+        if state not in ("PROC", "DONE"):
+            raise errors.PeerUnavailable(f"transfer {self.transfer_id}: NIXL write ended {state}")
 
-    async def _post_once(self, agent, local: np.ndarray, remote: np.ndarray, notif: bytes) -> None:
-        handle = agent.initialize_xfer("WRITE", agent.get_xfer_descs(local, "DRAM"),
-                                       agent.get_xfer_descs(remote, "DRAM"), self.link.remote_name, notif)
-        try:
-            state, polls = agent.transfer(handle), 0
-            while state == "PROC":
-                await asyncio.sleep(POLL_S[min(polls, len(POLL_S) - 1)])
-                polls += 1
+    async def _end(self) -> None:
+        """Wait until every posted WRITE completed (NIXL's DONE: the data is at the target)."""
+        agent, polls = self.sender._ucx_agent, 0
+        while self._inflight:
+            handle, registered = self._inflight[0]
+            try:
                 state = agent.check_xfer_state(handle)
-            if state != "DONE":
+            except Exception as exc:
+                raise errors.PeerUnavailable(f"transfer {self.transfer_id}: {type(exc).__name__}: {exc}") from None
+            if state == "DONE":
+                self._release(agent, *self._inflight.pop(0))
+                continue
+            if state != "PROC":
                 raise errors.PeerUnavailable(f"transfer {self.transfer_id}: NIXL write ended {state}")
-        finally:
-            try:  # NIXL aborts a still-running write on release; a dead peer may make that fail too
+            await asyncio.sleep(POLL_S[min(polls, len(POLL_S) - 1)])
+            polls += 1
+
+    async def _cancel(self) -> None:
+        agent = getattr(self.sender, "_ucx_agent", None)
+        for handle, registered in self._inflight or []:  # NIXL aborts a still-running write on release
+            self._release(agent, handle, registered)
+        self._inflight = None
+
+    @staticmethod
+    def _release(agent, handle, registered) -> None:
+        if handle is not None:
+            try:  # a dead peer may make this fail too; there is nothing else to release
                 agent.release_xfer_handle(handle)
             except Exception:
                 pass
+        for descs in registered:
+            agent.deregister_memory(descs)
 
 
 class UcxBackend(Backend):

@@ -42,6 +42,13 @@ async def send_all(sender: Sender, peer, tid: str, src, dst, timeout: float = 10
     return await transfer.commit()
 
 
+async def refused_open(sender: Sender, peer, tid: str, dst) -> None:
+    """Open a transfer the receiver will refuse. grpc and small (staged) shm transfers do not wait for the
+    Open's answer in `open` (`opened` does); no byte lands either way."""
+    transfer = await sender.open(peer.descriptor, tid, dst)
+    await transfer.opened()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_blocks", [1, 37, 10_000])
 def test_round_trip_lands_every_byte(backend, dtype, num_blocks, peers, sender_region):
@@ -159,6 +166,7 @@ def test_blocks_cancelled_mid_write_are_retired_only_once_the_sender_stopped(bac
 
     async def run():
         sender = make_sender(region, backend)
+        sender.force_rendezvous = True  # a small shm transfer is staged: the sender never writes into the blocks
         try:
             transfer = await sender.open(peer.descriptor, "fence", ids, timeout=10)
             await transfer.send_layer(0, ids)
@@ -174,6 +182,34 @@ def test_blocks_cancelled_mid_write_are_retired_only_once_the_sender_stopped(bac
                 assert time.monotonic() < deadline, "retire still waiting after the sender gave up"
                 await asyncio.sleep(0.05)
             assert sender.num_open_transfers == 0
+        finally:
+            await sender.close()
+
+    asyncio.run(run())
+    assert peer.call("records")["n"] == 0
+
+
+def test_staged_transfer_cancelled_mid_write_needs_no_fence(peers, sender_region):
+    """A small shm transfer is staged in the sender's own segment, so a cancelled one leaves nothing to fence:
+    `retire` returns at once, and the sender's staging slot comes back when it gives up."""
+    peer, region = peers("shm"), sender_region()
+    ids = scattered(20, 8)
+    peer.call("expect", tid="staged-fence", blocks=ids, lease=30)
+
+    async def run():
+        sender = make_sender(region, "shm")
+        try:
+            transfer = await sender.open(peer.descriptor, "staged-fence", ids, timeout=10)
+            assert type(transfer).__name__ == "StagedTransfer" and sender.num_staging_slots_busy == 1
+            await transfer.send_layer(0, ids)
+            peer.call("cancel", tid="staged-fence")
+            peer.call("retire_start", tid="staged-fence")
+            time.sleep(0.3)
+            assert peer.call("retired", tid="staged-fence")["done"]
+            await transfer.send_layer(1, ids)
+            with pytest.raises(TransportError):
+                await transfer.commit()
+            assert sender.num_open_transfers == 0 and sender.num_staging_slots_busy == 0
         finally:
             await sender.close()
 
@@ -233,9 +269,9 @@ def test_contract_violations_fail_before_any_data(backend, peers, sender_region)
         await sender.close()
         sender = make_sender(sender_region(), backend)
         with pytest.raises(UnknownTransfer):
-            await sender.open(peer.descriptor, "never-expected", [1, 2, 3])
+            await refused_open(sender, peer, "never-expected", [1, 2, 3])
         with pytest.raises(InvalidTransfer):
-            await sender.open(peer.descriptor, "strict", [1, 2, 4])
+            await refused_open(sender, peer, "strict", [1, 2, 4])
         with pytest.raises(InvalidTransfer):
             await sender.open(peer.descriptor, "strict", [NUM_BLOCKS])
         transfer = await sender.open(peer.descriptor, "strict", [1, 2, 3])

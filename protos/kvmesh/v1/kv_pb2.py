@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvmesh/v1/kv.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\x87\x01\n\x0bOpenRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x15\n\rdst_block_ids\x18\x02 \x03(\x05\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x16\n\x0esender_host_id\x18\x05 \x01(\t\"&\n\tOpenReply\x12\x19\n\x11lease_remaining_s\x18\x01 \x01(\x01\"p\n\x06KVSpan\x12\r\n\x05layer\x18\x06 \x01(\x05\x12\n\n\x02kv\x18\x01 \x01(\x05\x12\x17\n\x0f\x64st_block_start\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x05\"\xb4\x01\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12 \n\x05spans\x18\x04 \x03(\x0b\x32\x11.kvmesh.v1.KVSpan\x12\x0e\n\x06nbytes\x18\x05 \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x06\x12\x14\n\x0chas_checksum\x18\x07 \x01(\x08\x12\x17\n\x0flayer_checksums\x18\x08 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0cJ\x04\x08\x02\x10\x03\"/\n\tPushReply\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\x12\x12\n\nnum_chunks\x18\x02 \x01(\x05\"\x8b\x01\n\rCommitRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x17\n\x0flayer_checksums\x18\x04 \x03(\x06\x12\x15\n\rhas_checksums\x18\x05 \x01(\x08\x12\x14\n\x0cpush_streams\x18\x06 \x01(\x05\"8\n\x0b\x43ommitReply\x12\x18\n\x10\x63hecksum_seconds\x18\x01 \x01(\x01\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"9\n\x13LayerWrittenRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\"%\n\x11LayerWrittenReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"3\n\x0c\x41\x62ortRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb9\x02\n\nKVTransfer\x12\x34\n\x04Open\x12\x16.kvmesh.v1.OpenRequest\x1a\x14.kvmesh.v1.OpenReply\x12\x32\n\x04Push\x12\x12.kvmesh.v1.KVChunk\x1a\x14.kvmesh.v1.PushReply(\x01\x12:\n\x06\x43ommit\x12\x18.kvmesh.v1.CommitRequest\x1a\x16.kvmesh.v1.CommitReply\x12\x37\n\x05\x41\x62ort\x12\x17.kvmesh.v1.AbortRequest\x1a\x15.kvmesh.v1.AbortReply\x12L\n\x0cLayerWritten\x12\x1e.kvmesh.v1.LayerWrittenRequest\x1a\x1c.kvmesh.v1.LayerWrittenReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12kvmesh/v1/kv.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\x97\x01\n\x0bOpenRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x15\n\rdst_block_ids\x18\x02 \x03(\x05\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x16\n\x0esender_host_id\x18\x05 \x01(\t\x12\x0e\n\x06staged\x18\x06 \x01(\x08\"&\n\tOpenReply\x12\x19\n\x11lease_remaining_s\x18\x01 \x01(\x01\"p\n\x06KVSpan\x12\r\n\x05layer\x18\x06 \x01(\x05\x12\n\n\x02kv\x18\x01 \x01(\x05\x12\x17\n\x0f\x64st_block_start\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x05\"\xda\x01\n\x07KVChunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12 \n\x05spans\x18\x04 \x03(\x0b\x32\x11.kvmesh.v1.KVSpan\x12\x0e\n\x06nbytes\x18\x05 \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x06\x12\x14\n\x0chas_checksum\x18\x07 \x01(\x08\x12\x17\n\x0flayer_checksums\x18\x08 \x01(\x08\x12$\n\x04open\x18\t \x01(\x0b\x32\x16.kvmesh.v1.OpenRequest\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0cJ\x04\x08\x02\x10\x03\"/\n\tPushReply\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\x12\x12\n\nnum_chunks\x18\x02 \x01(\x05\"\xd9\x01\n\rCommitRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x17\n\x0flayer_checksums\x18\x04 \x03(\x06\x12\x15\n\rhas_checksums\x18\x05 \x01(\x08\x12\x14\n\x0cpush_streams\x18\x06 \x01(\x05\x12$\n\x04open\x18\x07 \x01(\x0b\x32\x16.kvmesh.v1.OpenRequest\x12&\n\x06staged\x18\x08 \x01(\x0b\x32\x16.kvmesh.v1.StagedBytes\"E\n\x0bStagedBytes\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x15\n\rsegment_bytes\x18\x03 \x01(\x03\"8\n\x0b\x43ommitReply\x12\x18\n\x10\x63hecksum_seconds\x18\x01 \x01(\x01\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"9\n\x13LayerWrittenRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\"%\n\x11LayerWrittenReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"3\n\x0c\x41\x62ortRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xb9\x02\n\nKVTransfer\x12\x34\n\x04Open\x12\x16.kvmesh.v1.OpenRequest\x1a\x14.kvmesh.v1.OpenReply\x12\x32\n\x04Push\x12\x12.kvmesh.v1.KVChunk\x1a\x14.kvmesh.v1.PushReply(\x01\x12:\n\x06\x43ommit\x12\x18.kvmesh.v1.CommitRequest\x1a\x16.kvmesh.v1.CommitReply\x12\x37\n\x05\x41\x62ort\x12\x17.kvmesh.v1.AbortRequest\x1a\x15.kvmesh.v1.AbortReply\x12L\n\x0cLayerWritten\x12\x1e.kvmesh.v1.LayerWrittenRequest\x1a\x1c.kvmesh.v1.LayerWrittenReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.kv_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPENREQUEST']._serialized_start=58
-  _globals['_OPENREQUEST']._serialized_end=193
-  _globals['_OPENREPLY']._serialized_start=195
-  _globals['_OPENREPLY']._serialized_end=233
-  _globals['_KVSPAN']._serialized_start=235
-  _globals['_KVSPAN']._serialized_end=347
-  _globals['_KVCHUNK']._serialized_start=350
-  _globals['_KVCHUNK']._serialized_end=530
-  _globals['_PUSHREPLY']._serialized_start=532
-  _globals['_PUSHREPLY']._serialized_end=579
-  _globals['_COMMITREQUEST']._serialized_start=582
-  _globals['_COMMITREQUEST']._serialized_end=721
-  _globals['_COMMITREPLY']._serialized_start=723
-  _globals['_COMMITREPLY']._serialized_end=779
-  _globals['_LAYERWRITTENREQUEST']._serialized_start=781
-  _globals['_LAYERWRITTENREQUEST']._serialized_end=838
-  _globals['_LAYERWRITTENREPLY']._serialized_start=840
-  _globals['_LAYERWRITTENREPLY']._serialized_end=877
-  _globals['_ABORTREQUEST']._serialized_start=879
-  _globals['_ABORTREQUEST']._serialized_end=930
-  _globals['_ABORTREPLY']._serialized_start=932
-  _globals['_ABORTREPLY']._serialized_end=959
-  _globals['_KVTRANSFER']._serialized_start=962
-  _globals['_KVTRANSFER']._serialized_end=1275
+  _globals['_OPENREQUEST']._serialized_end=209
+  _globals['_OPENREPLY']._serialized_start=211
+  _globals['_OPENREPLY']._serialized_end=249
+  _globals['_KVSPAN']._serialized_start=251
+  _globals['_KVSPAN']._serialized_end=363
+  _globals['_KVCHUNK']._serialized_start=366
+  _globals['_KVCHUNK']._serialized_end=584
+  _globals['_PUSHREPLY']._serialized_start=586
+  _globals['_PUSHREPLY']._serialized_end=633
+  _globals['_COMMITREQUEST']._serialized_start=636
+  _globals['_COMMITREQUEST']._serialized_end=853
+  _globals['_STAGEDBYTES']._serialized_start=855
+  _globals['_STAGEDBYTES']._serialized_end=924
+  _globals['_COMMITREPLY']._serialized_start=926
+  _globals['_COMMITREPLY']._serialized_end=982
+  _globals['_LAYERWRITTENREQUEST']._serialized_start=984
+  _globals['_LAYERWRITTENREQUEST']._serialized_end=1041
+  _globals['_LAYERWRITTENREPLY']._serialized_start=1043
+  _globals['_LAYERWRITTENREPLY']._serialized_end=1080
+  _globals['_ABORTREQUEST']._serialized_start=1082
+  _globals['_ABORTREQUEST']._serialized_end=1133
+  _globals['_ABORTREPLY']._serialized_start=1135
+  _globals['_ABORTREPLY']._serialized_end=1162
+  _globals['_KVTRANSFER']._serialized_start=1165
+  _globals['_KVTRANSFER']._serialized_end=1478
 # @@protoc_insertion_point(module_scope)
