@@ -83,6 +83,9 @@ class DecodeWorker:
         rid, queued = request.request_id, time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue_timeout_s
+        # before the reserve: a cancelled call still reserves in the engine thread, and the release queued after it
+        # frees what it took (release is idempotent, and a no-op when nothing was reserved)
+        self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
             while True:
                 try:
@@ -98,7 +101,6 @@ class DecodeWorker:
                                reservation.num_cached_tokens // self.engine.layout.block_size)
         queue_s = time.perf_counter() - queued
         metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
-        self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         return reservation, queue_s
 
     def _prefill_here(self, reservation, num_prompt_tokens: int) -> bool:

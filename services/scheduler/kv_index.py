@@ -57,11 +57,12 @@ class KVIndex:
     def hit_tokens(self, workers, token_ids: Sequence[int], cache_salt: str) -> dict[str, int]:
         """Leading prompt tokens each decode worker's pool holds (hashed as the decode engine does: the cache
         service's chain of its layout and the request's salt, leaving the last prompt token out)."""
-        out = {}
+        out, by_layout = {}, {}
         for worker in workers:
             layout = worker.spec.layout
             if layout is None or worker.worker_id not in self._held:
                 continue
-            hashes = prompt_hashes(layout, token_ids, cache_salt)
-            out[worker.worker_id] = self.hit_blocks(worker.worker_id, hashes) * layout.block_size
+            if layout not in by_layout:
+                by_layout[layout] = prompt_hashes(layout, token_ids, cache_salt)
+            out[worker.worker_id] = self.hit_blocks(worker.worker_id, by_layout[layout]) * layout.block_size
         return out

@@ -24,10 +24,10 @@ def hf_greedy(model, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> lis
     return out[0, len(prompt_ids):].tolist()
 
 
-@pytest.fixture(scope="module")
-def mesh(model_dir):
+@pytest.fixture(scope="module", params=["shm", "grpc"])
+def mesh(request, model_dir):
     # the cache service is turned off for the prefill worker, so every hit here is the decode worker's own
-    mesh = start_mesh(str(model_dir("llama")), decode=2, transport="shm", lease_s=3.0,
+    mesh = start_mesh(str(model_dir("llama")), decode=2, transport=request.param, lease_s=3.0,
                       env={"KVMESH_SCHEDULER_POLICY": "kv_aware", "KVMESH_PREFILL_CACHE": "none"})
     yield mesh
     mesh.close()
