@@ -58,6 +58,7 @@ class DecodeWorker:
             num_running=self._count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
             num_total_blocks=self.engine.kv_cache.num_blocks)
         metrics.observe_load(load)
+        metrics.KV_BLOCKS_CACHED.set(self.engine.prefix_cache_stats()["cached_blocks"])
         return load
 
     def stats(self) -> decode_pb2.WorkerStats:
@@ -101,6 +102,10 @@ class DecodeWorker:
                                reservation.num_cached_tokens // self.engine.layout.block_size)
         queue_s = time.perf_counter() - queued
         metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
+        if self.engine.enable_prefix_caching:
+            bs = self.engine.layout.block_size
+            metrics.PREFIX_CACHE_QUERIES.inc((len(ids) - 1) // bs * bs)
+            metrics.PREFIX_CACHE_HITS.inc(reservation.num_cached_tokens)
         return reservation, queue_s
 
     def _prefill_here(self, reservation, num_prompt_tokens: int) -> bool:
