@@ -130,3 +130,26 @@ def scheduler_main_spec(request):
     from kvmesh.services.scheduler.servicer import spec_from_proto
 
     return spec_from_proto(request)
+
+
+def test_the_scheduler_asks_for_a_resync_when_it_cannot_place_deltas():
+    async def body():
+        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=3, cache_probe=False), "scheduler")
+        servicer = scheduler_main.setup(scheduler.config, scheduler)
+        proto_layout = common_pb2.KVLayout(model_id="tiny", dtype="float32", block_size=16, num_layers=2,
+                                           num_kv_heads=2, head_dim=8)
+        worker = servicer.registry.register(scheduler_main_spec(scheduler_pb2.RegisterRequest(
+            role=scheduler_pb2.WORKER_ROLE_DECODE, address="127.0.0.1:9", layout=proto_layout)))
+
+        async def beat(**events):
+            return await servicer.Heartbeat(scheduler_pb2.HeartbeatRequest(
+                worker_id=worker.worker_id, kv_events=scheduler_pb2.KVEvents(**events)), None)
+
+        assert (await beat(stored=HASHES[:2])).resync_kv_events  # deltas with nothing to apply them to
+        assert not (await beat(stored=HASHES[:2], full=True)).resync_kv_events
+        assert not (await beat(stored=HASHES[2:3], removed=HASHES[:1])).resync_kv_events
+        assert servicer.registry.kv_index.num_hashes(worker.worker_id) == 2
+        plain = await servicer.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=worker.worker_id), None)
+        assert not plain.resync_kv_events  # a worker without a prefix cache sends no events
+
+    asyncio.run(body())
