@@ -11,11 +11,9 @@ progress) -> a final `RequestOutput` with `finished=True`. Disaggregated serving
   `release`. With `num_cached_tokens=k` the caller has `reserve`d the blocks and imported the first k tokens'
   KV into them; only the rest is computed. `set_layer_hook` lets the caller stream KV out layer by layer.
 
-With `enable_prefix_caching` the pool keeps every complete full block findable by its chained hash (salted with
-the model, dtype, block size and the request's `cache_salt`) after its owners let go (prefix_cache.py):
-`add_request` and `reserve_prompt` share a prompt's leading cached blocks instead of recomputing or refilling
-them. A block becomes findable only once its KV is complete (computed here, or landed through `add_prefilled`);
-the last prompt token is never served from the cache (its logits are needed).
+With `enable_prefix_caching` complete full blocks stay findable by chained hash after their owners let go
+(prefix_cache.py): `add_request` and `reserve_prompt` share a prompt's leading cached blocks (never the one of
+its last token) instead of recomputing or refilling them.
 """
 
 from __future__ import annotations
@@ -29,11 +27,11 @@ import torch
 
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
-from kvmesh.services.engine.hashing import chain_salt, extend_block_hashes
+from kvmesh.services.engine.hashing import chain_salt
 from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, block_hashes, dtype_name
 from kvmesh.services.engine.model import LlamaModel
 from kvmesh.services.engine.output import RequestOutput, StopChecker
-from kvmesh.services.engine.prefix_cache import KVEvents, PrefixCachingAllocator
+from kvmesh.services.engine.prefix_cache import KVEvents, PrefixCache, PrefixCachingAllocator
 from kvmesh.services.engine.sampler import SamplingParams, sample
 from kvmesh.services.engine.scheduler import Scheduler
 from kvmesh.services.engine.sequence import Sequence, SequenceStatus
@@ -68,6 +66,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(eos)
         self.enable_prefix_caching = enable_prefix_caching
         self.allocator = (PrefixCachingAllocator if enable_prefix_caching else BlockAllocator)(kv_cache.num_blocks)
+        self.prefix_cache = PrefixCache(self.allocator, layout) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs)
         self.stops = StopChecker(tokenizer, self.eos_token_ids, max_model_len)
         self._seqs: dict[str, Sequence] = {}  # waiting, running and prefilled (held) sequences
@@ -132,7 +131,8 @@ class LLMEngine:
     def prefix_hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
         """Chained hashes of the full blocks of `token_ids` as the prefix cache keys them (the cache service's and
         the scheduler's chain: `hashing.chain_salt` of this layout and the tenant's salt)."""
-        return block_hashes(token_ids, self.layout.block_size, self._salt(cache_salt))
+        salt = chain_salt(self.layout.model_id, self.layout.dtype, self.layout.block_size, cache_salt)
+        return block_hashes(token_ids, self.layout.block_size, salt)
 
     @property
     def num_free_blocks(self) -> int:
@@ -141,20 +141,14 @@ class LLMEngine:
 
     def prefix_cache_stats(self) -> dict[str, int]:
         """Findable blocks, of them cached-free, blocks shared (hits) and evictions so far; zeros when off."""
-        a = self.allocator
-        if not isinstance(a, PrefixCachingAllocator):
-            return {"cached_blocks": 0, "cached_free_blocks": 0, "hit_blocks": 0, "evictions": 0}
-        return {"cached_blocks": a.num_cached_blocks, "cached_free_blocks": a.num_cached_free_blocks,
-                "hit_blocks": a.num_hit_blocks, "evictions": a.num_evictions}
+        return self.prefix_cache.stats() if self.prefix_cache else dict.fromkeys(PrefixCache.STATS, 0)
 
     def kv_events(self, full: bool, max_hashes: int) -> KVEvents:
         """What the prefix cache stored and removed since the last call (everything it holds when `full`, or when
         the changes exceed max_hashes); empty when prefix caching is off."""
-        if not isinstance(self.allocator, PrefixCachingAllocator):
+        if self.prefix_cache is None:
             return KVEvents(full=full)
-        if full:
-            return self.allocator.snapshot(max_hashes)
-        return self.allocator.drain_events(max_hashes)
+        return self.prefix_cache.events(full, max_hashes)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError when the request cannot be served as asked."""
@@ -204,7 +198,9 @@ class LLMEngine:
             num_cached_tokens = max(num_cached_tokens, reservation.num_cached_tokens)
             blocks = reservation.block_ids
         else:
-            blocks = self._share_prefix(prompt_token_ids, cache_salt)
+            blocks = self._cached_prefix(prompt_token_ids, cache_salt)
+            if blocks:
+                self.allocator.share(blocks)
             num_cached_tokens = len(blocks) * self.layout.block_size
         seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only, cache_salt)
         seq.block_table = blocks
@@ -378,37 +374,12 @@ class LLMEngine:
 
     # ---- prefix caching -------------------------------------------------------------------------------------
 
-    def _salt(self, cache_salt: str) -> bytes:
-        return chain_salt(self.layout.model_id, self.layout.dtype, self.layout.block_size, cache_salt)
-
     def _cached_prefix(self, prompt_token_ids: list[int], cache_salt: str) -> list[int]:
-        """The findable blocks of the prompt's leading full blocks, leaving its last token to compute."""
-        if not self.enable_prefix_caching:
-            return []
-        usable = (len(prompt_token_ids) - 1) // self.layout.block_size
-        if usable <= 0:
-            return []
-        ids = list(prompt_token_ids[:usable * self.layout.block_size])
-        return self.allocator.lookup(self.prefix_hashes(ids, cache_salt))
-
-    def _share_prefix(self, prompt_token_ids: list[int], cache_salt: str) -> list[int]:
-        hits = self._cached_prefix(prompt_token_ids, cache_salt)
-        if hits:
-            self.allocator.share(hits)
-        return hits
+        return self.prefix_cache.cached_prefix(prompt_token_ids, cache_salt) if self.prefix_cache else []
 
     def _cache_blocks(self, seq: Sequence) -> None:
-        """Make the sequence's newly completed full blocks findable by hash (prefix caching only)."""
-        if not self.enable_prefix_caching:
-            return
-        done = min(seq.num_computed_tokens // self.layout.block_size, len(seq.block_table))
-        if done <= seq.num_hashed_blocks:
-            return
-        seq.block_hashes = extend_block_hashes(seq.block_hashes, seq.token_ids[:done * self.layout.block_size],
-                                               self.layout.block_size, self._salt(seq.cache_salt))
-        for i in range(seq.num_hashed_blocks, done):
-            self.allocator.cache(seq.block_table[i], seq.block_hashes[i])
-        seq.num_hashed_blocks = done
+        if self.prefix_cache is not None:
+            self.prefix_cache.cache_blocks(seq)
 
     def _drop(self, request_id: str) -> bool:
         """Forget a request and free whatever blocks it holds; False if it was unknown."""

@@ -19,7 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
-from kvmesh.services.engine.kv_cache import BlockAllocator
+from kvmesh.services.engine.hashing import block_hashes, chain_salt, extend_block_hashes
+from kvmesh.services.engine.kv_cache import BlockAllocator, KVLayout
 
 
 @dataclass(frozen=True)
@@ -143,3 +144,48 @@ class PrefixCachingAllocator(BlockAllocator):
         h = self._hash_of.pop(block)
         del self._block_of[h]
         self._events[h] = False
+
+
+class PrefixCache:
+    """The engine's side of prefix caching: which leading blocks of a prompt the pool holds, and which blocks of a
+    sequence became complete (and so findable). Hashes are the cache service's chain (`hashing.chain_salt`)."""
+
+    STATS = ("cached_blocks", "cached_free_blocks", "hit_blocks", "evictions")
+
+    def __init__(self, allocator: PrefixCachingAllocator, layout: KVLayout):
+        self.allocator, self.layout = allocator, layout
+
+    def hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
+        """Chained hashes of the full blocks of `token_ids` under this layout and the tenant's salt."""
+        return block_hashes(token_ids, self.layout.block_size, self._salt(cache_salt))
+
+    def cached_prefix(self, prompt_token_ids: list[int], cache_salt: str) -> list[int]:
+        """The findable blocks of the prompt's leading full blocks, leaving its last token to compute."""
+        usable = (len(prompt_token_ids) - 1) // self.layout.block_size
+        if usable <= 0:
+            return []
+        return self.allocator.lookup(self.hashes(list(prompt_token_ids[:usable * self.layout.block_size]),
+                                                 cache_salt))
+
+    def cache_blocks(self, seq) -> None:
+        """Make a sequence's newly completed full blocks (all KV computed or landed) findable by hash."""
+        bs = self.layout.block_size
+        done = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        if done <= seq.num_hashed_blocks:
+            return
+        seq.block_hashes = extend_block_hashes(seq.block_hashes, seq.token_ids[:done * bs], bs,
+                                               self._salt(seq.cache_salt))
+        for i in range(seq.num_hashed_blocks, done):
+            self.allocator.cache(seq.block_table[i], seq.block_hashes[i])
+        seq.num_hashed_blocks = done
+
+    def stats(self) -> dict[str, int]:
+        a = self.allocator
+        return {"cached_blocks": a.num_cached_blocks, "cached_free_blocks": a.num_cached_free_blocks,
+                "hit_blocks": a.num_hit_blocks, "evictions": a.num_evictions}
+
+    def events(self, full: bool, max_hashes: int) -> KVEvents:
+        return self.allocator.snapshot(max_hashes) if full else self.allocator.drain_events(max_hashes)
+
+    def _salt(self, cache_salt: str) -> bytes:
+        return chain_salt(self.layout.model_id, self.layout.dtype, self.layout.block_size, cache_salt)
