@@ -42,7 +42,7 @@ DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 __all__ = ["LLMEngine", "OutOfBlocksError", "RequestOutput", "Reservation", "SamplingParams"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reservation:
     """Blocks held for a prompt before it runs: the leading `num_cached_tokens` tokens' blocks are shared from the
     prefix cache (complete, never to be written), the rest are fresh."""
@@ -125,7 +125,8 @@ class LLMEngine:
         return self.layout.model_id
 
     def block_hashes(self, token_ids: list[int]) -> list[bytes]:
-        """Chained hashes of the full blocks of `token_ids`, salted with this model's id."""
+        """Chained hashes of the full blocks of `token_ids`, salted with this model's id alone (a bare chain: the
+        prefix cache, the cache service and the scheduler key blocks by `prefix_hashes`)."""
         return block_hashes(token_ids, self.layout.block_size, self.layout.model_id.encode())
 
     def prefix_hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
