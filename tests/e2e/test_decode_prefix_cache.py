@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mesh import start_mesh
+from kvmesh.transports import available_backends
 from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 BLOCK = 16
@@ -24,7 +25,11 @@ def hf_greedy(model, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> lis
     return out[0, len(prompt_ids):].tolist()
 
 
-@pytest.fixture(scope="module", params=["shm", "grpc"])
+TRANSPORTS = [pytest.param(t, marks=[] if t in available_backends() else [pytest.mark.skip(reason=f"no {t} here")])
+              for t in ("shm", "grpc", "ucx")]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
 def mesh(request, model_dir):
     # the cache service is turned off for the prefill worker, so every hit here is the decode worker's own
     mesh = start_mesh(str(model_dir("llama")), decode=2, transport=request.param, lease_s=3.0,
