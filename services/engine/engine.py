@@ -67,7 +67,8 @@ class LLMEngine:
         self.enable_prefix_caching = enable_prefix_caching
         self.allocator = (PrefixCachingAllocator if enable_prefix_caching else BlockAllocator)(kv_cache.num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, layout) if enable_prefix_caching else None
-        self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs)
+        self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs,
+                                   self.prefix_cache)
         self.stops = StopChecker(tokenizer, self.eos_token_ids, max_model_len)
         self._seqs: dict[str, Sequence] = {}  # waiting, running and prefilled (held) sequences
         self._reserved: dict[str, Reservation] = {}
@@ -181,8 +182,9 @@ class LLMEngine:
                     prefill_only: bool = False, num_cached_tokens: int = 0, cache_salt: str = "") -> None:
         """Queue a request; with prefill_only it stops after the first token and keeps its blocks.
 
-        Without a reservation and with prefix caching on, the prompt's leading cached blocks are shared at once
-        and only the rest is computed. A reservation's shared blocks count as cached whatever num_cached_tokens.
+        Without a reservation and with prefix caching on, the prompt's leading cached blocks are shared when it
+        is admitted and only the rest is computed. A reservation's shared blocks count as cached whatever
+        num_cached_tokens.
         """
         self.validate(prompt_token_ids, params)
         self._check_new_id(request_id, allow_reserved=True)
@@ -193,16 +195,12 @@ class LLMEngine:
                 f"length {n}, got {num_cached_tokens}")
         if num_cached_tokens and request_id not in self._reserved:
             raise InvalidRequestError("num_cached_tokens > 0 needs blocks from reserve() holding that KV first")
+        blocks = []
         if request_id in self._reserved:
             reservation = self._take_reservation(request_id, n)
             cache_salt = reservation.cache_salt or cache_salt
             num_cached_tokens = max(num_cached_tokens, reservation.num_cached_tokens)
             blocks = reservation.block_ids
-        else:
-            blocks = self._cached_prefix(prompt_token_ids, cache_salt)
-            if blocks:
-                self.allocator.share(blocks)
-            num_cached_tokens = len(blocks) * self.layout.block_size
         seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only, cache_salt)
         seq.block_table = blocks
         seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens

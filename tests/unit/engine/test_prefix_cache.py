@@ -149,7 +149,9 @@ def test_a_second_request_shares_the_prefix_and_computes_only_the_rest(engine_pa
     run_all(engine, requests={"a": (base, GREEDY)})
     assert engine.prefix_cache_stats()["cached_blocks"] >= 3
     engine.add_request("b", base[:48] + [9, 9, 9], GREEDY)
-    assert engine._seqs["b"].num_computed_tokens == 48  # three blocks shared, not recomputed
+    assert engine._seqs["b"].block_table == []  # a waiting request pins nothing; it shares when admitted
+    engine.step()
+    assert engine.step_chunks["b"] == (48, 3)  # three blocks shared, only the last three tokens computed
     outs = run_all(engine)
     assert engine.prefix_cache_stats()["hit_blocks"] == 3
     assert engine.num_free_blocks == NUM_BLOCKS
@@ -303,3 +305,20 @@ def test_a_shared_prefix_gives_the_same_greedy_tokens_as_cold_and_as_hf(model_di
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, len(prompt):].tolist()
         assert got[key] == ref, key
+
+
+def test_a_preempted_sequence_shares_its_cached_prefix_again_and_gives_the_same_tokens(model_dir):
+    path = model_dir("qwen2")
+    prompts = [[5 + (i * 7 + j) % 900 for j in range(20 + 9 * i)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=24)
+
+    def run(num_blocks, caching):
+        engine = LLMEngine.from_path(path, num_blocks=num_blocks, enable_prefix_caching=caching)
+        got = run_all(engine, requests={str(i): (p, params) for i, p in enumerate(prompts)})["tokens"]
+        assert engine.num_free_blocks == num_blocks
+        return got, engine.scheduler.num_preemptions, engine.prefix_cache_stats()["hit_blocks"]
+
+    roomy, _, _ = run(64, False)
+    tight, preemptions, hits = run(6, True)
+    assert preemptions > 0 and hits > 0  # readmitted sequences found their own earlier blocks
+    assert tight == roomy
