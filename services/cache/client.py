@@ -1,7 +1,8 @@
 """The cache as its callers (prefill workers, the scheduler) see it: best effort, always with a deadline.
 
-A cache that is down, slow or unknown is a miss, never an error: `lookup` answers 0, `get` what it got, and
-`offer` queues blocks for a background task that puts them (bounded; a full queue drops the offer).
+A cache that is down, slow or unknown is a miss, never an error: `lookup` answers 0, `fetch` (delivery through
+the KV transports into the caller's blocks) an empty reply, `get` (the streamed bytes) what it got, and `offer`
+queues blocks for a background task that puts them (bounded; a full queue drops the offer).
 """
 
 from __future__ import annotations
@@ -124,6 +125,30 @@ class CacheClient:
             log.warning("cache get failed after %d blocks: %s", len(out), e.code().name)
             self._failed()
         return out
+
+    async def fetch(self, block_hashes: list[bytes], destination: common_pb2.TransportDescriptor,
+                    dst_block_ids: list[int], transfer_id: str) -> cache_pb2.FetchResponse:
+        """Have the cache deliver the leading held blocks into dst_block_ids (one per hash) through the transport
+        of `destination`, as transfer_id (which the caller has `expect`ed and waits for). Returns its reply
+        (num_blocks delivered, 0 when none); a cache that is down, slow or failing is an empty reply."""
+        try:
+            stub = await self._stub()
+            if stub is None:
+                return cache_pb2.FetchResponse()
+            request = cache_pb2.FetchRequest(layout=self.layout, block_hashes=block_hashes, destination=destination,
+                                             destination_blocks=common_pb2.BlockRef(block_ids=dst_block_ids),
+                                             transfer_id=transfer_id)
+            return await stub.Fetch(request, timeout=self.fetch_timeout(len(block_hashes)))
+        except grpc.aio.AioRpcError as e:
+            log.warning("cache fetch of %d blocks failed (computing them): %s %s", len(block_hashes),
+                        e.code().name, e.details())
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._failed()
+            return cache_pb2.FetchResponse()
+
+    def fetch_timeout(self, num_blocks: int) -> float:
+        """A fetch's deadline: the base timeout plus its bytes at a pessimistic rate."""
+        return self.timeout_s + (block_bytes(self.layout) or 0) * num_blocks / MIN_FETCH_BYTES_PER_S
 
     # ---- offers: behind the request ----
 

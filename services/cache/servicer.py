@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+from kvmesh.services.cache.delivery import Delivery, layout_key
 from kvmesh.services.cache.store import BlockStore, checksum
 from kvmesh.services.common import metrics, telemetry
+from kvmesh.services.common.channels import call_timeout
 from kvmesh.services.common.errors import InvalidArgumentError
+from kvmesh.services.trace import conventions as names
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
-
-def layout_key(layout: common_pb2.KVLayout) -> bytes:
-    """The namespace of a layout's blocks: its deterministic serialization."""
-    return layout.SerializeToString(deterministic=True)
-
+__all__ = ["CacheServicer", "block_bytes", "layout_key"]
+FETCH_TIMEOUT_S = 30.0  # a Fetch whose caller set no deadline
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -29,8 +29,9 @@ def block_bytes(layout: common_pb2.KVLayout) -> int | None:
 class CacheServicer(cache_pb2_grpc.CacheServicer):
     """Serves kvmesh.v1.Cache over a BlockStore."""
 
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, delivery: Delivery | None = None) -> None:
         self.store = store
+        self.delivery = delivery or Delivery(store, staging_blocks=1024)
 
     def _observe_bytes(self) -> None:
         for tier in self.store.tiers:
@@ -73,8 +74,24 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         for block_hash, data, tier in blocks:
             yield cache_pb2.CachedBlock(block_hash=block_hash, data=data, checksum=checksum(data), tier=tier)
 
+    async def Fetch(self, request, context):
+        with telemetry.tracer().start_as_current_span(names.CACHE_GET) as span:
+            done = await self.delivery.deliver(request.layout, list(request.block_hashes), request.destination,
+                                               list(request.destination_blocks.block_ids), request.transfer_id,
+                                               call_timeout(context, FETCH_TIMEOUT_S))
+            stats = done.stats
+            span.set_attributes({names.ATTR_CACHE_HIT_BLOCKS: done.num_blocks,
+                                 names.ATTR_CACHE_TIER: "ssd" if done.num_ssd_blocks else "dram",
+                                 names.ATTR_KV_BYTES: stats.bytes if stats else 0,
+                                 names.ATTR_KV_BACKEND: stats.backend if stats else ""})
+        if stats is None:
+            return cache_pb2.FetchResponse()
+        return cache_pb2.FetchResponse(num_blocks=done.num_blocks, num_dram_blocks=done.num_dram_blocks,
+                                       num_ssd_blocks=done.num_ssd_blocks, backend=stats.backend,
+                                       bytes=stats.bytes, seconds=stats.seconds)
+
     async def Stats(self, request, context):
-        stats, dram = self.store.stats, self.store.dram
+        stats, dram, delivery = self.store.stats, self.store.dram, self.delivery
         tiers = [cache_pb2.TierStats(name=t.name, num_blocks=len(t), num_bytes=t.num_bytes,
                                      capacity_bytes=t.capacity_bytes, hits=stats.hits[t.name],
                                      evictions=t.num_evictions) for t in self.store.tiers]
@@ -83,7 +100,12 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
                                        num_bytes=dram.num_bytes, evictions=dram.num_evictions,
                                        capacity_bytes=dram.capacity_bytes, puts=stats.puts,
                                        rejected_puts=stats.rejected_puts, tiers=tiers,
-                                       corrupt_blocks=stats.corrupt_blocks, dropped_writes=stats.dropped_writes)
+                                       corrupt_blocks=stats.corrupt_blocks, dropped_writes=stats.dropped_writes,
+                                       staging_blocks_used=delivery.num_staging_used,
+                                       staging_blocks_total=delivery.num_staging_total,
+                                       open_transfers=delivery.num_open_transfers,
+                                       deliveries=delivery.num_deliveries, failed_deliveries=delivery.num_failed,
+                                       staging_waits_exhausted=delivery.num_waits_exhausted)
 
     async def Clear(self, request, context):
         removed = self.store.clear()

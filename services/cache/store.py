@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.services.cache.blockfile import CorruptBlockError, checksum
@@ -165,9 +165,13 @@ class BlockStore:
         except queue.Full:  # the disk is behind: this block lives in DRAM only
             self.stats.dropped_writes += 1
 
-    def get(self, layout: object, block_hashes: Sequence[bytes]) -> list[tuple[bytes, bytes, str]]:
+    def get(self, layout: object, block_hashes: Sequence[bytes],
+            sink: Callable[[int, bytes], bool] | None = None) -> list[tuple[bytes, bytes, str]]:
         """(hash, data, tier) of the leading held blocks of the chain, stopping at the first missing or corrupt
-        one. Reads files: call it off the event loop. SSD hits are promoted into DRAM."""
+        one. Reads files: call it off the event loop. SSD hits are promoted into DRAM.
+
+        sink(i, data), when given, is called for each block while the read lease is still held (e.g. to copy it
+        into a staging buffer); returning False stops the chain there."""
         digest = layout_digest(layout)
         keys = [(digest, h) for h in block_hashes]
         with self._lock:
@@ -181,7 +185,7 @@ class BlockStore:
         try:
             for key in leased:
                 found = self._read(key)
-                if found is None:
+                if found is None or (sink is not None and not sink(len(out), found[0])):
                     break
                 out.append((key[1], *found))
         finally:

@@ -18,6 +18,7 @@ imports no gRPC at import time, so transports may use `kv_transfer_span()`.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
@@ -225,6 +226,34 @@ def _end_span_on_cancel(interceptor) -> None:
         interceptor.__class__ = EndOnCancel
 
 
+def _cancel_call_on_cancel(interceptor) -> None:
+    """Make a unary-response client interceptor cancel the RPC when the task awaiting it is cancelled.
+
+    The instrumentation awaits the call's status inside the interceptor, so cancelling the awaiting task cancels
+    only that wait: the RPC itself would run on, and the server would never learn that its caller gave up (a
+    cancelled request would keep its prefill worker and cache busy until they finished on their own).
+    """
+    base = type(interceptor)
+
+    class CancelCall(base):
+        async def _wrap_unary_response(self, continuation, span):
+            started = []
+
+            async def start():
+                started.append(await continuation())
+                return started[-1]
+
+            try:
+                return await super()._wrap_unary_response(start, span)
+            except asyncio.CancelledError:
+                for call in started:
+                    call.cancel()
+                raise
+
+    if hasattr(base, "_wrap_unary_response"):
+        interceptor.__class__ = CancelCall
+
+
 def client_interceptors() -> list:
     """grpc.aio channel interceptors that put the current trace context into `traceparent` metadata."""
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
@@ -235,6 +264,8 @@ def client_interceptors() -> list:
     for interceptor in interceptors:
         if isinstance(interceptor, (grpc.aio.UnaryStreamClientInterceptor, grpc.aio.StreamStreamClientInterceptor)):
             _end_span_on_cancel(interceptor)
+        else:
+            _cancel_call_on_cancel(interceptor)
     return interceptors
 
 

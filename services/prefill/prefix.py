@@ -1,8 +1,9 @@
-"""Prefix reuse on the prefill worker: import the cached leading blocks of a prompt into this worker's own
-reserved blocks before the prefill, and offer the prompt's new full blocks to the cache after it.
+"""Prefix reuse on the prefill worker: have the cache deliver the cached leading blocks of a prompt into this
+worker's own reserved blocks (through the KV transports, as the prefill worker itself writes into decode workers)
+before the prefill, and offer the prompt's new full blocks to the cache after it.
 
-Every step is best effort: a cache that is unreachable, a block that fails its checksum, or no free blocks to
-reserve simply means more of the prompt is computed.
+Every step is best effort: a cache that is unreachable or slow, a transfer that fails its checksums, or no free
+blocks to reserve simply means more of the prompt is computed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import numpy as np
 from kvmesh.services.cache.keys import full_block_hashes, prompt_hashes
 from kvmesh.services.common import telemetry
 from kvmesh.services.engine.errors import OutOfBlocksError
+from kvmesh.services.trace import conventions as names
+from kvmesh.transports import TransportError
+from kvmesh.v1 import cache_pb2
 
 log = logging.getLogger(__name__)
 
@@ -30,45 +34,67 @@ def split_blocks(data: np.ndarray) -> list[bytes]:
     return [data[:, :, i].tobytes() for i in range(data.shape[2])]
 
 
-def _reserve_and_import(engine, request_id: str, num_tokens: int, data: np.ndarray) -> None:
-    """Engine thread: reserve the prompt's blocks and write the cached prefix into the leading ones."""
-    block_ids = engine.reserve(request_id, num_tokens)
-    try:
-        engine.kv_cache.import_blocks(block_ids[:data.shape[2]], data)
-    except Exception:
-        engine.release(request_id)
-        raise
-
-
 def _export(engine, request_id: str, first: int, end: int) -> np.ndarray:
     """Engine thread: a copy of blocks first..end-1 of a request's block table."""
     return engine.kv_cache.export_blocks(engine.block_table(request_id)[first:end])
 
 
-async def import_prefix(et, cache, request_id: str, token_ids: list[int], cache_salt: str) -> int:
-    """Fetch and import the cached prefix of a prompt; return the prompt tokens it covers (0: compute all)."""
+def fetch_transfer_id(request_id: str) -> str:
+    """The id under which a request's cached prefix is delivered into this worker's pool."""
+    return f"{request_id}/cache"
+
+
+async def import_prefix(et, cache, receiver, request_id: str, token_ids: list[int], cache_salt: str) -> int:
+    """Have the cache deliver the cached prefix of a prompt into this worker's own blocks; return the prompt tokens
+    it covers (0: compute all).
+
+    Reserves the prompt's blocks first (they stay reserved for the engine whatever happens; the caller releases
+    them with the request), expects the transfer into the leading ones on this worker's `receiver`, asks the cache
+    to deliver through the negotiated transport, and waits for the verified transfer. A cache that is down, slow,
+    or delivers damaged bytes is a miss; the transfer is retired before the engine computes over those blocks.
+    """
     engine = et.engine
     hashes = prompt_hashes(engine.layout, token_ids, cache_salt)
-    if cache is None or not hashes:
+    if cache is None or receiver is None or not hashes:
         return 0
-    with telemetry.tracer().start_as_current_span("cache.lookup") as span:
+    with telemetry.tracer().start_as_current_span(names.CACHE_LOOKUP) as span:
         num_hits = await cache.lookup(hashes)
-        span.set_attribute("kvmesh.cache.hit_blocks", num_hits)
+        span.set_attribute(names.ATTR_CACHE_HIT_BLOCKS, num_hits)
     if not num_hits:
         return 0
-    with telemetry.tracer().start_as_current_span("cache.get") as span:
-        blocks = await cache.get(hashes[:num_hits])
-        span.set_attribute("kvmesh.cache.hit_blocks", len(blocks))
-        span.set_attribute("kvmesh.kv.bytes", sum(len(b) for b in blocks))
-        if not blocks:
-            return 0
-        data = await asyncio.to_thread(stack_blocks, engine.layout, blocks)
+    with telemetry.tracer().start_as_current_span(names.CACHE_GET) as span:
         try:
-            await et.call(_reserve_and_import, engine, request_id, len(token_ids), data)
+            block_ids = await et.call(engine.reserve, request_id, len(token_ids))
         except OutOfBlocksError:
-            log.info("no free blocks to import %d cached blocks of %s; computing them", len(blocks), request_id)
+            log.info("no free blocks to fetch %d cached blocks of %s into; computing them", num_hits, request_id)
             return 0
-    return len(blocks) * engine.layout.block_size
+        reply = await _fetch(cache, receiver, fetch_transfer_id(request_id), hashes[:num_hits],
+                             block_ids[:num_hits])
+        span.set_attributes({names.ATTR_CACHE_HIT_BLOCKS: reply.num_blocks, names.ATTR_KV_BYTES: reply.bytes,
+                             names.ATTR_CACHE_TIER: "ssd" if reply.num_ssd_blocks else "dram",
+                             names.ATTR_KV_BACKEND: reply.backend})
+    return reply.num_blocks * engine.layout.block_size
+
+
+async def _fetch(cache, receiver, transfer_id: str, hashes: list[bytes], block_ids: list[int]):
+    """Expect the cache's transfer into block_ids, ask for it, wait for it verified; the cache's reply, or an
+    empty one when anything failed. The transfer is retired on every path, so nothing writes into the blocks
+    after this returns."""
+    timeout = cache.fetch_timeout(len(hashes))
+    receiver.expect(transfer_id, block_ids, lease_s=timeout + 1.0)
+    landed = asyncio.ensure_future(receiver.wait(transfer_id, timeout=timeout))
+    try:
+        reply = await cache.fetch(hashes, receiver.descriptor(), block_ids, transfer_id)
+        if reply.num_blocks:
+            await landed  # the cache replies after our verified commit: this is immediate
+            return reply
+    except TransportError as e:
+        log.warning("cached prefix of %s arrived damaged or not at all (computing it): %s", transfer_id, e)
+    finally:
+        landed.cancel()
+        await asyncio.gather(landed, return_exceptions=True)
+        await receiver.retire(transfer_id)
+    return cache_pb2.FetchResponse()
 
 
 def offer_new_blocks(et, cache, request_id: str, token_ids: list[int], cache_salt: str,

@@ -65,10 +65,11 @@ class LayerStream:
 class PrefillWorker:
     """Prompts being prefilled on this worker."""
 
-    def __init__(self, engine_thread, sender, lease_s: float, cache=None):
+    def __init__(self, engine_thread, sender, lease_s: float, cache=None, receiver=None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.sender = sender
         self.cache = cache  # a kvmesh.services.cache.client.CacheClient, or None: compute every prompt
+        self.receiver = receiver  # over this worker's own pool: the cache delivers cached prefixes into it
         self.handoffs = HandoffTable(lease_s)
         self.streams: dict[str, LayerStream] = {}
         self.compute_started: dict[str, int] = {}  # request id -> time.time_ns() its completing step began
@@ -94,7 +95,11 @@ class PrefillWorker:
         load = self.load()
         return decode_pb2.WorkerStats(num_running=load.num_running, num_free_blocks=load.num_free_blocks,
                                       num_total_blocks=load.num_total_blocks, num_handoffs=len(self.handoffs),
-                                      num_transfers=self.sender.num_open_transfers)
+                                      num_transfers=self.sender.num_open_transfers + self._num_received())
+
+    def _num_received(self) -> int:
+        """Cache deliveries expected here and not yet landed or retired (0 when nothing leaks)."""
+        return self.receiver.num_transfers + self.receiver.num_fences if self.receiver is not None else 0
 
     async def prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
         """Prefill one prompt into the destination's blocks; return its first token.
@@ -133,7 +138,10 @@ class PrefillWorker:
             stream = self.streams[rid] = LayerStream(transfer, needed, skip)
             self.handoffs.on_release(rid, stream.cancel)
             self.handoffs.advance(rid, HandoffState.WRITING)
-            num_cached = await prefix.import_prefix(self.et, self.cache, rid, ids, request.cache_salt)
+            if self.receiver is not None:  # runs before the blocks are released (cleanups run last first)
+                self.handoffs.on_release(rid, lambda: self.receiver.retire(prefix.fetch_transfer_id(rid)))
+            num_cached = await prefix.import_prefix(self.et, self.cache, self.receiver, rid, ids,
+                                                    request.cache_salt)
             start, submitted_ns = time.perf_counter(), time.time_ns()
             await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True,
                                num_cached_tokens=num_cached)

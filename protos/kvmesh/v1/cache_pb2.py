@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvmesh/v1/cache.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"X\n\rLookupRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0c\n\x04peek\x18\x03 \x01(\x08\"\\\n\x0eLookupResponse\x12\x19\n\x11num_cached_blocks\x18\x01 \x01(\x05\x12\x17\n\x0fnum_dram_blocks\x18\x02 \x01(\x05\x12\x16\n\x0enum_ssd_blocks\x18\x03 \x01(\x05\"e\n\nPutRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\"2\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0bnum_evicted\x18\x02 \x01(\x05\"G\n\nGetRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"O\n\x0b\x43\x61\x63hedBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x0c\n\x04tier\x18\x04 \x01(\t\"\x0e\n\x0cStatsRequest\"\xf9\x01\n\rStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\x12\x11\n\tnum_bytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x15\n\rrejected_puts\x18\x08 \x01(\x04\x12#\n\x05tiers\x18\t \x03(\x0b\x32\x14.kvmesh.v1.TierStats\x12\x16\n\x0e\x63orrupt_blocks\x18\n \x01(\x04\x12\x16\n\x0e\x64ropped_writes\x18\x0b \x01(\x04\"y\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x04\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"G\n\nPinRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"!\n\x0bPinResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\"\x0e\n\x0c\x43learRequest\"+\n\rClearResponse\x12\x1a\n\x12num_blocks_removed\x18\x01 \x01(\x04\x32\x9a\x03\n\x05\x43\x61\x63he\x12=\n\x06Lookup\x12\x18.kvmesh.v1.LookupRequest\x1a\x19.kvmesh.v1.LookupResponse\x12\x34\n\x03Put\x12\x15.kvmesh.v1.PutRequest\x1a\x16.kvmesh.v1.PutResponse\x12\x36\n\x03Get\x12\x15.kvmesh.v1.GetRequest\x1a\x16.kvmesh.v1.CachedBlock0\x01\x12:\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x18.kvmesh.v1.StatsResponse\x12:\n\x05\x43lear\x12\x17.kvmesh.v1.ClearRequest\x1a\x18.kvmesh.v1.ClearResponse\x12\x34\n\x03Pin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponse\x12\x36\n\x05Unpin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvmesh/v1/cache.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"X\n\rLookupRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x0c\n\x04peek\x18\x03 \x01(\x08\"\\\n\x0eLookupResponse\x12\x19\n\x11num_cached_blocks\x18\x01 \x01(\x05\x12\x17\n\x0fnum_dram_blocks\x18\x02 \x01(\x05\x12\x16\n\x0enum_ssd_blocks\x18\x03 \x01(\x05\"e\n\nPutRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x12\n\nblock_hash\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\"2\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x13\n\x0bnum_evicted\x18\x02 \x01(\x05\"G\n\nGetRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"\xc4\x01\n\x0c\x46\x65tchRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\x12\x33\n\x0b\x64\x65stination\x18\x03 \x01(\x0b\x32\x1e.kvmesh.v1.TransportDescriptor\x12/\n\x12\x64\x65stination_blocks\x18\x04 \x01(\x0b\x32\x13.kvmesh.v1.BlockRef\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\"\x85\x01\n\rFetchResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x17\n\x0fnum_dram_blocks\x18\x02 \x01(\x05\x12\x16\n\x0enum_ssd_blocks\x18\x03 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"O\n\x0b\x43\x61\x63hedBlock\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\x04\x12\x0c\n\x04tier\x18\x04 \x01(\t\"\x0e\n\x0cStatsRequest\"\x9c\x03\n\rStatsResponse\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x12\n\nnum_blocks\x18\x03 \x01(\x04\x12\x11\n\tnum_bytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x15\n\rrejected_puts\x18\x08 \x01(\x04\x12#\n\x05tiers\x18\t \x03(\x0b\x32\x14.kvmesh.v1.TierStats\x12\x16\n\x0e\x63orrupt_blocks\x18\n \x01(\x04\x12\x16\n\x0e\x64ropped_writes\x18\x0b \x01(\x04\x12\x1b\n\x13staging_blocks_used\x18\x0c \x01(\x04\x12\x1c\n\x14staging_blocks_total\x18\r \x01(\x04\x12\x16\n\x0eopen_transfers\x18\x0e \x01(\x04\x12\x12\n\ndeliveries\x18\x0f \x01(\x04\x12\x19\n\x11\x66\x61iled_deliveries\x18\x10 \x01(\x04\x12\x1f\n\x17staging_waits_exhausted\x18\x11 \x01(\x04\"y\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x04\x12\x11\n\tnum_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"G\n\nPinRequest\x12#\n\x06layout\x18\x01 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x0c\"!\n\x0bPinResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\"\x0e\n\x0c\x43learRequest\"+\n\rClearResponse\x12\x1a\n\x12num_blocks_removed\x18\x01 \x01(\x04\x32\xd6\x03\n\x05\x43\x61\x63he\x12=\n\x06Lookup\x12\x18.kvmesh.v1.LookupRequest\x1a\x19.kvmesh.v1.LookupResponse\x12\x34\n\x03Put\x12\x15.kvmesh.v1.PutRequest\x1a\x16.kvmesh.v1.PutResponse\x12\x36\n\x03Get\x12\x15.kvmesh.v1.GetRequest\x1a\x16.kvmesh.v1.CachedBlock0\x01\x12:\n\x05Stats\x12\x17.kvmesh.v1.StatsRequest\x1a\x18.kvmesh.v1.StatsResponse\x12:\n\x05\x43lear\x12\x17.kvmesh.v1.ClearRequest\x1a\x18.kvmesh.v1.ClearResponse\x12\x34\n\x03Pin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponse\x12\x36\n\x05Unpin\x12\x15.kvmesh.v1.PinRequest\x1a\x16.kvmesh.v1.PinResponse\x12:\n\x05\x46\x65tch\x12\x17.kvmesh.v1.FetchRequest\x1a\x18.kvmesh.v1.FetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,22 +42,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTRESPONSE']._serialized_end=397
   _globals['_GETREQUEST']._serialized_start=399
   _globals['_GETREQUEST']._serialized_end=470
-  _globals['_CACHEDBLOCK']._serialized_start=472
-  _globals['_CACHEDBLOCK']._serialized_end=551
-  _globals['_STATSREQUEST']._serialized_start=553
-  _globals['_STATSREQUEST']._serialized_end=567
-  _globals['_STATSRESPONSE']._serialized_start=570
-  _globals['_STATSRESPONSE']._serialized_end=819
-  _globals['_TIERSTATS']._serialized_start=821
-  _globals['_TIERSTATS']._serialized_end=942
-  _globals['_PINREQUEST']._serialized_start=944
-  _globals['_PINREQUEST']._serialized_end=1015
-  _globals['_PINRESPONSE']._serialized_start=1017
-  _globals['_PINRESPONSE']._serialized_end=1050
-  _globals['_CLEARREQUEST']._serialized_start=1052
-  _globals['_CLEARREQUEST']._serialized_end=1066
-  _globals['_CLEARRESPONSE']._serialized_start=1068
-  _globals['_CLEARRESPONSE']._serialized_end=1111
-  _globals['_CACHE']._serialized_start=1114
-  _globals['_CACHE']._serialized_end=1524
+  _globals['_FETCHREQUEST']._serialized_start=473
+  _globals['_FETCHREQUEST']._serialized_end=669
+  _globals['_FETCHRESPONSE']._serialized_start=672
+  _globals['_FETCHRESPONSE']._serialized_end=805
+  _globals['_CACHEDBLOCK']._serialized_start=807
+  _globals['_CACHEDBLOCK']._serialized_end=886
+  _globals['_STATSREQUEST']._serialized_start=888
+  _globals['_STATSREQUEST']._serialized_end=902
+  _globals['_STATSRESPONSE']._serialized_start=905
+  _globals['_STATSRESPONSE']._serialized_end=1317
+  _globals['_TIERSTATS']._serialized_start=1319
+  _globals['_TIERSTATS']._serialized_end=1440
+  _globals['_PINREQUEST']._serialized_start=1442
+  _globals['_PINREQUEST']._serialized_end=1513
+  _globals['_PINRESPONSE']._serialized_start=1515
+  _globals['_PINRESPONSE']._serialized_end=1548
+  _globals['_CLEARREQUEST']._serialized_start=1550
+  _globals['_CLEARREQUEST']._serialized_end=1564
+  _globals['_CLEARRESPONSE']._serialized_start=1566
+  _globals['_CLEARRESPONSE']._serialized_end=1609
+  _globals['_CACHE']._serialized_start=1612
+  _globals['_CACHE']._serialized_end=2082
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,36 @@ class GetRequest(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
+class FetchRequest(_message.Message):
+    __slots__ = ("layout", "block_hashes", "destination", "destination_blocks", "transfer_id")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    layout: _common_pb2.KVLayout
+    block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    destination: _common_pb2.TransportDescriptor
+    destination_blocks: _common_pb2.BlockRef
+    transfer_id: str
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., destination: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., destination_blocks: _Optional[_Union[_common_pb2.BlockRef, _Mapping]] = ..., transfer_id: _Optional[str] = ...) -> None: ...
+
+class FetchResponse(_message.Message):
+    __slots__ = ("num_blocks", "num_dram_blocks", "num_ssd_blocks", "backend", "bytes", "seconds")
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SSD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    num_blocks: int
+    num_dram_blocks: int
+    num_ssd_blocks: int
+    backend: str
+    bytes: int
+    seconds: float
+    def __init__(self, num_blocks: _Optional[int] = ..., num_dram_blocks: _Optional[int] = ..., num_ssd_blocks: _Optional[int] = ..., backend: _Optional[str] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class CachedBlock(_message.Message):
     __slots__ = ("block_hash", "data", "checksum", "tier")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
@@ -72,7 +102,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("hits", "misses", "num_blocks", "num_bytes", "evictions", "capacity_bytes", "puts", "rejected_puts", "tiers", "corrupt_blocks", "dropped_writes")
+    __slots__ = ("hits", "misses", "num_blocks", "num_bytes", "evictions", "capacity_bytes", "puts", "rejected_puts", "tiers", "corrupt_blocks", "dropped_writes", "staging_blocks_used", "staging_blocks_total", "open_transfers", "deliveries", "failed_deliveries", "staging_waits_exhausted")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +114,12 @@ class StatsResponse(_message.Message):
     TIERS_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_WRITES_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OPEN_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    STAGING_WAITS_EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     num_blocks: int
@@ -95,7 +131,13 @@ class StatsResponse(_message.Message):
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     corrupt_blocks: int
     dropped_writes: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., corrupt_blocks: _Optional[int] = ..., dropped_writes: _Optional[int] = ...) -> None: ...
+    staging_blocks_used: int
+    staging_blocks_total: int
+    open_transfers: int
+    deliveries: int
+    failed_deliveries: int
+    staging_waits_exhausted: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., corrupt_blocks: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., staging_blocks_used: _Optional[int] = ..., staging_blocks_total: _Optional[int] = ..., open_transfers: _Optional[int] = ..., deliveries: _Optional[int] = ..., failed_deliveries: _Optional[int] = ..., staging_waits_exhausted: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("name", "num_blocks", "num_bytes", "capacity_bytes", "hits", "evictions")

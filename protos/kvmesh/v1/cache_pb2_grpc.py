@@ -71,6 +71,11 @@ class CacheStub:
                 request_serializer=kvmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
                 _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/kvmesh.v1.Cache/Fetch',
+                request_serializer=kvmesh_dot_v1_dot_cache__pb2.FetchRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_cache__pb2.FetchResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServicer:
@@ -129,6 +134,16 @@ class CacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fetch(self, request, context):
+        """Deliver the leading held blocks of a chain into the requester's reserved blocks through the negotiated KV
+        transport (shm on one host, else ucx or grpc): the cache copies them into staging blocks of its own, then
+        writes them as one transfer (every layer, checksummed) that the requester has `expect`ed and waits for.
+        Returns once the requester verified the transfer (DATA_LOSS when it found damage).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +181,11 @@ def add_CacheServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=kvmesh_dot_v1_dot_cache__pb2.PinRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_cache__pb2.PinResponse.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=kvmesh_dot_v1_dot_cache__pb2.FetchRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_cache__pb2.FetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +379,33 @@ class Cache:
             '/kvmesh.v1.Cache/Unpin',
             kvmesh_dot_v1_dot_cache__pb2.PinRequest.SerializeToString,
             kvmesh_dot_v1_dot_cache__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Cache/Fetch',
+            kvmesh_dot_v1_dot_cache__pb2.FetchRequest.SerializeToString,
+            kvmesh_dot_v1_dot_cache__pb2.FetchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,3 +45,37 @@ def test_channel_cache_keeps_one_channel_per_address():
         assert len(cache) == 0
 
     asyncio.run(body())
+
+
+def test_cancelling_a_unary_call_cancels_the_rpc_on_the_server():
+    """The telemetry interceptor awaits the call's status; cancelling the caller must still reach the server."""
+    import grpc
+
+    async def body():
+        handler_cancelled = asyncio.Event()
+
+        async def slow(request, context):
+            try:
+                await asyncio.sleep(10)
+                return b""
+            except asyncio.CancelledError:
+                handler_cancelled.set()
+                raise
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "test.Slow", {"Call": grpc.unary_unary_rpc_method_handler(slow)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = channels.open_channel(f"127.0.0.1:{port}")
+        try:
+            call = asyncio.ensure_future(channel.unary_unary("/test.Slow/Call")(b"x", timeout=10))
+            await asyncio.sleep(0.2)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            await asyncio.wait_for(handler_cancelled.wait(), 2)
+        finally:
+            await channel.close()
+            await server.stop(0)
+
+    asyncio.run(body())
