@@ -36,8 +36,8 @@ def hf_reference(path, batch: list[list[int]]) -> list[list[int]]:
 @pytest.mark.parametrize("decode_prefix_caching", [False, True], ids=["cache-service", "decode-pool"])
 def test_concurrent_requests_sharing_a_system_prompt(model_dir, decode_prefix_caching):
     path = model_dir("llama")
-    env = {"KVMESH_DECODE_PREFIX_CACHING": "1" if decode_prefix_caching else "0"}
-    mesh = start_mesh(str(path), worker_args=("--max-num-batched-tokens", "4096"), env=env)
+    mesh = start_mesh(str(path), worker_args=("--max-num-batched-tokens", "4096"),
+                      decode_prefix_caching=decode_prefix_caching)
     try:
         stub = cache_pb2_grpc.CacheStub(mesh.channel(mesh.cache.address))
 

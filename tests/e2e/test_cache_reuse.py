@@ -17,7 +17,6 @@ from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, schedu
 BLOCK = 16
 TINY_BLOCK_BYTES = 2 * 4 * BLOCK * 2 * 32 * 4  # K and V, 4 layers, 2 KV heads of 32, float32
 MAX_TOKENS = 8
-NO_DECODE_PREFIX_CACHE = {"KVMESH_DECODE_PREFIX_CACHING": "0"}
 
 
 def hf_greedy(model, prompt_ids: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
@@ -65,7 +64,7 @@ def cache_mesh(request, model_dir, tmp_path_factory):
     ssd = tmp_path_factory.mktemp(f"ssd-{request.param}")
     cache_args = ("--dram-bytes", str(4 * TINY_BLOCK_BYTES), "--ssd-dir", str(ssd))
     # the decode worker's own prefix cache would serve these repeats itself: off, so the cache service is tested
-    mesh = start_mesh(str(path), transport="shm", cache_args=cache_args, env=NO_DECODE_PREFIX_CACHE)
+    mesh = start_mesh(str(path), transport="shm", cache_args=cache_args, decode_prefix_caching=False)
     yield request.param, path, mesh, ssd, cache_args
     mesh.close()
 
