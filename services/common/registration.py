@@ -100,7 +100,10 @@ class RegistrationClient:
         request = scheduler_pb2.HeartbeatRequest(worker_id=self.worker_id, load=await self._current_load())
         if self._kv_events is not None:
             full, self._resync = self._resync, False
-            request.kv_events.CopyFrom(await self._kv_events(full))
+            try:  # a long engine step must not hold the heartbeat (and so the lease) back
+                request.kv_events.CopyFrom(await asyncio.wait_for(self._kv_events(full), self.rpc_timeout_s))
+            except asyncio.TimeoutError:
+                self._resync = True  # the events may still be drained, too late to send: resync next time
         try:
             reply = await self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)
             self._resync = self._resync or reply.resync_kv_events
