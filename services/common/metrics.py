@@ -68,6 +68,19 @@ KV_BLOCKS_FREE = Gauge(
     "Paged KV cache blocks free for new requests.",
     registry=REGISTRY)
 
+KV_BLOCKS_CACHED = Gauge(
+    "kvmesh:kv_blocks_cached",
+    "Paged KV cache blocks findable by prefix hash (held by requests, or cached-free: counted free, evictable).",
+    registry=REGISTRY)
+PREFIX_CACHE_QUERIES = Counter(
+    "kvmesh:prefix_cache_queries_total",
+    "Prompt tokens looked up in a decode worker's own prefix cache (the prompt's full blocks but its last token).",
+    registry=REGISTRY)
+PREFIX_CACHE_HITS = Counter(
+    "kvmesh:prefix_cache_hits_total",
+    "Prompt tokens found in a decode worker's own prefix cache: shared, neither prefilled nor transferred.",
+    registry=REGISTRY)
+
 KV_TRANSFER_BYTES = Counter(
     "kvmesh:kv_transfer_bytes_total",
     "KV bytes moved by a transport; direction is send or recv.",

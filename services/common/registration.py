@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_RETRY_S = 5.0
 
 LoadFn = Callable[[], "scheduler_pb2.WorkerLoad | Awaitable[scheduler_pb2.WorkerLoad]"]
+KVEventsFn = Callable[[bool], Awaitable[scheduler_pb2.KVEvents]]
 
 
 def advertise_address(host: str, port: int, advertise_host: str = "") -> str:
@@ -39,7 +40,8 @@ class RegistrationClient:
 
     def __init__(self, scheduler_address: str, register_request: Callable[[], scheduler_pb2.RegisterRequest],
                  load: LoadFn, *, channels: ChannelCache | None = None, rpc_timeout_s: float = 2.0,
-                 retry_s: float = 0.5, interval_s: float | None = None) -> None:
+                 retry_s: float = 0.5, interval_s: float | None = None,
+                 kv_events: KVEventsFn | None = None) -> None:
         self.scheduler_address = scheduler_address
         self._register_request = register_request
         self._load = load
@@ -52,6 +54,10 @@ class RegistrationClient:
         self.num_registrations = 0
         self.heartbeat_interval_s = interval_s or 1.0
         self.registered = asyncio.Event()
+        # kv_events(full): the KV events a heartbeat carries. Deltas since the last acknowledged heartbeat, or a
+        # full resync after (re)registration, a failed heartbeat, or when the scheduler asks for one.
+        self._kv_events = kv_events
+        self._resync = True
 
     @property
     def _stub(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -68,6 +74,7 @@ class RegistrationClient:
         reply = await self._stub.Register(request, timeout=self.rpc_timeout_s)
         self.worker_id = reply.worker_id
         self.num_registrations += 1
+        self._resync = True  # a new worker id starts with an empty index at the scheduler
         # The scheduler's advice may change when it restarts with another lease: follow it on every registration.
         self.heartbeat_interval_s = (self.interval_s or reply.heartbeat_interval_seconds
                                      or reply.lease_seconds / 3 or 1.0)
@@ -91,9 +98,17 @@ class RegistrationClient:
     async def heartbeat(self) -> None:
         """Send one heartbeat; on NOT_FOUND register again. Other failures raise grpc.aio.AioRpcError."""
         request = scheduler_pb2.HeartbeatRequest(worker_id=self.worker_id, load=await self._current_load())
+        if self._kv_events is not None:
+            full, self._resync = self._resync, False
+            try:  # a long engine step must not hold the heartbeat (and so the lease) back
+                request.kv_events.CopyFrom(await asyncio.wait_for(self._kv_events(full), self.rpc_timeout_s))
+            except asyncio.TimeoutError:
+                self._resync = True  # the events may still be drained, too late to send: resync next time
         try:
-            await self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)
+            reply = await self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)
+            self._resync = self._resync or reply.resync_kv_events
         except grpc.aio.AioRpcError as exc:
+            self._resync = True  # the scheduler may or may not have applied these events: start over
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             log.warning("scheduler forgot %s; registering again", self.worker_id)

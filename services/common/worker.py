@@ -63,8 +63,9 @@ def set_threads(config: WorkerConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def load_engine(config: WorkerConfig, backends: list[str]):
-    """The engine, its KV pool placed in a region the transports can reach (shared memory when shm is offered)."""
+def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool = False):
+    """The engine, its KV pool placed in a region the transports can reach (shared memory when shm is offered);
+    with prefix_caching its pool keeps finished requests' full blocks findable by hash."""
     from kvmesh.services.engine.engine import LLMEngine
     from kvmesh.transports import allocate_region
 
@@ -77,7 +78,8 @@ def load_engine(config: WorkerConfig, backends: list[str]):
     engine = LLMEngine.from_path(config.model, dtype=config.dtype, device=config.device,
                                  block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                 max_num_seqs=config.max_num_seqs, kv_storage=storage)
+                                 max_num_seqs=config.max_num_seqs, kv_storage=storage,
+                                 enable_prefix_caching=prefix_caching)
     return engine, regions[0]
 
 
@@ -115,8 +117,10 @@ def logprob_protos(token_ids: list[int], entries) -> list[common_pb2.TokenLogpro
     return out
 
 
-def register(server, config: WorkerConfig, role: int, layout, descriptor, load) -> RegistrationClient | None:
-    """Register this worker with the scheduler and keep it registered while the server runs."""
+def register(server, config: WorkerConfig, role: int, layout, descriptor, load,
+             kv_events=None) -> RegistrationClient | None:
+    """Register this worker with the scheduler and keep it registered while the server runs; kv_events(full)
+    gives the KV events each heartbeat carries (decode workers)."""
     if not config.scheduler:
         return None
 
@@ -126,6 +130,6 @@ def register(server, config: WorkerConfig, role: int, layout, descriptor, load) 
             host_id=ids.host_id(), instance_id=server.instance_id, transports=config.backends(),
             layout=layout_proto(layout), descriptor=descriptor() if descriptor else None, model=layout.model_id)
 
-    client = RegistrationClient(config.scheduler, request, load, channels=server.channels)
+    client = RegistrationClient(config.scheduler, request, load, channels=server.channels, kv_events=kv_events)
     client.attach(server)
     return client

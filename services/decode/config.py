@@ -17,8 +17,19 @@ class DecodeConfig(WorkerConfig):
     port: int = knob(DEFAULT_PORT, "Port to bind; 0 picks a free one (printed at start).")
     queue_timeout_s: float = knob(30.0, "Seconds a request may wait for free KV blocks before RESOURCE_EXHAUSTED.")
     prefill_timeout_s: float = knob(120.0, "Deadline of the call to the prefill worker, capped by the client's.")
+    prefix_caching: bool = knob(True, "Keep finished requests' full KV blocks in the pool, findable by their "
+                                      "chained hash (evicted LRU only when no block is free), and share a prompt's "
+                                      "cached leading blocks instead of having them prefilled and sent again.")
+    local_prefill_max_tokens: int = knob(16, "When the pool holds every full block of a prompt but its tail, "
+                                             "prefill a tail of at most this many tokens here (no prefill worker, "
+                                             "no transfer); 0: never.")
+    kv_events_max_hashes: int = knob(4096, "Most block hashes in one heartbeat's KV events to the scheduler; more "
+                                           "changes than that send a full resync of the most recent ones instead.")
 
     def validate(self) -> None:
         super().validate()
         check(self.queue_timeout_s >= 0, f"queue_timeout_s must be >= 0, got {self.queue_timeout_s}")
         check(self.prefill_timeout_s > 0, f"prefill_timeout_s must be > 0, got {self.prefill_timeout_s}")
+        check(self.local_prefill_max_tokens >= 0,
+              f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}")
+        check(self.kv_events_max_hashes >= 1, f"kv_events_max_hashes must be >= 1, got {self.kv_events_max_hashes}")

@@ -29,10 +29,11 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     set_threads(config)
     reclaim_stale_segments()
     backends = config.backends()
-    engine, region = await asyncio.to_thread(load_engine, config, backends)
+    engine, region = await asyncio.to_thread(load_engine, config, backends, config.prefix_caching)
     receiver = Receiver(region, layout_proto(engine.layout), backends=backends)
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="decode-engine")
-    worker = DecodeWorker(engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s)
+    worker = DecodeWorker(engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
+                          config.local_prefill_max_tokens, config.kv_events_max_hashes)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 
@@ -52,7 +53,8 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
 
     server.add_task(start)
     server.on_stopped(stop)  # after in-flight requests drained
-    register(server, config, scheduler_pb2.WORKER_ROLE_DECODE, engine.layout, descriptor, worker.load)
+    register(server, config, scheduler_pb2.WORKER_ROLE_DECODE, engine.layout, descriptor, worker.load,
+             worker.kv_events if config.prefix_caching else None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """The decode worker's domain: own a request from routing to its last token.
 
-For each request: reserve KV blocks, expect the prefill worker's writes into them, ask it to prefill, wait for
+For each request: reserve KV blocks (the prompt's leading blocks this worker's prefix cache holds are shared,
+not refilled), expect the prefill worker's writes into the rest, ask it to prefill and send only those, wait for
 the last layer to land (checksums verified), admit the sequence into the continuous batch, and stream its tokens.
+When the pool holds every full block of the prompt and only a short tail is left, the tail is prefilled here.
 One handoff record per request ties every resource it takes (blocks, the expected transfer, the output queue)
 to one release, whichever way the request ends: finish, client cancel, prefill failure, or lease expiry.
 """
@@ -35,11 +37,14 @@ _EXPIRED = object()
 class DecodeWorker:
     """Requests in flight on this decode worker."""
 
-    def __init__(self, engine_thread, receiver, channels, lease_s: float, queue_timeout_s: float = 30.0):
+    def __init__(self, engine_thread, receiver, channels, lease_s: float, queue_timeout_s: float = 30.0,
+                 local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.receiver, self.channels = receiver, channels
         self.handoffs = HandoffTable(lease_s)
         self.queue_timeout_s = queue_timeout_s
+        self.local_prefill_max_tokens = local_prefill_max_tokens
+        self.kv_events_max_hashes = kv_events_max_hashes
         self.tokenizer = self.engine.tokenizer
 
     # ---- load, for heartbeats and Stats ----
@@ -53,39 +58,69 @@ class DecodeWorker:
             num_running=self._count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
             num_total_blocks=self.engine.kv_cache.num_blocks)
         metrics.observe_load(load)
+        metrics.KV_BLOCKS_CACHED.set(self.engine.prefix_cache_stats()["cached_blocks"])
         return load
 
     def stats(self) -> decode_pb2.WorkerStats:
         load = self.load()
+        cache = self.engine.prefix_cache_stats()
         return decode_pb2.WorkerStats(num_waiting=load.num_waiting, num_running=load.num_running,
                                       num_free_blocks=load.num_free_blocks, num_total_blocks=load.num_total_blocks,
-                                      num_handoffs=len(self.handoffs), num_transfers=self.receiver.num_transfers)
+                                      num_handoffs=len(self.handoffs), num_transfers=self.receiver.num_transfers,
+                                      num_cached_blocks=cache["cached_blocks"],
+                                      num_cached_free_blocks=cache["cached_free_blocks"],
+                                      prefix_hit_blocks=cache["hit_blocks"], prefix_evictions=cache["evictions"])
+
+    async def kv_events(self, full: bool) -> scheduler_pb2.KVEvents:
+        """What the prefix cache stored and evicted since the last call (everything, when full): for heartbeats."""
+        events = await self.et.call(self.engine.kv_events, full, self.kv_events_max_hashes)
+        return scheduler_pb2.KVEvents(stored=list(events.stored), removed=list(events.removed), full=events.full)
 
     # ---- one request ----
 
-    async def _reserve(self, request_id: str, num_tokens: int) -> list[int]:
-        """Blocks for the prompt; wait a while for blocks to free up before giving up with RESOURCE_EXHAUSTED."""
+    async def _reserve(self, request: decode_pb2.DecodeRequest, ids: list[int]):
+        """The prompt's blocks (cached leading ones shared), under the `decode.queue` span; wait a while for blocks
+        to free up before giving up with RESOURCE_EXHAUSTED. Returns (Reservation, seconds queued)."""
+        rid, queued = request.request_id, time.perf_counter()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue_timeout_s
-        while True:
-            try:
-                return await self.et.call(self.engine.reserve, request_id, num_tokens)
-            except OutOfBlocksError as e:
-                if loop.time() > deadline:
-                    raise errors.CapacityError(f"no free KV blocks for {num_tokens} prompt tokens after "
-                                               f"{self.queue_timeout_s:g} s: {e}") from None
-                await asyncio.sleep(RESERVE_POLL_S)
-
-    async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], timeout: float):
-        """Have the prefill worker fill this request's reserved blocks; return its PrefillResponse."""
-        rid = request.request_id
-        queued = time.perf_counter()
+        # before the reserve: a cancelled call still reserves in the engine thread, and the release queued after it
+        # frees what it took (release is idempotent, and a no-op when nothing was reserved)
+        self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
-            blocks = await self._reserve(rid, len(ids))
-            span.set_attribute(names.ATTR_KV_BLOCKS, len(blocks))
+            while True:
+                try:
+                    reservation = await self.et.call(self.engine.reserve_prompt, rid, ids, request.cache_salt)
+                    break
+                except OutOfBlocksError as e:
+                    if loop.time() > deadline:
+                        raise errors.CapacityError(f"no free KV blocks for {len(ids)} prompt tokens after "
+                                                   f"{self.queue_timeout_s:g} s: {e}") from None
+                    await asyncio.sleep(RESERVE_POLL_S)
+            span.set_attribute(names.ATTR_KV_BLOCKS, len(reservation.block_ids))
+            span.set_attribute(names.ATTR_DECODE_HIT_BLOCKS,
+                               reservation.num_cached_tokens // self.engine.layout.block_size)
         queue_s = time.perf_counter() - queued
         metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
-        self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+        if self.engine.enable_prefix_caching:
+            bs = self.engine.layout.block_size
+            metrics.PREFIX_CACHE_QUERIES.inc((len(ids) - 1) // bs * bs)
+            metrics.PREFIX_CACHE_HITS.inc(reservation.num_cached_tokens)
+        return reservation, queue_s
+
+    def _prefill_here(self, reservation, num_prompt_tokens: int) -> bool:
+        """Every usable full block is cached here and the tail is short: cheaper than a round trip and a transfer."""
+        usable = (num_prompt_tokens - 1) // self.engine.layout.block_size * self.engine.layout.block_size
+        cached = reservation.num_cached_tokens
+        return 0 < cached == usable and num_prompt_tokens - cached <= self.local_prefill_max_tokens
+
+    async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], reservation, queue_s: float,
+                              timeout: float):
+        """Have the prefill worker fill this request's reserved blocks past the shared ones; return its
+        PrefillResponse and the Timings so far."""
+        rid = request.request_id
+        skip = reservation.num_cached_tokens // self.engine.layout.block_size
+        blocks = reservation.block_ids[skip:]
         self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
         self.handoffs.on_release(rid, lambda: self.receiver.retire(rid))  # before the blocks are freed
         self.handoffs.advance(rid, HandoffState.WRITING)
@@ -93,7 +128,7 @@ class DecodeWorker:
         call = prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids, sampling=request.sampling,
             destination=self.receiver.descriptor(), destination_blocks=common_pb2.BlockRef(block_ids=blocks),
-            cache_salt=request.cache_salt, trace_context=telemetry.inject({}))
+            cache_salt=request.cache_salt, trace_context=telemetry.inject({}), num_skip_blocks=skip)
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
         landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))
         try:
@@ -113,7 +148,7 @@ class DecodeWorker:
         self.handoffs.advance(rid, HandoffState.READY)
         timings = common_pb2.Timings(queue_seconds=queue_s, prefill_compute_seconds=reply.compute_seconds,
                                      kv_transfer_seconds=stats.seconds, kv_transfer_bytes=stats.bytes,
-                                     kv_transport=stats.backend)
+                                     kv_transport=stats.backend, decode_cached_tokens=reservation.num_cached_tokens)
         return reply, timings
 
     async def generate(self, request: decode_pb2.DecodeRequest, timeout: float
@@ -129,9 +164,14 @@ class DecodeWorker:
         stream = _Stream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
         watch = _StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
+            reservation = None
             if request.prefill.address:
-                reply, stream.timings = await self._remote_prefill(request, ids, timeout)
-                stream.cached = reply.num_cached_tokens
+                reservation, queue_s = await self._reserve(request, ids)
+                stream.timings = common_pb2.Timings(queue_seconds=queue_s,
+                                                    decode_cached_tokens=reservation.num_cached_tokens)
+            if reservation is not None and not self._prefill_here(reservation, len(ids)):
+                reply, stream.timings = await self._remote_prefill(request, ids, reservation, queue_s, timeout)
+                stream.cached = max(reply.num_cached_tokens, reservation.num_cached_tokens)
                 with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
                     await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
                 self.handoffs.advance(rid, HandoffState.DECODING)
@@ -139,9 +179,11 @@ class DecodeWorker:
                     first = [reply.first_logprob] if reply.HasField("first_logprob") else []
                     watch.tokens(1)
                     yield stream.early(reply.first_token_id, first)
-            else:
-                self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
-                await self.et.call(self.engine.add_request, rid, ids, params)
+            else:  # prefill here: the reservation's shared blocks (or the engine's own lookup) count as cached
+                if reservation is None:
+                    self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+                await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=request.cache_salt)
+                self.handoffs.advance(rid, HandoffState.READY)
                 self.handoffs.advance(rid, HandoffState.DECODING)
             while True:
                 out = await outputs.get()

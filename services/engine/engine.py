@@ -10,10 +10,15 @@ progress) -> a final `RequestOutput` with `finished=True`. Disaggregated serving
   returns the first token with `finish_reason="prefill"`, and keeps the blocks (`block_table`) until
   `release`. With `num_cached_tokens=k` the caller has `reserve`d the blocks and imported the first k tokens'
   KV into them; only the rest is computed. `set_layer_hook` lets the caller stream KV out layer by layer.
+
+With `enable_prefix_caching` complete full blocks stay findable by chained hash after their owners let go
+(prefix_cache.py): `add_request` and `reserve_prompt` share a prompt's leading cached blocks (never the one of
+its last token) instead of recomputing or refilling them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,9 +27,11 @@ import torch
 
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
+from kvmesh.services.engine.hashing import chain_salt
 from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, block_hashes, dtype_name
 from kvmesh.services.engine.model import LlamaModel
 from kvmesh.services.engine.output import RequestOutput, StopChecker
+from kvmesh.services.engine.prefix_cache import KVEvents, PrefixCache, PrefixCachingAllocator
 from kvmesh.services.engine.sampler import SamplingParams, sample
 from kvmesh.services.engine.scheduler import Scheduler
 from kvmesh.services.engine.sequence import Sequence, SequenceStatus
@@ -32,14 +39,24 @@ from kvmesh.services.engine.weights import model_id
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
-__all__ = ["LLMEngine", "OutOfBlocksError", "RequestOutput", "SamplingParams"]
+__all__ = ["LLMEngine", "OutOfBlocksError", "RequestOutput", "Reservation", "SamplingParams"]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks held for a prompt before it runs: the leading `num_cached_tokens` tokens' blocks are shared from the
+    prefix cache (complete, never to be written), the rest are fresh."""
+
+    block_ids: list[int]
+    num_cached_tokens: int = 0
+    cache_salt: str = ""
 
 
 class LLMEngine:
     """Continuous-batching inference over a paged KV cache for one Llama-family model."""
 
     def __init__(self, model: LlamaModel, tokenizer, layout: KVLayout, kv_cache: KVCache, max_model_len: int,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, enable_prefix_caching: bool = False):
         self.model, self.tokenizer, self.layout, self.kv_cache = model, tokenizer, layout, kv_cache
         self.max_model_len = max_model_len
         self.vocab_size = model.config.vocab_size
@@ -47,11 +64,14 @@ class LLMEngine:
         if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(eos)
-        self.allocator = BlockAllocator(kv_cache.num_blocks)
-        self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.allocator = (PrefixCachingAllocator if enable_prefix_caching else BlockAllocator)(kv_cache.num_blocks)
+        self.prefix_cache = PrefixCache(self.allocator, layout) if enable_prefix_caching else None
+        self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs,
+                                   self.prefix_cache)
         self.stops = StopChecker(tokenizer, self.eos_token_ids, max_model_len)
         self._seqs: dict[str, Sequence] = {}  # waiting, running and prefilled (held) sequences
-        self._reserved: dict[str, list[int]] = {}
+        self._reserved: dict[str, Reservation] = {}
         self._pending: list[Sequence] = []  # to be emitted by the next step even if not scheduled
         self._aborted: list[RequestOutput] = []
         self._arrivals = 0
@@ -64,7 +84,8 @@ class LLMEngine:
     def from_path(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
                   num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                   max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                  kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None = None) -> "LLMEngine":
+                  kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None = None,
+                  enable_prefix_caching: bool = False) -> "LLMEngine":
         """Load a local HF checkpoint folder and size the KV pool (blocks, bytes, or given storage).
 
         kv_storage: the pool's memory, or a function (num_layers, num_blocks, block_nbytes) -> that memory.
@@ -94,7 +115,8 @@ class LLMEngine:
             kv_storage = kv_storage(cfg.num_layers, num_blocks, layout.block_nbytes)
         kv = KVCache(layout, num_blocks, device, kv_storage)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return cls(model, tokenizer, layout, kv, max_model_len, max_num_batched_tokens, max_num_seqs)
+        return cls(model, tokenizer, layout, kv, max_model_len, max_num_batched_tokens, max_num_seqs,
+                   enable_prefix_caching)
 
     # ---- requests -------------------------------------------------------------------------------------------
 
@@ -104,12 +126,31 @@ class LLMEngine:
         return self.layout.model_id
 
     def block_hashes(self, token_ids: list[int]) -> list[bytes]:
-        """Chained hashes of the full blocks of `token_ids`, salted with this model's id."""
+        """Chained hashes of the full blocks of `token_ids`, salted with this model's id alone (a bare chain: the
+        prefix cache, the cache service and the scheduler key blocks by `prefix_hashes`)."""
         return block_hashes(token_ids, self.layout.block_size, self.layout.model_id.encode())
+
+    def prefix_hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
+        """Chained hashes of the full blocks of `token_ids` as the prefix cache keys them (the cache service's and
+        the scheduler's chain: `hashing.chain_salt` of this layout and the tenant's salt)."""
+        salt = chain_salt(self.layout.model_id, self.layout.dtype, self.layout.block_size, cache_salt)
+        return block_hashes(token_ids, self.layout.block_size, salt)
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks an allocation can get: free plus cached-free (evictable) ones."""
         return self.allocator.num_free_blocks
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Findable blocks, of them cached-free, blocks shared (hits) and evictions so far; zeros when off."""
+        return self.prefix_cache.stats() if self.prefix_cache else dict.fromkeys(PrefixCache.STATS, 0)
+
+    def kv_events(self, full: bool, max_hashes: int) -> KVEvents:
+        """What the prefix cache stored and removed since the last call (everything it holds when `full`, or when
+        the changes exceed max_hashes); empty when prefix caching is off."""
+        if self.prefix_cache is None:
+            return KVEvents(full=full)
+        return self.prefix_cache.events(full, max_hashes)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError when the request cannot be served as asked."""
@@ -138,8 +179,13 @@ class LLMEngine:
                 f"{self.kv_cache.num_blocks * self.layout.block_size} tokens; lower max_tokens or the prompt")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prefill_only: bool = False, num_cached_tokens: int = 0) -> None:
-        """Queue a request; with prefill_only it stops after the first token and keeps its blocks."""
+                    prefill_only: bool = False, num_cached_tokens: int = 0, cache_salt: str = "") -> None:
+        """Queue a request; with prefill_only it stops after the first token and keeps its blocks.
+
+        Without a reservation and with prefix caching on, the prompt's leading cached blocks are shared when it
+        is admitted and only the rest is computed. A reservation's shared blocks count as cached whatever
+        num_cached_tokens.
+        """
         self.validate(prompt_token_ids, params)
         self._check_new_id(request_id, allow_reserved=True)
         n = len(prompt_token_ids)
@@ -149,10 +195,16 @@ class LLMEngine:
                 f"length {n}, got {num_cached_tokens}")
         if num_cached_tokens and request_id not in self._reserved:
             raise InvalidRequestError("num_cached_tokens > 0 needs blocks from reserve() holding that KV first")
-        blocks = self._take_reservation(request_id, n) if request_id in self._reserved else []
-        seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only)
+        blocks = []
+        if request_id in self._reserved:
+            reservation = self._take_reservation(request_id, n)
+            cache_salt = reservation.cache_salt or cache_salt
+            num_cached_tokens = max(num_cached_tokens, reservation.num_cached_tokens)
+            blocks = reservation.block_ids
+        seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only, cache_salt)
         seq.block_table = blocks
         seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
+        seq.num_hashed_blocks = num_cached_tokens // self.layout.block_size
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
@@ -167,13 +219,28 @@ class LLMEngine:
 
     def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         """Allocate the blocks a prompt of `num_prompt_tokens` needs; OutOfBlocksError when there is no room."""
-        self._check_new_id(request_id)
-        if num_prompt_tokens <= 0 or num_prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError(f"num_prompt_tokens must lie in [1, {self.max_model_len}), "
-                                      f"got {num_prompt_tokens}")
+        self._check_reservation(request_id, num_prompt_tokens)
         blocks = self.allocator.allocate(self.layout.num_blocks_for(num_prompt_tokens))
-        self._reserved[request_id] = blocks
+        self._reserved[request_id] = Reservation(blocks)
         return list(blocks)
+
+    def reserve_prompt(self, request_id: str, prompt_token_ids: list[int], cache_salt: str = "") -> Reservation:
+        """Reserve a prompt's blocks: its leading cached full blocks shared (never the block of its last token),
+        fresh ones for the rest. OutOfBlocksError when the fresh ones do not fit (nothing is taken then)."""
+        n = len(prompt_token_ids)
+        self._check_reservation(request_id, n)
+        hits = self._cached_prefix(prompt_token_ids, cache_salt)
+        need = self.layout.num_blocks_for(n) - len(hits)
+        revived = sum(1 for b in hits if self.allocator.refcount(b) == 0)  # cached-free hits stop being free
+        if need > self.allocator.num_free_blocks - revived:
+            raise OutOfBlocksError(f"need {need} KV blocks ({len(hits)} more shared), "
+                                   f"{self.allocator.num_free_blocks - revived} of {self.kv_cache.num_blocks} free")
+        if hits:
+            self.allocator.share(hits)
+        reservation = Reservation(hits + self.allocator.allocate(need), len(hits) * self.layout.block_size,
+                                  cache_salt)
+        self._reserved[request_id] = reservation
+        return Reservation(list(reservation.block_ids), reservation.num_cached_tokens, cache_salt)
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
                       params: SamplingParams) -> None:
@@ -183,10 +250,12 @@ class LLMEngine:
             raise InvalidRequestError(f"request {request_id!r} has no reservation; call reserve() first")
         if not 0 <= first_token_id < self.vocab_size:
             raise InvalidRequestError(f"first_token_id {first_token_id} lies outside [0, {self.vocab_size})")
-        blocks = self._take_reservation(request_id, len(prompt_token_ids))
-        seq = self._new_seq(request_id, prompt_token_ids, params, False)
-        seq.block_table = blocks
+        reservation = self._take_reservation(request_id, len(prompt_token_ids))
+        seq = self._new_seq(request_id, prompt_token_ids, params, False, reservation.cache_salt)
+        seq.block_table = reservation.block_ids
+        seq.num_cached_tokens = reservation.num_cached_tokens
         seq.num_computed_tokens = len(prompt_token_ids)
+        self._cache_blocks(seq)  # the KV landed and was verified: the prompt's full blocks are complete
         self._append_token(seq, first_token_id, None)
         self._pending.append(seq)
         if seq.status.finished:
@@ -201,7 +270,7 @@ class LLMEngine:
     def block_table(self, request_id: str) -> list[int]:
         """The block ids holding a request's KV (reserved, live or prefilled)."""
         if request_id in self._reserved:
-            return list(self._reserved[request_id])
+            return list(self._reserved[request_id].block_ids)
         if request_id in self._seqs:
             return list(self._seqs[request_id].block_table)
         raise InvalidRequestError(f"unknown request {request_id!r}")
@@ -248,6 +317,7 @@ class LLMEngine:
         sampled = [(seq, batch.chunk_rows[j]) for j, (seq, _) in enumerate(scheduled) if chunks[j].want_logits]
         for seq, n in scheduled:
             seq.num_computed_tokens += n
+            self._cache_blocks(seq)
         if not sampled:
             return
         rows = torch.tensor([row for _, row in sampled], device=logits.device)
@@ -276,8 +346,10 @@ class LLMEngine:
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
 
-    def _new_seq(self, request_id: str, ids: list[int], params: SamplingParams, prefill_only: bool) -> Sequence:
+    def _new_seq(self, request_id: str, ids: list[int], params: SamplingParams, prefill_only: bool,
+                 cache_salt: str = "") -> Sequence:
         seq = Sequence(request_id, [int(t) for t in ids], params, self._arrivals, self.model.device, prefill_only)
+        seq.cache_salt = cache_salt
         self._arrivals += 1
         self._seqs[request_id] = seq
         return seq
@@ -286,17 +358,32 @@ class LLMEngine:
         if request_id in self._seqs or (request_id in self._reserved and not allow_reserved):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
 
-    def _take_reservation(self, request_id: str, num_tokens: int) -> list[int]:
-        blocks = self._reserved[request_id]
+    def _check_reservation(self, request_id: str, num_prompt_tokens: int) -> None:
+        self._check_new_id(request_id)
+        if num_prompt_tokens <= 0 or num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequestError(f"num_prompt_tokens must lie in [1, {self.max_model_len}), "
+                                      f"got {num_prompt_tokens}")
+
+    def _take_reservation(self, request_id: str, num_tokens: int) -> Reservation:
+        blocks = self._reserved[request_id].block_ids
         if len(blocks) < self.layout.num_blocks_for(num_tokens):
             raise InvalidRequestError(f"request {request_id!r} reserved {len(blocks)} blocks, too few for "
                                       f"{num_tokens} prompt tokens")
         return self._reserved.pop(request_id)
 
+    # ---- prefix caching -------------------------------------------------------------------------------------
+
+    def _cached_prefix(self, prompt_token_ids: list[int], cache_salt: str) -> list[int]:
+        return self.prefix_cache.cached_prefix(prompt_token_ids, cache_salt) if self.prefix_cache else []
+
+    def _cache_blocks(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.cache_blocks(seq)
+
     def _drop(self, request_id: str) -> bool:
         """Forget a request and free whatever blocks it holds; False if it was unknown."""
         if request_id in self._reserved:
-            self.allocator.free(self._reserved.pop(request_id))
+            self.allocator.free(self._reserved.pop(request_id).block_ids)
             return True
         seq = self._seqs.pop(request_id, None)
         if seq is None:

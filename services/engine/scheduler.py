@@ -4,6 +4,8 @@ Each step first serves the running sequences (one decode token each, then the ne
 prompt still prefilling, oldest first), then admits waiting ones while the token budget
 (max_num_batched_tokens), the free blocks and max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens.
+With a prefix cache, a waiting sequence that holds no blocks (new, or preempted) shares its cached leading
+blocks when it is admitted, so only the rest is computed; a waiting sequence never pins cached blocks.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from kvmesh.services.engine.sequence import Sequence, SequenceStatus
 class Scheduler:
     """Owns the waiting queue and the running list; hands out and takes back KV blocks."""
 
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_batched_tokens: int, max_num_seqs: int,
+                 prefix_cache=None):
         self.allocator = allocator
+        self.prefix_cache = prefix_cache  # a prefix_cache.PrefixCache, or None
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -46,6 +50,7 @@ class Scheduler:
     def free_blocks(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
         seq.block_table = []
+        seq.num_hashed_blocks = 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,6 +80,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if not self._share_prefix(seq, budget):
+                break
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.allocator.can_allocate(self._blocks_needed(seq, n)):
                 break
@@ -88,6 +95,27 @@ class Scheduler:
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         total = -(-(seq.num_computed_tokens + n) // self.block_size)
         return max(0, total - len(seq.block_table))
+
+    def _share_prefix(self, seq: Sequence, budget: int) -> bool:
+        """Share the cached leading blocks of a waiting sequence that holds none, if its first chunk then fits
+        (False: it does not, nothing taken). Its tokens cached at first admission count as its cached tokens."""
+        if self.prefix_cache is None or seq.block_table:
+            return True
+        hits = self.prefix_cache.cached_prefix(seq.token_ids, seq.cache_salt)
+        if not hits:
+            return True
+        cached = len(hits) * self.block_size
+        need = -(-(cached + min(seq.num_tokens - cached, budget)) // self.block_size) - len(hits)
+        revived = sum(1 for b in hits if self.allocator.refcount(b) == 0)  # cached-free hits stop being free
+        if need > self.allocator.num_free_blocks - revived:
+            return False
+        self.allocator.share(hits)
+        seq.block_table = hits
+        seq.num_computed_tokens = cached
+        seq.num_hashed_blocks = len(hits)
+        if seq.num_output_tokens == 0:
+            seq.num_cached_tokens = cached
+        return True
 
     def _grow(self, seq: Sequence, n: int) -> None:
         need = self._blocks_needed(seq, n)

@@ -42,6 +42,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        self.cache_salt = ""  # tenant salt of its block hashes: blocks are shared only within one salt
+        self.block_hashes: list[bytes] = []  # chained hashes of its leading full blocks, computed as they complete
+        self.num_hashed_blocks = 0  # leading blocks of block_table offered to the prefix cache
         self.num_emitted = 0  # output tokens already handed out in a RequestOutput
         self.num_safe = 0  # output tokens that cannot be part of a stop string
         self.logprobs: list = []  # one entry per output token when params.logprobs is set

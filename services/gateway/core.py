@@ -124,7 +124,8 @@ class Gateway:
             span.set_attributes({names.ATTR_ROUTE_PREFILL: route.prefill.worker_id,
                                  names.ATTR_ROUTE_DECODE: route.decode.worker_id,
                                  names.ATTR_ROUTE_REASON: route.policy,
-                                 names.ATTR_CACHED_TOKENS: route.num_cached_tokens})
+                                 names.ATTR_CACHED_TOKENS: route.num_cached_tokens,
+                                 names.ATTR_DECODE_CACHED_TOKENS: route.num_decode_cached_tokens})
             return route
 
     async def generate(self, call: GenerateCall, timeout: float | None = None

@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class LayerStream:
-    """Sends one request's layers in order as the engine finishes them."""
+    """Sends one request's layers in order as the engine finishes them: the KV of prompt blocks
+    first_block..num_blocks-1 (the destination holds the earlier ones already)."""
 
-    def __init__(self, transfer, num_blocks: int):
-        self.transfer, self.num_blocks = transfer, num_blocks
+    def __init__(self, transfer, num_blocks: int, first_block: int = 0):
+        self.transfer, self.num_blocks, self.first_block = transfer, num_blocks, first_block
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task = asyncio.ensure_future(self._run())
         self.num_layers_sent = 0
@@ -38,7 +39,7 @@ class LayerStream:
 
     def push(self, layer: int, block_table: list[int]) -> None:
         """Called on the loop (via call_soon_threadsafe) when `layer` of this request is in the pool."""
-        self.queue.put_nowait((layer, block_table[:self.num_blocks]))
+        self.queue.put_nowait((layer, block_table[self.first_block:self.num_blocks]))
 
     async def _run(self) -> None:
         while True:
@@ -120,9 +121,13 @@ class PrefillWorker:
         await self.et.call(self.engine.validate, ids, params)
         dst = list(request.destination_blocks.block_ids)
         needed = self.engine.layout.num_blocks_for(len(ids))
-        if len(dst) != needed:
+        skip = request.num_skip_blocks
+        if not 0 <= skip < needed:
+            raise errors.InvalidArgumentError(f"num_skip_blocks must lie in [0, {needed}) for a prompt of "
+                                              f"{len(ids)} tokens, got {skip}")
+        if len(dst) != needed - skip:
             raise errors.InvalidArgumentError(f"destination_blocks has {len(dst)} blocks; a prompt of {len(ids)} "
-                                              f"tokens needs {needed}")
+                                              f"tokens skipping {skip} needs {needed - skip}")
         self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         transfer_done = False
@@ -130,7 +135,7 @@ class PrefillWorker:
             transfer = await self.sender.open(request.destination, rid, dst, timeout=timeout)
             self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
             self.handoffs.on_release(rid, lambda: None if transfer_done else transfer.abort())
-            stream = self.streams[rid] = LayerStream(transfer, needed)
+            stream = self.streams[rid] = LayerStream(transfer, needed, skip)
             self.handoffs.on_release(rid, stream.cancel)
             self.handoffs.advance(rid, HandoffState.WRITING)
             if self.receiver is not None:  # runs before the blocks are released (cleanups run last first)

@@ -24,6 +24,8 @@ class RouteQuery:
     cache_salt: str | None = None
     # leading prompt tokens the cache holds, per layout (filled by the scheduler's cache probe)
     cached_tokens: Mapping[Layout, int] = field(default_factory=dict)
+    # leading prompt tokens each decode worker's own pool holds, by worker id (from its KV events)
+    decode_cached_tokens: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,14 @@ class Candidates:
 
 @dataclass(frozen=True)
 class RoutePlan:
-    """The decision: where to prefill, where to decode, how many prompt tokens the cache already holds."""
+    """The decision: where to prefill, where to decode, how many prompt tokens the cache and the chosen decode
+    worker's own pool already hold."""
 
     prefill: Worker
     decode: Worker
     num_cached_tokens: int
     policy: str
+    num_decode_cached_tokens: int = 0
 
 
 Policy = Callable[[RouteQuery, Sequence[Candidates]], RoutePlan]
@@ -61,11 +65,13 @@ def least_loaded(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     """The least loaded decode worker, then the least loaded prefill worker of its layout (ties: first registered)."""
     group, decode = min(((g, d) for g in groups for d in g.decode), key=lambda gd: load_score(gd[1]))
     prefill = min(group.prefill, key=load_score)
-    return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="least_loaded")
+    return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="least_loaded",
+                     num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
 
 
 # Rough CPU figures for the TTFT estimate; only their ratios steer the choice. Importing a cached block (fetch,
-# checksum, copy into the pool) runs about an order of magnitude faster than computing its tokens.
+# checksum, copy into the pool) runs about an order of magnitude faster than computing its tokens; a block the
+# decode worker's own pool holds is neither computed nor fetched: nearly free.
 PREFILL_TOKENS_PER_S = 4_000.0
 FETCH_TOKENS_PER_S = 40_000.0
 QUEUED_PREFILL_S = 0.1  # wait behind each prompt already in flight on the prefill worker
@@ -74,9 +80,11 @@ QUEUED_DECODE_S = 0.05  # wait behind each request queued on the decode worker
 
 def estimated_ttft(query: RouteQuery, layout: Layout, prefill: Worker, decode: Worker) -> float:
     """Seconds to the first token on this pair: queue wait + prefill of the uncached tokens + fetch of the
-    cached ones. A decode worker without room for the prompt's blocks waits too."""
-    cached = query.cached_tokens.get(layout, 0)
-    uncached = len(query.prompt_token_ids) - cached
+    cached ones; tokens the decode worker holds itself cost nothing. A decode worker without room for the prompt's
+    blocks waits too."""
+    held = query.decode_cached_tokens.get(decode.worker_id, 0)
+    cached = max(0, query.cached_tokens.get(layout, 0) - held)
+    uncached = len(query.prompt_token_ids) - held - cached
     wait = (prefill.load.num_waiting + prefill.load.num_running) * QUEUED_PREFILL_S
     wait += decode.load.num_waiting * QUEUED_DECODE_S
     if decode.load.num_total_blocks and decode.load.num_free_blocks * layout.block_size < len(query.prompt_token_ids):
@@ -89,7 +97,8 @@ def kv_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     _, _, group, prefill, decode = min(
         ((estimated_ttft(query, g.layout, p, d), load_score(d), g, p, d)
          for g in groups for d in g.decode for p in g.prefill), key=lambda item: item[:2])
-    return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="kv_aware")
+    return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="kv_aware",
+                     num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
 
 
 POLICIES: dict[str, Policy] = {

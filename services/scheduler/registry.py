@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
 from kvmesh.services.common.ids import new_id
+from kvmesh.services.scheduler.kv_index import KVIndex
 
 
 class Role(enum.IntEnum):
@@ -95,6 +96,7 @@ class Registry:
         self.lease_s = lease_s
         self._clock = clock
         self._workers: dict[str, Worker] = {}
+        self.kv_index = KVIndex()  # what each decode worker's prefix cache holds; entries leave with the worker
 
     def register(self, spec: WorkerSpec, load: Load | None = None) -> Worker:
         """Add a worker (replacing any earlier worker of the same role at the same address) and start its lease."""
@@ -102,6 +104,7 @@ class Registry:
         for old in [w for w in self._workers.values()
                     if w.spec.address == spec.address and w.spec.role == spec.role]:
             del self._workers[old.worker_id]
+            self.kv_index.drop(old.worker_id)
         # Random ids: after a scheduler restart no old worker's heartbeat can renew a new worker's lease.
         worker_id = new_id(spec.role.name.lower())
         worker = Worker(worker_id, spec, load or Load(), self._clock() + self.lease_s)
@@ -117,6 +120,7 @@ class Registry:
 
     def deregister(self, worker_id: str) -> bool:
         """Remove a worker; False when it was not registered."""
+        self.kv_index.drop(worker_id)
         return self._workers.pop(worker_id, None) is not None
 
     def expire(self) -> list[Worker]:
@@ -125,7 +129,13 @@ class Registry:
         lapsed = [w for w in self._workers.values() if w.expires_at <= now]
         for worker in lapsed:
             del self._workers[worker.worker_id]
+            self.kv_index.drop(worker.worker_id)
         return lapsed
+
+    def apply_kv_events(self, worker_id: str, stored, removed, full: bool) -> bool:
+        """Record a live worker's KV events; False when it must resync (NotFoundError when it is unknown)."""
+        self._live(worker_id)
+        return self.kv_index.apply(worker_id, stored, removed, full)
 
     def workers(self, role: Role | None = None) -> list[Worker]:
         """Live workers (lease not lapsed), optionally of one role, in registration order."""

@@ -13,6 +13,7 @@ from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, M
 from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
 from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, Worker, WorkerSpec
+from kvmesh.services.trace import conventions as names
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Heartbeat(self, request, context):
         self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
-        return scheduler_pb2.HeartbeatResponse(lease_seconds=self.registry.lease_s)
+        synced = True
+        if request.HasField("kv_events"):
+            events = request.kv_events
+            synced = self.registry.apply_kv_events(request.worker_id, events.stored, events.removed, events.full)
+        return scheduler_pb2.HeartbeatResponse(lease_seconds=self.registry.lease_s, resync_kv_events=not synced)
 
     async def Deregister(self, request, context):
         removed = self.registry.deregister(request.worker_id)
@@ -102,6 +107,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if self.cache_probe is not None:
             workers = self.registry.workers()
             query = dataclasses.replace(query, cached_tokens=await self.cache_probe.cached_tokens(query, workers))
+        held = self.registry.kv_index.hit_tokens(self.registry.workers(Role.DECODE), query.prompt_token_ids,
+                                                 query.cache_salt or "")
+        query = dataclasses.replace(query, decode_cached_tokens=held)
         start = time.perf_counter()
         try:
             plan = router.route(query, self.registry.workers(), self.policy, self.max_queue)
@@ -113,9 +121,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
         trace.get_current_span().set_attributes({
             "kvmesh.route.prefill": plan.prefill.worker_id, "kvmesh.route.decode": plan.decode.worker_id,
-            "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens})
+            "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,
+            names.ATTR_DECODE_CACHED_TOKENS: plan.num_decode_cached_tokens})
         return scheduler_pb2.RouteResponse(prefill=self._info(plan.prefill), decode=self._info(plan.decode),
-                                           num_cached_tokens=plan.num_cached_tokens, policy=plan.policy)
+                                           num_cached_tokens=plan.num_cached_tokens, policy=plan.policy,
+                                           num_decode_cached_tokens=plan.num_decode_cached_tokens)
 
     async def ListWorkers(self, request, context):
         role = Role(request.role) if request.role in tuple(Role) else None

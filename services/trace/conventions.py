@@ -37,6 +37,8 @@ ATTR_KV_LAYERS = "kvmesh.kv.layers"
 ATTR_KV_CHECKSUM_S = "kvmesh.kv.checksum_s"
 ATTR_CACHE_HIT_BLOCKS = "kvmesh.cache.hit_blocks"
 ATTR_CACHE_TIER = "kvmesh.cache.tier"
+ATTR_DECODE_HIT_BLOCKS = "kvmesh.cache.decode_hit_blocks"  # prompt blocks the decode worker's own pool held
+ATTR_DECODE_CACHED_TOKENS = "kvmesh.route.decode_cached_tokens"  # the scheduler's view of that hit, in tokens
 
 EVENT_FIRST_TOKEN = "first_token"
 

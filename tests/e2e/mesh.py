@@ -86,8 +86,14 @@ class Mesh:
 
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
-               cache_args: tuple[str, ...] = ()) -> Mesh:
-    """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered."""
+               cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True) -> Mesh:
+    """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
+
+    decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
+    prompts, which the decode worker would otherwise serve from its own pool.
+    """
+    if not decode_prefix_caching:
+        env = {**(env or {}), "KVMESH_DECODE_PREFIX_CACHING": "0"}
     procs = Procs()
     try:
         scheduler = procs.start("scheduler", "--lease-s", str(lease_s), env=env)

@@ -1,9 +1,11 @@
 """32 concurrent requests sharing a ~900-token system prompt through a mesh with the cache pool: every output
-is HF's, the cache reports the hits, and nothing half-written is ever served."""
+is HF's, the cache (or, when on, the decode worker's own prefix cache) reports the hits, and nothing half-written
+is ever served."""
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -31,9 +33,11 @@ def hf_reference(path, batch: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def test_concurrent_requests_sharing_a_system_prompt(model_dir):
+@pytest.mark.parametrize("decode_prefix_caching", [False, True], ids=["cache-service", "decode-pool"])
+def test_concurrent_requests_sharing_a_system_prompt(model_dir, decode_prefix_caching):
     path = model_dir("llama")
-    mesh = start_mesh(str(path), worker_args=("--max-num-batched-tokens", "4096"))
+    mesh = start_mesh(str(path), worker_args=("--max-num-batched-tokens", "4096"),
+                      decode_prefix_caching=decode_prefix_caching)
     try:
         stub = cache_pb2_grpc.CacheStub(mesh.channel(mesh.cache.address))
 
@@ -55,7 +59,12 @@ def test_concurrent_requests_sharing_a_system_prompt(model_dir):
         # at least the 56 whole blocks of the shared 900 tokens; a prompt's own 57th block when the cold run
         # offered it already
         assert all(c in (896, 912) for c in cached) and cached.count(896) < NUM_REQUESTS
-        assert stats.hits >= NUM_REQUESTS * 56 and stats.rejected_puts == 0 and stats.corrupt_blocks == 0
+        assert stats.rejected_puts == 0 and stats.corrupt_blocks == 0
+        if decode_prefix_caching:  # the decode worker served the shared prefix from its own pool
+            decode = mesh.worker_stats(mesh.decodes[0], "decode")
+            assert decode.prefix_hit_blocks >= NUM_REQUESTS * 56
+        else:
+            assert stats.hits >= NUM_REQUESTS * 56
         assert mesh.wait_blocks_free(5.0)
     finally:
         mesh.close()

@@ -63,7 +63,8 @@ def cache_mesh(request, model_dir, tmp_path_factory):
     path = model_dir(request.param)
     ssd = tmp_path_factory.mktemp(f"ssd-{request.param}")
     cache_args = ("--dram-bytes", str(4 * TINY_BLOCK_BYTES), "--ssd-dir", str(ssd))
-    mesh = start_mesh(str(path), transport="shm", cache_args=cache_args)
+    # the decode worker's own prefix cache would serve these repeats itself: off, so the cache service is tested
+    mesh = start_mesh(str(path), transport="shm", cache_args=cache_args, decode_prefix_caching=False)
     yield request.param, path, mesh, ssd, cache_args
     mesh.close()
 

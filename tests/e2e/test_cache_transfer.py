@@ -1,7 +1,8 @@
 """Cache hits delivered through the KV transports, with real processes: the cache writes a prompt's cached blocks
 straight into the prefill worker's reserved blocks (shm on this host, grpc when forced), the answer equals the cold
 one, and the spans say how; a damaged delivery, a stalled cache, a cache killed mid-fetch and a client that cancels
-mid-fetch are misses (or a cancel) that leave no staging block, transfer record or shared-memory segment behind."""
+mid-fetch are misses (or a cancel) that leave no staging block, transfer record or shared-memory segment behind.
+The decode workers' own prefix cache is off here: it would serve the repeated prompts itself."""
 
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def traced_mesh(request, model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("cache-transfer") / "spans.jsonl"
     env = {"OTEL_TRACES_EXPORTER": "jsonl", "KVMESH_TRACES_FILE": str(path), "OTEL_BSP_SCHEDULE_DELAY": "50"}
     model = model_dir("llama")
-    mesh = start_mesh(str(model), transport=transport, env=env)
+    mesh = start_mesh(str(model), transport=transport, env=env, decode_prefix_caching=False)
     yield mesh, model, backend, path
     mesh.close()
 
@@ -140,7 +141,7 @@ def test_a_hit_lands_in_the_prefill_workers_blocks_through_the_transport(traced_
 
 def test_a_corrupted_delivery_is_caught_and_the_prompt_computed(model_dir):
     model = model_dir("llama")
-    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "corrupt=1"))
+    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "corrupt=1"), decode_prefix_caching=False)
     try:
         prompt = make_prompt(41, 4)
         cold, _ = run(mesh, prompt)
@@ -157,7 +158,7 @@ def test_a_corrupted_delivery_is_caught_and_the_prompt_computed(model_dir):
 
 def test_a_stalled_cache_is_a_miss_within_the_fetch_deadline(model_dir):
     model = model_dir("llama")
-    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "stall=after:1"))
+    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "stall=after:1"), decode_prefix_caching=False)
     try:
         prompt = make_prompt(53, 3)
         cold, _ = run(mesh, prompt)
@@ -174,7 +175,8 @@ def test_a_stalled_cache_is_a_miss_within_the_fetch_deadline(model_dir):
 @pytest.fixture(scope="module")
 def slow_mesh(model_dir):
     """A mesh whose cache writes each layer of a delivery 150 ms late, so a test can act mid-fetch."""
-    mesh = start_mesh(str(model_dir("llama")), cache_args=("--transport-chaos", "delay=150ms"))
+    mesh = start_mesh(str(model_dir("llama")), cache_args=("--transport-chaos", "delay=150ms"),
+                      decode_prefix_caching=False)
     yield mesh
     mesh.close()
 

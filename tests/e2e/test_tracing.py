@@ -32,7 +32,10 @@ METRICS_LINE = re.compile(r"kvmesh \S+ metrics on (http://\S+/metrics)")
 def traced(model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("traces") / "spans.jsonl"
     env = {"OTEL_TRACES_EXPORTER": "jsonl", "KVMESH_TRACES_FILE": str(path), "OTEL_BSP_SCHEDULE_DELAY": "50",
-           "KVMESH_METRICS_PORT": "0"}
+           "KVMESH_METRICS_PORT": "0",
+           # every request repeats PROMPT: keep each one's prefill hop (the decode worker's pool would prefill
+           # the short tail itself), so each trace covers every service; the skipped blocks are still skipped
+           "KVMESH_DECODE_LOCAL_PREFILL_MAX_TOKENS": "0"}
     mesh = start_mesh(str(model_dir("llama")), env=env)
     yield mesh, path
     mesh.close()
@@ -262,3 +265,23 @@ def test_a_cancelled_request_still_ends_its_spans(traced):
     assert roots[0].attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
     assert 1 <= roots[0].attributes[names.ATTR_OUTPUT_TOKENS] < 400
     assert streams[0].attributes[names.ATTR_OUTPUT_TOKENS] < 400
+
+
+def test_a_decode_pool_hit_shows_on_the_decode_queue_and_route_spans(traced):
+    mesh, path = traced
+    _generate(mesh, f"warm-{uuid.uuid4().hex}")  # PROMPT's two full blocks are now in the decode worker's pool
+    deadline = time.monotonic() + 10
+    while True:  # and, once a heartbeat carried its KV events, in the scheduler's index
+        rid = f"hit-{uuid.uuid4().hex}"
+        responses = _generate(mesh, rid)
+        trace = _trace_of(path, rid)
+        route = next(s for s in trace.spans if s.name == names.SCHEDULER_ROUTE)
+        if route.attributes.get(names.ATTR_DECODE_CACHED_TOKENS) == 32:
+            break
+        assert time.monotonic() < deadline, "the scheduler never reported the decode worker's hit"
+        time.sleep(0.2)
+    queue = next(s for s in trace.spans if s.name == names.DECODE_QUEUE)
+    assert queue.attributes[names.ATTR_DECODE_HIT_BLOCKS] == 2 and queue.attributes[names.ATTR_KV_BLOCKS] == 3
+    assert responses[-1].usage.cached_tokens == 32
+    sends = [s for s in trace.spans if s.name == names.KV_TRANSFER and names.ATTR_KV_LAYER in s.attributes]
+    assert sends and all(s.attributes[names.ATTR_KV_BLOCKS] == 1 for s in sends)  # only the uncached block

@@ -114,17 +114,19 @@ class BlockRef(_message.Message):
     def __init__(self, block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_seconds", "prefill_compute_seconds", "kv_transfer_seconds", "kv_transfer_bytes", "kv_transport", "time_to_first_token_seconds")
+    __slots__ = ("queue_seconds", "prefill_compute_seconds", "kv_transfer_seconds", "kv_transfer_bytes", "kv_transport", "time_to_first_token_seconds", "decode_cached_tokens")
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     queue_seconds: float
     prefill_compute_seconds: float
     kv_transfer_seconds: float
     kv_transfer_bytes: int
     kv_transport: str
     time_to_first_token_seconds: float
-    def __init__(self, queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transport: _Optional[str] = ..., time_to_first_token_seconds: _Optional[float] = ...) -> None: ...
+    decode_cached_tokens: int
+    def __init__(self, queue_seconds: _Optional[float] = ..., prefill_compute_seconds: _Optional[float] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transport: _Optional[str] = ..., time_to_first_token_seconds: _Optional[float] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...

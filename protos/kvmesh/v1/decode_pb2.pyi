@@ -64,17 +64,25 @@ class WorkerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "num_handoffs", "num_transfers")
+    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "num_handoffs", "num_transfers", "num_cached_blocks", "num_cached_free_blocks", "prefix_hit_blocks", "prefix_evictions")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_free_blocks: int
     num_total_blocks: int
     num_handoffs: int
     num_transfers: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_handoffs: _Optional[int] = ..., num_transfers: _Optional[int] = ...) -> None: ...
+    num_cached_blocks: int
+    num_cached_free_blocks: int
+    prefix_hit_blocks: int
+    prefix_evictions: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_handoffs: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., num_cached_free_blocks: _Optional[int] = ..., prefix_hit_blocks: _Optional[int] = ..., prefix_evictions: _Optional[int] = ...) -> None: ...

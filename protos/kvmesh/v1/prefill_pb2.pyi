@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "destination", "destination_blocks", "cache_salt", "trace_context")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "destination", "destination_blocks", "cache_salt", "trace_context", "num_skip_blocks")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class PrefillRequest(_message.Message):
     DESTINATION_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    NUM_SKIP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -31,7 +32,8 @@ class PrefillRequest(_message.Message):
     destination_blocks: _common_pb2.BlockRef
     cache_salt: str
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., destination_blocks: _Optional[_Union[_common_pb2.BlockRef, _Mapping]] = ..., cache_salt: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    num_skip_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., destination_blocks: _Optional[_Union[_common_pb2.BlockRef, _Mapping]] = ..., cache_salt: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., num_skip_blocks: _Optional[int] = ...) -> None: ...
 
 class TransferSummary(_message.Message):
     __slots__ = ("backend", "bytes", "blocks", "seconds")

@@ -63,19 +63,33 @@ class RegisterResponse(_message.Message):
     heartbeat_interval_seconds: float
     def __init__(self, worker_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
 
+class KVEvents(_message.Message):
+    __slots__ = ("stored", "removed", "full")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    stored: _containers.RepeatedScalarFieldContainer[bytes]
+    removed: _containers.RepeatedScalarFieldContainer[bytes]
+    full: bool
+    def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., full: _Optional[bool] = ...) -> None: ...
+
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load")
+    __slots__ = ("worker_id", "load", "kv_events")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: WorkerLoad
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+    kv_events: KVEvents
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_seconds",)
+    __slots__ = ("lease_seconds", "resync_kv_events")
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     lease_seconds: float
-    def __init__(self, lease_seconds: _Optional[float] = ...) -> None: ...
+    resync_kv_events: bool
+    def __init__(self, lease_seconds: _Optional[float] = ..., resync_kv_events: _Optional[bool] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -130,16 +144,18 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "num_cached_tokens", "policy")
+    __slots__ = ("prefill", "decode", "num_cached_tokens", "policy", "num_decode_cached_tokens")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerInfo
     decode: WorkerInfo
     num_cached_tokens: int
     policy: str
-    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., policy: _Optional[str] = ...) -> None: ...
+    num_decode_cached_tokens: int
+    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., policy: _Optional[str] = ..., num_decode_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("role",)

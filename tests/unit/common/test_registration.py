@@ -80,3 +80,63 @@ def test_advertise_address_never_gives_a_wildcard():
     assert advertise_address("0.0.0.0", 7001, "node-3") == "node-3:7001"
     assert not advertise_address("0.0.0.0", 7001).startswith("0.0.0.0")
     assert not advertise_address("[::]", 7001).startswith("[::]")
+
+
+def test_kv_events_are_deltas_until_a_heartbeat_fails_then_a_full_resync():
+    import grpc
+    import pytest
+
+    calls = []
+
+    async def kv_events(full: bool) -> scheduler_pb2.KVEvents:
+        calls.append(full)
+        return scheduler_pb2.KVEvents(stored=[b"h" * 16], full=full)
+
+    async def body():
+        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=5), "scheduler")
+        scheduler_main.setup(scheduler.config, scheduler)
+        await scheduler.start()
+        client = RegistrationClient(scheduler.address, decode_request, lambda: scheduler_pb2.WorkerLoad(),
+                                    kv_events=kv_events, rpc_timeout_s=0.5)
+        try:
+            await client.register()
+            await client.heartbeat()
+            await client.heartbeat()
+            assert calls == [True, False]  # a resync after registering, then deltas
+            await scheduler.stop(0)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await client.heartbeat()
+            assert calls == [True, False, False, True]  # the failed one may or may not have landed: resync
+        finally:
+            await client.deregister()
+
+    asyncio.run(body())
+
+
+def test_slow_kv_events_do_not_hold_the_heartbeat_back_and_force_a_resync():
+    calls = []
+
+    async def kv_events(full: bool) -> scheduler_pb2.KVEvents:
+        calls.append(full)
+        if len(calls) == 2:
+            await asyncio.sleep(5)  # an engine step that takes longer than the heartbeat may wait
+        return scheduler_pb2.KVEvents(stored=[b"h" * 16], full=full)
+
+    async def body():
+        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=5), "scheduler")
+        servicer = scheduler_main.setup(scheduler.config, scheduler)
+        await scheduler.start()
+        client = RegistrationClient(scheduler.address, decode_request, lambda: scheduler_pb2.WorkerLoad(),
+                                    kv_events=kv_events, rpc_timeout_s=0.3)
+        try:
+            await client.register()
+            for _ in range(3):
+                await client.heartbeat()  # the slow second one goes without events, within the timeout
+            assert calls == [True, False, True]
+            assert servicer.registry.kv_index.num_hashes(client.worker_id) == 1
+        finally:
+            await client.deregister()
+            await scheduler.stop(0)
+
+    asyncio.run(body())
