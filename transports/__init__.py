@@ -22,13 +22,13 @@ for every layer, K and V of the sender's blocks src[i] into the receiver's block
     await receiver.retire("req-1")               # waits until a one-sided sender can no longer write into them
 
 Modules: base.py (contract, registry, Transfer), receiver.py, sender.py, region.py (pools, layouts, host id),
-blocks.py (runs, checksums), service.py (the KVTransfer gRPC service), local.py (the same control messages over a
+transfer.py (one transfer, sender side), blocks.py (runs, checksums), service.py (the KVTransfer gRPC service), local.py (the same control messages over a
 Unix socket for same-host senders), grpc.py / shm.py / ucx.py (backends), staging.py (small shm transfers staged
 in the sender's own segment: one Commit instead of Open + Commit),
 chaos.py (fault and bandwidth injection), errors.py (typed errors with their gRPC status).
 """
 
-from kvmesh.transports.base import BACKENDS, PREFERENCE, Backend, Transfer, TransferStats, available_backends
+from kvmesh.transports.base import BACKENDS, PREFERENCE, Backend, TransferStats, available_backends
 from kvmesh.transports.errors import (DataLossError, InvalidTransfer, LayoutMismatch, NoCommonBackend,
                                       PeerUnavailable, TransferAborted, TransferTimeout, TransportError,
                                       UnknownTransfer)
@@ -36,6 +36,7 @@ from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.region import KVRegion, allocate_region, block_nbytes, host_id, make_layout
 from kvmesh.transports.sender import Sender
 from kvmesh.transports.shm import reclaim_stale_segments
+from kvmesh.transports.transfer import Transfer
 
 __all__ = [
     "BACKENDS", "PREFERENCE", "Backend", "Transfer", "TransferStats", "available_backends", "DataLossError",

@@ -16,7 +16,8 @@ import numpy as np
 import xxhash
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import OFFLOAD_BYTES, Backend, Transfer
+from kvmesh.transports.base import OFFLOAD_BYTES, Backend
+from kvmesh.transports.transfer import Transfer
 from kvmesh.transports.blocks import Run
 from kvmesh.v1 import kv_pb2
 
@@ -230,6 +231,30 @@ class GrpcBackend(Backend):
         keep_freed_memory()
 
 
+def chunk_views(receiver, transfer_id: str, chunk) -> tuple[object, list[np.ndarray]]:
+    """The flat slices of the region a Push chunk's pieces go to, after checking them against the
+    reservation."""
+    record = receiver._live(transfer_id)
+    if record.state != "writing" or record.backend != "grpc":
+        raise errors.InvalidTransfer(f"transfer {transfer_id} is not open for grpc chunks")
+    if chunk.dtype != receiver.layout.dtype:
+        raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: dtype {chunk.dtype!r}")
+    views, total = [], 0
+    for span in chunk.spans:
+        start, end = span.dst_block_start, span.dst_block_start + span.num_blocks
+        if not (0 <= span.layer < record.num_layers and span.kv in (0, 1) and span.num_blocks > 0
+                and start >= 0 and end <= receiver.region.num_blocks and record.mask[start:end].all()):
+            raise errors.InvalidTransfer(f"chunk outside transfer {transfer_id}'s blocks or layers")
+        run = receiver.region.array[span.layer, span.kv, start:end].reshape(-1)
+        if not (span.nbytes > 0 and 0 <= span.offset <= run.size - span.nbytes):
+            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: span outside its run")
+        views.append(run[span.offset:span.offset + span.nbytes])
+        total += span.nbytes
+    if total != chunk.nbytes or total != len(chunk.data):
+        raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: spans, nbytes and data disagree")
+    return record, views
+
+
 def _land(record, chunk, views: list[np.ndarray], counts: list[int]) -> None:
     """Verify one chunk's checksum (if it has one), copy its pieces into the region, and extend its layer's running
     checksum (chunks of a layer arrive in the sender's order, so that equals the sender's layer checksum)."""
@@ -266,7 +291,7 @@ async def receive_push(receiver, request_iterator) -> tuple[int, int]:
                 if chunk.open.transfer_id != chunk.transfer_id or chunk.open.backend != "grpc":
                     raise errors.InvalidTransfer(f"chunk of transfer {chunk.transfer_id} carries another's Open")
                 receiver._open(chunk.open)
-            record, views = receiver._chunk_views(chunk.transfer_id, chunk)
+            record, views = chunk_views(receiver, chunk.transfer_id, chunk)
             records[chunk.transfer_id] = record
             try:
                 _land(record, chunk, views, counts)

@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import (HASH_OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, _start_span,
-                                    backend_class, report)
+from kvmesh.transports.base import (HASH_OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, backend_class,
+                                    report_recv)
 from kvmesh.transports.blocks import as_block_ids, dst_checksums, dst_runs
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.transports.staging import StagedMaps, land_staged
@@ -157,7 +157,7 @@ class Receiver:
             raise self._tombstones.pop(transfer_id, None) or errors.UnknownTransfer(f"no transfer {transfer_id}")
         try:
             stats = await asyncio.wait_for(asyncio.shield(record.future), timeout)
-            _report_recv(transfer_id, stats)  # here, so the span joins the waiting request's trace
+            report_recv(transfer_id, stats)  # here, so the span joins the waiting request's trace
             return stats
         except asyncio.TimeoutError:
             self._fail(record, errors.TransferTimeout(f"transfer {transfer_id}: wait timed out after {timeout}s"))
@@ -260,29 +260,6 @@ class Receiver:
             if self._attached[request.backend].progress is not None and (self._pump is None or self._pump.done()):
                 self._pump = asyncio.ensure_future(self._run_pump())
         return max(record.timer.when() - asyncio.get_running_loop().time(), 0.0)
-
-    def _chunk_views(self, transfer_id: str, chunk) -> tuple[_Record, list[np.ndarray]]:
-        """The flat slices of the region a Push chunk's pieces go to, after checking them against the
-        reservation."""
-        record = self._live(transfer_id)
-        if record.state != "writing" or record.backend != "grpc":
-            raise errors.InvalidTransfer(f"transfer {transfer_id} is not open for grpc chunks")
-        if chunk.dtype != self.layout.dtype:
-            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: dtype {chunk.dtype!r}")
-        views, total = [], 0
-        for span in chunk.spans:
-            start, end = span.dst_block_start, span.dst_block_start + span.num_blocks
-            if not (0 <= span.layer < record.num_layers and span.kv in (0, 1) and span.num_blocks > 0
-                    and start >= 0 and end <= self.region.num_blocks and record.mask[start:end].all()):
-                raise errors.InvalidTransfer(f"chunk outside transfer {transfer_id}'s blocks or layers")
-            run = self.region.array[span.layer, span.kv, start:end].reshape(-1)
-            if not (span.nbytes > 0 and 0 <= span.offset <= run.size - span.nbytes):
-                raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: span outside its run")
-            views.append(run[span.offset:span.offset + span.nbytes])
-            total += span.nbytes
-        if total != chunk.nbytes or total != len(chunk.data):
-            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: spans, nbytes and data disagree")
-        return record, views
 
     async def _commit(self, transfer_id: str, backend: str, nbytes: int, checksums: Sequence[int],
                       has_checksums: bool, push_streams: int = 0, open_request=None, staged=None) -> TransferStats:
@@ -451,15 +428,6 @@ class Receiver:
         if record.timer is not None:
             record.timer.cancel()
         self._records.pop(record.transfer_id, None)
-
-
-def _report_recv(transfer_id: str, stats: TransferStats) -> None:
-    """The receiver's `kv.transfer` span (from Open to verified Commit, made after the fact) and metrics."""
-    end = time.time_ns()
-    span = _start_span(stats.backend, transfer_id, "recv", start_time=end - int(stats.seconds * 1e9))
-    report(stats, "recv", span)
-    if span is not None:
-        span.end(end_time=end)
 
 
 def _retrieve(future: asyncio.Future) -> None:

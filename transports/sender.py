@@ -7,11 +7,12 @@ import time
 from typing import Sequence
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import PREFERENCE, Backend, Transfer, _within, backend_class
+from kvmesh.transports.base import PREFERENCE, Backend, _within, backend_class
 from kvmesh.transports.blocks import as_block_ids
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.transports.service import Peer as ServicePeer
 from kvmesh.transports.staging import StagedTransfer, StagingArea
+from kvmesh.transports.transfer import Transfer
 from kvmesh.v1 import common_pb2, kv_pb2
 
 DEFAULT_CHUNK_BYTES = (1 << 20) - 1024  # data per grpc message; header + data stay within 1 MiB

@@ -21,7 +21,8 @@ import threading
 import numpy as np
 import xxhash
 
-from kvmesh.transports.base import Attachment, Backend, Transfer
+from kvmesh.transports.base import Attachment, Backend
+from kvmesh.transports.transfer import Transfer
 from kvmesh.transports.blocks import Run
 from kvmesh.transports.region import KVRegion
 

@@ -21,7 +21,7 @@ import numpy as np
 import xxhash
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import Transfer
+from kvmesh.transports.transfer import Transfer
 from kvmesh.transports.blocks import Run
 from kvmesh.v1 import kv_pb2
 

@@ -22,7 +22,8 @@ import struct
 import numpy as np
 
 from kvmesh.transports import errors
-from kvmesh.transports.base import EARLY_VERIFY_BYTES, Attachment, Backend, Transfer
+from kvmesh.transports.base import EARLY_VERIFY_BYTES, Attachment, Backend
+from kvmesh.transports.transfer import Transfer
 from kvmesh.transports.blocks import Run
 
 _ADDR = struct.Struct("<Q")  # backend_params["ucx"] = base address of the receiver's pool, then agent metadata

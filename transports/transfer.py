@@ -1,0 +1,263 @@
+"""One transfer, sender side: the public calls a sending worker makes (`send_layer`, `commit`, `abort`) and the
+private hooks each backend fills in. Made by `Sender.open`; see `base.py` for the contract around it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+
+from kvmesh.transports import errors
+from kvmesh.transports.base import (EARLY_VERIFY_BYTES, OFFLOAD_BYTES, Backend, TransferStats, _first_failure,
+                                    _start_span, _typed, _within, report)
+from kvmesh.transports.blocks import Run, as_block_ids, paired_runs, src_checksum
+
+
+class Transfer(ABC):
+    """One transfer from the sender's pool into a receiver's reserved blocks; made by `Sender.open`.
+
+    Call `send_layer` once per layer (in any order, as soon as that layer's KV exists), then `commit`; or
+    `abort`. Any error aborts the transfer, releases its resources and raises a `TransportError`. Use as
+    `async with await sender.open(...) as t:` to abort automatically when the body raises.
+    """
+
+    def __init__(self, link: Backend, transfer_id: str, dst_ids: np.ndarray, deadline: float) -> None:
+        self.link, self.transfer_id, self.dst_ids, self.deadline = link, transfer_id, dst_ids, deadline
+        self.sender = link.sender
+        self.pool = link.sender.region.array
+        self.layer_checksums: dict[int, int] = {}
+        self.nbytes = 0
+        self.checksum_seconds = 0.0
+        self.state = "open"  # open -> committed | failed
+        self.started = time.perf_counter()
+        self._writer: Callable[[list[Run]], object] = self._write_runs  # the chaos seam
+        self._lock = asyncio.Lock()
+        self._sending: set[int] = set()
+        self._hints: list[asyncio.Future] = []  # LayerWritten calls in flight
+        self._src_key: object = None  # the last src_block_ids seen, and its (src, dst) runs: layers share them
+        self._pairs: list[tuple[int, int, int]] = []
+        self._span = _start_span(link.name, transfer_id)
+
+    # ---- public: called by the sending worker, on its event loop ----
+
+    async def send_layer(self, layer: int, src_block_ids: Sequence[int] | np.ndarray) -> None:
+        """Write one layer (K and V) of `src_block_ids` (sender's pool) into the transfer's dst blocks.
+
+        Called by the sender (e.g. the prefill step loop, via the event loop) right after that layer is computed.
+        Awaits until the bytes are handed to the backend (on the wire, or copied for one-sided backends); does
+        not wait for the receiver. Must not be called again for the same layer, nor after commit/abort. Passing the
+        same `src_block_ids` object for every layer lets the block arithmetic be done once; do not change that
+        object's contents between layers (pass a new one instead).
+        """
+        await self._check_open_answer()
+        if not 0 <= layer < self.pool.shape[0]:
+            raise errors.InvalidTransfer(f"layer {layer} out of range [0, {self.pool.shape[0]})")
+        if layer in self.layer_checksums or layer in self._sending:
+            raise errors.InvalidTransfer(f"layer {layer} already sent")
+        self._sending.add(layer)
+        pairs = self._runs_of(src_block_ids)
+        nbytes = 2 * self.dst_ids.size * self.pool.shape[3]
+        if self.inline_writes and nbytes < self.inline_bytes and self.sender.chaos is None \
+                and not self._lock.locked():  # a small one-sided copy: done here, no await, nothing to interleave
+            checksum = await self._send_inline(layer, pairs)
+        else:
+            runs = [Run(layer, kv, d, self.pool[layer, kv, s:s + n]) for kv in (0, 1) for s, d, n in pairs]
+            async with self._lock:  # callers may overlap layers; backends write one layer at a time
+                self._check_open()
+                checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
+        self.layer_checksums[layer] = checksum
+        self.nbytes += nbytes
+        if (self.link.early_verify and self.open_request is None and self.sender.verify and nbytes >= EARLY_VERIFY_BYTES
+                and len(self.layer_checksums) < self.pool.shape[0]):  # the last layer is verified by Commit anyway
+            self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, layer)))
+        if self._span is not None:  # per-layer timestamps: show that layers leave while later ones compute
+            self._span.add_event("kv.layer_sent", {"kvmesh.kv.layer": layer, "kvmesh.kv.bytes": nbytes})
+
+    async def commit(self) -> TransferStats:
+        """Finish: flush the backend, then ask the receiver to verify every layer. Returns this side's stats.
+
+        Called once by the sender after the last `send_layer`. Awaits the receiver's verdict (within the
+        transfer's deadline): DataLossError when the receiver found damaged or missing bytes.
+        """
+        await self._check_open_answer()
+        missing = sorted(set(range(self.pool.shape[0])) - set(self.layer_checksums))
+        if missing:
+            raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
+        async with self._lock:
+            await self._guard(self._end, "flush")
+        if self._hints:  # they normally landed long ago; hints left behind would race the Commit
+            await asyncio.gather(*self._hints)
+        verify = self.sender.verify
+        sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
+        commit = self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
+                                       self._remaining(), self._push_streams(), **self._commit_fields())
+        await self._guard(lambda: _first_failure(commit, self._settle()), "commit")
+        stats = TransferStats(self.link.name, self.nbytes, int(self.dst_ids.size), self.pool.shape[0],
+                              time.perf_counter() - self.started, self.checksum_seconds)
+        self._finish("committed", stats=stats)
+        return stats
+
+    async def opened(self) -> None:
+        """Wait until the receiver accepted the Open (at once where `Sender.open` waited for it already); raise its
+        refusal as `send_layer` would. Optional: a caller that does not ask learns of a refusal at its next call."""
+        if self._open_answer is not None:
+            await asyncio.wait({self._open_answer}, timeout=self._remaining())
+        await self._check_open_answer()
+
+    async def abort(self, reason: str = "aborted by sender") -> None:
+        """Give up: release backend resources and tell the receiver (best effort). Idempotent; never raises."""
+        if self.state != "open":
+            return
+        self._finish("failed", error=reason)
+        for hint in self._hints:
+            hint.cancel()
+        if self._open_answer is not None:
+            self._open_answer.cancel()
+        await self._cancel()
+        await self.link.peer.abort(self.transfer_id, reason)
+
+    async def __aenter__(self) -> "Transfer":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.abort(f"sender raised {exc_type.__name__}" if exc_type else "closed without commit")
+
+    def _runs_of(self, src_block_ids) -> list[tuple[int, int, int]]:
+        """(src_start, dst_start, count) runs for these src blocks; callers pass the same ids for every layer, so
+        the arithmetic is done once per transfer."""
+        if src_block_ids is self._src_key:
+            return self._pairs
+        try:
+            src = as_block_ids(src_block_ids, self.pool.shape[2], "src_block_ids")
+        except ValueError as exc:
+            raise errors.InvalidTransfer(str(exc)) from None
+        if src.size != self.dst_ids.size:
+            raise errors.InvalidTransfer(f"{src.size} src blocks for {self.dst_ids.size} dst blocks")
+        self._src_key, self._pairs = src_block_ids, paired_runs(src, self.dst_ids)
+        return self._pairs
+
+    async def _send_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
+        try:
+            self._remaining()
+            return self._write_inline(layer, pairs)
+        except BaseException as exc:
+            typed = _typed(exc, f"transfer {self.transfer_id}: send_layer({layer})")
+            await self.abort(f"send_layer({layer}) failed: {typed}")
+            raise typed from exc
+
+    # ---- private hooks, filled in by each backend ----
+
+    #: The backend implements `_write_inline` (a synchronous copy, for layers under `inline_bytes`).
+    inline_writes: ClassVar[bool] = False
+    inline_bytes: ClassVar[int] = OFFLOAD_BYTES
+
+    def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
+        """Write one small layer (K, then V, of the (src_start, dst_start, count) runs) synchronously on the loop;
+        return its checksum (0 when the sender does not verify). Only if inline_writes."""
+        raise NotImplementedError
+
+    async def _begin(self) -> None:
+        """Set up per-transfer state (e.g. open a stream). Called once by `Sender.open` after the receiver's Open."""
+
+    @abstractmethod
+    async def _write_runs(self, runs: list[Run]) -> None:
+        """Move one layer's runs into the receiver's blocks `dst_start ...`. Awaited under the deadline."""
+
+    #: The backend implements `_write_runs_checksummed` (checksums each piece while it is hot in cache).
+    fused_checksum: ClassVar[bool] = False
+
+    async def _write_runs_checksummed(self, runs: list[Run], nbytes: int) -> int:
+        """Like `_write_runs`, and return the layer checksum of the runs' source bytes (only if fused_checksum)."""
+        raise NotImplementedError
+
+    async def _end(self) -> None:
+        """Make sure every byte written so far is on its way to the receiver before Commit is sent (one-sided
+        backends: in its memory; grpc: written to its Push calls, which the receiver waits for)."""
+
+    def _push_streams(self) -> int:
+        """How many Push calls carried the data (for the Commit; 0 for backends without Push)."""
+        return 0
+
+    #: Set by `Sender.open` when it skipped the Open round trip: the OpenRequest the data and Commit carry instead,
+    #: and (same host) the task awaiting the answer to the Open it sent anyway.
+    open_request = None
+    _open_answer: asyncio.Future | None = None
+
+    def _commit_fields(self) -> dict:
+        """Extra CommitRequest fields (`open`, `staged`): the Open this Commit stands in for, if any."""
+        return {} if self.open_request is None else {"open": self.open_request}
+
+    async def _settle(self) -> None:
+        """Awaited beside the Commit: collect what `_end` left in flight (grpc: the Push replies); raise if it
+        failed, which aborts the transfer."""
+
+    async def _cancel(self) -> None:
+        """Release per-transfer resources after a failure or abort. Must not raise or wait for the peer."""
+
+    # ---- shared machinery ----
+
+    async def _send(self, runs: list[Run], nbytes: int) -> int:
+        """Checksum the layer (in a thread, beside the write, when large) and write it; returns the checksum."""
+        if not self.sender.verify:
+            await self._writer(runs)
+            return 0
+        if self._writer == self._write_runs and self.fused_checksum:  # no chaos in between: one pass
+            return await self._write_runs_checksummed(runs, nbytes)
+        if nbytes < OFFLOAD_BYTES:
+            checksum = self._timed_checksum(runs)
+            await self._writer(runs)
+            return checksum
+        checksum, _ = await asyncio.gather(asyncio.to_thread(self._timed_checksum, runs), self._writer(runs))
+        return checksum
+
+    def _timed_checksum(self, runs: list[Run]) -> int:
+        t = time.perf_counter()
+        value = src_checksum(runs)
+        self.checksum_seconds += time.perf_counter() - t
+        return value
+
+    async def _check_open_answer(self) -> None:
+        """Raise (after aborting) if the receiver refused the Open that `Sender.open` did not wait for."""
+        self._check_open()
+        answer = self._open_answer
+        if answer is not None and answer.done() and not answer.cancelled() and answer.exception() is not None:
+            typed = _typed(answer.exception(), f"transfer {self.transfer_id}: open")
+            await self.abort(f"open failed: {typed}")
+            raise typed
+
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise errors.InvalidTransfer(f"transfer {self.transfer_id} is {self.state}")
+
+    def _remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise errors.TransferTimeout(f"transfer {self.transfer_id}: deadline passed")
+        return left
+
+    async def _guard(self, make: Callable[[], object], what: str):
+        """Await `make()` under the transfer's deadline; on any failure abort the transfer, raise a TransportError."""
+        try:
+            return await _within(make, self._remaining())
+        except BaseException as exc:
+            typed = _typed(exc, f"transfer {self.transfer_id}: {what}")
+            await self.abort(f"{what} failed: {typed}")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(typed, errors.PeerUnavailable):
+                await self.sender._forget(self.link)
+            raise typed from exc
+
+    def _finish(self, state: str, stats: TransferStats | None = None, error: str = "") -> None:
+        self.state = state
+        self.sender._release(self)
+        if stats is not None:
+            report(stats, "send", self._span)
+        if self._span is not None:
+            if error:
+                self._span.set_attribute("kv.error", error)
+            self._span.end()
+            self._span = None
