@@ -37,6 +37,7 @@ def _run(chaos: str | None, backend: str = "shm"):
             transfer = await sender.open(receiver.descriptor(), "t", ids, timeout=10)
             for layer in range(3):
                 await transfer.send_layer(layer, ids)
+                await asyncio.sleep(0.02)  # as the next layer's compute would: ucx posts and returns at once
             outcome = None
             try:
                 await transfer.commit()
