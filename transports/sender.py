@@ -108,7 +108,12 @@ class Sender:
         if transfer.open_request is not None and not isinstance(peer, ServicePeer):
             # Same host: still send the Open on the control socket, without waiting for its answer (the Commit
             # carries it again, and fails as it would), so the receiver learns at once if we die before the Commit.
-            transfer._open_answer = await peer.post_open(transfer.open_request, max(deadline - time.monotonic(), 0))
+            try:
+                transfer._open_answer = await peer.post_open(transfer.open_request,
+                                                             max(deadline - time.monotonic(), 0))
+            except BaseException as exc:  # e.g. the receiver's socket is gone: give back what the transfer took
+                await transfer.abort(f"open failed: {exc}")
+                raise
             transfer._open_answer.add_done_callback(_retrieved)
         if self.chaos is not None:
             transfer._writer = self.chaos.wrap(transfer._writer)

@@ -168,3 +168,14 @@ def test_receiver_cancel_before_the_staged_commit_needs_no_fence():
         assert receiver.num_fences == 0 and sender.num_staging_slots_busy == 0
 
     run(body)
+
+
+def test_a_receiver_gone_before_the_open_gives_the_slot_back():
+    async def body(receiver, sender, pool):
+        descriptor = receiver.descriptor()
+        receiver._local.close()  # its control socket is gone: posting the Open fails at once
+        with pytest.raises(Exception):
+            await sender.open(descriptor, "nobody", [1])
+        assert sender.num_staging_slots_busy == 0 and sender.num_open_transfers == 0
+
+    run(body)
