@@ -154,6 +154,9 @@ def test_same_host_sender_gone_fails_receiver_at_once(backend, peers, new_peer):
     retired = receiver.call("retire", tid="orphan2")
     assert time.monotonic() - started < 3.0
     assert retired["fences"] == 0 and receiver.call("records")["n"] == 0
+    sender.proc.wait(5)  # reaped, so its segments count as a dead owner's (a zombie still answers kill(pid, 0))
+    reclaimed = reclaim_stale_segments()  # what the next worker to start does: its pool, and its staging slots
+    assert not sender.segment or sender.segment in reclaimed
 
 
 def test_blocks_cancelled_mid_write_are_retired_only_once_the_sender_stopped(backend, peers, sender_region):
