@@ -21,11 +21,12 @@ for every layer, K and V of the sender's blocks src[i] into the receiver's block
     # receiving worker, before reusing the blocks of a request that ended any other way
     await receiver.retire("req-1")               # waits until a one-sided sender can no longer write into them
 
-Modules: base.py (contract, registry, Transfer), receiver.py, sender.py, region.py (pools, layouts, host id),
-transfer.py (one transfer, sender side), blocks.py (runs, checksums), service.py (the KVTransfer gRPC service), local.py (the same control messages over a
-Unix socket for same-host senders), grpc.py / shm.py / ucx.py (backends), staging.py (small shm transfers staged
-in the sender's own segment: one Commit instead of Open + Commit),
-chaos.py (fault and bandwidth injection), errors.py (typed errors with their gRPC status).
+Modules: base.py (contract, registry, shared helpers), sender.py and transfer.py (the sending side: one Sender,
+one Transfer per transfer), receiver.py and record.py (the receiving side: one Receiver, one Record per transfer),
+region.py (pools, layouts, host id), blocks.py (runs, checksums), service.py (the KVTransfer gRPC service),
+local.py (the same control messages over a Unix socket for same-host senders), grpc.py / shm.py / ucx.py
+(backends), staging.py (small shm transfers staged in the sender's own segment: one Commit instead of Open +
+Commit), chaos.py (fault and bandwidth injection), errors.py (typed errors with their gRPC status).
 """
 
 from kvmesh.transports.base import BACKENDS, PREFERENCE, Backend, TransferStats, available_backends

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +18,8 @@ import numpy as np
 from kvmesh.transports import errors
 from kvmesh.transports.base import (HASH_OFFLOAD_BYTES, PREFERENCE, Attachment, TransferStats, backend_class,
                                     report_recv)
-from kvmesh.transports.blocks import as_block_ids, dst_checksums, dst_runs
+from kvmesh.transports.blocks import as_block_ids, dst_checksums
+from kvmesh.transports.record import Record
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
 from kvmesh.transports.staging import StagedMaps, land_staged
 from kvmesh.v1 import common_pb2
@@ -31,41 +31,6 @@ TOMBSTONES = 1024  # failed transfers remembered, so a late `wait` gets the real
 # (Abort, Commit, or its control connection closing); a sender silent for longer is taken to be hung.
 FENCE_S = 5.0
 PUMP_S = 0.001  # progress polling period for backends that need it (ucx)
-
-
-@dataclass(eq=False)
-class _Record:
-    transfer_id: str
-    dst_ids: np.ndarray
-    mask: np.ndarray  # True on reserved blocks: chunk bounds checks
-    num_layers: int
-    future: asyncio.Future
-    timer: asyncio.TimerHandle | None = None
-    state: str = "expected"
-    backend: str = ""
-    opened: float = field(default_factory=time.perf_counter)
-    nbytes: int = 0  # bytes received through Push
-    layer_hashers: dict = field(default_factory=dict)  # running per-layer checksums of Push data
-    early: dict = field(default_factory=dict)  # layer -> future of its checksum, started on LayerWritten
-    want: int = 0  # bytes the transfer must bring: every layer, K and V, of the reserved blocks
-    committing: bool = False  # a Commit arrived (it may wait for Push data still in flight)
-    push_streams: int = -1  # Push calls carrying the data, as the Commit says (-1: no Commit yet)
-    streams_done: int = 0  # Push calls that ended after carrying some of the data
-    landed: asyncio.Event = field(default_factory=asyncio.Event)  # Push data complete, or the record failed
-    staged: bool = False  # the sender stages the bytes and never writes into the blocks (staging.py)
-    _runs: list | None = None
-
-    @property
-    def runs(self) -> list[tuple[int, int]]:
-        """The reserved blocks as (start, count) runs, for hashing what landed (computed once)."""
-        if self._runs is None:
-            self._runs = dst_runs(self.dst_ids)
-        return self._runs
-
-    def check_landed(self) -> None:
-        """Wake a waiting Commit once every byte arrived or every Push call it waits for has ended."""
-        if self.nbytes >= self.want or 0 <= self.push_streams <= self.streams_done:
-            self.landed.set()
 
 
 class Receiver:
@@ -87,7 +52,7 @@ class Receiver:
         self._pump: asyncio.Task | None = None
         if not self._params:
             raise ValueError(f"none of {list(backends)} can serve this region ({region.backend})")
-        self._records: dict[str, _Record] = {}
+        self._records: dict[str, Record] = {}
         self._tombstones: OrderedDict[str, errors.TransportError] = OrderedDict()
         self._fences: dict[str, asyncio.Future] = {}  # see `retire`
         self._staged = StagedMaps()  # same-host senders' staging segments (staged shm transfers)
@@ -139,7 +104,7 @@ class Receiver:
         loop = asyncio.get_running_loop()
         mask = np.zeros(self.region.num_blocks, dtype=bool)
         mask[ids] = True
-        record = _Record(transfer_id, ids, mask, layers, loop.create_future(),
+        record = Record(transfer_id, ids, mask, layers, loop.create_future(),
                          want=layers * 2 * ids.size * self.region.block_nbytes)
         record.future.add_done_callback(_retrieve)
         record.timer = loop.call_later(lease_s, self._expire, record, lease_s)
@@ -296,7 +261,7 @@ class Receiver:
                 return self._lose(record, f"checksum mismatch in layers {bad or 'count'}")
         return self._ready(record, checksum_seconds)
 
-    async def _commit_staged(self, record: _Record, staged, nbytes: int, checksums: Sequence[int],
+    async def _commit_staged(self, record: Record, staged, nbytes: int, checksums: Sequence[int],
                              has_checksums: bool) -> TransferStats:
         """A staged shm transfer: copy the sender's staged bytes into the blocks, checksumming what landed."""
         if record.state != "writing" or not record.staged or record.committing:
@@ -315,14 +280,14 @@ class Receiver:
             return self._lose(record, f"checksum mismatch in layers {bad or 'count'}")
         return self._ready(record, checksum_seconds)
 
-    def _ready(self, record: _Record, checksum_seconds: float) -> TransferStats:
+    def _ready(self, record: Record, checksum_seconds: float) -> TransferStats:
         stats = TransferStats(record.backend, record.want, int(record.dst_ids.size), record.num_layers,
                               time.perf_counter() - record.opened, checksum_seconds)
         record.state = "ready"
         record.future.set_result(stats)
         return stats
 
-    async def _checksums(self, record: _Record, backend: str, nbytes: int) -> list[int]:
+    async def _checksums(self, record: Record, backend: str, nbytes: int) -> list[int]:
         """Each layer's checksum of what landed: for data that came through Push, the running checksums kept
         while landing it; for one-sided writes, re-read from the region."""
         if not backend_class(backend).one_sided:
@@ -390,25 +355,25 @@ class Receiver:
                 call()
             await asyncio.sleep(PUMP_S)
 
-    def _live(self, transfer_id: str) -> _Record:
+    def _live(self, transfer_id: str) -> Record:
         record = self._records.get(transfer_id)
         if record is None:
             raise errors.UnknownTransfer(f"no live transfer {transfer_id}")
         return record
 
-    def _lose(self, record: _Record, why: str):
+    def _lose(self, record: Record, why: str):
         error = errors.DataLossError(f"transfer {record.transfer_id}: {why}")
         self._fail(record, error)
         raise error
 
-    def _expire(self, record: _Record, lease_s: float) -> None:
+    def _expire(self, record: Record, lease_s: float) -> None:
         if record.state == "ready":  # landed but nobody waited: just drop it
             self._drop(record)
         else:
             self._fail(record, errors.TransferTimeout(f"transfer {record.transfer_id}: lease of {lease_s}s lapsed"
                                                       f" while {record.state}"))
 
-    def _fail(self, record: _Record, error: errors.TransportError) -> None:
+    def _fail(self, record: Record, error: errors.TransportError) -> None:
         if self._records.get(record.transfer_id) is not record:
             return
         if record.state == "writing" and backend_class(record.backend).one_sided and not record.staged:
@@ -424,7 +389,7 @@ class Receiver:
             self._tombstones.popitem(last=False)
         self._drop(record)
 
-    def _drop(self, record: _Record) -> None:
+    def _drop(self, record: Record) -> None:
         if record.timer is not None:
             record.timer.cancel()
         self._records.pop(record.transfer_id, None)
