@@ -87,17 +87,8 @@ class StagedTransfer(Transfer):
         self.staging, self.slot, self.open_request = staging, slot, open_request
         n, block = self.dst_ids.size, self.pool.shape[3]
         self.staged = staging.view(slot, self.pool.shape[0] * 2 * n * block).reshape(self.pool.shape[0], 2, n, block)
-        self._seq: dict[int, int] = {}  # dst_start of a run -> its position in sequence order
+        self._seq: dict[int, int] | None = None  # dst block -> its position in sequence order (made when needed)
         self._commit_sent = False
-
-    def _runs_of(self, src_block_ids):
-        pairs = super()._runs_of(src_block_ids)
-        if not self._seq:
-            pos = 0
-            for _, d, count in pairs:
-                self._seq[d] = pos
-                pos += count
-        return pairs
 
     def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
         hasher = xxhash.xxh3_64() if self.sender.verify else None
@@ -112,6 +103,8 @@ class StagedTransfer(Transfer):
         return 0 if hasher is None else hasher.intdigest()
 
     def _copy(self, runs: list[Run], hasher=None) -> None:
+        if self._seq is None:
+            self._seq = {int(d): i for i, d in enumerate(self.dst_ids)}
         for run in runs:
             pos = self._seq[run.dst_start]
             np.copyto(self.staged[run.layer, run.kv, pos:pos + run.num_blocks], run.src)
