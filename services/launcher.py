@@ -162,10 +162,12 @@ def plan(args) -> list[Child]:
                                     str(args.lease_s)], scheduler, stage=0)]
     port = free_port()
     children.append(Child("cache", ["cache", "--port", str(port), *common], f"{host}:{port}", env))
-    for role, count in (("prefill", args.prefill), ("decode", args.decode)):
+    for role, count, extra in (("prefill", args.prefill, []),
+                               ("decode", args.decode, ["--cache-decode-kv"] if args.cache_decode_kv else [])):
         for i in range(count):
             port = free_port()
-            children.append(Child(f"{role}-{i}", [role, "--port", str(port), *worker], f"{host}:{port}", env))
+            children.append(Child(f"{role}-{i}", [role, "--port", str(port), *worker, *extra], f"{host}:{port}",
+                                  env))
     for child in children:  # the gateway serves /metrics on its HTTP port; every other service gets a port
         metrics_port = free_port()
         child.argv += ["--metrics-port", str(metrics_port)]
@@ -205,6 +207,8 @@ def add_arguments(parser) -> None:
                                                             "negotiates the best one per pair of workers")
     parser.add_argument("--transport-chaos", default="", help="wrap the transport in the chaos wrapper, e.g. "
                                                               "'delay=5ms,throttle=200MBps'")
+    parser.add_argument("--cache-decode-kv", action="store_true", help="decode workers offer each finished "
+                        "request's decoded KV blocks to the cache, so a conversation's next turn reuses its reply")
     parser.add_argument("--lease-s", type=float, default=5.0, help="worker lease at the scheduler, seconds")
     parser.add_argument("--threads-per-worker", type=int, default=0, help="torch threads per worker (0: torch's "
                                                                           "default)")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+import numpy as np
 
 from kvmesh.services.cache.blockfile import checksum
 from kvmesh.services.cache.servicer import block_bytes
@@ -61,6 +62,30 @@ class SchedulerCacheAddress:
 def scheduler_cache_address(channels, scheduler: str) -> SchedulerCacheAddress:
     """The cache's address as the scheduler knows it (see SchedulerCacheAddress)."""
     return SchedulerCacheAddress(channels, scheduler)
+
+
+def split_blocks(data: np.ndarray) -> list[bytes]:
+    """export_blocks' [L, 2, n, block_nbytes] as n block payloads (each K and V of every layer): a Put's bytes."""
+    return [data[:, :, i].tobytes() for i in range(data.shape[2])]
+
+
+def stack_blocks(layout, blocks: list[bytes]) -> np.ndarray:
+    """Block payloads as import_blocks wants them: uint8 [L, 2, n, block_nbytes] (the inverse of split_blocks)."""
+    shape = (layout.num_layers, 2, layout.block_nbytes)
+    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in blocks], axis=2)
+
+
+def worker_cache_client(config, channels, layout: common_pb2.KVLayout) -> "CacheClient | None":
+    """An engine worker's cache (its `cache` and `cache_timeout_s` settings): the given address, else the one
+    registered with its scheduler; None for 'none' or when it has neither."""
+    if config.cache == "none" or not (config.cache or config.scheduler):
+        return None
+    if config.cache:
+        async def address() -> str:
+            return config.cache
+    else:
+        address = scheduler_cache_address(channels, config.scheduler)
+    return CacheClient(channels, address, layout, config.cache_timeout_s)
 
 
 class CacheClient:
@@ -156,7 +181,9 @@ class CacheClient:
         return not self._offers.full()
 
     def offer(self, block_hashes: list[bytes], data: Awaitable) -> bool:
-        """Queue blocks for the cache; data resolves to their bytes, one per hash. False when the queue is full."""
+        """Queue blocks for the cache; `data` resolves to their KV as `export_blocks` gives it ([L, 2, n,
+        block_nbytes], n ≤ len(block_hashes): the leading hashes' blocks), or None for none. False when the
+        queue is full."""
         if self._task is None:
             self._task = asyncio.ensure_future(self._put_loop())
         try:
@@ -170,7 +197,9 @@ class CacheClient:
         while True:
             block_hashes, data = await self._offers.get()
             try:
-                await self._put(block_hashes, await data)
+                exported = await data
+                if exported is not None and exported.shape[2]:
+                    await self._put(block_hashes, await asyncio.to_thread(split_blocks, exported))
             except Exception as e:  # best effort: a lost offer is only a future miss
                 log.warning("cache put failed: %s", e)
                 self._failed()

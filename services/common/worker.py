@@ -35,6 +35,9 @@ class WorkerConfig(ServerConfig):
                                     "(see kvmesh.transports.chaos).")
     handoff_lease_s: float = knob(30.0, "Seconds a KV handoff may sit without progress before its blocks are "
                                         "freed and the peer told.")
+    cache: str = knob("", "Address of the KV cache service; empty: the scheduler's registered cache (if any). "
+                          "'none': never use one.")
+    cache_timeout_s: float = knob(2.0, "Deadline of each cache call; a slow or unreachable cache is a miss.")
 
     def validate(self) -> None:
         super().validate()

@@ -23,6 +23,10 @@ class DecodeConfig(WorkerConfig):
     local_prefill_max_tokens: int = knob(16, "When the pool holds every full block of a prompt but its tail, "
                                              "prefill a tail of at most this many tokens here (no prefill worker, "
                                              "no transfer); 0: never.")
+    cache_decode_kv: bool = knob(False, "When a request finishes, offer the cache service the full KV blocks its "
+                                        "decode completed (the reply), so the next turn of a conversation reuses "
+                                        "them on any worker instead of recomputing the reply; costs those blocks' "
+                                        "bytes over gRPC per request. Needs prefix_caching.")
     kv_events_max_hashes: int = knob(4096, "Most block hashes in one heartbeat's KV events to the scheduler; more "
                                            "changes than that send a full resync of the most recent ones instead.")
 
@@ -32,4 +36,6 @@ class DecodeConfig(WorkerConfig):
         check(self.prefill_timeout_s > 0, f"prefill_timeout_s must be > 0, got {self.prefill_timeout_s}")
         check(self.local_prefill_max_tokens >= 0,
               f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}")
+        check(self.prefix_caching or not self.cache_decode_kv,
+              "cache_decode_kv needs prefix_caching: finished requests' blocks must stay findable until sent")
         check(self.kv_events_max_hashes >= 1, f"kv_events_max_hashes must be >= 1, got {self.kv_events_max_hashes}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from kvmesh.services.cache.client import worker_cache_client
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.engine_thread import EngineThread
 from kvmesh.services.common.registration import advertise_address
@@ -32,8 +33,10 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     engine, region = await asyncio.to_thread(load_engine, config, backends, config.prefix_caching)
     receiver = Receiver(region, layout_proto(engine.layout), backends=backends)
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="decode-engine")
+    cache = worker_cache_client(config, server.channels, layout_proto(engine.layout)) \
+        if config.cache_decode_kv else None
     worker = DecodeWorker(engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
-                          config.local_prefill_max_tokens, config.kv_events_max_hashes)
+                          config.local_prefill_max_tokens, config.kv_events_max_hashes, cache)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 
@@ -50,6 +53,8 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         await worker.handoffs.close()
         await asyncio.to_thread(engine_thread.stop)
         receiver.close()
+        if cache is not None:
+            await cache.close()
 
     server.add_task(start)
     server.on_stopped(stop)  # after in-flight requests drained

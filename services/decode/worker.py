@@ -4,6 +4,7 @@ For each request: reserve KV blocks (the prompt's leading blocks this worker's p
 not refilled), expect the prefill worker's writes into the rest, ask it to prefill and send only those, wait for
 the last layer to land (checksums verified), admit the sequence into the continuous batch, and stream its tokens.
 When the pool holds every full block of the prompt and only a short tail is left, the tail is prefilled here.
+With `--cache-decode-kv` a finished request's decoded blocks go to the cache service (writeback.py).
 One handoff record per request ties every resource it takes (blocks, the expected transfer, the output queue)
 to one release, whichever way the request ends: finish, client cancel, prefill failure, or lease expiry.
 """
@@ -21,6 +22,7 @@ from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.common.handoff import HandoffState, HandoffTable
 from kvmesh.services.common.worker import logprob_protos, sampling_params
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
+from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
 from kvmesh.services.trace import conventions as names
 from kvmesh.transports import TransportError
@@ -38,8 +40,9 @@ class DecodeWorker:
     """Requests in flight on this decode worker."""
 
     def __init__(self, engine_thread, receiver, channels, lease_s: float, queue_timeout_s: float = 30.0,
-                 local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096):
+                 local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096, cache=None):
         self.et, self.engine = engine_thread, engine_thread.engine
+        self.cache = cache  # a CacheClient to offer decoded blocks to (--cache-decode-kv), or None
         self.receiver, self.channels = receiver, channels
         self.handoffs = HandoffTable(lease_s)
         self.queue_timeout_s = queue_timeout_s
@@ -164,13 +167,14 @@ class DecodeWorker:
         stream = _Stream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
         watch = _StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
-            reservation = None
+            reservation, remote = None, False
             if request.prefill.address:
                 reservation, queue_s = await self._reserve(request, ids)
                 stream.timings = common_pb2.Timings(queue_seconds=queue_s,
                                                     decode_cached_tokens=reservation.num_cached_tokens)
             if reservation is not None and not self._prefill_here(reservation, len(ids)):
                 reply, stream.timings = await self._remote_prefill(request, ids, reservation, queue_s, timeout)
+                remote = True
                 stream.cached = max(reply.num_cached_tokens, reservation.num_cached_tokens)
                 with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
                     await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
@@ -194,6 +198,11 @@ class DecodeWorker:
                 self.handoffs.renew(rid)
                 response = stream.response(out)
                 watch.tokens(len(response.token_ids))
+                if out.finished and out.finish_reason != "abort":  # before the last yield: the caller may stop there
+                    # the prefill worker offered the prompt's full blocks; of a prompt prefilled here, none
+                    offered = len(ids) if remote else out.num_cached_tokens
+                    offer_decoded_blocks(self.et, self.cache, ids + stream.token_ids,
+                                         offered // self.engine.layout.block_size, request.cache_salt)
                 yield response
                 if out.finished:
                     return
@@ -213,6 +222,7 @@ class _Stream:
     def __init__(self, detok: IncrementalDetokenizer, num_prompt_tokens: int, start: float):
         self.detok, self.num_prompt_tokens, self.start = detok, num_prompt_tokens, start
         self.num_generated = self.cached = 0
+        self.token_ids: list[int] = []  # generated so far, as sent
         self.timings = common_pb2.Timings()
         self.skip_first = False  # the engine's first output repeats the token already sent early
 
@@ -223,6 +233,7 @@ class _Stream:
     def early(self, token_id: int, logprobs: list) -> decode_pb2.DecodeResponse:
         self.skip_first = True
         self.num_generated = 1
+        self.token_ids.append(token_id)
         self._first_token_now()
         return decode_pb2.DecodeResponse(token_ids=[token_id], text=self.detok.add([token_id]), logprobs=logprobs)
 
@@ -232,6 +243,7 @@ class _Stream:
             ids, entries, self.skip_first = ids[1:], entries[1:], False
         logprobs = logprob_protos(ids, entries)
         self.num_generated += len(ids)
+        self.token_ids += ids
         if ids:
             self._first_token_now()
         text = self.detok.add(ids) + (self.detok.flush() if out.finished else "")

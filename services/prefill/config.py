@@ -16,6 +16,3 @@ class PrefillConfig(WorkerConfig):
 
     port: int = knob(DEFAULT_PORT, "Port to bind; 0 picks a free one (printed at start).")
     prefill_timeout_s: float = knob(120.0, "Longest a prefill may take when the caller sets no deadline.")
-    cache: str = knob("", "Address of the KV cache service; empty: the scheduler's registered cache (if any). "
-                          "'none' turns prefix reuse off.")
-    cache_timeout_s: float = knob(2.0, "Deadline of each cache call; a slow or unreachable cache is a miss.")

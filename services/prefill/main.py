@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from kvmesh.services.cache.client import CacheClient, scheduler_cache_address
+from kvmesh.services.cache.client import worker_cache_client
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.engine_thread import EngineThread
 from kvmesh.services.common.registration import advertise_address
@@ -36,7 +36,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     layout = layout_proto(engine.layout)
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
                     chaos=config.transport_chaos or None)
-    cache = cache_client(config, server, engine)
+    cache = worker_cache_client(config, server.channels, layout)
     receiver = Receiver(region, layout, backends=backends) if cache is not None else None
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="prefill-engine")
     worker = PrefillWorker(engine_thread, sender, config.handoff_lease_s, cache, receiver)
@@ -63,18 +63,6 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     server.add_task(start)
     server.on_stopped(stop)  # after in-flight requests drained
     register(server, config, scheduler_pb2.WORKER_ROLE_PREFILL, engine.layout, None, worker.load)
-
-
-def cache_client(config: PrefillConfig, server: MeshServer, engine) -> CacheClient | None:
-    """The cache this worker reuses prefixes from: --cache, else the scheduler's registered one."""
-    if config.cache == "none" or not (config.cache or config.scheduler):
-        return None
-    if config.cache:
-        async def address() -> str:
-            return config.cache
-    else:
-        address = scheduler_cache_address(server.channels, config.scheduler)
-    return CacheClient(server.channels, address, layout_proto(engine.layout), config.cache_timeout_s)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,17 +23,6 @@ from kvmesh.v1 import cache_pb2
 log = logging.getLogger(__name__)
 
 
-def stack_blocks(layout, blocks: list[bytes]) -> np.ndarray:
-    """Cached blocks (each K and V of every layer) as import_blocks wants them: uint8 [L, 2, k, block_nbytes]."""
-    shape = (layout.num_layers, 2, layout.block_nbytes)
-    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in blocks], axis=2)
-
-
-def split_blocks(data: np.ndarray) -> list[bytes]:
-    """export_blocks' [L, 2, n, block_nbytes] as n block payloads (the inverse of stack_blocks)."""
-    return [data[:, :, i].tobytes() for i in range(data.shape[2])]
-
-
 def _export(engine, request_id: str, first: int, end: int) -> np.ndarray:
     """Engine thread: a copy of blocks first..end-1 of a request's block table."""
     return engine.kv_cache.export_blocks(engine.block_table(request_id)[first:end])
@@ -109,11 +98,5 @@ def offer_new_blocks(et, cache, request_id: str, token_ids: list[int], cache_sal
     if first >= len(hashes):
         return
     exported = et.submit(_export, engine, request_id, first, len(hashes))
-
-    async def payloads() -> list[bytes]:
-        return await asyncio.to_thread(split_blocks, await exported)
-
-    pending = payloads()
-    if not cache.offer(hashes[first:], pending):
-        pending.close()
+    if not cache.offer(hashes[first:], exported):
         exported.cancel()

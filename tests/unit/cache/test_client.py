@@ -5,6 +5,8 @@ import asyncio
 import threading
 import time
 
+import numpy as np
+
 from kvmesh.services.cache import main as cache_main
 from kvmesh.services.cache.client import CacheClient
 from kvmesh.services.cache.config import CacheConfig
@@ -52,10 +54,10 @@ def test_offers_land_tail_first_and_are_fetched_back_verified_and_pins_hold():
         try:
             client = client_for(server.address, channels)
 
-            async def payloads():
-                return [data(i) for i in range(4)]
+            async def exported():  # as the engine's export_blocks gives them: [layers, K/V, blocks, bytes]
+                return np.stack([np.frombuffer(data(i), np.uint8).reshape(2, 2, -1) for i in range(4)], axis=2)
 
-            assert client.offer(HASHES[:4], payloads())
+            assert client.offer(HASHES[:4], exported())
             deadline = time.monotonic() + 5
             while await client.lookup(HASHES[:4], peek=True) < 4:
                 assert time.monotonic() < deadline

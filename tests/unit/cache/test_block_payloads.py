@@ -3,7 +3,7 @@
 import numpy as np
 
 from kvmesh.services.engine.engine import LLMEngine
-from kvmesh.services.prefill.prefix import split_blocks, stack_blocks
+from kvmesh.services.cache.client import split_blocks, stack_blocks
 
 
 def test_blocks_split_and_stacked_import_into_other_blocks_unchanged(model_dir):

@@ -1,0 +1,62 @@
+"""Decoded KV written back to the cache (`--cache-decode-kv`), with real processes: after a request finishes,
+the cache holds the blocks its reply filled, not only the prompt's; the next turn of the conversation (prompt,
+reply, new text) has the prefill worker fetch all of them and compute only the new text, and its tokens still
+equal HF's; nothing is left held afterwards."""
+
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh import start_mesh
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+BLOCK = 16
+PROMPT = [(i * 31 + 7) % 1000 + 3 for i in range(3 * BLOCK + 5)]  # 3 full blocks and 5 tokens
+REPLY_TOKENS = 2 * BLOCK + 8  # with the prompt's 5: 45 tokens past its full blocks, 44 of them with KV
+NEW_TEXT = [(i * 13 + 2) % 900 + 3 for i in range(BLOCK + 4)]  # longer than the decode worker prefills itself
+
+
+def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def cache_hit_tokens(mesh, ids) -> int:
+    """What the cache holds of `ids`, as the scheduler's peek at it sees it."""
+    stub = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address))
+    return stub.Route(scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=ids), timeout=5
+                      ).num_cached_tokens
+
+
+def dram_hits(mesh) -> int:
+    stats = cache_pb2_grpc.CacheStub(mesh.channel(mesh.cache.address)).Stats(cache_pb2.StatsRequest(), timeout=5)
+    return next(t for t in stats.tiers if t.name == "dram").hits
+
+
+def test_the_next_turn_reuses_the_reply_from_the_cache(model_dir):
+    path = model_dir("llama")
+    mesh = start_mesh(str(path), transport="shm", env={"KVMESH_DECODE_CACHE_DECODE_KV": "1"})
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path)
+        reply, _ = mesh.generate(PROMPT, REPLY_TOKENS, ignore_eos=True)
+        assert reply == hf_greedy(hf, PROMPT, REPLY_TOKENS)
+        conversation = PROMPT + reply
+        # 5 full blocks have KV (the last reply token has none yet): the prefill worker offered the prompt's 3,
+        # the decode worker the 2 its reply filled
+        deadline = time.monotonic() + 10
+        while cache_hit_tokens(mesh, conversation + NEW_TEXT) < 5 * BLOCK:
+            assert time.monotonic() < deadline, "the decoded blocks never reached the cache"
+            time.sleep(0.05)
+        assert cache_hit_tokens(mesh, conversation + NEW_TEXT) == 5 * BLOCK
+
+        hits = dram_hits(mesh)
+        next_turn = conversation + NEW_TEXT
+        got, responses = mesh.generate(next_turn, 8, ignore_eos=True)
+        assert got == hf_greedy(hf, next_turn, 8)
+        assert dram_hits(mesh) - hits == 5  # the prefill worker fetched the reply's blocks too: 5, not 3
+        assert responses[-1].usage.cached_tokens == 5 * BLOCK
+        assert mesh.wait_blocks_free(2.0)
+    finally:
+        mesh.close()
