@@ -55,8 +55,8 @@ def offered(engine, token_ids, first_block, cache):
     return asyncio.run(body())
 
 
-def test_the_reply_blocks_are_offered_by_hash_byte_for_byte(engine_path):
-    engine = LLMEngine.from_path(engine_path, num_blocks=NUM_BLOCKS, enable_prefix_caching=True)
+def test_the_reply_blocks_are_offered_by_hash_byte_for_byte(model_dir):
+    engine = LLMEngine.from_path(model_dir("llama"), num_blocks=NUM_BLOCKS, enable_prefix_caching=True)
     prompt = prompts_of_lengths([37], seed=5)[0]  # 2 full blocks and 5 tokens
     tokens = finished(engine, prompt, 40)  # 77 tokens, 76 with KV: 4 full blocks
     cache = RecordingCache()
@@ -70,8 +70,8 @@ def test_the_reply_blocks_are_offered_by_hash_byte_for_byte(engine_path):
     assert offered(engine, tokens, 0, None) is None  # no cache, nothing queued
 
 
-def test_a_block_evicted_before_the_copy_ends_the_offer_there(engine_path):
-    engine = LLMEngine.from_path(engine_path, num_blocks=NUM_BLOCKS, enable_prefix_caching=True)
+def test_a_block_evicted_before_the_copy_ends_the_offer_there(model_dir):
+    engine = LLMEngine.from_path(model_dir("llama"), num_blocks=NUM_BLOCKS, enable_prefix_caching=True)
     prompt = prompts_of_lengths([37], seed=6)[0]
     tokens = finished(engine, prompt, 40)
     chain = engine.prefix_hashes(tokens[:64])
