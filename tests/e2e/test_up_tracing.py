@@ -17,11 +17,12 @@ from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 NUM_ROUTES = 5
 
 
-def test_plan_gives_every_service_its_own_metrics_port():
+def test_plan_gives_every_service_its_own_metrics_port_and_decode_workers_their_flags():
     args = argparse.Namespace(model="/m", transport="auto", transport_chaos="", threads_per_worker=1, lease_s=5.0,
-                              prefill=2, decode=1, grpc_port=50051, http_port=8000)
+                              prefill=2, decode=1, grpc_port=50051, http_port=8000, cache_decode_kv=True)
     children = launcher.plan(args)
     assert [c.name for c in children] == ["scheduler", "cache", "prefill-0", "prefill-1", "decode-0", "gateway"]
+    assert [c.name for c in children if "--cache-decode-kv" in c.argv] == ["decode-0"]
     urls = [c.metrics_url for c in children]
     assert len(set(urls)) == len(urls) and urls[-1] == "http://127.0.0.1:8000/metrics"
     for child in children[:-1]:
