@@ -69,12 +69,6 @@ def split_blocks(data: np.ndarray) -> list[bytes]:
     return [data[:, :, i].tobytes() for i in range(data.shape[2])]
 
 
-def stack_blocks(layout, blocks: list[bytes]) -> np.ndarray:
-    """Block payloads as import_blocks wants them: uint8 [L, 2, n, block_nbytes] (the inverse of split_blocks)."""
-    shape = (layout.num_layers, 2, layout.block_nbytes)
-    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in blocks], axis=2)
-
-
 def worker_cache_client(config, channels, layout: common_pb2.KVLayout) -> "CacheClient | None":
     """An engine worker's cache (its `cache` and `cache_timeout_s` settings): the given address, else the one
     registered with its scheduler; None for 'none' or when it has neither."""

@@ -31,10 +31,10 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     reclaim_stale_segments()
     backends = config.backends()
     engine, region = await asyncio.to_thread(load_engine, config, backends, config.prefix_caching)
-    receiver = Receiver(region, layout_proto(engine.layout), backends=backends)
+    layout = layout_proto(engine.layout)
+    receiver = Receiver(region, layout, backends=backends)
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="decode-engine")
-    cache = worker_cache_client(config, server.channels, layout_proto(engine.layout)) \
-        if config.cache_decode_kv else None
+    cache = worker_cache_client(config, server.channels, layout) if config.cache_decode_kv else None
     worker = DecodeWorker(engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
                           config.local_prefill_max_tokens, config.kv_events_max_hashes, cache)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))

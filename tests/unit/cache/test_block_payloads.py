@@ -1,9 +1,16 @@
-"""Cached blocks round-trip through the engine's pool: export, split into block payloads, stack, import."""
+"""Blocks offered to the cache round-trip through the engine's pool: export, split into Put payloads, stack back,
+import."""
 
 import numpy as np
 
 from kvmesh.services.engine.engine import LLMEngine
-from kvmesh.services.cache.client import split_blocks, stack_blocks
+from kvmesh.services.cache.client import split_blocks
+
+
+def stack_blocks(layout, blocks: list[bytes]) -> np.ndarray:
+    """Block payloads back as import_blocks wants them: uint8 [L, 2, n, block_nbytes]."""
+    shape = (layout.num_layers, 2, layout.block_nbytes)
+    return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in blocks], axis=2)
 
 
 def test_blocks_split_and_stacked_import_into_other_blocks_unchanged(model_dir):
