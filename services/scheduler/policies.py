@@ -70,26 +70,36 @@ def least_loaded(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
 
 
 # Rough CPU figures for the TTFT estimate; only their ratios steer the choice. Importing a cached block (fetch,
-# checksum, copy into the pool) runs about an order of magnitude faster than computing its tokens; a block the
-# decode worker's own pool holds is neither computed nor fetched: nearly free.
+# checksum, copy into the pool) runs about an order of magnitude faster than computing its tokens; handing a
+# computed token's KV to the decode worker is faster still, but not free.
 PREFILL_TOKENS_PER_S = 4_000.0
 FETCH_TOKENS_PER_S = 40_000.0
+TRANSFER_TOKENS_PER_S = 100_000.0
 QUEUED_PREFILL_S = 0.1  # wait behind each prompt already in flight on the prefill worker
 QUEUED_DECODE_S = 0.05  # wait behind each request queued on the decode worker
+#: A decode worker holding every full block of a prompt prefills a tail this short itself (its
+#: --local-prefill-max-tokens, at its default: the scheduler is not told each worker's value).
+LOCAL_PREFILL_MAX_TOKENS = 16
 
 
 def estimated_ttft(query: RouteQuery, layout: Layout, prefill: Worker, decode: Worker) -> float:
-    """Seconds to the first token on this pair: queue wait + prefill of the uncached tokens + fetch of the
-    cached ones; tokens the decode worker holds itself cost nothing. A decode worker without room for the prompt's
-    blocks waits too."""
+    """Seconds to the first token on this pair: queue waits + prefill of what the cache does not hold + fetch of
+    what it holds + the handoff of every token the decode worker does not hold.
+
+    The decode worker's own hit spares the handoff of those tokens, not their compute: the prefill worker still
+    computes every token the cache cannot give it. Only when the decode worker holds every full block and the tail
+    is short does it prefill the tail itself, without the prefill worker. A decode worker without room for the
+    prompt's blocks waits too."""
+    n = len(query.prompt_token_ids)
     held = query.decode_cached_tokens.get(decode.worker_id, 0)
-    cached = max(0, query.cached_tokens.get(layout, 0) - held)
-    uncached = len(query.prompt_token_ids) - held - cached
-    wait = (prefill.load.num_waiting + prefill.load.num_running) * QUEUED_PREFILL_S
-    wait += decode.load.num_waiting * QUEUED_DECODE_S
-    if decode.load.num_total_blocks and decode.load.num_free_blocks * layout.block_size < len(query.prompt_token_ids):
+    hit = query.cached_tokens.get(layout, 0)
+    wait = decode.load.num_waiting * QUEUED_DECODE_S
+    if decode.load.num_total_blocks and decode.load.num_free_blocks * layout.block_size < n:
         wait += QUEUED_PREFILL_S
-    return wait + uncached / PREFILL_TOKENS_PER_S + cached / FETCH_TOKENS_PER_S
+    if held and held >= (n - 1) // layout.block_size * layout.block_size and n - held <= LOCAL_PREFILL_MAX_TOKENS:
+        return wait + (n - held) / PREFILL_TOKENS_PER_S
+    wait += (prefill.load.num_waiting + prefill.load.num_running) * QUEUED_PREFILL_S
+    return wait + (n - hit) / PREFILL_TOKENS_PER_S + hit / FETCH_TOKENS_PER_S + (n - held) / TRANSFER_TOKENS_PER_S
 
 
 def kv_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:

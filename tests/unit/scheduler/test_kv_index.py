@@ -71,6 +71,22 @@ def test_kv_aware_prefers_the_decode_worker_holding_the_prefix_and_least_loaded_
     assert other_salt == {holder.worker_id: 0}  # salts isolate in the index too
 
 
+def test_a_held_prefix_spares_the_handoff_not_the_compute_unless_the_holder_prefills_the_tail_itself():
+    registry = Registry(lease_s=10)
+    add(registry, Role.PREFILL, 1)
+    idle = add(registry, Role.DECODE, 2)
+    holder = add(registry, Role.DECODE, 3, Load(num_waiting=1, num_free_blocks=90, num_total_blocks=100))
+    registry.apply_kv_events(holder.worker_id, HASHES, (), True)
+    longer = PROMPT + tuple(range(2000, 2040))  # 45 tokens past the held blocks: the prefill worker computes all
+    held = registry.kv_index.hit_tokens(registry.workers(Role.DECODE), longer, "")
+    assert held[holder.worker_id] == 320
+    plan = route(RouteQuery("r", longer, decode_cached_tokens=held), registry.workers(), kv_aware, max_queue=8)
+    assert plan.decode.worker_id == idle.worker_id  # the holder's queue costs more than the handoff it saves
+    held = registry.kv_index.hit_tokens(registry.workers(Role.DECODE), PROMPT, "")
+    plan = route(RouteQuery("r", PROMPT, decode_cached_tokens=held), registry.workers(), kv_aware, max_queue=8)
+    assert plan.decode.worker_id == holder.worker_id  # a 5-token tail: the holder prefills it, no prefill at all
+
+
 def test_heartbeats_carry_deltas_resync_after_registration_and_route_reports_the_hit():
     proto_layout = common_pb2.KVLayout(model_id="tiny", dtype="float32", block_size=16, num_layers=2,
                                        num_kv_heads=2, head_dim=8)
