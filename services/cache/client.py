@@ -17,7 +17,7 @@ import numpy as np
 
 from kvmesh.services.cache.blockfile import checksum
 from kvmesh.services.cache.servicer import block_bytes
-from kvmesh.services.common import telemetry
+from kvmesh.services.common import metrics, telemetry
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -185,32 +185,45 @@ class CacheClient:
             return True
         except asyncio.QueueFull:
             self.num_dropped_offers += 1
+            metrics.CACHE_OFFERED_BLOCKS.labels(outcome="dropped").inc(len(block_hashes))
             return False
 
     async def _put_loop(self) -> None:
         while True:
             block_hashes, data = await self._offers.get()
+            put = 0
             try:
                 exported = await data
                 if exported is not None and exported.shape[2]:
-                    await self._put(block_hashes, await asyncio.to_thread(split_blocks, exported))
+                    put = await self._put(block_hashes, await asyncio.to_thread(split_blocks, exported))
             except Exception as e:  # best effort: a lost offer is only a future miss
                 log.warning("cache put failed: %s", e)
                 self._failed()
+            metrics.CACHE_OFFERED_BLOCKS.labels(outcome="put").inc(put)
+            metrics.CACHE_OFFERED_BLOCKS.labels(outcome="failed").inc(len(block_hashes) - put)
 
-    async def _put(self, block_hashes: list[bytes], blocks: list[bytes]) -> None:
+    async def _put(self, block_hashes: list[bytes], blocks: list[bytes]) -> int:
+        """Put the blocks (one per leading hash); how many the cache took before any failure."""
         stub = await self._stub()
         if stub is None:
-            return
+            return 0
+        put = 0
         with telemetry.tracer().start_as_current_span("cache.put") as span:
             span.set_attribute("kvmesh.kv.bytes", sum(len(b) for b in blocks))
             span.set_attribute("kvmesh.cache.tier", "dram")
             # tail first: the head of the chain ends most recent in the cache's LRU order
             for block_hash, block in reversed(list(zip(block_hashes, blocks))):
                 crc = await asyncio.to_thread(checksum, block) if len(block) > 1 << 20 else checksum(block)
-                await stub.Put(cache_pb2.PutRequest(layout=self.layout, block_hash=block_hash, data=block,
-                                                    checksum=crc),
-                               timeout=self.timeout_s + len(block) / MIN_FETCH_BYTES_PER_S)
+                try:
+                    await stub.Put(cache_pb2.PutRequest(layout=self.layout, block_hash=block_hash, data=block,
+                                                        checksum=crc),
+                                   timeout=self.timeout_s + len(block) / MIN_FETCH_BYTES_PER_S)
+                except grpc.aio.AioRpcError as e:
+                    log.warning("cache put failed after %d of %d blocks: %s", put, len(blocks), e.code().name)
+                    self._failed()
+                    break
+                put += 1
+        return put
 
     async def close(self) -> None:
         if self._task is not None:

@@ -98,6 +98,12 @@ CACHE_MISSES = Counter(
     "kvmesh:cache_misses_total",
     "KV cache blocks asked for and held by no tier.",
     registry=REGISTRY)
+CACHE_OFFERED_BLOCKS = Counter(
+    "kvmesh:cache_offered_blocks_total",
+    "KV blocks a worker offered the cache after a request (prefill: the prompt's; decode with --cache-decode-kv: "
+    "the reply's), by outcome: put (the cache took it), dropped (the offer queue was full), failed (the put "
+    "failed or the blocks were gone).",
+    ["outcome"], registry=REGISTRY)
 CACHE_BYTES = Gauge(
     "kvmesh:cache_bytes",
     "Bytes of KV blocks held, by tier (dram or ssd).",

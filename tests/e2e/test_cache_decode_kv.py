@@ -3,7 +3,9 @@ the cache holds the blocks its reply filled, not only the prompt's; the next tur
 reply, new text) has the prefill worker fetch all of them and compute only the new text, and its tokens still
 equal HF's; nothing is left held afterwards."""
 
+import re
 import time
+import urllib.request
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -35,9 +37,19 @@ def dram_hits(mesh) -> int:
     return next(t for t in stats.tiers if t.name == "dram").hits
 
 
+def offered_blocks(proc, outcome: str) -> float:
+    """The worker's kvmesh:cache_offered_blocks_total{outcome=...}, scraped from the /metrics it printed."""
+    url = re.search(r"kvmesh \S+ metrics on (http://\S+/metrics)", proc.stdout).group(1)
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.search(rf'^kvmesh:cache_offered_blocks_total{{outcome="{outcome}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_the_next_turn_reuses_the_reply_from_the_cache(model_dir):
     path = model_dir("llama")
-    mesh = start_mesh(str(path), transport="shm", env={"KVMESH_DECODE_CACHE_DECODE_KV": "1"})
+    mesh = start_mesh(str(path), transport="shm",
+                      env={"KVMESH_DECODE_CACHE_DECODE_KV": "1", "KVMESH_METRICS_PORT": "0"})
     try:
         hf = AutoModelForCausalLM.from_pretrained(path)
         reply, _ = mesh.generate(PROMPT, REPLY_TOKENS, ignore_eos=True)
@@ -50,6 +62,11 @@ def test_the_next_turn_reuses_the_reply_from_the_cache(model_dir):
             assert time.monotonic() < deadline, "the decoded blocks never reached the cache"
             time.sleep(0.05)
         assert cache_hit_tokens(mesh, conversation + NEW_TEXT) == 5 * BLOCK
+        decode, prefill = mesh.decodes[0], mesh.prefills[0]
+        while (offered_blocks(decode, "put"), offered_blocks(prefill, "put")) != (2, 3):  # counted after the put
+            assert time.monotonic() < deadline, (offered_blocks(decode, "put"), offered_blocks(prefill, "put"))
+            time.sleep(0.05)
+        assert offered_blocks(decode, "failed") == offered_blocks(decode, "dropped") == 0
 
         hits = dram_hits(mesh)
         next_turn = conversation + NEW_TEXT
