@@ -5,28 +5,31 @@ like that layout's pool (`staging_blocks` blocks, allocated on first use and reu
 delivery:
 
 1. peeks at how many leading blocks of the chain are held and takes that many staging blocks (at most the whole
-   region); when too few are free it waits up to `wait_s`, then delivers nothing (a miss). A delivery takes all
-   its staging blocks at once and never waits while holding some, so deliveries cannot deadlock;
-2. copies the blocks into its staging blocks while the store's read lease holds them (off the event loop);
+   region), sharing those already staged for the same hashes (staging.py); when too few are free it waits up to
+   `wait_s`, then delivers nothing (a miss). A delivery takes all its staging blocks at once and never waits
+   while holding some, so deliveries cannot deadlock;
+2. copies the blocks not staged yet into its fresh staging blocks while the store's read lease holds them (off
+   the event loop), and waits for the ones another delivery is copying;
 3. opens one transfer into the requester's destination blocks (negotiated as for the prefill→decode handoff: shm
    on one host, else ucx or grpc), sends every layer and commits; the requester verifies every layer's checksum.
 
 A chain can be delivered only in part (a block evicted since the requester's lookup, or more blocks than staging
 holds): the transfer must still cover every block the requester expected, so the blocks past the delivered ones
 repeat the last delivered block (filler the requester computes over), and the reply says how many lead. Staging
-blocks go back on every path: finish, error and cancel (after a copy still running in its thread is done).
+blocks go back on every path: finish, error and cancel (after a copy still running in its thread is done); the
+ones filled stay staged for the next delivery of their hashes until their place is needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
+from kvmesh.services.cache.staging import StagedBlocks
 from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError
 from kvmesh.transports import PREFERENCE, KVRegion, Sender, TransferStats, allocate_region, block_nbytes
@@ -52,52 +55,12 @@ class Delivered:
     stats: TransferStats | None = None
 
 
-class StagingPool:
-    """The free blocks of one staging region. `acquire` takes n at once or none; `release` gives them back."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
-        self._waiters: list[asyncio.Future] = []
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    async def acquire(self, n: int, wait_s: float) -> list[int]:
-        """min(n, num_blocks) blocks, waiting up to wait_s for them to be free; [] when they were not."""
-        n = min(n, self.num_blocks)
-        deadline = time.monotonic() + wait_s
-        while len(self._free) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, left)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        return [self._free.pop() for _ in range(n)]
-
-    def release(self, block_ids: Sequence[int]) -> None:
-        """Give blocks back and wake every waiter to look again. Never awaits (safe in a cancelled task)."""
-        self._free.extend(reversed(block_ids))
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-
 @dataclass
 class _Lane:
     """One layout's staging region, its free blocks, and the sender that writes out of it."""
 
     region: KVRegion
-    staging: StagingPool
+    staging: StagedBlocks
     sender: Sender
 
 
@@ -122,6 +85,14 @@ class Delivery:
         return sum(lane.staging.num_blocks for lane in self._lanes.values())
 
     @property
+    def num_staging_staged(self) -> int:
+        return sum(lane.staging.num_staged for lane in self._lanes.values())
+
+    @property
+    def num_staging_shared(self) -> int:
+        return sum(lane.staging.num_shared for lane in self._lanes.values())
+
+    @property
     def num_open_transfers(self) -> int:
         return sum(lane.sender.num_open_transfers for lane in self._lanes.values())
 
@@ -143,29 +114,48 @@ class Delivery:
         if not held:
             return Delivered()
         lane = self._lane(key, layout)
-        ids = await lane.staging.acquire(held, self.wait_s)
-        if not ids:
+        entries, fresh = await lane.staging.acquire(block_hashes[:held], self.wait_s)
+        if not entries:
             self.num_waits_exhausted += 1
             log.info("staging of %d blocks full for %.3f s: %s gets nothing", lane.staging.num_blocks,
                      self.wait_s, transfer_id)
             return Delivered()
-        copy = asyncio.ensure_future(asyncio.to_thread(self._copy_in, lane, key, block_hashes[:len(ids)], ids))
+        copy = asyncio.ensure_future(asyncio.to_thread(self._copy_in, lane, key, [e.block_hash for e in fresh],
+                                                       [e.block for e in fresh])) if fresh else None
         try:
-            tiers = await asyncio.shield(copy)
+            if copy is not None:
+                lane.staging.fill(fresh, await asyncio.shield(copy))
+            pending = {e.ready for e in entries if not e.ready.done()}  # blocks other deliveries are copying
+            if pending:
+                await asyncio.wait(pending)  # (wait, unlike gather, never cancels them for their other holders)
+            tiers = []
+            for entry in entries:  # the leading run that holds bytes
+                if entry.tier is None:
+                    break
+                tiers.append(entry.tier)
             if not tiers:
                 return Delivered()
-            src = ids[:len(tiers)] + [ids[len(tiers) - 1]] * (len(block_hashes) - len(tiers))
+            src = [e.block for e in entries[:len(tiers)]]
+            src += [src[-1]] * (len(block_hashes) - len(tiers))
             stats = await self._send(lane, destination, transfer_id, dst_block_ids, src, timeout)
         except BaseException:
             self.num_failed += 1
             raise
         finally:
-            if copy.done():
-                lane.staging.release(ids)
-            else:  # cancelled mid-copy: the thread still writes into these blocks
-                copy.add_done_callback(lambda _: lane.staging.release(ids))
+            if copy is None or copy.done():
+                lane.staging.fill(fresh, [])  # what the copy did not fill (it failed) holds nothing
+                lane.staging.release(entries)
+            else:  # cancelled mid-copy: the thread still writes into the fresh blocks
+                copy.add_done_callback(lambda done: self._copied(lane, fresh, entries, done))
         self.num_deliveries += 1
         return Delivered(len(tiers), tiers.count("dram"), tiers.count("ssd"), stats)
+
+    @staticmethod
+    def _copied(lane: _Lane, fresh, entries, copy: asyncio.Future) -> None:
+        """A cancelled delivery's copy finished: what it filled stays staged for others, then release."""
+        tiers = copy.result() if not copy.cancelled() and copy.exception() is None else []
+        lane.staging.fill(fresh, tiers)
+        lane.staging.release(entries)
 
     async def close(self) -> None:
         """Abort open transfers and free every staging region. Called once when the service stops."""
@@ -197,7 +187,7 @@ class Delivery:
                 raise CapacityError(f"the cache delivers blocks of at most {MAX_LAYOUTS} KV layouts")
             region = allocate_region(layout.num_layers, self.staging_blocks, block_nbytes(layout), "grpc")
             sender = Sender(region, layout, backends=self.backends, force=self.force, chaos=self.chaos)
-            lane = self._lanes[key] = _Lane(region, StagingPool(self.staging_blocks), sender)
+            lane = self._lanes[key] = _Lane(region, StagedBlocks(self.staging_blocks), sender)
         return lane
 
     def _copy_in(self, lane: _Lane, key: bytes, block_hashes: Sequence[bytes], ids: list[int]) -> list[str]:

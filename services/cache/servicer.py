@@ -105,7 +105,9 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
                                        staging_blocks_total=delivery.num_staging_total,
                                        open_transfers=delivery.num_open_transfers,
                                        deliveries=delivery.num_deliveries, failed_deliveries=delivery.num_failed,
-                                       staging_waits_exhausted=delivery.num_waits_exhausted)
+                                       staging_waits_exhausted=delivery.num_waits_exhausted,
+                                       staging_blocks_staged=delivery.num_staging_staged,
+                                       staging_blocks_shared=delivery.num_staging_shared)
 
     async def Clear(self, request, context):
         removed = self.store.clear()

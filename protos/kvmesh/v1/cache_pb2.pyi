@@ -102,7 +102,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("hits", "misses", "num_blocks", "num_bytes", "evictions", "capacity_bytes", "puts", "rejected_puts", "tiers", "corrupt_blocks", "dropped_writes", "staging_blocks_used", "staging_blocks_total", "open_transfers", "deliveries", "failed_deliveries", "staging_waits_exhausted")
+    __slots__ = ("hits", "misses", "num_blocks", "num_bytes", "evictions", "capacity_bytes", "puts", "rejected_puts", "tiers", "corrupt_blocks", "dropped_writes", "staging_blocks_used", "staging_blocks_total", "open_transfers", "deliveries", "failed_deliveries", "staging_waits_exhausted", "staging_blocks_staged", "staging_blocks_shared")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,8 @@ class StatsResponse(_message.Message):
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     FAILED_DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     STAGING_WAITS_EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BLOCKS_STAGED_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BLOCKS_SHARED_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     num_blocks: int
@@ -137,7 +139,9 @@ class StatsResponse(_message.Message):
     deliveries: int
     failed_deliveries: int
     staging_waits_exhausted: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., corrupt_blocks: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., staging_blocks_used: _Optional[int] = ..., staging_blocks_total: _Optional[int] = ..., open_transfers: _Optional[int] = ..., deliveries: _Optional[int] = ..., failed_deliveries: _Optional[int] = ..., staging_waits_exhausted: _Optional[int] = ...) -> None: ...
+    staging_blocks_staged: int
+    staging_blocks_shared: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., puts: _Optional[int] = ..., rejected_puts: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., corrupt_blocks: _Optional[int] = ..., dropped_writes: _Optional[int] = ..., staging_blocks_used: _Optional[int] = ..., staging_blocks_total: _Optional[int] = ..., open_transfers: _Optional[int] = ..., deliveries: _Optional[int] = ..., failed_deliveries: _Optional[int] = ..., staging_waits_exhausted: _Optional[int] = ..., staging_blocks_staged: _Optional[int] = ..., staging_blocks_shared: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("name", "num_blocks", "num_bytes", "capacity_bytes", "hits", "evictions")

@@ -1,6 +1,7 @@
 """Fetch's transport side in one process: a store's blocks land in a receiver's reserved blocks through shm and
-grpc, verified; partial chains, damaged transfers, full staging and cancellation leave no staging block, transfer
-record or shared-memory segment behind."""
+grpc, verified; concurrent and later deliveries of a chain share its staged copy; partial chains, damaged
+transfers, full staging and cancellation leave no staging block, transfer record or shared-memory segment
+behind."""
 
 import asyncio
 import os
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvmesh.services.cache.delivery import Delivery, StagingPool, layout_key
+from kvmesh.services.cache.delivery import Delivery, layout_key
+from kvmesh.services.cache.staging import StagedBlocks
 from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.cache.tiers import DramTier
 from kvmesh.transports import DataLossError, Receiver, TransferAborted, allocate_region, block_nbytes, make_layout
@@ -160,28 +162,92 @@ def test_a_delivery_cancelled_mid_transfer_returns_its_staging_blocks_and_aborts
     run("shm", body)
 
 
+def h(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
 def test_staging_is_bounded_waits_briefly_and_never_deadlocks():
     async def body():
-        pool = StagingPool(4)
-        held = await pool.acquire(10, 0)  # more than the region: capped
-        assert sorted(held) == [0, 1, 2, 3] and pool.num_used == 4
-        assert await pool.acquire(1, 0.02) == []  # full: gives up
-        later = asyncio.ensure_future(pool.acquire(2, 5))
+        pool = StagedBlocks(4)
+        held, fresh = await pool.acquire([h(i) for i in range(10)], 0)  # more than the region: capped
+        assert sorted(e.block for e in held) == [0, 1, 2, 3] and fresh == held and pool.num_used == 4
+        assert await pool.acquire([h(10)], 0.02) == ([], [])  # full: gives up
+        later = asyncio.ensure_future(pool.acquire([h(10), h(11)], 5))
         await asyncio.sleep(0.01)
+        pool.fill(fresh, [])  # the copy found nothing: nothing stays staged
         pool.release(held)
-        assert len(await later) == 2 and pool.num_used == 2
+        entries, _ = await later
+        assert len(entries) == 2 and pool.num_used == 2 and pool.num_staged == 2
 
     asyncio.run(body())
+
+
+def test_staged_blocks_are_shared_kept_when_idle_and_evicted_lru_for_new_hashes():
+    async def body():
+        pool = StagedBlocks(3)
+        a, fresh_a = await pool.acquire([h(0), h(1)], 0)
+        b, fresh_b = await pool.acquire([h(0), h(1), h(2)], 0)  # shares 0 and 1 while a is still filling them
+        assert fresh_a == a and fresh_b == [b[2]] and b[:2] == a and pool.num_used == 3 and pool.num_shared == 2
+        pool.fill(fresh_a, ["dram", "ssd"])
+        pool.fill(fresh_b, [])  # 2 was not in the store after all: unstaged at once
+        assert [e.tier for e in b] == ["dram", "ssd", None]
+        pool.release(a)
+        pool.release(b)
+        assert (pool.num_used, pool.num_staged) == (0, 2)  # 0 and 1 stay staged, idle; 2's block is free
+        c, fresh_c = await pool.acquire([h(1)], 0)
+        assert fresh_c == [] and c[0].tier == "ssd"  # served from staging: no copy
+        pool.release(c)  # idle order now: 0, then 1
+        d, fresh_d = await pool.acquire([h(5), h(6)], 0)  # one free block, then evicts the least recent: 0
+        assert len(fresh_d) == 2 and pool.num_staged == 3
+        e, fresh_e = await pool.acquire([h(0), h(1)], 0.02)  # 1 still staged; 0 was evicted, and no room is left
+        assert (e, fresh_e) == ([], [])
+        pool.fill(fresh_d, ["dram", "dram"])
+        pool.release(d)
+        e, fresh_e = await pool.acquire([h(0), h(1)], 0)
+        assert [x.block_hash for x in fresh_e] == [h(0)] and e[1].tier == "ssd"
+        pool.fill(fresh_e, ["dram"])
+        pool.release(e)
+        assert pool.num_used == 0
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("backend", ["shm", "grpc"])
+def test_concurrent_and_later_deliveries_of_a_chain_share_one_staged_copy(backend):
+    async def body(receiver, make):
+        store = store_with([0, 1, 2])
+        reads = []
+        get = store.get
+        store.get = lambda key, hashes, sink: reads.append(len(hashes)) or get(key, hashes, sink)
+        delivery = make(store)
+        hashes = [block(i)[0] for i in range(3)]
+        dsts = {"c1": [0, 1, 2], "c2": [3, 4, 5], "c3": [6, 7, 8]}
+        for tid, dst in dsts.items():
+            receiver.expect(tid, dst)
+        waiting = [asyncio.ensure_future(receiver.wait(t, timeout=10)) for t in dsts]
+        done = await asyncio.gather(*(delivery.deliver(LAYOUT, hashes, receiver.descriptor(), dsts[t], t, timeout=10)
+                                      for t in ("c1", "c2")))
+        assert [d.num_blocks for d in done] == [3, 3] and reads == [3]  # copied out of the store once
+        later = await delivery.deliver(LAYOUT, hashes, receiver.descriptor(), dsts["c3"], "c3", timeout=10)
+        assert later.num_blocks == 3 and reads == [3]  # still staged: not read again
+        await asyncio.gather(*waiting)
+        for dst in dsts.values():
+            assert [landed(receiver, b) for b in dst] == [block(i)[1] for i in range(3)]
+        lane = delivery._lanes[layout_key(LAYOUT)]
+        assert lane.staging.num_staged == 3 and lane.staging.num_shared == 6
+        assert no_leaks(delivery, receiver)
+
+    run(backend, body)
 
 
 def test_staging_full_delivers_nothing_within_the_wait():
     async def body(receiver, make):
         delivery = make(store_with([0]), staging_blocks=1, wait_s=0.02)
-        lane_ids = await delivery._lane(layout_key(LAYOUT), LAYOUT).staging.acquire(1, 0)  # another delivery's
+        held, _ = await delivery._lane(layout_key(LAYOUT), LAYOUT).staging.acquire([h(99)], 0)  # another's
         receiver.expect("t6", [0])
         done = await delivery.deliver(LAYOUT, [block(0)[0]], receiver.descriptor(), [0], "t6", timeout=5)
         assert done.num_blocks == 0 and delivery.num_waits_exhausted == 1
-        delivery._lanes[layout_key(LAYOUT)].staging.release(lane_ids)
+        delivery._lanes[layout_key(LAYOUT)].staging.release(held)
         await receiver.retire("t6")
         assert no_leaks(delivery, receiver)
 
