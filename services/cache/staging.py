@@ -3,7 +3,9 @@
 A block staged for a hash serves every delivery of that hash while it stays staged: concurrent fetches of one
 prefix (a system prompt every request starts with) take one staging block per block of the prefix, not one per
 fetch, and copy it out of the store once. A staged block nobody holds stays staged (least recently used first to
-go) until a new hash needs its place, so a hot prefix is sent without touching the store at all.
+go) until a new hash needs its place, so a hot prefix is sent without touching the store at all. Idle staged
+blocks give way before never-used ones are touched: the region's resident memory stays what concurrent
+deliveries needed at their peak.
 
 `acquire` takes a delivery's entries all at once or none (waiting a little for room), never waiting while it
 holds some, so deliveries cannot deadlock. The delivery that finds a hash unstaged claims a fresh block and must
@@ -41,6 +43,7 @@ class StagedBlocks:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._touched = 0  # blocks below this id were handed out at least once
         self._by_hash: dict[bytes, Staged] = {}
         self._idle: OrderedDict[bytes, None] = OrderedDict()  # staged, held by nobody; least recently used first
         self._waiters: list[asyncio.Future] = []
@@ -122,7 +125,12 @@ class StagedBlocks:
         return len(self._free) + evictable - fresh
 
     def _take(self) -> int:
-        if self._free:
-            return self._free.pop()
+        """A block for a new hash: a free one already used, else the least recently used idle one, else one never
+        used — so the region's memory is touched only as deep as concurrent deliveries reach, as without sharing.
+        (`_free` pops ids upwards from 0 until all were handed out once; a released block goes on top.)"""
+        if self._free and (self._free[-1] < self._touched or not self._idle):
+            block = self._free.pop()
+            self._touched = max(self._touched, block + 1)
+            return block
         block_hash, _ = self._idle.popitem(last=False)  # _room made sure it is not one of this chain's
         return self._by_hash.pop(block_hash).block

@@ -197,7 +197,7 @@ def test_staged_blocks_are_shared_kept_when_idle_and_evicted_lru_for_new_hashes(
         c, fresh_c = await pool.acquire([h(1)], 0)
         assert fresh_c == [] and c[0].tier == "ssd"  # served from staging: no copy
         pool.release(c)  # idle order now: 0, then 1
-        d, fresh_d = await pool.acquire([h(5), h(6)], 0)  # one free block, then evicts the least recent: 0
+        d, fresh_d = await pool.acquire([h(5), h(6)], 0)  # 2's used block, then the least recent idle one: 0
         assert len(fresh_d) == 2 and pool.num_staged == 3
         e, fresh_e = await pool.acquire([h(0), h(1)], 0.02)  # 1 still staged; 0 was evicted, and no room is left
         assert (e, fresh_e) == ([], [])
@@ -208,6 +208,25 @@ def test_staged_blocks_are_shared_kept_when_idle_and_evicted_lru_for_new_hashes(
         pool.fill(fresh_e, ["dram"])
         pool.release(e)
         assert pool.num_used == 0
+
+    asyncio.run(body())
+
+
+def test_idle_staged_blocks_give_way_before_unused_memory_is_touched():
+    async def body():
+        pool = StagedBlocks(8)
+        a, fresh = await pool.acquire([h(0), h(1)], 0)
+        pool.fill(fresh, ["dram", "dram"])
+        pool.release(a)
+        for i in range(2, 6):  # one at a time: each new hash takes an idle block's place
+            b, fresh = await pool.acquire([h(i)], 0)
+            assert [e.block for e in b] == [fresh[0].block] and fresh[0].block in (0, 1)
+            pool.fill(fresh, ["dram"])
+            pool.release(b)
+        both, _ = await pool.acquire([h(6), h(7), h(8)], 0)  # three at once: a third block is touched
+        assert sorted(e.block for e in both) == [0, 1, 2]
+        pool.fill(both, [])
+        pool.release(both)
 
     asyncio.run(body())
 
