@@ -196,9 +196,8 @@ class CacheClient:
                 exported = await data
                 if exported is not None and exported.shape[2]:
                     put = await self._put(block_hashes, await asyncio.to_thread(split_blocks, exported))
-            except Exception as e:  # best effort: a lost offer is only a future miss
-                log.warning("cache put failed: %s", e)
-                self._failed()
+            except Exception as e:  # the blocks could not be read out here (put errors are _put's): only a miss
+                log.warning("offered blocks could not be read for the cache: %s", e)
             metrics.CACHE_OFFERED_BLOCKS.labels(outcome="put").inc(put)
             metrics.CACHE_OFFERED_BLOCKS.labels(outcome="failed").inc(len(block_hashes) - put)
 
