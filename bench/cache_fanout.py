@@ -27,7 +27,8 @@ async def fanout(n: int, rounds: int) -> list[tuple[float, int]]:
     from kvmesh.services.cache.delivery import Delivery, layout_key
     from kvmesh.services.cache.store import BlockStore
     from kvmesh.services.cache.tiers import DramTier
-    from kvmesh.transports import Receiver, allocate_region, block_nbytes, make_layout
+    from kvmesh.transports import allocate_region, block_nbytes, make_layout
+    from kvmesh.transports.receiver import Receiver
 
     layout = make_layout(num_layers=8, block_size=16, num_kv_heads=4, head_dim=64, dtype="float32", model_id="small")
     layer_bytes = block_nbytes(layout)

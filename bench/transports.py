@@ -48,7 +48,8 @@ def blocks_for(size: int) -> int:
 async def serve(backend: str, num_blocks: int) -> None:
     """The receiver side: a region, a Receiver and its service; commands on stdin: expect/wait <tid> <n>."""
     import grpc
-    from kvmesh.transports import Receiver, allocate_region
+    from kvmesh.transports import allocate_region
+    from kvmesh.transports.receiver import Receiver
 
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # libraries that log to stdout (NIXL) must not garble the replies
@@ -103,7 +104,8 @@ async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool,
     With `window` > 1 (osu_bw's method), `window_for(size)` transfers of that size run at once, as a prefill
     worker's batch of prompts sends them, each into its own blocks; GB/s is their bytes from the first Open until
     the receiver holds the last one verified, and the phase times are each transfer's own."""
-    from kvmesh.transports import Sender, allocate_region
+    from kvmesh.transports import allocate_region
+    from kvmesh.transports.sender import Sender
     from kvmesh.v1 import common_pb2
 
     num_blocks = max(blocks_for(s) * window_for(s, window) for s in sizes)
@@ -165,7 +167,9 @@ async def bench_one_loop(size: int, reps: int) -> dict[str, float]:
     moving bytes (each side's copy and xxh3 of `size`, timed on their own)."""
     import grpc
     import xxhash
-    from kvmesh.transports import Receiver, Sender, allocate_region
+    from kvmesh.transports import allocate_region
+    from kvmesh.transports.receiver import Receiver
+    from kvmesh.transports.sender import Sender
 
     n = blocks_for(size)
     receiving, sending = (allocate_region(LAYERS, n, BLOCK_NBYTES, b) for b in ("shm", "grpc"))

@@ -1,18 +1,18 @@
-"""KV transports: move KV blocks between worker processes' pools; they know nothing of models.
+"""KV transports: move KV blocks between worker processes' pools; they know nothing of models, nor of services.
 
 A pool is one uint8 array [num_layers, 2 (K, V), num_blocks, block_nbytes] (`allocate_region`). A transfer copies,
 for every layer, K and V of the sender's blocks src[i] into the receiver's blocks dst[i]:
 
     # receiving worker (decode, cache), on its event loop
-    region = allocate_region(layers, num_blocks, block_nbytes(layout), ["shm", "ucx", "grpc"])
-    receiver = Receiver(region, layout, address="10.0.0.7:50051")
+    region = allocate_region(layers, num_blocks, block_nbytes(layout), available_backends())
+    receiver = Receiver(region, layout, address="10.0.0.7:50051", observer=report)
     receiver.mount(server)                        # its grpc.aio server, before server.start()
     receiver.expect("req-1", dst_block_ids, lease_s=30)
     ...hand receiver.descriptor() to the sender (e.g. in the Prefill request)...
     stats = await receiver.wait("req-1", timeout=30)   # DataLossError / TransferTimeout / TransferAborted
 
     # sending worker (prefill, cache), on its event loop
-    sender = Sender(my_region, layout)            # backends best first; shm only on the same host
+    sender = Sender(my_region, layout, observer=report)   # backends best first; same-host ones only on its host
     async with await sender.open(descriptor, "req-1", dst_block_ids, timeout=10) as transfer:
         for layer in range(layers):               # as soon as each layer is computed
             await transfer.send_layer(layer, src_block_ids)
@@ -21,27 +21,102 @@ for every layer, K and V of the sender's blocks src[i] into the receiver's block
     # receiving worker, before reusing the blocks of a request that ended any other way
     await receiver.retire("req-1")               # waits until a one-sided sender can no longer write into them
 
-Modules: base.py (contract, registry, shared helpers), sender.py and transfer.py (the sending side: one Sender,
-one Transfer per transfer), receiver.py and record.py (the receiving side: one Receiver, one Record per transfer),
-region.py (pools, layouts, host id), blocks.py (runs, checksums), service.py (the KVTransfer gRPC service),
-local.py (the same control messages over a Unix socket for same-host senders), grpc.py / shm.py / ucx.py
-(backends), staging.py (small shm transfers staged in the sender's own segment: one Commit instead of Open +
-Commit), chaos.py (fault and bandwidth injection), errors.py (typed errors with their gRPC status).
+(`Sender` from `kvmesh.transports.sender`, `Receiver` from `kvmesh.transports.receiver`; `report` is the
+service's observer, e.g. `kvmesh.services.common.transfer_telemetry.report`.)
+
+Modules: this one (the registry: the one place that lists backends, and what derives from it), base.py (the
+contract), sender.py and transfer.py (the sending side), receiver.py, record.py and fences.py (the receiving
+side), region.py (pools, layouts, host id), blocks.py (runs, checksums), aio.py (deadlines), service.py (the
+KVTransfer control service), local.py (the same control messages over a Unix socket for same-host senders),
+chaos.py (fault and bandwidth injection), errors.py (typed errors with their gRPC status); one package per
+backend: grpc/, shm/ (segments and the staged small-transfer protocol), ucx/.
 """
 
-from kvmesh.transports.base import BACKENDS, PREFERENCE, Backend, TransferStats, available_backends
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from kvmesh.transports.base import Backend, Observer, TransferStats
 from kvmesh.transports.errors import (DataLossError, InvalidTransfer, LayoutMismatch, NoCommonBackend,
                                       PeerUnavailable, TransferAborted, TransferTimeout, TransportError,
                                       UnknownTransfer)
-from kvmesh.transports.receiver import Receiver
-from kvmesh.transports.region import KVRegion, allocate_region, block_nbytes, host_id, make_layout
-from kvmesh.transports.sender import Sender
-from kvmesh.transports.shm import reclaim_stale_segments
-from kvmesh.transports.transfer import Transfer
+from kvmesh.transports.region import KVRegion, block_nbytes, host_id, make_layout
+
+# Best first: the negotiation preference. A receiver lists what it accepts in this order unless told otherwise.
+PREFERENCE = ("shm", "ucx", "grpc")
+
+
+def _grpc() -> type[Backend]:
+    from kvmesh.transports.grpc import GrpcBackend
+    return GrpcBackend
+
+
+def _shm() -> type[Backend]:
+    from kvmesh.transports.shm import ShmBackend
+    return ShmBackend
+
+
+def _ucx() -> type[Backend]:
+    from kvmesh.transports.ucx import UcxBackend
+    return UcxBackend
+
+
+# The registry: one explicit line per backend; creators import implementations lazily.
+BACKENDS: dict[str, Callable[[], type[Backend]]] = {"grpc": _grpc, "shm": _shm, "ucx": _ucx}
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The Backend subclass registered under `name`; ValueError for an unknown name."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown transport backend {name!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+def registered_backends() -> list[str]:
+    """Every registered backend, best first, whether or not it can run in this process (e.g. for flag choices)."""
+    return sorted(BACKENDS, key=_rank)
+
+
+def available_backends() -> list[str]:
+    """Registered backends that can run in this process, best first."""
+    return [n for n in registered_backends() if backend_class(n).unavailable_reason() is None]
+
+
+def _rank(name: str) -> int:
+    return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
+
+
+def allocate_region(num_layers: int, num_blocks: int, block_nbytes: int, backends: str | Sequence[str] = ()
+                    ) -> KVRegion:
+    """Allocate a KV pool that a receiver accepting `backends` (a name or a list) can serve.
+
+    Each named backend may need the pool in its own kind of memory (shm: a shared segment that a same-host sender
+    maps); the first that does decides. With no backends (a sender's pool, a staging pool) it is ordinary memory.
+    """
+    for n, what in ((num_layers, "num_layers"), (num_blocks, "num_blocks"), (block_nbytes, "block_nbytes")):
+        if n <= 0:
+            raise ValueError(f"{what} must be > 0, got {n}")
+    shape = (num_layers, 2, num_blocks, block_nbytes)
+    for name in [backends] if isinstance(backends, str) else list(backends):
+        region = backend_class(name).make_region(shape)
+        if region is not None:
+            return region
+    return KVRegion(array=np.zeros(shape, dtype=np.uint8))
+
+
+def reclaim_stale(backends: Sequence[str] | None = None) -> list[str]:
+    """Free what dead processes left behind for `backends` (default: every available one); names of what was
+    freed. Call when a worker starts."""
+    names = available_backends() if backends is None else backends
+    return [item for name in names for item in backend_class(name).reclaim_stale()]
+
 
 __all__ = [
-    "BACKENDS", "PREFERENCE", "Backend", "Transfer", "TransferStats", "available_backends", "DataLossError",
-    "InvalidTransfer", "LayoutMismatch", "NoCommonBackend", "PeerUnavailable", "TransferAborted",
-    "TransferTimeout", "TransportError", "UnknownTransfer", "Receiver", "KVRegion", "allocate_region",
-    "block_nbytes", "host_id", "make_layout", "Sender", "reclaim_stale_segments",
+    "BACKENDS", "PREFERENCE", "Backend", "Observer", "TransferStats", "available_backends", "backend_class",
+    "registered_backends",
+    "allocate_region", "reclaim_stale", "DataLossError", "InvalidTransfer", "LayoutMismatch", "NoCommonBackend",
+    "PeerUnavailable", "TransferAborted", "TransferTimeout", "TransportError", "UnknownTransfer", "KVRegion",
+    "block_nbytes", "host_id", "make_layout",
 ]

@@ -27,8 +27,8 @@ import struct
 
 from google.protobuf.message import DecodeError
 
-from kvmesh.transports import errors
-from kvmesh.transports.base import _within
+import kvmesh.transports.errors as errors
+from kvmesh.transports.aio import within
 from kvmesh.transports.service import ABORT_TIMEOUT_S, CONTROL_TYPES, control
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class LocalControlServer:
             self._writers.discard(writer)
             writer.close()
             for transfer_id in opened:
-                self.receiver._sender_gone(transfer_id)
+                self.receiver.on_sender_gone(transfer_id)
 
     async def _answer(self, writer, method: str, call_id: int, payload: bytes, opened: set[str]) -> None:
         request_type, _ = CONTROL_TYPES[method]
@@ -147,7 +147,7 @@ class LocalPeer:
     async def open(self, transfer_id, dst_ids, layout, backend, host_id, timeout) -> float:
         request = CONTROL_TYPES["Open"][0](transfer_id=transfer_id, dst_block_ids=dst_ids.tolist(), layout=layout,
                                            backend=backend, sender_host_id=host_id)
-        return (await self._call("Open", request, timeout, f"open {transfer_id}")).lease_remaining_s
+        return (await self.call("Open", request, timeout, f"open {transfer_id}")).lease_remaining_s
 
     async def post_open(self, request, timeout: float) -> asyncio.Task:
         """Send an Open now and return a task for its answer, instead of waiting for it (the sender carries the same
@@ -162,13 +162,13 @@ class LocalPeer:
         request = CONTROL_TYPES["Commit"][0](transfer_id=transfer_id, backend=backend, nbytes=nbytes,
                                              layer_checksums=checksums, has_checksums=has_checksums,
                                              push_streams=push_streams, open=open, staged=staged)
-        return await self._call("Commit", request, timeout, f"commit {transfer_id}")
+        return await self.call("Commit", request, timeout, f"commit {transfer_id}")
 
     async def abort(self, transfer_id: str, reason: str) -> None:
         """Best effort: never raises (the receiver's lease, or our vanishing, cleans up if this is lost)."""
         request = CONTROL_TYPES["Abort"][0](transfer_id=transfer_id, reason=reason)
         try:
-            await self._call("Abort", request, ABORT_TIMEOUT_S, f"abort {transfer_id}")
+            await self.call("Abort", request, ABORT_TIMEOUT_S, f"abort {transfer_id}")
         except errors.TransportError:
             pass
 
@@ -176,7 +176,7 @@ class LocalPeer:
         """A hint; never raises."""
         request = CONTROL_TYPES["LayerWritten"][0](transfer_id=transfer_id, layer=layer)
         try:
-            await self._call("LayerWritten", request, ABORT_TIMEOUT_S, f"layer_written {transfer_id}")
+            await self.call("LayerWritten", request, ABORT_TIMEOUT_S, f"layer_written {transfer_id}")
         except errors.TransportError:
             pass
 
@@ -188,10 +188,11 @@ class LocalPeer:
             writer.close()
         self._fail_pending(errors.PeerUnavailable(f"control channel {self.name} closed"))
 
-    # ---- private ----
-
-    async def _call(self, method: str, request, timeout: float, what: str):
+    async def call(self, method: str, request, timeout: float, what: str):
+        """One control call: send `request` and await its typed reply (TransportError on a refusal)."""
         return await self._answer(await self._post(method, request, what), method, timeout, what)
+
+    # ---- private ----
 
     async def _post(self, method: str, request, what: str) -> tuple[int, asyncio.Future]:
         """Write one request; return its call id and the future its raw answer will resolve."""
@@ -206,7 +207,7 @@ class LocalPeer:
     async def _answer(self, posted: tuple[int, asyncio.Future], method: str, timeout: float, what: str):
         call_id, future = posted
         try:
-            kind, payload = await _within(lambda: future, timeout)
+            kind, payload = await within(lambda: future, timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise errors.TransferTimeout(f"{what}: deadline passed") from None
         finally:

@@ -2,7 +2,9 @@
 
 A pool is ONE numpy uint8 array shaped [num_layers, 2, num_blocks, block_nbytes] (axis 1: 0 = K, 1 = V). One
 block of one layer is one contiguous run of bytes and consecutive block ids are contiguous, so a run of blocks is a
-single memcpy. Transports allocate the pool (`allocate_region`); the engine wraps `region.array` without copying.
+single memcpy. Transports allocate the pool (`allocate_region`, in the registry: a backend may need its own kind
+of memory); the engine wraps `region.array` without copying. This module is a leaf: it imports nothing of the
+package.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -24,7 +26,7 @@ class KVRegion:
     """A KV pool and whoever owns its memory. `close()` releases it (for shm: unmaps and unlinks the segment)."""
 
     array: np.ndarray
-    backend: str = "local"
+    backend: str = "local"  # whose memory it is: "local" (process memory) or the backend that made it
     name: str = ""  # shm segment name when the pool lives in shared memory
     _closer: Callable[[], None] | None = field(default=None, repr=False)
 
@@ -45,27 +47,6 @@ class KVRegion:
         closer, self._closer = self._closer, None
         if closer is not None:
             closer()
-
-
-def allocate_region(num_layers: int, num_blocks: int, block_nbytes: int,
-                    backend: str | Sequence[str] = "grpc") -> KVRegion:
-    """Allocate a KV pool for receiving through `backend` (a name or the list a receiver will accept).
-
-    If any named backend needs the receiver's pool in shared memory (shm), the pool is a POSIX shm segment that a
-    same-host sender maps; otherwise it is ordinary process memory.
-    """
-    for n, what in ((num_layers, "num_layers"), (num_blocks, "num_blocks"), (block_nbytes, "block_nbytes")):
-        if n <= 0:
-            raise ValueError(f"{what} must be > 0, got {n}")
-    names = [backend] if isinstance(backend, str) else list(backend)
-    from kvmesh.transports.base import backend_class  # registry; imported here to keep this module a leaf
-
-    if any(backend_class(n).needs_shared_region for n in names):
-        from kvmesh.transports.shm import create_segment
-
-        return create_segment((num_layers, 2, num_blocks, block_nbytes))
-    array = np.zeros((num_layers, 2, num_blocks, block_nbytes), dtype=np.uint8)
-    return KVRegion(array=array, backend="local")
 
 
 def make_layout(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16",

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
-from kvmesh.transports import errors
-from kvmesh.transports.base import PREFERENCE, Backend, _within, backend_class
+import kvmesh.transports.errors as errors
+from kvmesh.transports import PREFERENCE, backend_class
+from kvmesh.transports.aio import within
+from kvmesh.transports.base import Backend, Observer
 from kvmesh.transports.blocks import as_block_ids
+from kvmesh.transports.chaos import Chaos
+from kvmesh.transports.local import LocalPeer
 from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
-from kvmesh.transports.service import Peer as ServicePeer
-from kvmesh.transports.staging import StagedTransfer, StagingArea
+from kvmesh.transports.service import Peer
 from kvmesh.transports.transfer import Transfer
 from kvmesh.v1 import common_pb2, kv_pb2
 
@@ -22,12 +25,14 @@ class Sender:
     """Opens transfers from this worker's pool into receivers' pools.
 
     Holds one control channel per receiver address and one backend link per (backend, receiver), both cached.
-    All methods run on the sender's event loop. `chaos` (a spec string, see `chaos.py`) degrades every transfer.
+    All methods run on the sender's event loop. `chaos` (a spec string, see `chaos.py`) degrades every transfer;
+    `observer` is called with every finished or failed transfer's stats (see `base.Observer`).
     """
 
     def __init__(self, region: KVRegion, layout: common_pb2.KVLayout, *, backends: Sequence[str] = PREFERENCE,
                  host_id: str | None = None, force: str | None = None, verify: bool = True,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chaos: str | None = None, local_control: bool = True) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, chaos: str | None = None, local_control: bool = True,
+                 observer: Observer | None = None) -> None:
         check_region(region, layout)
         if not 4096 <= chunk_bytes <= DEFAULT_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [4096, {DEFAULT_CHUNK_BYTES}], got {chunk_bytes}")
@@ -36,16 +41,14 @@ class Sender:
         self.host_id = host_id or this_host_id()
         self.force, self.verify, self.chunk_bytes = force, verify, chunk_bytes
         self.local_control = local_control  # same-host receivers: control messages over their Unix socket
-        self.chaos = None
-        if chaos:
-            from kvmesh.transports.chaos import Chaos
-            self.chaos = Chaos.parse(chaos)
+        self.chaos = Chaos.parse(chaos) if chaos else None
+        self.observer = observer
         self._peers: dict[str, object] = {}
         self._links: dict[tuple, Backend] = {}
         self._locks: dict[tuple, asyncio.Lock] = {}
         self._transfers: set[Transfer] = set()
-        self._staging = StagingArea()
-        #: Always Open before writing (no staged shm transfers); for tests and benchmarks of the rendezvous path.
+        self._states: dict[str, object] = {}  # backends' per-sender state (see `state`)
+        #: Always Open before writing (no staged transfers); for tests and benchmarks of the rendezvous path.
         self.force_rendezvous = False
         self._closed = False
 
@@ -84,43 +87,41 @@ class Sender:
             raise errors.InvalidTransfer(str(exc)) from None
         name = self.choose_backend(descriptor)
         deadline = time.monotonic() + timeout
-        peer = self._peer(descriptor)
-        link = slot = None
+        peer = self.control_peer(descriptor)
+        link = None
         try:
-            link = await _within(lambda: self._link(name, descriptor, peer), timeout)
-            slot = self._staging_slot(link, peer, dst.size)
-            if slot is None and not link.opens_with_data:
+            link = await within(lambda: self._link(name, descriptor, peer), timeout)
+            transfer = link.new_transfer(transfer_id, dst, deadline, local=isinstance(peer, LocalPeer),
+                                         rendezvous=self.force_rendezvous)
+            if not transfer.carries_open:
                 await peer.open(transfer_id, dst, self.layout, name, self.host_id,
                                 max(deadline - time.monotonic(), 0))
         except (asyncio.TimeoutError, TimeoutError):
             raise errors.TransferTimeout(f"open {transfer_id}: deadline passed") from None
         except errors.PeerUnavailable:
             if link is not None:
-                await self._forget(link)
+                await self.forget(link)
             raise
-        if slot is not None:
-            transfer = StagedTransfer(link, transfer_id, dst, deadline)
-            transfer._setup(self._staging, slot, self._open_request(transfer_id, dst, name, staged=True))
-        else:
-            transfer = link.transfer_class(link, transfer_id, dst, deadline)
-            if link.opens_with_data:
-                transfer.open_request = self._open_request(transfer_id, dst, name)
-        if transfer.open_request is not None and not isinstance(peer, ServicePeer):
-            # Same host: still send the Open on the control socket, without waiting for its answer (the Commit
-            # carries it again, and fails as it would), so the receiver learns at once if we die before the Commit.
-            try:
-                transfer._open_answer = await peer.post_open(transfer.open_request,
-                                                             max(deadline - time.monotonic(), 0))
-            except BaseException as exc:  # e.g. the receiver's socket is gone: give back what the transfer took
-                await transfer.abort(f"open failed: {exc}")
-                raise
-            transfer._open_answer.add_done_callback(_retrieved)
-        if self.chaos is not None:
-            transfer._writer = self.chaos.wrap(transfer._writer)
         link.users += 1
         self._transfers.add(transfer)
-        await transfer._guard(transfer._begin, "begin")
+        if transfer.carries_open:
+            transfer.open_request = kv_pb2.OpenRequest(
+                transfer_id=transfer_id, dst_block_ids=dst.tolist(), layout=self.layout, backend=name,
+                sender_host_id=self.host_id, staged=transfer.stages_bytes)
+            if isinstance(peer, LocalPeer):
+                await self._post_open(peer, transfer, deadline)
+        await transfer.start()
         return transfer
+
+    async def _post_open(self, peer: LocalPeer, transfer: Transfer, deadline: float) -> None:
+        """Same host: still send the Open on the control socket, without waiting for its answer (the data or Commit
+        carries it again, and fails as it would), so the receiver learns at once if we die before the Commit."""
+        try:
+            answer = await peer.post_open(transfer.open_request, max(deadline - time.monotonic(), 0))
+        except BaseException as exc:  # e.g. the receiver's socket is gone: give back what the transfer took
+            await transfer.abort(f"open failed: {exc}")
+            raise
+        transfer.watch_open(answer)
 
     @property
     def num_open_transfers(self) -> int:
@@ -143,59 +144,65 @@ class Sender:
         for peer in self._peers.values():
             await peer.close()
         self._peers.clear()
-        self._staging.close()
+        states, self._states = self._states, {}
+        for state in states.values():
+            close = getattr(state, "close", None)
+            if close is not None:
+                close()
 
     @property
     def num_staging_slots_busy(self) -> int:
-        """Staging slots held by transfers or quarantined after a failed one (see staging.py)."""
-        return self._staging.num_busy
+        """Staging slots (small transfers staged in this sender's memory: the eager protocol) held by transfers or
+        quarantined after a failed one, over every backend that stages (0 when nothing leaks)."""
+        return sum(getattr(state, "num_busy", 0) for state in self._states.values())
 
-    # ---- used by Transfer ----
+    # ---- used by backends and transfers ----
 
-    def _release(self, transfer: Transfer) -> None:
+    @property
+    def closed(self) -> bool:
+        """`close` was called: links closing now release what they share with the sender."""
+        return self._closed
+
+    def state(self, key: str, make: Callable[[], object]) -> object:
+        """A backend's per-sender state (a NIXL agent's registration, a staging area), made by `make()` on first
+        use. `Sender.close` calls its `close()` (if any) after every link closed; a staging state's `num_busy`
+        counts in `num_staging_slots_busy`. Called by backends on the sender's loop."""
+        if key not in self._states:
+            self._states[key] = make()
+        return self._states[key]
+
+    def rpc_peer(self, address: str) -> Peer:
+        """The gRPC channel to a receiver's KVTransfer service (shared by control messages and data calls)."""
+        if not address:
+            raise errors.InvalidTransfer("descriptor has no address")
+        if address not in self._peers:
+            self._peers[address] = Peer(address)
+        return self._peers[address]
+
+    def release(self, transfer: Transfer) -> None:
+        """Called by a transfer once it committed or failed: it no longer counts as open."""
         if transfer in self._transfers:
             self._transfers.discard(transfer)
             transfer.link.users -= 1
 
-    async def _forget(self, link: Backend) -> None:
-        """Drop a link whose receiver went away, so a restarted receiver gets a fresh one."""
+    async def forget(self, link: Backend) -> None:
+        """Drop a link whose receiver went away, so a restarted receiver gets a fresh one (called by a transfer
+        that found its peer unavailable)."""
         key = _link_key(link.name, link.descriptor)
         if self._links.get(key) is link:
             del self._links[key]
             await link.close()
 
-    # ---- private ----
-
-    def _staging_slot(self, link: Backend, peer, num_blocks: int) -> int | None:
-        """A staging slot when this transfer should be staged (small, shm, same-host control), else None."""
-        nbytes = self.region.num_layers * 2 * num_blocks * self.region.block_nbytes
-        if link.name != "shm" or nbytes > self._staging.slot_bytes or self.force_rendezvous:
-            return None
-        from kvmesh.transports.local import LocalPeer
-        return self._staging.take() if isinstance(peer, LocalPeer) else None
-
-    def _open_request(self, transfer_id: str, dst, backend: str, staged: bool = False) -> kv_pb2.OpenRequest:
-        return kv_pb2.OpenRequest(transfer_id=transfer_id, dst_block_ids=dst.tolist(), layout=self.layout,
-                                  backend=backend, sender_host_id=self.host_id, staged=staged)
-
-    def _peer(self, descriptor: common_pb2.TransportDescriptor):
-        """The control channel to this receiver: its local socket when it is on our host, else gRPC."""
+    def control_peer(self, descriptor: common_pb2.TransportDescriptor):
+        """The control channel to this receiver (cached): its local socket when it is on our host, else gRPC."""
         if self.local_control and descriptor.control_socket and descriptor.host_id == self.host_id:
             key = "local:" + descriptor.control_socket
             if key not in self._peers:
-                from kvmesh.transports.local import LocalPeer
                 self._peers[key] = LocalPeer(descriptor.control_socket, descriptor.address)
             return self._peers[key]
-        return self._grpc_peer(descriptor.address)
+        return self.rpc_peer(descriptor.address)
 
-    def _grpc_peer(self, address: str):
-        """The gRPC channel to a receiver's KVTransfer service (the grpc backend's data path)."""
-        if not address:
-            raise errors.InvalidTransfer("descriptor has no address")
-        if address not in self._peers:
-            from kvmesh.transports.service import Peer
-            self._peers[address] = Peer(address)
-        return self._peers[address]
+    # ---- private ----
 
     async def _link(self, name: str, descriptor, peer) -> Backend:
         key = _link_key(name, descriptor)
@@ -205,11 +212,6 @@ class Sender:
                 await link.connect()
                 self._links[key] = link
             return self._links[key]
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()  # a refused Open is seen by the transfer's next call, or by its Commit
 
 
 def _link_key(name: str, descriptor) -> tuple:

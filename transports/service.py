@@ -1,5 +1,6 @@
-"""The KVTransfer gRPC service: the receiver's servicer (thin: proto -> Receiver -> proto) and the sender's
-control-channel client (`Peer`), which turns gRPC statuses back into typed transport errors."""
+"""The KVTransfer gRPC service: the receiver's control servicer (thin: proto -> Receiver -> proto), mounted with
+whatever its backends serve beside it (grpc: Push), and the sender's control-channel client (`Peer`), which turns
+gRPC statuses back into typed transport errors. Backend-neutral: it names no backend."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 
 import grpc
 
-from kvmesh.transports import errors
+import kvmesh.transports.errors as errors
 from kvmesh.v1 import kv_pb2, kv_pb2_grpc
 
 # Chunks are <= 1 MiB; leave room above grpc's 4 MiB default in neither direction, but never below a chunk.
@@ -30,7 +31,8 @@ SERVER_OPTIONS = [
 ]
 
 
-async def _abort_with(context, exc: errors.TransportError):
+async def abort_with(context, exc: errors.TransportError):
+    """End an RPC with the gRPC status of a transport error."""
     await context.abort(getattr(grpc.StatusCode, exc.status, grpc.StatusCode.INTERNAL), str(exc))
 
 
@@ -42,18 +44,14 @@ async def control(receiver, method: str, request, same_host: bool = False):
         # checked by the local socket, may ask that.
         raise errors.InvalidTransfer(f"transfer {request.transfer_id}: staged bytes only over the local socket")
     if method == "Open":
-        lease = receiver._open(request)
-        return kv_pb2.OpenReply(lease_remaining_s=lease)
+        return kv_pb2.OpenReply(lease_remaining_s=receiver.on_open(request))
     if method == "Commit":
-        stats = await receiver._commit(request.transfer_id, request.backend, request.nbytes,
-                                       list(request.layer_checksums), request.has_checksums,
-                                       request.push_streams, request.open if request.HasField("open") else None,
-                                       request.staged if request.HasField("staged") else None)
+        stats = await receiver.on_commit(request)
         return kv_pb2.CommitReply(checksum_seconds=stats.checksum_seconds, seconds=stats.seconds)
     if method == "Abort":
-        return kv_pb2.AbortReply(found=receiver._abort(request.transfer_id, request.reason))
+        return kv_pb2.AbortReply(found=receiver.on_abort(request.transfer_id, request.reason))
     if method == "LayerWritten":
-        return kv_pb2.LayerWrittenReply(accepted=receiver._layer_written(request.transfer_id, request.layer))
+        return kv_pb2.LayerWrittenReply(accepted=receiver.on_layer_written(request.transfer_id, request.layer))
     raise errors.InvalidTransfer(f"unknown control message {method!r}")
 
 
@@ -67,27 +65,21 @@ CONTROL_TYPES = {
 
 
 class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
-    """Serves one Receiver. Mount with `receiver.mount(server)` or `add_KVTransferServicer_to_server`."""
+    """Serves one Receiver's control messages; `handlers` are the gRPC method handlers its backends serve beside
+    them (by method name, e.g. Push). Mount with `receiver.mount(server)` or `add_to_server`."""
 
-    def __init__(self, receiver) -> None:
+    def __init__(self, receiver, handlers: dict | None = None) -> None:
         self.receiver = receiver
+        self.handlers = dict(handlers or {})
 
     async def _control(self, method: str, request, context):
         try:
             return await control(self.receiver, method, request)
         except errors.TransportError as exc:
-            await _abort_with(context, exc)
+            await abort_with(context, exc)
 
     async def Open(self, request, context):
         return await self._control("Open", request, context)
-
-    async def Push(self, request_iterator, context):
-        from kvmesh.transports.grpc import receive_push
-        try:
-            nbytes, num_chunks = await receive_push(self.receiver, _well_formed(request_iterator))
-        except errors.TransportError as exc:
-            await _abort_with(context, exc)
-        return kv_pb2.PushReply(nbytes=nbytes, num_chunks=num_chunks)
 
     async def Commit(self, request, context):
         return await self._control("Commit", request, context)
@@ -99,34 +91,8 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
         return await self._control("LayerWritten", request, context)
 
 
-class MalformedChunk:
-    """What a Push message that does not parse as a KVChunk becomes, so the handler can answer INVALID_ARGUMENT
-    (a deserializer that raises makes gRPC answer INTERNAL)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _lenient(parse):
-    def deserialize(buf: bytes):
-        try:
-            return parse(buf)
-        except Exception as exc:  # noqa: BLE001 — any parse failure is the peer's malformed message
-            return MalformedChunk(str(exc) or type(exc).__name__)
-    return deserialize
-
-
-async def _well_formed(chunks):
-    async for chunk in chunks:
-        if isinstance(chunk, MalformedChunk):
-            raise errors.InvalidTransfer(f"malformed KV chunk: {chunk.reason}")
-        yield chunk
-
-
 def add_to_server(servicer: KVTransferServicer, server) -> None:
-    """Register `servicer` on a grpc.aio server, decoding Push chunks without copying their data (the generated
-    `add_KVTransferServicer_to_server` works too, with one more copy per chunk)."""
-    from kvmesh.transports.grpc import decode_chunk
+    """Register `servicer` (control messages plus its backends' handlers) on a grpc.aio server."""
 
     def unary(method, request):
         return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
@@ -134,11 +100,10 @@ def add_to_server(servicer: KVTransferServicer, server) -> None:
 
     handlers = {
         "Open": unary(servicer.Open, kv_pb2.OpenRequest),
-        "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, request_deserializer=_lenient(decode_chunk),
-                                                     response_serializer=kv_pb2.PushReply.SerializeToString),
         "Commit": unary(servicer.Commit, kv_pb2.CommitRequest),
         "Abort": unary(servicer.Abort, kv_pb2.AbortRequest),
         "LayerWritten": unary(servicer.LayerWritten, kv_pb2.LayerWrittenRequest),
+        **servicer.handlers,
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kvmesh.v1.KVTransfer", handlers),))
     server.add_registered_method_handlers("kvmesh.v1.KVTransfer", handlers)

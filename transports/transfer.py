@@ -1,18 +1,22 @@
 """One transfer, sender side: the public calls a sending worker makes (`send_layer`, `commit`, `abort`) and the
-private hooks each backend fills in. Made by `Sender.open`; see `base.py` for the contract around it."""
+private hooks each backend fills in (`_begin`, `_write`, `_write_inline`, `_flush`, `_settle`, `_cancel`,
+`_commit_fields`: each hook's docstring says when it is called). Made by `Sender.open` through the link's
+`Backend.new_transfer`; see `base.py` for the contract around it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Sequence
 
 import numpy as np
+import xxhash
 
-from kvmesh.transports import errors
-from kvmesh.transports.base import (EARLY_VERIFY_BYTES, OFFLOAD_BYTES, Backend, TransferStats, _first_failure,
-                                    _start_span, _typed, _within, report)
+import kvmesh.transports.errors as errors
+from kvmesh.transports.aio import first_failure, notify, typed, within
+from kvmesh.transports.base import EARLY_VERIFY_BYTES, OFFLOAD_BYTES, Backend, TransferStats
 from kvmesh.transports.blocks import Run, as_block_ids, paired_runs, src_checksum
 
 
@@ -24,6 +28,16 @@ class Transfer(ABC):
     `async with await sender.open(...) as t:` to abort automatically when the body raises.
     """
 
+    #: The backend's data or its Commit carries the Open (grpc, staged shm), so `Sender.open` skips the round trip
+    #: and sets `open_request` instead.
+    carries_open: ClassVar[bool] = False
+    #: The transfer is staged: its bytes wait in the sender's own memory, which the Commit names (eager protocol).
+    stages_bytes: ClassVar[bool] = False
+    #: Layers under this many bytes are written by `_write_inline`, synchronously on the loop (0: never).
+    inline_bytes: ClassVar[int] = 0
+    #: `_write` feeds the hasher it is given the layer's source bytes, in order (a checksum fused into its copy).
+    fuses_checksum: ClassVar[bool] = False
+
     def __init__(self, link: Backend, transfer_id: str, dst_ids: np.ndarray, deadline: float) -> None:
         self.link, self.transfer_id, self.dst_ids, self.deadline = link, transfer_id, dst_ids, deadline
         self.sender = link.sender
@@ -32,14 +46,20 @@ class Transfer(ABC):
         self.nbytes = 0
         self.checksum_seconds = 0.0
         self.state = "open"  # open -> committed | failed
+        #: The OpenRequest the data and Commit carry (set by `Sender.open` when `carries_open`).
+        self.open_request = None
         self.started = time.perf_counter()
-        self._writer: Callable[[list[Run]], object] = self._write_runs  # the chaos seam
+        self._start_ns = time.time_ns()
+        self._context = contextvars.copy_context()  # the opener's: the observer reports there (its trace)
+        chaos = link.sender.chaos
+        self._writer: Callable[[list[Run]], object] = chaos.wrap(self._write) if chaos is not None else self._write
         self._lock = asyncio.Lock()
         self._sending: set[int] = set()
         self._hints: list[asyncio.Future] = []  # LayerWritten calls in flight
+        self._layer_times: list[tuple[int, int, int]] = []
+        self._open_answer: asyncio.Future | None = None
         self._src_key: object = None  # the last src_block_ids seen, and its (src, dst) runs: layers share them
         self._pairs: list[tuple[int, int, int]] = []
-        self._span = _start_span(link.name, transfer_id)
 
     # ---- public: called by the sending worker, on its event loop ----
 
@@ -60,7 +80,7 @@ class Transfer(ABC):
         self._sending.add(layer)
         pairs = self._runs_of(src_block_ids)
         nbytes = 2 * self.dst_ids.size * self.pool.shape[3]
-        if self.inline_writes and nbytes < self.inline_bytes and self.sender.chaos is None \
+        if nbytes < self.inline_bytes and self.sender.chaos is None \
                 and not self._lock.locked():  # a small one-sided copy: done here, no await, nothing to interleave
             checksum = await self._send_inline(layer, pairs)
         else:
@@ -70,11 +90,12 @@ class Transfer(ABC):
                 checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.layer_checksums[layer] = checksum
         self.nbytes += nbytes
-        if (self.link.early_verify and self.open_request is None and self.sender.verify and nbytes >= EARLY_VERIFY_BYTES
-                and len(self.layer_checksums) < self.pool.shape[0]):  # the last layer is verified by Commit anyway
+        if (self.link.early_verify and self.open_request is None and self.sender.verify
+                and nbytes >= EARLY_VERIFY_BYTES and len(self.layer_checksums) < self.pool.shape[0]):
+            # the last layer is verified by Commit anyway
             self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, layer)))
-        if self._span is not None:  # per-layer timestamps: show that layers leave while later ones compute
-            self._span.add_event("kv.layer_sent", {"kvmesh.kv.layer": layer, "kvmesh.kv.bytes": nbytes})
+        # per-layer timestamps: show that layers leave while later ones compute
+        self._layer_times.append((layer, nbytes, time.time_ns()))
 
     async def commit(self) -> TransferStats:
         """Finish: flush the backend, then ask the receiver to verify every layer. Returns this side's stats.
@@ -87,17 +108,16 @@ class Transfer(ABC):
         if missing:
             raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
         async with self._lock:
-            await self._guard(self._end, "flush")
+            await self._guard(self._flush, "flush")
         if self._hints:  # they normally landed long ago; hints left behind would race the Commit
             await asyncio.gather(*self._hints)
         verify = self.sender.verify
         sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
         commit = self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
-                                       self._remaining(), self._push_streams(), **self._commit_fields())
-        await self._guard(lambda: _first_failure(commit, self._settle()), "commit")
-        stats = TransferStats(self.link.name, self.nbytes, int(self.dst_ids.size), self.pool.shape[0],
-                              time.perf_counter() - self.started, self.checksum_seconds)
-        self._finish("committed", stats=stats)
+                                       self._remaining(), **self._commit_fields())
+        await self._guard(lambda: first_failure(commit, self._settle()), "commit")
+        stats = self._stats()
+        self._finish("committed", stats)
         return stats
 
     async def opened(self) -> None:
@@ -111,7 +131,7 @@ class Transfer(ABC):
         """Give up: release backend resources and tell the receiver (best effort). Idempotent; never raises."""
         if self.state != "open":
             return
-        self._finish("failed", error=reason)
+        self._finish("failed", self._stats(error=reason))
         for hint in self._hints:
             hint.cancel()
         if self._open_answer is not None:
@@ -124,6 +144,55 @@ class Transfer(ABC):
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         await self.abort(f"sender raised {exc_type.__name__}" if exc_type else "closed without commit")
+
+    # ---- public: called by Sender.open ----
+
+    def watch_open(self, answer: asyncio.Future) -> None:
+        """Called by `Sender.open` with the pending answer to an Open it sent without waiting: a refusal fails the
+        transfer's next call."""
+        self._open_answer = answer
+        answer.add_done_callback(_retrieved)
+
+    async def start(self) -> None:
+        """Called once by `Sender.open` after the Open: the backend's `_begin` under the deadline."""
+        await self._guard(self._begin, "begin")
+
+    # ---- private hooks, filled in by each backend ----
+
+    async def _begin(self) -> None:
+        """Set up per-transfer state (e.g. open a stream). Called once, after the Open; may await; under the
+        transfer's deadline. Must not write into the receiver's blocks."""
+
+    @abstractmethod
+    async def _write(self, runs: list[Run], hasher=None) -> None:
+        """Move one layer's runs into the receiver's blocks `dst_start ...`, one layer at a time (called under the
+        transfer's lock and deadline; may await). `hasher` (an xxh3_64, only if `fuses_checksum` and no chaos
+        wraps the writes): feed it each run's source bytes in order. Must not keep `runs` after returning unless it
+        copied their bytes (the caller's pool may change once `send_layer` returned)."""
+
+    def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]], hasher) -> None:
+        """Write one layer under `inline_bytes` (K, then V, of the (src_start, dst_start, count) runs)
+        synchronously on the loop, feeding `hasher` (None when the sender does not verify). Must not block."""
+        raise NotImplementedError
+
+    async def _flush(self) -> None:
+        """Make sure every byte written so far is on its way to the receiver before Commit is sent (one-sided
+        backends: in its memory; grpc: written to its Push calls, which the receiver waits for). Called once,
+        under the lock and deadline."""
+
+    async def _settle(self) -> None:
+        """Awaited beside the Commit: collect what `_flush` left in flight (grpc: the Push replies); raise if it
+        failed, which aborts the transfer."""
+
+    async def _cancel(self) -> None:
+        """Release per-transfer resources after a failure or abort (called once, by `abort`). Must not raise or
+        wait for the peer; may wait for its own work in flight (a copy in a thread) to stop."""
+
+    def _commit_fields(self) -> dict:
+        """Extra CommitRequest fields (`open`, `staged`, `push_streams`), called once as the Commit is sent."""
+        return {} if self.open_request is None else {"open": self.open_request}
+
+    # ---- shared machinery ----
 
     def _runs_of(self, src_block_ids) -> list[tuple[int, int, int]]:
         """(src_start, dst_start, count) runs for these src blocks; callers pass the same ids for every layer, so
@@ -142,70 +211,23 @@ class Transfer(ABC):
     async def _send_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
         try:
             self._remaining()
-            return self._write_inline(layer, pairs)
+            hasher = xxhash.xxh3_64() if self.sender.verify else None
+            self._write_inline(layer, pairs, hasher)
+            return 0 if hasher is None else hasher.intdigest()
         except BaseException as exc:
-            typed = _typed(exc, f"transfer {self.transfer_id}: send_layer({layer})")
-            await self.abort(f"send_layer({layer}) failed: {typed}")
-            raise typed from exc
-
-    # ---- private hooks, filled in by each backend ----
-
-    #: The backend implements `_write_inline` (a synchronous copy, for layers under `inline_bytes`).
-    inline_writes: ClassVar[bool] = False
-    inline_bytes: ClassVar[int] = OFFLOAD_BYTES
-
-    def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
-        """Write one small layer (K, then V, of the (src_start, dst_start, count) runs) synchronously on the loop;
-        return its checksum (0 when the sender does not verify). Only if inline_writes."""
-        raise NotImplementedError
-
-    async def _begin(self) -> None:
-        """Set up per-transfer state (e.g. open a stream). Called once by `Sender.open` after the receiver's Open."""
-
-    @abstractmethod
-    async def _write_runs(self, runs: list[Run]) -> None:
-        """Move one layer's runs into the receiver's blocks `dst_start ...`. Awaited under the deadline."""
-
-    #: The backend implements `_write_runs_checksummed` (checksums each piece while it is hot in cache).
-    fused_checksum: ClassVar[bool] = False
-
-    async def _write_runs_checksummed(self, runs: list[Run], nbytes: int) -> int:
-        """Like `_write_runs`, and return the layer checksum of the runs' source bytes (only if fused_checksum)."""
-        raise NotImplementedError
-
-    async def _end(self) -> None:
-        """Make sure every byte written so far is on its way to the receiver before Commit is sent (one-sided
-        backends: in its memory; grpc: written to its Push calls, which the receiver waits for)."""
-
-    def _push_streams(self) -> int:
-        """How many Push calls carried the data (for the Commit; 0 for backends without Push)."""
-        return 0
-
-    #: Set by `Sender.open` when it skipped the Open round trip: the OpenRequest the data and Commit carry instead,
-    #: and (same host) the task awaiting the answer to the Open it sent anyway.
-    open_request = None
-    _open_answer: asyncio.Future | None = None
-
-    def _commit_fields(self) -> dict:
-        """Extra CommitRequest fields (`open`, `staged`): the Open this Commit stands in for, if any."""
-        return {} if self.open_request is None else {"open": self.open_request}
-
-    async def _settle(self) -> None:
-        """Awaited beside the Commit: collect what `_end` left in flight (grpc: the Push replies); raise if it
-        failed, which aborts the transfer."""
-
-    async def _cancel(self) -> None:
-        """Release per-transfer resources after a failure or abort. Must not raise or wait for the peer."""
-
-    # ---- shared machinery ----
+            error = typed(exc, f"transfer {self.transfer_id}: send_layer({layer})")
+            await self.abort(f"send_layer({layer}) failed: {error}")
+            raise error from exc
 
     async def _send(self, runs: list[Run], nbytes: int) -> int:
         """Checksum the layer (in a thread, beside the write, when large) and write it; returns the checksum."""
         if not self.sender.verify:
             await self._writer(runs)
             return 0
-        if self._writer == self._write_runs and self.fused_checksum:  # no chaos in between: one pass
-            return await self._write_runs_checksummed(runs, nbytes)
+        if self.fuses_checksum and self.sender.chaos is None:  # no chaos in between: one pass
+            hasher = xxhash.xxh3_64()
+            await self._write(runs, hasher)
+            return hasher.intdigest()
         if nbytes < OFFLOAD_BYTES:
             checksum = self._timed_checksum(runs)
             await self._writer(runs)
@@ -224,9 +246,9 @@ class Transfer(ABC):
         self._check_open()
         answer = self._open_answer
         if answer is not None and answer.done() and not answer.cancelled() and answer.exception() is not None:
-            typed = _typed(answer.exception(), f"transfer {self.transfer_id}: open")
-            await self.abort(f"open failed: {typed}")
-            raise typed
+            error = typed(answer.exception(), f"transfer {self.transfer_id}: open")
+            await self.abort(f"open failed: {error}")
+            raise error
 
     def _check_open(self) -> None:
         if self.state != "open":
@@ -241,23 +263,27 @@ class Transfer(ABC):
     async def _guard(self, make: Callable[[], object], what: str):
         """Await `make()` under the transfer's deadline; on any failure abort the transfer, raise a TransportError."""
         try:
-            return await _within(make, self._remaining())
+            return await within(make, self._remaining())
         except BaseException as exc:
-            typed = _typed(exc, f"transfer {self.transfer_id}: {what}")
-            await self.abort(f"{what} failed: {typed}")
+            error = typed(exc, f"transfer {self.transfer_id}: {what}")
+            await self.abort(f"{what} failed: {error}")
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            if isinstance(typed, errors.PeerUnavailable):
-                await self.sender._forget(self.link)
-            raise typed from exc
+            if isinstance(error, errors.PeerUnavailable):
+                await self.sender.forget(self.link)
+            raise error from exc
 
-    def _finish(self, state: str, stats: TransferStats | None = None, error: str = "") -> None:
+    def _stats(self, error: str = "") -> TransferStats:
+        return TransferStats(self.link.name, self.nbytes, int(self.dst_ids.size), self.pool.shape[0],
+                             time.perf_counter() - self.started, self.checksum_seconds, self.transfer_id, "send",
+                             self._start_ns, time.time_ns(), tuple(self._layer_times), error)
+
+    def _finish(self, state: str, stats: TransferStats) -> None:
         self.state = state
-        self.sender._release(self)
-        if stats is not None:
-            report(stats, "send", self._span)
-        if self._span is not None:
-            if error:
-                self._span.set_attribute("kv.error", error)
-            self._span.end()
-            self._span = None
+        self.sender.release(self)
+        notify(self.sender.observer, stats, self._context)
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # a refused Open is seen by the transfer's next call, or by its Commit

@@ -28,9 +28,9 @@ class CacheConfig(ServerConfig):
                                      "reach); one fetch delivers at most this many blocks.")
     staging_wait_s: float = knob(0.5, "Longest a Fetch waits for free staging blocks before delivering nothing "
                                        "(the requester computes the prefix instead).")
-    transport: str = knob("auto", "KV transport Fetch delivers through: auto negotiates with the requester (shm "
-                                  "on one host, then ucx, then grpc), or force one of shm, ucx, grpc.",
-                          choices=TRANSPORTS)
+    transport: str = knob("auto", "KV transport Fetch delivers through: auto negotiates with the requester (the "
+                                  "best both ends offer, same-host ones only on one host), or force one of "
+                                  f"{', '.join(TRANSPORTS[1:])}.", choices=TRANSPORTS)
     transport_chaos: str = knob("", "Degrade Fetch's transfers for testing, e.g. 'corrupt=1' (see "
                                     "kvmesh.transports.chaos).")
 

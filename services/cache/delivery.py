@@ -32,7 +32,9 @@ import numpy as np
 from kvmesh.services.cache.staging import StagedBlocks
 from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError
-from kvmesh.transports import PREFERENCE, KVRegion, Sender, TransferStats, allocate_region, block_nbytes
+from kvmesh.services.common.transfer_telemetry import report
+from kvmesh.transports import PREFERENCE, KVRegion, TransferStats, allocate_region, block_nbytes
+from kvmesh.transports.sender import Sender
 from kvmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -185,8 +187,9 @@ class Delivery:
         if lane is None:
             if len(self._lanes) >= MAX_LAYOUTS:
                 raise CapacityError(f"the cache delivers blocks of at most {MAX_LAYOUTS} KV layouts")
-            region = allocate_region(layout.num_layers, self.staging_blocks, block_nbytes(layout), "grpc")
-            sender = Sender(region, layout, backends=self.backends, force=self.force, chaos=self.chaos)
+            region = allocate_region(layout.num_layers, self.staging_blocks, block_nbytes(layout))  # a sender's
+            sender = Sender(region, layout, backends=self.backends, force=self.force, chaos=self.chaos,
+                            observer=report)
             lane = self._lanes[key] = _Lane(region, StagedBlocks(self.staging_blocks), sender)
         return lane
 

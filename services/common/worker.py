@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from kvmesh.services.common import ids
 from kvmesh.services.common.config import ServerConfig, check, knob
 from kvmesh.services.common.registration import RegistrationClient, advertise_address
+from kvmesh.transports import available_backends, registered_backends
 from kvmesh.v1 import common_pb2, scheduler_pb2
 
-TRANSPORTS = ("auto", "shm", "ucx", "grpc")
+#: The --transport choices: auto, or any registered backend (best first).
+TRANSPORTS = ("auto", *registered_backends())
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,8 @@ class WorkerConfig(ServerConfig):
     torch_threads: int = knob(0, "torch intra-op threads; 0 keeps torch's default (one per core).")
     scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with; empty: do not register.")
     advertise_host: str = knob("", "Host other workers should dial; empty: the bind host (or this host's name).")
-    transport: str = knob("auto", "KV transport: auto negotiates (shm on one host, then ucx, then grpc), or "
-                                  "force one of shm, ucx, grpc.", choices=TRANSPORTS)
+    transport: str = knob("auto", "KV transport: auto negotiates (the best both ends offer, same-host ones only "
+                                  f"on one host), or force one of {', '.join(TRANSPORTS[1:])}.", choices=TRANSPORTS)
     transport_chaos: str = knob("", "Degrade KV transfers for testing, e.g. 'delay=5ms,throttle=200MBps' "
                                     "(see kvmesh.transports.chaos).")
     handoff_lease_s: float = knob(30.0, "Seconds a KV handoff may sit without progress before its blocks are "
@@ -49,12 +51,9 @@ class WorkerConfig(ServerConfig):
 
     def backends(self) -> list[str]:
         """Transport backends this worker offers or uses, best first."""
-        from kvmesh.transports import PREFERENCE, available_backends
-
-        usable = available_backends()
         if self.transport != "auto":
             return [self.transport]
-        return [b for b in PREFERENCE if b in usable]
+        return available_backends()
 
 
 def set_threads(config: WorkerConfig) -> None:

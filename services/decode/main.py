@@ -15,7 +15,9 @@ from kvmesh.services.common.worker import layout_proto, load_engine, register, s
 from kvmesh.services.decode.config import DecodeConfig
 from kvmesh.services.decode.servicer import DecodeServicer
 from kvmesh.services.decode.worker import DecodeWorker
-from kvmesh.transports import Receiver, reclaim_stale_segments
+from kvmesh.services.common.transfer_telemetry import report
+from kvmesh.transports import reclaim_stale
+from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.service import add_to_server
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, scheduler_pb2
 
@@ -28,11 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def setup(config: DecodeConfig, server: MeshServer) -> None:
     """Load the engine, open the KV pool to transports, host the Decode and KVTransfer services."""
     set_threads(config)
-    reclaim_stale_segments()
+    reclaim_stale()
     backends = config.backends()
     engine, region = await asyncio.to_thread(load_engine, config, backends, config.prefix_caching)
     layout = layout_proto(engine.layout)
-    receiver = Receiver(region, layout, backends=backends)
+    receiver = Receiver(region, layout, backends=backends, observer=report)
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="decode-engine")
     cache = worker_cache_client(config, server.channels, layout) if config.cache_decode_kv else None
     worker = DecodeWorker(engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,

@@ -15,7 +15,10 @@ from kvmesh.services.common.worker import layout_proto, load_engine, register, s
 from kvmesh.services.prefill.config import PrefillConfig
 from kvmesh.services.prefill.servicer import PrefillServicer
 from kvmesh.services.prefill.worker import PrefillWorker
-from kvmesh.transports import Receiver, Sender, reclaim_stale_segments
+from kvmesh.services.common.transfer_telemetry import report
+from kvmesh.transports import reclaim_stale
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports.sender import Sender
 from kvmesh.transports.service import add_to_server
 from kvmesh.v1 import prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 
@@ -29,15 +32,15 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     """Load the engine, open a sender over its KV pool, host the Prefill service."""
     set_threads(config)
     backends = config.backends()
-    reclaim_stale_segments()
+    reclaim_stale()
     # the pool is open to transports like a decode worker's (shared memory when shm is offered): the cache
     # delivers cached prefixes straight into it
     engine, region = await asyncio.to_thread(load_engine, config, backends)
     layout = layout_proto(engine.layout)
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
-                    chaos=config.transport_chaos or None)
+                    chaos=config.transport_chaos or None, observer=report)
     cache = worker_cache_client(config, server.channels, layout)
-    receiver = Receiver(region, layout, backends=backends) if cache is not None else None
+    receiver = Receiver(region, layout, backends=backends, observer=report) if cache is not None else None
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="prefill-engine")
     worker = PrefillWorker(engine_thread, sender, config.handoff_lease_s, cache, receiver)
     server.add_service(Service.of(prefill_pb2, prefill_pb2_grpc, PrefillServicer(worker, config.prefill_timeout_s)))

@@ -9,7 +9,7 @@ import pytest
 
 from harness import NUM_BLOCKS, PeerProcess, layout_for, spawned
 from kvmesh.transports import BACKENDS, allocate_region, block_nbytes
-from kvmesh.transports.base import backend_class
+from kvmesh.transports import backend_class
 from kvmesh.transports.shm import list_segments
 
 

@@ -17,7 +17,9 @@ import sys
 import grpc
 import numpy as np
 
-from kvmesh.transports import Receiver, Sender, allocate_region, block_nbytes, make_layout
+from kvmesh.transports import allocate_region, block_nbytes, make_layout
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports.sender import Sender
 from kvmesh.transports.blocks import dst_checksums
 from kvmesh.v1 import common_pb2
 

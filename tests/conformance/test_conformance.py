@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from harness import DTYPES, NUM_BLOCKS, RemoteError, layout_for
-from kvmesh.transports import (DataLossError, InvalidTransfer, LayoutMismatch, Sender, TransferTimeout,
-                               TransportError, UnknownTransfer)
+from kvmesh.transports import (DataLossError, InvalidTransfer, LayoutMismatch, TransferTimeout, TransportError,
+                               UnknownTransfer)
+from kvmesh.transports.sender import Sender
 from kvmesh.transports.blocks import layer_checksum
 from kvmesh.transports.shm import list_segments, reclaim_stale_segments
 

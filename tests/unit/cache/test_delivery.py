@@ -15,8 +15,9 @@ from kvmesh.services.cache.delivery import Delivery, layout_key
 from kvmesh.services.cache.staging import StagedBlocks
 from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.cache.tiers import DramTier
-from kvmesh.transports import DataLossError, Receiver, TransferAborted, allocate_region, block_nbytes, make_layout
-from kvmesh.transports.base import backend_class
+from kvmesh.transports import DataLossError, TransferAborted, allocate_region, block_nbytes, make_layout
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports import backend_class
 from kvmesh.transports.shm import list_segments
 
 LAYOUT = make_layout(num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32", model_id="tiny")

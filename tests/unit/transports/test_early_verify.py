@@ -8,7 +8,9 @@ import grpc
 import numpy as np
 import pytest
 
-from kvmesh.transports import DataLossError, Receiver, Sender, allocate_region, available_backends, make_layout
+from kvmesh.transports import DataLossError, allocate_region, available_backends, make_layout
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports.sender import Sender
 
 LAYOUT = make_layout(3, 4, 2, 8, "float32")  # 256-byte blocks
 NUM_BLOCKS = 9000  # 2 x 9000 x 256 B = 4.6 MB per layer: above EARLY_VERIFY_BYTES
@@ -26,8 +28,8 @@ def _run(chaos: str | None, backend: str = "shm"):
         port = server.add_insecure_port("127.0.0.1:0")
         receiver = Receiver(dst, LAYOUT, address=f"127.0.0.1:{port}", backends=[backend])
         hinted = []
-        real = receiver._layer_written
-        receiver._layer_written = lambda tid, layer: hinted.append(layer) or real(tid, layer)
+        real = receiver.on_layer_written
+        receiver.on_layer_written = lambda tid, layer: hinted.append(layer) or real(tid, layer)
         receiver.mount(server)
         await server.start()
         sender = Sender(src, LAYOUT, backends=[backend], chaos=chaos)

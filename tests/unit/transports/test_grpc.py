@@ -6,7 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
-from kvmesh.transports import Receiver, Sender, allocate_region, make_layout
+from kvmesh.transports import allocate_region, make_layout
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports.sender import Sender
 from kvmesh.transports.grpc import decode_chunk
 from kvmesh.v1 import kv_pb2
 

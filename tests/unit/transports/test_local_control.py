@@ -9,8 +9,9 @@ import struct
 import numpy as np
 import pytest
 
-from kvmesh.transports import (InvalidTransfer, PeerUnavailable, Receiver, Sender, UnknownTransfer,
-                               allocate_region, make_layout)
+from kvmesh.transports import InvalidTransfer, PeerUnavailable, UnknownTransfer, allocate_region, make_layout
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports.sender import Sender
 from kvmesh.transports.local import ERROR, HEADER, KIND_OF, OK, LocalPeer
 from kvmesh.v1 import kv_pb2
 
@@ -51,7 +52,7 @@ def test_descriptor_names_the_socket_and_a_same_host_transfer_uses_it():
             for layer in range(2):
                 await transfer.send_layer(layer, [0, 1])
             await transfer.commit()
-            assert isinstance(sender._peer(receiver.descriptor()), LocalPeer)
+            assert isinstance(sender.control_peer(receiver.descriptor()), LocalPeer)
         finally:
             await sender.close()
         await receiver.wait("t1", 5)
@@ -92,7 +93,7 @@ def test_garbage_gets_invalid_argument_and_bad_frames_close_only_that_connection
             w.close()
         peer = LocalPeer(name)  # and the receiver still answers everyone else
         try:
-            reply = await peer._call("Abort", kv_pb2.AbortRequest(transfer_id="x"), 5, "abort")
+            reply = await peer.call("Abort", kv_pb2.AbortRequest(transfer_id="x"), 5, "abort")
             assert reply.found is False
         finally:
             await peer.close()

@@ -2,8 +2,9 @@
 
 import pytest
 
-from kvmesh.transports import BACKENDS, NoCommonBackend, Sender, allocate_region, available_backends, make_layout
-from kvmesh.transports.base import backend_class
+from kvmesh.transports import BACKENDS, NoCommonBackend, allocate_region, available_backends, make_layout
+from kvmesh.transports.sender import Sender
+from kvmesh.transports import backend_class
 from kvmesh.v1 import common_pb2
 
 LAYOUT = make_layout(2, 4, 2, 8, "float32")
@@ -42,7 +43,10 @@ def test_no_common_backend_is_a_typed_error(sender_for):
 
 def test_registry_lists_every_backend_with_flags():
     assert {"grpc", "shm", "ucx"} <= set(BACKENDS)
-    assert backend_class("shm").same_host_only and backend_class("shm").needs_shared_region
+    assert backend_class("shm").same_host_only
+    shared = backend_class("shm").make_region((1, 2, 1, 64))  # shm needs the receiver's pool in shared memory
+    assert shared is not None and shared.name and backend_class("grpc").make_region((1, 2, 1, 64)) is None
+    shared.close()
     assert not backend_class("grpc").one_sided
     assert available_backends()[-1] == "grpc" and "shm" in available_backends()
     with pytest.raises(ValueError):

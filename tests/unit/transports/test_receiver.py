@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvmesh.transports import (DataLossError, InvalidTransfer, Receiver, TransferAborted, TransferTimeout,
-                               UnknownTransfer, allocate_region, make_layout)
+from kvmesh.transports import (DataLossError, InvalidTransfer, TransferAborted, TransferTimeout, UnknownTransfer,
+                               allocate_region, make_layout)
+from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.errors import from_status
 from kvmesh.v1 import kv_pb2, kv_pb2_grpc
 

@@ -10,12 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from kvmesh.transports import (DataLossError, InvalidTransfer, Receiver, Sender, TransferAborted, TransferTimeout,
-                               allocate_region, make_layout, staging)
+from kvmesh.transports import (DataLossError, InvalidTransfer, TransferAborted, TransferTimeout, allocate_region,
+                               make_layout)
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports.sender import Sender
+from kvmesh.transports.shm import staging
 from kvmesh.transports.service import control
-from kvmesh.transports.shm import SHM_DIR, _NAME
-from kvmesh.transports.staging import StagedMaps, StagedTransfer
-from kvmesh.transports.shm import ShmTransfer
+from kvmesh.transports.shm import SEGMENT_NAME, SHM_DIR, ShmTransfer, StagedMaps, StagedTransfer, staging_area
 from kvmesh.v1 import kv_pb2
 
 LAYOUT = make_layout(2, 4, 2, 8, "float32")  # 256-byte blocks
@@ -101,12 +102,12 @@ def test_an_unanswered_commit_quarantines_its_slot(monkeypatch):
         async def hung(*args):
             await asyncio.sleep(10)
 
-        receiver._commit_staged = hung  # the receiver takes the Commit and never answers
+        receiver.on_commit = hung  # the receiver takes the Commit and never answers
         with pytest.raises(TransferTimeout):
             await transfer.commit()
-        assert sender.num_staging_slots_busy == 0 and len(sender._staging._quarantined) == 1
+        assert sender.num_staging_slots_busy == 0 and staging_area(sender).num_quarantined == 1
         await asyncio.sleep(0.25)
-        assert sender._staging.take() is not None and not sender._staging._quarantined
+        assert staging_area(sender).take() is not None and not staging_area(sender).num_quarantined
 
     run(body)
 
@@ -143,7 +144,7 @@ def test_staged_maps_check_names_and_bounds_and_drop_dead_senders(tmp_path):
         maps.close()
         for name in names:
             os.unlink(os.path.join(SHM_DIR, name))
-    assert all(_NAME.match(n) for n in names)
+    assert all(SEGMENT_NAME.match(n) for n in names)
 
 
 def test_an_open_refused_by_the_receiver_reaches_the_sender_before_any_commit():
@@ -173,7 +174,7 @@ def test_receiver_cancel_before_the_staged_commit_needs_no_fence():
 def test_a_receiver_gone_before_the_open_gives_the_slot_back():
     async def body(receiver, sender, pool):
         descriptor = receiver.descriptor()
-        receiver._local.close()  # its control socket is gone: posting the Open fails at once
+        receiver.local.close()  # its control socket is gone: posting the Open fails at once
         with pytest.raises(Exception):
             await sender.open(descriptor, "nobody", [1])
         assert sender.num_staging_slots_busy == 0 and sender.num_open_transfers == 0

@@ -1,4 +1,5 @@
-"""Every finished transfer shows up on Prometheus (bytes and seconds, per backend and direction) and on its span."""
+"""Every finished transfer shows up on Prometheus (bytes and seconds, per backend and direction) and on its span,
+through the services' transfer observer (transfer_telemetry.report)."""
 
 import asyncio
 
@@ -10,7 +11,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from kvmesh.services.common import metrics
-from kvmesh.transports import Receiver, Sender, allocate_region, make_layout
+from kvmesh.services.common.transfer_telemetry import report
+from kvmesh.transports import allocate_region, make_layout
+from kvmesh.transports.receiver import Receiver
+from kvmesh.transports.sender import Sender
 
 LAYOUT = make_layout(3, 4, 2, 8, "float32")  # 256-byte blocks
 EXPORTER = InMemorySpanExporter()
@@ -26,10 +30,10 @@ def _transfer(num_blocks: int) -> None:
         src.array[:] = np.random.default_rng(2).integers(0, 256, src.array.shape, np.uint8)
         server = grpc.aio.server()
         port = server.add_insecure_port("127.0.0.1:0")
-        receiver = Receiver(dst, LAYOUT, address=f"127.0.0.1:{port}", backends=["grpc"])
+        receiver = Receiver(dst, LAYOUT, address=f"127.0.0.1:{port}", backends=["grpc"], observer=report)
         receiver.mount(server)
         await server.start()
-        sender = Sender(src, LAYOUT, backends=["grpc"])
+        sender = Sender(src, LAYOUT, backends=["grpc"], observer=report)
         try:
             ids = list(range(num_blocks))
             receiver.expect("t", ids)

@@ -20,9 +20,11 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
-from kvmesh.transports import errors
-from kvmesh.transports.transfer import Transfer
+import kvmesh.transports.errors as errors
+from kvmesh.transports.base import OFFLOAD_BYTES
 from kvmesh.transports.blocks import Run
+from kvmesh.transports.shm.segment import SEGMENT_NAME, create_segment, owner_alive, segment_path
+from kvmesh.transports.transfer import Transfer
 from kvmesh.v1 import kv_pb2
 
 #: Transfers up to this size are staged (when the sender has a free slot); larger ones use the rendezvous.
@@ -52,7 +54,6 @@ class StagingArea:
         if not self._free:
             return None
         if self.region is None:
-            from kvmesh.transports.shm import create_segment
             self.region = create_segment((self.slots, self.slot_bytes))
         return self._free.pop()
 
@@ -64,6 +65,7 @@ class StagingArea:
             self._quarantined.append((time.monotonic() + QUARANTINE_S, slot))
 
     def view(self, slot: int, nbytes: int) -> np.ndarray:
+        """The first `nbytes` of a slot, as a flat uint8 array."""
         return self.region.array[slot, :nbytes]
 
     @property
@@ -71,7 +73,13 @@ class StagingArea:
         """Slots taken or quarantined (0 when nothing leaks)."""
         return self.slots - len(self._free) - len(self._quarantined)
 
+    @property
+    def num_quarantined(self) -> int:
+        """Slots not reused yet because their Commit went unanswered."""
+        return len(self._quarantined)
+
     def close(self) -> None:
+        """Unlink the segment (called by `Sender.close`)."""
         if self.region is not None:
             self.region.close()
             self.region = None
@@ -80,18 +88,21 @@ class StagingArea:
 class StagedTransfer(Transfer):
     """A small shm transfer: layers are copied into the sender's staging slot; the Commit carries the Open."""
 
-    inline_writes = True
-    fused_checksum = True
+    carries_open = True
+    stages_bytes = True
+    fuses_checksum = True
+    inline_bytes = OFFLOAD_BYTES
 
-    def _setup(self, staging: StagingArea, slot: int, open_request: kv_pb2.OpenRequest) -> None:
-        self.staging, self.slot, self.open_request = staging, slot, open_request
+    def __init__(self, link, transfer_id: str, dst_ids: np.ndarray, deadline: float, staging: StagingArea,
+                 slot: int) -> None:
+        super().__init__(link, transfer_id, dst_ids, deadline)
+        self.staging, self.slot = staging, slot
         n, block = self.dst_ids.size, self.pool.shape[3]
         self.staged = staging.view(slot, self.pool.shape[0] * 2 * n * block).reshape(self.pool.shape[0], 2, n, block)
         self._seq: dict[int, int] | None = None  # dst block -> its position in sequence order (made when needed)
         self._commit_sent = False
 
-    def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
-        hasher = xxhash.xxh3_64() if self.sender.verify else None
+    def _write_inline(self, layer: int, pairs: list[tuple[int, int, int]], hasher) -> None:
         for kv in (0, 1):
             src, dst, pos = self.pool[layer, kv], self.staged[layer, kv], 0
             for s, _, n in pairs:
@@ -100,7 +111,6 @@ class StagedTransfer(Transfer):
                 if hasher is not None:
                     hasher.update(piece)
                 pos += n
-        return 0 if hasher is None else hasher.intdigest()
 
     def _copy(self, runs: list[Run], hasher=None) -> None:
         if self._seq is None:
@@ -111,13 +121,8 @@ class StagedTransfer(Transfer):
             if hasher is not None:
                 hasher.update(run.src.reshape(-1).data)
 
-    async def _write_runs(self, runs: list[Run]) -> None:
-        self._copy(runs)  # staged layers are small (the whole transfer is at most STAGED_MAX_BYTES)
-
-    async def _write_runs_checksummed(self, runs: list[Run], nbytes: int) -> int:
-        hasher = xxhash.xxh3_64()
-        self._copy(runs, hasher)
-        return hasher.intdigest()
+    async def _write(self, runs: list[Run], hasher=None) -> None:
+        self._copy(runs, hasher)  # staged layers are small (the whole transfer is at most STAGED_MAX_BYTES)
 
     def _commit_fields(self) -> dict:
         self._commit_sent = True
@@ -126,18 +131,21 @@ class StagedTransfer(Transfer):
         return {"open": self.open_request, "staged": staged}
 
     async def commit(self):
+        """As `Transfer.commit`; then the slot is free again (or quarantined, when the receiver did not answer and
+        may still be reading it)."""
         try:
-            return await super().commit()
+            stats = await super().commit()
         except errors.TransportError as exc:  # an answer means the receiver stopped reading the slot
             self._release_slot(clean=not isinstance(exc, (errors.TransferTimeout, errors.PeerUnavailable)))
             raise
         except BaseException:
             self._release_slot(clean=False)
             raise
+        self._release_slot(clean=True)
+        return stats
 
-    def _finish(self, state: str, stats=None, error: str = "") -> None:
-        super()._finish(state, stats, error)
-        if state == "committed" or not self._commit_sent:  # else `commit` releases the slot when it ends
+    async def _cancel(self) -> None:
+        if not self._commit_sent:  # else `commit` releases the slot when it ends
             self._release_slot(clean=True)
 
     def _release_slot(self, clean: bool) -> None:
@@ -154,9 +162,8 @@ class StagedMaps:
 
     def view(self, staged: kv_pb2.StagedBytes, nbytes: int) -> np.ndarray:
         """The staged bytes as a flat uint8 array; InvalidTransfer for a bad name or bounds."""
-        from kvmesh.transports.shm import _path
         try:
-            path = _path(staged.segment)
+            path = segment_path(staged.segment)
         except ValueError as exc:
             raise errors.InvalidTransfer(str(exc)) from None
         if not (0 <= staged.offset and staged.offset + nbytes <= staged.segment_bytes):
@@ -200,9 +207,8 @@ class StagedMaps:
 
 
 def _owner_alive(name: str) -> bool:
-    from kvmesh.transports.shm import _NAME, _alive
-    match = _NAME.match(name)
-    return match is not None and _alive(int(match.group(1)))
+    match = SEGMENT_NAME.match(name)
+    return match is not None and owner_alive(int(match.group(1)))
 
 
 def land_staged(pool: np.ndarray, staged: np.ndarray, runs: list[tuple[int, int]], num_layers: int,

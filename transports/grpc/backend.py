@@ -1,7 +1,8 @@
-"""The "grpc" backend: client-streaming Push calls (one, or STREAMS for large transfers), chunks of at most 1 MiB
-written straight into the receiver's region. Works between any two hosts; the fallback when nothing faster is
-shared. The Open travels in each call's first message and in the Commit, not as a round trip of its own: the
-receiver lands every chunk itself and checks it against the reservation, so nothing can land before it knows.
+"""The "grpc" backend, sending side and registration: client-streaming Push calls (one, or STREAMS for large
+transfers), chunks of at most 1 MiB that the receiver writes straight into its region (push.py). Works between
+any two hosts; the fallback when nothing faster is shared. The Open travels in each call's first message and in
+the Commit, not as a round trip of its own: the receiver lands every chunk itself and checks it against the
+reservation, so nothing can land before it knows.
 
 Copies: sender — one, when a chunk is assembled (header + raw bytes joined from a view of the pool, no protobuf
 copy of the data); receiver — protobuf's bytes object, then one numpy copy into the region. Large layers are
@@ -12,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
-import xxhash
-
-from kvmesh.transports import errors
-from kvmesh.transports.base import OFFLOAD_BYTES, Backend
-from kvmesh.transports.transfer import Transfer
+import kvmesh.transports.errors as errors
+from kvmesh.transports.base import OFFLOAD_BYTES, Attachment, Backend
 from kvmesh.transports.blocks import Run
+from kvmesh.transports.grpc.push import push_handlers
+from kvmesh.transports.transfer import Transfer
 from kvmesh.v1 import kv_pb2
 
 DATA_TAG = bytes([15 << 3 | 2])  # KVChunk.data: field 15, length-delimited
@@ -35,52 +34,6 @@ def _varint(n: int) -> bytes:
         out.append(byte | (0x80 if n else 0))
         if not n:
             return bytes(out)
-
-
-class ChunkView:
-    """A received KVChunk whose `data` is a view into the message bytes (no copy); other fields from `header`."""
-
-    __slots__ = ("header", "data")
-
-    def __init__(self, header: kv_pb2.KVChunk, data) -> None:
-        self.header, self.data = header, data
-
-    def __getattr__(self, name: str):
-        return getattr(self.header, name)
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def decode_chunk(buf: bytes):
-    """Parse a serialised KVChunk without copying its data when data is the last field (as our senders write
-    it); any other field order falls back to protobuf's parser."""
-    pos, size = 0, len(buf)
-    while pos < size:
-        start = pos
-        tag, pos = _read_varint(buf, pos)
-        wire = tag & 7
-        if wire == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _read_varint(buf, pos)
-            if tag >> 3 == 15 and pos + length == size:
-                return ChunkView(kv_pb2.KVChunk.FromString(buf[:start]), memoryview(buf)[pos:])
-            pos += length
-        else:
-            break
-    return kv_pb2.KVChunk.FromString(buf)
 
 
 class _Push:
@@ -106,20 +59,23 @@ class GrpcTransfer(Transfer):
     l % STREAMS (a layer's chunks stay in order on one call, as the receiver's running checksums need). Small
     layers are coalesced: a chunk goes out when it is full, and the last partial one at commit (its bytes copied,
     so the sender's pool may change after send_layer). `send_layer` returns once its chunks are encoded and
-    queued; the calls' writer tasks overlap the writing with the next layers."""
+    queued; the calls' writer tasks overlap the writing with the next layers. The Open travels in each call's first
+    message and in the Commit."""
+
+    carries_open = True
 
     async def _begin(self) -> None:
         total = self.pool.shape[0] * 2 * self.dst_ids.size * self.sender.region.block_nbytes
         count = min(STREAMS, self.pool.shape[0]) if total >= STRIPE_BYTES else 1
-        push = self.sender._grpc_peer(self.link.descriptor.address).push
+        push = self.sender.rpc_peer(self.link.descriptor.address).push
         hello = kv_pb2.KVChunk(transfer_id=self.transfer_id, dtype=self.sender.layout.dtype,
                                layer_checksums=self.sender.verify, open=self.open_request).SerializeToString()
         self._calls = [_Push(push(timeout=self._remaining()), hello) for _ in range(count)]
 
-    def _push_streams(self) -> int:
-        return len(self._calls)
+    def _commit_fields(self) -> dict:
+        return {**super()._commit_fields(), "push_streams": len(self._calls)}
 
-    async def _write_runs(self, runs: list[Run]) -> None:
+    async def _write(self, runs: list[Run], hasher=None) -> None:
         if not runs:  # e.g. the chaos wrapper dropped them all
             return
         stream = self._calls[runs[0].layer % len(self._calls)]
@@ -138,7 +94,7 @@ class GrpcTransfer(Transfer):
         finally:
             ahead.cancel()
 
-    async def _end(self) -> None:
+    async def _flush(self) -> None:
         for stream in self._calls:
             if stream.tail:
                 tail, stream.tail, stream.tail_bytes = stream.tail, [], 0
@@ -219,99 +175,15 @@ class GrpcBackend(Backend):
     """Chunks over the receiver's KVTransfer.Push; no shared memory, any host."""
 
     name = "grpc"
-    opens_with_data = True
     transfer_class = GrpcTransfer
 
     @classmethod
-    def attach(cls, receiver):
+    def attach(cls, receiver) -> Attachment:
         keep_freed_memory()
-        return super().attach(receiver)
+        return Attachment(handlers=push_handlers(receiver))
 
     async def connect(self) -> None:
         keep_freed_memory()
-
-
-def chunk_views(receiver, transfer_id: str, chunk) -> tuple[object, list[np.ndarray]]:
-    """The flat slices of the region a Push chunk's pieces go to, after checking them against the
-    reservation."""
-    record = receiver._live(transfer_id)
-    if record.state != "writing" or record.backend != "grpc":
-        raise errors.InvalidTransfer(f"transfer {transfer_id} is not open for grpc chunks")
-    if chunk.dtype != receiver.layout.dtype:
-        raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: dtype {chunk.dtype!r}")
-    views, total = [], 0
-    for span in chunk.spans:
-        start, end = span.dst_block_start, span.dst_block_start + span.num_blocks
-        if not (0 <= span.layer < record.num_layers and span.kv in (0, 1) and span.num_blocks > 0
-                and start >= 0 and end <= receiver.region.num_blocks and record.mask[start:end].all()):
-            raise errors.InvalidTransfer(f"chunk outside transfer {transfer_id}'s blocks or layers")
-        run = receiver.region.array[span.layer, span.kv, start:end].reshape(-1)
-        if not (span.nbytes > 0 and 0 <= span.offset <= run.size - span.nbytes):
-            raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: span outside its run")
-        views.append(run[span.offset:span.offset + span.nbytes])
-        total += span.nbytes
-    if total != chunk.nbytes or total != len(chunk.data):
-        raise errors.InvalidTransfer(f"chunk of transfer {transfer_id}: spans, nbytes and data disagree")
-    return record, views
-
-
-def _land(record, chunk, views: list[np.ndarray], counts: list[int]) -> None:
-    """Verify one chunk's checksum (if it has one), copy its pieces into the region, and extend its layer's running
-    checksum (chunks of a layer arrive in the sender's order, so that equals the sender's layer checksum)."""
-    data = chunk.data
-    if chunk.has_checksum and xxhash.xxh3_64_intdigest(data) != chunk.checksum:
-        raise errors.DataLossError(f"transfer {chunk.transfer_id}: chunk checksum mismatch")
-    hash_layers = chunk.has_checksum or chunk.layer_checksums
-    pos = 0
-    for span, view in zip(chunk.spans, views):
-        piece = data[pos:pos + view.size]
-        np.copyto(view, np.frombuffer(piece, dtype=np.uint8))
-        if hash_layers:
-            record.layer_hashers.setdefault(span.layer, xxhash.xxh3_64()).update(piece)
-        pos += view.size
-    record.nbytes += len(data)
-    record.check_landed()
-    counts[0] += len(data)
-    counts[1] += 1
-
-
-async def receive_push(receiver, request_iterator) -> tuple[int, int]:
-    """The receiver's side of Push: validate, verify and land each chunk. Returns (bytes, chunks).
-
-    A damaged or out-of-bounds chunk fails its transfer; a stream that breaks before the sender closed it (the
-    sender vanished) fails the transfers it carried with TransferAborted. (Landing large chunks in a worker thread
-    while the loop receives the next one was measured slower here: a thread hop per 1 MiB chunk costs more than
-    the copy it overlaps.)
-    """
-    counts = [0, 0]  # bytes, chunks
-    records = {}
-    try:
-        async for chunk in request_iterator:
-            if chunk.HasField("open"):  # the sender skipped the Open round trip (a call's first message)
-                if chunk.open.transfer_id != chunk.transfer_id or chunk.open.backend != "grpc":
-                    raise errors.InvalidTransfer(f"chunk of transfer {chunk.transfer_id} carries another's Open")
-                receiver._open(chunk.open)
-            record, views = chunk_views(receiver, chunk.transfer_id, chunk)
-            records[chunk.transfer_id] = record
-            try:
-                _land(record, chunk, views, counts)
-            except errors.DataLossError as exc:
-                receiver._fail(record, exc)
-                raise
-    except errors.InvalidTransfer as exc:
-        for record in records.values():
-            if record.state == "writing":
-                receiver._fail(record, exc)
-        raise
-    except asyncio.CancelledError:
-        for record in records.values():
-            if record.state == "writing":
-                receiver._fail(record, errors.TransferAborted(f"transfer {record.transfer_id}: sender vanished"))
-        raise
-    for record in records.values():  # the sender half-closed this call: a Commit may be waiting for it
-        record.streams_done += 1
-        record.check_landed()
-    return counts[0], counts[1]
 
 
 _malloc_tuned = False

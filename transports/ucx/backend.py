@@ -21,11 +21,13 @@ import struct
 
 import numpy as np
 
-from kvmesh.transports import errors
+import kvmesh.transports.errors as errors
 from kvmesh.transports.base import EARLY_VERIFY_BYTES, Attachment, Backend
-from kvmesh.transports.transfer import Transfer
 from kvmesh.transports.blocks import Run
+from kvmesh.transports.transfer import Transfer
 
+NAME = "ucx"  # this backend's registry name
+STATE = "ucx.agent"  # its per-sender state (see Sender.state)
 _ADDR = struct.Struct("<Q")  # backend_params["ucx"] = base address of the receiver's pool, then agent metadata
 POLL_S = (0.0, 0.0001, 0.0005, 0.001)  # completion polling back-off
 
@@ -63,16 +65,31 @@ def _register(agent, array: np.ndarray):
     return agent.register_memory([(array.ctypes.data, array.nbytes, 0, "")], "DRAM")
 
 
+class SenderAgent:
+    """A sender's side of NIXL: the process's agent and the sender's pool registered with it (once per Sender,
+    as its `Sender.state`); `close` deregisters the pool, which may be freed after the sender closes."""
+
+    def __init__(self, pool: np.ndarray) -> None:
+        self.agent = _sender_agent()
+        self.registered = _register(self.agent, pool)
+
+    def close(self) -> None:
+        """Called by `Sender.close` after every link closed."""
+        if self.registered is not None:
+            self.agent.deregister_memory(self.registered)
+            self.registered = None
+
+
 class UcxTransfer(Transfer):
     """Posts one NIXL WRITE per layer (a descriptor per run) and returns at once; `_end` waits for them all. Layers
     stream out back to back instead of each waiting for the previous one's completion round trip."""
 
     _inflight: list | None = None  # (handle, scratch registrations) of posted WRITEs
 
-    async def _write_runs(self, runs: list[Run]) -> None:
+    async def _write(self, runs: list[Run], hasher=None) -> None:
         if not runs:
             return
-        agent, link = self.sender._ucx_agent, self.link
+        agent, link = self.link.agent, self.link
         scratch = [r.src for r in runs if not _inside(r.src, self.pool)]  # e.g. chaos' altered copies
         registered = [_register(agent, a) for a in scratch]
         local = np.array([(r.src.ctypes.data, r.nbytes, 0) for r in runs], dtype=np.uint64).reshape(-1, 3)
@@ -94,9 +111,9 @@ class UcxTransfer(Transfer):
         if state not in ("PROC", "DONE"):
             raise errors.PeerUnavailable(f"transfer {self.transfer_id}: NIXL write ended {state}")
 
-    async def _end(self) -> None:
+    async def _flush(self) -> None:
         """Wait until every posted WRITE completed (NIXL's DONE: the data is at the target)."""
-        agent, polls = self.sender._ucx_agent, 0
+        agent, polls = self.link.agent, 0
         while self._inflight:
             handle, registered = self._inflight[0]
             try:
@@ -112,7 +129,7 @@ class UcxTransfer(Transfer):
             polls += 1
 
     async def _cancel(self) -> None:
-        agent = getattr(self.sender, "_ucx_agent", None)
+        agent = self.link.agent
         for handle, registered in self._inflight or []:  # NIXL aborts a still-running write on release
             self._release(agent, handle, registered)
         self._inflight = None
@@ -131,9 +148,10 @@ class UcxTransfer(Transfer):
 class UcxBackend(Backend):
     """One-sided NIXL/UCX WRITEs into the receiver's registered region."""
 
-    name = "ucx"
+    name = NAME
     one_sided = True
     transfer_class = UcxTransfer
+    agent = None  # the NIXL agent, once connected
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -156,7 +174,7 @@ class UcxBackend(Backend):
                 for message in messages:
                     parsed = _parse_notif(message)
                     if parsed is not None:
-                        receiver._layer_written(*parsed)
+                        receiver.on_layer_written(*parsed)
 
         # No NIXL progress thread (it spins a whole core); the receiver polls while a ucx transfer is open.
         return Attachment(params=_ADDR.pack(receiver.region.array.ctypes.data) + agent.get_agent_metadata(),
@@ -164,13 +182,10 @@ class UcxBackend(Backend):
 
     async def connect(self) -> None:
         sender = self.sender
-        if getattr(sender, "_ucx_agent", None) is None:
-            agent = _sender_agent()
-            sender._ucx_registered = _register(agent, sender.region.array)
-            sender._ucx_agent = agent
-        params = bytes(self.descriptor.backend_params["ucx"])
+        self.agent = sender.state(STATE, lambda: SenderAgent(sender.region.array)).agent
+        params = bytes(self.descriptor.backend_params[NAME])
         (self.base,) = _ADDR.unpack_from(params)
-        self.remote_name = sender._ucx_agent.add_remote_agent(params[_ADDR.size:])
+        self.remote_name = self.agent.add_remote_agent(params[_ADDR.size:])
         block = sender.region.block_nbytes
         self.strides = (2 * self.descriptor.num_blocks * block, self.descriptor.num_blocks * block, block)
 
@@ -180,18 +195,11 @@ class UcxBackend(Backend):
         return self.base + run.layer * layer + run.kv * kv + run.dst_start * block
 
     async def close(self) -> None:
-        sender = self.sender
-        agent = getattr(sender, "_ucx_agent", None)
-        if agent is None:
-            return
-        if getattr(self, "remote_name", None):
+        if self.agent is not None and getattr(self, "remote_name", None):
             try:
-                agent.remove_remote_agent(self.remote_name)
+                self.agent.remove_remote_agent(self.remote_name)
             except Exception:  # the remote may be gone already; nothing else to release
                 pass
-        if sender._closed and getattr(sender, "_ucx_registered", None) is not None:
-            agent.deregister_memory(sender._ucx_registered)  # the sender's pool may be freed after close
-            sender._ucx_registered = None
 
 
 def _notif(transfer_id: str, layer: int) -> bytes:
