@@ -15,7 +15,7 @@ by one line in `transports/__init__.py`. It fills in these hooks and nothing mor
 
 Backends use only the public API of the generic layer (`Sender.rpc_peer`, `Sender.state`, `Receiver.on_*`,
 `Receiver.record`, `Receiver.fail`), never its underscore members; the generic layer never names a backend.
-This module imports nothing of `kvmesh.transports` but `errors`, and nothing of `kvmesh.services`: a transfer
+This module imports nothing of `kvmesh.transports` but the leaf `region`, and nothing of `kvmesh.services`: a transfer
 returns a `TransferStats`, and whoever made the Sender or Receiver (a service) turns it into metrics and spans
 through the `observer` it passed in.
 """
@@ -24,15 +24,14 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import Callable, ClassVar
 
-if TYPE_CHECKING:  # pragma: no cover - annotations only: the contract imports no implementation
-    import numpy as np
+import numpy as np
 
-    from kvmesh.transports.receiver import Receiver
-    from kvmesh.transports.region import KVRegion
-    from kvmesh.transports.sender import Sender
-    from kvmesh.transports.transfer import Transfer
+from kvmesh.transports.region import KVRegion  # a leaf; the generic classes are not imported (see below)
+
+# `sender` (a sender.Sender), `receiver` (a receiver.Receiver) and the transfers (transfer.Transfer) go
+# unannotated here: importing those modules would make the contract depend on what implements it.
 
 # Large enough that a layer's copy is worth a thread hop (~50 us); smaller copies run inline on the loop.
 OFFLOAD_BYTES = 1 << 20
@@ -118,9 +117,9 @@ class Backend(ABC):
     #: A layer is in the receiver's memory once `Transfer._write` returns (shm; not ucx, whose completion may
     #: precede visibility to the receiver's CPU), so the sender may tell the receiver to verify it early.
     early_verify: ClassVar[bool] = False
-    transfer_class: ClassVar[type["Transfer"]]
+    transfer_class: ClassVar[type]  # its Transfer subclass
 
-    def __init__(self, sender: "Sender", descriptor, peer) -> None:
+    def __init__(self, sender, descriptor, peer) -> None:
         self.sender, self.descriptor, self.peer = sender, descriptor, peer
         self.users = 0  # open transfers using this link
 
@@ -133,13 +132,13 @@ class Backend(ABC):
         return None
 
     @classmethod
-    def make_region(cls, shape: tuple[int, int, int, int]) -> "KVRegion | None":
+    def make_region(cls, shape: tuple[int, int, int, int]) -> KVRegion | None:
         """A receiver's pool of `shape` in the memory this backend needs (shm: a shared segment), or None when
         ordinary process memory serves. Called by `allocate_region` once per pool, before any loop runs."""
         return None
 
     @classmethod
-    def attach(cls, receiver: "Receiver") -> Attachment | None:
+    def attach(cls, receiver) -> Attachment | None:
         """Receiver side, once at start: what the receiver publishes and must release, or None if this receiver's
         region cannot be served by this backend. Must not touch the network or block for long; may keep
         `receiver` to call its public `on_*` methods later."""
@@ -158,8 +157,8 @@ class Backend(ABC):
     async def close(self) -> None:
         """Release what `connect` took. Called once, by the Sender; must not raise."""
 
-    def new_transfer(self, transfer_id: str, dst_ids: "np.ndarray", deadline: float, *, local: bool,
-                     rendezvous: bool) -> "Transfer":
+    def new_transfer(self, transfer_id: str, dst_ids: np.ndarray, deadline: float, *, local: bool,
+                     rendezvous: bool):
         """The Transfer a sender opens through this link (called by `Sender.open`, before any Open is sent).
 
         `local`: the receiver's control channel is its same-host socket; `rendezvous`: the caller asks for an Open

@@ -114,7 +114,7 @@ class Transfer(ABC):
         verify = self.sender.verify
         sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
         commit = self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
-                                       self._remaining(), **self._commit_fields())
+                                       self.remaining(), **self._commit_fields())
         await self._guard(lambda: first_failure(commit, self._settle()), "commit")
         stats = self._stats()
         self._finish("committed", stats)
@@ -124,7 +124,7 @@ class Transfer(ABC):
         """Wait until the receiver accepted the Open (at once where `Sender.open` waited for it already); raise its
         refusal as `send_layer` would. Optional: a caller that does not ask learns of a refusal at its next call."""
         if self._open_answer is not None:
-            await asyncio.wait({self._open_answer}, timeout=self._remaining())
+            await asyncio.wait({self._open_answer}, timeout=self.remaining())
         await self._check_open_answer()
 
     async def abort(self, reason: str = "aborted by sender") -> None:
@@ -210,7 +210,7 @@ class Transfer(ABC):
 
     async def _send_inline(self, layer: int, pairs: list[tuple[int, int, int]]) -> int:
         try:
-            self._remaining()
+            self.remaining()
             hasher = xxhash.xxh3_64() if self.sender.verify else None
             self._write_inline(layer, pairs, hasher)
             return 0 if hasher is None else hasher.intdigest()
@@ -254,7 +254,9 @@ class Transfer(ABC):
         if self.state != "open":
             raise errors.InvalidTransfer(f"transfer {self.transfer_id} is {self.state}")
 
-    def _remaining(self) -> float:
+    def remaining(self) -> float:
+        """Seconds left before the transfer's deadline; TransferTimeout once it passed (backends bound their own
+        calls with it)."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise errors.TransferTimeout(f"transfer {self.transfer_id}: deadline passed")
@@ -263,7 +265,7 @@ class Transfer(ABC):
     async def _guard(self, make: Callable[[], object], what: str):
         """Await `make()` under the transfer's deadline; on any failure abort the transfer, raise a TransportError."""
         try:
-            return await within(make, self._remaining())
+            return await within(make, self.remaining())
         except BaseException as exc:
             error = typed(exc, f"transfer {self.transfer_id}: {what}")
             await self.abort(f"{what} failed: {error}")

@@ -70,7 +70,7 @@ class GrpcTransfer(Transfer):
         push = self.sender.rpc_peer(self.link.descriptor.address).push
         hello = kv_pb2.KVChunk(transfer_id=self.transfer_id, dtype=self.sender.layout.dtype,
                                layer_checksums=self.sender.verify, open=self.open_request).SerializeToString()
-        self._calls = [_Push(push(timeout=self._remaining()), hello) for _ in range(count)]
+        self._calls = [_Push(push(timeout=self.remaining()), hello) for _ in range(count)]
 
     def _commit_fields(self) -> dict:
         return {**super()._commit_fields(), "push_streams": len(self._calls)}
