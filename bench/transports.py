@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import bench_grpc_ceiling, bench_memcpy, bench_tcp, median_gbps  # noqa: E402
+from transports_report import goals, plot, write_results  # noqa: E402
 
 MiB = 1 << 20
 LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM, DTYPE = 8, 16, 8, 128, "bfloat16"  # 32 KiB blocks, Llama-8B-like
@@ -111,7 +112,7 @@ async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool,
     num_blocks = max(blocks_for(s) * window_for(s, window) for s in sizes)
     proc = subprocess.Popen([sys.executable, __file__, "--serve", backend, "--blocks", str(num_blocks)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-    region = allocate_region(LAYERS, num_blocks, BLOCK_NBYTES, "grpc")
+    region = allocate_region(LAYERS, num_blocks, BLOCK_NBYTES)  # a sender's pool: process memory
     region.array[:] = np.random.default_rng(0).integers(0, 256, region.array.shape, np.uint8)
     descriptor = common_pb2.TransportDescriptor.FromString(base64.b64decode(proc.stdout.readline()))
     sender = Sender(region, layout(), backends=[backend], force=backend, verify=verify)
@@ -133,25 +134,8 @@ async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool,
     results, counter = {}, 0
     try:
         for size in sizes:
-            n, w, times, phases = blocks_for(size), window_for(size, window), [], []
-            for i in range(reps + 1):
-                tids = [f"b{counter + k}" for k in range(w)]
-                counter += w
-                for k, tid in enumerate(tids):
-                    ask(f"expect {tid} {n} {k * n}")
-                done = await asyncio.gather(*(one(tid, list(range(k * n, (k + 1) * n)))
-                                              for k, tid in enumerate(tids)))
-                verified_at = [json.loads(ask(f"wait {tid} 0 0"))["verified_at"] for tid in tids]
-                if i:  # the first round warms up connections and pages
-                    start = min(t for _, (t, *_) in done)
-                    times.append(max(verified_at) - start)
-                    phases += [(opened - t, committed - sent, at - opened)
-                               for (_, (t, opened, sent, committed)), at in zip(done, verified_at)]
-            open_s, commit_s, after_open_s = (statistics.median(p) for p in zip(*phases))
-            nbytes = done[0][0].bytes
-            results[size] = {"gbps": median_gbps(w * nbytes, times), "open_ms": open_s * 1e3,
-                             "commit_ms": commit_s * 1e3, "gbps_after_open": nbytes / after_open_s / 1e9,
-                             "window": w}
+            n, w = blocks_for(size), window_for(size, window)
+            results[size], counter = await _rounds(one, ask, n, w, reps, counter)
             print(f"  {backend:5s} {size // MiB:4d} MiB  {results[size]['gbps']:6.2f} GB/s", file=sys.stderr)
     finally:
         await sender.close()
@@ -159,6 +143,28 @@ async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool,
         proc.wait(10)
         region.close()
     return results
+
+
+async def _rounds(one, ask, n: int, w: int, reps: int, counter: int) -> tuple[dict, int]:
+    """`reps` timed rounds (after one warm-up) of `w` concurrent transfers of `n` blocks each; the figures of
+    `bench_backend` for this size, and the next transfer number."""
+    times, phases = [], []
+    for i in range(reps + 1):
+        tids = [f"b{counter + k}" for k in range(w)]
+        counter += w
+        for k, tid in enumerate(tids):
+            ask(f"expect {tid} {n} {k * n}")
+        done = await asyncio.gather(*(one(tid, list(range(k * n, (k + 1) * n))) for k, tid in enumerate(tids)))
+        verified_at = [json.loads(ask(f"wait {tid} 0 0"))["verified_at"] for tid in tids]
+        if i:  # the first round warms up connections and pages
+            start = min(t for _, (t, *_) in done)
+            times.append(max(verified_at) - start)
+            phases += [(opened - t, committed - sent, at - opened)
+                       for (_, (t, opened, sent, committed)), at in zip(done, verified_at)]
+    open_s, commit_s, after_open_s = (statistics.median(p) for p in zip(*phases))
+    nbytes = done[0][0].bytes
+    return {"gbps": median_gbps(w * nbytes, times), "open_ms": open_s * 1e3, "commit_ms": commit_s * 1e3,
+            "gbps_after_open": nbytes / after_open_s / 1e9, "window": w}, counter
 
 
 async def bench_one_loop(size: int, reps: int) -> dict[str, float]:
@@ -172,7 +178,7 @@ async def bench_one_loop(size: int, reps: int) -> dict[str, float]:
     from kvmesh.transports.sender import Sender
 
     n = blocks_for(size)
-    receiving, sending = (allocate_region(LAYERS, n, BLOCK_NBYTES, b) for b in ("shm", "grpc"))
+    receiving, sending = allocate_region(LAYERS, n, BLOCK_NBYTES, "shm"), allocate_region(LAYERS, n, BLOCK_NBYTES)
     sending.array[:] = 1
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
@@ -210,74 +216,6 @@ async def bench_one_loop(size: int, reps: int) -> dict[str, float]:
     names = ("open_us", "layers_us", "commit_us", "wait_us", "total_us")
     got = {k: statistics.median(v) * 1e6 for k, v in zip(names, zip(*steps[20:]))}
     return {**got, "bytes_us": 2 * statistics.median(data) * 1e6}
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sizes = sorted({r["size_bytes"] for r in rows})
-    for backend in sorted({r["backend"] for r in rows}):
-        ax.plot([s / MiB for s in sizes], [next(r["gbps"] for r in rows if r["backend"] == backend
-                                                and r["size_bytes"] == s) for s in sizes], "o-", label=backend)
-    for key, style in (("memcpy_gbps", "k--"), ("tcp_gbps", "k:"), ("grpc_ceiling_gbps", "k-.")):
-        ax.plot([s / MiB for s in sizes], [next(r[key] for r in rows if r["size_bytes"] == s) for s in sizes],
-                style, label=key.replace("_gbps", "").replace("_", " "))
-    ax.set(xscale="log", yscale="log", xlabel="transfer size (MiB)", ylabel="GB/s", title="kvmesh KV transports")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def goals(rows: list[dict]) -> list[str]:
-    """The issue's four goals, checked against this run's own baselines."""
-    at = {(r["backend"], r["size_bytes"]): r for r in rows}
-    big = max(r["size_bytes"] for r in rows)
-    checks = []
-    for backend, key, factor, what in (("shm", "memcpy_gbps", 0.5, "memcpy"), ("grpc", "tcp_gbps", 0.5, "raw TCP"),
-                                       ("ucx", "tcp_gbps", 1.0, "raw TCP")):
-        r = at.get((backend, big))
-        if r:
-            ratio = r["gbps"] / r[key]
-            checks.append(f"{backend} at {big // MiB} MiB ≥ {factor} × {what}: {ratio:.2f}× — "
-                          f"{'met' if ratio >= factor else 'not met'}")
-    for backend in sorted({r["backend"] for r in rows}):
-        small, large = at.get((backend, MiB)), at.get((backend, big))
-        if small and large:
-            ratio = small["gbps"] / large["gbps"]
-            checks.append(f"{backend} at 1 MiB ≥ 0.5 × at {big // MiB} MiB: {ratio:.2f}× — "
-                          f"{'met' if ratio >= 0.5 else 'not met'}")
-    return checks
-
-
-def fixed_ms(row: dict, rows: list[dict]) -> float:
-    """A transfer's time beyond moving its bytes at the backend's largest-size rate: its fixed cost."""
-    big = max((r for r in rows if r["backend"] == row["backend"]), key=lambda r: r["size_bytes"])
-    return (row["size_bytes"] / row["gbps"] - row["size_bytes"] / big["gbps"]) / 1e6
-
-
-def write_results(rows: list[dict], command: str, path: Path, png: Path, one_loop: dict | None) -> None:
-    loads = [r["loadavg_1m"] for r in rows]
-    lines = ["", f"## Transports ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "", f"`{command}`", "",
-             f"1-minute load average on the 2 cores during the run: {min(loads):.1f}–{max(loads):.1f}.", "",
-             "| backend | size | in flight | GB/s | GB/s after Open | memcpy GB/s | raw TCP GB/s | bare gRPC GB/s | vs memcpy "
-             "| vs TCP | Open ms | Commit ms | fixed ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['backend']} | {r['size_bytes'] // MiB} MiB | {r.get('window', 1)} | {r['gbps']:.2f} | {r['gbps_after_open']:.2f} "
-                     f"| {r['memcpy_gbps']:.2f} | {r['tcp_gbps']:.2f} | {r['grpc_ceiling_gbps']:.2f} "
-                     f"| {r['gbps'] / r['memcpy_gbps']:.2f} | {r['gbps'] / r['tcp_gbps']:.2f} "
-                     f"| {r['open_ms']:.2f} | {r['commit_ms']:.2f} | {fixed_ms(r, rows):.2f} |")
-    lines += ["", "Goals, from this run:", ""] + [f"- {check}" for check in goals(rows)]
-    if one_loop:
-        lines += ["", "A staged shm transfer of 1 MiB with sender and receiver on one event loop (no process woken), "
-                  "median µs: " + ", ".join(f"{k[:-3]} {v:.0f}" for k, v in one_loop.items() if k != "bytes_us")
-                  + f"; of the total, moving the bytes (copy + xxh3 on each side) is {one_loop['bytes_us']:.0f}."]
-    lines += ["", f"![transports]({png.name})", ""]
-    with open(path, "a") as f:
-        f.write("\n".join(lines))
 
 
 def main() -> None:
