@@ -38,11 +38,13 @@ BLOCK_NBYTES = BLOCK_SIZE * HEADS * HEAD_DIM * 2
 
 
 def layout():
+    """The benchmark's KV layout (Llama-8B-like blocks)."""
     from kvmesh.transports import make_layout
     return make_layout(LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM, DTYPE, "bench")
 
 
 def blocks_for(size: int) -> int:
+    """Blocks of one transfer of `size` bytes (all layers, K and V)."""
     return max(1, size // (LAYERS * 2 * BLOCK_NBYTES))
 
 

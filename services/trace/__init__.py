@@ -13,7 +13,7 @@ The naming convention every service follows (the names are constants in `convent
 | `decode.queue` | decode | waiting for a batch slot |
 | `prefill.queue` | prefill | waiting in prefill's token-budget batch |
 | `prefill.compute` | prefill | the forward pass over the prompt (`kvmesh.prefill.tokens`) |
-| `kv.transfer` | transport base class | one KV move (`kvmesh.kv.bytes`, `kvmesh.kv.blocks`, `kvmesh.kv.backend`, `kvmesh.kv.gbps`, optional `kvmesh.kv.layer`, `kvmesh.kv.direction`) |
+| `kv.transfer` | services, from transports' TransferStats (common/transfer_telemetry.py) | one KV move (`kvmesh.kv.bytes`, `kvmesh.kv.blocks`, `kvmesh.kv.backend`, `kvmesh.kv.gbps`, optional `kvmesh.kv.layer`, `kvmesh.kv.direction`) |
 | `cache.lookup` | cache / its caller | how many leading blocks the cache holds (`kvmesh.cache.hit_blocks`, `kvmesh.cache.tier`) |
 | `cache.get`, `cache.put` | cache / its caller | reading (before prefill) or offering (after) blocks (`kvmesh.kv.bytes`, `kvmesh.cache.tier`) |
 | `decode.stream` | decode | generating after the first token (`kvmesh.output_tokens`) |

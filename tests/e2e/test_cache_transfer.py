@@ -73,7 +73,7 @@ def mesh_segments(mesh) -> dict[str, int]:
 def assert_no_leaks(mesh, shm: bool, cache_alive: bool = True, timeout_s: float = 10.0) -> None:
     """Every worker's blocks free with no handoff or transfer left; the cache holds no staging block or open
     transfer; each worker has exactly its pool's segment (shm) or none, and a sender (the prefill worker, the cache)
-    at most one more: the staging slots of its small shm transfers (transports/staging.py), made once, not per
+    at most one more: the staging slots of its small shm transfers (transports/shm/staging.py), made once, not per
     request."""
     assert mesh.wait_blocks_free(timeout_s)
     deadline = time.monotonic() + timeout_s
