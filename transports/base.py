@@ -10,14 +10,15 @@ by one line in `transports/__init__.py`. It fills in these hooks and nothing mor
         attach(receiver)       receiver side, at start  connect() / close()   sender side, once per receiver
         new_transfer(...)      which Transfer a sender opens through this link
         reclaim_stale()        free what dead processes left behind (a worker calls it at start)
-    Transfer (sender side, one per transfer; see transfer.py)
-        begin, write, write_inline, flush, settle, cancel, commit_fields
+    Transfer (sender side, one per transfer; private hooks, called only by the generic Transfer: transfer.py)
+        _begin, _write, _write_inline, _flush, _settle, _cancel, _commit_fields
+    Attachment (receiver side, what `attach` returns): params, close, progress, handlers, land_staged
 
-Backends use only the public API of the generic layer (`Sender.rpc_peer`, `Sender.state`, `Receiver.on_*`,
-`Receiver.record`, `Receiver.fail`), never its underscore members; the generic layer never names a backend.
-This module imports nothing of `kvmesh.transports` but the leaf `region`, and nothing of `kvmesh.services`: a transfer
-returns a `TransferStats`, and whoever made the Sender or Receiver (a service) turns it into metrics and spans
-through the `observer` it passed in.
+Backends use only the public API of the generic layer (`Sender.rpc_peer`, `Sender.state`, `Transfer.remaining`,
+`Receiver.on_*`, `Receiver.record`, `Receiver.fail`), never its underscore members; the generic layer never
+names a backend: it asks the class flags below, and the hooks. This module imports nothing of the package but
+the leaf `region`, and nothing of `kvmesh.services`: a transfer returns a `TransferStats`, and whoever made the
+Sender or Receiver (a service) turns it into metrics and spans through the `observer` it passed in.
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ class Receiver:
                 raise errors.InvalidTransfer(f"transfer {tid}: the Commit's Open names another transfer")
             self.on_open(request.open)
         record, staged = self.record(tid), request.HasField("staged")
-        if record.state != "writing" or record.committing or (not record.staged if staged else backend != record.backend):
+        wrong_kind = not record.staged if staged else backend != record.backend
+        if record.state != "writing" or record.committing or wrong_kind:
             raise errors.InvalidTransfer(f"transfer {tid} is {record.state}"
                                          + (", not staged" if staged else f" via {record.backend!r}"))
         record.committing = True
