@@ -20,10 +20,12 @@ class Run:
 
     @property
     def num_blocks(self) -> int:
+        """Blocks in the run."""
         return self.src.shape[0]
 
     @property
     def nbytes(self) -> int:
+        """Bytes in the run."""
         return self.src.nbytes
 
 

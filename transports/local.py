@@ -145,6 +145,7 @@ class LocalPeer:
         self._lock = asyncio.Lock()
 
     async def open(self, transfer_id, dst_ids, layout, backend, host_id, timeout) -> float:
+        """Send an Open and return the seconds left on the transfer's lease."""
         request = CONTROL_TYPES["Open"][0](transfer_id=transfer_id, dst_block_ids=dst_ids.tolist(), layout=layout,
                                            backend=backend, sender_host_id=host_id)
         return (await self.call("Open", request, timeout, f"open {transfer_id}")).lease_remaining_s
@@ -159,6 +160,7 @@ class LocalPeer:
 
     async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout, push_streams=0,
                      open=None, staged=None):
+        """Send a Commit and return the receiver's verdict (raises its typed error)."""
         request = CONTROL_TYPES["Commit"][0](transfer_id=transfer_id, backend=backend, nbytes=nbytes,
                                              layer_checksums=checksums, has_checksums=has_checksums,
                                              push_streams=push_streams, open=open, staged=staged)
@@ -181,6 +183,7 @@ class LocalPeer:
             pass
 
     async def close(self) -> None:
+        """Close the connection; pending calls fail with PeerUnavailable."""
         writer, self._writer = self._writer, None
         if self._reader_task is not None:
             self._reader_task.cancel()

@@ -32,14 +32,17 @@ class KVRegion:
 
     @property
     def num_layers(self) -> int:
+        """Layers of the pool."""
         return self.array.shape[0]
 
     @property
     def num_blocks(self) -> int:
+        """Blocks of the pool."""
         return self.array.shape[2]
 
     @property
     def block_nbytes(self) -> int:
+        """Bytes of one block of K (or V) in one layer."""
         return self.array.shape[3]
 
     def close(self) -> None:

@@ -79,15 +79,19 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
             await abort_with(context, exc)
 
     async def Open(self, request, context):
+        """An Open control message."""
         return await self._control("Open", request, context)
 
     async def Commit(self, request, context):
+        """A Commit control message."""
         return await self._control("Commit", request, context)
 
     async def Abort(self, request, context):
+        """An Abort control message."""
         return await self._control("Abort", request, context)
 
     async def LayerWritten(self, request, context):
+        """A LayerWritten hint."""
         return await self._control("LayerWritten", request, context)
 
 
@@ -121,6 +125,7 @@ class Peer:
                                               response_deserializer=kv_pb2.PushReply.FromString)
 
     async def open(self, transfer_id, dst_ids, layout, backend, host_id, timeout) -> float:
+        """Send an Open and return the seconds left on the transfer's lease."""
         request = kv_pb2.OpenRequest(transfer_id=transfer_id, dst_block_ids=dst_ids.tolist(), layout=layout,
                                      backend=backend, sender_host_id=host_id)
         reply = await call(self.stub.Open, request, timeout, f"open {transfer_id}")
@@ -128,6 +133,7 @@ class Peer:
 
     async def commit(self, transfer_id, backend, nbytes, checksums, has_checksums, timeout,
                      push_streams: int = 0, open=None, staged=None) -> kv_pb2.CommitReply:
+        """Send a Commit and return the receiver's verdict (raises its typed error)."""
         request = kv_pb2.CommitRequest(transfer_id=transfer_id, backend=backend, nbytes=nbytes,
                                        layer_checksums=checksums, has_checksums=has_checksums,
                                        push_streams=push_streams, open=open, staged=staged)
@@ -150,6 +156,7 @@ class Peer:
             pass
 
     async def close(self) -> None:
+        """Close the channel."""
         await self.channel.close()
 
 

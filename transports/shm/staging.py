@@ -195,6 +195,7 @@ class StagedMaps:
         return self._maps[name][0]
 
     def close(self) -> None:
+        """Unmap every segment held."""
         while self._maps:
             self._unmap(self._maps.popitem()[1])
 
