@@ -203,8 +203,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode", type=int, default=1, help="decode workers")
     parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
-    parser.add_argument("--transport", default="auto", help="force a KV transport (grpc, shm, ucx); auto "
-                                                            "negotiates the best one per pair of workers")
+    from kvmesh.transports import registered_backends  # the registry is the one list of backends
+
+    backends = ", ".join(registered_backends())
+    parser.add_argument("--transport", default="auto", help=f"force a KV transport ({backends}); auto negotiates "
+                                                            "the best one per pair of workers")
     parser.add_argument("--transport-chaos", default="", help="wrap the transport in the chaos wrapper, e.g. "
                                                               "'delay=5ms,throttle=200MBps'")
     parser.add_argument("--cache-decode-kv", action="store_true", help="decode workers offer each finished "
