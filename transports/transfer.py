@@ -154,7 +154,9 @@ class Transfer(ABC):
         answer.add_done_callback(_retrieved)
 
     async def start(self) -> None:
-        """Called once by `Sender.open` after the Open: the backend's `_begin` under the deadline."""
+        """Called once by `Sender.open` after the Open: the backend's `_begin` under the deadline. The transfer's
+        clock (its stats' seconds, its span) starts here, as the Open's round trip is the link's, not the bytes'."""
+        self.started, self._start_ns = time.perf_counter(), time.time_ns()
         await self._guard(self._begin, "begin")
 
     # ---- private hooks, filled in by each backend ----
