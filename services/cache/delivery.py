@@ -187,7 +187,8 @@ class Delivery:
         if lane is None:
             if len(self._lanes) >= MAX_LAYOUTS:
                 raise CapacityError(f"the cache delivers blocks of at most {MAX_LAYOUTS} KV layouts")
-            region = allocate_region(layout.num_layers, self.staging_blocks, block_nbytes(layout))  # a sender's
+            # a sender's pool: process memory serves every backend
+            region = allocate_region(layout.num_layers, self.staging_blocks, block_nbytes(layout))
             sender = Sender(region, layout, backends=self.backends, force=self.force, chaos=self.chaos,
                             observer=report)
             lane = self._lanes[key] = _Lane(region, StagedBlocks(self.staging_blocks), sender)
