@@ -27,6 +27,8 @@ from typing import Any, TypeVar, TextIO
 C = TypeVar("C")
 
 ENV_PREFIX = "KVMESH_"
+# The choices of a `transport` knob (workers and the cache offer the same ones): "auto" negotiates.
+TRANSPORTS = ("auto", "shm", "ucx", "grpc")
 
 
 class ConfigError(ValueError):
