@@ -16,11 +16,11 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.channels import ChannelCache
 from kvmesh.services.gateway.observe import RequestObserver
-from kvmesh.services.trace import conventions as names
+from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_MAX_TOKENS = 16
 

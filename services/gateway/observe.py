@@ -14,8 +14,8 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import metrics, telemetry
-from kvmesh.services.trace import conventions as names
 
 ATTR_STATUS = "rpc.grpc.status_code"
 

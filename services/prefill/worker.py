@@ -15,9 +15,9 @@ import time
 
 from opentelemetry import context as otel_context
 
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.prefill import prefix
-from kvmesh.services.trace import conventions as names
 from kvmesh.services.worker.convert import logprob_protos, sampling_params
 from kvmesh.services.worker.handoff import HandoffState, HandoffTable
 from kvmesh.transports import TransportError
