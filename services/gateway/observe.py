@@ -53,7 +53,7 @@ class RequestObserver:
         self.num_tokens += count
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
-        """The request ended with an error (a GatewayError's status, or CANCELLED)."""
+        """The request ended with an error (the status of the typed error it raised, or CANCELLED)."""
         self.span.set_attribute(ATTR_STATUS, code.value[0])
         self.span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
 
