@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmesh.services.common.config import ServerConfig, check, knob
-from kvmesh.services.common.worker import TRANSPORTS
+from kvmesh.services.common.config import TRANSPORTS, ServerConfig, check, knob
 
 DEFAULT_PORT = 50060
 

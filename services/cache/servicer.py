@@ -6,10 +6,10 @@ import asyncio
 
 from kvmesh.services.cache.delivery import Delivery, layout_key
 from kvmesh.services.cache.store import BlockStore, checksum
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import metrics, telemetry
 from kvmesh.services.common.channels import call_timeout
 from kvmesh.services.common.errors import InvalidArgumentError
-from kvmesh.services.trace import conventions as names
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
 __all__ = ["CacheServicer", "block_bytes", "layout_key"]

@@ -12,7 +12,7 @@ import asyncio
 
 import grpc
 
-from kvmesh.services.common import errors, telemetry
+from kvmesh.services.common import errors, rpc_tracing
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 10.0
@@ -36,7 +36,7 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
 def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
     """A new insecure channel to address (host:port) with the standard options and telemetry interceptors."""
     return grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes),
-                                     interceptors=telemetry.client_interceptors() or None)
+                                     interceptors=rpc_tracing.client_interceptors() or None)
 
 
 class ChannelCache:

@@ -24,9 +24,14 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar, TextIO
 
+from kvmesh.transports import registered_backends
+
 C = TypeVar("C")
 
 ENV_PREFIX = "KVMESH_"
+# The choices of a `transport` knob (workers and the cache offer the same ones): "auto" negotiates, or any
+# registered backend (best first).
+TRANSPORTS = ("auto", *registered_backends())
 
 
 class ConfigError(ValueError):

@@ -1,8 +1,9 @@
 """Typed errors and their gRPC status codes, in one place.
 
-A class maps to a status in one of two ways: it (or a base class) has a `grpc_status` class attribute — so error
-classes defined elsewhere (transports, later services) plug in without editing this file — or it is listed in
-`_BY_CLASS` below. Anything else is INTERNAL. Servicers raise these errors; `ErrorMappingInterceptor` (installed by
+A class maps to a status in one of three ways: it (or a base class) has a `grpc_status` class attribute; or, for
+packages that import no gRPC (the engine, the transports), a `status` attribute naming a `grpc.StatusCode` member
+("RESOURCE_EXHAUSTED") — so error classes defined elsewhere plug in without editing this file, and this file imports
+none of them; or it is a standard exception listed in `_BY_CLASS` below. Anything else is INTERNAL. Servicers raise these errors; `ErrorMappingInterceptor` (installed by
 the server skeleton) turns them into statuses, so no handler catches its own errors.
 """
 
@@ -13,8 +14,6 @@ import inspect
 import logging
 
 import grpc
-
-from kvmesh.services.engine import errors as engine_errors
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +73,8 @@ class FailedPreconditionError(MeshError):
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
-# Classes without a `grpc_status` attribute, most specific first.
+# Standard classes, which carry no status of their own, most specific first.
 _BY_CLASS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (engine_errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (engine_errors.UnsupportedModelError, grpc.StatusCode.INVALID_ARGUMENT),
-    (engine_errors.OutOfBlocksError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (engine_errors.EngineError, grpc.StatusCode.INTERNAL),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (asyncio.TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ConnectionError, grpc.StatusCode.UNAVAILABLE),
@@ -92,7 +87,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return exc.code()  # a downstream call failed: pass its status on
     if isinstance(exc.__dict__.get("grpc_status"), grpc.StatusCode):
         return exc.__dict__["grpc_status"]
-    name = getattr(exc, "status", None)  # the transports' errors name their status
+    name = getattr(exc, "status", None)  # the engine's and the transports' errors name their status
     if isinstance(name, str) and name in grpc.StatusCode.__members__:
         return grpc.StatusCode[name]
     for cls in type(exc).__mro__:

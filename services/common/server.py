@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.services.common import config as config_mod
-from kvmesh.services.common import errors, healthcheck, ids, metrics, sdnotify, telemetry
+from kvmesh.services.common import errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry
 from kvmesh.services.common.channels import ChannelCache
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class MeshServer:
     async def start(self) -> int:
         """Bind, start serving, mark every service SERVING and start the background tasks; return the port."""
         check_bindable(self.config.host, self.config.port)
-        interceptors = [*telemetry.server_interceptors(), errors.ErrorMappingInterceptor()]
+        interceptors = [*rpc_tracing.server_interceptors(), errors.ErrorMappingInterceptor()]
         server = grpc.aio.server(interceptors=interceptors, options=self._options())
         for service in self._services:
             service.add_to_server(service.servicer, server)

@@ -12,13 +12,13 @@ batch processor so no span is lost). Exporters are chosen by the standard variab
   which `kvmesh trace` reads. Several processes may share one file: each batch is one `O_APPEND` write under a lock.
 - `OTEL_SDK_DISABLED=true` turns tracing off altogether.
 
-The span names and attributes the services use are fixed in `kvmesh.services.trace.conventions`. This module
-imports no gRPC at import time, so transports may use `kv_transfer_span()`.
+The span names and attributes the services use are fixed in `kvmesh.services.common.conventions`; the gRPC
+interceptors that carry the trace context across hops live in `kvmesh.services.common.rpc_tracing`. This module
+imports no gRPC at import time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import os
@@ -157,118 +157,6 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-# RPCs that would drown the requests in traces: probes every few seconds, a heartbeat per worker per second.
-UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                     "grpc.reflection.v1.ServerReflection")
-UNTRACED_METHODS = ("/kvmesh.v1.Scheduler/Heartbeat",)
-# Server side only: the gateway opens the request's root span `gateway.Generate` itself (from the caller's
-# `traceparent`), and KV transfers are traced as `kv.transfer` spans by the workers (the transports' control
-# channel carries no trace context, so its server spans would only be stray one-span traces).
-SERVER_UNTRACED_SERVICES = ("kvmesh.v1.KVTransfer",)
-SERVER_UNTRACED_METHODS = ("/kvmesh.v1.Gateway/Generate",)
-
-
-def _untraced_services(server: bool = False):
-    """A filter keeping the RPCs worth a span; `OTEL_PYTHON_GRPC_EXCLUDED_SERVICES` adds services to skip."""
-    from opentelemetry.instrumentation.grpc.filters import any_of, full_method_name, negate, service_name
-
-    extra = [s.strip() for s in os.environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "").split(",") if s.strip()]
-    services = (*UNTRACED_SERVICES, *extra, *(SERVER_UNTRACED_SERVICES if server else ()))
-    methods = (*UNTRACED_METHODS, *(SERVER_UNTRACED_METHODS if server else ()))
-    skipped = [service_name(s) for s in services] + [full_method_name(m) for m in methods]
-    return negate(any_of(*skipped))
-
-
-def server_interceptors() -> list:
-    """grpc.aio server interceptors that continue the caller's trace (from `traceparent` metadata)."""
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-    return [aio_server_interceptor(filter_=_untraced_services(server=True))]
-
-
-class _EndOnce:
-    """A span proxy whose end() is idempotent, so two paths may each end it."""
-
-    def __init__(self, span: trace.Span):
-        self._span = span
-        self._ended = False
-
-    def end(self, end_time: int | None = None) -> None:
-        if not self._ended:
-            self._ended = True
-            self._span.end(end_time)
-
-    def __getattr__(self, name: str):
-        return getattr(self._span, name)
-
-
-def _end_span_on_cancel(interceptor) -> None:
-    """Make a streaming client interceptor end its span when the call is cancelled.
-
-    The instrumentation ends a streaming call's span only when its response iterator finishes; a consumer that
-    stops reading and cancels (the gateway on a client disconnect) would leave the span open and unexported.
-    """
-    base = type(interceptor)
-
-    class EndOnCancel(base):
-        def _wrap_stream_response(self, span, call):
-            once = _EndOnce(span)
-
-            def on_done(done_call) -> None:
-                if done_call.cancelled():
-                    once.set_attribute("rpc.grpc.status_code", 1)  # CANCELLED
-                    once.end()
-
-            call.add_done_callback(on_done)
-            return super()._wrap_stream_response(once, call)
-
-    if hasattr(base, "_wrap_stream_response"):
-        interceptor.__class__ = EndOnCancel
-
-
-def _cancel_call_on_cancel(interceptor) -> None:
-    """Make a unary-response client interceptor cancel the RPC when the task awaiting it is cancelled.
-
-    The instrumentation awaits the call's status inside the interceptor, so cancelling the awaiting task cancels
-    only that wait: the RPC itself would run on, and the server would never learn that its caller gave up (a
-    cancelled request would keep its prefill worker and cache busy until they finished on their own).
-    """
-    base = type(interceptor)
-
-    class CancelCall(base):
-        async def _wrap_unary_response(self, continuation, span):
-            started = []
-
-            async def start():
-                started.append(await continuation())
-                return started[-1]
-
-            try:
-                return await super()._wrap_unary_response(start, span)
-            except asyncio.CancelledError:
-                for call in started:
-                    call.cancel()
-                raise
-
-    if hasattr(base, "_wrap_unary_response"):
-        interceptor.__class__ = CancelCall
-
-
-def client_interceptors() -> list:
-    """grpc.aio channel interceptors that put the current trace context into `traceparent` metadata."""
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
-
-    import grpc
-
-    interceptors = list(aio_client_interceptors(filter_=_untraced_services()))
-    for interceptor in interceptors:
-        if isinstance(interceptor, (grpc.aio.UnaryStreamClientInterceptor, grpc.aio.StreamStreamClientInterceptor)):
-            _end_span_on_cancel(interceptor)
-        else:
-            _cancel_call_on_cancel(interceptor)
-    return interceptors
-
-
 def inject(carrier: dict | None = None) -> dict:
     """Write the current W3C trace context (`traceparent`, `tracestate`) into a plain dict and return it."""
     carrier = {} if carrier is None else carrier
@@ -312,7 +200,7 @@ def kv_transfer_span(backend: str, direction: str, num_bytes: int, num_blocks: i
     `direction` is "send" or "recv"; extra keyword attributes are set as `kvmesh.kv.<name>` (e.g. layer=3).
     """
     from kvmesh.services.common import metrics
-    from kvmesh.services.trace import conventions as names
+    from kvmesh.services.common import conventions as names
 
     attrs = {names.ATTR_KV_BACKEND: backend, names.ATTR_KV_DIRECTION: direction,
              names.ATTR_KV_BYTES: num_bytes, names.ATTR_KV_BLOCKS: num_blocks}

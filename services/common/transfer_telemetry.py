@@ -11,7 +11,7 @@ from __future__ import annotations
 from opentelemetry import trace
 
 from kvmesh.services.common import metrics
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.common import conventions as names
 from kvmesh.transports.base import TransferStats
 
 TRACER = "kvmesh.transports"  # the instrumentation scope transfer spans have always carried

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmesh.services.common.config import check, knob
-from kvmesh.services.common.worker import WorkerConfig
+from kvmesh.services.worker.config import WorkerConfig
 
 DEFAULT_PORT = 50080
 

@@ -4,19 +4,15 @@ writes through the transports, registered with the scheduler."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from kvmesh.services.cache.client import worker_cache_client
 from kvmesh.services.common import config as config_mod
-from kvmesh.services.common.engine_thread import EngineThread
-from kvmesh.services.common.registration import advertise_address
 from kvmesh.services.common.server import MeshServer, Service, serve
-from kvmesh.services.common.worker import layout_proto, load_engine, register, set_threads
 from kvmesh.services.decode.config import DecodeConfig
 from kvmesh.services.decode.servicer import DecodeServicer
 from kvmesh.services.decode.worker import DecodeWorker
 from kvmesh.services.common.transfer_telemetry import report
-from kvmesh.transports import reclaim_stale
+from kvmesh.services.worker.startup import setup_worker
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.service import add_to_server
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, scheduler_pb2
@@ -29,39 +25,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def setup(config: DecodeConfig, server: MeshServer) -> None:
     """Load the engine, open the KV pool to transports, host the Decode and KVTransfer services."""
-    set_threads(config)
-    reclaim_stale()
-    backends = config.backends()
-    engine, region = await asyncio.to_thread(load_engine, config, backends, config.prefix_caching)
-    layout = layout_proto(engine.layout)
-    receiver = Receiver(region, layout, backends=backends, observer=report)
-    engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="decode-engine")
-    cache = worker_cache_client(config, server.channels, layout) if config.cache_decode_kv else None
-    worker = DecodeWorker(engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
+    kit = await setup_worker(config, server, name="decode", prefix_caching=config.prefix_caching)
+    receiver = Receiver(kit.region, kit.layout, backends=kit.backends, observer=report)
+    cache = worker_cache_client(config, server.channels, kit.layout) if config.cache_decode_kv else None
+    worker = DecodeWorker(kit.engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
                           config.local_prefill_max_tokens, config.kv_events_max_hashes, cache)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 
     def descriptor():
-        receiver.address = advertise_address(config.host, server.port, config.advertise_host)
+        receiver.address = kit.address()
         return receiver.descriptor()
 
-    async def start(_server: MeshServer) -> None:
-        descriptor()
-        engine_thread.start()
-        worker.handoffs.start()
-
-    async def stop() -> None:
-        await worker.handoffs.close()
-        await asyncio.to_thread(engine_thread.stop)
+    async def close_transports() -> None:
         receiver.close()
         if cache is not None:
             await cache.close()
 
-    server.add_task(start)
-    server.on_stopped(stop)  # after in-flight requests drained
-    register(server, config, scheduler_pb2.WORKER_ROLE_DECODE, engine.layout, descriptor, worker.load,
-             worker.kv_events if config.prefix_caching else None)
+    kit.run(worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
+            descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
-from kvmesh.services.common.handoff import HandoffState, HandoffTable
-from kvmesh.services.common.worker import logprob_protos, sampling_params
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.worker.convert import logprob_protos, sampling_params
+from kvmesh.services.worker.handoff import HandoffState, HandoffTable
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 

@@ -1,8 +1,9 @@
 """The gateway's domain: validate a request, route it, stream its tokens back. Shared by gRPC and HTTP.
 
 Both front ends turn their input into `GenerateCall`s and iterate `Gateway.generate()`, which yields
-`kvmesh.v1.decode_pb2.DecodeResponse` messages; a failure anywhere surfaces as one `GatewayError` carrying the
-gRPC status and a message a person can act on. Cancelling the iteration (a client that goes away) cancels the
+`kvmesh.v1.decode_pb2.DecodeResponse` messages; a failure anywhere surfaces as one of the typed errors every
+service raises (`kvmesh.services.common.errors`), with a message a person can act on — a peer's failure keeps
+the peer's status. Cancelling the iteration (a client that goes away) cancels the
 decode call, which frees the request's blocks on the decode and the prefill worker.
 """
 
@@ -16,23 +17,14 @@ from pathlib import Path
 
 import grpc
 
-from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.channels import ChannelCache
+from kvmesh.services.common.errors import InvalidArgumentError, MeshError, describe, status_for
 from kvmesh.services.gateway.observe import RequestObserver
-from kvmesh.services.trace import conventions as names
+from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_MAX_TOKENS = 16
-
-
-class GatewayError(Exception):
-    """A request the gateway cannot serve: a gRPC status and a message for the person who sent it."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.http_status = http_status
 
 
 @dataclass
@@ -61,6 +53,7 @@ class ModelCard:
 
     @classmethod
     def from_path(cls, path: str, name: str | None = None) -> "ModelCard":
+        """The card of the checkpoint folder at path (its config.json), served as name (default: the folder's)."""
         from kvmesh.services.engine.weights import model_id
 
         config = json.loads((Path(path) / "config.json").read_text())
@@ -72,29 +65,27 @@ def validate(call: GenerateCall, card: ModelCard) -> None:
     """Reject what no worker could serve, before it costs a route or a block."""
     ids, s = call.prompt_token_ids, call.sampling
     if not ids:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty: send a prompt or prompt_token_ids")
+        raise InvalidArgumentError("the prompt is empty: send a prompt or prompt_token_ids")
     bad = [t for t in ids if not 0 <= t < card.vocab_size]
     if bad:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {card.vocab_size})")
+        raise InvalidArgumentError(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {card.vocab_size})")
     max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"max_tokens must be at least 1, got {max_tokens}")
+        raise InvalidArgumentError(f"max_tokens must be at least 1, got {max_tokens}")
     if len(ids) + max_tokens > card.max_model_len:
-        raise GatewayError(
-            grpc.StatusCode.INVALID_ARGUMENT,
+        raise InvalidArgumentError(
             f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of "
             f"{card.max_model_len} tokens: shorten the prompt or lower max_tokens")
     if s.HasField("temperature") and not s.temperature >= 0:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"temperature must be >= 0, got {s.temperature}")
+        raise InvalidArgumentError(f"temperature must be >= 0, got {s.temperature}")
     if s.HasField("top_p") and not 0 < s.top_p <= 1:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"top_p must be in (0, 1], got {s.top_p}")
+        raise InvalidArgumentError(f"top_p must be in (0, 1], got {s.top_p}")
     if not 0 <= s.min_p <= 1:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"min_p must be in [0, 1], got {s.min_p}")
+        raise InvalidArgumentError(f"min_p must be in [0, 1], got {s.min_p}")
     if s.top_k < -1:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k must be -1, 0 or positive, got {s.top_k}")
+        raise InvalidArgumentError(f"top_k must be -1, 0 or positive, got {s.top_k}")
     if s.HasField("logprobs") and not 0 <= s.logprobs <= 20:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"logprobs must be in [0, 20], got {s.logprobs}")
+        raise InvalidArgumentError(f"logprobs must be in [0, 20], got {s.logprobs}")
 
 
 class Gateway:
@@ -120,7 +111,7 @@ class Gateway:
             try:
                 route = await self._scheduler().Route(request, timeout=budget)
             except grpc.aio.AioRpcError as e:
-                raise GatewayError(e.code(), f"routing failed: {e.details()}") from e
+                raise MeshError.with_status(e.code(), f"routing failed: {e.details()}") from e
             span.set_attributes({names.ATTR_ROUTE_PREFILL: route.prefill.worker_id,
                                  names.ATTR_ROUTE_DECODE: route.decode.worker_id,
                                  names.ATTR_ROUTE_REASON: route.policy,
@@ -136,8 +127,8 @@ class Gateway:
             async for response in self._generate(call, timeout, observer):
                 observer.token(len(response.token_ids))
                 yield response
-        except GatewayError as e:
-            observer.fail(e.code, e.message)
+        except Exception as e:  # noqa: BLE001 — recorded on the root span, then raised on
+            observer.fail(status_for(e), describe(e))
             raise
         except BaseException as e:  # cancelled, or the consumer stopped early (GeneratorExit)
             observer.fail(grpc.StatusCode.CANCELLED, type(e).__name__)
@@ -162,6 +153,6 @@ class Gateway:
             async for response in stream:
                 yield response
         except grpc.aio.AioRpcError as e:
-            raise GatewayError(e.code(), e.details() or str(e.code())) from e
+            raise MeshError.with_status(e.code(), e.details() or str(e.code())) from e
         finally:
             stream.cancel()

@@ -15,6 +15,7 @@ from kvmesh.services.gateway.config import GatewayConfig
 from kvmesh.services.gateway.core import Gateway, ModelCard
 from kvmesh.services.gateway.openai_api import OpenAIFrontend, build_app
 from kvmesh.services.gateway.servicer import GatewayServicer
+from kvmesh.services.gateway.tokens import AsyncTokenizer
 from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def setup(config: GatewayConfig, server: MeshServer) -> None:
     import uvicorn
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = AsyncTokenizer(AutoTokenizer.from_pretrained(config.model))
+    server.on_stopped(tokenizer.close)
     card = ModelCard.from_path(config.model, config.served_model_name or None)
     gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s)
     server.add_service(Service.of(gateway_pb2, gateway_pb2_grpc, GatewayServicer(gateway, tokenizer)))

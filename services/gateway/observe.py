@@ -14,8 +14,8 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import metrics, telemetry
-from kvmesh.services.trace import conventions as names
 
 ATTR_STATUS = "rpc.grpc.status_code"
 
@@ -53,7 +53,7 @@ class RequestObserver:
         self.num_tokens += count
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
-        """The request ended with an error (a GatewayError's status, or CANCELLED)."""
+        """The request ended with an error (the status of the typed error it raised, or CANCELLED)."""
         self.span.set_attribute(ATTR_STATUS, code.value[0])
         self.span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
 

@@ -10,35 +10,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvmesh.services.common import telemetry
+from kvmesh.services.common.errors import InvalidArgumentError, MeshError, NotFoundError
 from kvmesh.services.gateway import openai_format as fmt
-from kvmesh.services.gateway.core import Gateway, GatewayError, GenerateCall, validate
-from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, _Common
-
-HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.DATA_LOSS: 502, grpc.StatusCode.FAILED_PRECONDITION: 400,
-}
-
-
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    """An error in the OpenAI API's JSON shape."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
-
-
-def gateway_error_response(e: GatewayError) -> JSONResponse:
-    status = e.http_status or HTTP_STATUS.get(e.code, 500)
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return error_response(status, e.message, kind)
-
+from kvmesh.services.gateway.core import Gateway, GenerateCall, validate
+from kvmesh.services.gateway.openai_errors import error_response, stream_error_event, typed_error_response
+from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from kvmesh.services.gateway.tokens import AsyncTokenizer
 
 class _Choice:
     """One choice of a request: its call, and what has come back so far."""
@@ -94,35 +76,29 @@ def _absorb(choice: _Choice, response) -> None:
 class OpenAIFrontend:
     """Builds OpenAI responses from gateway streams."""
 
-    def __init__(self, gateway: Gateway, tokenizer, metrics_renderer: Callable | None = None):
+    def __init__(self, gateway: Gateway, tokenizer: AsyncTokenizer, metrics_renderer: Callable | None = None):
         self.gateway, self.tokenizer, self.metrics_renderer = gateway, tokenizer, metrics_renderer
 
-    def _check_model(self, body: _Common) -> None:
+    def _check_model(self, body: OpenAIRequest) -> None:
         if body.model and body.model not in (self.gateway.card.name, self.gateway.card.path):
-            raise GatewayError(grpc.StatusCode.NOT_FOUND,
-                               f"model {body.model!r} is not served here; this gateway serves "
-                               f"{self.gateway.card.name!r} (GET /v1/models)")
+            raise NotFoundError(f"model {body.model!r} is not served here; this gateway serves "
+                                f"{self.gateway.card.name!r} (GET /v1/models)")
         problem = body.unsupported()
         if problem:
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            raise InvalidArgumentError(problem)
 
-    def _prompts(self, body: CompletionRequest) -> list[list[int]]:
+    async def _prompts(self, body: CompletionRequest) -> list[list[int]]:
         p = body.prompt
         if isinstance(p, str):
-            return [self.tokenizer.encode(p, add_special_tokens=True)]
+            return [await self.tokenizer.encode(p)]
         if p and all(isinstance(x, int) for x in p):
             return [list(p)]
-        return [self.tokenizer.encode(x, add_special_tokens=True) if isinstance(x, str) else list(x) for x in p]
+        return [await self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(body.rendered(), tokenize=False,
-                                                      add_generation_prompt=body.add_generation_prompt)
-        except Exception as e:  # a template error is the request's fault (bad roles, order)
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot apply the chat template: {e}") from e
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        return await self.tokenizer.encode_chat(body.rendered(), body.add_generation_prompt)
 
-    def _choices(self, body: _Common, prompts: list[list[int]], request_id: str,
+    def _choices(self, body: OpenAIRequest, prompts: list[list[int]], request_id: str,
                  request: Request | None = None) -> list[_Choice]:
         choices = []
         parent = telemetry.extract_metadata(request.headers) if request is not None else None
@@ -137,18 +113,18 @@ class OpenAIFrontend:
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body)
         rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
-        choices = self._choices(body, self._prompts(body), rid, request)
-        render = fmt.CompletionRenderer(rid, self.gateway.card.name, self.tokenizer)
+        choices = self._choices(body, await self._prompts(body), rid, request)
+        render = fmt.CompletionRenderer(rid, self.gateway.card.name, self.tokenizer.tokenizer)
         return await self._respond(body, choices, render, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body)
         rid = body.request_id or f"chatcmpl-{uuid.uuid4().hex}"
-        choices = self._choices(body, [self._chat_prompt(body)], rid, request)
-        render = fmt.ChatRenderer(rid, self.gateway.card.name, self.tokenizer)
+        choices = self._choices(body, [await self._chat_prompt(body)], rid, request)
+        render = fmt.ChatRenderer(rid, self.gateway.card.name, self.tokenizer.tokenizer)
         return await self._respond(body, choices, render, request)
 
-    async def _respond(self, body: _Common, choices: list[_Choice], render, request: Request):
+    async def _respond(self, body: OpenAIRequest, choices: list[_Choice], render, request: Request):
         for choice in choices:  # fail before streaming starts, so the error gets a real HTTP status
             validate(choice.call, self.gateway.card)
         if body.stream:
@@ -180,9 +156,8 @@ class OpenAIFrontend:
                 yield _event(render.chunk(choice, response, include_usage))
             if include_usage:
                 yield _event(render.usage_chunk(choices))
-        except GatewayError as e:
-            yield _event({"error": {"message": e.message, "type": "server_error",
-                                    "code": HTTP_STATUS.get(e.code, 500)}})
+        except Exception as e:  # noqa: BLE001 — the status line is sent: report it in the stream, then end it
+            yield _event(stream_error_event(e))
         yield "data: [DONE]\n\n"
 
 
@@ -224,9 +199,9 @@ def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int) -
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return error_response(400, f"invalid request: {where}: {first.get('msg', 'malformed body')}", param=where)
 
-    @app.exception_handler(GatewayError)
-    async def gateway_failed(_, exc: GatewayError):
-        return gateway_error_response(exc)
+    @app.exception_handler(MeshError)
+    async def failed(_, exc: MeshError):
+        return typed_error_response(exc)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

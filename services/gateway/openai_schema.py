@@ -21,7 +21,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class OpenAIRequest(BaseModel):
     """Parameters shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -78,7 +78,7 @@ class _Common(BaseModel):
         return params
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(OpenAIRequest):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -114,7 +114,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(OpenAIRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)

@@ -14,9 +14,9 @@ import logging
 import numpy as np
 
 from kvmesh.services.cache.keys import full_block_hashes, prompt_hashes
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.engine.errors import OutOfBlocksError
-from kvmesh.services.trace import conventions as names
 from kvmesh.transports import TransportError
 from kvmesh.v1 import cache_pb2
 

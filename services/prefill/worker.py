@@ -15,11 +15,11 @@ import time
 
 from opentelemetry import context as otel_context
 
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
-from kvmesh.services.common.handoff import HandoffState, HandoffTable
-from kvmesh.services.common.worker import logprob_protos, sampling_params
 from kvmesh.services.prefill import prefix
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.worker.convert import logprob_protos, sampling_params
+from kvmesh.services.worker.handoff import HandoffState, HandoffTable
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
 

@@ -8,12 +8,12 @@ import time
 
 from opentelemetry import trace
 
+from kvmesh.services.common import conventions as names
 from kvmesh.services.common import metrics
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, MeshError, UnavailableError
 from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
 from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, Worker, WorkerSpec
-from kvmesh.services.trace import conventions as names
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@
 Spans come from the JSON-lines file the `jsonl` exporter writes (`KVMESH_TRACES_FILE`, one
 `ReadableSpan.to_json()` per line, several processes appending to one file) or from Jaeger's HTTP query API.
 
-The naming convention every service follows (the names are constants in `conventions.py`):
+The naming convention every service follows (the names are constants in `kvmesh.services.common.conventions`,
+beside telemetry, which the services import at run time; this CLI only reads them):
 
 | span | made by | covers |
 | --- | --- | --- |

@@ -6,7 +6,7 @@ import json
 import urllib.parse
 import urllib.request
 
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.common import conventions as names
 from kvmesh.services.trace.spans import Span, TraceFileError
 
 GATEWAY_SERVICE = "kvmesh-gateway"

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterable, Iterator
 
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.common import conventions as names
 
 
 class TraceFileError(ValueError):

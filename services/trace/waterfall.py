@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.common import conventions as names
 from kvmesh.services.trace.breakdown import Breakdown
 from kvmesh.services.trace.spans import Trace
 

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mesh import start_mesh
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.common import conventions as names
 from kvmesh.services.trace.spans import read_jsonl
 from kvmesh.transports.shm import list_segments
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from mesh import start_mesh
-from kvmesh.services.trace import conventions as names
+from kvmesh.services.common import conventions as names
 from kvmesh.services.trace.breakdown import breakdown
 from kvmesh.services.trace.spans import group_traces, read_jsonl
 from kvmesh.v1 import common_pb2, gateway_pb2

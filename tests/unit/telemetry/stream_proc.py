@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from kvmesh.services.common import telemetry
+from kvmesh.services.common import rpc_tracing
 
 
 async def main() -> dict:
@@ -34,12 +34,12 @@ async def main() -> dict:
 
     handler = grpc.method_handlers_generic_handler(
         "kvmesh.test.Stream", {"Tokens": grpc.unary_stream_rpc_method_handler(tokens)})
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    server = grpc.aio.server(interceptors=rpc_tracing.server_interceptors())
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     result = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=telemetry.client_interceptors()) as ch:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=rpc_tracing.client_interceptors()) as ch:
         call = ch.unary_stream("/kvmesh.test.Stream/Tokens")(b"x", timeout=5)
         got = []
         async for message in call:

@@ -7,9 +7,9 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from kvmesh.services.common import metrics, telemetry
+from kvmesh.services.common import conventions as names
+from kvmesh.services.common import metrics, rpc_tracing, telemetry
 from kvmesh.services.gateway.observe import RequestObserver
-from kvmesh.services.trace import conventions as names
 
 TRACE_ID, SPAN_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{SPAN_ID}-01"
@@ -89,7 +89,7 @@ def test_the_gateway_and_kv_data_rpcs_get_no_server_span_but_clients_still_propa
     def details(method):
         return grpc.aio.ClientCallDetails(method, None, None, None, None)
 
-    server, client = telemetry._untraced_services(server=True), telemetry._untraced_services()
+    server, client = rpc_tracing.untraced_filter(server=True), rpc_tracing.untraced_filter()
     for method in ("/kvmesh.v1.Gateway/Generate", "/kvmesh.v1.KVTransfer/Push"):
         assert not server(details(method)) and client(details(method))
     assert server(details("/kvmesh.v1.Decode/Generate")) and server(details("/kvmesh.v1.Gateway/Tokenize"))

@@ -11,7 +11,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from kvmesh.services.common import telemetry
+from kvmesh.services.common import rpc_tracing, telemetry
 
 SCRIPT = Path(__file__).with_name("traced_proc.py")
 
@@ -136,7 +136,7 @@ def test_health_heartbeat_and_excluded_services_stay_untraced(monkeypatch):
     import grpc
 
     monkeypatch.setenv("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", "kvmesh.v1.Cache")
-    keep = telemetry._untraced_services()
+    keep = rpc_tracing.untraced_filter()
 
     def details(method):
         return grpc.aio.ClientCallDetails(method, None, None, None, None)

@@ -13,7 +13,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvmesh.services.common import telemetry
+from kvmesh.services.common import rpc_tracing, telemetry
 
 
 async def serve() -> None:
@@ -26,7 +26,7 @@ async def serve() -> None:
 
     handler = grpc.method_handlers_generic_handler(
         "kvmesh.test.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    server = grpc.aio.server(interceptors=rpc_tracing.server_interceptors())
     server.add_generic_rpc_handlers((handler,))
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -42,7 +42,7 @@ async def serve() -> None:
 async def call(port: int) -> None:
     telemetry.setup("gateway", "gateway", "gateway-0")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
-                                         interceptors=telemetry.client_interceptors()) as channel:
+                                         interceptors=rpc_tracing.client_interceptors()) as channel:
         echo = channel.unary_unary("/kvmesh.test.Echo/Echo")
         with telemetry.tracer().start_as_current_span("gateway.Generate") as span:
             span.set_attribute("kvmesh.request_id", "req-1")

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from kvmesh.services.common.handoff import HandoffState, HandoffTable
+from kvmesh.services.worker.handoff import HandoffState, HandoffTable
 
 
 def run(coro):

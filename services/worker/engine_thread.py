@@ -33,6 +33,7 @@ class EngineThread:
         self.num_steps = 0
 
     def start(self) -> None:
+        """Start stepping the engine (from the event loop whose queues it feeds)."""
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -56,6 +57,7 @@ class EngineThread:
         return q
 
     def unsubscribe(self, request_id: str) -> None:
+        """Stop delivering this request's outputs (its queue is dropped)."""
         self._outputs.pop(request_id, None)
 
     def _settle(self, future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class HandoffState(enum.Enum):
+    """Where a request's KV handoff stands; RELEASED, FAILED and EXPIRED are final."""
     RESERVED = "reserved"
     WRITING = "writing"
     READY = "ready"
@@ -54,6 +55,7 @@ class Handoff:
     cleanups: list[Cleanup] = field(default_factory=list)
 
     def renew(self) -> None:
+        """Push the lease's deadline lease_s into the future (on progress)."""
         self.deadline = time.monotonic() + self.lease_s
 
 
@@ -71,6 +73,7 @@ class HandoffTable:
         return len(self._records)
 
     def get(self, request_id: str) -> Handoff | None:
+        """The live record of a request, or None."""
         return self._records.get(request_id)
 
     def open(self, request_id: str, lease_s: float | None = None) -> Handoff:
@@ -97,6 +100,7 @@ class HandoffTable:
         return record
 
     def renew(self, request_id: str) -> None:
+        """Renew a live record's lease; no-op when the request has none."""
         record = self._records.get(request_id)
         if record is not None:
             record.renew()
@@ -126,6 +130,7 @@ class HandoffTable:
                 await self.end(record.request_id, HandoffState.EXPIRED, f"lease of {record.lease_s:g} s lapsed")
 
     def start(self) -> None:
+        """Start expiring lapsed leases (on the running event loop)."""
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def close(self) -> None:

@@ -1,0 +1,50 @@
+"""The settings every engine worker (prefill, decode) shares; each worker's config subclasses `WorkerConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmesh.services.common.config import TRANSPORTS, ServerConfig, check, knob
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ServerConfig):
+    """Settings every engine worker (prefill, decode) shares."""
+
+    model: str = knob("", "Folder of the model checkpoint (HF layout: config.json, safetensors, tokenizer).")
+    dtype: str = knob("auto", "Weights and KV dtype: auto (the checkpoint's own), float32, bfloat16, float16.",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = knob("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    block_size: int = knob(16, "Tokens per KV block; every worker of a mesh must use the same.")
+    kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")
+    max_num_batched_tokens: int = knob(2048, "Token budget of one engine step (prefill chunks + decode tokens).")
+    max_num_seqs: int = knob(64, "Most sequences in one engine step.")
+    torch_threads: int = knob(0, "torch intra-op threads; 0 keeps torch's default (one per core).")
+    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with; empty: do not register.")
+    advertise_host: str = knob("", "Host other workers should dial; empty: the bind host (or this host's name).")
+    transport: str = knob("auto", "KV transport: auto negotiates (the best both ends offer, same-host ones only "
+                                  f"on one host), or force one of {', '.join(TRANSPORTS[1:])}.", choices=TRANSPORTS)
+    transport_chaos: str = knob("", "Degrade KV transfers for testing, e.g. 'delay=5ms,throttle=200MBps' "
+                                    "(see kvmesh.transports.chaos).")
+    handoff_lease_s: float = knob(30.0, "Seconds a KV handoff may sit without progress before its blocks are "
+                                        "freed and the peer told.")
+    cache: str = knob("", "Address of the KV cache service; empty: the scheduler's registered cache (if any). "
+                          "'none': never use one.")
+    cache_timeout_s: float = knob(2.0, "Deadline of each cache call; a slow or unreachable cache is a miss.")
+
+    def validate(self) -> None:
+        """Raise ConfigError when a worker setting is out of range."""
+        super().validate()
+        check(bool(self.model), "model is required: the folder of the checkpoint (--model PATH)")
+        check(self.block_size > 0, f"block_size must be > 0, got {self.block_size}")
+        check(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        check(self.handoff_lease_s > 0, f"handoff_lease_s must be > 0, got {self.handoff_lease_s}")
+        check(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
+
+    def backends(self) -> list[str]:
+        """Transport backends this worker offers or uses, best first."""
+        from kvmesh.transports import available_backends
+
+        if self.transport != "auto":
+            return [self.transport]
+        return available_backends()

@@ -1,0 +1,39 @@
+"""Protobuf ↔ engine conversions of the engine workers: the KV layout, sampling params and logprobs."""
+
+from __future__ import annotations
+
+from kvmesh.v1 import common_pb2
+
+
+def layout_proto(layout) -> common_pb2.KVLayout:
+    """The engine's KVLayout as the protobuf message workers exchange."""
+    return common_pb2.KVLayout(model_id=layout.model_id, dtype=layout.dtype, block_size=layout.block_size,
+                               num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
+                               head_dim=layout.head_dim)
+
+
+def sampling_params(proto: common_pb2.SamplingParams):
+    """Engine SamplingParams from the protobuf; unset fields take the documented defaults."""
+    from kvmesh.services.engine.sampler import SamplingParams
+
+    return SamplingParams(
+        temperature=proto.temperature if proto.HasField("temperature") else 1.0,
+        top_p=proto.top_p if proto.HasField("top_p") else 1.0,
+        top_k=proto.top_k, min_p=proto.min_p,
+        max_tokens=proto.max_tokens if proto.HasField("max_tokens") else 16,
+        seed=proto.seed if proto.HasField("seed") else None,
+        stop=tuple(proto.stop), stop_token_ids=tuple(proto.stop_token_ids), ignore_eos=proto.ignore_eos,
+        logprobs=proto.logprobs if proto.HasField("logprobs") else None)
+
+
+def logprob_protos(token_ids: list[int], entries) -> list[common_pb2.TokenLogprob]:
+    """Engine logprob entries ({"logprob", "top": [(id, logprob), ...]}, or None) as TokenLogprob messages."""
+    out = []
+    for token_id, e in zip(token_ids, entries or ()):
+        if e is None:
+            continue
+        top = e.get("top") or []
+        out.append(common_pb2.TokenLogprob(token_id=token_id, logprob=e["logprob"],
+                                           top_token_ids=[int(t) for t, _ in top],
+                                           top_logprobs=[float(lp) for _, lp in top]))
+    return out

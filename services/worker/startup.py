@@ -1,0 +1,139 @@
+"""Starting an engine worker: the set-up prefill and decode share, in one call, and their life with the server.
+
+    kit = await setup_worker(config, server, name="decode", prefix_caching=config.prefix_caching)
+    worker = DecodeWorker(kit.engine_thread, ...)               # the worker's own parts, over kit.region
+    kit.run(worker, scheduler_pb2.WORKER_ROLE_DECODE, on_stopped=[receiver.close])
+
+`setup_worker` applies the thread count, reclaims shared-memory segments a crashed worker left behind, loads the
+engine off the event loop with its KV pool in a region the transports can reach, and puts it on its own thread.
+`WorkerKit.run` starts the engine thread and the handoff table with the server, ends them once in-flight requests
+have drained (handoffs first, so their cleanups still reach the engine), and registers the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from kvmesh.services.common import ids
+from kvmesh.services.common.registration import RegistrationClient, KVEventsFn, LoadFn, advertise_address
+from kvmesh.services.common.server import MeshServer
+from kvmesh.services.worker.config import WorkerConfig
+from kvmesh.services.worker.convert import layout_proto
+from kvmesh.services.worker.engine_thread import EngineThread
+from kvmesh.v1 import common_pb2, scheduler_pb2
+
+Hook = Callable[[], "Awaitable[None] | None"]
+
+
+def set_threads(config: WorkerConfig) -> None:
+    """Apply the torch thread count (flag, else KVMESH_TORCH_THREADS)."""
+    import torch
+
+    threads = config.torch_threads or int(os.environ.get("KVMESH_TORCH_THREADS", "0") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool = False):
+    """The engine, its KV pool placed in a region the transports can reach (shared memory when shm is offered);
+    with prefix_caching its pool keeps finished requests' full blocks findable by hash."""
+    from kvmesh.services.engine.engine import LLMEngine
+    from kvmesh.transports import allocate_region
+
+    regions = []
+
+    def storage(num_layers: int, num_blocks: int, block_nbytes: int):
+        regions.append(allocate_region(num_layers, num_blocks, block_nbytes, backends))
+        return regions[-1].array
+
+    engine = LLMEngine.from_path(config.model, dtype=config.dtype, device=config.device,
+                                 block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
+                                 max_num_batched_tokens=config.max_num_batched_tokens,
+                                 max_num_seqs=config.max_num_seqs, kv_storage=storage,
+                                 enable_prefix_caching=prefix_caching)
+    return engine, regions[0]
+
+
+def register(server: MeshServer, config: WorkerConfig, role: int, layout: common_pb2.KVLayout,
+             descriptor: Callable[[], common_pb2.TransportDescriptor] | None, load: LoadFn,
+             kv_events: KVEventsFn | None = None) -> RegistrationClient | None:
+    """Register this worker with the scheduler and keep it registered while the server runs; kv_events(full)
+    gives the KV events each heartbeat carries (decode workers)."""
+    if not config.scheduler:
+        return None
+
+    def request() -> scheduler_pb2.RegisterRequest:
+        return scheduler_pb2.RegisterRequest(
+            role=role, address=advertise_address(config.host, server.port, config.advertise_host),
+            host_id=ids.host_id(), instance_id=server.instance_id, transports=config.backends(),
+            layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id)
+
+    client = RegistrationClient(config.scheduler, request, load, channels=server.channels, kv_events=kv_events)
+    client.attach(server)
+    return client
+
+
+@dataclass
+class WorkerKit:
+    """What every engine worker starts with: its engine on a dedicated thread, the engine's KV region, the
+    layout peers see, and the transport backends it offers."""
+
+    config: WorkerConfig
+    server: MeshServer
+    engine_thread: EngineThread
+    region: object
+    layout: common_pb2.KVLayout
+    backends: list[str]
+
+    @property
+    def engine(self):
+        """The worker's LLMEngine (touch it only from the engine thread once `run` has started it)."""
+        return self.engine_thread.engine
+
+    def address(self) -> str:
+        """The address peers dial to reach this worker (valid once the server is bound)."""
+        return advertise_address(self.config.host, self.server.port, self.config.advertise_host)
+
+    def run(self, worker, role: int, *, on_start: Callable[[], None] | None = None, on_stopped: Iterable[Hook] = (),
+            descriptor: Callable[[], common_pb2.TransportDescriptor] | None = None,
+            kv_events: KVEventsFn | None = None) -> None:
+        """Run `worker` (it has `handoffs` and `load`) with the server: on_start() once bound, then the engine
+        thread and the handoff table; at stop, after in-flight requests drained, the handoffs, the engine
+        thread, then each of on_stopped in order. Registers with the scheduler as `role`."""
+        closers = list(on_stopped)
+
+        async def start(_server: MeshServer) -> None:
+            if on_start is not None:
+                on_start()
+            self.engine_thread.start()
+            worker.handoffs.start()
+
+        async def stop() -> None:
+            await worker.handoffs.close()
+            await asyncio.to_thread(self.engine_thread.stop)
+            for close in closers:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+
+        self.server.add_task(start)
+        self.server.on_stopped(stop)
+        register(self.server, self.config, role, self.layout, descriptor, worker.load, kv_events)
+
+
+async def setup_worker(config: WorkerConfig, server: MeshServer, *, name: str,
+                       prefix_caching: bool = False) -> WorkerKit:
+    """Apply the thread count, reclaim stale segments, load the engine (off the loop) into a region the
+    transports reach, and give it a thread named `<name>-engine` (started by `WorkerKit.run`)."""
+    from kvmesh.transports import reclaim_stale
+
+    set_threads(config)
+    reclaim_stale()
+    backends = config.backends()
+    engine, region = await asyncio.to_thread(load_engine, config, backends, prefix_caching)
+    engine_thread = EngineThread(engine, asyncio.get_running_loop(), name=f"{name}-engine")
+    return WorkerKit(config, server, engine_thread, region, layout_proto(engine.layout), backends)
