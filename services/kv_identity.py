@@ -79,6 +79,15 @@ class KVLayout:
         return -(-num_tokens // self.block_size)
 
 
+def block_payload_bytes(layout) -> int | None:
+    """Bytes of one whole block of a layout (a KVLayout or its message): K and V of every layer; None when the
+    layout does not say (an unknown dtype, no block size)."""
+    if layout.dtype not in DTYPE_BYTES or layout.block_size <= 0:
+        return None
+    return KVLayout(layout.model_id, layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads,
+                    layout.head_dim).block_bytes
+
+
 def chain_salt(model_id: str, dtype: str, block_size: int, cache_salt: str = "") -> bytes:
     """The salt of a prompt's block-hash chain: model id, KV dtype, block size and the tenant's cache salt."""
     parts = [model_id, dtype, str(block_size)] + ([cache_salt] if cache_salt else [])
@@ -131,10 +140,27 @@ def prompt_hashes(layout, token_ids: Sequence[int], cache_salt: str = "") -> lis
     return block_hashes(token_ids[:usable], layout.block_size, layout_salt(layout, cache_salt))
 
 
+class PromptHashes:
+    """A prompt's reusable-block hashes under each layout asked for, each chain hashed once (a chain depends on
+    the layout's model id, dtype and block size and the tenant's salt): one per request in the scheduler."""
+
+    def __init__(self, token_ids: Sequence[int], cache_salt: str = ""):
+        self.token_ids, self.cache_salt = token_ids, cache_salt
+        self._by_chain: dict[tuple[str, str, int], list[bytes]] = {}
+
+    def of(self, layout) -> list[bytes]:
+        """The prompt's reusable-block hashes under `layout` (see `prompt_hashes`)."""
+        key = (layout.model_id, layout.dtype, layout.block_size)
+        if key not in self._by_chain:
+            self._by_chain[key] = prompt_hashes(layout, self.token_ids, self.cache_salt)
+        return self._by_chain[key]
+
+
 def full_block_hashes(layout, token_ids: Sequence[int], cache_salt: str = "",
                       known: Sequence[bytes] = ()) -> list[bytes]:
     """Hashes of every full block of `token_ids` (what a finished prefill may offer the cache), hashing only the
     blocks past `known` (the hashes of its leading blocks, e.g. a prompt's reusable ones from the plan)."""
+    known = known[:len(token_ids) // layout.block_size]
     return extend_block_hashes(known, token_ids, layout.block_size, layout_salt(layout, cache_salt))
 
 

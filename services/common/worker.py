@@ -86,13 +86,6 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
     return engine, regions[0]
 
 
-def layout_proto(layout) -> common_pb2.KVLayout:
-    """The engine's KVLayout as the protobuf message workers exchange."""
-    return common_pb2.KVLayout(model_id=layout.model_id, dtype=layout.dtype, block_size=layout.block_size,
-                               num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-                               head_dim=layout.head_dim)
-
-
 def sampling_params(proto: common_pb2.SamplingParams):
     """Engine SamplingParams from the protobuf; unset fields take the documented defaults."""
     from kvmesh.services.engine.sampler import SamplingParams
@@ -121,9 +114,10 @@ def logprob_protos(token_ids: list[int], entries) -> list[common_pb2.TokenLogpro
 
 
 def register(server, config: WorkerConfig, role: int, layout, descriptor, load,
-             kv_events=None) -> RegistrationClient | None:
+             kv_events=None, local_prefill_max_tokens: int | None = None) -> RegistrationClient | None:
     """Register this worker with the scheduler and keep it registered while the server runs; kv_events(full)
-    gives the KV events each heartbeat carries (decode workers)."""
+    gives the KV events each heartbeat carries, local_prefill_max_tokens the tail it prefills itself (decode
+    workers)."""
     if not config.scheduler:
         return None
 
@@ -131,7 +125,8 @@ def register(server, config: WorkerConfig, role: int, layout, descriptor, load,
         return scheduler_pb2.RegisterRequest(
             role=role, address=advertise_address(config.host, server.port, config.advertise_host),
             host_id=ids.host_id(), instance_id=server.instance_id, transports=config.backends(),
-            layout=layout_proto(layout), descriptor=descriptor() if descriptor else None, model=layout.model_id)
+            layout=layout.to_proto(), descriptor=descriptor() if descriptor else None, model=layout.model_id,
+            local_prefill_max_tokens=local_prefill_max_tokens)
 
     client = RegistrationClient(config.scheduler, request, load, channels=server.channels, kv_events=kv_events)
     client.attach(server)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from kvmesh.services.cache.client import worker_cache_client
+from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.engine_thread import EngineThread
 from kvmesh.services.common.registration import advertise_address
 from kvmesh.services.common.server import MeshServer, Service, serve
-from kvmesh.services.common.worker import layout_proto, load_engine, register, set_threads
+from kvmesh.services.common.worker import load_engine, register, set_threads
 from kvmesh.services.decode.config import DecodeConfig
 from kvmesh.services.decode.servicer import DecodeServicer
 from kvmesh.services.decode.worker import DecodeWorker
@@ -31,7 +31,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     reclaim_stale_segments()
     backends = config.backends()
     engine, region = await asyncio.to_thread(load_engine, config, backends, config.prefix_caching)
-    layout = layout_proto(engine.layout)
+    layout = engine.layout.to_proto()
     receiver = Receiver(region, layout, backends=backends)
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name="decode-engine")
     cache = worker_cache_client(config, server.channels, layout) if config.cache_decode_kv else None
@@ -59,7 +59,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     server.add_task(start)
     server.on_stopped(stop)  # after in-flight requests drained
     register(server, config, scheduler_pb2.WORKER_ROLE_DECODE, engine.layout, descriptor, worker.load,
-             worker.kv_events if config.prefix_caching else None)
+             worker.kv_events if config.prefix_caching else None, config.local_prefill_max_tokens)
 
 
 def run(args: argparse.Namespace) -> int:

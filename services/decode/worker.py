@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kvmesh.services import kv_identity
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.common.handoff import HandoffState, HandoffTable
 from kvmesh.services.common.worker import logprob_protos, sampling_params
@@ -93,7 +94,8 @@ class DecodeWorker:
         with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
             while True:
                 try:
-                    reservation = await self.et.call(self.engine.reserve_prompt, rid, ids, request.cache_salt)
+                    reservation = await self.et.call(self.engine.reserve_prompt, rid, ids, request.cache_salt,
+                                                     self._plan_hashes(request, ids) or None)
                     break
                 except OutOfBlocksError as e:
                     if loop.time() > deadline:
@@ -106,16 +108,24 @@ class DecodeWorker:
         queue_s = time.perf_counter() - queued
         metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
         if self.engine.enable_prefix_caching:
-            bs = self.engine.layout.block_size
-            metrics.PREFIX_CACHE_QUERIES.inc((len(ids) - 1) // bs * bs)
+            metrics.PREFIX_CACHE_QUERIES.inc(kv_identity.reusable_tokens(len(ids), self.engine.layout.block_size))
             metrics.PREFIX_CACHE_HITS.inc(reservation.num_cached_tokens)
         return reservation, queue_s
 
-    def _prefill_here(self, reservation, num_prompt_tokens: int) -> bool:
-        """Every usable full block is cached here and the tail is short: cheaper than a round trip and a transfer."""
-        usable = (num_prompt_tokens - 1) // self.engine.layout.block_size * self.engine.layout.block_size
-        cached = reservation.num_cached_tokens
-        return 0 < cached == usable and num_prompt_tokens - cached <= self.local_prefill_max_tokens
+    def _plan_hashes(self, request: decode_pb2.DecodeRequest, ids: list[int]) -> list[bytes]:
+        """The plan's hashes of the prompt's reusable blocks, if they can be the prompt's (count, size); [].
+
+        Used to look this pool up (a wrong hash only misses, or shares KV with this request alone); the blocks a
+        prefill worker fills are cached here under hashes chained here (never under a peer's)."""
+        return kv_identity.check_prompt_hashes(request.prompt_block_hashes, len(ids), self.engine.layout.block_size)
+
+    def _prefill_here(self, request: decode_pb2.DecodeRequest, reservation, num_prompt_tokens: int) -> bool:
+        """The plan's decision (obeyed); for a plan that does not say, the same rule as the scheduler's: every
+        reusable block is cached here and the tail is short (cheaper than a round trip and a transfer)."""
+        if request.HasField("local_prefill"):
+            return request.local_prefill
+        return kv_identity.prefill_locally(num_prompt_tokens, reservation.num_cached_tokens,
+                                           self.engine.layout.block_size, self.local_prefill_max_tokens)
 
     async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], reservation, queue_s: float,
                               timeout: float):
@@ -131,7 +141,10 @@ class DecodeWorker:
         call = prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids, sampling=request.sampling,
             destination=self.receiver.descriptor(), destination_blocks=common_pb2.BlockRef(block_ids=blocks),
-            cache_salt=request.cache_salt, trace_context=telemetry.inject({}), num_skip_blocks=skip)
+            cache_salt=request.cache_salt, trace_context=telemetry.inject({}), num_skip_blocks=skip,
+            prompt_block_hashes=self._plan_hashes(request, ids) or reservation.block_hashes)
+        if request.cache_probed:  # the scheduler asked the cache: the prefill worker need not ask again
+            call.cached_prefix_tokens = request.cached_prefix_tokens
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
         landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))
         try:
@@ -172,7 +185,7 @@ class DecodeWorker:
                 reservation, queue_s = await self._reserve(request, ids)
                 stream.timings = common_pb2.Timings(queue_seconds=queue_s,
                                                     decode_cached_tokens=reservation.num_cached_tokens)
-            if reservation is not None and not self._prefill_here(reservation, len(ids)):
+            if reservation is not None and not self._prefill_here(request, reservation, len(ids)):
                 reply, stream.timings = await self._remote_prefill(request, ids, reservation, queue_s, timeout)
                 remote = True
                 stream.cached = max(reply.num_cached_tokens, reservation.num_cached_tokens)
@@ -201,8 +214,9 @@ class DecodeWorker:
                 if out.finished and out.finish_reason != "abort":  # before the last yield: the caller may stop there
                     # the prefill worker offered the prompt's full blocks; of a prompt prefilled here, none
                     offered = len(ids) if remote else out.num_cached_tokens
-                    offer_decoded_blocks(self.et, self.cache, ids + stream.token_ids,
-                                         offered // self.engine.layout.block_size, request.cache_salt)
+                    bs = self.engine.layout.block_size
+                    offer_decoded_blocks(self.et, self.cache, ids + stream.token_ids, offered // bs,
+                                         request.cache_salt, out.block_hashes[:len(ids) // bs])
                 yield response
                 if out.finished:
                     return

@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from kvmesh.services.cache.client import worker_cache_client
+from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.engine_thread import EngineThread
 from kvmesh.services.common.registration import advertise_address
 from kvmesh.services.common.server import MeshServer, Service, serve
-from kvmesh.services.common.worker import layout_proto, load_engine, register, set_threads
+from kvmesh.services.common.worker import load_engine, register, set_threads
 from kvmesh.services.prefill.config import PrefillConfig
 from kvmesh.services.prefill.servicer import PrefillServicer
 from kvmesh.services.prefill.worker import PrefillWorker
@@ -33,7 +33,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     # the pool is open to transports like a decode worker's (shared memory when shm is offered): the cache
     # delivers cached prefixes straight into it
     engine, region = await asyncio.to_thread(load_engine, config, backends)
-    layout = layout_proto(engine.layout)
+    layout = engine.layout.to_proto()
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
                     chaos=config.transport_chaos or None)
     cache = worker_cache_client(config, server.channels, layout)
