@@ -1,7 +1,8 @@
 """How much of a prompt the cache holds, per KV layout: what the routing policies weigh against load.
 
-The scheduler peeks (the cache counts and touches nothing) with a short deadline; a cache that is absent or slow
-is taken to hold nothing, so routing never waits long on it.
+This is the request's one cache lookup (it counts hits and misses and marks the hits used), with a short deadline;
+the plan carries its answer to the prefill worker, which fetches that many blocks without asking again. A cache
+that is absent or slow is taken to hold nothing, so routing never waits long on it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class CacheProbe:
                 return addr
 
             client = CacheClient(self.channels, address, layout.to_proto(), self.timeout_s)
-            out[layout] = await client.lookup(block_hashes, peek=True) * layout.block_size
+            out[layout] = await client.lookup(block_hashes) * layout.block_size
         return out
 
     async def close(self) -> None:
