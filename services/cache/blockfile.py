@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
+from kvmesh.services.kv_identity import checksum
 
 MAGIC = b"KVMB"
 VERSION = 1
@@ -34,11 +34,6 @@ TMP_SUFFIX = ".tmp"
 
 class CorruptBlockError(Exception):
     """A block file whose header or checksum does not hold."""
-
-
-def checksum(data: bytes | memoryview) -> int:
-    """xxh3_64 of data: the checksum every block carries."""
-    return xxhash.xxh3_64_intdigest(data)
 
 
 @dataclass(frozen=True)

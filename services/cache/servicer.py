@@ -5,26 +5,16 @@ from __future__ import annotations
 import asyncio
 
 from kvmesh.services.cache.delivery import Delivery, layout_key
-from kvmesh.services.cache.store import BlockStore, checksum
+from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import metrics, telemetry
 from kvmesh.services.common.channels import call_timeout
 from kvmesh.services.common.errors import InvalidArgumentError
-from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from kvmesh.services.kv_identity import block_payload_bytes, checksum
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc
 
-__all__ = ["CacheServicer", "block_bytes", "layout_key"]
+__all__ = ["CacheServicer", "layout_key"]
 FETCH_TIMEOUT_S = 30.0  # a Fetch whose caller set no deadline
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def block_bytes(layout: common_pb2.KVLayout) -> int | None:
-    """Bytes of one block of this layout (K and V of every layer), or None when the layout does not say."""
-    itemsize = DTYPE_BYTES.get(layout.dtype)
-    if itemsize is None or layout.block_size <= 0:
-        return None
-    return 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
-
 
 class CacheServicer(cache_pb2_grpc.CacheServicer):
     """Serves kvmesh.v1.Cache over a BlockStore."""
@@ -54,7 +44,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
                                         num_ssd_blocks=found.ssd)
 
     async def Put(self, request, context):
-        expected = block_bytes(request.layout)
+        expected = block_payload_bytes(request.layout)
         if expected is not None and len(request.data) != expected:
             raise InvalidArgumentError(f"a block of this layout has {expected} bytes, got {len(request.data)}")
         with telemetry.tracer().start_as_current_span("cache.put") as span:

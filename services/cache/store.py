@@ -22,9 +22,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvmesh.services.cache.blockfile import CorruptBlockError, checksum
+from kvmesh.services.cache.blockfile import CorruptBlockError
 from kvmesh.services.cache.tiers import DramTier, SsdTier
 from kvmesh.services.common.errors import CapacityError, ChecksumError, InvalidArgumentError
+from kvmesh.services.kv_identity import checksum
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 OFF_LOOP_BYTES = 1 << 20
 DEFAULT_WRITE_QUEUE = 256
 
-__all__ = ["BlockStore", "CacheStats", "LookupResult", "checksum", "OFF_LOOP_BYTES"]
+__all__ = ["BlockStore", "CacheStats", "LookupResult", "OFF_LOOP_BYTES"]
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvmesh.services.cache.client import worker_cache_client
+from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.decode.config import DecodeConfig
@@ -43,7 +43,8 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
             await cache.close()
 
     kit.run(worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
-            descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None)
+            descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
+            local_prefill_max_tokens=config.local_prefill_max_tokens)
 
 
 def run(args: argparse.Namespace) -> int:

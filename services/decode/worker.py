@@ -18,20 +18,20 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kvmesh.services import kv_identity
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
+from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
-from kvmesh.services.worker.convert import logprob_protos, sampling_params
+from kvmesh.services.worker.convert import sampling_params
 from kvmesh.services.worker.handoff import HandoffState, HandoffTable
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
-FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-          "abort": common_pb2.FINISH_REASON_ABORT}
 RESERVE_POLL_S = 0.02
 _EXPIRED = object()
 
@@ -93,7 +93,8 @@ class DecodeWorker:
         with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
             while True:
                 try:
-                    reservation = await self.et.call(self.engine.reserve_prompt, rid, ids, request.cache_salt)
+                    reservation = await self.et.call(self.engine.reserve_prompt, rid, ids, request.cache_salt,
+                                                     self._plan_hashes(request, ids) or None)
                     break
                 except OutOfBlocksError as e:
                     if loop.time() > deadline:
@@ -106,16 +107,24 @@ class DecodeWorker:
         queue_s = time.perf_counter() - queued
         metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
         if self.engine.enable_prefix_caching:
-            bs = self.engine.layout.block_size
-            metrics.PREFIX_CACHE_QUERIES.inc((len(ids) - 1) // bs * bs)
+            metrics.PREFIX_CACHE_QUERIES.inc(kv_identity.reusable_tokens(len(ids), self.engine.layout.block_size))
             metrics.PREFIX_CACHE_HITS.inc(reservation.num_cached_tokens)
         return reservation, queue_s
 
-    def _prefill_here(self, reservation, num_prompt_tokens: int) -> bool:
-        """Every usable full block is cached here and the tail is short: cheaper than a round trip and a transfer."""
-        usable = (num_prompt_tokens - 1) // self.engine.layout.block_size * self.engine.layout.block_size
-        cached = reservation.num_cached_tokens
-        return 0 < cached == usable and num_prompt_tokens - cached <= self.local_prefill_max_tokens
+    def _plan_hashes(self, request: decode_pb2.DecodeRequest, ids: list[int]) -> list[bytes]:
+        """The plan's hashes of the prompt's reusable blocks, if they can be the prompt's (count, size); [].
+
+        Used to look this pool up (a wrong hash only misses, or shares KV with this request alone); the blocks a
+        prefill worker fills are cached here under hashes chained here (never under a peer's)."""
+        return kv_identity.check_prompt_hashes(request.prompt_block_hashes, len(ids), self.engine.layout.block_size)
+
+    def _prefill_here(self, request: decode_pb2.DecodeRequest, reservation, num_prompt_tokens: int) -> bool:
+        """The plan's decision (obeyed); for a plan that does not say, the same rule as the scheduler's: every
+        reusable block is cached here and the tail is short (cheaper than a round trip and a transfer)."""
+        if request.HasField("local_prefill"):
+            return request.local_prefill
+        return kv_identity.prefill_locally(num_prompt_tokens, reservation.num_cached_tokens,
+                                           self.engine.layout.block_size, self.local_prefill_max_tokens)
 
     async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], reservation, queue_s: float,
                               timeout: float):
@@ -131,7 +140,10 @@ class DecodeWorker:
         call = prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids, sampling=request.sampling,
             destination=self.receiver.descriptor(), destination_blocks=common_pb2.BlockRef(block_ids=blocks),
-            cache_salt=request.cache_salt, trace_context=telemetry.inject({}), num_skip_blocks=skip)
+            cache_salt=request.cache_salt, trace_context=telemetry.inject({}), num_skip_blocks=skip,
+            prompt_block_hashes=self._plan_hashes(request, ids) or reservation.block_hashes)
+        if request.cache_probed:  # the scheduler asked the cache: the prefill worker need not ask again
+            call.cached_prefix_tokens = request.cached_prefix_tokens
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
         landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))
         try:
@@ -164,15 +176,15 @@ class DecodeWorker:
         self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         self.handoffs.on_release(rid, lambda: outputs.put_nowait(_EXPIRED))
-        stream = _Stream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
-        watch = _StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
+        stream = TokenStream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
+        watch = StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
             reservation, remote = None, False
             if request.prefill.address:
                 reservation, queue_s = await self._reserve(request, ids)
                 stream.timings = common_pb2.Timings(queue_seconds=queue_s,
                                                     decode_cached_tokens=reservation.num_cached_tokens)
-            if reservation is not None and not self._prefill_here(reservation, len(ids)):
+            if reservation is not None and not self._prefill_here(request, reservation, len(ids)):
                 reply, stream.timings = await self._remote_prefill(request, ids, reservation, queue_s, timeout)
                 remote = True
                 stream.cached = max(reply.num_cached_tokens, reservation.num_cached_tokens)
@@ -201,8 +213,9 @@ class DecodeWorker:
                 if out.finished and out.finish_reason != "abort":  # before the last yield: the caller may stop there
                     # the prefill worker offered the prompt's full blocks; of a prompt prefilled here, none
                     offered = len(ids) if remote else out.num_cached_tokens
-                    offer_decoded_blocks(self.et, self.cache, ids + stream.token_ids,
-                                         offered // self.engine.layout.block_size, request.cache_salt)
+                    bs = self.engine.layout.block_size
+                    offer_decoded_blocks(self.et, self.cache, ids + stream.token_ids, offered // bs,
+                                         request.cache_salt, out.block_hashes[:len(ids) // bs])
                 yield response
                 if out.finished:
                     return
@@ -214,73 +227,6 @@ class DecodeWorker:
     async def abort(self, request_id: str) -> bool:
         """Cancel a request by id; idempotent."""
         return await self.handoffs.end(request_id, HandoffState.FAILED, "aborted")
-
-
-class _Stream:
-    """One request's outgoing stream: text deltas, logprobs, usage, and a first token sent ahead of the engine."""
-
-    def __init__(self, detok: IncrementalDetokenizer, num_prompt_tokens: int, start: float):
-        self.detok, self.num_prompt_tokens, self.start = detok, num_prompt_tokens, start
-        self.num_generated = self.cached = 0
-        self.token_ids: list[int] = []  # generated so far, as sent
-        self.timings = common_pb2.Timings()
-        self.skip_first = False  # the engine's first output repeats the token already sent early
-
-    def _first_token_now(self) -> None:
-        if not self.timings.time_to_first_token_seconds:
-            self.timings.time_to_first_token_seconds = time.perf_counter() - self.start
-
-    def early(self, token_id: int, logprobs: list) -> decode_pb2.DecodeResponse:
-        self.skip_first = True
-        self.num_generated = 1
-        self.token_ids.append(token_id)
-        self._first_token_now()
-        return decode_pb2.DecodeResponse(token_ids=[token_id], text=self.detok.add([token_id]), logprobs=logprobs)
-
-    def response(self, out) -> decode_pb2.DecodeResponse:
-        ids, entries = list(out.new_token_ids), list(out.logprobs or [])
-        if self.skip_first and ids:
-            ids, entries, self.skip_first = ids[1:], entries[1:], False
-        logprobs = logprob_protos(ids, entries)
-        self.num_generated += len(ids)
-        self.token_ids += ids
-        if ids:
-            self._first_token_now()
-        text = self.detok.add(ids) + (self.detok.flush() if out.finished else "")
-        response = decode_pb2.DecodeResponse(token_ids=ids, text=text, logprobs=logprobs)
-        if out.finished:
-            response.finish_reason = FINISH.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
-            response.usage.CopyFrom(common_pb2.Usage(
-                prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_generated,
-                cached_tokens=max(self.cached, out.num_cached_tokens)))
-            response.timings.CopyFrom(self.timings)
-        return response
-
-
-class _StreamWatch:
-    """The `decode.stream` span of one request: from admission to its last token, with the decode worker's TTFT
-    (from the request's arrival here) and mean ITL."""
-
-    def __init__(self, arrival_ns: int):
-        self.span = telemetry.tracer().start_span(names.DECODE_STREAM)
-        self.start_ns = arrival_ns
-        self.first_ns = self.last_ns = 0
-        self.count = 0
-
-    def tokens(self, count: int) -> None:
-        if count <= 0:
-            return
-        self.last_ns = time.time_ns()
-        if not self.first_ns:
-            self.first_ns = self.last_ns
-            self.span.set_attribute(names.ATTR_TTFT_S, (self.first_ns - self.start_ns) / 1e9)
-        self.count += count
-
-    def end(self, num_generated: int) -> None:
-        self.span.set_attribute(names.ATTR_OUTPUT_TOKENS, num_generated)
-        if self.count > 1:
-            self.span.set_attribute(names.ATTR_MEAN_ITL_S, (self.last_ns - self.first_ns) / 1e9 / (self.count - 1))
-        self.span.end()
 
 
 def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:

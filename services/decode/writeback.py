@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmesh.services import kv_identity
 
-def offer_decoded_blocks(et, cache, token_ids: list[int], first_block: int, cache_salt: str) -> bool:
+
+def offer_decoded_blocks(et, cache, token_ids: list[int], first_block: int, cache_salt: str,
+                         known: tuple[bytes, ...] = ()) -> bool:
     """Queue the full blocks of `token_ids` (the prompt, then every generated token) from `first_block` on for the
     cache; False when there is none, or no cache, or its offer queue is full. Returns at once; the copy runs on
-    the engine thread, the puts behind the request."""
+    the engine thread, the puts behind the request. `known`: hashes of the leading blocks the engine computed
+    (the finished output's `block_hashes`, cut to the prompt's full blocks), so the prompt is not hashed again."""
     engine = et.engine
-    if cache is None or engine.prefix_cache is None or not cache.can_offer():
+    if cache is None or not engine.enable_prefix_caching or not cache.can_offer():
         return False
-    bs = engine.layout.block_size
-    with_kv = (len(token_ids) - 1) // bs * bs  # the last token was sampled, never fed: it has no KV yet
-    hashes = engine.prefix_hashes(list(token_ids[:with_kv]), cache_salt)
+    with_kv = kv_identity.reusable_tokens(len(token_ids), engine.layout.block_size)  # the last token has no KV
+    hashes = kv_identity.full_block_hashes(engine.layout, token_ids[:with_kv], cache_salt, known)
     if first_block >= len(hashes):
         return False
     exported = et.submit(_export_findable, engine, hashes, first_block)
@@ -35,5 +38,5 @@ def offer_decoded_blocks(et, cache, token_ids: list[int], first_block: int, cach
 
 def _export_findable(engine, hashes: list[bytes], first: int) -> np.ndarray | None:
     """Engine thread: a copy of blocks first... of the leading run of `hashes` still findable in the pool."""
-    block_ids = engine.prefix_cache.allocator.lookup(hashes)
-    return engine.kv_cache.export_blocks(block_ids[first:]) if len(block_ids) > first else None
+    block_ids = engine.lookup_blocks(hashes)
+    return engine.export_blocks(block_ids[first:]) if len(block_ids) > first else None

@@ -12,44 +12,32 @@ progress) -> a final `RequestOutput` with `finished=True`. Disaggregated serving
   KV into them; only the rest is computed. `set_layer_hook` lets the caller stream KV out layer by layer.
 
 With `enable_prefix_caching` complete full blocks stay findable by chained hash after their owners let go
-(prefix_cache.py): `add_request` and `reserve_prompt` share a prompt's leading cached blocks (never the one of
-its last token) instead of recomputing or refilling them.
+(prefix_cache.py): `add_request` and `reserve_prompt` share a prompt's leading cached blocks instead of
+recomputing or refilling them. Services reach the pool only through `lookup_blocks` and `export_blocks`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
-from kvmesh.services.engine.hashing import chain_salt
-from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, block_hashes, dtype_name
+from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache
+from kvmesh.services.engine.loader import load_model
 from kvmesh.services.engine.model import LlamaModel
 from kvmesh.services.engine.output import RequestOutput, StopChecker
 from kvmesh.services.engine.prefix_cache import KVEvents, PrefixCache, PrefixCachingAllocator
-from kvmesh.services.engine.sampler import SamplingParams, sample
+from kvmesh.services.engine.reservations import Reservation, Reservations
+from kvmesh.services.engine.sampler import SamplingParams
 from kvmesh.services.engine.scheduler import Scheduler
 from kvmesh.services.engine.sequence import Sequence, SequenceStatus
-from kvmesh.services.engine.weights import model_id
-
-DEFAULT_KV_CACHE_BYTES = 512 * 2**20
+from kvmesh.services.engine.step import forward_step
+from kvmesh.services.engine.validation import validate_request
+from kvmesh.services.kv_identity import KVLayout
 
 __all__ = ["LLMEngine", "OutOfBlocksError", "RequestOutput", "Reservation", "SamplingParams"]
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """Blocks held for a prompt before it runs: the leading `num_cached_tokens` tokens' blocks are shared from the
-    prefix cache (complete, never to be written), the rest are fresh."""
-
-    block_ids: list[int]
-    num_cached_tokens: int = 0
-    cache_salt: str = ""
 
 
 class LLMEngine:
@@ -71,7 +59,7 @@ class LLMEngine:
                                    self.prefix_cache)
         self.stops = StopChecker(tokenizer, self.eos_token_ids, max_model_len)
         self._seqs: dict[str, Sequence] = {}  # waiting, running and prefilled (held) sequences
-        self._reserved: dict[str, Reservation] = {}
+        self.reservations = Reservations(self.allocator, layout, self.prefix_cache)
         self._pending: list[Sequence] = []  # to be emitted by the next step even if not scheduled
         self._aborted: list[RequestOutput] = []
         self._arrivals = 0
@@ -90,51 +78,24 @@ class LLMEngine:
 
         kv_storage: the pool's memory, or a function (num_layers, num_blocks, block_nbytes) -> that memory.
         """
-        from transformers import AutoTokenizer
-
         if block_size <= 0 or max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise InvalidRequestError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
-        model = LlamaModel.from_path(path, dtype, device)
-        cfg = model.config
-        layout = KVLayout(model_id(path), dtype_name(model.dtype), block_size, cfg.num_layers, cfg.num_kv_heads,
-                          cfg.head_dim)
-        max_model_len = cfg.max_position_embeddings
-        if kv_storage is not None and not callable(kv_storage):
-            num_blocks = int(kv_storage.shape[2])
-        elif num_blocks is None:
-            per_block = 2 * cfg.num_layers * layout.block_nbytes
-            if kv_cache_bytes is not None:
-                num_blocks = kv_cache_bytes // per_block
-            else:
-                wanted = layout.num_blocks_for(max_model_len) * max_num_seqs
-                num_blocks = max(min(wanted, DEFAULT_KV_CACHE_BYTES // per_block),
-                                 layout.num_blocks_for(max_model_len) + 1)
-        if num_blocks < 1:
-            raise InvalidRequestError(f"the KV cache needs at least one block; got {num_blocks}")
-        if callable(kv_storage):  # the caller places the pool (e.g. in shared memory) once its size is known
-            kv_storage = kv_storage(cfg.num_layers, num_blocks, layout.block_nbytes)
-        kv = KVCache(layout, num_blocks, device, kv_storage)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return cls(model, tokenizer, layout, kv, max_model_len, max_num_batched_tokens, max_num_seqs,
-                   enable_prefix_caching)
+        model, tokenizer, kv = load_model(path, dtype, device, block_size, num_blocks, kv_cache_bytes, max_num_seqs,
+                                          kv_storage)
+        return cls(model, tokenizer, kv.layout, kv, model.config.max_position_embeddings, max_num_batched_tokens,
+                   max_num_seqs, enable_prefix_caching)
 
     # ---- requests -------------------------------------------------------------------------------------------
 
-    @property
-    def model_id(self) -> str:
-        """Folder name plus a short hash of config.json: the salt of block hashes, the key of shared KV."""
-        return self.layout.model_id
+    def lookup_blocks(self, block_hashes: list[bytes]) -> list[int]:
+        """The pool's blocks holding the leading `block_hashes` (stops at the first miss; shares nothing); [] when
+        prefix caching is off."""
+        return self.prefix_cache.allocator.lookup(list(block_hashes)) if self.prefix_cache else []
 
-    def block_hashes(self, token_ids: list[int]) -> list[bytes]:
-        """Chained hashes of the full blocks of `token_ids`, salted with this model's id alone (a bare chain: the
-        prefix cache, the cache service and the scheduler key blocks by `prefix_hashes`)."""
-        return block_hashes(token_ids, self.layout.block_size, self.layout.model_id.encode())
-
-    def prefix_hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
-        """Chained hashes of the full blocks of `token_ids` as the prefix cache keys them (the cache service's and
-        the scheduler's chain: `hashing.chain_salt` of this layout and the tenant's salt)."""
-        salt = chain_salt(self.layout.model_id, self.layout.dtype, self.layout.block_size, cache_salt)
-        return block_hashes(token_ids, self.layout.block_size, salt)
+    def export_blocks(self, block_ids: list[int]) -> np.ndarray:
+        """A copy of the given blocks' KV, uint8 [num_layers, 2, len(block_ids), block_nbytes]: what prefill
+        offers and decode write-back hand to the cache."""
+        return self.kv_cache.export_blocks(block_ids)
 
     @property
     def num_free_blocks(self) -> int:
@@ -154,29 +115,8 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError when the request cannot be served as asked."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("params must be a SamplingParams")
-        params.validate(self.max_model_len, self.vocab_size)
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty; give at least one token")
-        if n >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {n} tokens but the model's context is {self.max_model_len}; shorten the prompt "
-                f"to at most {self.max_model_len - 1} tokens")
-        bad = [t for t in prompt_token_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids {bad[:5]} lie outside the vocabulary [0, {self.vocab_size})")
-        total = n + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's context of "
-                f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - n}")
-        if self.layout.num_blocks_for(total) > self.kv_cache.num_blocks:
-            raise InvalidRequestError(
-                f"prompt plus max_tokens ({total} tokens) exceeds the KV cache of "
-                f"{self.kv_cache.num_blocks * self.layout.block_size} tokens; lower max_tokens or the prompt")
+        validate_request(prompt_token_ids, params, self.max_model_len, self.vocab_size, self.layout,
+                         self.kv_cache.num_blocks)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prefill_only: bool = False, num_cached_tokens: int = 0, cache_salt: str = "") -> None:
@@ -193,16 +133,18 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"num_cached_tokens must be a multiple of block_size {self.layout.block_size} below the prompt "
                 f"length {n}, got {num_cached_tokens}")
-        if num_cached_tokens and request_id not in self._reserved:
+        if num_cached_tokens and request_id not in self.reservations:
             raise InvalidRequestError("num_cached_tokens > 0 needs blocks from reserve() holding that KV first")
         blocks = []
-        if request_id in self._reserved:
-            reservation = self._take_reservation(request_id, n)
+        reservation = None
+        if request_id in self.reservations:
+            reservation = self.reservations.take(request_id, n)
             cache_salt = reservation.cache_salt or cache_salt
             num_cached_tokens = max(num_cached_tokens, reservation.num_cached_tokens)
             blocks = reservation.block_ids
         seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only, cache_salt)
         seq.block_table = blocks
+        seq.block_hashes = list(reservation.block_hashes) if reservation else []
         seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
         seq.num_hashed_blocks = num_cached_tokens // self.layout.block_size
         self.scheduler.add(seq)
@@ -220,42 +162,33 @@ class LLMEngine:
     def reserve(self, request_id: str, num_prompt_tokens: int) -> list[int]:
         """Allocate the blocks a prompt of `num_prompt_tokens` needs; OutOfBlocksError when there is no room."""
         self._check_reservation(request_id, num_prompt_tokens)
-        blocks = self.allocator.allocate(self.layout.num_blocks_for(num_prompt_tokens))
-        self._reserved[request_id] = Reservation(blocks)
-        return list(blocks)
+        return self.reservations.reserve(request_id, num_prompt_tokens)
 
-    def reserve_prompt(self, request_id: str, prompt_token_ids: list[int], cache_salt: str = "") -> Reservation:
+    def reserve_prompt(self, request_id: str, prompt_token_ids: list[int], cache_salt: str = "",
+                       block_hashes: list[bytes] | None = None) -> Reservation:
         """Reserve a prompt's blocks: its leading cached full blocks shared (never the block of its last token),
-        fresh ones for the rest. OutOfBlocksError when the fresh ones do not fit (nothing is taken then)."""
-        n = len(prompt_token_ids)
-        self._check_reservation(request_id, n)
-        hits = self._cached_prefix(prompt_token_ids, cache_salt)
-        need = self.layout.num_blocks_for(n) - len(hits)
-        revived = sum(1 for b in hits if self.allocator.refcount(b) == 0)  # cached-free hits stop being free
-        if need > self.allocator.num_free_blocks - revived:
-            raise OutOfBlocksError(f"need {need} KV blocks ({len(hits)} more shared), "
-                                   f"{self.allocator.num_free_blocks - revived} of {self.kv_cache.num_blocks} free")
-        if hits:
-            self.allocator.share(hits)
-        reservation = Reservation(hits + self.allocator.allocate(need), len(hits) * self.layout.block_size,
-                                  cache_salt)
-        self._reserved[request_id] = reservation
-        return Reservation(list(reservation.block_ids), reservation.num_cached_tokens, cache_salt)
+        fresh ones for the rest. `block_hashes`: its reusable blocks' hashes when the caller has them (the route
+        plan's), so the prompt is not hashed again. OutOfBlocksError when the fresh ones do not fit (nothing is
+        taken then)."""
+        self._check_reservation(request_id, len(prompt_token_ids))
+        return self.reservations.reserve_prompt(request_id, prompt_token_ids, cache_salt, block_hashes)
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
                       params: SamplingParams) -> None:
         """Start decoding a reserved request whose prompt KV is in its blocks and whose first token is known."""
         self.validate(prompt_token_ids, params)
-        if request_id not in self._reserved:
+        if request_id not in self.reservations:
             raise InvalidRequestError(f"request {request_id!r} has no reservation; call reserve() first")
         if not 0 <= first_token_id < self.vocab_size:
             raise InvalidRequestError(f"first_token_id {first_token_id} lies outside [0, {self.vocab_size})")
-        reservation = self._take_reservation(request_id, len(prompt_token_ids))
+        reservation = self.reservations.take(request_id, len(prompt_token_ids))
         seq = self._new_seq(request_id, prompt_token_ids, params, False, reservation.cache_salt)
         seq.block_table = reservation.block_ids
+        seq.block_hashes = list(reservation.block_hashes)  # computed here: the pool caches its blocks by them
         seq.num_cached_tokens = reservation.num_cached_tokens
         seq.num_computed_tokens = len(prompt_token_ids)
-        self._cache_blocks(seq)  # the KV landed and was verified: the prompt's full blocks are complete
+        if self.prefix_cache:  # the KV landed and was verified: the prompt's full blocks are complete
+            self.prefix_cache.cache_blocks(seq)
         self._append_token(seq, first_token_id, None)
         self._pending.append(seq)
         if seq.status.finished:
@@ -269,8 +202,8 @@ class LLMEngine:
 
     def block_table(self, request_id: str) -> list[int]:
         """The block ids holding a request's KV (reserved, live or prefilled)."""
-        if request_id in self._reserved:
-            return list(self._reserved[request_id].block_ids)
+        if request_id in self.reservations:
+            return self.reservations.block_ids(request_id)
         if request_id in self._seqs:
             return list(self._seqs[request_id].block_table)
         raise InvalidRequestError(f"unknown request {request_id!r}")
@@ -301,29 +234,13 @@ class LLMEngine:
         return outputs
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        chunks = [Chunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n],
-                        seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + n == seq.num_tokens)
-                  for seq, n in scheduled]
-        batch = build_batch(chunks, self.layout.block_size, self.model.device,
-                            group_cost=self.model.decode_group_cost)
         self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n) for seq, n in scheduled}
-        hook = None
-        if self._layer_hook is not None:
-            # only prompts this step completes: their every layer is final once its hook fires
-            ids = [seq.request_id for seq, n in scheduled
-                   if seq.num_computed_tokens < seq.num_prompt_tokens <= seq.num_computed_tokens + n]
-            hook = (lambda i: self._layer_hook(i, ids)) if ids else None
-        logits = self.model.forward(batch, self.kv_cache, hook)
-        sampled = [(seq, batch.chunk_rows[j]) for j, (seq, _) in enumerate(scheduled) if chunks[j].want_logits]
+        sampled = forward_step(self.model, self.kv_cache, scheduled, self._layer_hook)
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self._cache_blocks(seq)
-        if not sampled:
-            return
-        rows = torch.tensor([row for _, row in sampled], device=logits.device)
-        tokens, infos = sample(logits.index_select(0, rows), [s.params for s, _ in sampled],
-                               [s.generator for s, _ in sampled])
-        for (seq, _), token, info in zip(sampled, tokens, infos):
+            if self.prefix_cache:
+                self.prefix_cache.cache_blocks(seq)
+        for seq, token, info in sampled:
             self._append_token(seq, token, info)
             if seq.status.finished or seq.status is SequenceStatus.PREFILLED:
                 self._finish(seq)
@@ -344,8 +261,6 @@ class LLMEngine:
         self.scheduler.free_blocks(seq)
         self._seqs.pop(seq.request_id, None)
 
-    # ---- bookkeeping ----------------------------------------------------------------------------------------
-
     def _new_seq(self, request_id: str, ids: list[int], params: SamplingParams, prefill_only: bool,
                  cache_salt: str = "") -> Sequence:
         seq = Sequence(request_id, [int(t) for t in ids], params, self._arrivals, self.model.device, prefill_only)
@@ -355,7 +270,7 @@ class LLMEngine:
         return seq
 
     def _check_new_id(self, request_id: str, allow_reserved: bool = False) -> None:
-        if request_id in self._seqs or (request_id in self._reserved and not allow_reserved):
+        if request_id in self._seqs or (request_id in self.reservations and not allow_reserved):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
 
     def _check_reservation(self, request_id: str, num_prompt_tokens: int) -> None:
@@ -364,26 +279,9 @@ class LLMEngine:
             raise InvalidRequestError(f"num_prompt_tokens must lie in [1, {self.max_model_len}), "
                                       f"got {num_prompt_tokens}")
 
-    def _take_reservation(self, request_id: str, num_tokens: int) -> Reservation:
-        blocks = self._reserved[request_id].block_ids
-        if len(blocks) < self.layout.num_blocks_for(num_tokens):
-            raise InvalidRequestError(f"request {request_id!r} reserved {len(blocks)} blocks, too few for "
-                                      f"{num_tokens} prompt tokens")
-        return self._reserved.pop(request_id)
-
-    # ---- prefix caching -------------------------------------------------------------------------------------
-
-    def _cached_prefix(self, prompt_token_ids: list[int], cache_salt: str) -> list[int]:
-        return self.prefix_cache.cached_prefix(prompt_token_ids, cache_salt) if self.prefix_cache else []
-
-    def _cache_blocks(self, seq: Sequence) -> None:
-        if self.prefix_cache is not None:
-            self.prefix_cache.cache_blocks(seq)
-
     def _drop(self, request_id: str) -> bool:
         """Forget a request and free whatever blocks it holds; False if it was unknown."""
-        if request_id in self._reserved:
-            self.allocator.free(self._reserved.pop(request_id).block_ids)
+        if self.reservations.release(request_id):
             return True
         seq = self._seqs.pop(request_id, None)
         if seq is None:

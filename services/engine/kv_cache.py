@@ -10,20 +10,16 @@ consecutive block ids is one contiguous run too. Seen as bytes the same memory i
 result and of `import_blocks`' input. Token t of a sequence lives in block `block_table[t // block_size]` at
 offset `t % block_size` ("slot" = block_id * block_size + offset).
 
-A block's hash (`block_hashes`) covers every token before it: h_i = blake2b(h_{i-1} || tokens of block i),
-h_{-1} = blake2b(salt), with the model id as salt, so equal hashes mean equal KV for the same model.
+The layout itself (`KVLayout`) and the block hashes live in `kvmesh.services.kv_identity`, with no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-
-from kvmesh.services.engine.hashing import HASH_BYTES, block_hashes  # noqa: F401 (re-exported)
 import torch
 
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
+from kvmesh.services.kv_identity import KVLayout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,36 +32,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise InvalidRequestError(f"unsupported KV dtype {dtype}; use one of {', '.join(DTYPES)}")
 
 
-@dataclass(frozen=True)
-class KVLayout:
-    """The shape of a model's KV blocks: what two workers must agree on to exchange blocks."""
-
-    model_id: str
-    dtype: str
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def itemsize(self) -> int:
-        return torch.tensor([], dtype=self.torch_dtype).element_size()
-
-    @property
-    def block_nbytes(self) -> int:
-        """Bytes of one block of K (or of V) in one layer."""
-        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
-
-    def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
-        return (self.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-
-    def num_blocks_for(self, num_tokens: int) -> int:
-        """Blocks needed to hold `num_tokens` tokens."""
-        return -(-num_tokens // self.block_size)
+def pool_shape(layout: KVLayout, num_blocks: int) -> tuple[int, ...]:
+    """The pool tensor's shape: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    return (layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
 
 
 class KVCache:
@@ -74,7 +43,7 @@ class KVCache:
     def __init__(self, layout: KVLayout, num_blocks: int, device: str = "cpu", storage: np.ndarray | None = None):
         self.layout = layout
         self.num_blocks = num_blocks
-        shape = layout.pool_shape(num_blocks)
+        shape = pool_shape(layout, num_blocks)
         if storage is not None:
             expected = (layout.num_layers, 2, num_blocks, layout.block_nbytes)
             if storage.dtype != np.uint8 or tuple(storage.shape) != expected:
@@ -83,9 +52,9 @@ class KVCache:
             if str(device) != "cpu":
                 raise InvalidRequestError("external KV storage is host memory; use device='cpu' with it")
             self._bytes = torch.from_numpy(storage)
-            self.pool = self._bytes.view(layout.torch_dtype).view(shape)
+            self.pool = self._bytes.view(DTYPES[layout.dtype]).view(shape)
         else:
-            self.pool = torch.zeros(shape, dtype=layout.torch_dtype, device=device)
+            self.pool = torch.zeros(shape, dtype=DTYPES[layout.dtype], device=device)
             self._bytes = self.pool.view(torch.uint8).view(layout.num_layers, 2, num_blocks, layout.block_nbytes)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ back until the text rules it out, so the ids and text a caller receives never co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvmesh.services.engine.sequence import Sequence, SequenceStatus
 
@@ -22,6 +22,9 @@ class RequestOutput:
     logprobs: list | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    # on the last output: the chained hashes of the sequence's full blocks the pool cached (prefix caching on),
+    # so a caller offering them to the cache service need not hash the prompt again
+    block_hashes: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 class StopChecker:
@@ -80,4 +83,5 @@ class StopChecker:
             reason = reason or ("prefill" if seq.status is SequenceStatus.PREFILLED else seq.status.value)
         logprobs = seq.logprobs[start:limit] if seq.params.logprobs is not None else None
         return RequestOutput(seq.request_id, seq.output_token_ids[start:limit], finished,
-                             reason if finished else None, logprobs, seq.num_prompt_tokens, seq.num_cached_tokens)
+                             reason if finished else None, logprobs, seq.num_prompt_tokens, seq.num_cached_tokens,
+                             tuple(seq.block_hashes) if finished else ())

@@ -19,8 +19,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
-from kvmesh.services.engine.hashing import block_hashes, chain_salt, extend_block_hashes
-from kvmesh.services.engine.kv_cache import BlockAllocator, KVLayout
+from kvmesh.services import kv_identity
+from kvmesh.services.engine.kv_cache import BlockAllocator
+from kvmesh.services.kv_identity import KVLayout
 
 
 @dataclass(frozen=True)
@@ -148,24 +149,28 @@ class PrefixCachingAllocator(BlockAllocator):
 
 class PrefixCache:
     """The engine's side of prefix caching: which leading blocks of a prompt the pool holds, and which blocks of a
-    sequence became complete (and so findable). Hashes are the cache service's chain (`hashing.chain_salt`)."""
+    sequence became complete (and so findable). Hashes are the one chain of `kv_identity`."""
 
     STATS = ("cached_blocks", "cached_free_blocks", "hit_blocks", "evictions")
 
     def __init__(self, allocator: PrefixCachingAllocator, layout: KVLayout):
         self.allocator, self.layout = allocator, layout
 
-    def hashes(self, token_ids: list[int], cache_salt: str = "") -> list[bytes]:
-        """Chained hashes of the full blocks of `token_ids` under this layout and the tenant's salt."""
-        return block_hashes(token_ids, self.layout.block_size, self._salt(cache_salt))
+    def prompt_hashes(self, prompt_token_ids: list[int], cache_salt: str = "",
+                      known: list[bytes] | tuple = ()) -> list[bytes]:
+        """Hashes of the prompt's reusable blocks (`kv_identity.reusable_blocks`) under this layout and the
+        tenant's salt, hashing only the blocks past `known` (hashes of its leading blocks computed here before)."""
+        usable = kv_identity.reusable_tokens(len(prompt_token_ids), self.layout.block_size)
+        known = list(known[:usable // self.layout.block_size])
+        return kv_identity.extend_block_hashes(known, prompt_token_ids[:usable], self.layout.block_size,
+                                               self._salt(cache_salt))
 
-    def cached_prefix(self, prompt_token_ids: list[int], cache_salt: str) -> list[int]:
-        """The findable blocks of the prompt's leading full blocks, leaving its last token to compute."""
-        usable = (len(prompt_token_ids) - 1) // self.layout.block_size
-        if usable <= 0:
-            return []
-        return self.allocator.lookup(self.hashes(list(prompt_token_ids[:usable * self.layout.block_size]),
-                                                 cache_salt))
+    def cached_prefix(self, prompt_token_ids: list[int], cache_salt: str,
+                      known: list[bytes] | tuple = ()) -> tuple[list[int], list[bytes]]:
+        """The findable blocks of the prompt's leading reusable blocks (its last token is left to compute), and
+        the prompt's reusable blocks' hashes (hashed past `known`)."""
+        hashes = self.prompt_hashes(prompt_token_ids, cache_salt, known)
+        return self.allocator.lookup(hashes), hashes
 
     def cache_blocks(self, seq) -> None:
         """Make a sequence's newly completed full blocks (all KV computed or landed) findable by hash."""
@@ -173,8 +178,9 @@ class PrefixCache:
         done = min(seq.num_computed_tokens // bs, len(seq.block_table))
         if done <= seq.num_hashed_blocks:
             return
-        seq.block_hashes = extend_block_hashes(seq.block_hashes, seq.token_ids[:done * bs], bs,
-                                               self._salt(seq.cache_salt))
+        if len(seq.block_hashes) < done:  # hashes known already (the reservation's, a preempted run's) are kept
+            seq.block_hashes = kv_identity.extend_block_hashes(seq.block_hashes, seq.token_ids[:done * bs], bs,
+                                                               self._salt(seq.cache_salt))
         for i in range(seq.num_hashed_blocks, done):
             self.allocator.cache(seq.block_table[i], seq.block_hashes[i])
         seq.num_hashed_blocks = done
@@ -188,4 +194,4 @@ class PrefixCache:
         return self.allocator.snapshot(max_hashes) if full else self.allocator.drain_events(max_hashes)
 
     def _salt(self, cache_salt: str) -> bytes:
-        return chain_salt(self.layout.model_id, self.layout.dtype, self.layout.block_size, cache_salt)
+        return kv_identity.layout_salt(self.layout, cache_salt)

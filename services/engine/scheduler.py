@@ -101,7 +101,9 @@ class Scheduler:
         (False: it does not, nothing taken). Its tokens cached at first admission count as its cached tokens."""
         if self.prefix_cache is None or seq.block_table:
             return True
-        hits = self.prefix_cache.cached_prefix(seq.token_ids, seq.cache_salt)
+        hits, hashes = self.prefix_cache.cached_prefix(seq.token_ids, seq.cache_salt, seq.block_hashes)
+        if len(hashes) > len(seq.block_hashes):  # hashed here from its own tokens: keep them for cache_blocks
+            seq.block_hashes = hashes
         if not hits:
             return True
         cached = len(hits) * self.block_size

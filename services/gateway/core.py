@@ -143,7 +143,10 @@ class Gateway:
             route = await self.route(call, timeout)
             request = decode_pb2.DecodeRequest(
                 request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
-                cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens)
+                cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens,
+                prompt_block_hashes=route.prompt_block_hashes, cache_probed=route.cache_probed)
+            if route.HasField("local_prefill"):  # the plan's decision; the decode worker obeys it
+                request.local_prefill = route.local_prefill
             if route.HasField("prefill") and route.prefill.address:
                 request.prefill.address = route.prefill.address
                 request.prefill.worker_id = route.prefill.worker_id

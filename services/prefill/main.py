@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvmesh.services.cache.client import worker_cache_client
+from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.prefill.config import PrefillConfig

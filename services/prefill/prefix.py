@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from kvmesh.services.cache.keys import full_block_hashes, prompt_hashes
+from kvmesh.services import kv_identity
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.engine.errors import OutOfBlocksError
@@ -25,7 +25,18 @@ log = logging.getLogger(__name__)
 
 def _export(engine, request_id: str, first: int, end: int) -> np.ndarray:
     """Engine thread: a copy of blocks first..end-1 of a request's block table."""
-    return engine.kv_cache.export_blocks(engine.block_table(request_id)[first:end])
+    return engine.export_blocks(engine.block_table(request_id)[first:end])
+
+
+def prompt_chain(cache, layout, token_ids: list[int], cache_salt: str, plan_hashes) -> tuple[list[bytes], bool]:
+    """The prompt's reusable-block hashes and whether they were hashed here: the plan's when they can be the
+    prompt's (right count and size), else hashed here (once per request); none without a cache."""
+    if cache is None:
+        return [], True
+    hashes = kv_identity.check_prompt_hashes(plan_hashes, len(token_ids), layout.block_size)
+    if hashes:
+        return hashes, False
+    return kv_identity.prompt_hashes(layout, token_ids, cache_salt), True
 
 
 def fetch_transfer_id(request_id: str) -> str:
@@ -33,9 +44,12 @@ def fetch_transfer_id(request_id: str) -> str:
     return f"{request_id}/cache"
 
 
-async def import_prefix(et, cache, receiver, request_id: str, token_ids: list[int], cache_salt: str) -> int:
-    """Have the cache deliver the cached prefix of a prompt into this worker's own blocks; return the prompt tokens
-    it covers (0: compute all).
+async def import_prefix(et, cache, receiver, request_id: str, token_ids: list[int], hashes: list[bytes],
+                        probed_tokens: int | None = None) -> int:
+    """Have the cache deliver the cached prefix of a prompt (its reusable blocks' `hashes`) into this worker's own
+    blocks; return the prompt tokens it covers (0: compute all). `probed_tokens`: what the scheduler's probe of
+    the cache found, fetched without asking again (one lookup per request; a stale figure makes the fetch short);
+    None: ask the cache.
 
     Reserves the prompt's blocks first (they stay reserved for the engine whatever happens; the caller releases
     them with the request), expects the transfer into the leading ones on this worker's `receiver`, asks the cache
@@ -43,12 +57,14 @@ async def import_prefix(et, cache, receiver, request_id: str, token_ids: list[in
     or delivers damaged bytes is a miss; the transfer is retired before the engine computes over those blocks.
     """
     engine = et.engine
-    hashes = prompt_hashes(engine.layout, token_ids, cache_salt)
     if cache is None or receiver is None or not hashes:
         return 0
-    with telemetry.tracer().start_as_current_span(names.CACHE_LOOKUP) as span:
-        num_hits = await cache.lookup(hashes)
-        span.set_attribute(names.ATTR_CACHE_HIT_BLOCKS, num_hits)
+    if probed_tokens is not None:
+        num_hits = min(max(probed_tokens, 0) // engine.layout.block_size, len(hashes))
+    else:
+        with telemetry.tracer().start_as_current_span(names.CACHE_LOOKUP) as span:
+            num_hits = await cache.lookup(hashes)
+            span.set_attribute(names.ATTR_CACHE_HIT_BLOCKS, num_hits)
     if not num_hits:
         return 0
     with telemetry.tracer().start_as_current_span(names.CACHE_GET) as span:
@@ -87,13 +103,17 @@ async def _fetch(cache, receiver, transfer_id: str, hashes: list[bytes], block_i
 
 
 def offer_new_blocks(et, cache, request_id: str, token_ids: list[int], cache_salt: str,
-                     num_cached_tokens: int) -> None:
+                     num_cached_tokens: int, known: list[bytes] = ()) -> None:
     """Queue the prompt's full blocks past the cached prefix for the cache. The export is queued on the engine
-    thread now, so it runs before the blocks are released; the puts happen in the background."""
+    thread now, so it runs before the blocks are released; the puts happen in the background.
+
+    `known`: hashes of the prompt's leading blocks this worker may chain onto: those it hashed itself, or those
+    of the blocks the cache delivered (the KV computed here continues exactly those blocks). Never a peer's hash
+    of a block computed here: offered under a wrong hash, the block would poison the cache for others."""
     engine = et.engine
     if cache is None or not cache.can_offer():
         return
-    hashes = full_block_hashes(engine.layout, token_ids, cache_salt)
+    hashes = kv_identity.full_block_hashes(engine.layout, token_ids, cache_salt, known)
     first = num_cached_tokens // engine.layout.block_size
     if first >= len(hashes):
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from kvmesh.services.common import telemetry
 from kvmesh.services.common.channels import call_timeout
 from kvmesh.v1 import prefill_pb2_grpc
 

@@ -21,7 +21,7 @@ from kvmesh.services.prefill import prefix
 from kvmesh.services.worker.convert import logprob_protos, sampling_params
 from kvmesh.services.worker.handoff import HandoffState, HandoffTable
 from kvmesh.transports import TransportError
-from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, scheduler_pb2
+from kvmesh.v1 import decode_pb2, prefill_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class PrefillWorker:
     def __init__(self, engine_thread, sender, lease_s: float, cache=None, receiver=None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.sender = sender
-        self.cache = cache  # a kvmesh.services.cache.client.CacheClient, or None: compute every prompt
+        self.cache = cache  # a kvmesh.services.clients.cache.CacheClient, or None: compute every prompt
         self.receiver = receiver  # over this worker's own pool: the cache delivers cached prefixes into it
         self.handoffs = HandoffTable(lease_s)
         self.streams: dict[str, LayerStream] = {}
@@ -140,8 +140,10 @@ class PrefillWorker:
             self.handoffs.advance(rid, HandoffState.WRITING)
             if self.receiver is not None:  # runs before the blocks are released (cleanups run last first)
                 self.handoffs.on_release(rid, lambda: self.receiver.retire(prefix.fetch_transfer_id(rid)))
-            num_cached = await prefix.import_prefix(self.et, self.cache, self.receiver, rid, ids,
-                                                    request.cache_salt)
+            hashes, hashed_here = prefix.prompt_chain(self.cache, self.engine.layout, ids, request.cache_salt,
+                                                      request.prompt_block_hashes)
+            probed = request.cached_prefix_tokens if request.HasField("cached_prefix_tokens") else None
+            num_cached = await prefix.import_prefix(self.et, self.cache, self.receiver, rid, ids, hashes, probed)
             start, submitted_ns = time.perf_counter(), time.time_ns()
             await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True,
                                num_cached_tokens=num_cached)
@@ -150,7 +152,8 @@ class PrefillWorker:
             _record_compute(submitted_ns, self.compute_started.pop(rid, 0), len(ids), out.num_cached_tokens)
             if out.finish_reason != "prefill" or not out.new_token_ids:
                 raise errors.UnavailableError(f"prefill of {rid} ended with {out.finish_reason!r}")
-            prefix.offer_new_blocks(self.et, self.cache, rid, ids, request.cache_salt, num_cached)
+            known = hashes if hashed_here else hashes[:num_cached // self.engine.layout.block_size]
+            prefix.offer_new_blocks(self.et, self.cache, rid, ids, request.cache_salt, num_cached, known)
             await stream.finish()
             stats = await transfer.commit()
             transfer_done = True

@@ -17,8 +17,9 @@ class SchedulerConfig(ServerConfig):
     port: int = knob(DEFAULT_PORT, "Port to bind; 0 picks a free one (printed at start).")
     lease_s: float = knob(10.0, "Seconds a worker stays registered without a heartbeat.")
     policy: str = knob("least_loaded", "Routing policy.", choices=tuple(POLICIES))
-    cache_probe: bool = knob(True, "Ask the registered cache how much of each prompt it holds (a peek with a "
-                                   "250 ms deadline): Route reports it, and the kv_aware policy weighs it.")
+    cache_probe: bool = knob(True, "Ask the registered cache how much of each prompt it holds (the request's "
+                                   "one lookup, 250 ms deadline): Route reports it, the kv_aware policy weighs it, "
+                                   "and the prefill worker fetches by it without asking again.")
     max_queue: int = knob(64, "Admission limit: a decode worker with this many waiting requests takes no more; "
                               "when every decode worker is over it, Route fails with RESOURCE_EXHAUSTED.")
 

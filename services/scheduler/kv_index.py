@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from kvmesh.services.cache.keys import prompt_hashes
+from kvmesh.services.kv_identity import PromptHashes
 
 
 class KVIndex:
@@ -54,15 +54,16 @@ class KVIndex:
             n += 1
         return n
 
-    def hit_tokens(self, workers, token_ids: Sequence[int], cache_salt: str) -> dict[str, int]:
-        """Leading prompt tokens each decode worker's pool holds (hashed as the decode engine does: the cache
-        service's chain of its layout and the request's salt, leaving the last prompt token out)."""
-        out, by_layout = {}, {}
+    def hit_tokens(self, workers, token_ids: Sequence[int], cache_salt: str,
+                   hashes: PromptHashes | None = None) -> dict[str, int]:
+        """Leading prompt tokens each decode worker's pool holds (hashed as every pool keys them: the chain of its
+        layout and the request's salt, leaving the last prompt token out). `hashes`: the request's, when the
+        caller has them (the prompt is hashed once per request)."""
+        hashes = hashes or PromptHashes(token_ids, cache_salt)
+        out = {}
         for worker in workers:
             layout = worker.spec.layout
             if layout is None or worker.worker_id not in self._held:
                 continue
-            if layout not in by_layout:
-                by_layout[layout] = prompt_hashes(layout, token_ids, cache_salt)
-            out[worker.worker_id] = self.hit_blocks(worker.worker_id, by_layout[layout]) * layout.block_size
+            out[worker.worker_id] = self.hit_blocks(worker.worker_id, hashes.of(layout)) * layout.block_size
         return out

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kvmesh.services.scheduler.registry import Layout, Worker
+from kvmesh.services.kv_identity import KVLayout, prefill_locally
+from kvmesh.services.scheduler.registry import Worker
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,10 @@ class RouteQuery:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     model: str = ""
-    layout: Layout | None = None
+    layout: KVLayout | None = None
     cache_salt: str | None = None
     # leading prompt tokens the cache holds, per layout (filled by the scheduler's cache probe)
-    cached_tokens: Mapping[Layout, int] = field(default_factory=dict)
+    cached_tokens: Mapping[KVLayout, int] = field(default_factory=dict)
     # leading prompt tokens each decode worker's own pool holds, by worker id (from its KV events)
     decode_cached_tokens: Mapping[str, int] = field(default_factory=dict)
 
@@ -32,7 +33,7 @@ class RouteQuery:
 class Candidates:
     """Workers sharing one KV layout: any prefill here may write into any decode here."""
 
-    layout: Layout
+    layout: KVLayout
     prefill: tuple[Worker, ...]
     decode: tuple[Worker, ...]
 
@@ -40,13 +41,15 @@ class Candidates:
 @dataclass(frozen=True)
 class RoutePlan:
     """The decision: where to prefill, where to decode, how many prompt tokens the cache and the chosen decode
-    worker's own pool already hold."""
+    worker's own pool already hold, and whether the decode worker prefills the prompt itself (`local_prefill`,
+    set by the router from `decode_prefills`)."""
 
     prefill: Worker
     decode: Worker
     num_cached_tokens: int
     policy: str
     num_decode_cached_tokens: int = 0
+    local_prefill: bool = False
 
 
 Policy = Callable[[RouteQuery, Sequence[Candidates]], RoutePlan]
@@ -77,12 +80,20 @@ FETCH_TOKENS_PER_S = 40_000.0
 TRANSFER_TOKENS_PER_S = 100_000.0
 QUEUED_PREFILL_S = 0.1  # wait behind each prompt already in flight on the prefill worker
 QUEUED_DECODE_S = 0.05  # wait behind each request queued on the decode worker
-#: A decode worker holding every full block of a prompt prefills a tail this short itself (its
-#: --local-prefill-max-tokens, at its default: the scheduler is not told each worker's value).
+#: A decode worker holding every full block of a prompt prefills a tail this short itself (the decode worker's
+#: --local-prefill-max-tokens default; the plan carries the decision and the worker obeys it).
 LOCAL_PREFILL_MAX_TOKENS = 16
 
 
-def estimated_ttft(query: RouteQuery, layout: Layout, prefill: Worker, decode: Worker) -> float:
+def decode_prefills(num_prompt_tokens: int, num_decode_cached_tokens: int, decode: Worker) -> bool:
+    """Whether the decode worker holding `num_decode_cached_tokens` of the prompt prefills it itself
+    (`kv_identity.prefill_locally` with the worker's registered limit: its own rule for plans that do not say)."""
+    limit = decode.spec.local_prefill_max_tokens
+    return prefill_locally(num_prompt_tokens, num_decode_cached_tokens, decode.spec.layout.block_size,
+                           LOCAL_PREFILL_MAX_TOKENS if limit is None else limit)
+
+
+def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker, decode: Worker) -> float:
     """Seconds to the first token on this pair: queue waits + prefill of what the cache does not hold + fetch of
     what it holds + the handoff of every token the decode worker does not hold.
 
@@ -96,7 +107,7 @@ def estimated_ttft(query: RouteQuery, layout: Layout, prefill: Worker, decode: W
     wait = decode.load.num_waiting * QUEUED_DECODE_S
     if decode.load.num_total_blocks and decode.load.num_free_blocks * layout.block_size < n:
         wait += QUEUED_PREFILL_S
-    if held and held >= (n - 1) // layout.block_size * layout.block_size and n - held <= LOCAL_PREFILL_MAX_TOKENS:
+    if decode_prefills(n, held, decode):
         return wait + (n - held) / PREFILL_TOKENS_PER_S
     wait += (prefill.load.num_waiting + prefill.load.num_running) * QUEUED_PREFILL_S
     return wait + (n - hit) / PREFILL_TOKENS_PER_S + hit / FETCH_TOKENS_PER_S + (n - held) / TRANSFER_TOKENS_PER_S

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
 from kvmesh.services.common.ids import new_id
+from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.kv_index import KVIndex
 
 
@@ -18,26 +19,6 @@ class Role(enum.IntEnum):
     PREFILL = 1
     DECODE = 2
     CACHE = 3
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The shape of a worker's KV cache; two workers exchange KV only when their layouts are equal."""
-
-    model_id: str
-    dtype: str
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def validate(self) -> None:
-        """Raise InvalidArgumentError unless every field is set and positive."""
-        if not self.model_id or not self.dtype:
-            raise InvalidArgumentError("layout.model_id and layout.dtype must be set")
-        sizes = (self.block_size, self.num_layers, self.num_kv_heads, self.head_dim)
-        if min(sizes) <= 0:
-            raise InvalidArgumentError(f"layout sizes must be positive, got {self}")
 
 
 @dataclass(frozen=True)
@@ -59,9 +40,10 @@ class WorkerSpec:
     host_id: str = ""
     instance_id: str = ""
     transports: tuple[str, ...] = ()
-    layout: Layout | None = None
+    layout: KVLayout | None = None
     model: str = ""
     descriptor: object = None
+    local_prefill_max_tokens: int | None = None  # decode workers: see kv_identity.prefill_locally
 
     def validate(self) -> None:
         """Raise InvalidArgumentError when the spec cannot be registered."""
@@ -71,7 +53,10 @@ class WorkerSpec:
         if self.role in (Role.PREFILL, Role.DECODE):
             if self.layout is None:
                 raise InvalidArgumentError(f"a {self.role.name} worker must send its KV layout")
-            self.layout.validate()
+            try:
+                self.layout.validate()
+            except ValueError as e:
+                raise InvalidArgumentError(str(e)) from None
 
     @property
     def served_model(self) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, UnavailableError
-from kvmesh.services.scheduler.policies import Candidates, Policy, RoutePlan, RouteQuery
-from kvmesh.services.scheduler.registry import Layout, Role, Worker
+from kvmesh.services.scheduler.policies import Candidates, Policy, RoutePlan, RouteQuery, decode_prefills
+from kvmesh.services.kv_identity import KVLayout
+from kvmesh.services.scheduler.registry import Role, Worker
 
 
 def _matches(query: RouteQuery, worker: Worker) -> bool:
@@ -20,7 +22,7 @@ def _matches(query: RouteQuery, worker: Worker) -> bool:
 
 def group_by_layout(query: RouteQuery, workers: Sequence[Worker]) -> list[Candidates]:
     """Groups of matching workers with equal layouts that have at least one prefill and one decode worker."""
-    by_layout: dict[Layout, tuple[list[Worker], list[Worker]]] = {}
+    by_layout: dict[KVLayout, tuple[list[Worker], list[Worker]]] = {}
     for worker in workers:
         if worker.spec.role in (Role.PREFILL, Role.DECODE) and _matches(query, worker):
             prefill, decode = by_layout.setdefault(worker.spec.layout, ([], []))
@@ -38,7 +40,8 @@ def _admit(groups: list[Candidates], max_queue: int) -> list[Candidates]:
 
 
 def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queue: int) -> RoutePlan:
-    """Pick a (prefill, decode) pair with equal layouts for query.
+    """Pick a (prefill, decode) pair with equal layouts for query, and decide whether the decode worker prefills
+    the prompt itself (the plan carries it; the worker obeys).
 
     InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered,
     CapacityError when every compatible decode worker has max_queue or more requests waiting.
@@ -55,4 +58,6 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
     admitted = _admit(groups, max_queue)
     if not admitted:
         raise CapacityError(f"every decode worker has {max_queue} or more requests waiting; retry later")
-    return policy(query, admitted)
+    plan = policy(query, admitted)
+    local = decode_prefills(len(query.prompt_token_ids), plan.num_decode_cached_tokens, plan.decode)
+    return dataclasses.replace(plan, local_prefill=local)

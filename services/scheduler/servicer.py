@@ -13,22 +13,11 @@ from kvmesh.services.common import metrics
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, MeshError, UnavailableError
 from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
-from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, Worker, WorkerSpec
+from kvmesh.services.kv_identity import KVLayout, PromptHashes
+from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def layout_from_proto(msg: common_pb2.KVLayout) -> Layout:
-    """The domain layout of a KVLayout message."""
-    return Layout(msg.model_id, msg.dtype, msg.block_size, msg.num_layers, msg.num_kv_heads, msg.head_dim)
-
-
-def layout_to_proto(layout: Layout) -> common_pb2.KVLayout:
-    """The KVLayout message of a domain layout."""
-    return common_pb2.KVLayout(model_id=layout.model_id, dtype=layout.dtype, block_size=layout.block_size,
-                               num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-                               head_dim=layout.head_dim)
 
 
 def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> Load:
@@ -44,8 +33,10 @@ def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
     descriptor = common_pb2.TransportDescriptor()
     descriptor.CopyFrom(msg.descriptor)
     return WorkerSpec(role=Role(msg.role), address=msg.address, host_id=msg.host_id, instance_id=msg.instance_id,
-                      transports=tuple(msg.transports), layout=layout_from_proto(msg.layout) if has_layout else None,
-                      model=msg.model, descriptor=descriptor)
+                      transports=tuple(msg.transports), layout=KVLayout.from_proto(msg.layout) if has_layout else None,
+                      model=msg.model, descriptor=descriptor,
+                      local_prefill_max_tokens=msg.local_prefill_max_tokens
+                      if msg.HasField("local_prefill_max_tokens") else None)
 
 
 def worker_to_proto(worker: Worker, lease_remaining_s: float) -> scheduler_pb2.WorkerInfo:
@@ -59,7 +50,7 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float) -> scheduler_pb2.W
                                       num_total_blocks=load.num_total_blocks),
         lease_remaining_seconds=lease_remaining_s)
     if spec.layout is not None:
-        info.layout.CopyFrom(layout_to_proto(spec.layout))
+        info.layout.CopyFrom(spec.layout.to_proto())
     if spec.descriptor is not None:
         info.descriptor.CopyFrom(spec.descriptor)
     return info
@@ -101,14 +92,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.DeregisterResponse(removed=removed)
 
     async def Route(self, request, context):
-        layout = layout_from_proto(request.layout) if request.layout.block_size > 0 else None
+        layout = KVLayout.from_proto(request.layout) if request.layout.block_size > 0 else None
         query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
                            request.cache_salt if request.HasField("cache_salt") else None)
+        hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
-            workers = self.registry.workers()
-            query = dataclasses.replace(query, cached_tokens=await self.cache_probe.cached_tokens(query, workers))
+            cached = await self.cache_probe.cached_tokens(query, self.registry.workers(), hashes)
+            query = dataclasses.replace(query, cached_tokens=cached)
         held = self.registry.kv_index.hit_tokens(self.registry.workers(Role.DECODE), query.prompt_token_ids,
-                                                 query.cache_salt or "")
+                                                 query.cache_salt or "", hashes)
         query = dataclasses.replace(query, decode_cached_tokens=held)
         start = time.perf_counter()
         try:
@@ -123,9 +115,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             "kvmesh.route.prefill": plan.prefill.worker_id, "kvmesh.route.decode": plan.decode.worker_id,
             "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,
             names.ATTR_DECODE_CACHED_TOKENS: plan.num_decode_cached_tokens})
+        chosen = plan.decode.spec.layout
         return scheduler_pb2.RouteResponse(prefill=self._info(plan.prefill), decode=self._info(plan.decode),
                                            num_cached_tokens=plan.num_cached_tokens, policy=plan.policy,
-                                           num_decode_cached_tokens=plan.num_decode_cached_tokens)
+                                           num_decode_cached_tokens=plan.num_decode_cached_tokens,
+                                           prompt_block_hashes=hashes.of(chosen), local_prefill=plan.local_prefill,
+                                           cache_probed=chosen in query.cached_tokens)
 
     async def ListWorkers(self, request, context):
         role = Role(request.role) if request.role in tuple(Role) else None

@@ -1,15 +1,9 @@
-"""Protobuf ↔ engine conversions of the engine workers: the KV layout, sampling params and logprobs."""
+"""Protobuf ↔ engine conversions of the engine workers: sampling params and logprobs (the KV layout converts
+itself: `kv_identity.KVLayout.to_proto`)."""
 
 from __future__ import annotations
 
 from kvmesh.v1 import common_pb2
-
-
-def layout_proto(layout) -> common_pb2.KVLayout:
-    """The engine's KVLayout as the protobuf message workers exchange."""
-    return common_pb2.KVLayout(model_id=layout.model_id, dtype=layout.dtype, block_size=layout.block_size,
-                               num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
-                               head_dim=layout.head_dim)
 
 
 def sampling_params(proto: common_pb2.SamplingParams):

@@ -22,7 +22,6 @@ from kvmesh.services.common import ids
 from kvmesh.services.common.registration import RegistrationClient, KVEventsFn, LoadFn, advertise_address
 from kvmesh.services.common.server import MeshServer
 from kvmesh.services.worker.config import WorkerConfig
-from kvmesh.services.worker.convert import layout_proto
 from kvmesh.services.worker.engine_thread import EngineThread
 from kvmesh.v1 import common_pb2, scheduler_pb2
 
@@ -60,9 +59,11 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
 
 def register(server: MeshServer, config: WorkerConfig, role: int, layout: common_pb2.KVLayout,
              descriptor: Callable[[], common_pb2.TransportDescriptor] | None, load: LoadFn,
-             kv_events: KVEventsFn | None = None) -> RegistrationClient | None:
+             kv_events: KVEventsFn | None = None,
+             local_prefill_max_tokens: int | None = None) -> RegistrationClient | None:
     """Register this worker with the scheduler and keep it registered while the server runs; kv_events(full)
-    gives the KV events each heartbeat carries (decode workers)."""
+    gives the KV events each heartbeat carries, local_prefill_max_tokens the tail it prefills itself (decode
+    workers)."""
     if not config.scheduler:
         return None
 
@@ -70,7 +71,8 @@ def register(server: MeshServer, config: WorkerConfig, role: int, layout: common
         return scheduler_pb2.RegisterRequest(
             role=role, address=advertise_address(config.host, server.port, config.advertise_host),
             host_id=ids.host_id(), instance_id=server.instance_id, transports=config.backends(),
-            layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id)
+            layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id,
+            local_prefill_max_tokens=local_prefill_max_tokens)
 
     client = RegistrationClient(config.scheduler, request, load, channels=server.channels, kv_events=kv_events)
     client.attach(server)
@@ -100,7 +102,7 @@ class WorkerKit:
 
     def run(self, worker, role: int, *, on_start: Callable[[], None] | None = None, on_stopped: Iterable[Hook] = (),
             descriptor: Callable[[], common_pb2.TransportDescriptor] | None = None,
-            kv_events: KVEventsFn | None = None) -> None:
+            kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None) -> None:
         """Run `worker` (it has `handoffs` and `load`) with the server: on_start() once bound, then the engine
         thread and the handoff table; at stop, after in-flight requests drained, the handoffs, the engine
         thread, then each of on_stopped in order. Registers with the scheduler as `role`."""
@@ -122,7 +124,8 @@ class WorkerKit:
 
         self.server.add_task(start)
         self.server.on_stopped(stop)
-        register(self.server, self.config, role, self.layout, descriptor, worker.load, kv_events)
+        register(self.server, self.config, role, self.layout, descriptor, worker.load, kv_events,
+                 local_prefill_max_tokens)
 
 
 async def setup_worker(config: WorkerConfig, server: MeshServer, *, name: str,
@@ -136,4 +139,4 @@ async def setup_worker(config: WorkerConfig, server: MeshServer, *, name: str,
     backends = config.backends()
     engine, region = await asyncio.to_thread(load_engine, config, backends, prefix_caching)
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name=f"{name}-engine")
-    return WorkerKit(config, server, engine_thread, region, layout_proto(engine.layout), backends)
+    return WorkerKit(config, server, engine_thread, region, engine.layout.to_proto(), backends)

@@ -148,7 +148,7 @@ def test_a_restarted_cache_serves_its_warm_ssd_tier_but_never_a_corrupt_block(ca
     # corrupt a block of the first prompt on disk, then ask for it
     mesh.cache.stop()
     first = [(i * 37 + 11) % 1000 + 3 for i in range(8 * BLOCK + 5)]
-    from kvmesh.services.cache.keys import full_block_hashes
+    from kvmesh.services.kv_identity import full_block_hashes
     from kvmesh.services.engine.engine import LLMEngine
     layout = LLMEngine.from_path(path, num_blocks=4).layout
     third = full_block_hashes(layout, first)[2].hex()

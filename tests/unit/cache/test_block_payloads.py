@@ -4,7 +4,7 @@ import."""
 import numpy as np
 
 from kvmesh.services.engine.engine import LLMEngine
-from kvmesh.services.cache.client import split_blocks
+from kvmesh.services.clients.cache import split_blocks
 
 
 def stack_blocks(layout, blocks: list[bytes]) -> np.ndarray:

@@ -8,13 +8,14 @@ import time
 import numpy as np
 
 from kvmesh.services.cache import main as cache_main
-from kvmesh.services.cache.client import CacheClient
+from kvmesh.services.clients.cache import CacheClient
 from kvmesh.services.cache.config import CacheConfig
-from kvmesh.services.cache.store import BlockStore, checksum
+from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.cache.tiers import DramTier
 from kvmesh.services.common.channels import ChannelCache
 from kvmesh.services.common.server import MeshServer
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from kvmesh.services.kv_identity import checksum
 
 LAYOUT = common_pb2.KVLayout(model_id="tiny", dtype="float32", block_size=16, num_layers=2, num_kv_heads=2,
                              head_dim=8)

@@ -4,9 +4,10 @@ import asyncio
 
 import pytest
 
-from kvmesh.services.cache.store import OFF_LOOP_BYTES, BlockStore, checksum
+from kvmesh.services.cache.store import OFF_LOOP_BYTES, BlockStore
 from kvmesh.services.cache.tiers import DramTier
 from kvmesh.services.common.errors import ChecksumError
+from kvmesh.services.kv_identity import checksum
 
 
 def test_a_large_block_is_invisible_while_its_checksum_is_computed():

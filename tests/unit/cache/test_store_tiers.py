@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmesh.services.cache.blockfile import HEADER_BYTES
-from kvmesh.services.cache.store import BlockStore, checksum
+from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.cache.tiers import DramTier, SsdTier
+from kvmesh.services.kv_identity import checksum
 
 LAYOUT = b"layout"
 HASHES = [hashlib.blake2b(bytes([i]), digest_size=16).digest() for i in range(12)]

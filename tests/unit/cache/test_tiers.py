@@ -7,6 +7,7 @@ import pytest
 from kvmesh.services.cache import blockfile
 from kvmesh.services.cache.tiers import TIERS, DramTier, SsdTier
 from kvmesh.services.common.errors import InvalidArgumentError
+from kvmesh.services.kv_identity import checksum
 
 L = bytes(16)
 
@@ -58,7 +59,7 @@ def test_ssd_tier_files_survive_a_restart_and_a_flipped_byte_is_detected(tmp_pat
     tier = SsdTier(10_000, tmp_path)
     for i in range(3):
         key = (L, bytes([i]) * 16)
-        assert tier.put(key, tier.stage(key, bytes([i]) * 100, blockfile.checksum(bytes([i]) * 100)), 100) == []
+        assert tier.put(key, tier.stage(key, bytes([i]) * 100, checksum(bytes([i]) * 100)), 100) == []
     again = SsdTier(10_000, tmp_path)
     assert again.recover() == 3 and again.num_bytes == 300
     assert again.read((L, bytes([1]) * 16)) == bytes([1]) * 100
@@ -73,7 +74,7 @@ def test_ssd_tier_files_survive_a_restart_and_a_flipped_byte_is_detected(tmp_pat
 def test_ssd_recovery_drops_torn_files_and_leftover_temporaries(tmp_path):
     tier = SsdTier(10_000, tmp_path)
     key = (L, b"k" * 16)
-    tier.put(key, tier.stage(key, b"z" * 100, blockfile.checksum(b"z" * 100)), 100)
+    tier.put(key, tier.stage(key, b"z" * 100, checksum(b"z" * 100)), 100)
     tier.stage((L, b"t" * 16), b"t" * 100, 0)  # an interrupted write: never renamed
     path = tier.path(key)
     path.write_bytes(path.read_bytes()[:-10])  # torn
@@ -86,7 +87,7 @@ def test_ssd_recovery_keeps_within_budget(tmp_path):
     tier = SsdTier(10_000, tmp_path)
     for i in range(5):
         key = (L, bytes([i]) * 16)
-        tier.put(key, tier.stage(key, b"x" * 100, blockfile.checksum(b"x" * 100)), 100)
+        tier.put(key, tier.stage(key, b"x" * 100, checksum(b"x" * 100)), 100)
     again = SsdTier(250, tmp_path)
     assert again.recover() == 2 and again.num_bytes == 200
     assert len(list(tmp_path.iterdir())) == 2

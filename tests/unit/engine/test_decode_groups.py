@@ -5,7 +5,8 @@ import torch
 from engine_helpers import prompts_of_lengths
 
 from kvmesh.services.engine.batch import Chunk, build_batch, group_by_length
-from kvmesh.services.engine.kv_cache import KVCache, KVLayout
+from kvmesh.services.engine.kv_cache import KVCache
+from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.engine.model import LlamaModel
 
 

@@ -10,6 +10,7 @@ from engine_helpers import prompts_of_lengths, run_all
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.engine import LLMEngine
 from kvmesh.services.engine.sampler import SamplingParams
+from kvmesh.services.kv_identity import full_block_hashes
 
 NUM_BLOCKS = 12
 
@@ -61,11 +62,11 @@ def test_the_reply_blocks_are_offered_by_hash_byte_for_byte(model_dir):
     tokens = finished(engine, prompt, 40)  # 77 tokens, 76 with KV: 4 full blocks
     cache = RecordingCache()
     hashes, data = offered(engine, tokens, 2, cache)
-    chain = engine.prefix_hashes(tokens[:64])
+    chain = full_block_hashes(engine.layout, tokens[:64])
     assert hashes == chain[2:4]
-    held = engine.prefix_cache.allocator.lookup(chain)
+    held = engine.lookup_blocks(chain)
     assert len(held) == 4 and data.shape[2] == 2
-    assert np.array_equal(data, engine.kv_cache.export_blocks(held[2:4]))
+    assert np.array_equal(data, engine.export_blocks(held[2:4]))
     assert offered(engine, tokens, 4, cache) is None  # nothing past the blocks already offered
     assert offered(engine, tokens, 0, None) is None  # no cache, nothing queued
 
@@ -74,11 +75,11 @@ def test_a_block_evicted_before_the_copy_ends_the_offer_there(model_dir):
     engine = LLMEngine.from_path(model_dir("llama"), num_blocks=NUM_BLOCKS, enable_prefix_caching=True)
     prompt = prompts_of_lengths([37], seed=6)[0]
     tokens = finished(engine, prompt, 40)
-    chain = engine.prefix_hashes(tokens[:64])
-    held = engine.prefix_cache.allocator.lookup(chain)
+    chain = full_block_hashes(engine.layout, tokens[:64])
+    held = engine.lookup_blocks(chain)
     engine.allocator.allocate(NUM_BLOCKS - 4 + 1)  # every free block, then the LRU tail: the reply's last block
-    assert engine.prefix_cache.allocator.lookup(chain) == held[:3]
+    assert engine.lookup_blocks(chain) == held[:3]
     hashes, data = offered(engine, tokens, 2, RecordingCache())
     assert data.shape[2] == 1  # the put pairs the leading hashes with the blocks that came: block 2 alone
-    assert np.array_equal(data, engine.kv_cache.export_blocks(held[2:3]))
+    assert np.array_equal(data, engine.export_blocks(held[2:3]))
     assert hashes[0] == chain[2]

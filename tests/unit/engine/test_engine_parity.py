@@ -6,7 +6,8 @@ from engine_helpers import FAMILIES, prompts_of_lengths, run_all
 
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.engine import LLMEngine
-from kvmesh.services.engine.kv_cache import KVCache, KVLayout
+from kvmesh.services.engine.kv_cache import KVCache
+from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.engine.model import LlamaModel
 from kvmesh.services.engine.sampler import SamplingParams
 

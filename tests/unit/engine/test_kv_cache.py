@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
-from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache, KVLayout, block_hashes
+from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache
+from kvmesh.services.kv_identity import KVLayout, block_hashes
 
 LAYOUT = KVLayout("m-abc", "bfloat16", 16, 3, 2, 8)
 

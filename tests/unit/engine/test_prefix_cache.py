@@ -7,13 +7,11 @@ from engine_helpers import FAMILIES, prompts_of_lengths, run_all
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvmesh.services.cache.keys import chain_salt as cache_chain_salt
-from kvmesh.services.cache.keys import prompt_hashes
 from kvmesh.services.engine.engine import LLMEngine
 from kvmesh.services.engine.errors import OutOfBlocksError
-from kvmesh.services.engine.hashing import chain_salt
 from kvmesh.services.engine.prefix_cache import PrefixCachingAllocator
 from kvmesh.services.engine.sampler import SamplingParams
+from kvmesh.services.kv_identity import chain_salt, layout_salt, prompt_hashes
 
 NUM_BLOCKS = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
@@ -137,10 +135,9 @@ def engine_path(model_dir):
 def test_the_engine_chain_is_the_cache_services_and_the_schedulers(engine_path):
     engine = LLMEngine.from_path(engine_path, num_blocks=8, enable_prefix_caching=True)
     lay = engine.layout
-    assert chain_salt(lay.model_id, lay.dtype, lay.block_size, "t") == cache_chain_salt(
-        lay.model_id, lay.dtype, lay.block_size, "t")
+    assert layout_salt(lay, "t") == chain_salt(lay.model_id, lay.dtype, lay.block_size, "t")
     ids = list(range(3, 3 + 50))
-    assert engine.prefix_hashes(ids[:48], "t") == prompt_hashes(lay, ids, "t")
+    assert engine.prefix_cache.prompt_hashes(ids, "t") == prompt_hashes(lay, ids, "t")
 
 
 def test_a_second_request_shares_the_prefix_and_computes_only_the_rest(engine_path):
@@ -265,7 +262,7 @@ def test_engine_blocks_all_return_and_shared_blocks_are_never_freed_early(engine
             reserved.pop(str(a), None)
             (engine.abort if op == "abort" else engine.release)(str(a))
         owners: dict[int, int] = {}
-        tables = [s.block_table for s in engine._seqs.values()] + [r.block_ids for r in engine._reserved.values()]
+        tables = [s.block_table for s in engine._seqs.values()] + [r.block_ids for r in engine.reservations.values()]
         for table in tables:
             for blk in table:
                 owners[blk] = owners.get(blk, 0) + 1

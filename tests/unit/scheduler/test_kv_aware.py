@@ -1,10 +1,11 @@
 """kv_aware routing: the pair with the least estimated TTFT, where cached prompt tokens cost far less than
 computed ones; and the cache keys equal the engine's chained block hashes."""
 
-from kvmesh.services.cache.keys import block_hashes, chain_salt, full_block_hashes, prompt_hashes
-from kvmesh.services.engine import kv_cache
+from kvmesh.services import kv_identity
+from kvmesh.services.kv_identity import KVLayout as Layout
+from kvmesh.services.kv_identity import block_hashes, chain_salt, full_block_hashes, prompt_hashes
 from kvmesh.services.scheduler.policies import POLICIES, RouteQuery, estimated_ttft, kv_aware
-from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, WorkerSpec
+from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
 from kvmesh.services.scheduler.router import route
 
 FP32 = Layout("tiny", "float32", 16, 2, 2, 8)
@@ -50,7 +51,7 @@ def test_estimated_ttft_falls_with_the_hit_length():
 def test_cache_keys_are_the_engines_chained_hashes_salted_by_layout_and_tenant():
     ids = list(range(100))
     salt = chain_salt("m", "float32", 16)
-    assert block_hashes(ids, 16, salt) == kv_cache.block_hashes(ids, 16, salt)
+    assert block_hashes(ids, 16, salt) == kv_identity.extend_block_hashes([], ids, 16, salt)
     assert len(prompt_hashes(FP32, ids[:33])) == 2 and len(prompt_hashes(FP32, ids[:32])) == 1
     assert full_block_hashes(FP32, ids[:32]) != full_block_hashes(BF16, ids[:32])
     assert full_block_hashes(FP32, ids[:32], "tenant-a") != full_block_hashes(FP32, ids[:32], "tenant-b")

@@ -3,14 +3,15 @@ routing on it: kv_aware prefers the decode worker holding the prompt's prefix; l
 
 import asyncio
 
-from kvmesh.services.cache.keys import prompt_hashes
+from kvmesh.services.kv_identity import prompt_hashes
 from kvmesh.services.common.registration import RegistrationClient
 from kvmesh.services.common.server import MeshServer
 from kvmesh.services.scheduler import main as scheduler_main
 from kvmesh.services.scheduler.config import SchedulerConfig
 from kvmesh.services.scheduler.kv_index import KVIndex
 from kvmesh.services.scheduler.policies import RouteQuery, kv_aware, least_loaded
-from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, WorkerSpec
+from kvmesh.services.kv_identity import KVLayout as Layout
+from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
 from kvmesh.services.scheduler.router import route
 from kvmesh.v1 import common_pb2, scheduler_pb2
 

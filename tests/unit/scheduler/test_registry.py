@@ -3,7 +3,8 @@
 import pytest
 
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
-from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, WorkerSpec
+from kvmesh.services.kv_identity import KVLayout as Layout
+from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
 
 LAYOUT = Layout("tiny", "float32", 16, 2, 2, 8)
 

@@ -4,7 +4,8 @@ import pytest
 
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, UnavailableError
 from kvmesh.services.scheduler.policies import POLICIES, RouteQuery, get_policy, least_loaded, load_score
-from kvmesh.services.scheduler.registry import Layout, Load, Registry, Role, WorkerSpec
+from kvmesh.services.kv_identity import KVLayout as Layout
+from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
 from kvmesh.services.scheduler.router import route
 
 FP32 = Layout("tiny", "float32", 16, 2, 2, 8)

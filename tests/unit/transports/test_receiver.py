@@ -4,7 +4,6 @@ import asyncio
 import time
 
 import grpc
-import numpy as np
 import pytest
 import xxhash
 

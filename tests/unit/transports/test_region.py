@@ -1,12 +1,9 @@
 """Region allocation, shm segment lifetime (close, crash, SIGTERM) and the host id."""
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from kvmesh.transports import allocate_region, host_id

@@ -15,9 +15,8 @@ from collections.abc import Awaitable, Callable
 import grpc
 import numpy as np
 
-from kvmesh.services.cache.blockfile import checksum
-from kvmesh.services.cache.servicer import block_bytes
 from kvmesh.services.common import metrics, telemetry
+from kvmesh.services.kv_identity import block_payload_bytes, checksum
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ class CacheClient:
             stub = await self._stub()
             if stub is None:
                 return out
-            nbytes = (block_bytes(self.layout) or 0) * len(block_hashes)
+            nbytes = (block_payload_bytes(self.layout) or 0) * len(block_hashes)
             call = stub.Get(cache_pb2.GetRequest(layout=self.layout, block_hashes=block_hashes),
                             timeout=self.timeout_s + nbytes / MIN_FETCH_BYTES_PER_S)
             async for block in call:
@@ -167,7 +166,7 @@ class CacheClient:
 
     def fetch_timeout(self, num_blocks: int) -> float:
         """A fetch's deadline: the base timeout plus its bytes at a pessimistic rate."""
-        return self.timeout_s + (block_bytes(self.layout) or 0) * num_blocks / MIN_FETCH_BYTES_PER_S
+        return self.timeout_s + (block_payload_bytes(self.layout) or 0) * num_blocks / MIN_FETCH_BYTES_PER_S
 
     # ---- offers: behind the request ----
 
