@@ -52,13 +52,10 @@ class DecodeWorker:
 
     # ---- load, for heartbeats and Stats ----
 
-    def _count(self, *states: HandoffState) -> int:
-        return sum(1 for r in self.handoffs._records.values() if r.state in states)
-
     def load(self) -> scheduler_pb2.WorkerLoad:
         load = scheduler_pb2.WorkerLoad(
-            num_waiting=self._count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
-            num_running=self._count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
+            num_waiting=self.handoffs.count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
+            num_running=self.handoffs.count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
             num_total_blocks=self.engine.kv_cache.num_blocks)
         metrics.observe_load(load)
         metrics.KV_BLOCKS_CACHED.set(self.engine.prefix_cache_stats()["cached_blocks"])

@@ -72,6 +72,10 @@ class HandoffTable:
     def __len__(self) -> int:
         return len(self._records)
 
+    def count(self, *states: HandoffState) -> int:
+        """How many open handoffs are in any of `states` (a worker's load: waiting for KV, decoding)."""
+        return sum(1 for record in self._records.values() if record.state in states)
+
     def get(self, request_id: str) -> Handoff | None:
         """The live record of a request, or None."""
         return self._records.get(request_id)
