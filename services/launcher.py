@@ -4,7 +4,9 @@ Children are started in dependency order (the scheduler; then the cache and the 
 together; then the gateway), each on 127.0.0.1 and each awaited until its grpc.health.v1 service says SERVING.
 Every child inherits the launcher's environment (so OTEL_* and KVMESH_TRACES_FILE reach them all) and gets its own
 `--metrics-port` (the gateway serves /metrics on its HTTP port); the addresses are printed as each one serves.
-On SIGINT/SIGTERM, or when any child dies, every child gets SIGTERM (reverse order; each flushes its spans), then
+A child that dies is restarted on the same address with backoff (`supervisor.Supervisor`, like systemd's
+Restart=on-failure), its shared-memory segments reclaimed at once, while every other child keeps serving; only
+SIGINT/SIGTERM to the launcher stops the mesh: every child gets SIGTERM (reverse order; each flushes its spans), then
 SIGKILL after a grace period. Children also get PR_SET_PDEATHSIG, so a launcher killed outright leaves no orphan
 behind.
 """
@@ -22,6 +24,9 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvmesh.services.common import config as knobs
+from kvmesh.services.supervisor import RestartConfig, Supervisor
 
 PR_SET_PDEATHSIG = 1
 
@@ -101,9 +106,11 @@ def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
 class Mesh:
     """The processes of one mesh, started in order and stopped together."""
 
-    def __init__(self, children: list[Child], start_timeout_s: float = 180.0):
+    def __init__(self, children: list[Child], start_timeout_s: float = 180.0,
+                 restart: RestartConfig | None = None):
         self.children = children
         self.start_timeout_s = start_timeout_s
+        self.restart = restart or RestartConfig()
         self.signalled: int | None = None
 
     def catch_signals(self) -> None:
@@ -132,13 +139,15 @@ class Mesh:
             raise
 
     def watch(self) -> int:
-        """Sleep until a signal or a child's death; stop everything; return the exit status."""
+        """Restart children that die (see `supervisor`) until a signal; stop everything; return the exit status
+        (0 after a signal, 1 when every child is gone for good)."""
+        supervisor = Supervisor(self.children, self.restart,
+                                await_serving=lambda child: wait_serving(child, self.start_timeout_s))
         try:
             while self.signalled is None:
-                dead = [c for c in self.children if not c.alive()]
-                if dead:
-                    print(f"kvmesh up: {dead[0].name} exited with status {dead[0].process.returncode}; "
-                          "stopping the mesh", file=sys.stderr, flush=True)
+                supervisor.tick()
+                if supervisor.running() == 0:
+                    print("kvmesh up: no child left to run; stopping", file=sys.stderr, flush=True)
                     return 1
                 time.sleep(0.2)
             return 0
@@ -146,6 +155,7 @@ class Mesh:
             stop_all(self.children)
 
     def stop(self) -> None:
+        """Stop every child now."""
         stop_all(self.children)
 
 
@@ -217,6 +227,7 @@ def add_arguments(parser) -> None:
                                                                           "default)")
     parser.add_argument("--once", metavar="PROMPT", help="send this prompt, print the streamed answer, stop")
     parser.add_argument("--max-tokens", type=int, default=32, help="with --once: tokens to generate")
+    knobs.add_arguments(parser, RestartConfig, "up")
 
 
 def run(args) -> int:
@@ -228,7 +239,12 @@ def run(args) -> int:
     if args.prefill < 1 or args.decode < 1:
         print("kvmesh up: --prefill and --decode need at least 1 worker each", file=sys.stderr)
         return 2
-    mesh = Mesh(plan(args))
+    try:
+        restart = knobs.from_args(RestartConfig, "up", args)
+    except knobs.ConfigError as e:
+        print(f"kvmesh up: {e}", file=sys.stderr)
+        return 2
+    mesh = Mesh(plan(args), restart=restart)
     mesh.catch_signals()
     try:
         mesh.start()
