@@ -56,6 +56,13 @@ def test_every_role_has_a_grpc_health_check_and_otel_pointing_at_jaeger(services
         assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317", role
 
 
+def test_every_kvmesh_service_restarts_on_failure_as_kvmesh_up_does(services):
+    from kvmesh.services.supervisor import RestartConfig
+
+    for role in [*ROLES, "ipc"]:
+        assert services[role]["restart"] == "on-failure" == RestartConfig().restart, role
+
+
 def test_only_gateway_and_jaeger_publish_ports(services):
     assert services["gateway"]["ports"] == ["50051:50051", "8000:8000"]
     assert services["jaeger"]["ports"] == ["16686:16686"]

@@ -62,6 +62,17 @@ def test_unit_is_notify_watchdog_restart_hardened(role):
     assert unit["WantedBy"] == ["kvmesh.target"] and unit["PartOf"] == ["kvmesh.target"]
 
 
+@pytest.mark.parametrize("role", ROLES)
+def test_unit_restarts_and_gives_up_as_kvmesh_up_does(role):
+    from kvmesh.services.supervisor import RestartConfig
+
+    unit, launcher = _settings(SYSTEMD / f"kvmesh-{role}@.service"), RestartConfig()
+    assert unit["Restart"] == ["on-failure"] == [launcher.restart]
+    assert float(unit["RestartSec"][0]) > 0
+    assert unit["StartLimitBurst"] == [str(launcher.restart_limit)]
+    assert float(unit["StartLimitIntervalSec"][0]) == launcher.restart_window_s
+
+
 def test_cache_keeps_its_ssd_tier_in_the_state_directory():
     unit = _settings(SYSTEMD / "kvmesh-cache@.service")
     assert unit["StateDirectory"] == ["kvmesh/cache-%i"]
