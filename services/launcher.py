@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from kvmesh.services.common import config as knobs
 from kvmesh.services.supervisor import RestartConfig, Supervisor
 
@@ -38,11 +37,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+try:  # resolved now: between fork and exec the child must not dlopen (another thread may hold its lock)
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -61,7 +64,9 @@ class Child:
     def start(self) -> None:
         # the child inherits this environment, so OTEL_* and KVMESH_TRACES_FILE reach every service
         cmd = [sys.executable, "-m", "kvmesh.services.cli", *self.argv]
-        self.process = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
+        # PR_SET_PDEATHSIG follows the forking *thread*: children are started (and restarted) by the main thread only
+        self.process = subprocess.Popen(cmd, env={**os.environ, **self.env},
+                                        preexec_fn=_die_with_parent)  # noqa: PLW1509 — no lock is taken in it
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -213,7 +218,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decode", type=int, default=1, help="decode workers")
     parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
-    from kvmesh.transports import registered_backends  # the registry is the one list of backends
+    from kvmesh.transports import (
+        registered_backends,  # the registry is the one list of backends
+    )
 
     backends = ", ".join(registered_backends())
     parser.add_argument("--transport", default="auto", help=f"force a KV transport ({backends}); auto negotiates "

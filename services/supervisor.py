@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from kvmesh.services.common.config import check, knob
 
@@ -107,7 +108,9 @@ class Supervised(Protocol):
 
 
 def _reclaim_segments() -> list[str]:
-    from kvmesh.transports import reclaim_stale  # the registry knows what each backend leaves behind
+    from kvmesh.transports import (
+        reclaim_stale,  # the registry knows what each backend leaves behind
+    )
 
     return reclaim_stale()
 

@@ -11,10 +11,15 @@ import threading
 import time
 
 import grpc
-
-from mesh import free_port
 from kvmesh.transports.shm import list_segments
-from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
+from mesh import free_port
 
 SERVING = re.compile(r"kvmesh up: (\S+)\s+serving on ([^\s,]+)")
 START_TIMEOUT_S = 240.0

@@ -4,9 +4,14 @@ import signal
 from types import SimpleNamespace
 
 import pytest
-
 from kvmesh.services.common.config import ConfigError, from_args
-from kvmesh.services.supervisor import RestartBackoff, RestartConfig, Supervisor, describe_exit, wants_restart
+from kvmesh.services.supervisor import (
+    RestartBackoff,
+    RestartConfig,
+    Supervisor,
+    describe_exit,
+    wants_restart,
+)
 
 CONFIG = RestartConfig(restart_delay_s=0.5, restart_max_delay_s=4.0, restart_reset_s=30.0, restart_limit=5,
                        restart_window_s=60.0)
