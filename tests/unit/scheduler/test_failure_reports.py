@@ -114,3 +114,18 @@ def test_a_reregistered_worker_starts_with_a_closed_breaker_and_routed_counts_sh
         assert (await breaker_of(stub, new)).num_routed_since_heartbeat == 1
 
     run_with_scheduler(body, breaker_cooldown_s=30)
+
+
+def test_unreachable_tells_a_dead_peer_from_a_peer_that_answers_unavailable():
+    from kvmesh.services.common.errors import unreachable
+
+    async def body(stub, address):
+        with pytest.raises(grpc.aio.AioRpcError) as answered:  # no workers: the scheduler itself says UNAVAILABLE
+            await stub.Route(scheduler_pb2.RouteRequest(prompt_token_ids=[1]), timeout=2)
+        assert answered.value.code() == grpc.StatusCode.UNAVAILABLE and not unreachable(answered.value)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{closed_port()}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await scheduler_pb2_grpc.SchedulerStub(channel).Route(scheduler_pb2.RouteRequest(), timeout=2)
+        assert unreachable(refused.value)
+
+    run_with_scheduler(body)
