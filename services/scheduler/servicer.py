@@ -52,7 +52,8 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerSt
                                       num_free_blocks=load.num_free_blocks,
                                       num_total_blocks=load.num_total_blocks),
         lease_remaining_seconds=lease_remaining_s, breaker_state=int(breaker),
-        num_routed_since_heartbeat=worker.num_routed, num_breaker_opened=worker.breaker.num_opened)
+        num_routed_since_heartbeat=worker.num_routed, num_breaker_opened=worker.breaker.num_opened,
+        num_breaker_failures=worker.breaker.num_failures)
     if spec.layout is not None:
         info.layout.CopyFrom(spec.layout.to_proto())
     if spec.descriptor is not None:

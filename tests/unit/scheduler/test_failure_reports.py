@@ -58,6 +58,15 @@ async def wait_for_state(stub, worker_id, state, timeout_s=5.0):
         await asyncio.sleep(0.02)
 
 
+async def wait_for_failures(stub, worker_id, num_failures, timeout_s=5.0):
+    """Poll ListWorkers until the worker's breaker has counted num_failures consecutive failures."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while (await breaker_of(stub, worker_id)).num_breaker_failures != num_failures:
+        assert loop.time() < deadline, f"breaker of {worker_id} never counted {num_failures} failures"
+        await asyncio.sleep(0.02)
+
+
 def test_one_report_about_a_dead_worker_takes_it_out_of_routing():
     async def body(stub, address):
         dead = await register(stub, DECODE, f"127.0.0.1:{closed_port()}")
@@ -79,10 +88,11 @@ def test_one_report_about_a_dead_worker_takes_it_out_of_routing():
 def test_one_report_about_a_live_worker_opens_nothing():
     async def body(stub, address):
         alive = await register(stub, DECODE, address)
-        await stub.ReportFailure(scheduler_pb2.ReportFailureRequest(address=address, role=DECODE), timeout=2)
-        await asyncio.sleep(0.3)  # let the health check answer SERVING
-        await stub.ReportFailure(scheduler_pb2.ReportFailureRequest(worker_id=alive), timeout=2)
-        await asyncio.sleep(0.3)
+        for report in (scheduler_pb2.ReportFailureRequest(address=address, role=DECODE),
+                       scheduler_pb2.ReportFailureRequest(worker_id=alive)):
+            reply = await stub.ReportFailure(report, timeout=2)
+            assert reply.counted and reply.breaker_state == CLOSED
+            await wait_for_failures(stub, alive, 0)  # the health check answered SERVING: the run ended
         info = await breaker_of(stub, alive)
         assert info.breaker_state == CLOSED and info.num_breaker_opened == 0
 
