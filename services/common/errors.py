@@ -108,12 +108,25 @@ def describe(exc: BaseException) -> str:
     return text if text else type(exc).__name__
 
 
+#: Trailing metadata key every status a kvmesh handler ends an RPC with carries: a status without it came from
+#: the connection (refused, reset, the peer died mid-call), not from the peer's own answer.
+ANSWERED_KEY = "kvmesh-answered"
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the RPC with the status `exc` stands for (raises grpc.aio.AbortError, as context.abort does)."""
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
-    await context.abort(code, describe(exc))
+    await context.abort(code, describe(exc), trailing_metadata=((ANSWERED_KEY, "1"),))
+
+
+def unreachable(e: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call never reached a working peer: UNAVAILABLE that the peer's handler did not send itself
+    (a decode worker answering "my prefill worker failed" is reachable; a refused or reset connection is not)."""
+    if e.code() is not grpc.StatusCode.UNAVAILABLE:
+        return False
+    return not any(key == ANSWERED_KEY for key, _ in (e.trailing_metadata() or ()))
 
 
 def _wrap_unary(fn):

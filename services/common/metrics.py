@@ -118,6 +118,17 @@ ROUTE_REJECTIONS = Counter(
     "Requests the scheduler rejected, by reason (e.g. no_workers, overloaded, too_long).",
     ["reason"], registry=REGISTRY)
 
+WORKER_BREAKERS = Gauge(
+    "kvmesh:scheduler_worker_breakers",
+    "Live workers by the state of their circuit breaker at the scheduler (closed, open, half_open); an open "
+    "breaker takes its worker out of routing.",
+    ["state"], registry=REGISTRY)
+WORKER_FAILURE_REPORTS = Counter(
+    "kvmesh:scheduler_failure_reports_total",
+    "Failed calls to a worker reported to the scheduler (feeding its breaker), by the worker's role and the "
+    "call's gRPC status.",
+    ["role", "code"], registry=REGISTRY)
+
 REQUEST_QUEUE_TIME = Histogram(
     "kvmesh:request_queue_time_seconds",
     "Time a request waited on a worker before its work started; stage is decode (waiting for KV blocks) or "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from kvmesh.services.clients.cache import worker_cache_client
+from kvmesh.services.clients.scheduler import FailureReporter
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.decode.config import DecodeConfig
@@ -28,8 +29,9 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     kit = await setup_worker(config, server, name="decode", prefix_caching=config.prefix_caching)
     receiver = Receiver(kit.region, kit.layout, backends=kit.backends, observer=report)
     cache = worker_cache_client(config, server.channels, kit.layout) if config.cache_decode_kv else None
+    reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "decode")
     worker = DecodeWorker(kit.engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
-                          config.local_prefill_max_tokens, config.kv_events_max_hashes, cache)
+                          config.local_prefill_max_tokens, config.kv_events_max_hashes, cache, reporter)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 
@@ -38,6 +40,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         return receiver.descriptor()
 
     async def close_transports() -> None:
+        await reporter.close()
         receiver.close()
         if cache is not None:
             await cache.close()

@@ -40,8 +40,9 @@ class DecodeWorker:
     """Requests in flight on this decode worker."""
 
     def __init__(self, engine_thread, receiver, channels, lease_s: float, queue_timeout_s: float = 30.0,
-                 local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096, cache=None):
+                 local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096, cache=None, reporter=None):
         self.et, self.engine = engine_thread, engine_thread.engine
+        self.reporter = reporter  # a FailureReporter: tells the scheduler of prefill workers it cannot reach
         self.cache = cache  # a CacheClient to offer decoded blocks to (--cache-decode-kv), or None
         self.receiver, self.channels = receiver, channels
         self.handoffs = HandoffTable(lease_s)
@@ -150,6 +151,9 @@ class DecodeWorker:
                     task.result()  # the first failure, if any, raises here
                 reply, stats = await prefill, await landed
         except grpc.aio.AioRpcError as e:
+            if self.reporter is not None and errors.unreachable(e):
+                self.reporter.report(request.prefill.worker_id, request.prefill.address,
+                                     scheduler_pb2.WORKER_ROLE_PREFILL, e)
             raise _peer_error(request.prefill.address, e) from None
         except TransportError as e:
             raise _transfer_error(e, request.prefill.address) from None

@@ -20,7 +20,7 @@ import grpc
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.channels import ChannelCache
-from kvmesh.services.common.errors import InvalidArgumentError, MeshError, describe, status_for
+from kvmesh.services.common.errors import InvalidArgumentError, MeshError, describe, status_for, unreachable
 from kvmesh.services.gateway.observe import RequestObserver
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -92,8 +92,9 @@ class Gateway:
     """Routes requests through the scheduler to a decode worker and relays its stream."""
 
     def __init__(self, card: ModelCard, scheduler_address: str, channels: ChannelCache,
-                 route_timeout_s: float = 5.0, request_timeout_s: float = 600.0):
+                 route_timeout_s: float = 5.0, request_timeout_s: float = 600.0, reporter=None):
         self.card = card
+        self.reporter = reporter  # a FailureReporter: tells the scheduler of decode workers it cannot reach
         self.scheduler_address = scheduler_address
         self.channels = channels
         self.route_timeout_s = route_timeout_s
@@ -156,6 +157,9 @@ class Gateway:
             async for response in stream:
                 yield response
         except grpc.aio.AioRpcError as e:
+            if self.reporter is not None and unreachable(e):
+                self.reporter.report(route.decode.worker_id, route.decode.address,
+                                     scheduler_pb2.WORKER_ROLE_DECODE, e)
             raise MeshError.with_status(e.code(), e.details() or str(e.code())) from e
         finally:
             stream.cancel()

@@ -9,6 +9,7 @@ import socket
 
 import grpc
 
+from kvmesh.services.clients.scheduler import FailureReporter
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.server import BindError, MeshServer, Service, serve
 from kvmesh.services.gateway.config import GatewayConfig
@@ -70,7 +71,10 @@ def setup(config: GatewayConfig, server: MeshServer) -> None:
     tokenizer = AsyncTokenizer(AutoTokenizer.from_pretrained(config.model))
     server.on_stopped(tokenizer.close)
     card = ModelCard.from_path(config.model, config.served_model_name or None)
-    gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s)
+    reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "gateway")
+    server.on_stopped(reporter.close)
+    gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s,
+                      reporter)
     server.add_service(Service.of(gateway_pb2, gateway_pb2_grpc, GatewayServicer(gateway, tokenizer)))
     if config.http_port < 0:
         return

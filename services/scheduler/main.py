@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from functools import partial
 
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.server import MeshServer, Service, serve
+from kvmesh.services.scheduler.breaker import Breaker
 from kvmesh.services.scheduler.cache_probe import CacheProbe
 from kvmesh.services.scheduler.config import SchedulerConfig
 from kvmesh.services.scheduler.policies import get_policy
+from kvmesh.services.scheduler.health_probe import HealthProber
 from kvmesh.services.scheduler.registry import Registry
-from kvmesh.services.scheduler.servicer import SchedulerServicer
+from kvmesh.services.scheduler.servicer import SchedulerServicer, observe_breakers
 from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -24,25 +27,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def expire_leases(registry: Registry, interval_s: float) -> None:
-    """Drop lapsed workers every interval_s, forever (cancelled at stop)."""
+    """Drop lapsed workers every interval_s and refresh the breaker gauge, forever (cancelled at stop)."""
     while True:
         await asyncio.sleep(interval_s)
         for worker in registry.expire():
             log.warning("lease lapsed: dropped %s at %s", worker.worker_id, worker.spec.address)
+        observe_breakers(registry)
 
 
 def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
     """Host the Scheduler service and its expiry task on server; return the servicer."""
-    registry = Registry(config.lease_s)
+    registry = Registry(config.lease_s, breaker=partial(
+        Breaker, config.breaker_failures, config.breaker_cooldown_s, config.breaker_probe_window_s))
     probe = CacheProbe() if config.cache_probe else None
-    servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.max_queue, probe)
+    prober = HealthProber(registry, config.health_check_timeout_s)
+    servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.max_queue, probe,
+                                 prober)
     server.add_service(Service.of(scheduler_pb2, scheduler_pb2_grpc, servicer))
     interval = min(1.0, config.lease_s / 4)
 
     async def expiry(_server: MeshServer) -> None:
         await expire_leases(registry, interval)
 
+    async def recheck(_server: MeshServer) -> None:
+        await prober.watch_open(min(0.25, config.breaker_cooldown_s / 4))
+
     server.add_task(expiry)
+    server.add_task(recheck)
+    server.on_stop(prober.close)
     if probe is not None:
         server.on_stop(probe.close)
     return servicer

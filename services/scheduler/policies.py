@@ -56,12 +56,13 @@ Policy = Callable[[RouteQuery, Sequence[Candidates]], RoutePlan]
 
 
 def load_score(worker: Worker) -> float:
-    """How busy a worker is: queued plus running requests, plus the used fraction of its KV pool."""
+    """How busy a worker is: queued plus running requests as of its last heartbeat, plus the requests routed to
+    it since, plus the used fraction of its KV pool."""
     load = worker.load
     used = 0.0
     if load.num_total_blocks > 0:
         used = 1.0 - load.num_free_blocks / load.num_total_blocks
-    return load.num_waiting + load.num_running + used
+    return load.num_waiting + load.num_running + worker.num_routed + used
 
 
 def least_loaded(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
@@ -104,12 +105,14 @@ def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker, decode:
     n = len(query.prompt_token_ids)
     held = query.decode_cached_tokens.get(decode.worker_id, 0)
     hit = query.cached_tokens.get(layout, 0)
-    wait = decode.load.num_waiting * QUEUED_DECODE_S
+    wait = (decode.load.num_waiting + decode.num_routed) * QUEUED_DECODE_S
     if decode.load.num_total_blocks and decode.load.num_free_blocks * layout.block_size < n:
         wait += QUEUED_PREFILL_S
     if decode_prefills(n, held, decode):
         return wait + (n - held) / PREFILL_TOKENS_PER_S
-    wait += (prefill.load.num_waiting + prefill.load.num_running) * QUEUED_PREFILL_S
+    # routed since the heartbeat: queued behind those prompts too, in proportion to their length
+    wait += ((prefill.load.num_waiting + prefill.load.num_running + prefill.num_routed) * QUEUED_PREFILL_S
+             + prefill.num_routed_tokens / PREFILL_TOKENS_PER_S)
     return wait + (n - hit) / PREFILL_TOKENS_PER_S + hit / FETCH_TOKENS_PER_S + (n - held) / TRANSFER_TOKENS_PER_S
 
 

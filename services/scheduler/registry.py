@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
 from kvmesh.services.common.ids import new_id
 from kvmesh.services.kv_identity import KVLayout
+from kvmesh.services.scheduler.breaker import Breaker
 from kvmesh.services.scheduler.kv_index import KVIndex
 
 
@@ -66,20 +67,28 @@ class WorkerSpec:
 
 @dataclass
 class Worker:
-    """A registered worker: its spec, its load and when its lease lapses (monotonic seconds)."""
+    """A registered worker: its spec, its load and when its lease lapses (monotonic seconds), what was routed to
+    it since its last heartbeat, and its circuit breaker."""
 
     worker_id: str
     spec: WorkerSpec
     load: Load = field(default_factory=Load)
     expires_at: float = 0.0
+    # Requests (and their prompt tokens) routed here since the last heartbeat: load the heartbeat cannot show
+    # yet, so a burst between two heartbeats spreads instead of landing on whichever worker last looked idle.
+    num_routed: int = 0
+    num_routed_tokens: int = 0
+    breaker: Breaker = field(default_factory=Breaker)
 
 
 class Registry:
     """Live workers by id. Every method is synchronous and quick: call it from the event loop only."""
 
-    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic,
+                 breaker: Callable[[], Breaker] = Breaker) -> None:
         self.lease_s = lease_s
         self._clock = clock
+        self._new_breaker = breaker  # makes each worker's breaker (its thresholds come from the config)
         self._workers: dict[str, Worker] = {}
         self.kv_index = KVIndex()  # what each decode worker's prefix cache holds; entries leave with the worker
 
@@ -92,7 +101,7 @@ class Registry:
             self.kv_index.drop(old.worker_id)
         # Random ids: after a scheduler restart no old worker's heartbeat can renew a new worker's lease.
         worker_id = new_id(spec.role.name.lower())
-        worker = Worker(worker_id, spec, load or Load(), self._clock() + self.lease_s)
+        worker = Worker(worker_id, spec, load or Load(), self._clock() + self.lease_s, breaker=self._new_breaker())
         self._workers[worker_id] = worker
         return worker
 
@@ -101,7 +110,39 @@ class Registry:
         worker = self._live(worker_id)
         worker.load = load
         worker.expires_at = self._clock() + self.lease_s
+        worker.num_routed = worker.num_routed_tokens = 0  # the heartbeat's load now counts them
         return worker
+
+    def routed(self, worker: Worker, num_tokens: int) -> None:
+        """A route sent a request of num_tokens prompt tokens to worker (counted until its next heartbeat)."""
+        worker.num_routed += 1
+        worker.num_routed_tokens += num_tokens
+        worker.breaker.routed(self._clock())
+
+    def routable(self, role: Role | None = None) -> list[Worker]:
+        """Live workers whose breaker lets a route through now, optionally of one role."""
+        now = self._clock()
+        return [w for w in self.workers(role) if w.breaker.routable(now)]
+
+    def find(self, worker_id: str, address: str = "", role: Role | None = None) -> Worker | None:
+        """The live worker with this id; without an id, the one at address (of role, when given). None when there
+        is none: a report about an earlier incarnation must not count against the worker that replaced it."""
+        live = self.workers(role)
+        if worker_id:
+            return next((w for w in live if w.worker_id == worker_id), None)
+        return next((w for w in live if address and w.spec.address == address), None)
+
+    def record_failure(self, worker: Worker) -> None:
+        """A call to worker (or a health check of it) failed: feed its breaker."""
+        worker.breaker.record_failure(self._clock())
+
+    def record_healthy(self, worker: Worker) -> None:
+        """A health check of worker answered SERVING: feed its breaker (ends a run of failures while closed)."""
+        worker.breaker.record_healthy()
+
+    def breaker_state(self, worker: Worker):
+        """The worker's breaker state now (a BreakerState)."""
+        return worker.breaker.current(self._clock())
 
     def deregister(self, worker_id: str) -> bool:
         """Remove a worker; False when it was not registered."""

@@ -6,12 +6,14 @@ import dataclasses
 import logging
 import time
 
+import grpc
 from opentelemetry import trace
 
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import metrics
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, MeshError, UnavailableError
 from kvmesh.services.scheduler import router
+from kvmesh.services.scheduler.breaker import BreakerState
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
 from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
@@ -39,8 +41,9 @@ def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
                       if msg.HasField("local_prefill_max_tokens") else None)
 
 
-def worker_to_proto(worker: Worker, lease_remaining_s: float) -> scheduler_pb2.WorkerInfo:
-    """The WorkerInfo message of a registered worker."""
+def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerState = BreakerState.CLOSED
+                    ) -> scheduler_pb2.WorkerInfo:
+    """The WorkerInfo message of a registered worker whose breaker is in state `breaker`."""
     spec, load = worker.spec, worker.load
     info = scheduler_pb2.WorkerInfo(
         worker_id=worker.worker_id, role=int(spec.role), address=spec.address, host_id=spec.host_id,
@@ -48,7 +51,9 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float) -> scheduler_pb2.W
         load=scheduler_pb2.WorkerLoad(num_waiting=load.num_waiting, num_running=load.num_running,
                                       num_free_blocks=load.num_free_blocks,
                                       num_total_blocks=load.num_total_blocks),
-        lease_remaining_seconds=lease_remaining_s)
+        lease_remaining_seconds=lease_remaining_s, breaker_state=int(breaker),
+        num_routed_since_heartbeat=worker.num_routed, num_breaker_opened=worker.breaker.num_opened,
+        num_breaker_failures=worker.breaker.num_failures)
     if spec.layout is not None:
         info.layout.CopyFrom(spec.layout.to_proto())
     if spec.descriptor is not None:
@@ -60,15 +65,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     """Serves kvmesh.v1.Scheduler over a Registry and a routing policy."""
 
     def __init__(self, registry: Registry, policy: Policy, policy_name: str, max_queue: int,
-                 cache_probe=None) -> None:
+                 cache_probe=None, health_prober=None) -> None:
         self.registry = registry
+        self.health_prober = health_prober  # a HealthProber: verifies reported failures
         self.cache_probe = cache_probe  # a CacheProbe: how much of each prompt the cache holds
         self.policy = policy
         self.policy_name = policy_name
         self.max_queue = max_queue
 
     def _info(self, worker: Worker) -> scheduler_pb2.WorkerInfo:
-        return worker_to_proto(worker, self.registry.lease_remaining(worker))
+        return worker_to_proto(worker, self.registry.lease_remaining(worker), self.registry.breaker_state(worker))
 
     async def Register(self, request, context):
         worker = self.registry.register(spec_from_proto(request), load_from_proto(request.load))
@@ -104,13 +110,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         query = dataclasses.replace(query, decode_cached_tokens=held)
         start = time.perf_counter()
         try:
-            plan = router.route(query, self.registry.workers(), self.policy, self.max_queue)
+            plan = router.route(query, self.registry.routable(), self.policy, self.max_queue)
         except MeshError as e:
             metrics.ROUTE_REJECTIONS.labels(reason=_rejection_reason(e)).inc()
             raise
         finally:
             metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
         metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
+        self.registry.routed(plan.decode, len(query.prompt_token_ids))
+        if not plan.local_prefill:
+            self.registry.routed(plan.prefill, len(query.prompt_token_ids))
         trace.get_current_span().set_attributes({
             "kvmesh.route.prefill": plan.prefill.worker_id, "kvmesh.route.decode": plan.decode.worker_id,
             "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,
@@ -125,6 +134,42 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def ListWorkers(self, request, context):
         role = Role(request.role) if request.role in tuple(Role) else None
         return scheduler_pb2.ListWorkersResponse(workers=[self._info(w) for w in self.registry.workers(role)])
+
+
+    async def ReportFailure(self, request, context):
+        if not request.worker_id and not request.address:
+            raise InvalidArgumentError("ReportFailure needs the failed worker's worker_id or address")
+        role = Role(request.role) if request.role in tuple(Role) else None
+        worker = self.registry.find(request.worker_id, request.address, role)
+        code = _code_name(request.code)
+        if worker is None:  # lapsed, or an earlier incarnation at a re-registered address: nothing to count
+            return scheduler_pb2.ReportFailureResponse(counted=False)
+        metrics.WORKER_FAILURE_REPORTS.labels(role=worker.spec.role.name.lower(), code=code).inc()
+        before = self.registry.breaker_state(worker)
+        self.registry.record_failure(worker)
+        state = self.registry.breaker_state(worker)
+        log.log(logging.WARNING if state is not before else logging.INFO,
+                "%s reports %s at %s failed (%s: %s): breaker %s", request.reporter or "a peer", worker.worker_id,
+                worker.spec.address, code, request.message, state.name.lower())
+        if self.health_prober is not None:
+            self.health_prober.check_soon(worker)  # a dead worker fails it too, and is out of routing at once
+        observe_breakers(self.registry)
+        return scheduler_pb2.ReportFailureResponse(counted=True, breaker_state=int(state))
+
+
+def observe_breakers(registry: Registry) -> None:
+    """Set the breaker gauge: how many live workers' breakers are in each state."""
+    counts = {state: 0 for state in BreakerState}
+    for worker in registry.workers():
+        counts[registry.breaker_state(worker)] += 1
+    for state, count in counts.items():
+        metrics.WORKER_BREAKERS.labels(state=state.name.lower()).set(count)
+
+
+def _code_name(code: int) -> str:
+    """The name of a gRPC status number ("unknown" for one out of range)."""
+    named = {c.value[0]: c.name for c in grpc.StatusCode}
+    return named.get(code, "UNKNOWN")
 
 
 def _rejection_reason(error: MeshError) -> str:

@@ -60,6 +60,11 @@ class SchedulerStub:
                 request_serializer=kvmesh_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/kvmesh.v1.Scheduler/ReportFailure',
+                request_serializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -105,6 +110,16 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFailure(self, request, context):
+        """A call to a worker failed (the gateway's to a decode worker, a decode worker's to a prefill worker): feeds
+        that worker's circuit breaker, which takes it out of routing after consecutive failures. Best effort for the
+        caller: a report about an unknown worker (or an earlier incarnation of it) is ignored, never an error.
+        INVALID_ARGUMENT when neither worker_id nor address is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +147,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.ListWorkersRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_scheduler__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +290,33 @@ class Scheduler:
             '/kvmesh.v1.Scheduler/ListWorkers',
             kvmesh_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
             kvmesh_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Scheduler/ReportFailure',
+            kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureRequest.SerializeToString,
+            kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

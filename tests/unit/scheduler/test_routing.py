@@ -96,3 +96,43 @@ def test_policy_registry():
     assert get_policy("least_loaded") is least_loaded and list(POLICIES) == ["least_loaded", "kv_aware"]
     with pytest.raises(KeyError, match="known"):
         get_policy("random")
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_a_burst_between_heartbeats_spreads_evenly_over_two_workers(policy):
+    registry = Registry(lease_s=10)
+    decodes = [add(registry, Role.DECODE, port, FP32) for port in (1, 2)]
+    prefills = [add(registry, Role.PREFILL, port, FP32) for port in (3, 4)]
+    query = RouteQuery("r", tuple(range(40)))
+    chosen = []
+    for _ in range(8):  # no heartbeat in between: only what the scheduler routed tells the workers apart
+        plan = route(query, registry.workers(), get_policy(policy), max_queue=64)
+        registry.routed(plan.decode, len(query.prompt_token_ids))
+        registry.routed(plan.prefill, len(query.prompt_token_ids))
+        chosen.append((plan.decode.worker_id, plan.prefill.worker_id))
+    for workers, column in ((decodes, 0), (prefills, 1)):
+        assert sorted(sum(c[column] == w.worker_id for c in chosen) for w in workers) == [4, 4]
+    assert decodes[0].num_routed == 4 and decodes[0].num_routed_tokens == 160
+
+
+def test_a_heartbeat_replaces_the_routed_count_with_the_reported_load():
+    registry = Registry(lease_s=10)
+    worker = add(registry, Role.DECODE, 1, FP32)
+    registry.routed(worker, 10)
+    assert load_score(worker) == 1
+    registry.heartbeat(worker.worker_id, Load(num_running=1))
+    assert (worker.num_routed, worker.num_routed_tokens, load_score(worker)) == (0, 0, 1)
+
+
+def test_an_open_breaker_takes_its_worker_out_of_routing():
+    now = [0.0]
+    registry = Registry(lease_s=10, clock=lambda: now[0])
+    broken = add(registry, Role.DECODE, 1, FP32)
+    healthy = add(registry, Role.DECODE, 2, FP32, Load(num_running=5))
+    add(registry, Role.PREFILL, 3, FP32)
+    for _ in range(broken.breaker.failure_threshold):
+        registry.record_failure(broken)
+    assert broken not in registry.routable()
+    assert route(QUERY, registry.routable(), least_loaded, 8).decode.worker_id == healthy.worker_id
+    assert registry.find(broken.worker_id) is broken and registry.find("", "127.0.0.1:2") is healthy
+    assert registry.find("gone", "127.0.0.1:1") is None  # an id that is not live never matches by address
