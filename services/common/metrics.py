@@ -118,6 +118,12 @@ ROUTE_REJECTIONS = Counter(
     "Requests the scheduler rejected, by reason (e.g. no_workers, overloaded, too_long).",
     ["reason"], registry=REGISTRY)
 
+HANDOFF_LATE = Counter(
+    "kvmesh:handoff_late_total",
+    "Work that arrived for a request whose KV handoff had already ended (a late transfer or READY), dropped "
+    "and its blocks freed; cause is how the handoff ended (expired, failed or released).",
+    ["cause"], registry=REGISTRY)
+
 REQUEST_QUEUE_TIME = Histogram(
     "kvmesh:request_queue_time_seconds",
     "Time a request waited on a worker before its work started; stage is decode (waiting for KV blocks) or "
