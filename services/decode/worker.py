@@ -45,8 +45,8 @@ class DecodeWorker:
         self.cache = cache  # a CacheClient to offer decoded blocks to (--cache-decode-kv), or None
         self.receiver, self.channels = receiver, channels
         self.handoffs = HandoffTable(lease_s)
-        # each layer or chunk of a request's KV that arrives renews its handoff: a slow transfer lives, a still one not
-        receiver.progress_listener = self.handoffs.renew
+        if receiver is not None:  # each layer or chunk of KV that arrives renews its request's handoff
+            receiver.progress_listener = self.handoffs.renew
         self.queue_timeout_s = queue_timeout_s
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.kv_events_max_hashes = kv_events_max_hashes
