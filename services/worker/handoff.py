@@ -18,8 +18,8 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -120,7 +120,7 @@ class HandoffTable:
         record.cleanups.append(cleanup)
 
     def ended(self, request_id: str, what: str) -> HandoffEnded:
-        """The error for late work (`what`, e.g. "KV that landed") on a request whose record ended; counted and
+        """The error for late work (`what`, e.g. "the move to ready") on a request whose record ended; counted and
         logged at debug level: a late arrival is expected after an expiry or an abort, not a fault."""
         state, reason = self._ended.get(request_id, (HandoffState.RELEASED, "ended"))
         self.num_late += 1
