@@ -41,6 +41,11 @@ HASH_OFFLOAD_BYTES = 4 << 20
 # One-sided backends tell the receiver a layer of at least this size is written (LayerWritten), so it verifies
 # that layer while later ones are written; smaller layers are not worth the extra message.
 EARLY_VERIFY_BYTES = 4 << 20
+# A receiver's lease lapses only when nothing of a transfer arrived for its length. Bytes it cannot see yet
+# (coalesced into a later chunk, staged, written one-sided) do not renew it, so a sender whose last word to the
+# receiver is this old tells it the transfer moves: a LayerWritten for PROGRESS_LAYER, which names no layer.
+PROGRESS_HINT_S = 0.2
+PROGRESS_LAYER = -1
 
 
 @dataclass(frozen=True)

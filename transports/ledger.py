@@ -1,5 +1,9 @@
 """A receiver's book of transfers: the live records with their leases, and the verdicts on them.
 
+A lease measures progress, not patience: every Open, chunk, written layer or Commit renews it, and it lapses
+only when nothing of the transfer arrived for `lease_s` (a loaded machine makes a transfer slower, never failed);
+an expected transfer that never hears from its sender still lapses `lease_s` after `expect`.
+
 It knows what a transfer must bring and checks what came (byte counts, checksums); it fails, expires and drops
 records, remembering failures in the graveyard (fences.py). The `Receiver` owns one and keeps the public API; this
 module does the bookkeeping behind it. Runs on the receiver's event loop.
@@ -8,6 +12,7 @@ module does the bookkeeping behind it. Runs on the receiver's event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Callable, Sequence
 
@@ -19,6 +24,8 @@ from kvmesh.transports.base import TransferStats
 from kvmesh.transports.blocks import as_block_ids
 from kvmesh.transports.fences import Graveyard
 from kvmesh.transports.record import Record, retrieve
+
+log = logging.getLogger(__name__)
 
 
 class Ledger:
@@ -47,9 +54,9 @@ class Ledger:
         mask = np.zeros(region.num_blocks, dtype=bool)
         mask[ids] = True
         record = Record(transfer_id, ids, mask, num_layers, loop.create_future(),
-                        want=num_layers * 2 * ids.size * region.block_nbytes)
+                        want=num_layers * 2 * ids.size * region.block_nbytes, lease_s=lease_s, renewed=loop.time())
         record.future.add_done_callback(retrieve)
-        record.timer = loop.call_later(lease_s, self._expire, record, lease_s)
+        record.timer = loop.call_later(lease_s, self._expire, record)
         self.graveyard.unearth(transfer_id)
         self.records[transfer_id] = record
         return record
@@ -75,6 +82,22 @@ class Ledger:
         record.state, record.backend, record.opened = "writing", request.backend, time.perf_counter()
         record.staged, record.opened_ns = request.staged, time.time_ns()
         return record, True
+
+    def renew(self, record: Record, listener: Callable[[str], None] | None = None) -> None:
+        """Something of a live transfer arrived: its lease runs from now; tell `listener` (never raises: a
+        listener's failure must not fail the transfer)."""
+        record.renewed = asyncio.get_running_loop().time()
+        if listener is None:
+            return
+        try:
+            listener(record.transfer_id)
+        except Exception:  # noqa: BLE001
+            log.exception("transfer %s: its progress listener failed", record.transfer_id)
+
+    @staticmethod
+    def lease_left(record: Record) -> float:
+        """Seconds before the record's lease lapses unless something arrives."""
+        return max(record.renewed + record.lease_s - asyncio.get_running_loop().time(), 0.0)
 
     def live(self, transfer_id: str) -> Record:
         """The live record of a transfer; UnknownTransfer if there is none."""
@@ -167,9 +190,11 @@ class Ledger:
             self.fail(record, errors.TransferAborted("receiver closing"))
         self.graveyard.close()
 
-    def _expire(self, record: Record, lease_s: float) -> None:
+    def _expire(self, record: Record) -> None:
         if record.state == "ready":  # landed but nobody waited: just drop it
             self.drop(record)
+        elif (left := self.lease_left(record)) > 0:  # it moved since the timer was set: wait out the rest
+            record.timer = asyncio.get_running_loop().call_later(left, self._expire, record)
         else:
-            self.fail(record, errors.TransferTimeout(f"transfer {record.transfer_id}: lease of {lease_s}s lapsed"
-                                                     f" while {record.state}"))
+            self.fail(record, errors.TransferTimeout(f"transfer {record.transfer_id}: lease of {record.lease_s}s "
+                                                     f"lapsed while {record.state} (nothing arrived for that long)"))

@@ -1,16 +1,16 @@
 """The receiving side: one `Receiver` per receiving worker (decode worker, cache service), owning its region.
 
 A transfer's record (record.py) lives here: expected -> writing -> verifying -> ready, or failed (aborted,
-cancelled, expired, data loss). Every state holds the lease set by `expect`; when it lapses the record fails and
-is dropped. The worker calls `expect`, `wait`, `retire`, `cancel`; the control channels (service.py, local.py)
-and backends call the `on_*` methods and `record`/`fail`. All methods run on the receiver's event loop (the one
-its grpc.aio server runs on).
+cancelled, expired, data loss). Every state holds the lease set by `expect`, renewed by whatever of the transfer
+arrives (`on_progress`); when nothing arrived for that long, the record fails. The worker calls `expect`, `wait`,
+`retire`, `cancel`; the control channels (service.py, local.py) and backends call the `on_*` methods and
+`record`/`fail`. All methods run on the receiver's event loop (the one its grpc.aio server runs on).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from typing import Callable, Sequence
 
 import kvmesh.transports.errors as errors
 from kvmesh.transports import PREFERENCE, backend_class
@@ -36,11 +36,11 @@ class Receiver:
 
     def __init__(self, region: KVRegion, layout: common_pb2.KVLayout, *, address: str = "",
                  backends: Sequence[str] = PREFERENCE, host_id: str | None = None, verify: bool = True,
-                 local_control: bool = True, observer: Observer | None = None) -> None:
+                 local_control: bool = True, observer: Observer | None = None,
+                 progress_listener: Callable[[str], None] | None = None) -> None:
         check_region(region, layout)
         self.region, self.layout, self.address, self.verify = region, layout, address, verify
-        self.host_id = host_id or this_host_id()
-        self.observer = observer
+        self.host_id, self.observer, self.progress_listener = host_id or this_host_id(), observer, progress_listener
         self._attached: dict[str, Attachment] = {}
         for name in backends:
             cls = backend_class(name)
@@ -165,9 +165,10 @@ class Receiver:
         trip) a Commit or a data call's first message. Opens the transfer if it is still expected; an Open for a
         transfer already being written must agree with the one that opened it. Returns the lease's seconds left."""
         record, opened = self._ledger.open(request, self.layout, self._attached)
+        self.on_progress(record)
         if opened and self._attached[record.backend].progress is not None and (self._pump is None or self._pump.done()):
             self._pump = asyncio.ensure_future(self._run_pump())
-        return max(record.timer.when() - asyncio.get_running_loop().time(), 0.0)
+        return self._ledger.lease_left(record)
 
     async def on_commit(self, request) -> TransferStats:
         """A CommitRequest: wait for data still in flight, verify what landed, and resolve the transfer."""
@@ -178,6 +179,7 @@ class Receiver:
                 raise errors.InvalidTransfer(f"transfer {tid}: the Commit's Open names another transfer")
             self.on_open(request.open)
         record, staged = self.record(tid), request.HasField("staged")
+        self.on_progress(record)
         wrong_kind = not record.staged if staged else backend != record.backend
         if record.state != "writing" or record.committing or wrong_kind:
             raise errors.InvalidTransfer(f"transfer {tid} is {record.state}"
@@ -196,12 +198,18 @@ class Receiver:
         return record is not None
 
     def on_layer_written(self, transfer_id: str, layer: int) -> bool:
-        """A one-sided sender says a layer is in place: start verifying it in a thread. A hint: False if ignored."""
+        """A hint that a layer is in place (one-sided: verify it early; else False), or, layer -1, that it moves."""
         record = self._ledger.records.get(transfer_id)
+        if record is not None:
+            self.on_progress(record)
         if record is None or record.state != "writing" or not backend_class(record.backend).one_sided \
-                or not self.verify:
+                or not self.verify or record.staged:  # staged bytes are not in the blocks before the Commit
             return False
         return record.verify_early(self.region.array, layer)
+
+    def on_progress(self, record: Record) -> None:
+        """Something of a transfer arrived: its lease runs from now; `progress_listener` (must not block) hears."""
+        self._ledger.renew(record, self.progress_listener)
 
     def on_sender_gone(self, transfer_id: str) -> None:
         """The same-host sender that opened this transfer closed its control connection (it died or dropped the
@@ -222,13 +230,12 @@ class Receiver:
     # ---- private ----
 
     def _start_local(self) -> None:
-        if self.local is None:
-            return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return  # not on a loop yet: `expect` starts it; senders wait in the socket's backlog until then
-        self.local.start()
+        if self.local is not None:
+            self.local.start()
 
     async def _run_pump(self) -> None:
         """Drive backends that need the target's progress, while any transfer through them is open."""

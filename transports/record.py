@@ -37,6 +37,8 @@ class Record:
     streams_done: int = 0  # Push calls that ended after carrying some of the data
     landed: asyncio.Event = field(default_factory=asyncio.Event)  # Push data complete, or the record failed
     staged: bool = False  # the sender stages the bytes and never writes into the blocks (staging.py)
+    lease_s: float = 0.0  # the record fails when nothing of it arrived for this long
+    renewed: float = 0.0  # loop time of the last progress (expect, Open, data, a written layer, Commit)
     _runs: list | None = None
 
     @property

@@ -16,7 +16,8 @@ import xxhash
 
 import kvmesh.transports.errors as errors
 from kvmesh.transports.aio import first_failure, notify, typed, within
-from kvmesh.transports.base import EARLY_VERIFY_BYTES, OFFLOAD_BYTES, Backend, TransferStats
+from kvmesh.transports.base import (EARLY_VERIFY_BYTES, OFFLOAD_BYTES, PROGRESS_HINT_S, PROGRESS_LAYER, Backend,
+                                    TransferStats)
 from kvmesh.transports.blocks import Run, as_block_ids, paired_runs, src_checksum
 
 
@@ -56,6 +57,7 @@ class Transfer(ABC):
         self._lock = asyncio.Lock()
         self._sending: set[int] = set()
         self._hints: list[asyncio.Future] = []  # LayerWritten calls in flight
+        self._hinted = time.monotonic()  # when the receiver last heard of this transfer (a LayerWritten)
         self._layer_times: list[tuple[int, int, int]] = []
         self._open_answer: asyncio.Future | None = None
         self._src_key: object = None  # the last src_block_ids seen, and its (src, dst) runs: layers share them
@@ -90,10 +92,13 @@ class Transfer(ABC):
                 checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.layer_checksums[layer] = checksum
         self.nbytes += nbytes
-        if (self.link.early_verify and self.open_request is None and self.sender.verify
-                and nbytes >= EARLY_VERIFY_BYTES and len(self.layer_checksums) < self.pool.shape[0]):
-            # the last layer is verified by Commit anyway
-            self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, layer)))
+        last = len(self.layer_checksums) == self.pool.shape[0]  # Commit follows: it verifies, and it renews
+        early = (self.link.early_verify and self.open_request is None and self.sender.verify
+                 and nbytes >= EARLY_VERIFY_BYTES and not last)
+        if early or (not last and time.monotonic() - self._hinted >= PROGRESS_HINT_S):
+            # the receiver may not see these bytes yet (coalesced, staged, one-sided): tell its lease they moved
+            self._hinted, hint = time.monotonic(), layer if early else PROGRESS_LAYER
+            self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, hint)))
         # per-layer timestamps: show that layers leave while later ones compute
         self._layer_times.append((layer, nbytes, time.time_ns()))
 

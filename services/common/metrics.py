@@ -128,6 +128,11 @@ WORKER_FAILURE_REPORTS = Counter(
     "Failed calls to a worker reported to the scheduler (feeding its breaker), by the worker's role and the "
     "call's gRPC status.",
     ["role", "code"], registry=REGISTRY)
+HANDOFF_LATE = Counter(
+    "kvmesh:handoff_late_total",
+    "Work that arrived for a request whose KV handoff had already ended (a late transfer or READY), dropped "
+    "and its blocks freed; cause is how the handoff ended (expired, failed or released).",
+    ["cause"], registry=REGISTRY)
 
 REQUEST_QUEUE_TIME = Histogram(
     "kvmesh:request_queue_time_seconds",

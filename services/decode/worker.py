@@ -46,6 +46,8 @@ class DecodeWorker:
         self.cache = cache  # a CacheClient to offer decoded blocks to (--cache-decode-kv), or None
         self.receiver, self.channels = receiver, channels
         self.handoffs = HandoffTable(lease_s)
+        if receiver is not None:  # each layer or chunk of KV that arrives renews its request's handoff
+            receiver.progress_listener = self.handoffs.renew
         self.queue_timeout_s = queue_timeout_s
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.kv_events_max_hashes = kv_events_max_hashes
@@ -150,13 +152,15 @@ class DecodeWorker:
                 for task in done:
                     task.result()  # the first failure, if any, raises here
                 reply, stats = await prefill, await landed
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, TransportError) as e:
+            if self.handoffs.get(rid) is None:  # it expired or was aborted here first, which cancelled the transfer
+                raise self.handoffs.ended(rid, "the end of its KV transfer") from None
+            if isinstance(e, TransportError):
+                raise _transfer_error(e, request.prefill.address) from None
             if self.reporter is not None and errors.unreachable(e):
                 self.reporter.report(request.prefill.worker_id, request.prefill.address,
                                      scheduler_pb2.WORKER_ROLE_PREFILL, e)
             raise _peer_error(request.prefill.address, e) from None
-        except TransportError as e:
-            raise _transfer_error(e, request.prefill.address) from None
         finally:
             for task in (prefill, landed):
                 task.cancel()
@@ -223,7 +227,9 @@ class DecodeWorker:
         finally:
             watch.end(stream.num_generated)
             self.et.unsubscribe(rid)
-            await self.handoffs.end(rid)
+            if not await self.handoffs.end(rid):  # it ended before (expired, aborted): free what was taken since
+                await self.et.call(self.engine.release, rid)  # idempotent: a no-op when nothing is held
+                await self.receiver.retire(rid)
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request by id; idempotent."""

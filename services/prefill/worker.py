@@ -30,8 +30,9 @@ class LayerStream:
     """Sends one request's layers in order as the engine finishes them: the KV of prompt blocks
     first_block..num_blocks-1 (the destination holds the earlier ones already)."""
 
-    def __init__(self, transfer, num_blocks: int, first_block: int = 0):
+    def __init__(self, transfer, num_blocks: int, first_block: int = 0, on_sent=None):
         self.transfer, self.num_blocks, self.first_block = transfer, num_blocks, first_block
+        self.on_sent = on_sent  # called after each layer is sent: the request's handoff lease measures progress
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task = asyncio.ensure_future(self._run())
         self.num_layers_sent = 0
@@ -52,6 +53,8 @@ class LayerStream:
                 await self.transfer.send_layer(layer, blocks)
                 span.set_attribute(names.ATTR_KV_CHECKSUM_S, self.transfer.checksum_seconds - checksum_s)
             self.num_layers_sent += 1
+            if self.on_sent is not None:
+                self.on_sent()
 
     async def finish(self) -> None:
         """Wait until every pushed layer is sent."""
@@ -135,7 +138,7 @@ class PrefillWorker:
             transfer = await self.sender.open(request.destination, rid, dst, timeout=timeout)
             self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
             self.handoffs.on_release(rid, lambda: None if transfer_done else transfer.abort())
-            stream = self.streams[rid] = LayerStream(transfer, needed, skip)
+            stream = self.streams[rid] = LayerStream(transfer, needed, skip, lambda: self.handoffs.renew(rid))
             self.handoffs.on_release(rid, stream.cancel)
             self.handoffs.advance(rid, HandoffState.WRITING)
             if self.receiver is not None:  # runs before the blocks are released (cleanups run last first)
@@ -159,21 +162,28 @@ class PrefillWorker:
             transfer_done = True
             self.handoffs.advance(rid, HandoffState.READY)
         except TransportError as e:
-            raise errors.MeshError.with_status(errors.status_for(e), f"KV transfer to "
-                                               f"{request.destination.address} failed: {e}") from None
+            raise self._transfer_error(rid, request.destination.address, e) from None
         except asyncio.TimeoutError:
             raise errors.DeadlineError(f"prefill of {rid} did not finish within {timeout:.1f} s") from None
         finally:
             self.compute_started.pop(rid, None)
             self.streams.pop(rid, None)
             self.et.unsubscribe(rid)
-            await self.handoffs.end(rid)
+            if not await self.handoffs.end(rid):  # it expired before: free what the engine took since (idempotent)
+                await self.et.call(self.engine.release, rid)
         logprobs = logprob_protos(out.new_token_ids[:1], out.logprobs)
         return prefill_pb2.PrefillResponse(
             first_token_id=out.new_token_ids[0], first_logprob=logprobs[0] if logprobs else None,
             num_cached_tokens=out.num_cached_tokens, compute_seconds=compute_s,
             transfer=prefill_pb2.TransferSummary(backend=stats.backend, bytes=stats.bytes, blocks=stats.blocks,
                                                  seconds=stats.seconds))
+
+    def _transfer_error(self, rid: str, address: str, e: TransportError) -> errors.MeshError:
+        """A failed KV transfer as the error the caller sees; when the request's handoff expired here first (which
+        aborted the transfer), the quiet error of late work, with the status of the expiry."""
+        if self.handoffs.get(rid) is None:
+            return self.handoffs.ended(rid, "the end of its KV transfer")
+        return errors.MeshError.with_status(errors.status_for(e), f"KV transfer to {address} failed: {e}")
 
 
 def _record_compute(submitted_ns: int, started_ns: int, num_tokens: int, num_cached: int) -> None:

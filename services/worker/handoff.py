@@ -3,10 +3,13 @@
     reserved → writing → ready → decoding → released
           ╰──────────┴───────┴─────────┴──→ failed | expired
 
-Every state but the final ones holds a lease. Progress renews it; when it lapses, the record expires and its
-release callbacks run (free the blocks, cancel the transfer, tell the peer). Release is idempotent: releasing
-twice, or releasing a record that already failed or expired, runs the callbacks once. Every transport backend
-and every path (finish, cancel, failure, lease) ends here, so there is one set of cleanup rules.
+Every state but the final ones holds a lease. Progress renews it — a state change, and (`renew`) every layer
+or chunk of its KV transfer that moves, however slowly — and it lapses only when nothing moved for its length;
+the record then expires and its release callbacks run (free the blocks, cancel the transfer, tell the peer).
+Release is idempotent: releasing twice, or releasing a record that already failed or expired, runs the callbacks
+once. Every transport backend and every path (finish, cancel, failure, lease) ends here, so there is one set of
+cleanup rules. Work that arrives for a record already ended (a late transfer, a late READY) is dropped quietly:
+`HandoffEnded`, a typed error with the status of how the record ended, counted by cause, never a traceback.
 """
 
 from __future__ import annotations
@@ -15,10 +18,17 @@ import asyncio
 import enum
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
+
+from kvmesh.services.common import errors, metrics
+
 log = logging.getLogger(__name__)
+
+REMEMBER_ENDED = 4096  # how many ended records' endings a table keeps, to name them when late work arrives
 
 
 class HandoffState(enum.Enum):
@@ -41,6 +51,13 @@ NEXT = {
 }
 
 Cleanup = Callable[[], Awaitable[None] | None]
+
+
+class HandoffEnded(errors.MeshError):
+    """Work arrived for a request whose handoff already ended: it is dropped, and the request ends with the status
+    of how its handoff ended (DEADLINE_EXCEEDED when its lease lapsed, UNAVAILABLE otherwise)."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass
@@ -66,8 +83,11 @@ class HandoffTable:
         self.lease_s = lease_s
         self.sweep_s = sweep_s
         self._records: dict[str, Handoff] = {}
+        self._ended: OrderedDict[str, tuple[HandoffState, str]] = OrderedDict()  # the latest endings, by request
         self._sweeper: asyncio.Task | None = None
+        self._late: set[asyncio.Future] = set()  # cleanups of resources taken after their record ended
         self.num_expired = 0
+        self.num_late = 0  # late work dropped (see `ended`)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -89,14 +109,34 @@ class HandoffTable:
         return record
 
     def on_release(self, request_id: str, cleanup: Cleanup) -> None:
-        """Run cleanup when the record ends, however it ends (last added, first run)."""
-        self._records[request_id].cleanups.append(cleanup)
-
-    def advance(self, request_id: str, state: HandoffState) -> Handoff:
-        """Move a live record forward, renewing its lease."""
+        """Run cleanup when the record ends, however it ends (last added, first run). When it has ended already,
+        run it now (what it frees was taken too late to be freed with the record) and raise HandoffEnded."""
         record = self._records.get(request_id)
         if record is None:
-            raise KeyError(f"request {request_id!r} has no live KV handoff (released, failed or expired)")
+            task = asyncio.ensure_future(_run_cleanups(request_id, [cleanup]))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            raise self.ended(request_id, "a resource taken")
+        record.cleanups.append(cleanup)
+
+    def ended(self, request_id: str, what: str) -> HandoffEnded:
+        """The error for late work (`what`, e.g. "the move to ready") on a request whose record ended; counted and
+        logged at debug level: a late arrival is expected after an expiry or an abort, not a fault."""
+        state, reason = self._ended.get(request_id, (HandoffState.RELEASED, "ended"))
+        self.num_late += 1
+        metrics.HANDOFF_LATE.labels(cause=state.value).inc()
+        log.debug("handoff %s: %s arrived after it %s (%s); dropped", request_id, what, state.value, reason)
+        error = HandoffEnded(f"request {request_id} already {state.value} on this worker ({reason}): {what} "
+                             f"arrived too late")
+        if state is HandoffState.EXPIRED:
+            error.grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+        return error
+
+    def advance(self, request_id: str, state: HandoffState) -> Handoff:
+        """Move a live record forward, renewing its lease; HandoffEnded when it already ended."""
+        record = self._records.get(request_id)
+        if record is None:
+            raise self.ended(request_id, f"the move to {state.value}")
         if state is not record.state and state not in NEXT[record.state]:
             raise ValueError(f"handoff {request_id}: {record.state.value} → {state.value} is not a transition")
         record.state = state
@@ -104,7 +144,7 @@ class HandoffTable:
         return record
 
     def renew(self, request_id: str) -> None:
-        """Renew a live record's lease; no-op when the request has none."""
+        """Renew a live record's lease (its transfer moved); no-op when the request has none."""
         record = self._records.get(request_id)
         if record is not None:
             record.renew()
@@ -115,13 +155,10 @@ class HandoffTable:
         if record is None:
             return False
         record.state, record.reason = state, reason
-        for cleanup in reversed(record.cleanups):
-            try:
-                result = cleanup()
-                if asyncio.iscoroutine(result):
-                    await result
-            except Exception:  # one failed cleanup must not keep the others from running
-                log.exception("cleanup of handoff %s failed", request_id)
+        self._ended[request_id] = (state, reason)
+        while len(self._ended) > REMEMBER_ENDED:
+            self._ended.popitem(last=False)
+        await _run_cleanups(request_id, reversed(record.cleanups))
         return True
 
     async def _sweep(self) -> None:
@@ -143,3 +180,15 @@ class HandoffTable:
             self._sweeper.cancel()
         for request_id in list(self._records):
             await self.end(request_id, HandoffState.FAILED, "worker stopping")
+        if self._late:
+            await asyncio.gather(*self._late, return_exceptions=True)
+
+
+async def _run_cleanups(request_id: str, cleanups) -> None:
+    for cleanup in cleanups:
+        try:
+            result = cleanup()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:  # one failed cleanup must not keep the others from running
+            log.exception("cleanup of handoff %s failed", request_id)

@@ -130,6 +130,7 @@ async def receive_push(receiver, request_iterator) -> tuple[int, int]:
             except errors.DataLossError as exc:
                 receiver.fail(record, exc)
                 raise
+            receiver.on_progress(record)  # a transfer that keeps moving keeps its lease, however slow
     except errors.InvalidTransfer as exc:
         for record in records.values():
             if record.state == "writing":

@@ -25,6 +25,7 @@ NAMES = {
     "kvmesh:cache_bytes": "gauge",
     "kvmesh:route_decisions": "counter",
     "kvmesh:route_rejections": "counter",
+    "kvmesh:handoff_late": "counter",
 }
 
 
