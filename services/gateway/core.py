@@ -188,7 +188,9 @@ async def relay(live: LiveRequest, address: str, request_id: str) -> AsyncIterat
             if response.finish_reason:
                 return
     except grpc.aio.AioRpcError as e:
-        raise MeshError.with_status(e.code(), f"decode worker {address}: {e.details() or e.code().name}") from e
+        # CANCELLED from the peer (ours raises CancelledError) is the worker stopping, not the client going away
+        code = grpc.StatusCode.UNAVAILABLE if e.code() is grpc.StatusCode.CANCELLED else e.code()
+        raise MeshError.with_status(code, f"decode worker {address}: {e.details() or e.code().name}") from e
     except asyncio.CancelledError:
         if not asyncio.current_task().cancelling():  # the call was cancelled, not this task: by the drain?
             live.check()  # then the client gets UNAVAILABLE, not a cut connection

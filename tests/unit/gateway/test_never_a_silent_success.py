@@ -19,7 +19,7 @@ CARD = ModelCard("tiny", "/models/tiny", max_model_len=64, vocab_size=100, model
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "abort": common_pb2.FINISH_REASON_ABORT}
 
 # what the fake decode worker does, chosen by the prompt's first token id
-COMPLETE, SILENT_END, DIES, ABORTED, SLOW = 1, 2, 3, 4, 5
+COMPLETE, SILENT_END, DIES, ABORTED, SLOW, STOPPING = 1, 2, 3, 4, 5, 6
 
 
 class CharTokenizer:
@@ -51,6 +51,8 @@ class FakeMesh(scheduler_pb2_grpc.SchedulerServicer, decode_pb2_grpc.DecodeServi
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset by peer")
         elif behaviour == ABORTED:
             yield decode_pb2.DecodeResponse(finish_reason=FINISH["abort"])
+        elif behaviour == STOPPING:  # what a worker's server does to its streams when its grace period ends
+            await context.abort(grpc.StatusCode.CANCELLED, "server shutting down")
         elif behaviour == SLOW:
             await asyncio.sleep(60)
         # SILENT_END: the stream just stops, with no final message
@@ -92,6 +94,7 @@ def test_a_complete_stream_is_relayed_whole():
     (SILENT_END, grpc.StatusCode.UNAVAILABLE, "before its last token"),
     (DIES, grpc.StatusCode.UNAVAILABLE, "connection reset by peer"),
     (ABORTED, grpc.StatusCode.UNAVAILABLE, "aborted"),
+    (STOPPING, grpc.StatusCode.UNAVAILABLE, "shutting down"),  # not CANCELLED: the client did not cancel
 ])
 def test_a_stream_that_ends_without_its_final_message_raises_and_is_counted(behaviour, code, words):
     before = failures("rpc", "after_first_token", code.name)
