@@ -156,3 +156,18 @@ def test_sigterm_on_the_gateway_ends_a_stream_past_its_grace_period_with_an_erro
     assert error["code"] == 503 and "shutting down" in error["message"]
     assert gateway.wait(30) == 0
     assert mesh.wait_blocks_free(15)  # the decode worker, resumed, frees the cut request's blocks
+
+
+def test_a_handoff_that_lapses_while_its_kv_is_written_ends_with_a_status_and_no_traceback(model_dir):
+    # every layer is held back 2 s and the handoff lease is 1 s: the lease lapses while the KV is being written
+    lapsing = start_mesh(str(model_dir("llama")), chaos="delay=2s", worker_args=("--handoff-lease-s", "1"))
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            lapsing.generate([1, 2, 3, 4, 5], max_tokens=4, timeout=60)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert "lapsed" in info.value.details()
+        assert lapsing.wait_blocks_free(15)  # on the decode worker and, once its late writes end, the prefill's
+        decode = lapsing.decodes[0]
+        assert "Traceback" not in decode.stderr and "KeyError" not in decode.stderr, decode.stderr
+    finally:
+        lapsing.close()
