@@ -89,8 +89,9 @@ class DecodeWorker:
         self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
             while True:
-                if record.state in FINAL:  # its lease lapsed while it waited: a reserve now would leak
-                    raise _ended_error(record)
+                if record.state in FINAL:  # aborted or stopping while it waited: a reserve now would leak
+                    raise ended_error(record)
+                self.handoffs.renew(rid)  # waiting for blocks is progress: queue_timeout_s bounds it, not the lease
                 try:
                     reservation = await self.et.call(self.engine.reserve_prompt, rid, ids, request.cache_salt,
                                                      self._plan_hashes(request, ids) or None)
@@ -153,7 +154,7 @@ class DecodeWorker:
                 reply, stats = await prefill, await landed
         except (grpc.aio.AioRpcError, TransportError) as e:
             if record.state in FINAL:  # the request ended meanwhile (lease lapsed, aborted): that is the cause
-                raise _ended_error(record) from None
+                raise ended_error(record) from None
             if isinstance(e, TransportError):
                 raise _transfer_error(e, request.prefill.address) from None
             raise _peer_error(request.prefill.address, e) from None
@@ -205,7 +206,7 @@ class DecodeWorker:
             while True:
                 out = await outputs.get()
                 if out is _EXPIRED:
-                    raise _ended_error(record)
+                    raise ended_error(record)
                 if out.finished and out.finish_reason == "abort":  # an explicit status, never a quiet end
                     raise errors.UnavailableError(f"request {rid} was aborted on the decode worker")
                 self.handoffs.renew(rid)
@@ -229,7 +230,7 @@ class DecodeWorker:
         """Move a request's handoff on; if it has ended meanwhile (lease lapsed, aborted, worker stopping), raise
         why, as a status: its blocks are already freed, and a late transfer for it is refused, not an error."""
         if record.state in FINAL:
-            raise _ended_error(record)
+            raise ended_error(record)
         self.handoffs.advance(record.request_id, state)
 
     async def abort(self, request_id: str) -> bool:
@@ -237,7 +238,7 @@ class DecodeWorker:
         return await self.handoffs.end(request_id, HandoffState.FAILED, "aborted")
 
 
-def _ended_error(record: Handoff) -> errors.MeshError:
+def ended_error(record: Handoff) -> errors.MeshError:
     """The status of a request whose handoff ended before its stream did."""
     where = f"request {record.request_id} ended on the decode worker ({record.reason or record.state.value})"
     if record.state is HandoffState.EXPIRED:
