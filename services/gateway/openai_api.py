@@ -158,7 +158,7 @@ class OpenAIFrontend:
             if include_usage:
                 yield _event(render.usage_chunk(choices))
         except Exception as e:  # noqa: BLE001 — the status line is sent: report it in the stream, then end it
-            # without [DONE], which would tell the client the stream completed (as vLLM and OpenAI do)
+            # without [DONE]: a client reading to [DONE] would take the partial output for a complete one
             yield _event(stream_error_event(e))
             return
         yield "data: [DONE]\n\n"
