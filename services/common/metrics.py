@@ -51,6 +51,12 @@ E2E_REQUEST_LATENCY = Histogram(
     "Time from a request's arrival to its last token (finished, cancelled or failed).",
     buckets=E2E_BUCKETS, registry=REGISTRY)
 
+REQUEST_FAILURES = Counter(
+    "kvmesh:request_failures_total",
+    "Requests that ended with an error the client saw (client cancels are not counted), by api (rpc: the gRPC Gateway service, or http: the OpenAI API), "
+    "stage (before_first_token or after_first_token) and code (the gRPC status name).",
+    ["api", "stage", "code"], registry=REGISTRY)
+
 NUM_REQUESTS_WAITING = Gauge(
     "kvmesh:num_requests_waiting",
     "Requests admitted but not yet computing (queued for prefill or for a decode batch slot).",

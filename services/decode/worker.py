@@ -26,7 +26,7 @@ from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
 from kvmesh.services.worker.convert import sampling_params
-from kvmesh.services.worker.handoff import HandoffState, HandoffTable
+from kvmesh.services.worker.handoff import FINAL, Handoff, HandoffState, HandoffTable
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
 
@@ -84,7 +84,7 @@ class DecodeWorker:
     async def _reserve(self, request: decode_pb2.DecodeRequest, ids: list[int]):
         """The prompt's blocks (cached leading ones shared), under the `decode.queue` span; wait a while for blocks
         to free up before giving up with RESOURCE_EXHAUSTED. Returns (Reservation, seconds queued)."""
-        rid, queued = request.request_id, time.perf_counter()
+        rid, queued, record = request.request_id, time.perf_counter(), self.handoffs.get(request.request_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.queue_timeout_s
         # before the reserve: a cancelled call still reserves in the engine thread, and the release queued after it
@@ -92,6 +92,9 @@ class DecodeWorker:
         self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
         with telemetry.tracer().start_as_current_span(names.DECODE_QUEUE) as span:
             while True:
+                if record.state in FINAL:  # aborted or stopping while it waited: a reserve now would leak
+                    raise ended_error(record)
+                self.handoffs.renew(rid)  # waiting for blocks is progress: queue_timeout_s bounds it, not the lease
                 try:
                     reservation = await self.et.call(self.engine.reserve_prompt, rid, ids, request.cache_salt,
                                                      self._plan_hashes(request, ids) or None)
@@ -130,12 +133,12 @@ class DecodeWorker:
                               timeout: float):
         """Have the prefill worker fill this request's reserved blocks past the shared ones; return its
         PrefillResponse and the Timings so far."""
-        rid = request.request_id
+        rid, record = request.request_id, self.handoffs.get(request.request_id)
         skip = reservation.num_cached_tokens // self.engine.layout.block_size
         blocks = reservation.block_ids[skip:]
+        self._advance(record, HandoffState.WRITING)  # first: a request that ended while queued expects nothing
         self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
         self.handoffs.on_release(rid, lambda: self.receiver.retire(rid))  # before the blocks are freed
-        self.handoffs.advance(rid, HandoffState.WRITING)
         stub = prefill_pb2_grpc.PrefillStub(self.channels.get(request.prefill.address))
         call = prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids, sampling=request.sampling,
@@ -153,8 +156,8 @@ class DecodeWorker:
                     task.result()  # the first failure, if any, raises here
                 reply, stats = await prefill, await landed
         except (grpc.aio.AioRpcError, TransportError) as e:
-            if self.handoffs.get(rid) is None:  # it expired or was aborted here first, which cancelled the transfer
-                raise self.handoffs.ended(rid, "the end of its KV transfer") from None
+            if record.state in FINAL:  # the request ended meanwhile (lease lapsed, aborted): that is the cause
+                raise ended_error(record) from None
             if isinstance(e, TransportError):
                 raise _transfer_error(e, request.prefill.address) from None
             if self.reporter is not None and errors.unreachable(e):
@@ -165,7 +168,7 @@ class DecodeWorker:
             for task in (prefill, landed):
                 task.cancel()
             await asyncio.gather(prefill, landed, return_exceptions=True)
-        self.handoffs.advance(rid, HandoffState.READY)
+        self._advance(record, HandoffState.READY)  # the KV landed: unless the request ended meanwhile
         timings = common_pb2.Timings(queue_seconds=queue_s, prefill_compute_seconds=reply.compute_seconds,
                                      kv_transfer_seconds=stats.seconds, kv_transfer_bytes=stats.bytes,
                                      kv_transport=stats.backend, decode_cached_tokens=reservation.num_cached_tokens)
@@ -178,7 +181,7 @@ class DecodeWorker:
         arrival_ns, start = time.time_ns(), time.perf_counter()
         params = sampling_params(request.sampling)
         await self.et.call(self.engine.validate, ids, params)
-        self.handoffs.open(rid)
+        record = self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         self.handoffs.on_release(rid, lambda: outputs.put_nowait(_EXPIRED))
         stream = TokenStream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
@@ -195,7 +198,7 @@ class DecodeWorker:
                 stream.cached = max(reply.num_cached_tokens, reservation.num_cached_tokens)
                 with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
                     await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
-                self.handoffs.advance(rid, HandoffState.DECODING)
+                self._advance(record, HandoffState.DECODING)
                 if not params.stop:  # the first token is final: send it now, not after a decode step
                     first = [reply.first_logprob] if reply.HasField("first_logprob") else []
                     watch.tokens(1)
@@ -204,14 +207,14 @@ class DecodeWorker:
                 if reservation is None:
                     self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
                 await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=request.cache_salt)
-                self.handoffs.advance(rid, HandoffState.READY)
-                self.handoffs.advance(rid, HandoffState.DECODING)
+                self._advance(record, HandoffState.READY)
+                self._advance(record, HandoffState.DECODING)
             while True:
                 out = await outputs.get()
                 if out is _EXPIRED:
-                    record = self.handoffs.get(rid)
-                    raise errors.DeadlineError(f"request {rid} expired on the decode worker "
-                                               f"({record.reason if record else 'lease lapsed'})")
+                    raise ended_error(record)
+                if out.finished and out.finish_reason == "abort":  # an explicit status, never a quiet end
+                    raise errors.UnavailableError(f"request {rid} was aborted on the decode worker")
                 self.handoffs.renew(rid)
                 response = stream.response(out)
                 watch.tokens(len(response.token_ids))
@@ -231,9 +234,26 @@ class DecodeWorker:
                 await self.et.call(self.engine.release, rid)  # idempotent: a no-op when nothing is held
                 await self.receiver.retire(rid)
 
+    def _advance(self, record: Handoff, state: HandoffState) -> None:
+        """Move a request's handoff on; if it has ended meanwhile (lease lapsed, aborted, worker stopping), raise
+        why, as a status: its blocks are already freed, and a late transfer for it is refused, not an error."""
+        if record.state in FINAL:
+            raise ended_error(record)
+        self.handoffs.advance(record.request_id, state)
+
     async def abort(self, request_id: str) -> bool:
         """Cancel a request by id; idempotent."""
         return await self.handoffs.end(request_id, HandoffState.FAILED, "aborted")
+
+
+def ended_error(record: Handoff) -> errors.MeshError:
+    """The status of a request whose handoff ended before its stream did."""
+    where = f"request {record.request_id} ended on the decode worker ({record.reason or record.state.value})"
+    if record.state is HandoffState.EXPIRED:
+        return errors.DeadlineError(where)
+    if record.reason == "aborted":
+        return errors.MeshError.with_status(grpc.StatusCode.CANCELLED, where)
+    return errors.UnavailableError(where)
 
 
 def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:

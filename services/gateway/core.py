@@ -3,12 +3,15 @@
 Both front ends turn their input into `GenerateCall`s and iterate `Gateway.generate()`, which yields
 `kvmesh.v1.decode_pb2.DecodeResponse` messages; a failure anywhere surfaces as one of the typed errors every
 service raises (`kvmesh.services.common.errors`), with a message a person can act on — a peer's failure keeps
-the peer's status. Cancelling the iteration (a client that goes away) cancels the
+the peer's status. Never a silent success: a decode stream that ends without its final message, or ends aborted,
+is raised as UNAVAILABLE, and every error the client sees is counted in `kvmesh:request_failures_total`.
+Cancelling the iteration (a client that goes away) cancels the
 decode call, which frees the request's blocks on the decode and the prefill worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +23,9 @@ import grpc
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.channels import ChannelCache
-from kvmesh.services.common.errors import InvalidArgumentError, MeshError, describe, status_for, unreachable
+from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, UnavailableError, describe, status_for,
+                                           unreachable)
+from kvmesh.services.gateway.drain import Drain, LiveRequest
 from kvmesh.services.gateway.observe import RequestObserver
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -39,6 +44,9 @@ class GenerateCall:
     trace_parent: object = None
     #: `time.time_ns()` when the request's first byte reached the gateway; 0 means "now".
     arrival_ns: int = 0
+    #: The front end it came through, the `api` label of the failure counter: "rpc" (the gRPC Gateway service)
+    #: or "http" (the OpenAI-compatible API).
+    api: str = "rpc"
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class Gateway:
         self.channels = channels
         self.route_timeout_s = route_timeout_s
         self.request_timeout_s = request_timeout_s
+        self.drain = Drain()  # requests in flight; on SIGTERM, new ones are refused and late ones ended explicitly
 
     def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         return scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.scheduler_address))
@@ -128,8 +137,9 @@ class Gateway:
             async for response in self._generate(call, timeout, observer):
                 observer.token(len(response.token_ids))
                 yield response
-        except Exception as e:  # noqa: BLE001 — recorded on the root span, then raised on
+        except Exception as e:  # noqa: BLE001 — recorded on the root span and counted, then raised on
             observer.fail(status_for(e), describe(e))
+            observer.count_failure(call.api, status_for(e))
             raise
         except BaseException as e:  # cancelled, or the consumer stopped early (GeneratorExit)
             observer.fail(grpc.StatusCode.CANCELLED, type(e).__name__)
@@ -139,27 +149,64 @@ class Gateway:
 
     async def _generate(self, call: GenerateCall, timeout: float | None, observer: RequestObserver
                         ) -> AsyncIterator[decode_pb2.DecodeResponse]:
-        with observer.context():  # the route and the decode call are children of the root span
-            validate(call, self.card)
-            route = await self.route(call, timeout)
-            request = decode_pb2.DecodeRequest(
-                request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
-                cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens,
-                prompt_block_hashes=route.prompt_block_hashes, cache_probed=route.cache_probed)
-            if route.HasField("local_prefill"):  # the plan's decision; the decode worker obeys it
-                request.local_prefill = route.local_prefill
-            if route.HasField("prefill") and route.prefill.address:
-                request.prefill.address = route.prefill.address
-                request.prefill.worker_id = route.prefill.worker_id
-            stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
-            stream = stub.Generate(request, timeout=min(timeout or self.request_timeout_s, self.request_timeout_s))
-        try:
-            async for response in stream:
-                yield response
-        except grpc.aio.AioRpcError as e:
-            if self.reporter is not None and unreachable(e):
-                self.reporter.report(route.decode.worker_id, route.decode.address,
-                                     scheduler_pb2.WORKER_ROLE_DECODE, e)
-            raise MeshError.with_status(e.code(), e.details() or str(e.code())) from e
-        finally:
-            stream.cancel()
+        with self.drain.track() as live:
+            with observer.context():  # the route and the decode call are children of the root span
+                validate(call, self.card)
+                route = await self.route(call, timeout)
+                live.check()  # the drain may have ended it while it was being routed
+                stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
+                live.call = stub.Generate(decode_request(call, route), timeout=min(
+                    timeout or self.request_timeout_s, self.request_timeout_s))
+            try:
+                async for response in relay(live, route.decode.address, call.request_id):
+                    yield response
+            except MeshError as e:
+                self._report_unreachable(route.decode, e.__cause__)
+                raise
+
+    def _report_unreachable(self, worker: scheduler_pb2.WorkerInfo, cause: BaseException | None) -> None:
+        """Tell the scheduler of a decode worker the call never reached (its breaker then takes it out)."""
+        if self.reporter is not None and isinstance(cause, grpc.aio.AioRpcError) and unreachable(cause):
+            self.reporter.report(worker.worker_id, worker.address, scheduler_pb2.WORKER_ROLE_DECODE, cause)
+
+
+def decode_request(call: GenerateCall, route: scheduler_pb2.RouteResponse) -> decode_pb2.DecodeRequest:
+    """The decode worker's request: the call and the route plan's decisions, which the worker obeys."""
+    request = decode_pb2.DecodeRequest(
+        request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
+        cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens,
+        prompt_block_hashes=route.prompt_block_hashes, cache_probed=route.cache_probed)
+    if route.HasField("local_prefill"):
+        request.local_prefill = route.local_prefill
+    if route.HasField("prefill") and route.prefill.address:
+        request.prefill.address = route.prefill.address
+        request.prefill.worker_id = route.prefill.worker_id
+    return request
+
+
+UNFINISHED = (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR)
+
+
+async def relay(live: LiveRequest, address: str, request_id: str) -> AsyncIterator[decode_pb2.DecodeResponse]:
+    """The decode worker's messages up to the final one; any other end is raised as an error naming the worker
+    (a dropped stream, a stream that stops before its final message, an aborted final message)."""
+    stream = live.call
+    try:
+        async for response in stream:
+            if response.finish_reason in UNFINISHED:
+                raise UnavailableError(f"decode worker {address} aborted request {request_id}")
+            yield response
+            if response.finish_reason:
+                return
+    except grpc.aio.AioRpcError as e:
+        # CANCELLED from the peer (ours raises CancelledError) is the worker stopping, not the client going away
+        code = grpc.StatusCode.UNAVAILABLE if e.code() is grpc.StatusCode.CANCELLED else e.code()
+        raise MeshError.with_status(code, f"decode worker {address}: {e.details() or e.code().name}") from e
+    except asyncio.CancelledError:
+        if not asyncio.current_task().cancelling():  # the call was cancelled, not this task: by the drain?
+            live.check()  # then the client gets UNAVAILABLE, not a cut connection
+        raise
+    finally:
+        stream.cancel()
+    live.check()
+    raise UnavailableError(f"decode worker {address} ended request {request_id}'s stream before its last token")

@@ -4,6 +4,8 @@ served from one process and one event loop."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import socket
 
@@ -64,8 +66,7 @@ def _metrics_renderer():
 
 
 def setup(config: GatewayConfig, server: MeshServer) -> None:
-    """Host the Gateway service and the HTTP API on server's loop."""
-    import uvicorn
+    """Host the Gateway service and the HTTP API on server's loop; on stop, drain both (`drain_on_stop`)."""
     from transformers import AutoTokenizer
 
     tokenizer = AsyncTokenizer(AutoTokenizer.from_pretrained(config.model))
@@ -76,21 +77,57 @@ def setup(config: GatewayConfig, server: MeshServer) -> None:
     gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s,
                       reporter)
     server.add_service(Service.of(gateway_pb2, gateway_pb2_grpc, GatewayServicer(gateway, tokenizer)))
+    server.add_task(drain_on_stop(gateway, config.grace_s))
     if config.http_port < 0:
         return
     sock = bind_http(config.http_host, config.http_port)
     app = build_app(OpenAIFrontend(gateway, tokenizer, _metrics_renderer()), _health(gateway), config.max_body_bytes)
-    http = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    server.add_task(serve_http(app, sock, config))
 
-    async def serve_http(_server: MeshServer) -> None:
+
+def drain_on_stop(gateway: Gateway, grace_s: float):
+    """A background task that, when the server stops (it is cancelled), drains the gateway: new requests are
+    refused, those in flight get grace_s to finish, and any left then end with an explicit UNAVAILABLE."""
+    async def wait_then_drain(_server: MeshServer) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()  # until the server stops
+        except asyncio.CancelledError:
+            ended = await gateway.drain.drain(grace_s)
+            if ended:
+                log.warning("ended %d request(s) still running after the %g s grace period", ended, grace_s)
+            raise
+    return wait_then_drain
+
+
+def http_server(app, config: GatewayConfig):
+    """uvicorn's server, minus its own signal handling: the mesh server's SIGTERM handler drains both APIs."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # uvicorn's would take SIGTERM from the mesh server's handler
+            yield
+
+    # uvicorn's own wait is a backstop: the drain ends every stream within the grace period
+    return Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                 timeout_graceful_shutdown=config.grace_s + 3))
+
+
+def serve_http(app, sock: socket.socket, config: GatewayConfig):
+    """A background task serving the HTTP API; when cancelled (the server stops) it stops accepting and waits,
+    while the drain runs, for the open responses to end instead of cutting them."""
+    http = http_server(app, config)
+
+    async def serve(_server: MeshServer) -> None:
         print(f"kvmesh gateway HTTP on http://{config.http_host}:{sock.getsockname()[1]}", flush=True)
-        await http.serve(sockets=[sock])
-
-    async def stop_http() -> None:
-        http.should_exit = True
-
-    server.add_task(serve_http)
-    server.on_stop(stop_http)
+        serving = asyncio.ensure_future(http.serve(sockets=[sock]))
+        try:
+            await asyncio.shield(serving)
+        except asyncio.CancelledError:
+            http.should_exit = True
+            await serving
+            raise
+    return serve
 
 
 def run(args: argparse.Namespace) -> int:

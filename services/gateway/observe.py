@@ -57,6 +57,11 @@ class RequestObserver:
         self.span.set_attribute(ATTR_STATUS, code.value[0])
         self.span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
 
+    def count_failure(self, api: str, code: grpc.StatusCode) -> None:
+        """Count an error the client sees in `kvmesh:request_failures_total`, at the stage the request reached."""
+        stage = "after_first_token" if self.first_ns is not None else "before_first_token"
+        metrics.REQUEST_FAILURES.labels(api=api, stage=stage, code=code.name).inc()
+
     def finish(self) -> None:
         """End the span and observe the request's latencies; idempotent."""
         if self._done:

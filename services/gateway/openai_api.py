@@ -106,7 +106,7 @@ class OpenAIFrontend:
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 call = GenerateCall(ids, body.sampling(j), f"{request_id}-{len(choices)}", body.cache_salt or "",
-                                    trace_parent=parent, arrival_ns=arrival_ns)
+                                    trace_parent=parent, arrival_ns=arrival_ns, api="http")
                 choices.append(_Choice(len(choices), call))
         return choices
 
@@ -125,6 +125,7 @@ class OpenAIFrontend:
         return await self._respond(body, choices, render, request)
 
     async def _respond(self, body: OpenAIRequest, choices: list[_Choice], render, request: Request):
+        self.gateway.drain.check_open()  # a draining gateway refuses with 503 before any header goes out
         for choice in choices:  # fail before streaming starts, so the error gets a real HTTP status
             validate(choice.call, self.gateway.card)
         if body.stream:
@@ -140,7 +141,7 @@ class OpenAIFrontend:
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
                 return Response(status_code=499)
-        work.result()
+        work.result()  # a failed choice raises here: an HTTP error status with a message, never an empty 200
         return JSONResponse(render.whole(choices))
 
     async def _collect(self, choices: list[_Choice]) -> None:
@@ -157,7 +158,9 @@ class OpenAIFrontend:
             if include_usage:
                 yield _event(render.usage_chunk(choices))
         except Exception as e:  # noqa: BLE001 — the status line is sent: report it in the stream, then end it
+            # without [DONE]: a client reading to [DONE] would take the partial output for a complete one
             yield _event(stream_error_event(e))
+            return
         yield "data: [DONE]\n\n"
 
 

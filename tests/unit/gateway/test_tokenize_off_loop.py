@@ -7,6 +7,7 @@ import httpx
 
 from kvmesh.services.gateway.core import ModelCard
 from kvmesh.services.gateway.openai_api import OpenAIFrontend, build_app
+from kvmesh.services.gateway.drain import Drain
 from kvmesh.services.gateway.servicer import GatewayServicer
 from kvmesh.services.gateway.tokens import AsyncTokenizer
 from kvmesh.v1 import common_pb2, decode_pb2, gateway_pb2
@@ -43,6 +44,7 @@ class OneTokenGateway:
 
     def __init__(self):
         self.prompts: list[list[int]] = []
+        self.drain = Drain()  # never draining
 
     async def generate(self, call, timeout=None):
         self.prompts.append(list(call.prompt_token_ids))

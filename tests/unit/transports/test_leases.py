@@ -34,7 +34,6 @@ async def _serve(backend: str, body):
     receiver.mount(server)
     await server.start()
     channel = grpc.aio.insecure_channel(receiver.address)
-    sender = None
     try:
         return await body(receiver, lambda chaos: Sender(src, LAYOUT, backends=[backend], chaos=chaos), heard,
                           kv_pb2_grpc.KVTransferStub(channel)), dst.array[:, :, IDS], src.array[:, :, IDS]

@@ -125,8 +125,8 @@ class _Context:
 
     code = None
 
-    async def abort(self, code, details):
-        self.code, self.details = code, details
+    async def abort(self, code, details, trailing_metadata=()):
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
 
 
 def test_a_late_ready_after_expiry_is_dropped_quietly_with_deadline_exceeded(caplog):
