@@ -116,10 +116,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise
         finally:
             metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
-        metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
-        self.registry.routed(plan.decode, len(query.prompt_token_ids))
-        if not plan.local_prefill:
-            self.registry.routed(plan.prefill, len(query.prompt_token_ids))
+        if not request.dry_run:  # a dry run only answers: it must not steer the next real route
+            metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
+            self.registry.routed(plan.decode, len(query.prompt_token_ids))
+            if not plan.local_prefill:
+                self.registry.routed(plan.prefill, len(query.prompt_token_ids))
         trace.get_current_span().set_attributes({
             "kvmesh.route.prefill": plan.prefill.worker_id, "kvmesh.route.decode": plan.decode.worker_id,
             "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,

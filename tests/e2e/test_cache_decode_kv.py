@@ -28,7 +28,7 @@ def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
 def cache_hit_tokens(mesh, ids) -> int:
     """What the cache holds of `ids`, as the scheduler's peek at it sees it."""
     stub = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address))
-    return stub.Route(scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=ids), timeout=5
+    return stub.Route(scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=ids, dry_run=True), timeout=5
                       ).num_cached_tokens
 
 

@@ -79,7 +79,7 @@ def test_hits_of_every_length_from_dram_and_ssd_give_the_same_tokens(cache_mesh)
     warm, cached = run(mesh, prompt)
     assert (warm, cached) == (cold, 8 * BLOCK)  # 4 blocks from DRAM at most, the rest from SSD
     route = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address)).Route(
-        scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=prompt), timeout=5)
+        scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=prompt, dry_run=True), timeout=5)
     assert route.num_cached_tokens == 8 * BLOCK  # the scheduler's peek sees the same hit
     body = json.dumps({"model": str(path), "prompt": prompt, "max_tokens": 2, "temperature": 0}).encode()
     http = urllib.request.Request(f"{mesh.http_base}/completions", body, {"Content-Type": "application/json"})

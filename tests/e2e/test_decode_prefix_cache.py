@@ -40,7 +40,7 @@ def mesh(request, model_dir):
 
 def route(mesh, ids) -> scheduler_pb2.RouteResponse:
     stub = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address))
-    return stub.Route(scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=ids), timeout=5)
+    return stub.Route(scheduler_pb2.RouteRequest(request_id="probe", prompt_token_ids=ids, dry_run=True), timeout=5)
 
 
 def decode_stats(mesh):

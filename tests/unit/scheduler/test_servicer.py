@@ -78,6 +78,24 @@ def test_heartbeat_load_changes_the_route():
     run_with_scheduler(body)
 
 
+def test_a_dry_run_route_answers_without_counting_as_routed():
+    async def body(stub):
+        first = await register(stub, DECODE, 7001)
+        second = await register(stub, DECODE, 7002)
+        await register(stub, PREFILL, 7003)
+        probe = scheduler_pb2.RouteRequest(prompt_token_ids=[5], dry_run=True)
+        for _ in range(3):  # asked again and again, the answer stays: no phantom load builds up
+            assert (await stub.Route(probe, timeout=2)).decode.worker_id == first
+        real = scheduler_pb2.RouteRequest(prompt_token_ids=[5])
+        assert (await stub.Route(real, timeout=2)).decode.worker_id == first
+        assert (await stub.Route(probe, timeout=2)).decode.worker_id == second  # the real route counted
+        workers = (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2)).workers
+        assert {w.worker_id: w.num_routed_since_heartbeat for w in workers if w.role == DECODE} == \
+            {first: 1, second: 0}
+
+    run_with_scheduler(body)
+
+
 def test_status_codes():
     async def body(stub):
         route = scheduler_pb2.RouteRequest(prompt_token_ids=[1])
