@@ -41,6 +41,7 @@ ATTR_DECODE_HIT_BLOCKS = "kvmesh.cache.decode_hit_blocks"  # prompt blocks the d
 ATTR_DECODE_CACHED_TOKENS = "kvmesh.route.decode_cached_tokens"  # the scheduler's view of that hit, in tokens
 
 EVENT_FIRST_TOKEN = "first_token"
+EVENT_PLACED_AGAIN = "placed_again"  # the gateway routes a failed request again, or migrates it mid-stream
 
 # Highest priority first: an instant covered by several phases goes to the first of them.
 PHASES = ("prefill", "transfer", "cache", "queue")

@@ -51,6 +51,12 @@ E2E_REQUEST_LATENCY = Histogram(
     "Time from a request's arrival to its last token (finished, cancelled or failed).",
     buckets=E2E_BUCKETS, registry=REGISTRY)
 
+REQUEST_RETRIES = Counter(
+    "kvmesh:request_retries_total",
+    "Requests the gateway placed again after a worker failed them: stage before_first_token (routed again) or "
+    "after_first_token (migrated: the prompt and the tokens relayed so far re-issued to another decode worker), "
+    "and code (the failure's gRPC status name).",
+    ["stage", "code"], registry=REGISTRY)
 REQUEST_FAILURES = Counter(
     "kvmesh:request_failures_total",
     "Requests that ended with an error the client saw (client cancels are not counted), by api (rpc: the gRPC Gateway service, or http: the OpenAI API), "

@@ -24,10 +24,17 @@ class GatewayConfig(ServerConfig):
     max_body_bytes: int = knob(4 * 1024 * 1024, "Largest HTTP request body, in bytes; larger gets HTTP 413.")
     request_timeout_s: float = knob(600.0, "Deadline of a request that names none, in seconds.")
     route_timeout_s: float = knob(5.0, "Deadline of the call to the scheduler, in seconds.")
+    retry_limit: int = knob(1, "Times a request that fails before its first token (its prefill or decode worker "
+                               "gone, its KV lost) is routed again, avoiding the workers it failed on.")
+    migration_limit: int = knob(2, "Times a request whose decode worker fails mid-stream is moved to another one "
+                                   "(the prompt and the tokens streamed so far re-issued there); 0 ends it with "
+                                   "an error instead.")
 
     def validate(self) -> None:
         super().validate()
         check(bool(self.model), "model is required: the folder of the served model (--model PATH)")
         check(-1 <= self.http_port <= 65535, f"http_port must be in [-1, 65535], got {self.http_port}")
         check(self.max_body_bytes > 0, f"max_body_bytes must be > 0, got {self.max_body_bytes}")
+        check(self.retry_limit >= 0, f"retry_limit must be >= 0, got {self.retry_limit}")
+        check(self.migration_limit >= 0, f"migration_limit must be >= 0, got {self.migration_limit}")
         check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from kvmesh.services.common.channels import ChannelCache
 from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, UnavailableError, describe, status_for,
                                            unreachable)
 from kvmesh.services.gateway.drain import Drain, LiveRequest
+from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -69,6 +71,12 @@ class ModelCard:
                    int(config["vocab_size"]), model_id(path))
 
 
+def max_tokens_of(call: GenerateCall) -> int:
+    """The most new tokens the call asks for, the default filled in."""
+    s = call.sampling
+    return s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+
+
 def validate(call: GenerateCall, card: ModelCard) -> None:
     """Reject what no worker could serve, before it costs a route or a block."""
     ids, s = call.prompt_token_ids, call.sampling
@@ -77,7 +85,7 @@ def validate(call: GenerateCall, card: ModelCard) -> None:
     bad = [t for t in ids if not 0 <= t < card.vocab_size]
     if bad:
         raise InvalidArgumentError(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {card.vocab_size})")
-    max_tokens = s.max_tokens if s.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    max_tokens = max_tokens_of(call)
     if max_tokens < 1:
         raise InvalidArgumentError(f"max_tokens must be at least 1, got {max_tokens}")
     if len(ids) + max_tokens > card.max_model_len:
@@ -100,8 +108,11 @@ class Gateway:
     """Routes requests through the scheduler to a decode worker and relays its stream."""
 
     def __init__(self, card: ModelCard, scheduler_address: str, channels: ChannelCache,
-                 route_timeout_s: float = 5.0, request_timeout_s: float = 600.0, reporter=None):
+                 route_timeout_s: float = 5.0, request_timeout_s: float = 600.0, reporter=None,
+                 retry_limit: int = 0, migration_limit: int = 0):
         self.card = card
+        self.retry_limit = retry_limit  # routes again before the first token (failover.Attempts)
+        self.migration_limit = migration_limit  # continuations on another decode worker after it
         self.reporter = reporter  # a FailureReporter: tells the scheduler of decode workers it cannot reach
         self.scheduler_address = scheduler_address
         self.channels = channels
@@ -112,10 +123,11 @@ class Gateway:
     def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         return scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.scheduler_address))
 
-    async def route(self, call: GenerateCall, timeout: float | None) -> scheduler_pb2.RouteResponse:
-        """Ask the scheduler for a (prefill, decode) pair."""
+    async def route(self, call: GenerateCall, timeout: float | None, avoid=()) -> scheduler_pb2.RouteResponse:
+        """Ask the scheduler for a (prefill, decode) pair, leaving out the workers in avoid where it can."""
         request = scheduler_pb2.RouteRequest(request_id=call.request_id, prompt_token_ids=call.prompt_token_ids,
-                                             model=self.card.model_id, cache_salt=call.cache_salt)
+                                             model=self.card.model_id, cache_salt=call.cache_salt,
+                                             avoid_worker_ids=sorted(avoid))
         budget = min(timeout or self.route_timeout_s, self.route_timeout_s)
         with telemetry.tracer().start_as_current_span(names.SCHEDULER_ROUTE) as span:
             try:
@@ -149,20 +161,33 @@ class Gateway:
 
     async def _generate(self, call: GenerateCall, timeout: float | None, observer: RequestObserver
                         ) -> AsyncIterator[decode_pb2.DecodeResponse]:
+        budget = min(timeout or self.request_timeout_s, self.request_timeout_s)
+        attempts = Attempts(call, max_tokens_of(call), self.retry_limit, self.migration_limit,
+                            deadline=time.monotonic() + budget)
         with self.drain.track() as live:
-            with observer.context():  # the route and the decode call are children of the root span
+            with observer.context():
                 validate(call, self.card)
-                route = await self.route(call, timeout)
-                live.check()  # the drain may have ended it while it was being routed
-                stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
-                live.call = stub.Generate(decode_request(call, route), timeout=min(
-                    timeout or self.request_timeout_s, self.request_timeout_s))
-            try:
-                async for response in relay(live, route.decode.address, call.request_id):
-                    yield response
-            except MeshError as e:
-                self._report_unreachable(route.decode, e.__cause__)
-                raise
+            while True:
+                attempt = attempts.next_call()
+                with observer.context():  # the route and the decode call are children of the root span
+                    try:
+                        route = await self.route(attempt, attempts.remaining_s(), attempts.avoid)
+                    except MeshError:
+                        attempts.raise_last()  # a retry nothing can take: the failure that asked for it
+                        raise
+                    live.check()  # the drain may have ended it while it was being routed
+                    stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
+                    live.call = stub.Generate(decode_request(attempt, route), timeout=attempts.remaining_s())
+                try:
+                    async for response in relay(live, route.decode.address, attempt.request_id):
+                        yield attempts.relayed(response)
+                    return
+                except MeshError as e:
+                    self._report_unreachable(route.decode, e.__cause__)
+                    if live.cut or not attempts.again(e, route):
+                        raise
+                    attempts.last_error = e
+                    observer.placed_again(attempts, e)
 
     def _report_unreachable(self, worker: scheduler_pb2.WorkerInfo, cause: BaseException | None) -> None:
         """Tell the scheduler of a decode worker the call never reached (its breaker then takes it out)."""

@@ -52,6 +52,13 @@ class RequestObserver:
         self.last_ns = now
         self.num_tokens += count
 
+    def placed_again(self, attempts, error: BaseException) -> None:
+        """A worker failed the request and it is placed again (a `failover.Attempts` said so): an event on the
+        root span, so a trace shows each attempt's route and decode call beneath it and why the next began."""
+        self.span.add_event(names.EVENT_PLACED_AGAIN, attributes={
+            "kvmesh.attempt": attempts.number, "kvmesh.relayed_tokens": len(attempts.emitted),
+            "kvmesh.avoid": sorted(attempts.avoid), "exception.message": str(error)})
+
     def fail(self, code: grpc.StatusCode, message: str) -> None:
         """The request ended with an error (the status of the typed error it raised, or CANCELLED)."""
         self.span.set_attribute(ATTR_STATUS, code.value[0])

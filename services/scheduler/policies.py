@@ -27,6 +27,8 @@ class RouteQuery:
     cached_tokens: Mapping[KVLayout, int] = field(default_factory=dict)
     # leading prompt tokens each decode worker's own pool holds, by worker id (from its KV events)
     decode_cached_tokens: Mapping[str, int] = field(default_factory=dict)
+    # workers this request already failed on (a retry): left out while their role has another candidate
+    avoid_worker_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

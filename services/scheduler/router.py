@@ -30,6 +30,15 @@ def group_by_layout(query: RouteQuery, workers: Sequence[Worker]) -> list[Candid
     return [Candidates(layout, tuple(p), tuple(d)) for layout, (p, d) in by_layout.items() if p and d]
 
 
+def _avoiding(query: RouteQuery, workers: Sequence[Worker]) -> Sequence[Worker]:
+    """workers without those the query avoids, unless that leaves a role with none (a lone worker is retried)."""
+    if not query.avoid_worker_ids:
+        return workers
+    kept = [w for w in workers if w.worker_id not in query.avoid_worker_ids]
+    left = {w.spec.role for w in kept}
+    return [w for w in workers if w.worker_id not in query.avoid_worker_ids or w.spec.role not in left]
+
+
 def _admit(groups: list[Candidates], max_queue: int) -> list[Candidates]:
     admitted = []
     for group in groups:
@@ -50,7 +59,7 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
         raise InvalidArgumentError("prompt_token_ids must not be empty")
     if any(t < 0 for t in query.prompt_token_ids):
         raise InvalidArgumentError("prompt_token_ids must be non-negative")
-    groups = group_by_layout(query, workers)
+    groups = group_by_layout(query, _avoiding(query, workers))
     if not groups:
         wanted = f"model {query.model!r}" if query.model else "any model"
         raise UnavailableError(f"no prefill and decode worker pair with equal KV layouts is registered for {wanted} "

@@ -100,7 +100,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Route(self, request, context):
         layout = KVLayout.from_proto(request.layout) if request.layout.block_size > 0 else None
         query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
-                           request.cache_salt if request.HasField("cache_salt") else None)
+                           request.cache_salt if request.HasField("cache_salt") else None,
+                           avoid_worker_ids=frozenset(request.avoid_worker_ids))
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
             cached = await self.cache_probe.cached_tokens(query, self.registry.workers(), hashes)

@@ -20,7 +20,9 @@ LONG = 900  # tokens: far more than can be generated between reading the first o
 
 @pytest.fixture(scope="module")
 def mesh(model_dir):
-    m = start_mesh(str(model_dir("llama")))
+    # migration off: these tests are of the error a client sees when a stream cannot go on (test_migration.py
+    # has the streams that do go on)
+    m = start_mesh(str(model_dir("llama")), env={"KVMESH_GATEWAY_MIGRATION_LIMIT": "0"})
     m.model = str(model_dir("llama"))
     yield m
     m.close()

@@ -117,20 +117,22 @@ class DeregisterResponse(_message.Message):
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run")
+    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run", "avoid_worker_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    AVOID_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     model: str
     layout: _common_pb2.KVLayout
     cache_salt: str
     dry_run: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    avoid_worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures")

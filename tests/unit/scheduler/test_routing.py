@@ -136,3 +136,15 @@ def test_an_open_breaker_takes_its_worker_out_of_routing():
     assert route(QUERY, registry.routable(), least_loaded, 8).decode.worker_id == healthy.worker_id
     assert registry.find(broken.worker_id) is broken and registry.find("", "127.0.0.1:2") is healthy
     assert registry.find("gone", "127.0.0.1:1") is None  # an id that is not live never matches by address
+
+
+def test_a_retry_avoids_the_workers_it_failed_on_unless_its_role_has_no_other():
+    registry = Registry(lease_s=10)
+    failed_decode = add(registry, Role.DECODE, 1, FP32)  # the idlest, but this request failed there
+    other_decode = add(registry, Role.DECODE, 2, FP32, Load(num_running=3))
+    lone_prefill = add(registry, Role.PREFILL, 3, FP32)
+    retry = RouteQuery("r1", (1, 2, 3), avoid_worker_ids=frozenset({failed_decode.worker_id,
+                                                                     lone_prefill.worker_id}))
+    plan = route(retry, registry.workers(), least_loaded, 8)
+    assert (plan.decode.worker_id, plan.prefill.worker_id) == (other_decode.worker_id, lone_prefill.worker_id)
+    assert route(QUERY, registry.workers(), least_loaded, 8).decode.worker_id == failed_decode.worker_id
