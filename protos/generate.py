@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import argparse
-import filecmp
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +33,18 @@ def generated(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*_pb2*") if p.suffix in (".py", ".pyi"))
 
 
+# The generator's own version, stamped into every stub: a patch release of grpcio-tools or protobuf changes these
+# lines and nothing the stubs do, so --check does not call such stubs stale (the committed stamps are the minimum
+# runtime versions, which pyproject's pins match).
+_STAMPS = re.compile(r"^(# Protobuf Python Version: |GRPC_GENERATED_VERSION = )\S+$"
+                     r"|^(_runtime_version\.ValidateProtobufRuntimeVersion\(\n\s+\S+,)\n\s+\d+,\n\s+\d+,\n\s+\d+,",
+                     re.MULTILINE)
+
+
+def _unstamped(path: Path) -> str:
+    return _STAMPS.sub(lambda m: m.group(1) or m.group(2), path.read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
@@ -44,7 +56,7 @@ def main() -> int:
         compile_into(Path(tmp))
         fresh = generated(Path(tmp) / "kvmesh" / "v1")
         stale = [p.name for p in fresh if not (PACKAGE / p.name).exists()
-                 or not filecmp.cmp(p, PACKAGE / p.name, shallow=False)]
+                 or _unstamped(p) != _unstamped(PACKAGE / p.name)]
         extra = {p.name for p in generated(PACKAGE)} - {p.name for p in fresh}
     if stale or extra:
         print(f"stale generated stubs: {sorted(stale) + sorted(extra)}; run python protos/generate.py")
