@@ -61,3 +61,9 @@ def notify(observer: Observer | None, stats: TransferStats, context: contextvars
             context.run(observer, stats)
     except Exception:  # noqa: BLE001
         log.exception("transfer %s: its observer failed", stats.transfer_id)
+
+
+def retrieved(task: asyncio.Future) -> None:
+    """A done-callback that marks a future's exception as retrieved (whoever needs it reads it later)."""
+    if not task.cancelled():
+        task.exception()

@@ -15,7 +15,7 @@ import numpy as np
 import xxhash
 
 import kvmesh.transports.errors as errors
-from kvmesh.transports.aio import first_failure, notify, typed, within
+from kvmesh.transports.aio import first_failure, notify, retrieved, typed, within
 from kvmesh.transports.base import (EARLY_VERIFY_BYTES, OFFLOAD_BYTES, PROGRESS_HINT_S, PROGRESS_LAYER, Backend,
                                     TransferStats)
 from kvmesh.transports.blocks import Run, as_block_ids, paired_runs, src_checksum
@@ -96,9 +96,7 @@ class Transfer(ABC):
         early = (self.link.early_verify and self.open_request is None and self.sender.verify
                  and nbytes >= EARLY_VERIFY_BYTES and not last)
         if early or (not last and time.monotonic() - self._hinted >= PROGRESS_HINT_S):
-            # the receiver may not see these bytes yet (coalesced, staged, one-sided): tell its lease they moved
-            self._hinted, hint = time.monotonic(), layer if early else PROGRESS_LAYER
-            self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, hint)))
+            self._hint(layer if early else PROGRESS_LAYER)  # the receiver may not see these bytes yet: tell its lease
         # per-layer timestamps: show that layers leave while later ones compute
         self._layer_times.append((layer, nbytes, time.time_ns()))
 
@@ -124,6 +122,12 @@ class Transfer(ABC):
         stats = self._stats()
         self._finish("committed", stats)
         return stats
+
+    def keep_alive(self) -> None:
+        """Tell the receiver's lease this transfer still comes though no layer is ready (its request waits its turn in
+        a live engine): at most one hint per PROGRESS_HINT_S; never raises. Silence lets the lease lapse."""
+        if self.state == "open" and time.monotonic() - self._hinted >= PROGRESS_HINT_S:
+            self._hint(PROGRESS_LAYER)
 
     async def opened(self) -> None:
         """Wait until the receiver accepted the Open (at once where `Sender.open` waited for it already); raise its
@@ -156,13 +160,17 @@ class Transfer(ABC):
         """Called by `Sender.open` with the pending answer to an Open it sent without waiting: a refusal fails the
         transfer's next call."""
         self._open_answer = answer
-        answer.add_done_callback(_retrieved)
+        answer.add_done_callback(retrieved)  # a refusal is seen by the next call
 
     async def start(self) -> None:
         """Called once by `Sender.open` after the Open: the backend's `_begin` under the deadline. The transfer's
         clock (its stats' seconds, its span) starts here, as the Open's round trip is the link's, not the bytes'."""
         self.started, self._start_ns = time.perf_counter(), time.time_ns()
         await self._guard(self._begin, "begin")
+
+    def _hint(self, layer: int) -> None:
+        self._hinted = time.monotonic()
+        self._hints.append(asyncio.ensure_future(self.link.peer.layer_written(self.transfer_id, layer)))
 
     # ---- private hooks, filled in by each backend ----
 
@@ -262,8 +270,7 @@ class Transfer(ABC):
             raise errors.InvalidTransfer(f"transfer {self.transfer_id} is {self.state}")
 
     def remaining(self) -> float:
-        """Seconds left before the transfer's deadline; TransferTimeout once it passed (backends bound their own
-        calls with it)."""
+        """Seconds left before the transfer's deadline (backends bound their calls with it); TransferTimeout after."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise errors.TransferTimeout(f"transfer {self.transfer_id}: deadline passed")
@@ -291,8 +298,3 @@ class Transfer(ABC):
         self.state = state
         self.sender.release(self)
         notify(self.sender.observer, stats, self._context)
-
-
-def _retrieved(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()  # a refused Open is seen by the transfer's next call, or by its Commit

@@ -36,6 +36,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     receiver = Receiver(region, layout, backends=backends, observer=report) if cache is not None else None
     worker = PrefillWorker(kit.engine_thread, sender, config.handoff_lease_s, cache, receiver)
     server.add_service(Service.of(prefill_pb2, prefill_pb2_grpc, PrefillServicer(worker, config.prefill_timeout_s)))
+    server.add_task(worker.keep_queued_alive)
     if receiver is not None:
         server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 

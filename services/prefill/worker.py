@@ -36,10 +36,12 @@ class LayerStream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task = asyncio.ensure_future(self._run())
         self.num_layers_sent = 0
+        self.num_layers_pushed = 0  # layers the engine has handed over (sent or waiting to be)
         self.layer_block_nbytes = int(transfer.pool[0, :, 0].nbytes)  # K and V of one block in one layer
 
     def push(self, layer: int, block_table: list[int]) -> None:
         """Called on the loop (via call_soon_threadsafe) when `layer` of this request is in the pool."""
+        self.num_layers_pushed += 1
         self.queue.put_nowait((layer, block_table[self.first_block:self.num_blocks]))
 
     async def _run(self) -> None:
@@ -87,6 +89,21 @@ class PrefillWorker:
                 self.compute_started.setdefault(rid, self.et.step_started_ns)
                 self._loop.call_soon_threadsafe(stream.push, layer, self.engine.block_table(rid))
 
+    async def keep_queued_alive(self, _server=None) -> None:
+        """Background task: a request waiting in this worker's running engine (queued, or its prompt computing) is
+        alive, not stalled — renew its handoff here and, through its transfer, on the decode worker, a third of a
+        lease at a time; once a layer is handed to the transfer, its bytes' progress is what counts. A
+        worker that stops (SIGSTOP, death) or whose engine thread died renews nothing: the leases then lapse as
+        before, and `--prefill-timeout-s` bounds the wait in a queue."""
+        while True:
+            await asyncio.sleep(self.handoffs.lease_s / 3)
+            if not self.et.alive:
+                continue
+            for rid, stream in list(self.streams.items()):
+                if stream.num_layers_pushed == 0:  # no layer handed over yet; after that, the bytes' progress speaks
+                    self.handoffs.renew(rid)
+                    stream.transfer.keep_alive()
+
     def load(self) -> scheduler_pb2.WorkerLoad:
         load = scheduler_pb2.WorkerLoad(num_waiting=0, num_running=len(self.handoffs),
                                           num_free_blocks=self.engine.num_free_blocks,
@@ -121,16 +138,7 @@ class PrefillWorker:
     async def _prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
         rid, ids = request.request_id, list(request.prompt_token_ids)
         params = sampling_params(request.sampling)
-        await self.et.call(self.engine.validate, ids, params)
-        dst = list(request.destination_blocks.block_ids)
-        needed = self.engine.layout.num_blocks_for(len(ids))
-        skip = request.num_skip_blocks
-        if not 0 <= skip < needed:
-            raise errors.InvalidArgumentError(f"num_skip_blocks must lie in [0, {needed}) for a prompt of "
-                                              f"{len(ids)} tokens, got {skip}")
-        if len(dst) != needed - skip:
-            raise errors.InvalidArgumentError(f"destination_blocks has {len(dst)} blocks; a prompt of {len(ids)} "
-                                              f"tokens skipping {skip} needs {needed - skip}")
+        dst, needed, skip = self._checked(request, ids, params)
         self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         transfer_done = False
@@ -177,6 +185,22 @@ class PrefillWorker:
             num_cached_tokens=out.num_cached_tokens, compute_seconds=compute_s,
             transfer=prefill_pb2.TransferSummary(backend=stats.backend, bytes=stats.bytes, blocks=stats.blocks,
                                                  seconds=stats.seconds))
+
+    def _checked(self, request: prefill_pb2.PrefillRequest, ids: list[int], params) -> tuple[list[int], int, int]:
+        """The destination blocks, the blocks the prompt needs and those it skips; INVALID_ARGUMENT where they
+        disagree. Run on the loop, not queued behind the engine's step: it reads only the engine's fixed shape, and a
+        request must not wait unseen (its leases not yet kept alive) for a step to end just to be checked."""
+        self.engine.validate(ids, params)
+        dst = list(request.destination_blocks.block_ids)
+        needed = self.engine.layout.num_blocks_for(len(ids))
+        skip = request.num_skip_blocks
+        if not 0 <= skip < needed:
+            raise errors.InvalidArgumentError(f"num_skip_blocks must lie in [0, {needed}) for a prompt of "
+                                              f"{len(ids)} tokens, got {skip}")
+        if len(dst) != needed - skip:
+            raise errors.InvalidArgumentError(f"destination_blocks has {len(dst)} blocks; a prompt of {len(ids)} "
+                                              f"tokens skipping {skip} needs {needed - skip}")
+        return dst, needed, skip
 
     def _transfer_error(self, rid: str, address: str, e: TransportError) -> errors.MeshError:
         """A failed KV transfer as the error the caller sees; when the request's handoff expired here first (which

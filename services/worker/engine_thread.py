@@ -36,6 +36,11 @@ class EngineThread:
         """Start stepping the engine (from the event loop whose queues it feeds)."""
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The stepping thread runs (a step in progress counts, however long: a slow machine is not a dead one)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the thread to finish its current step and exit."""
         self._commands.put(_STOP)
