@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -49,20 +50,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
     args = parser.parse_args()
-    if not args.check:
-        compile_into(HERE)
-        return 0
     with tempfile.TemporaryDirectory() as tmp:
         compile_into(Path(tmp))
         fresh = generated(Path(tmp) / "kvmesh" / "v1")
-        stale = [p.name for p in fresh if not (PACKAGE / p.name).exists()
+        stale = [p for p in fresh if not (PACKAGE / p.name).exists()
                  or _unstamped(p) != _unstamped(PACKAGE / p.name)]
         extra = {p.name for p in generated(PACKAGE)} - {p.name for p in fresh}
+        if not args.check:  # only stubs whose content changed: the others keep their (minimum-version) stamps
+            for p in stale:
+                shutil.copyfile(p, PACKAGE / p.name)
+            return 0
     if stale or extra:
-        print(f"stale generated stubs: {sorted(stale) + sorted(extra)}; run python protos/generate.py")
+        print(f"stale generated stubs: {sorted(p.name for p in stale) + sorted(extra)}; "
+              f"run python protos/generate.py")
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

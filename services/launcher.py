@@ -177,12 +177,7 @@ def plan(args) -> list[Child]:
                                     str(args.lease_s)], scheduler, stage=0)]
     port = free_port()
     children.append(Child("cache", ["cache", "--port", str(port), *common], f"{host}:{port}", env))
-    for role, count, extra in (("prefill", args.prefill, []),
-                               ("decode", args.decode, ["--cache-decode-kv"] if args.cache_decode_kv else [])):
-        for i in range(count):
-            port = free_port()
-            children.append(Child(f"{role}-{i}", [role, "--port", str(port), *worker, *extra], f"{host}:{port}",
-                                  env))
+    children += [child for kind in _worker_roles(args) for child in _workers(kind, worker, env)]
     for child in children:  # the gateway serves /metrics on its HTTP port; every other service gets a port
         metrics_port = free_port()
         child.argv += ["--metrics-port", str(metrics_port)]
@@ -190,6 +185,28 @@ def plan(args) -> list[Child]:
     children.append(Child("gateway", ["gateway", "--port", str(args.grpc_port), "--http-port", str(args.http_port),
                                       "--model", str(args.model), *common], f"{host}:{args.grpc_port}",
                           metrics_url=f"http://{host}:{args.http_port}/metrics", stage=2))
+    return children
+
+
+def _worker_roles(args) -> list[tuple[str, str, int, list[str], str]]:
+    """(name, role, count, extra flags, cpus) of each kind of engine worker `kvmesh up` starts."""
+    decode = ["--cache-decode-kv"] if args.cache_decode_kv else []
+    if args.colocated:
+        return [("worker", "decode", args.workers, [*decode, "--colocated"], args.worker_cpus)]
+    return [("prefill", "prefill", args.prefill, [], args.prefill_cpus),
+            ("decode", "decode", args.decode, decode, args.decode_cpus)]
+
+
+def _workers(kind: tuple[str, str, int, list[str], str], common: list[str], env: dict[str, str]) -> list[Child]:
+    """The children of one kind of worker; `cpus` is one core list for all ('0-1') or one per worker ('0/1')."""
+    name, role, count, extra, cpus = kind
+    groups = cpus.split("/") if cpus else []
+    children = []
+    for i in range(count):
+        port = free_port()
+        pin = ["--cpus", groups[i % len(groups)]] if groups else []
+        children.append(Child(f"{name}-{i}", [role, "--port", str(port), *common, *extra, *pin], f"127.0.0.1:{port}",
+                              env))
     return children
 
 
@@ -216,6 +233,14 @@ def add_arguments(parser) -> None:
                                         "installed, else the tiny test model (made once, cached)")
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers")
     parser.add_argument("--decode", type=int, default=1, help="decode workers")
+    parser.add_argument("--colocated", action="store_true", help="no split: --workers workers that each prefill "
+                        "and decode in one continuous batch (chunked prefill mixed with decode steps), behind the "
+                        "same gateway, scheduler and cache — the baseline disaggregation is measured against")
+    parser.add_argument("--workers", type=int, default=1, help="with --colocated: how many workers")
+    for role in ("prefill", "decode", "worker"):
+        note = "; with --colocated" if role == "worker" else ""
+        parser.add_argument(f"--{role}-cpus", default="", help=f"cores of each {role} worker, e.g. '0' or '0-1' (all "
+                            f"alike) or '0/1' (one group per worker, in turn){note}")
     parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
     from kvmesh.transports import (
@@ -243,8 +268,8 @@ def run(args) -> int:
 
     if not args.model:
         args.model = default_model(progress=lambda m: print(f"kvmesh up: {m}", flush=True))
-    if args.prefill < 1 or args.decode < 1:
-        print("kvmesh up: --prefill and --decode need at least 1 worker each", file=sys.stderr)
+    if (args.workers if args.colocated else min(args.prefill, args.decode)) < 1:
+        print("kvmesh up: --workers, or --prefill and --decode, need at least 1 worker each", file=sys.stderr)
         return 2
     try:
         restart = knobs.from_args(RestartConfig, "up", args)

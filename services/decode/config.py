@@ -27,6 +27,10 @@ class DecodeConfig(WorkerConfig):
                                         "decode completed (the reply), so the next turn of a conversation reuses "
                                         "them on any worker instead of recomputing the reply; costs those blocks' "
                                         "bytes over gRPC per request. Needs prefix_caching.")
+    colocated: bool = knob(False, "Prefill every prompt here, in chunks of at most max_num_batched_tokens mixed "
+                                  "into the continuous batch beside the running decodes, and register so: the "
+                                  "scheduler routes here without a prefill worker (the colocated baseline a "
+                                  "disaggregated mesh is measured against; `kvmesh up --colocated`).")
     kv_events_max_hashes: int = knob(4096, "Most block hashes in one heartbeat's KV events to the scheduler; more "
                                            "changes than that send a full resync of the most recent ones instead.")
 

@@ -47,7 +47,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
 
     kit.run(worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
             descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
-            local_prefill_max_tokens=config.local_prefill_max_tokens)
+            local_prefill_max_tokens=config.local_prefill_max_tokens, colocated=config.colocated)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ class RouteQuery:
 
 @dataclass(frozen=True)
 class Candidates:
-    """Workers sharing one KV layout: any prefill here may write into any decode here."""
+    """Workers sharing one KV layout: any prefill here may write into any decode here. A group of colocated
+    decode workers has no prefill worker."""
 
     layout: KVLayout
     prefill: tuple[Worker, ...]
@@ -46,7 +47,7 @@ class RoutePlan:
     worker's own pool already hold, and whether the decode worker prefills the prompt itself (`local_prefill`,
     set by the router from `decode_prefills`)."""
 
-    prefill: Worker
+    prefill: Worker | None  # None: a colocated decode worker, which prefills the prompt itself
     decode: Worker
     num_cached_tokens: int
     policy: str
@@ -70,7 +71,7 @@ def load_score(worker: Worker) -> float:
 def least_loaded(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     """The least loaded decode worker, then the least loaded prefill worker of its layout (ties: first registered)."""
     group, decode = min(((g, d) for g in groups for d in g.decode), key=lambda gd: load_score(gd[1]))
-    prefill = min(group.prefill, key=load_score)
+    prefill = min(group.prefill, key=load_score, default=None)
     return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="least_loaded",
                      num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
 
@@ -91,12 +92,14 @@ LOCAL_PREFILL_MAX_TOKENS = 16
 def decode_prefills(num_prompt_tokens: int, num_decode_cached_tokens: int, decode: Worker) -> bool:
     """Whether the decode worker holding `num_decode_cached_tokens` of the prompt prefills it itself
     (`kv_identity.prefill_locally` with the worker's registered limit: its own rule for plans that do not say)."""
+    if decode.spec.colocated:
+        return True
     limit = decode.spec.local_prefill_max_tokens
     return prefill_locally(num_prompt_tokens, num_decode_cached_tokens, decode.spec.layout.block_size,
                            LOCAL_PREFILL_MAX_TOKENS if limit is None else limit)
 
 
-def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker, decode: Worker) -> float:
+def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker | None, decode: Worker) -> float:
     """Seconds to the first token on this pair: queue waits + prefill of what the cache does not hold + fetch of
     what it holds + the handoff of every token the decode worker does not hold.
 
@@ -110,7 +113,7 @@ def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker, decode:
     wait = (decode.load.num_waiting + decode.num_routed) * QUEUED_DECODE_S
     if decode.load.num_total_blocks and decode.load.num_free_blocks * layout.block_size < n:
         wait += QUEUED_PREFILL_S
-    if decode_prefills(n, held, decode):
+    if prefill is None or decode_prefills(n, held, decode):  # colocated, or a short tail after a full hit
         return wait + (n - held) / PREFILL_TOKENS_PER_S
     # routed since the heartbeat: queued behind those prompts too, in proportion to their length
     wait += ((prefill.load.num_waiting + prefill.load.num_running + prefill.num_routed) * QUEUED_PREFILL_S
@@ -122,7 +125,7 @@ def kv_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     """The pair with the least estimated TTFT (ties: the less loaded decode worker, then registration order)."""
     _, _, group, prefill, decode = min(
         ((estimated_ttft(query, g.layout, p, d), load_score(d), g, p, d)
-         for g in groups for d in g.decode for p in g.prefill), key=lambda item: item[:2])
+         for g in groups for d in g.decode for p in (g.prefill or (None,))), key=lambda item: item[:2])
     return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="kv_aware",
                      num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
 

@@ -45,6 +45,7 @@ class WorkerSpec:
     model: str = ""
     descriptor: object = None
     local_prefill_max_tokens: int | None = None  # decode workers: see kv_identity.prefill_locally
+    colocated: bool = False  # decode workers: prefills every prompt itself; routed to without a prefill worker
 
     def validate(self) -> None:
         """Raise InvalidArgumentError when the spec cannot be registered."""
@@ -58,6 +59,8 @@ class WorkerSpec:
                 self.layout.validate()
             except ValueError as e:
                 raise InvalidArgumentError(str(e)) from None
+        if self.colocated and self.role != Role.DECODE:
+            raise InvalidArgumentError(f"only a DECODE worker can be colocated, not a {self.role.name} worker")
 
     @property
     def served_model(self) -> str:

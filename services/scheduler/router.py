@@ -21,13 +21,21 @@ def _matches(query: RouteQuery, worker: Worker) -> bool:
 
 
 def group_by_layout(query: RouteQuery, workers: Sequence[Worker]) -> list[Candidates]:
-    """Groups of matching workers with equal layouts that have at least one prefill and one decode worker."""
+    """Groups of matching workers with equal layouts that have at least one prefill and one decode worker, and
+    groups of colocated decode workers (no prefill worker: each prefills its own prompts; never paired with one)."""
     by_layout: dict[KVLayout, tuple[list[Worker], list[Worker]]] = {}
+    colocated: dict[KVLayout, list[Worker]] = {}
     for worker in workers:
-        if worker.spec.role in (Role.PREFILL, Role.DECODE) and _matches(query, worker):
-            prefill, decode = by_layout.setdefault(worker.spec.layout, ([], []))
-            (prefill if worker.spec.role == Role.PREFILL else decode).append(worker)
-    return [Candidates(layout, tuple(p), tuple(d)) for layout, (p, d) in by_layout.items() if p and d]
+        spec = worker.spec
+        if spec.role not in (Role.PREFILL, Role.DECODE) or not _matches(query, worker):
+            continue
+        if spec.colocated:
+            colocated.setdefault(spec.layout, []).append(worker)
+        else:
+            prefill, decode = by_layout.setdefault(spec.layout, ([], []))
+            (prefill if spec.role == Role.PREFILL else decode).append(worker)
+    return ([Candidates(layout, tuple(p), tuple(d)) for layout, (p, d) in by_layout.items() if p and d]
+            + [Candidates(layout, (), tuple(d)) for layout, d in colocated.items()])
 
 
 def _avoiding(query: RouteQuery, workers: Sequence[Worker]) -> Sequence[Worker]:
@@ -49,8 +57,8 @@ def _admit(groups: list[Candidates], max_queue: int) -> list[Candidates]:
 
 
 def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queue: int) -> RoutePlan:
-    """Pick a (prefill, decode) pair with equal layouts for query, and decide whether the decode worker prefills
-    the prompt itself (the plan carries it; the worker obeys).
+    """Pick a (prefill, decode) pair with equal layouts for query (or a colocated decode worker alone), and decide
+    whether the decode worker prefills the prompt itself (the plan carries it; the worker obeys).
 
     InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered,
     CapacityError when every compatible decode worker has max_queue or more requests waiting.
@@ -62,7 +70,8 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
     groups = group_by_layout(query, _avoiding(query, workers))
     if not groups:
         wanted = f"model {query.model!r}" if query.model else "any model"
-        raise UnavailableError(f"no prefill and decode worker pair with equal KV layouts is registered for {wanted} "
+        raise UnavailableError(f"no prefill and decode worker pair with equal KV layouts (nor a colocated worker) is "
+                               f"registered for {wanted} "
                                f"({len(workers)} workers live)")
     admitted = _admit(groups, max_queue)
     if not admitted:

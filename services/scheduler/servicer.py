@@ -38,7 +38,7 @@ def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
                       transports=tuple(msg.transports), layout=KVLayout.from_proto(msg.layout) if has_layout else None,
                       model=msg.model, descriptor=descriptor,
                       local_prefill_max_tokens=msg.local_prefill_max_tokens
-                      if msg.HasField("local_prefill_max_tokens") else None)
+                      if msg.HasField("local_prefill_max_tokens") else None, colocated=msg.colocated)
 
 
 def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerState = BreakerState.CLOSED
@@ -53,7 +53,7 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerSt
                                       num_total_blocks=load.num_total_blocks),
         lease_remaining_seconds=lease_remaining_s, breaker_state=int(breaker),
         num_routed_since_heartbeat=worker.num_routed, num_breaker_opened=worker.breaker.num_opened,
-        num_breaker_failures=worker.breaker.num_failures)
+        num_breaker_failures=worker.breaker.num_failures, colocated=spec.colocated)
     if spec.layout is not None:
         info.layout.CopyFrom(spec.layout.to_proto())
     if spec.descriptor is not None:
@@ -120,14 +120,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if not request.dry_run:  # a dry run only answers: it must not steer the next real route
             metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
             self.registry.routed(plan.decode, len(query.prompt_token_ids))
-            if not plan.local_prefill:
+            if plan.prefill is not None and not plan.local_prefill:
                 self.registry.routed(plan.prefill, len(query.prompt_token_ids))
+        prefill_id = plan.prefill.worker_id if plan.prefill is not None else ""  # "": a colocated worker prefills
         trace.get_current_span().set_attributes({
-            "kvmesh.route.prefill": plan.prefill.worker_id, "kvmesh.route.decode": plan.decode.worker_id,
+            "kvmesh.route.prefill": prefill_id, "kvmesh.route.decode": plan.decode.worker_id,
             "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,
             names.ATTR_DECODE_CACHED_TOKENS: plan.num_decode_cached_tokens})
         chosen = plan.decode.spec.layout
-        return scheduler_pb2.RouteResponse(prefill=self._info(plan.prefill), decode=self._info(plan.decode),
+        prefill = self._info(plan.prefill) if plan.prefill is not None else None
+        return scheduler_pb2.RouteResponse(prefill=prefill, decode=self._info(plan.decode),
                                            num_cached_tokens=plan.num_cached_tokens, policy=plan.policy,
                                            num_decode_cached_tokens=plan.num_decode_cached_tokens,
                                            prompt_block_hashes=hashes.of(chosen), local_prefill=plan.local_prefill,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kvmesh.services.common.config import TRANSPORTS, ServerConfig, check, knob
@@ -19,7 +20,10 @@ class WorkerConfig(ServerConfig):
     kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")
     max_num_batched_tokens: int = knob(2048, "Token budget of one engine step (prefill chunks + decode tokens).")
     max_num_seqs: int = knob(64, "Most sequences in one engine step.")
-    torch_threads: int = knob(0, "torch intra-op threads; 0 keeps torch's default (one per core).")
+    torch_threads: int = knob(0, "torch intra-op threads; 0 keeps torch's default (one per core), or with cpus "
+                                 "one per listed core.")
+    cpus: str = knob("", "CPU cores this worker's process runs on, e.g. '0' or '0-1,3' (its affinity, so that "
+                         "workers of one host do not contend for cores); empty: every core.")
     scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with; empty: do not register.")
     advertise_host: str = knob("", "Host other workers should dial; empty: the bind host (or this host's name).")
     transport: str = knob("auto", "KV transport: auto negotiates (the best both ends offer, same-host ones only "
@@ -40,6 +44,21 @@ class WorkerConfig(ServerConfig):
         check(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         check(self.handoff_lease_s > 0, f"handoff_lease_s must be > 0, got {self.handoff_lease_s}")
         check(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
+        self.cpu_set()  # raises ConfigError for a malformed list
+
+    def cpu_set(self) -> set[int]:
+        """The cores of `cpus` as a set (empty: no pinning); ConfigError for a malformed list or a core this
+        machine does not have."""
+        cores: set[int] = set()
+        for part in filter(None, (p.strip() for p in self.cpus.split(","))):
+            first, _, last = part.partition("-")
+            check(first.isdigit() and (not last or last.isdigit()) and int(last or first) >= int(first),
+                  f"cpus must be a list of cores and ranges such as '0-1,3', got {self.cpus!r}")
+            cores.update(range(int(first), int(last or first) + 1))
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        check(cores <= usable, f"cpus {self.cpus!r} names cores this process cannot use; it may use "
+                               f"{','.join(map(str, sorted(usable)))}")
+        return cores
 
     def backends(self) -> list[str]:
         """Transport backends this worker offers or uses, best first."""

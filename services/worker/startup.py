@@ -29,10 +29,14 @@ Hook = Callable[[], "Awaitable[None] | None"]
 
 
 def set_threads(config: WorkerConfig) -> None:
-    """Apply the torch thread count (flag, else KVMESH_TORCH_THREADS)."""
+    """Pin the process to `cpus` (if given) and apply the torch thread count (flag, else KVMESH_TORCH_THREADS,
+    else one per pinned core)."""
     import torch
 
-    threads = config.torch_threads or int(os.environ.get("KVMESH_TORCH_THREADS", "0") or 0)
+    cores = config.cpu_set()
+    if cores:
+        os.sched_setaffinity(0, cores)
+    threads = config.torch_threads or int(os.environ.get("KVMESH_TORCH_THREADS", "0") or 0) or len(cores)
     if threads:
         torch.set_num_threads(threads)
 
@@ -59,11 +63,11 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
 
 def register(server: MeshServer, config: WorkerConfig, role: int, layout: common_pb2.KVLayout,
              descriptor: Callable[[], common_pb2.TransportDescriptor] | None, load: LoadFn,
-             kv_events: KVEventsFn | None = None,
-             local_prefill_max_tokens: int | None = None) -> RegistrationClient | None:
+             kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None,
+             colocated: bool = False) -> RegistrationClient | None:
     """Register this worker with the scheduler and keep it registered while the server runs; kv_events(full)
-    gives the KV events each heartbeat carries, local_prefill_max_tokens the tail it prefills itself (decode
-    workers)."""
+    gives the KV events each heartbeat carries, local_prefill_max_tokens the tail it prefills itself and colocated
+    whether it prefills every prompt itself (decode workers)."""
     if not config.scheduler:
         return None
 
@@ -72,7 +76,7 @@ def register(server: MeshServer, config: WorkerConfig, role: int, layout: common
             role=role, address=advertise_address(config.host, server.port, config.advertise_host),
             host_id=ids.host_id(), instance_id=server.instance_id, transports=config.backends(),
             layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id,
-            local_prefill_max_tokens=local_prefill_max_tokens)
+            local_prefill_max_tokens=local_prefill_max_tokens, colocated=colocated)
 
     client = RegistrationClient(config.scheduler, request, load, channels=server.channels, kv_events=kv_events)
     client.attach(server)
@@ -102,7 +106,8 @@ class WorkerKit:
 
     def run(self, worker, role: int, *, on_start: Callable[[], None] | None = None, on_stopped: Iterable[Hook] = (),
             descriptor: Callable[[], common_pb2.TransportDescriptor] | None = None,
-            kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None) -> None:
+            kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None,
+            colocated: bool = False) -> None:
         """Run `worker` (it has `handoffs` and `load`) with the server: on_start() once bound, then the engine
         thread and the handoff table; at stop, after in-flight requests drained, the handoffs, the engine
         thread, then each of on_stopped in order. Registers with the scheduler as `role`."""
@@ -125,7 +130,7 @@ class WorkerKit:
         self.server.add_task(start)
         self.server.on_stopped(stop)
         register(self.server, self.config, role, self.layout, descriptor, worker.load, kv_events,
-                 local_prefill_max_tokens)
+                 local_prefill_max_tokens, colocated)
 
 
 async def setup_worker(config: WorkerConfig, server: MeshServer, *, name: str,

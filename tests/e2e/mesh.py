@@ -86,8 +86,10 @@ class Mesh:
 
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
-               cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True) -> Mesh:
+               cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
+
+    colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker.
 
     decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
     prompts, which the decode worker would otherwise serve from its own pool.
@@ -103,8 +105,11 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
                   "--handoff-lease-s", "5", *worker_args]
         if chaos:
             worker += ["--transport-chaos", chaos]
+        if colocated:
+            prefill = 0
         prefills = [procs.launch("prefill", *worker, env=env) for _ in range(prefill)]
-        decodes = [procs.launch("decode", *worker, env=env) for _ in range(decode)]
+        decodes = [procs.launch("decode", *worker, *(["--colocated"] if colocated else []), env=env)
+                   for _ in range(decode)]
         for proc in prefills + decodes:
             proc.wait_serving(START_TIMEOUT_S)
         http_port = free_port()

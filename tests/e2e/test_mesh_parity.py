@@ -26,13 +26,15 @@ def _params():
             if transport not in available_backends():
                 marks.append(pytest.mark.skip(reason=f"{transport} backend unavailable here (install kvmesh[ucx])"))
             yield pytest.param((family, transport), id=f"{family}-{transport}", marks=marks)
+        yield pytest.param((family, "colocated"), id=f"{family}-colocated")  # no split: the baseline's parity
 
 
 @pytest.fixture(scope="module", params=list(_params()))
 def family_mesh(request, model_dir):
     family, transport = request.param
     path = model_dir(family)
-    mesh = start_mesh(str(path), transport=transport)
+    colocated = transport == "colocated"
+    mesh = start_mesh(str(path), transport="auto" if colocated else transport, colocated=colocated)
     yield path, mesh
     mesh.close()
 

@@ -43,7 +43,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "local_prefill_max_tokens")
+    __slots__ = ("role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "local_prefill_max_tokens", "colocated")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class RegisterRequest(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     address: str
     host_id: str
@@ -64,7 +65,8 @@ class RegisterRequest(_message.Message):
     load: WorkerLoad
     model: str
     local_prefill_max_tokens: int
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., local_prefill_max_tokens: _Optional[int] = ...) -> None: ...
+    colocated: bool
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., local_prefill_max_tokens: _Optional[int] = ..., colocated: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds")
@@ -135,7 +137,7 @@ class RouteRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures")
+    __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures", "colocated")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +153,7 @@ class WorkerInfo(_message.Message):
     NUM_ROUTED_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     NUM_BREAKER_OPENED_FIELD_NUMBER: _ClassVar[int]
     NUM_BREAKER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -166,7 +169,8 @@ class WorkerInfo(_message.Message):
     num_routed_since_heartbeat: int
     num_breaker_opened: int
     num_breaker_failures: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., num_routed_since_heartbeat: _Optional[int] = ..., num_breaker_opened: _Optional[int] = ..., num_breaker_failures: _Optional[int] = ...) -> None: ...
+    colocated: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., num_routed_since_heartbeat: _Optional[int] = ..., num_breaker_opened: _Optional[int] = ..., num_breaker_failures: _Optional[int] = ..., colocated: _Optional[bool] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("prefill", "decode", "num_cached_tokens", "policy", "num_decode_cached_tokens", "prompt_block_hashes", "local_prefill", "cache_probed")

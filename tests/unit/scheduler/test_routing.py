@@ -148,3 +148,42 @@ def test_a_retry_avoids_the_workers_it_failed_on_unless_its_role_has_no_other():
     plan = route(retry, registry.workers(), least_loaded, 8)
     assert (plan.decode.worker_id, plan.prefill.worker_id) == (other_decode.worker_id, lone_prefill.worker_id)
     assert route(QUERY, registry.workers(), least_loaded, 8).decode.worker_id == failed_decode.worker_id
+
+
+def add_colocated(registry, port, layout, load=Load()):
+    worker = registry.register(WorkerSpec(Role.DECODE, f"127.0.0.1:{port}", layout=layout, colocated=True))
+    registry.heartbeat(worker.worker_id, load)
+    return worker
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_colocated_workers_are_routed_to_alone_and_prefill_every_prompt(policy):
+    registry = Registry(lease_s=10)
+    add_colocated(registry, 1, FP32, Load(num_running=3))
+    idle = add_colocated(registry, 2, FP32)
+    long_prompt = RouteQuery("r1", tuple(range(1, 200)))
+    plan = route(long_prompt, registry.workers(), get_policy(policy), 8)
+    assert plan.prefill is None and plan.local_prefill
+    assert plan.decode.worker_id == idle.worker_id
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_a_colocated_worker_is_never_paired_with_a_prefill_worker(policy):
+    registry = Registry(lease_s=10)
+    colocated = add_colocated(registry, 1, FP32)
+    decode = add(registry, Role.DECODE, 2, FP32, Load(num_waiting=5))
+    prefill = add(registry, Role.PREFILL, 3, FP32)
+    pairs = set()
+    for i in range(8):
+        plan = route(RouteQuery(f"r{i}", tuple(range(1, 100))), registry.workers(), get_policy(policy), 16)
+        registry.routed(plan.decode, 99)
+        pairs.add((plan.prefill.worker_id if plan.prefill else None, plan.decode.worker_id, plan.local_prefill))
+    assert pairs <= {(prefill.worker_id, decode.worker_id, False), (None, colocated.worker_id, True)}
+    registry.deregister(decode.worker_id)
+    plan = route(QUERY, registry.workers(), get_policy(policy), 16)  # the prefill worker has no partner now
+    assert plan.prefill is None and plan.decode.worker_id == colocated.worker_id and plan.local_prefill
+
+
+def test_only_a_decode_worker_can_be_colocated():
+    with pytest.raises(InvalidArgumentError, match="only a DECODE worker can be colocated"):
+        WorkerSpec(Role.PREFILL, "127.0.0.1:1", layout=FP32, colocated=True).validate()
