@@ -7,6 +7,9 @@
 | `openai_api.py`, `openai_schema.py`, `openai_format.py` | the HTTP front end: routes, request bodies, response objects |
 | `openai_errors.py` | the typed errors in OpenAI's JSON shape, through one gRPC → HTTP status table |
 | `tokens.py` | tokenisation on a thread of its own, off the event loop, for both front ends |
+| `failover.py` | retries before the first token and migration after it: a failed attempt placed again |
+| `stall.py` | a silent stream's worker asked for its health: a stopped worker is told from a slow one |
+| `drain.py` | requests in flight, refused and ended explicitly when the gateway stops |
 | `observe.py` | a request's root span and latency metrics |
 | `config.py`, `main.py` | `kvmesh gateway`'s settings and start-up |
 """

@@ -29,6 +29,10 @@ class GatewayConfig(ServerConfig):
     migration_limit: int = knob(2, "Times a request whose decode worker fails mid-stream is moved to another one "
                                    "(the prompt and the tokens streamed so far re-issued there); 0 ends it with "
                                    "an error instead.")
+    stall_check_s: float = knob(1.0, "Seconds a decode stream may send nothing before the gateway asks its worker's "
+                                     "health, with the same deadline: a worker that answers keeps the stream, "
+                                     "however slow; one that does not (stopped, hung) is taken as gone and the "
+                                     "request migrated. 0: never ask.")
 
     def validate(self) -> None:
         super().validate()
@@ -37,4 +41,5 @@ class GatewayConfig(ServerConfig):
         check(self.max_body_bytes > 0, f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         check(self.retry_limit >= 0, f"retry_limit must be >= 0, got {self.retry_limit}")
         check(self.migration_limit >= 0, f"migration_limit must be >= 0, got {self.migration_limit}")
+        check(self.stall_check_s >= 0, f"stall_check_s must be >= 0, got {self.stall_check_s}")
         check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")

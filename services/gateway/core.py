@@ -29,6 +29,7 @@ from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, Unav
 from kvmesh.services.gateway.drain import Drain, LiveRequest
 from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
+from kvmesh.services.gateway.stall import next_message
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_MAX_TOKENS = 16
@@ -109,8 +110,9 @@ class Gateway:
 
     def __init__(self, card: ModelCard, scheduler_address: str, channels: ChannelCache,
                  route_timeout_s: float = 5.0, request_timeout_s: float = 600.0, reporter=None,
-                 retry_limit: int = 0, migration_limit: int = 0):
+                 retry_limit: int = 0, migration_limit: int = 0, stall_check_s: float = 0.0):
         self.card = card
+        self.stall_check_s = stall_check_s  # silence after which a stream's worker must answer a health check
         self.retry_limit = retry_limit  # routes again before the first token (failover.Attempts)
         self.migration_limit = migration_limit  # continuations on another decode worker after it
         self.reporter = reporter  # a FailureReporter: tells the scheduler of decode workers it cannot reach
@@ -179,7 +181,7 @@ class Gateway:
                     stub = decode_pb2_grpc.DecodeStub(self.channels.get(route.decode.address))
                     live.call = stub.Generate(decode_request(attempt, route), timeout=attempts.remaining_s())
                 try:
-                    async for response in relay(live, route.decode.address, attempt.request_id):
+                    async for response in relay(live, route.decode.address, attempt.request_id, self.stall_check_s):
                         yield attempts.relayed(response)
                     return
                 except MeshError as e:
@@ -212,12 +214,14 @@ def decode_request(call: GenerateCall, route: scheduler_pb2.RouteResponse) -> de
 UNFINISHED = (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR)
 
 
-async def relay(live: LiveRequest, address: str, request_id: str) -> AsyncIterator[decode_pb2.DecodeResponse]:
+async def relay(live: LiveRequest, address: str, request_id: str, stall_check_s: float = 0.0
+                ) -> AsyncIterator[decode_pb2.DecodeResponse]:
     """The decode worker's messages up to the final one; any other end is raised as an error naming the worker
-    (a dropped stream, a stream that stops before its final message, an aborted final message)."""
+    (a dropped stream, a stream that stops before its final message, an aborted final message, a worker that
+    stopped answering: stall.py)."""
     stream = live.call
     try:
-        async for response in stream:
+        while (response := await next_message(stream, address, stall_check_s)) is not grpc.aio.EOF:
             if response.finish_reason in UNFINISHED:
                 raise UnavailableError(f"decode worker {address} aborted request {request_id}")
             yield response

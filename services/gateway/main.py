@@ -75,7 +75,7 @@ def setup(config: GatewayConfig, server: MeshServer) -> None:
     reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "gateway")
     server.on_stopped(reporter.close)
     gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s,
-                      reporter, config.retry_limit, config.migration_limit)
+                      reporter, config.retry_limit, config.migration_limit, config.stall_check_s)
     server.add_service(Service.of(gateway_pb2, gateway_pb2_grpc, GatewayServicer(gateway, tokenizer)))
     server.add_task(drain_on_stop(gateway, config.grace_s))
     if config.http_port < 0:

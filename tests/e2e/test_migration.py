@@ -1,5 +1,5 @@
-"""Failover with real processes: a decode worker killed (SIGKILL) or stopped (SIGTERM past its grace period) under
-running streams has each of them continued on the other decode worker, with HF's greedy tokens, none lost or
+"""Failover with real processes: a decode worker killed (SIGKILL), frozen (SIGSTOP) or stopped (SIGTERM past its
+grace period) under running streams has each of them continued on the other decode worker, with HF's greedy tokens, none lost or
 repeated and the usage of the whole request; a prefill worker killed costs later requests latency, never an error.
 Each test puts a fresh worker in place of the one it took away, and every block is free afterwards."""
 
@@ -112,6 +112,29 @@ def test_a_decode_worker_killed_mid_stream_has_every_stream_continue_elsewhere(m
     assert counter(mesh, "kvmesh:request_failures_total") == failures
     replace(mesh, "decode", victim)
     assert mesh.wait_blocks_free(15)
+
+
+def test_a_frozen_decode_worker_is_told_from_a_slow_one_and_its_streams_move_on(mesh, hf):
+    """SIGSTOP: the worker's connections stay open and nothing comes. The gateway's health check after a second of
+    silence gets no answer, so the streams migrate; the frozen worker, thawed, frees what it held."""
+    before = counter(mesh, "kvmesh:request_retries_total", stage="after_first_token")
+    failures = counter(mesh, "kvmesh:request_failures_total")
+    streams = [Stream(mesh, prompt) for prompt in PROMPTS]
+    for stream in streams:
+        assert stream.started.wait(60) and stream.error is None, stream.error
+    victim = busiest_decode(mesh)
+    frozen = mesh.worker_stats(victim, "decode").num_running
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    try:
+        for stream in streams:
+            stream.join(120)
+            assert_whole(stream, hf)
+    finally:
+        os.kill(victim.proc.pid, signal.SIGCONT)
+    assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") - before >= frozen > 0
+    assert counter(mesh, "kvmesh:request_failures_total") == failures
+    assert victim.proc.poll() is None  # thawed, it serves on: its streams were cancelled, not its process
+    assert mesh.wait_blocks_free(30)
 
 
 def test_a_decode_worker_stopped_past_its_grace_period_hands_its_stream_on(mesh, hf):

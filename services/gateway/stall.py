@@ -1,0 +1,47 @@
+"""Telling a frozen decode worker from a slow one, mid-stream.
+
+A worker that stops (SIGSTOP, a hung host, a partition) keeps its TCP connection open and sends nothing: its
+stream neither ends nor fails. A worker that is merely slow (a loaded machine, a long prompt ahead of it) sends
+nothing for a while too. The difference is whether it answers at all: its event loop serves health checks while
+its engine computes. So once a stream has been silent for `stall_check_s`, the gateway asks the worker's health,
+with the same deadline; an answer (however slow the tokens) keeps the stream, silence ends it as UNAVAILABLE so
+that the request is migrated (failover.py), and the scheduler hears of it like of any unreachable worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from kvmesh.services.common.healthcheck import check_async
+
+
+def stalled(address: str, silent_s: float) -> grpc.aio.AioRpcError:
+    """The error a stream that stalled on a worker that does not answer ends with (its UNAVAILABLE is the
+    worker's absence, not an answer of its own, so `errors.unreachable` holds for it)."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                f"no message for {silent_s:.1f} s and no answer to a health check within "
+                                f"{silent_s:.1f} s: taken as stopped")
+
+
+async def next_message(stream, address: str, stall_check_s: float):
+    """The stream's next message (grpc.aio.EOF at its end). While none comes, the worker's health is checked every
+    `stall_check_s` (0: never); one that does not answer within that raises `stalled(...)`."""
+    read = asyncio.ensure_future(stream.read())
+    try:
+        while stall_check_s > 0:
+            done, _ = await asyncio.wait({read}, timeout=stall_check_s)
+            if done:
+                break
+            probe = asyncio.ensure_future(check_async(address, timeout=stall_check_s))
+            await asyncio.wait({read, probe}, return_when=asyncio.FIRST_COMPLETED)
+            if read.done():
+                probe.cancel()
+                break
+            if not await probe:
+                raise stalled(address, stall_check_s)
+        return await read
+    finally:
+        if not read.done():
+            read.cancel()
