@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 
 import grpc
 
@@ -44,9 +45,14 @@ class NotFoundError(MeshError, LookupError):
 
 
 class CapacityError(MeshError):
-    """Over capacity or over an admission limit right now; retry later: RESOURCE_EXHAUSTED."""
+    """Over capacity or over an admission limit right now; retry later (after `retry_after_s`, when known):
+    RESOURCE_EXHAUSTED."""
 
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class UnavailableError(MeshError):
@@ -113,12 +119,34 @@ def describe(exc: BaseException) -> str:
 ANSWERED_KEY = "kvmesh-answered"
 
 
+#: Trailing metadata key of a RESOURCE_EXHAUSTED status that says when to come back: whole seconds, as HTTP's
+#: Retry-After header (which the gateway's HTTP API sets from it).
+RETRY_AFTER_KEY = "retry-after"
+
+
+def retry_after(exc: BaseException | None) -> int | None:
+    """Whole seconds after which a refused request may come back: the error's own `retry_after_s`, or the
+    `retry-after` trailing metadata of the peer's status it passes on (its cause); None when none says."""
+    while exc is not None:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            hint = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+            return int(hint) if isinstance(hint, str) and hint.isdigit() else None
+        seconds = getattr(exc, "retry_after_s", None)
+        if seconds is not None:
+            return max(1, math.ceil(seconds))
+        exc = exc.__cause__
+    return None
+
+
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the RPC with the status `exc` stands for (raises grpc.aio.AbortError, as context.abort does)."""
     code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
-    await context.abort(code, describe(exc), trailing_metadata=((ANSWERED_KEY, "1"),))
+    metadata = [(ANSWERED_KEY, "1")]
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (seconds := retry_after(exc)) is not None:
+        metadata.append((RETRY_AFTER_KEY, str(seconds)))
+    await context.abort(code, describe(exc), trailing_metadata=tuple(metadata))
 
 
 def unreachable(e: grpc.aio.AioRpcError) -> bool:

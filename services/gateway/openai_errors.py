@@ -12,7 +12,7 @@ import logging
 import grpc
 from fastapi.responses import JSONResponse
 
-from kvmesh.services.common.errors import describe, status_for
+from kvmesh.services.common.errors import describe, retry_after, status_for
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,13 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 def typed_error_response(exc: BaseException) -> JSONResponse:
-    """The OpenAI error response for a typed error raised before the reply started."""
+    """The OpenAI error response for a typed error raised before the reply started; a 429 says when to come back
+    (Retry-After: the scheduler's hint, else 1 s), so a client backs off instead of hammering."""
     status = http_status(exc)
-    return error_response(status, describe(exc), "invalid_request_error" if status < 500 else "server_error")
+    response = error_response(status, describe(exc), "invalid_request_error" if status < 500 else "server_error")
+    if status == 429:
+        response.headers["Retry-After"] = str(retry_after(exc) or 1)
+    return response
 
 
 def stream_error_event(exc: BaseException) -> dict:

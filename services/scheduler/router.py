@@ -47,6 +47,11 @@ def _avoiding(query: RouteQuery, workers: Sequence[Worker]) -> Sequence[Worker]:
     return [w for w in workers if w.worker_id not in query.avoid_worker_ids or w.spec.role not in left]
 
 
+#: Seconds a refused request is told to wait per request the shortest decode queue is over its limit (a hint in
+#: whole seconds, at least 1; the fitted cost models of the SLO router are to replace it).
+RETRY_AFTER_PER_QUEUED_S = 0.5
+
+
 def _admit(groups: list[Candidates], max_queue: int) -> list[Candidates]:
     admitted = []
     for group in groups:
@@ -75,7 +80,9 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
                                f"({len(workers)} workers live)")
     admitted = _admit(groups, max_queue)
     if not admitted:
-        raise CapacityError(f"every decode worker has {max_queue} or more requests waiting; retry later")
+        shortest = min(d.load.num_waiting for g in groups for d in g.decode)
+        raise CapacityError(f"every decode worker has {max_queue} or more requests waiting; retry later",
+                            retry_after_s=RETRY_AFTER_PER_QUEUED_S * (shortest - max_queue + 1))
     plan = policy(query, admitted)
     local = decode_prefills(len(query.prompt_token_ids), plan.num_decode_cached_tokens, plan.decode)
     return dataclasses.replace(plan, local_prefill=local)

@@ -11,7 +11,7 @@ from kvmesh.services.common import errors
 from kvmesh.services.engine import errors as engine_errors
 from kvmesh.services.gateway.core import Gateway, GenerateCall, ModelCard, validate
 from kvmesh.services.gateway.openai_api import OpenAIFrontend, build_app
-from kvmesh.services.gateway.openai_errors import http_status, stream_error_event
+from kvmesh.services.gateway.openai_errors import http_status, stream_error_event, typed_error_response
 from kvmesh.services.gateway.tokens import AsyncTokenizer
 from kvmesh.v1 import common_pb2
 
@@ -87,3 +87,14 @@ def test_http_errors_keep_their_status_message_and_openai_shape(path, body, stat
     error = reply.json()["error"]
     assert words in error["message"] and error["code"] == status
     assert error["type"] == "invalid_request_error"
+
+
+def test_a_429_says_when_to_come_back():
+    peer = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(),
+                                grpc.aio.Metadata(("retry-after", "4")), "queues full")
+    passed_on = errors.MeshError.with_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "routing failed: queues full")
+    passed_on.__cause__ = peer
+    assert typed_error_response(passed_on).headers["Retry-After"] == "4"  # the scheduler's hint, passed on
+    assert typed_error_response(errors.CapacityError("x", retry_after_s=2.2)).headers["Retry-After"] == "3"
+    assert typed_error_response(errors.CapacityError("x")).headers["Retry-After"] == "1"
+    assert "Retry-After" not in typed_error_response(errors.UnavailableError("x")).headers

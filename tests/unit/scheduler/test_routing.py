@@ -79,8 +79,9 @@ def test_every_decode_over_the_queue_limit_is_resource_exhausted():
     registry = Registry(lease_s=10)
     busy = add(registry, Role.DECODE, 1, FP32, Load(num_waiting=8))
     add(registry, Role.PREFILL, 2, FP32)
-    with pytest.raises(CapacityError, match="8 or more"):
+    with pytest.raises(CapacityError, match="8 or more") as refused:
         route(QUERY, registry.workers(), least_loaded, max_queue=8)
+    assert refused.value.retry_after_s > 0
     registry.heartbeat(busy.worker_id, Load(num_waiting=7))
     assert route(QUERY, registry.workers(), least_loaded, max_queue=8).decode.worker_id == busy.worker_id
 

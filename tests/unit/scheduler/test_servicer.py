@@ -111,6 +111,9 @@ def test_status_codes():
         await register(stub, DECODE, 7001, num_waiting=2)
         await register(stub, PREFILL, 7002)
         assert await status_of(stub.Route(route, timeout=2)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Route(route, timeout=2)
+        assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1  # when to come back
 
     run_with_scheduler(body, max_queue=2)
 
