@@ -12,6 +12,7 @@ decode call, which frees the request's blocks on the decode and the prefill work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -220,8 +221,9 @@ async def relay(live: LiveRequest, address: str, request_id: str, stall_check_s:
     (a dropped stream, a stream that stops before its final message, an aborted final message, a worker that
     stopped answering: stall.py)."""
     stream = live.call
+    messages = aiter(stream)
     try:
-        while (response := await next_message(stream, address, stall_check_s)) is not grpc.aio.EOF:
+        while (response := await next_message(messages, address, stall_check_s)) is not None:
             if response.finish_reason in UNFINISHED:
                 raise UnavailableError(f"decode worker {address} aborted request {request_id}")
             yield response
@@ -237,5 +239,9 @@ async def relay(live: LiveRequest, address: str, request_id: str, stall_check_s:
         raise
     finally:
         stream.cancel()
+        # closed, not left to the garbage collector: the tracing interceptor ends the call's client span (its
+        # export) when this iterator ends, and the call object (which holds it) lives on in the drain's records
+        with contextlib.suppress(Exception):
+            await messages.aclose()
     live.check()
     raise UnavailableError(f"decode worker {address} ended request {request_id}'s stream before its last token")

@@ -11,6 +11,7 @@ that the request is migrated (failover.py), and the scheduler hears of it like o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -25,10 +26,11 @@ def stalled(address: str, silent_s: float) -> grpc.aio.AioRpcError:
                                 f"{silent_s:.1f} s: taken as stopped")
 
 
-async def next_message(stream, address: str, stall_check_s: float):
-    """The stream's next message (grpc.aio.EOF at its end). While none comes, the worker's health is checked every
-    `stall_check_s` (0: never); one that does not answer within that raises `stalled(...)`."""
-    read = asyncio.ensure_future(stream.read())
+async def next_message(messages: AsyncIterator, address: str, stall_check_s: float):
+    """The next of a stream's messages (`aiter(call)`: the tracing interceptor ends its span as that iterator
+    ends, which `call.read()` would bypass), None at its end. While none comes, the worker's health is checked
+    every `stall_check_s` (0: never); one that does not answer within that raises `stalled(...)`."""
+    read = asyncio.ensure_future(anext(messages, None))
     try:
         while stall_check_s > 0:
             done, _ = await asyncio.wait({read}, timeout=stall_check_s)
@@ -43,5 +45,6 @@ async def next_message(stream, address: str, stall_check_s: float):
                 raise stalled(address, stall_check_s)
         return await read
     finally:
-        if not read.done():
+        if not read.done():  # the iterator is free again once the cancelled read has unwound
             read.cancel()
+            await asyncio.wait({read})

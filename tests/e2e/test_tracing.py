@@ -56,7 +56,12 @@ def _trace_of(path, request_id: str, timeout_s: float = 10.0):
                  and s.attributes.get(names.ATTR_REQUEST_ID) == request_id]
         if roots:
             trace = group_traces(s for s in spans if s.trace_id == roots[0].trace_id)[roots[0].trace_id]
-            if {s.service for s in trace.spans} >= SERVICES and {s.name for s in trace.spans} >= NEEDED:
+            ids = {s.span_id for s in trace.spans}
+            parentless = [s for s in trace.spans if s.parent_id not in ids and s.name != names.REQUEST_SPAN]
+            # a service exports a span when it ends: a client span may end (and reach the file) after the spans
+            # under it, so the trace is read once every span but the root has its parent in it
+            if {s.service for s in trace.spans} >= SERVICES and {s.name for s in trace.spans} >= NEEDED \
+                    and not parentless:
                 return trace
         if time.monotonic() > deadline:
             seen = sorted({(s.service, s.name) for s in spans if roots and s.trace_id == roots[0].trace_id})

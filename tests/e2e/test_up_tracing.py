@@ -18,8 +18,10 @@ NUM_ROUTES = 5
 
 
 def test_plan_gives_every_service_its_own_metrics_port_and_decode_workers_their_flags():
-    args = argparse.Namespace(model="/m", transport="auto", transport_chaos="", threads_per_worker=1, lease_s=5.0,
-                              prefill=2, decode=1, grpc_port=50051, http_port=8000, cache_decode_kv=True)
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)  # the flags as `kvmesh up` parses them
+    args = parser.parse_args(["--model", "/m", "--threads-per-worker", "1", "--prefill", "2", "--decode", "1",
+                              "--cache-decode-kv"])
     children = launcher.plan(args)
     assert [c.name for c in children] == ["scheduler", "cache", "prefill-0", "prefill-1", "decode-0", "gateway"]
     assert [c.name for c in children if "--cache-decode-kv" in c.argv] == ["decode-0"]
