@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmesh.services.common.config import ServerConfig, check, knob
+from kvmesh.services.common.config import KEYS, ServerConfig, check, is_loopback, knob
 
 DEFAULT_PORT = 50051
 
@@ -29,6 +29,25 @@ class GatewayConfig(ServerConfig):
     migration_limit: int = knob(2, "Times a request whose decode worker fails mid-stream is moved to another one "
                                    "(the prompt and the tokens streamed so far re-issued there); 0 ends it with "
                                    "an error instead.")
+    api_key: KEYS = knob((), "An API key clients must send (HTTP 'Authorization: Bearer KEY', gRPC metadata "
+                             "'authorization'); repeat the flag for more; the variable is comma-separated.",
+                         secret=True)
+    api_key_file: str = knob("", "File of API keys, one a line, each optionally followed by its tenant; '#' "
+                                 "comments; read again on SIGHUP.")
+    metrics_auth: bool = knob(False, "Require an API key for /metrics too (else it is open, as /health is).")
+
+    @property
+    def authenticates(self) -> bool:
+        """True when clients must present an API key."""
+        return bool(self.api_key or self.api_key_file)
+
+    def check_exposure(self) -> None:
+        """Closed by default: a non-loopback bind needs API keys (or --insecure)."""
+        hosts = [self.host] + ([self.http_host] if self.http_port >= 0 else [])
+        exposed = [h for h in hosts if not is_loopback(h)]
+        check(not exposed or self.authenticates or self.insecure,
+              f"refusing to bind {exposed[0] if exposed else ''} without API keys: give --api-key or "
+              "--api-key-file (KVMESH_API_KEY), or --insecure to serve anyone who can reach the port")
 
     def validate(self) -> None:
         super().validate()
