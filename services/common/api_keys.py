@@ -92,24 +92,23 @@ class KeyRing:
         self.static_keys, self.key_file = tuple(static_keys), key_file
         self.keys = self._load()
         if not self.keys:
-            raise KeyFileError(f"the API key file {key_file} holds no key" if key_file else "no API key given")
+            raise KeyFileError("no API key given")
 
     def _load(self) -> KeySet:
         keys = read_key_file(self.key_file) if self.key_file else {}
+        if self.key_file and not keys:  # most likely a file being rewritten, or emptied by mistake
+            raise KeyFileError(f"the API key file {self.key_file} holds no key")
         for key in self.static_keys:
             keys.setdefault(key, "")
         return KeySet.of(keys)
 
     def reload(self) -> bool:
-        """Read the key file again; on a failure (or a file with no key left) keep the current keys and log why."""
+        """Read the key file again; when it cannot be read, is malformed or holds no key, keep the current keys
+        and log why (revoke every key by stopping the gateway, or with a file of keys nobody has)."""
         try:
             keys = self._load()
         except KeyFileError as exc:
             log.error("API keys not reloaded, the %d current ones stay: %s", len(self.keys), exc)
-            return False
-        if not keys:
-            log.error("API keys not reloaded: %s holds no key; the %d current ones stay", self.key_file,
-                      len(self.keys))
             return False
         self.keys = keys
         log.warning("API keys reloaded: %d key(s)", len(keys))

@@ -99,3 +99,11 @@ def test_a_gateway_on_a_public_address_needs_keys_or_insecure():
     assert _gateway("--host", "0.0.0.0", "--api-key", "k").host == "0.0.0.0"
     assert _gateway("--host", "0.0.0.0", "--insecure").insecure
     assert _gateway("--host", "localhost", "--http-host", "::1").host == "localhost"
+
+
+def test_an_emptied_key_file_keeps_the_current_keys_even_beside_flag_keys(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("file-key\n")
+    ring = KeyRing(("flag-key",), str(path))
+    path.write_text("")
+    assert not ring.reload() and ring.tenant_of("Bearer file-key") == ""
