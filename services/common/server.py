@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry
 from kvmesh.services.common.api_keys import KeyRing
+from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.channels import ChannelCache
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class MeshServer:
         self._stop_hooks: list[StopHook] = []
         self._stopped_hooks: list[StopHook] = []
         self.keys: KeyRing | None = None
+        self.limits: TenantLimits | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -120,9 +122,10 @@ class MeshServer:
         task.add_done_callback(_log_failure)
         self._tasks.append(task)
 
-    def authenticate(self, keys: KeyRing) -> None:
-        """Require an API key from `keys` on every RPC but the health check (before start); SIGHUP reloads them."""
-        self.keys = keys
+    def authenticate(self, keys: KeyRing, limits: TenantLimits | None = None) -> None:
+        """Require an API key from `keys` on every RPC but the health check, each tenant within `limits` (before
+        start); SIGHUP reloads the keys."""
+        self.keys, self.limits = keys, limits
 
     def on_stop(self, hook: StopHook) -> None:
         """Await `hook()` at stop, after the tasks are cancelled and before in-flight RPCs drain."""
@@ -145,7 +148,7 @@ class MeshServer:
         check_bindable(self.config.host, self.config.port)
         interceptors = [*rpc_tracing.server_interceptors(), errors.ErrorMappingInterceptor()]
         if self.keys is not None:  # first: a caller without a key reaches nothing, not even a span
-            interceptors.insert(0, auth.ApiKeyInterceptor(self.keys))
+            interceptors.insert(0, auth.ApiKeyInterceptor(self.keys, self.limits))
         server = grpc.aio.server(interceptors=interceptors, options=self._options())
         for service in self._services:
             service.add_to_server(service.servicer, server)

@@ -35,6 +35,11 @@ class GatewayConfig(ServerConfig):
     api_key_file: str = knob("", "File of API keys, one a line, each optionally followed by its tenant; '#' "
                                  "comments; read again on SIGHUP.")
     metrics_auth: bool = knob(False, "Require an API key for /metrics too (else it is open, as /health is).")
+    rate_limit_rpm: float = knob(0.0, "Requests a minute each tenant may send (a token bucket over every "
+                                      "authenticated request); more get HTTP 429 with Retry-After or "
+                                      "RESOURCE_EXHAUSTED; 0 turns it off. Needs API keys.")
+    rate_limit_burst: int = knob(0, "Requests a tenant may send at once before the per-minute rate applies; 0 "
+                                    "means one minute's worth.")
 
     @property
     def authenticates(self) -> bool:
@@ -56,4 +61,8 @@ class GatewayConfig(ServerConfig):
         check(self.max_body_bytes > 0, f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         check(self.retry_limit >= 0, f"retry_limit must be >= 0, got {self.retry_limit}")
         check(self.migration_limit >= 0, f"migration_limit must be >= 0, got {self.migration_limit}")
+        check(self.rate_limit_rpm >= 0 and self.rate_limit_burst >= 0, "rate_limit_rpm and rate_limit_burst "
+              f"must be >= 0, got {self.rate_limit_rpm} and {self.rate_limit_burst}")
+        check(not self.rate_limit_rpm or self.authenticates,
+              "rate limits are per tenant, and tenants come from API keys: give --api-key or --api-key-file")
         check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")

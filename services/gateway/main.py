@@ -14,6 +14,7 @@ import grpc
 from kvmesh.services.clients.scheduler import FailureReporter
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common.api_keys import KeyFileError, KeyRing
+from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.server import BindError, MeshServer, Service, serve
 from kvmesh.services.gateway.config import GatewayConfig
 from kvmesh.services.gateway.core import Gateway, ModelCard
@@ -71,8 +72,9 @@ def setup(config: GatewayConfig, server: MeshServer, keys: KeyRing | None = None
     keys, both APIs require one."""
     from transformers import AutoTokenizer
 
+    limits = TenantLimits(config.rate_limit_rpm, config.rate_limit_burst) if config.rate_limit_rpm else None
     if keys is not None:
-        server.authenticate(keys)
+        server.authenticate(keys, limits)
     tokenizer = AsyncTokenizer(AutoTokenizer.from_pretrained(config.model))
     server.on_stopped(tokenizer.close)
     card = ModelCard.from_path(config.model, config.served_model_name or None)
@@ -86,7 +88,7 @@ def setup(config: GatewayConfig, server: MeshServer, keys: KeyRing | None = None
         return
     sock = bind_http(config.http_host, config.http_port)
     app = build_app(OpenAIFrontend(gateway, tokenizer, _metrics_renderer()), _health(gateway), config.max_body_bytes,
-                    keys, config.metrics_auth)
+                    keys, config.metrics_auth, limits)
     server.add_task(serve_http(app, sock, config))
 
 

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.api_keys import KeyRing
+from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.errors import InvalidArgumentError, MeshError, NotFoundError
 from kvmesh.services.gateway import openai_format as fmt
 from kvmesh.services.gateway.http_auth import ApiKeyMiddleware, open_paths
@@ -186,7 +187,7 @@ def _no_native_telemetry() -> dict:
 
 
 def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, keys: KeyRing | None = None,
-              metrics_auth: bool = False) -> FastAPI:
+              metrics_auth: bool = False, limits: TenantLimits | None = None) -> FastAPI:
     """The FastAPI app of the gateway's HTTP port; with keys, every path but the open ones needs one."""
     app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, **_no_native_telemetry())
 
@@ -237,5 +238,5 @@ def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, k
         return Response(data, media_type=content_type)
 
     if keys is not None:  # added last, so outermost: nothing (not even the body limit) runs before the key check
-        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths(metrics_auth))
+        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths(metrics_auth), limits=limits)
     return app

@@ -12,8 +12,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mesh import start_mesh
-from kvmesh.v1 import common_pb2, gateway_pb2
+from mesh import free_port, start_mesh
+from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 KEYS = "alice-key team-a\nbob-key team-b\ncarol-key team-a\nold-key team-c\n"
 RELOADED = "alice-key team-a\nbob-key team-b\ncarol-key team-a\nnew-key team-c\n"
@@ -184,3 +184,34 @@ def test_a_client_salt_stays_inside_its_tenant(mesh):
     # salts that spell team-a's namespace, or none at all, never reach its blocks from team-b
     for salt in ("s1", "tenant:6:team-a:s1", ":s1", "team-a:s1"):
         assert grpc_cached_tokens(mesh, "bob-key", prompt, cache_salt=salt) == 0, salt
+
+
+def test_a_tenant_over_its_rate_limit_gets_429_and_resource_exhausted_while_others_go_on(procs, model_dir, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("a1 team-a\na2 team-a\nb1 team-b\n")
+    scheduler = procs.start("scheduler")
+    http_port = free_port()
+    gateway = procs.start("gateway", "--scheduler", scheduler.address, "--model", str(model_dir("llama")),
+                          "--http-port", str(http_port), "--api-key-file", str(keys), "--rate-limit-rpm", "1",
+                          "--rate-limit-burst", "2", timeout_s=120)
+    stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(gateway.address))
+
+    def grpc_call(key):
+        try:
+            stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10, metadata=metadata(f"Bearer {key}"))
+        except grpc.RpcError as e:
+            return e.code(), dict(e.trailing_metadata() or ())
+        return grpc.StatusCode.OK, {}
+
+    def http_call(key):
+        return httpx.get(f"http://127.0.0.1:{http_port}/v1/models", headers=bearer(key), timeout=10)
+
+    assert grpc_call("a1")[0] == grpc.StatusCode.OK and http_call("a2").status_code == 200  # one bucket for both
+    code, trailers = grpc_call("a1")
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and int(trailers["retry-after"]) >= 1
+    refused = http_call("a2")
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error" and "team-a" in refused.json()["error"]["message"]
+    assert http_call("wrong").status_code == 401  # authentication comes first and costs no one a token
+    assert grpc_call("b1")[0] == grpc.StatusCode.OK and http_call("b1").status_code == 200  # team-b goes on
+    assert httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=10).status_code in (200, 503)  # never limited
