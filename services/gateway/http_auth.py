@@ -22,10 +22,12 @@ class ApiKeyMiddleware:
         self.app, self.keys, self.open_paths, self.limits = app, keys, open_paths, limits
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
-            return await self.app(scope, receive, send)
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)  # lifespan events carry no request
         header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
         tenant = self.keys.tenant_of(header.decode("latin-1"))
+        if tenant is None and scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})  # policy violation
         if tenant is None:
             response = error_response(401, MESSAGE, "invalid_request_error")
             response.headers["WWW-Authenticate"] = "Bearer"

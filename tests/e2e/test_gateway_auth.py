@@ -143,8 +143,9 @@ def test_sighup_reloads_the_key_file_without_a_restart(mesh, key_file):
 @pytest.mark.parametrize("service, flag", [("gateway", "--api-key"), ("scheduler", "--insecure"),
                                            ("decode", "--insecure")])
 def test_a_service_asked_to_bind_a_public_address_unprotected_exits_at_once(procs, model_dir, service, flag):
-    proc = procs.launch(service, "--model", str(model_dir("llama")), "--host", "0.0.0.0") if service != "scheduler" \
-        else procs.launch(service, "--host", "0.0.0.0")
+    model = ["--model", str(model_dir("llama"))] if service != "scheduler" else []
+    unset = {"KVMESH_INSECURE": "0", "KVMESH_API_KEY": "", "KVMESH_API_KEY_FILE": ""}  # whatever this shell has
+    proc = procs.launch(service, *model, "--host", "0.0.0.0", env=unset)
     assert proc.wait(30) == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"kvmesh {service}: bad configuration: refusing to bind 0.0.0.0")
