@@ -86,6 +86,11 @@ def test_every_grpc_method_refuses_a_missing_or_wrong_key_but_health_is_open(mes
         codes = call_every_gateway_method(mesh, authorization)
         assert set(codes) == {"Generate", "Tokenize", "ListModels"}
         assert set(codes.values()) == {grpc.StatusCode.UNAUTHENTICATED}, (authorization, codes)
+    # bytes that are no protobuf at all: refused for the key, so they were never parsed
+    raw = mesh.channel(mesh.gateway.address).unary_unary("/kvmesh.v1.Gateway/Tokenize")
+    with pytest.raises(grpc.RpcError) as refused:
+        raw(b"\xff\xff\xff not a message", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     health = health_pb2_grpc.HealthStub(mesh.channel(mesh.gateway.address))
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     codes = call_every_gateway_method(mesh, "Bearer alice-key")  # empty requests: refused for what they say
