@@ -61,6 +61,8 @@ class GatewayConfig(ServerConfig):
         check(self.max_body_bytes > 0, f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         check(self.retry_limit >= 0, f"retry_limit must be >= 0, got {self.retry_limit}")
         check(self.migration_limit >= 0, f"migration_limit must be >= 0, got {self.migration_limit}")
+        check(all(key and not any(c.isspace() for c in key) for key in self.api_key),
+              "an API key must be non-empty and hold no whitespace")
         check(self.rate_limit_rpm >= 0 and self.rate_limit_burst >= 0, "rate_limit_rpm and rate_limit_burst "
               f"must be >= 0, got {self.rate_limit_rpm} and {self.rate_limit_burst}")
         check(not self.rate_limit_rpm or self.authenticates,

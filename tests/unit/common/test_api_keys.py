@@ -86,6 +86,8 @@ def test_api_keys_come_from_repeated_flags_or_a_comma_separated_variable_and_are
     config = _gateway("--api-key", "k1", "--api-key", "k2")
     assert config.api_key == ("k1", "k2") and config.authenticates
     assert _gateway(env={"KVMESH_API_KEY": "k3, k4"}).api_key == ("k3", "k4")
+    with pytest.raises(ConfigError, match="non-empty"):
+        _gateway("--api-key", "")
     line = describe(config)
     assert "k1" not in line and "k2" not in line and '"api_key": "<2 hidden>"' in line
 
