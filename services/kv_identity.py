@@ -94,6 +94,15 @@ def chain_salt(model_id: str, dtype: str, block_size: int, cache_salt: str = "")
     return "\x1f".join(parts).encode()
 
 
+def tenant_salt(tenant: str | None, cache_salt: str = "") -> str:
+    """The cache salt a request's blocks are hashed under: the client's `cache_salt` inside its tenant's
+    namespace (the tenant's length first, so no client salt can spell another tenant's prefix); None (a gateway
+    that checks no keys, so knows no tenants) leaves the client's salt as it is."""
+    if tenant is None:
+        return cache_salt
+    return f"tenant:{len(tenant)}:{tenant}:{cache_salt}"
+
+
 def layout_salt(layout: KVLayout, cache_salt: str = "") -> bytes:
     """`chain_salt` of a layout (anything with model_id, dtype, block_size) and a tenant's salt."""
     return chain_salt(layout.model_id, layout.dtype, layout.block_size, cache_salt)

@@ -182,8 +182,12 @@ def plan(args) -> list[Child]:
         metrics_port = free_port()
         child.argv += ["--metrics-port", str(metrics_port)]
         child.metrics_url = f"http://{host}:{metrics_port}/metrics"
+    key_file, api_keys = getattr(args, "api_key_file", None), getattr(args, "api_key", None)
+    keys = ["--api-key-file", key_file] if key_file else []
     children.append(Child("gateway", ["gateway", "--port", str(args.grpc_port), "--http-port", str(args.http_port),
-                                      "--model", str(args.model), *common], f"{host}:{args.grpc_port}",
+                                      "--model", str(args.model), *common, *keys], f"{host}:{args.grpc_port}",
+                          # keys travel in the environment, not the command line that `ps` shows everyone
+                          {"KVMESH_GATEWAY_API_KEY": ",".join(api_keys)} if api_keys else {},
                           metrics_url=f"http://{host}:{args.http_port}/metrics", stage=2))
     return children
 
@@ -210,21 +214,13 @@ def _workers(kind: tuple[str, str, int, list[str], str], common: list[str], env:
     return children
 
 
-def ask_once(address: str, prompt: str, max_tokens: int) -> int:
-    """Send one greedy request through the Gateway's gRPC API and print the answer as it streams."""
-    from kvmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+def client_key(args) -> str | None:
+    """The key `--once` sends: the first given to the gateway (flag, file, or the inherited KVMESH_API_KEY)."""
+    from kvmesh.services.common.api_keys import read_key_file
 
-    request = gateway_pb2.GenerateRequest(prompt=prompt, sampling=common_pb2.SamplingParams(
-        temperature=0.0, max_tokens=max_tokens))
-    print(f"\n> {prompt}", flush=True)
-    with grpc.insecure_channel(address) as channel:
-        usage = None
-        for response in gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120):
-            print(response.text, end="", flush=True)
-            if response.HasField("usage"):
-                usage = response.usage
-    print(f"\n[{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated]\n" if usage else "\n")
-    return 0
+    keys = [*(args.api_key or ()), *(read_key_file(args.api_key_file) if args.api_key_file else ())]
+    keys += [k.strip() for k in os.environ.get("KVMESH_API_KEY", "").split(",") if k.strip()]
+    return keys[0] if keys else None
 
 
 def add_arguments(parser) -> None:
@@ -257,6 +253,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lease-s", type=float, default=5.0, help="worker lease at the scheduler, seconds")
     parser.add_argument("--threads-per-worker", type=int, default=0, help="torch threads per worker (0: torch's "
                                                                           "default)")
+    parser.add_argument("--api-key", action="append", metavar="KEY", help="an API key the gateway requires "
+                        "(repeatable; handed over in its environment); --once sends the first")
+    parser.add_argument("--api-key-file", metavar="FILE", help="the gateway's API key file (see kvmesh gateway)")
     parser.add_argument("--once", metavar="PROMPT", help="send this prompt, print the streamed answer, stop")
     parser.add_argument("--max-tokens", type=int, default=32, help="with --once: tokens to generate")
     knobs.add_arguments(parser, RestartConfig, "up")
@@ -288,7 +287,9 @@ def run(args) -> int:
           f"(model {args.model})", flush=True)
     if args.once:
         try:
-            return ask_once(gateway, args.once, args.max_tokens)
+            from kvmesh.services.clients.gateway import ask_once
+
+            return ask_once(gateway, args.once, args.max_tokens, client_key(args))
         finally:
             mesh.stop()
     return mesh.watch()

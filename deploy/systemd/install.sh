@@ -55,6 +55,12 @@ for instance in $instances; do
         [ -z "$root" ] && chgrp kvmesh "$env"
         echo "wrote $env: edit it (ports, addresses) before starting"
     fi
+    keys="$root/etc/kvmesh/api-keys"
+    if [ "$role" = gateway ] && [ ! -e "$keys" ]; then  # a first key, never one baked into the repository
+        (umask 027; printf '%s default\n' "$(head -c 24 /dev/urandom | base64 | tr '+/' '-_')" > "$keys")
+        [ -z "$root" ] && chgrp kvmesh "$keys"
+        echo "wrote $keys with one random API key (tenant 'default'): hand it to clients, add more as needed"
+    fi
 done
 
 if [ "$systemctl" = 1 ] && [ -z "$root" ]; then

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+import ipaddress
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar, TextIO
@@ -38,9 +39,23 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
-def knob(default: Any, help: str, *, choices: tuple | None = None) -> Any:  # noqa: A002 — argparse's word
-    """A config field with its default and its help text (the field's docstring)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+KEYS = tuple[str, ...]  # a repeatable flag (`--api-key A --api-key B`); its variable is comma-separated
+
+
+def knob(default: Any, help: str, *, choices: tuple | None = None, secret: bool = False) -> Any:  # noqa: A002
+    """A config field with its default and its help text (the field's docstring); a secret one is never printed."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "secret": secret})
+
+
+def is_loopback(host: str) -> bool:
+    """True when host (a name or an address) is only reachable from this machine."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # any other name may resolve beyond this machine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +68,8 @@ class ServerConfig:
     max_message_bytes: int = knob(64 * 1024 * 1024, "Largest gRPC message sent or received, in bytes.")
     instance_id: str = knob("", "Identity of this process for logs and traces; empty makes a fresh one.")
     metrics_port: int = knob(-1, "Port of the Prometheus /metrics endpoint; -1 turns it off, 0 picks a free one.")
+    insecure: bool = knob(False, "Allow binding a non-loopback host without authentication (internal services "
+                                 "have no TLS yet: only on a network you trust).")
 
     def validate(self) -> None:
         """Raise ConfigError when a value is out of range. Subclasses extend it (and call super)."""
@@ -61,6 +78,13 @@ class ServerConfig:
         check(self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}")
         check(self.max_message_bytes >= 4 * 1024 * 1024,
               f"max_message_bytes must be >= 4 MiB, got {self.max_message_bytes}")
+        self.check_exposure()
+
+    def check_exposure(self) -> None:
+        """Closed by default: refuse a non-loopback bind nothing authenticates, unless `insecure` says so."""
+        check(is_loopback(self.host) or self.insecure,
+              f"refusing to bind {self.host}: this service has no authentication yet (mTLS between services is "
+              "future work); bind 127.0.0.1, or pass --insecure (KVMESH_INSECURE=1) on a network you trust")
 
     @property
     def address(self) -> str:
@@ -85,6 +109,8 @@ def _types(cls: type) -> dict[str, type]:
 def _parse(text: str, kind: type, name: str) -> Any:
     """Convert a flag's or variable's text to the field's type."""
     try:
+        if kind == KEYS:
+            return tuple(item.strip() for item in text.split(",") if item.strip())
         if kind is bool:
             lowered = text.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -107,14 +133,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, service: str = "")
     kinds = _types(cls)
     for f in dataclasses.fields(cls):
         kind = kinds[f.name]
-        if kind not in (int, float, str, bool):
-            raise TypeError(f"{cls.__name__}.{f.name}: config fields are int, float, str or bool, not {kind}")
+        if kind not in (int, float, str, bool, KEYS):
+            raise TypeError(f"{cls.__name__}.{f.name}: config fields are int, float, str, bool or "
+                            f"tuple[str, ...], not {kind}")
         envs = " or ".join(_env_names(service, f.name))
         help_text = f"{f.metadata.get('help', '')} (env {envs}; default {f.default!r})"
         choices = f.metadata.get("choices")
         if kind is bool:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                                 help=help_text)
+        elif kind == KEYS:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, action="append", help=help_text)
         else:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, type=str, choices=choices,
                                 help=help_text)
@@ -136,7 +165,10 @@ def from_args(cls: type[C], service: str, args: argparse.Namespace | Mapping[str
             source, raw = next(((n, env[n]) for n in names if n in env), (None, None))
         if raw is None:
             continue
-        values[f.name] = raw if isinstance(raw, kind) else _parse(str(raw), kind, source)
+        if kind == KEYS:
+            values[f.name] = tuple(raw) if isinstance(raw, (list, tuple)) else _parse(str(raw), kind, source)
+        else:
+            values[f.name] = raw if isinstance(raw, kind) else _parse(str(raw), kind, source)
         choices = f.metadata.get("choices")
         if choices and values[f.name] not in choices:
             raise ConfigError(f"{source}: {values[f.name]!r} is not one of {list(choices)}")
@@ -146,8 +178,12 @@ def from_args(cls: type[C], service: str, args: argparse.Namespace | Mapping[str
 
 
 def describe(config: Any) -> str:
-    """The config as one JSON line: {"config": "<Class>", "field": value, ...}."""
-    return json.dumps({"config": type(config).__name__, **dataclasses.asdict(config)}, sort_keys=False)
+    """The config as one JSON line: {"config": "<Class>", "field": value, ...}; secrets show only how many."""
+    values = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        if f.metadata.get("secret") and values[f.name]:
+            values[f.name] = f"<{len(values[f.name])} hidden>" if isinstance(values[f.name], tuple) else "<hidden>"
+    return json.dumps({"config": type(config).__name__, **values}, sort_keys=False)
 
 
 def print_config(config: Any, file: TextIO | None = None) -> None:

@@ -29,7 +29,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.services.common import config as config_mod
-from kvmesh.services.common import errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry
+from kvmesh.services.common import auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry
+from kvmesh.services.common.api_keys import KeyRing
+from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.channels import ChannelCache
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ class MeshServer:
         self._tasks: list[asyncio.Task] = []
         self._stop_hooks: list[StopHook] = []
         self._stopped_hooks: list[StopHook] = []
+        self.keys: KeyRing | None = None
+        self.limits: TenantLimits | None = None
         self._server: grpc.aio.Server | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -118,6 +122,11 @@ class MeshServer:
         task.add_done_callback(_log_failure)
         self._tasks.append(task)
 
+    def authenticate(self, keys: KeyRing, limits: TenantLimits | None = None) -> None:
+        """Require an API key from `keys` on every RPC but the health check, each tenant within `limits` (before
+        start); SIGHUP reloads the keys."""
+        self.keys, self.limits = keys, limits
+
     def on_stop(self, hook: StopHook) -> None:
         """Await `hook()` at stop, after the tasks are cancelled and before in-flight RPCs drain."""
         self._stop_hooks.append(hook)
@@ -138,6 +147,8 @@ class MeshServer:
         """Bind, start serving, mark every service SERVING and start the background tasks; return the port."""
         check_bindable(self.config.host, self.config.port)
         interceptors = [*rpc_tracing.server_interceptors(), errors.ErrorMappingInterceptor()]
+        if self.keys is not None:  # first: a caller without a key reaches nothing, not even a span
+            interceptors.insert(0, auth.ApiKeyInterceptor(self.keys, self.limits))
         server = grpc.aio.server(interceptors=interceptors, options=self._options())
         for service in self._services:
             service.add_to_server(service.servicer, server)
@@ -220,6 +231,8 @@ async def run(server: MeshServer, setup: Setup) -> int:
     except BindError as exc:
         print(f"kvmesh {server.name}: {exc}", file=sys.stderr, flush=True)
         return 2
+    if server.keys is not None:
+        loop.add_signal_handler(signal.SIGHUP, server.keys.reload)
     print(f"kvmesh {server.name} listening on {server.config.host}:{port}", flush=True)
     _start_metrics(server)
     await _announce_ready(server)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmesh.services.common.config import ServerConfig, check, knob
+from kvmesh.services.common.config import KEYS, ServerConfig, check, is_loopback, knob
 
 DEFAULT_PORT = 50051
 
@@ -33,6 +33,30 @@ class GatewayConfig(ServerConfig):
                                      "health, with the same deadline: a worker that answers keeps the stream, "
                                      "however slow; one that does not (stopped, hung) is taken as gone and the "
                                      "request migrated. 0: never ask.")
+    api_key: KEYS = knob((), "An API key clients must send (HTTP 'Authorization: Bearer KEY', gRPC metadata "
+                             "'authorization'); repeat the flag for more; the variable is comma-separated.",
+                         secret=True)
+    api_key_file: str = knob("", "File of API keys, one a line, each optionally followed by its tenant; '#' "
+                                 "comments; read again on SIGHUP.")
+    metrics_auth: bool = knob(False, "Require an API key for /metrics too (else it is open, as /health is).")
+    rate_limit_rpm: float = knob(0.0, "Requests a minute each tenant may send (a token bucket over every "
+                                      "authenticated request); more get HTTP 429 with Retry-After or "
+                                      "RESOURCE_EXHAUSTED; 0 turns it off. Needs API keys.")
+    rate_limit_burst: int = knob(0, "Requests a tenant may send at once before the per-minute rate applies; 0 "
+                                    "means one minute's worth.")
+
+    @property
+    def authenticates(self) -> bool:
+        """True when clients must present an API key."""
+        return bool(self.api_key or self.api_key_file)
+
+    def check_exposure(self) -> None:
+        """Closed by default: a non-loopback bind needs API keys (or --insecure)."""
+        hosts = [self.host] + ([self.http_host] if self.http_port >= 0 else [])
+        exposed = [h for h in hosts if not is_loopback(h)]
+        check(not exposed or self.authenticates or self.insecure,
+              f"refusing to bind {exposed[0] if exposed else ''} without API keys: give --api-key or "
+              "--api-key-file (KVMESH_API_KEY), or --insecure to serve anyone who can reach the port")
 
     def validate(self) -> None:
         super().validate()
@@ -42,4 +66,10 @@ class GatewayConfig(ServerConfig):
         check(self.retry_limit >= 0, f"retry_limit must be >= 0, got {self.retry_limit}")
         check(self.migration_limit >= 0, f"migration_limit must be >= 0, got {self.migration_limit}")
         check(self.stall_check_s >= 0, f"stall_check_s must be >= 0, got {self.stall_check_s}")
+        check(all(key and not any(c.isspace() for c in key) for key in self.api_key),
+              "an API key must be non-empty and hold no whitespace")
+        check(self.rate_limit_rpm >= 0 and self.rate_limit_burst >= 0, "rate_limit_rpm and rate_limit_burst "
+              f"must be >= 0, got {self.rate_limit_rpm} and {self.rate_limit_burst}")
+        check(not self.rate_limit_rpm or self.authenticates,
+              "rate limits are per tenant, and tenants come from API keys: give --api-key or --api-key-file")
         check(self.request_timeout_s > 0, f"request_timeout_s must be > 0, got {self.request_timeout_s}")

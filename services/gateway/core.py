@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -24,6 +25,7 @@ import grpc
 
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
+from kvmesh.services.common.api_keys import TENANT
 from kvmesh.services.common.channels import ChannelCache
 from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, UnavailableError, describe, status_for,
                                            unreachable)
@@ -31,6 +33,7 @@ from kvmesh.services.gateway.drain import Drain, LiveRequest
 from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
 from kvmesh.services.gateway.stall import next_message
+from kvmesh.services.kv_identity import tenant_salt
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 DEFAULT_MAX_TOKENS = 16
@@ -165,6 +168,8 @@ class Gateway:
     async def _generate(self, call: GenerateCall, timeout: float | None, observer: RequestObserver
                         ) -> AsyncIterator[decode_pb2.DecodeResponse]:
         budget = min(timeout or self.request_timeout_s, self.request_timeout_s)
+        # the one place a tenant's namespace is put on the salt (the key's tenant, set by the auth checks)
+        call = dataclasses.replace(call, cache_salt=tenant_salt(TENANT.get(), call.cache_salt))
         attempts = Attempts(call, max_tokens_of(call), self.retry_limit, self.migration_limit,
                             deadline=time.monotonic() + budget)
         with self.drain.track() as live:

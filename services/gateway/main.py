@@ -13,6 +13,8 @@ import grpc
 
 from kvmesh.services.clients.scheduler import FailureReporter
 from kvmesh.services.common import config as config_mod
+from kvmesh.services.common.api_keys import KeyFileError, KeyRing
+from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.server import BindError, MeshServer, Service, serve
 from kvmesh.services.gateway.config import GatewayConfig
 from kvmesh.services.gateway.core import Gateway, ModelCard
@@ -65,10 +67,14 @@ def _metrics_renderer():
     return render_latest
 
 
-def setup(config: GatewayConfig, server: MeshServer) -> None:
-    """Host the Gateway service and the HTTP API on server's loop; on stop, drain both (`drain_on_stop`)."""
+def setup(config: GatewayConfig, server: MeshServer, keys: KeyRing | None = None) -> None:
+    """Host the Gateway service and the HTTP API on server's loop; on stop, drain both (`drain_on_stop`); with
+    keys, both APIs require one."""
     from transformers import AutoTokenizer
 
+    limits = TenantLimits(config.rate_limit_rpm, config.rate_limit_burst) if config.rate_limit_rpm else None
+    if keys is not None:
+        server.authenticate(keys, limits)
     tokenizer = AsyncTokenizer(AutoTokenizer.from_pretrained(config.model))
     server.on_stopped(tokenizer.close)
     card = ModelCard.from_path(config.model, config.served_model_name or None)
@@ -81,7 +87,8 @@ def setup(config: GatewayConfig, server: MeshServer) -> None:
     if config.http_port < 0:
         return
     sock = bind_http(config.http_host, config.http_port)
-    app = build_app(OpenAIFrontend(gateway, tokenizer, _metrics_renderer()), _health(gateway), config.max_body_bytes)
+    app = build_app(OpenAIFrontend(gateway, tokenizer, _metrics_renderer()), _health(gateway), config.max_body_bytes,
+                    keys, config.metrics_auth, limits)
     server.add_task(serve_http(app, sock, config))
 
 
@@ -133,4 +140,8 @@ def serve_http(app, sock: socket.socket, config: GatewayConfig):
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kvmesh gateway`."""
     config = config_mod.from_args(GatewayConfig, "gateway", args)
-    return serve(config, lambda server: setup(config, server), name="gateway")
+    try:
+        keys = KeyRing(config.api_key, config.api_key_file) if config.authenticates else None
+    except KeyFileError as exc:
+        raise config_mod.ConfigError(str(exc)) from None
+    return serve(config, lambda server: setup(config, server, keys), name="gateway")

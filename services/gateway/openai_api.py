@@ -15,8 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvmesh.services.common import telemetry
+from kvmesh.services.common.api_keys import KeyRing
+from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.errors import InvalidArgumentError, MeshError, NotFoundError
 from kvmesh.services.gateway import openai_format as fmt
+from kvmesh.services.gateway.http_auth import ApiKeyMiddleware, open_paths
 from kvmesh.services.gateway.core import Gateway, GenerateCall, validate
 from kvmesh.services.gateway.openai_errors import error_response, stream_error_event, typed_error_response
 from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
@@ -183,8 +186,9 @@ def _no_native_telemetry() -> dict:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
-def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int) -> FastAPI:
-    """The FastAPI app of the gateway's HTTP port."""
+def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, keys: KeyRing | None = None,
+              metrics_auth: bool = False, limits: TenantLimits | None = None) -> FastAPI:
+    """The FastAPI app of the gateway's HTTP port; with keys, every path but the open ones needs one."""
     app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, **_no_native_telemetry())
 
     @app.middleware("http")
@@ -233,4 +237,6 @@ def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int) -
         data, content_type = frontend.metrics_renderer()
         return Response(data, media_type=content_type)
 
+    if keys is not None:  # added last, so outermost: nothing (not even the body limit) runs before the key check
+        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths(metrics_auth), limits=limits)
     return app

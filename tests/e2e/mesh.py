@@ -86,7 +86,8 @@ class Mesh:
 
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
-               cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False) -> Mesh:
+               cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
+               gateway_args: tuple[str, ...] = ()) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker.
@@ -113,8 +114,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         for proc in prefills + decodes:
             proc.wait_serving(START_TIMEOUT_S)
         http_port = free_port()
-        gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), env=env,
-                              timeout_s=START_TIMEOUT_S)
+        gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), *gateway_args,
+                              env=env, timeout_s=START_TIMEOUT_S)
         mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # registration is asynchronous to SERVING

@@ -89,3 +89,40 @@ def test_sigint_stops_the_mesh_and_sigkill_leaves_no_orphans(model_dir):
             launcher.kill()
             for pid in _alive(children):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_up_hands_api_keys_to_the_gateway_and_once_sends_one(model_dir, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("file-key team-a\n")
+    grpc_port, cmd = _up(model_dir("llama"), "--api-key", "flag-key", "--api-key-file", str(keys))
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in launcher.stdout:
+            if "kvmesh up: ready" in line:
+                break
+        gateway = next(p for p in _children_of(launcher.pid) if "gateway" in open(f"/proc/{p}/cmdline").read())
+        assert "flag-key" not in open(f"/proc/{gateway}/cmdline").read()  # keys never on a command line
+        assert _grpc_code(grpc_port, None) == "UNAUTHENTICATED"
+        assert _grpc_code(grpc_port, "flag-key") == _grpc_code(grpc_port, "file-key") == "OK"
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(30)
+    _, cmd = _up(model_dir("llama"), "--api-key-file", str(keys), "--once", "The capital of France is",
+                 "--max-tokens", "3")
+    once = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0 and "3 generated]" in once.stdout, once.stderr[-2000:]
+
+
+def _grpc_code(port: int, key: str | None) -> str:
+    import grpc
+
+    from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+    metadata = [("authorization", f"Bearer {key}")] if key else None
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            gateway_pb2_grpc.GatewayStub(channel).ListModels(gateway_pb2.ListModelsRequest(), timeout=10,
+                                                             metadata=metadata)
+        except grpc.RpcError as e:
+            return e.code().name
+    return "OK"
