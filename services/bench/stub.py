@@ -16,11 +16,13 @@ import time
 
 
 class StubOpenAI:
-    """Serves POST /v1/completions (streaming); `fail_status` answers every request with that HTTP status."""
+    """Serves POST /v1/completions (streaming); `fail_status` answers every request with that HTTP status, and
+    `cut_after` ends every stream after that many tokens without `[DONE]` (a server that died mid-stream)."""
 
     def __init__(self, first_token_delay_s: float = 0.0, itl_s: float = 0.0, fail_status: int | None = None,
-                 keep_times: bool = True):
+                 keep_times: bool = True, cut_after: int | None = None):
         self.first_token_delay_s, self.itl_s, self.fail_status = first_token_delay_s, itl_s, fail_status
+        self.cut_after = cut_after
         self.keep_times = keep_times
         self.sent: list[list[float]] = []  # per request, when each token chunk was written
         self.bodies: list[dict] = []
@@ -78,6 +80,9 @@ class StubOpenAI:
                                                                         "finish_reason": None}]})
             times.append(time.perf_counter())
             await writer.drain()
+            if self.cut_after is not None and i + 1 >= self.cut_after:
+                writer.write(b"0\r\n\r\n")
+                return
         prompt = body.get("prompt")
         usage = {"prompt_tokens": len(prompt) if isinstance(prompt, list) else 1, "completion_tokens": num_tokens,
                  "prompt_tokens_details": {"cached_tokens": 0}}
