@@ -65,6 +65,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="the gateway: http://127.0.0.1:8000 (--api http) or 127.0.0.1:50051 (--api grpc)")
     p.add_argument("--api", default="http", choices=APIS,
                    help="OpenAI /v1/completions with SSE, or the gateway's gRPC Generate stream")
+    p.add_argument("--http-client", default="native", choices=["native", "httpx"],
+                   help="native: asyncio HTTP/1.1 (fast, thousands of streams); httpx: the reference client")
     p.add_argument("--model", default=None, help="the model name to send (default: the server's only model)")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     _add_dataset(p)

@@ -47,10 +47,11 @@ async def _run_all(args: argparse.Namespace, sessions, rates: list[float | None]
     base_url = args.base_url or DEFAULT_BASE_URL.get(args.api, DEFAULT_GRPC_TARGET)
     total = sum(len(s.turns) for s in sessions)
     client = make_client(args.api, base_url, args.model, args.request_timeout_s,
-                         max_connections=args.max_concurrency or max(total, 1))
+                         args.max_concurrency or max(total, 1), args.http_client)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     outcomes = []
     try:
+        await _name_the_model(client)
         for rate in rates:
             label = f"rate {rate:g}: " if rate is not None else ""
             progress = Progress(total, args.progress_interval_s, label, enabled=not args.no_progress)
@@ -58,6 +59,21 @@ async def _run_all(args: argparse.Namespace, sessions, rates: list[float | None]
     finally:
         await client.close()
     return outcomes
+
+
+async def _name_the_model(client) -> None:
+    """Without --model, send the server's first model id where it lists one (vLLM refuses a request without it;
+    the kvmesh gateway takes its only model either way)."""
+    if getattr(client, "model", "") or not hasattr(client, "model_ids"):
+        return
+    try:
+        ids = await client.model_ids()
+    except Exception as exc:  # noqa: BLE001 — a server without /v1/models still gets the load, with no model named
+        note(f"could not list the server's models ({type(exc).__name__}: {exc}); sending no model name")
+        return
+    if ids:
+        client.model = ids[0]
+        note(f"model {ids[0]!r} (the server's first; --model to choose)")
 
 
 def _plot(path: str, draw) -> None:

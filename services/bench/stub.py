@@ -28,6 +28,7 @@ class StubOpenAI:
         self.bodies: list[dict] = []
         self.server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.num_connections = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen; return the port."""
@@ -44,6 +45,7 @@ class StubOpenAI:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.num_connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -52,6 +54,11 @@ class StubOpenAI:
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value.strip())
+                if head.startswith(b"GET /v1/models"):
+                    payload = json.dumps({"object": "list", "data": [{"id": "stub", "object": "model"}]}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(payload), payload))
+                    continue
                 body = json.loads(await reader.readexactly(length)) if length else {}
                 await self._respond(body, writer)
         except (asyncio.IncompleteReadError, ConnectionError):

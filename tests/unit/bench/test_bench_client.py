@@ -7,7 +7,9 @@ import time
 import grpc
 import pytest
 
-from kvmesh.services.bench.client import GrpcClient, HttpClient
+from kvmesh.services.bench.client import GrpcClient
+from kvmesh.services.bench.http_native import HttpClient
+from kvmesh.services.bench.httpx_client import HttpxClient
 from kvmesh.services.bench.datasets import BenchRequest
 from kvmesh.services.bench.metrics import RequestResult
 from kvmesh.services.bench.stub import StubOpenAI
@@ -17,9 +19,12 @@ FIRST_TOKEN_DELAY_S = 0.05
 ITL_S = 0.01
 
 
-async def http_run(stub: StubOpenAI, requests: list[BenchRequest]):
+HTTP_CLIENTS = [HttpClient, HttpxClient]
+
+
+async def http_run(stub: StubOpenAI, requests: list[BenchRequest], client_cls=HttpClient):
     port = await stub.start()
-    client = HttpClient(f"http://127.0.0.1:{port}", "m", timeout_s=30, max_connections=16)
+    client = client_cls(f"http://127.0.0.1:{port}", "m", timeout_s=30, max_connections=16)
     results = [RequestResult() for _ in requests]
     starts = []
 
@@ -35,10 +40,11 @@ async def http_run(stub: StubOpenAI, requests: list[BenchRequest]):
     return results, starts
 
 
-def test_http_client_measures_ttft_and_every_inter_token_gap():
+@pytest.mark.parametrize("client_cls", HTTP_CLIENTS)
+def test_http_client_measures_ttft_and_every_inter_token_gap(client_cls):
     stub = StubOpenAI(first_token_delay_s=FIRST_TOKEN_DELAY_S, itl_s=ITL_S)
     request = BenchRequest(prompt_ids=[101, 102, 103], output_len=6)
-    (result,), (start,) = asyncio.run(http_run(stub, [request]))
+    (result,), (start,) = asyncio.run(http_run(stub, [request], client_cls))
     assert result.ok and result.output_tokens == 6 and result.cached_tokens == 0
     assert len(result.token_times_s) == 6 and len(result.itl_s) == 5
     # sleeps never end early, so these bounds hold however loaded the machine is
@@ -53,21 +59,26 @@ def test_http_client_measures_ttft_and_every_inter_token_gap():
     assert stub.bodies[0]["max_tokens"] == 6 and stub.bodies[0]["model"] == "m"
 
 
-def test_http_client_holds_many_streams_at_once():
+@pytest.mark.parametrize("client_cls", HTTP_CLIENTS)
+def test_http_client_holds_many_streams_at_once_on_reused_connections(client_cls):
     stub = StubOpenAI(first_token_delay_s=0.0)
     requests = [BenchRequest([100 + i], output_len=3) for i in range(200)]
-    results, _ = asyncio.run(http_run(stub, requests))
+    results, _ = asyncio.run(http_run(stub, requests, client_cls))
     assert all(r.ok and r.output_tokens == 3 for r in results)
+    assert stub.num_connections <= 16  # the pool's cap: 200 requests over kept-alive connections
     assert sorted(tuple(b["prompt"]) for b in stub.bodies) == sorted(tuple(q.prompt_ids) for q in requests)
 
 
-def test_http_errors_are_named_by_status():
-    results, _ = asyncio.run(http_run(StubOpenAI(fail_status=503), [BenchRequest([100], 4)]))
-    assert results[0].error == "http_503" and results[0].ttft_s is None
+@pytest.mark.parametrize("client_cls", HTTP_CLIENTS)
+def test_http_errors_are_named_by_status(client_cls):
+    stub = StubOpenAI(fail_status=503)
+    results, _ = asyncio.run(http_run(stub, [BenchRequest([100], 4)] * 3, client_cls))
+    assert [r.error for r in results] == ["http_503"] * 3 and results[0].ttft_s is None
 
 
-def test_an_http_stream_that_ends_without_done_is_incomplete():
-    results, _ = asyncio.run(http_run(StubOpenAI(cut_after=2), [BenchRequest([100], 4)]))
+@pytest.mark.parametrize("client_cls", HTTP_CLIENTS)
+def test_an_http_stream_that_ends_without_done_is_incomplete(client_cls):
+    results, _ = asyncio.run(http_run(StubOpenAI(cut_after=2), [BenchRequest([100], 4)], client_cls))
     assert results[0].error == "incomplete" and len(results[0].token_times_s) == 2
 
 

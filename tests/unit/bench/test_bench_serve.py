@@ -100,6 +100,7 @@ def test_kvmesh_bench_serve_writes_the_json_contract(stub_url, tmp_path, capsys)
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
         assert set(data[key]) >= {"mean", "p50", "p90", "p99"} and data[key]["p50"] is not None
     assert len(data["requests"]) == 12
+    assert {b["model"] for b in stub.bodies} == {"stub"}  # no --model: the server's listed one
     assert sum(r["output_tokens"] for r in data["requests"]) == sum(b["max_tokens"] for b in stub.bodies)
     captured = capsys.readouterr()
     assert "Serving Benchmark Result" in captured.out
