@@ -42,11 +42,11 @@ def plot_run(results: list[RequestResult], path: str) -> None:
     # a message's tokens are credited at its arrival; requests' own clocks are offset by their start
     stamps = sorted(r.start_s + t for r in done for t in r.token_times_s)
     if stamps:
-        width = max(1, int(stamps[-1]) + 1)
-        counts = [0] * width
+        bin_s = max(stamps[-1] / 50, 0.05)  # about 50 points whatever the run's length
+        counts = [0] * (int(stamps[-1] / bin_s) + 1)
         for t in stamps:
-            counts[min(width - 1, int(t))] += 1
-        axes[2].plot(range(width), counts)
+            counts[int(t / bin_s)] += 1
+        axes[2].plot([i * bin_s for i in range(len(counts))], [c / bin_s for c in counts])
     axes[2].set_xlabel("time since start (s)")
     axes[2].set_ylabel("token messages / s")
     axes[2].set_title("output over time")
@@ -69,8 +69,10 @@ def plot_sweep(points: list[tuple[float, dict]], path: str) -> None:
                label="SLO attainment (%)")
     right.axhline(90, color="tab:orange", linestyle=":", alpha=0.6)
     right.set_ylabel("SLO attainment (%)")
+    right.set_ylim(0, 105)
+    left.set_ylim(bottom=0)
     left.grid(alpha=0.3)
-    fig.legend(loc="lower left")
+    fig.legend(loc="lower right", bbox_to_anchor=(0.88, 0.15))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

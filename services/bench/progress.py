@@ -23,6 +23,8 @@ class Progress:
     def sent(self) -> None:
         """A request went out."""
         self.num_sent += 1
+        if self._bar is not None:
+            self._bar[0].update(self._bar[1], inflight=self.num_sent - self.num_done)
 
     def finished(self, result: RequestResult) -> None:
         """A request ended, well or not."""
