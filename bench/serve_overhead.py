@@ -10,7 +10,9 @@ pinned to the second core while this process is pinned to the first:
 - Arrivals: `run_load` at a Poisson rate, many requests; sustained when the achieved send rate is >= 95 % of the
   asked one and the p99 lag of sends behind their schedule stays below 100 ms. Once with the HTTP client (each
   request a real stream) and once with a client that does nothing (the dispatcher's own ceiling). Goal >= 2,000/s.
-  The CPU time per request gives the rate one whole core would sustain (the ceiling); the share of the core the
+  The same for the gRPC client against a stub gateway (`python -m kvmesh.services.bench.stub_grpc`), its
+TTFT against the bare `Generate` call on the same channel.
+The CPU time per request gives the rate one whole core would sustain (the ceiling); the share of the core the
   process got shows when a shared machine, not the client, held it back.
 """
 
@@ -25,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvmesh.services.bench.client import GrpcClient
 from kvmesh.services.bench.client_base import BenchClient
 from kvmesh.services.bench.http_native import HttpClient
 from kvmesh.services.bench.httpx_client import HttpxClient
@@ -38,9 +41,8 @@ CLIENT_NAMES = {HttpClient: "native", HttpxClient: "httpx"}
 OUTPUT_TOKENS = 4
 
 
-def start_stub(core: int) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "kvmesh.services.bench.stub", "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+def start_stub(core: int, module: str = "kvmesh.services.bench.stub") -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", "0"], stdout=subprocess.PIPE, text=True)
     os.sched_setaffinity(proc.pid, {core})
     line = proc.stdout.readline()
     return proc, int(line.rsplit(":", 1)[1])
@@ -121,6 +123,39 @@ async def arrivals(client: BenchClient, rate: float, n: int) -> dict:
             "core_share_pct": 100 * cpu / wall, "cpu_bound_ceiling_rps": n / cpu}
 
 
+async def bare_grpc_ttfts(client: GrpcClient, n: int) -> list[float]:
+    """TTFT of the same channel and request with no bookkeeping: what the gRPC stack itself costs."""
+    message = client.request_message(BenchRequest(PROMPT, OUTPUT_TOKENS))
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        first = None
+        async for response in client.stubs[0].Generate(message, timeout=30):
+            if first is None and response.token_ids:
+                first = time.perf_counter() - start
+        out.append(first)
+    return out
+
+
+async def grpc_overhead(port: int, args: argparse.Namespace) -> dict:
+    client = GrpcClient(f"127.0.0.1:{port}", None, timeout_s=30, num_channels=1)
+    bare, ours = [], []
+    try:
+        await client_ttfts(client, 20)
+        for _ in range(args.rounds):
+            ours += await client_ttfts(client, args.per_round)
+            bare += await bare_grpc_ttfts(client, args.per_round)
+        runs = []
+        for rate in args.rates:
+            runs.append({"client": "grpc", **await arrivals(client, rate, int(rate * args.seconds))})
+    finally:
+        await client.close()
+    return {"ttft": {"client": "grpc", "requests": len(ours), "bare_ttft_p50_ms": percentile(bare, 50) * 1e3,
+                     "client_ttft_p50_ms": percentile(ours, 50) * 1e3, "bare_ttft_p90_ms": percentile(bare, 90) * 1e3,
+                     "client_ttft_p90_ms": percentile(ours, 90) * 1e3,
+                     "overhead_p50_ms": (percentile(ours, 50) - percentile(bare, 50)) * 1e3}, "arrivals": runs}
+
+
 async def measure(port: int, args: argparse.Namespace) -> dict:
     row = {"ttft": [await ttft_overhead(port, args.rounds, args.per_round, cls) for cls in CLIENT_NAMES],
            "arrivals": []}
@@ -153,7 +188,7 @@ def results_table(row: dict, command: str) -> str:
              f"`{command}`\n",
              f"CPU: {cpu.get('Model name', '?')}, {cpu.get('CPU(s)', '?')} CPUs; 1-minute load average at the "
              f"start {cpu['loadavg']:.1f}. The benchmark pinned to core 0, the stub server to core 1.\n",
-             "| HTTP client | TTFT p50 client / bare socket | TTFT p90 client / bare socket | **TTFT added (p50)** "
+             "| client | TTFT p50 client / bare socket | TTFT p90 client / bare socket | **TTFT added (p50)** "
              "| goal |", "| --- | --- | --- | --- | --- |"]
     for t in row["ttft"]:
         lines.append(f"| {t['client']} ({t['requests']} requests, one at a time) | {t['client_ttft_p50_ms']:.3f} / "
@@ -190,11 +225,19 @@ def main() -> int:
     args.rates = [float(r) for r in args.rates.split(",")]
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[0]})
+    import uvloop
+
     stub, port = start_stub(cores[-1])
     try:
-        import uvloop
-
         row = uvloop.run(measure(port, args))
+    finally:
+        stub.terminate()
+        stub.wait(timeout=10)
+    stub, port = start_stub(cores[-1], "kvmesh.services.bench.stub_grpc")
+    try:
+        grpc_row = uvloop.run(grpc_overhead(port, args))
+        row["ttft"].append(grpc_row["ttft"])
+        row["arrivals"] += grpc_row["arrivals"]
     finally:
         stub.terminate()
         stub.wait(timeout=10)

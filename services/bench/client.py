@@ -45,14 +45,15 @@ class GrpcClient(BenchClient):
         self.stubs = [gateway_pb2_grpc.GatewayStub(c) for c in self.channels]
         self.model, self.timeout_s, self.next = model or "", timeout_s, 0
 
-    def _request(self, request: BenchRequest):
+    def request_message(self, request: BenchRequest):
+        """The `GenerateRequest` for `request`."""
         from kvmesh.v1 import common_pb2, gateway_pb2
 
         sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
         return gateway_pb2.GenerateRequest(model=self.model, prompt_token_ids=request.prompt_ids, sampling=sampling)
 
     async def send(self, request: BenchRequest, result: RequestResult) -> None:
-        message = self._request(request)
+        message = self.request_message(request)
         self.next = (self.next + 1) % len(self.stubs)
         stub = self.stubs[self.next]
         start = time.perf_counter()
