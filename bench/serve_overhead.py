@@ -118,6 +118,7 @@ async def arrivals(client: BenchClient, rate: float, n: int) -> dict:
             "sustained": achieved >= 0.95 * rate and percentile(lag, 99) < 0.1,
             "send_lag_p50_ms": percentile(lag, 50) * 1e3, "send_lag_p99_ms": percentile(lag, 99) * 1e3,
             "completed": outcome.summary["completed"], "failed": outcome.summary["failed"],
+            "errors": outcome.summary["errors"],
             "completed_rps": outcome.summary["request_rps"], "cpu_s_per_request_ms": cpu / n * 1e3,
             # the CPU this process got: well under 100 % while behind schedule means the core was shared
             "core_share_pct": 100 * cpu / wall, "cpu_bound_ceiling_rps": n / cpu}

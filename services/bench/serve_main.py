@@ -46,8 +46,8 @@ def _config(args: argparse.Namespace) -> dict:
 async def _run_all(args: argparse.Namespace, sessions, rates: list[float | None]) -> list[RunOutcome]:
     base_url = args.base_url or DEFAULT_BASE_URL.get(args.api, DEFAULT_GRPC_TARGET)
     total = sum(len(s.turns) for s in sessions)
-    client = make_client(args.api, base_url, args.model, args.request_timeout_s,
-                         args.max_concurrency or max(total, 1), args.http_client)
+    connections = min(args.max_concurrency or max(total, 1), _open_files_allowed() - 64)
+    client = make_client(args.api, base_url, args.model, args.request_timeout_s, connections, args.http_client)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     outcomes = []
     try:
@@ -59,6 +59,24 @@ async def _run_all(args: argparse.Namespace, sessions, rates: list[float | None]
     finally:
         await client.close()
     return outcomes
+
+
+def _open_files_allowed() -> int:
+    """Raise the soft limit on open files to the hard one (each HTTP/1.1 stream in flight holds a socket, and
+    1,024 is a common default) and return it."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover — not on Windows
+        return 1 << 16
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            note(f"open files are limited to {soft}: at most {soft - 64} HTTP streams run at once")
+    return soft if soft != resource.RLIM_INFINITY else 1 << 16
 
 
 async def _name_the_model(client) -> None:

@@ -23,6 +23,8 @@ class StubOpenAI:
                  keep_times: bool = True, cut_after: int | None = None):
         self.first_token_delay_s, self.itl_s, self.fail_status = first_token_delay_s, itl_s, fail_status
         self.cut_after = cut_after
+        self.gate: asyncio.Event | None = None  # when set up, every stream waits for it before its first token
+        self.num_waiting = 0
         self.keep_times = keep_times
         self.sent: list[list[float]] = []  # per request, when each token chunk was written
         self.bodies: list[dict] = []
@@ -79,6 +81,10 @@ class StubOpenAI:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         times: list[float] = []
         num_tokens = int(body.get("max_tokens") or 16)
+        if self.gate is not None:
+            await writer.drain()
+            self.num_waiting += 1
+            await self.gate.wait()
         for i in range(num_tokens):
             delay = self.first_token_delay_s if i == 0 else self.itl_s
             if delay:

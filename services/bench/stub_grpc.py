@@ -27,8 +27,12 @@ class StubGateway(gateway_pb2_grpc.GatewayServicer):
 
 
 async def serve(port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """Start a stub gateway on 127.0.0.1; return it and its port."""
-    server = grpc.aio.server()
+    """Start a stub gateway on 127.0.0.1; return it and its port.
+
+    gRPC's server cancels (CANCELLED) new calls beyond 1,000 not yet handed to the application by default
+    (`grpc.server.max_pending_requests`); a burst of thousands of streams needs the limit raised."""
+    server = grpc.aio.server(options=[("grpc.server.max_pending_requests", 1 << 16),
+                                      ("grpc.server.max_pending_requests_hard_limit", 1 << 16)])
     gateway_pb2_grpc.add_GatewayServicer_to_server(StubGateway(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -69,6 +69,29 @@ def test_http_client_holds_many_streams_at_once_on_reused_connections(client_cls
     assert sorted(tuple(b["prompt"]) for b in stub.bodies) == sorted(tuple(q.prompt_ids) for q in requests)
 
 
+def test_the_native_client_holds_thousands_of_streams_in_flight():
+    num = 2000
+
+    async def run():
+        stub = StubOpenAI()
+        stub.gate = asyncio.Event()
+        port = await stub.start()
+        client = HttpClient(f"http://127.0.0.1:{port}", None, timeout_s=120, max_connections=num)
+        results = [RequestResult() for _ in range(num)]
+        sends = asyncio.gather(*(client.send(BenchRequest([100], 2), r) for r in results))
+        while stub.num_waiting < num and not sends.done():  # every stream open, waiting for its first token
+            await asyncio.sleep(0.01)
+        stub.gate.set()
+        await sends
+        await client.close()
+        await stub.stop()
+        return results, stub
+
+    results, stub = asyncio.run(run())
+    assert all(r.ok and r.output_tokens == 2 for r in results)
+    assert stub.num_connections == num
+
+
 @pytest.mark.parametrize("client_cls", HTTP_CLIENTS)
 def test_http_errors_are_named_by_status(client_cls):
     stub = StubOpenAI(fail_status=503)
