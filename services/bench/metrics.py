@@ -61,7 +61,8 @@ class Slo:
     tpot_ms: float | None = None
 
     def met(self, result: RequestResult) -> bool:
-        """Completed, first token within `ttft_ms`, and time per output token within `tpot_ms`."""
+        """Completed, first token within `ttft_ms`, and time per output token within `tpot_ms` (a one-token reply
+        has no TPOT, so only its TTFT counts)."""
         if not result.ok or result.ttft_s is None:
             return False
         if self.ttft_ms is not None and result.ttft_s * 1000 > self.ttft_ms:
