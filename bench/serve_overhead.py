@@ -4,16 +4,17 @@
 
 Against the stub OpenAI server (`python -m kvmesh.services.bench.stub`: every token at once), in its own process
 pinned to the second core while this process is pinned to the first:
-- TTFT overhead: requests one at a time, alternating in rounds between the benchmark's HTTP client (httpx, SSE
-  parsing, the timing code) and a bare asyncio socket that writes a prebuilt request and stops its clock at the
-  first token's bytes. Overhead = p50(client TTFT) − p50(bare TTFT). Goal < 1 ms.
+- TTFT overhead: requests one at a time, alternating in rounds between a benchmark HTTP client (the native
+  asyncio one, then httpx: request building, SSE parsing, the timing code) and a bare asyncio socket that writes
+  a prebuilt request and stops its clock at the first token's bytes. Overhead = p50(client TTFT) − p50(bare
+  TTFT). Goal < 1 ms.
 - Arrivals: `run_load` at a Poisson rate, many requests; sustained when the achieved send rate is >= 95 % of the
   asked one and the p99 lag of sends behind their schedule stays below 100 ms. Once with the HTTP client (each
   request a real stream) and once with a client that does nothing (the dispatcher's own ceiling). Goal >= 2,000/s.
-  The same for the gRPC client against a stub gateway (`python -m kvmesh.services.bench.stub_grpc`), its
-TTFT against the bare `Generate` call on the same channel.
-The CPU time per request gives the rate one whole core would sustain (the ceiling); the share of the core the
-  process got shows when a shared machine, not the client, held it back.
+  The same for the gRPC client against a stub gateway (`python -m kvmesh.services.bench.stub_grpc`), its TTFT
+  against the bare `Generate` call on the same channel. The CPU time per request gives the rate one whole core
+  would sustain (the ceiling); the share of the core the process got shows when a shared machine, not the
+  client, held it back.
 """
 
 from __future__ import annotations
