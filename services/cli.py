@@ -86,6 +86,13 @@ def _add_trace(sub: argparse._SubParsersAction) -> None:
     trace.set_defaults(func=trace_cli.run)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services.bench import cli as bench_cli
+
+    bench = sub.add_parser("bench", help="load-test a running mesh (serve) and write Mooncake traces (trace-gen)")
+    bench_cli.add_arguments(bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_services(sub)
     _add_up(sub)
     _add_trace(sub)
+    _add_bench(sub)
     return parser
 
 
