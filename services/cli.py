@@ -86,6 +86,14 @@ def _add_trace(sub: argparse._SubParsersAction) -> None:
     trace.set_defaults(func=trace_cli.run)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services.plan import cli as plan_cli
+
+    plan = sub.add_parser("plan", help="profile this machine, simulate the mesh on a workload, and search the "
+                                       "placements with the most goodput per core")
+    plan_cli.add_arguments(plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
@@ -95,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_services(sub)
     _add_up(sub)
     _add_trace(sub)
+    _add_plan(sub)
     return parser
 
 

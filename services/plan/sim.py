@@ -26,7 +26,7 @@ from kvmesh.services.scheduler.policies import RouteQuery, get_policy
 from kvmesh.services.scheduler.registry import Role, Worker, WorkerSpec
 
 LAYOUT = KVLayout("plan", "float32", 16, 1, 1, 1)  # one layout: every simulated pair is compatible
-_ARRIVE, _READY, _STEP, _LAND = range(4)
+_ARRIVE, _READY, _STEP, _LAND, _WAKE = range(5)
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ class Simulation:
         """Play every event; every request ends finished or rejected."""
         for job in self.jobs:
             self.push(job.arrival_s, _ARRIVE, job)
-        handlers = {_ARRIVE: self.arrive, _READY: self.ready, _STEP: self.step_done, _LAND: self.land}
+        handlers = {_ARRIVE: self.arrive, _READY: self.ready, _STEP: self.step_done, _LAND: self.land,
+                    _WAKE: self.wake}
         while self.events:
             now, _, kind, obj = heapq.heappop(self.events)
             handlers[kind](now, obj)
@@ -154,6 +155,19 @@ class Simulation:
         self.kick(now, target)
 
     def kick(self, now: float, worker: SimWorker) -> None:
+        """An idle worker with new work wakes after every other event of this instant: requests arriving
+        together are batched together, as an engine thread finds them all queued when it picks up work."""
+        if not worker.busy and not worker.waking:
+            worker.waking = True
+            self.push(now, _WAKE, worker)
+        worker.publish()
+
+    def wake(self, now: float, worker: SimWorker) -> None:
+        """Start the worker's next step if it has work."""
+        worker.waking = False
+        self.step(now, worker)
+
+    def step(self, now: float, worker: SimWorker) -> None:
         """Start the worker's next step if it is idle and has work."""
         if not worker.busy:
             seconds = worker.start_step()
@@ -172,7 +186,7 @@ class Simulation:
                 self.push(now + self.profile.transfer_seconds(job.input_length), _LAND, job)
         for job in finished:
             job.finish_s = now
-        self.kick(now, worker)
+        self.step(now, worker)  # a running engine loop steps again at once
 
     def land(self, now: float, job: Job) -> None:
         """A prompt's KV landed on its decode worker: the first token exists; it waits for a seat in the batch."""

@@ -54,6 +54,7 @@ class SimWorker:
         self.worker, self.profile, self.limits = worker, profile, limits
         self.prefills, self.decodes = prefills, decodes
         self.busy = False
+        self.waking = False  # a wake-up is scheduled for this instant
         self.waiting: deque[Job] = deque()  # prompts to compute (prefill, colocated) or landed KV (decode)
         self.prefilling: list[Job] = []  # admitted prompts partly computed
         self.num_running = 0
@@ -102,14 +103,14 @@ class SimWorker:
                 break
             k = min(budget, job.num_to_compute - job.num_done)
             self._chunks.append((job, k))
-            seconds += model.chunk_cost(job.num_done, k)
+            seconds += model.chunk_cost(job.num_cached + job.num_done, k)
             budget -= k
         while self.waiting and budget > 0 and len(self.prefilling) < seats:
             job = self.waiting.popleft()
             self.prefilling.append(job)
             k = min(budget, job.num_to_compute - job.num_done)
             self._chunks.append((job, k))
-            seconds += model.chunk_cost(job.num_done, k)
+            seconds += model.chunk_cost(job.num_cached + job.num_done, k)
             budget -= k
         if not self._chunks:
             return 0.0
