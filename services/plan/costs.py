@@ -80,10 +80,13 @@ class Profile:
 
 
 def _least_squares(rows: Sequence[Sequence[float]], seconds: Sequence[float]) -> tuple[float, float, float]:
-    """Non-negative least squares over three features: a negative coefficient would make a bigger batch faster,
-    which no engine does, and would send the simulator's step times below zero at the grid's edges."""
-    x = np.asarray(rows, dtype=float)
+    """Non-negative least squares over three features, on relative errors: a negative coefficient would make a
+    bigger batch faster, which no engine does, and would send the simulator's step times below zero at the
+    grid's edges; and the samples span orders of magnitude, so absolute errors would let the one slowest shape
+    decide every coefficient."""
     y = np.asarray(seconds, dtype=float)
+    x = np.asarray(rows, dtype=float) / y[:, None]
+    y = np.ones_like(y)
     active = [0, 1, 2]
     while True:
         coef = np.zeros(3)

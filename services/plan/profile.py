@@ -1,13 +1,13 @@
 """`kvmesh plan profile`: measure this machine's cost models with the real engine and fit them.
 
 Prefill: steps that each prefill `batch` whole prompts of n tokens (max_tokens=1), timed around `step()`.
-Decode: `batch` sequences of `context` prompt tokens, prefilled in one untimed step, then a few timed decode
-steps, each recorded with the batch's total context at that step; the fit takes each shape's fastest step. Transfer: a warm buffer copied twice (a
+Decode: `batch` sequences of `context` prompt tokens, joined as prefilled, then a few timed decode steps, each recorded with the batch's total context at that step; the fit takes each shape's fastest step. Transfer: a warm buffer copied twice (a
 producer's write into a shared segment and the consumer's copy out: the shared-memory handoff's two copies).
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -24,11 +24,11 @@ from kvmesh.services.plan.costs import Profile, fit_decode, fit_prefill
 class ProfileGrid:
     """The shapes measured; `reps` timings of each (the fastest kept: noise on a shared machine only adds)."""
 
-    prompt_lengths: tuple[int, ...] = (32, 128, 256, 512, 1024)
-    prefill_batches: tuple[int, ...] = (1, 2, 4)
+    prompt_lengths: tuple[int, ...] = (32, 128, 512, 1024)
+    prefill_batches: tuple[int, ...] = (1, 2)
     decode_batches: tuple[int, ...] = (1, 4, 16, 32)
     decode_contexts: tuple[int, ...] = (64, 256, 768)
-    decode_steps: int = 4
+    decode_steps: int = 5
     reps: int = 2
 
 
@@ -37,7 +37,9 @@ QUICK = ProfileGrid((16, 128, 256), (1, 2), (1, 8, 32), (32, 256), 3, 2)
 
 def cpu_info() -> dict:
     """`lscpu`'s model name, core count and flags (what decides bf16 vs fp32 speed here)."""
-    info = {"machine": platform.machine(), "model_name": platform.processor(), "cpus": None, "flags": ""}
+    # the load while profiling says how far to trust the figures on a shared machine
+    info = {"machine": platform.machine(), "model_name": platform.processor(), "cpus": None, "flags": "",
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
@@ -92,13 +94,17 @@ def time_prefill(engine, n: int, batch: int, salt: int) -> float:
 
 
 def time_decode(engine, context: int, batch: int, steps: int, salt: int) -> list[tuple[int, int, float]]:
-    """(batch, total context tokens, seconds) of `steps` decode steps of `batch` sequences of `context` tokens."""
+    """(batch, total context tokens, seconds) of `steps` decode steps of `batch` sequences of `context` tokens.
+
+    The sequences join as a decode worker's do (reserve, then add_prefilled): their KV is the pool's zeros, not
+    a prefill's, which changes no step's cost and spares a prefill of every batch before it is timed."""
     from kvmesh.services.engine.sampler import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"d{salt}-{i}", _prompt(engine, context, salt * 37 + i), params)
-    engine.step()  # the prefill of the whole batch, not timed
+        rid, prompt = f"d{salt}-{i}", _prompt(engine, context, salt * 37 + i)
+        engine.reserve(rid, context)
+        engine.add_prefilled(rid, prompt, prompt[-1], params)
     rows = []
     for s in range(steps):
         # each sequence holds its prompt and the s + 1 tokens made so far when this step runs
