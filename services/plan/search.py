@@ -21,7 +21,7 @@ DEFAULT_SEQS, DEFAULT_TOKENS = 64, 2048
 @dataclass(frozen=True)
 class SearchSpace:
     """What the search may choose from: `cores` in all, `cores_per_worker` each, and the grids of max_num_seqs
-    (decode and colocated workers) and max_num_batched_tokens (prefill and colocated workers)."""
+    (colocated workers) and max_num_batched_tokens (prefill and colocated workers)."""
 
     cores: int
     cores_per_worker: int = 1
@@ -85,10 +85,10 @@ def candidates(space: SearchSpace) -> list[MeshConfig]:
         if w:
             found += [MeshConfig(**base, decode_limits=RoleLimits(s, t))
                       for s in space.max_num_seqs for t in space.max_num_batched_tokens]
-        else:
+        else:  # a decode worker's max_num_seqs never binds (landed KV joins at once): only the chunk size varies
             found += [MeshConfig(**base, prefill_limits=RoleLimits(DEFAULT_SEQS, t),
-                                 decode_limits=RoleLimits(s, DEFAULT_TOKENS))
-                      for s in space.max_num_seqs for t in space.max_num_batched_tokens]
+                                 decode_limits=RoleLimits(DEFAULT_SEQS, DEFAULT_TOKENS))
+                      for t in space.max_num_batched_tokens]
     return found
 
 
@@ -109,7 +109,6 @@ def command(config: MeshConfig, cores_per_worker: int = 1) -> str:
                 f"KVMESH_DECODE_MAX_NUM_BATCHED_TOKENS={c.decode_limits.max_num_batched_tokens} "
                 f"kvmesh up --colocated --workers {c.colocated} --worker-cpus {_cpus(0, c.colocated, k)}")
     return (f"{policy}KVMESH_PREFILL_MAX_NUM_BATCHED_TOKENS={c.prefill_limits.max_num_batched_tokens} "
-            f"KVMESH_DECODE_MAX_NUM_SEQS={c.decode_limits.max_num_seqs} "
             f"kvmesh up --prefill {c.prefill} --decode {c.decode} --prefill-cpus {_cpus(0, c.prefill, k)} "
             f"--decode-cpus {_cpus(c.prefill * k, c.decode, k)}")
 
@@ -127,4 +126,16 @@ def search(profile: Profile, arrivals: Sequence[Arrival], slo: SLO, space: Searc
         plans.append(Plan(config, workers * space.cores_per_worker, predict(result, slo),
                           command(config, space.cores_per_worker)))
     plans.sort(key=lambda p: (-p.goodput_per_core, -p.prediction.attainment, p.cores))
-    return plans
+    return distinct(plans)
+
+
+def distinct(plans: Sequence[Plan]) -> list[Plan]:
+    """plans without those that repeat an earlier one's mesh and figures (a limit the workload never reached)."""
+    seen, kept = set(), []
+    for plan in plans:
+        c = plan.config
+        key = (c.prefill, c.decode, c.colocated, repr(plan.prediction))
+        if key not in seen:
+            seen.add(key)
+            kept.append(plan)
+    return kept

@@ -2,8 +2,9 @@
 
 Each step first serves the running decodes (one token each), then prompt chunks, oldest first, within the token
 budget (max_num_batched_tokens) and max_num_seqs — the real engine's order. A prefill worker only chunks prompts
-and hands each finished one off; a decode worker only decodes sequences whose KV has landed; a colocated worker
-does both in one step. A decode step is O(1) in the batch: the batch's total context grows by the batch size per
+and hands each finished one off; a decode worker only decodes sequences whose KV has landed, which join its batch
+at the next step whatever max_num_seqs (as `LLMEngine.add_prefilled` does; a batch over the token budget, where
+the engine would skip some decodes for a step, is not modelled); a colocated worker does both in one step. A decode step is O(1) in the batch: the batch's total context grows by the batch size per
 step, and a sequence's finishing step is known when it joins (a heap), so no Python loop runs per token.
 """
 
@@ -80,7 +81,8 @@ class SimWorker:
         """Schedule the next step; its duration in seconds, or None when there is nothing to do."""
         limits = self.limits
         if self.decodes and not self.prefills:
-            while self.waiting and self.num_running < limits.max_num_seqs:
+            # landed KV joins the running batch at once, whatever max_num_seqs (the engine's add_prefilled)
+            while self.waiting:
                 self.join(self.waiting.popleft())
         batch = self.num_running
         seconds = self.profile.decode.seconds(batch, self.context_tokens) if batch else 0.0

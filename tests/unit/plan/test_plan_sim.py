@@ -137,3 +137,12 @@ def test_a_mesh_without_a_pair_is_refused():
         MeshConfig(prefill=1, decode=0).validate()
     with pytest.raises(ValueError):
         MeshConfig(prefill=1, decode=1, colocated=1).validate()
+
+
+def test_landed_kv_joins_the_decode_batch_whatever_max_num_seqs():
+    burst = [Arrival(0.0, 64, 5) for _ in range(3)]
+    config = MeshConfig(prefill=1, decode=1, decode_limits=RoleLimits(1, 2048))
+    result = run(config, burst)
+    # all three prefill in one step, land together and decode as one batch of three (add_prefilled's rule)
+    assert len(set(result.first_token_s)) == 1 and len(set(result.finish_s)) == 1
+    assert result.finish_s[0] - result.first_token_s[0] == pytest.approx(4 * (0.02 + 0.005 * 3))
