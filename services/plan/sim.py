@@ -2,8 +2,11 @@
 worker's queue (batched by token budget) → the KV transfer → a decode worker's continuous batch; or, for
 colocated workers, arrivals → router → one worker that chunks prompts into its decode steps.
 
-Modelling choices (each a place to refine): the router sees every worker's load as it is now (heartbeats with
-no lag); a request's first token exists when its KV has landed on the decode worker (disaggregated) or when
+Routing is the scheduler's own: a `Registry` on the simulated clock, workers registered with real specs and
+heartbeating their loads every `heartbeat_s` (0: at every change), `router.route` over `registry.routable()`
+with the policy named, and `registry.routed` after each route, as the scheduler's Route handler does.
+
+Modelling choices (each a place to refine): a request's first token exists when its KV has landed on the decode worker (disaggregated) or when
 the step that computes its prompt's last chunk ends (colocated); KV pools never run out of blocks; a prompt
 prefix already computed once (equal leading `hash_ids`) is fetched, not recomputed, when the mesh has a cache.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,10 +27,10 @@ from kvmesh.services.plan.trace import TRACE_BLOCK_TOKENS, Arrival
 from kvmesh.services.plan.worker import Job, RoleLimits, SimWorker
 from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.policies import RouteQuery, get_policy
-from kvmesh.services.scheduler.registry import Role, Worker, WorkerSpec
+from kvmesh.services.scheduler.registry import Registry, Role, WorkerSpec
 
 LAYOUT = KVLayout("plan", "float32", 16, 1, 1, 1)  # one layout: every simulated pair is compatible
-_ARRIVE, _READY, _STEP, _LAND, _WAKE = range(5)
+_ARRIVE, _READY, _STEP, _LAND, _WAKE, _BEAT = range(6)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class MeshConfig:
     policy: str = "least_loaded"
     cache: bool = True
     max_queue: int = 64  # the scheduler's admission limit (its --max-queue default)
+    heartbeat_s: float = 1.0  # workers' heartbeat interval (the scheduler's lease / 3); 0: loads always current
 
     def validate(self) -> None:
         """Raise ValueError for a mesh that cannot serve: no pair and no colocated worker, or a mix."""
@@ -65,10 +70,10 @@ class SimResult:
     num_steps: int
 
 
-def _worker(role: Role, i: int, colocated: bool = False) -> Worker:
-    spec = WorkerSpec(role, f"sim-{role.name.lower()}:{i + 1}", layout=LAYOUT, model=LAYOUT.model_id,
+def _spec(role: Role, i: int, colocated: bool = False) -> WorkerSpec:
+    port = i + 1 + (30000 if colocated else 0) + (10000 if role == Role.DECODE else 0)
+    return WorkerSpec(role, f"sim-{role.name.lower()}:{port}", layout=LAYOUT, model=LAYOUT.model_id,
                       colocated=colocated)
-    return Worker(f"{role.name.lower()}-{i}", spec)
 
 
 class Simulation:
@@ -79,15 +84,17 @@ class Simulation:
         self.profile, self.config = profile, config
         self.policy = get_policy(config.policy)
         self.jobs = [Job(i, a.time_s, a.input_length, a.output_length, a.hash_ids) for i, a in enumerate(arrivals)]
-        make = SimWorker
-        self.prefill = [make(_worker(Role.PREFILL, i), profile, config.prefill_limits, True, False)
+        self.now = 0.0
+        self.registry = Registry(lease_s=math.inf, clock=lambda: self.now)  # leases never lapse here
+        add, limits = self.registry.register, (config.prefill_limits, config.decode_limits)
+        self.prefill = [SimWorker(add(_spec(Role.PREFILL, i)), profile, limits[0], True, False)
                         for i in range(config.prefill)]
-        self.decode = [make(_worker(Role.DECODE, i), profile, config.decode_limits, False, True)
+        self.decode = [SimWorker(add(_spec(Role.DECODE, i)), profile, limits[1], False, True)
                        for i in range(config.decode)]
-        self.decode += [make(_worker(Role.DECODE, i, True), profile, config.decode_limits, True, True)
+        self.decode += [SimWorker(add(_spec(Role.DECODE, i, True)), profile, limits[1], True, True)
                         for i in range(config.colocated)]
         self.by_id = {w.worker.worker_id: w for w in self.prefill + self.decode}
-        self.workers = [w.worker for w in self.prefill + self.decode]
+        self.num_open = len(self.jobs)  # requests not yet finished or rejected: heartbeats stop at 0
         self.events: list = []
         self.seq = itertools.count()
         self.seen: set[int] = set()  # hash ids whose blocks the cache holds
@@ -102,10 +109,13 @@ class Simulation:
         """Play every event; every request ends finished or rejected."""
         for job in self.jobs:
             self.push(job.arrival_s, _ARRIVE, job)
+        if self.config.heartbeat_s > 0 and self.jobs:
+            self.push(0.0, _BEAT, None)
         handlers = {_ARRIVE: self.arrive, _READY: self.ready, _STEP: self.step_done, _LAND: self.land,
-                    _WAKE: self.wake}
+                    _WAKE: self.wake, _BEAT: self.beat}
         while self.events:
             now, _, kind, obj = heapq.heappop(self.events)
+            self.now = now
             handlers[kind](now, obj)
         jobs = self.jobs
         return SimResult(tuple(j.arrival_s for j in jobs), tuple(j.first_token_s for j in jobs),
@@ -132,16 +142,21 @@ class Simulation:
         job.num_cached = self.cached_tokens(job)
         query = RouteQuery(str(job.index), prompt, cached_tokens={LAYOUT: job.num_cached})
         try:
-            plan = router.route(query, self.workers, self.policy, self.config.max_queue)
+            plan = router.route(query, self.registry.routable(), self.policy, self.config.max_queue)
         except CapacityError:
             job.rejected = True
+            self.num_open -= 1
             return
-        self.routes[plan.policy, plan.prefill is None or plan.local_prefill] += 1
+        local = plan.prefill is None or plan.local_prefill
+        self.routes[plan.policy, local] += 1
+        self.registry.routed(plan.decode, n)  # counted until the worker's next heartbeat, as Route does
+        if not local:
+            self.registry.routed(plan.prefill, n)
         decode = self.by_id[plan.decode.worker_id]
-        target = decode if plan.prefill is None or plan.local_prefill else self.by_id[plan.prefill.worker_id]
+        target = decode if local else self.by_id[plan.prefill.worker_id]
         job.decode = decode
         decode.num_pending += target is not decode
-        decode.publish()
+        self.publish(decode)
         fetch = self.profile.transfer_seconds(job.num_cached)
         if fetch > 0:  # the cached prefix is fetched before the prompt's own tokens are computed
             self.push(now + fetch, _READY, (job, target))
@@ -154,13 +169,25 @@ class Simulation:
         target.waiting.append(job)
         self.kick(now, target)
 
+    def publish(self, worker: SimWorker) -> None:
+        """A load change: reported at once when heartbeats are continuous (heartbeat_s 0), else at the next beat."""
+        if self.config.heartbeat_s <= 0:
+            self.registry.heartbeat(worker.worker.worker_id, worker.load())
+
+    def beat(self, now: float, _) -> None:
+        """Every worker heartbeats its load; the next beat follows while any request is open."""
+        for worker in self.by_id.values():
+            self.registry.heartbeat(worker.worker.worker_id, worker.load())
+        if self.num_open > 0:
+            self.push(now + self.config.heartbeat_s, _BEAT, None)
+
     def kick(self, now: float, worker: SimWorker) -> None:
         """An idle worker with new work wakes after every other event of this instant: requests arriving
         together are batched together, as an engine thread finds them all queued when it picks up work."""
         if not worker.busy and not worker.waking:
             worker.waking = True
             self.push(now, _WAKE, worker)
-        worker.publish()
+        self.publish(worker)
 
     def wake(self, now: float, worker: SimWorker) -> None:
         """Start the worker's next step if it has work."""
@@ -173,7 +200,7 @@ class Simulation:
             seconds = worker.start_step()
             if seconds is not None:
                 self.push(now + seconds, _STEP, worker)
-        worker.publish()
+        self.publish(worker)
 
     def step_done(self, now: float, worker: SimWorker) -> None:
         """A step ended: hand computed prompts on, finish requests that made their last token, step again."""
@@ -186,6 +213,7 @@ class Simulation:
                 self.push(now + self.profile.transfer_seconds(job.input_length), _LAND, job)
         for job in finished:
             job.finish_s = now
+        self.num_open -= len(finished)
         self.step(now, worker)  # a running engine loop steps again at once
 
     def land(self, now: float, job: Job) -> None:
@@ -195,7 +223,8 @@ class Simulation:
         job.first_token_s = now
         if job.output_length <= 1:
             job.finish_s = now
-            decode.publish()
+            self.num_open -= 1
+            self.publish(decode)
             return
         decode.waiting.append(job)
         self.kick(now, decode)
@@ -205,5 +234,6 @@ class Simulation:
         job.first_token_s = now
         if job.output_length <= 1:
             job.finish_s = now
+            self.num_open -= 1
         else:
             worker.join(job)

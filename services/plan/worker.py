@@ -65,10 +65,10 @@ class SimWorker:
         self._finishes: list[tuple[int, int, Job]] = []  # (finishing step, index, job)
         self._chunks: list[tuple[Job, int]] = []  # the step now running's prompt chunks
 
-    def publish(self) -> None:
-        """Show the router this worker's load now (the simulation's heartbeat: always current)."""
-        self.worker.load = Load(num_waiting=len(self.waiting) + self.num_pending,
-                                num_running=self.num_running + len(self.prefilling))
+    def load(self) -> Load:
+        """The load this worker's next heartbeat reports."""
+        return Load(num_waiting=len(self.waiting) + self.num_pending,
+                    num_running=self.num_running + len(self.prefilling))
 
     def join(self, job: Job) -> None:
         """Start decoding job (its first token exists; output_length - 1 decode steps follow)."""

@@ -95,17 +95,28 @@ def test_every_route_is_made_by_the_named_real_policy():
     assert colocated.routes == {("kv_aware", True): 200}  # no prefill worker in the plan
 
 
-def test_least_loaded_spreads_a_burst_over_the_decode_workers():
+def test_a_burst_between_heartbeats_spreads_by_what_the_registry_counted_as_routed():
     burst = [Arrival(0.0, 64, 100) for _ in range(4)]
-    sim = Simulation(PROFILE, MeshConfig(prefill=1, decode=2), burst)
+    sim = Simulation(PROFILE, MeshConfig(prefill=1, decode=2, heartbeat_s=1.0), burst)
     sim.run()
-    assert sorted(job.decode.worker.worker_id for job in sim.jobs) == ["decode-0", "decode-0", "decode-1",
-                                                                      "decode-1"]
+    # no heartbeat between them shows a load: only Registry.routed's count spreads them (least_loaded's rule)
+    assert [sim.decode.index(job.decode) for job in sim.jobs] == [0, 1, 0, 1]
+
+
+def test_policies_route_the_same_trace_differently():
+    """least_loaded weighs running requests, kv_aware only queues: on one trace they pick different workers."""
+    arrivals = poisson(6.0, 128, 48, 300, seed=2)
+    chosen = {}
+    for policy in ("least_loaded", "kv_aware"):
+        sim = Simulation(PROFILE, MeshConfig(prefill=1, decode=2, policy=policy, heartbeat_s=0.5), arrivals)
+        sim.run()
+        chosen[policy] = [sim.decode.index(job.decode) for job in sim.jobs]
+    assert chosen["least_loaded"] != chosen["kv_aware"]
 
 
 def test_admission_rejects_past_the_queue_limit_as_the_router_does():
     burst = [Arrival(0.0, 64, 2) for _ in range(10)]
-    result = run(MeshConfig(prefill=1, decode=1, max_queue=4), burst)
+    result = run(MeshConfig(prefill=1, decode=1, max_queue=4, heartbeat_s=0), burst)
     assert sum(result.rejected) == 6
     assert all(f > 0 for f, r in zip(result.finish_s, result.rejected) if not r)
 
