@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=_ints, default=(512, 2048),
                         help="grid of max_num_batched_tokens (chunk size), e.g. 512,2048")
     parser.add_argument("--policy", default="least_loaded", help="the scheduler's routing policy to simulate")
+    parser.add_argument("--heartbeat-s", type=float, default=1.0, help="workers' heartbeat interval as the "
+                        "scheduler sees loads (its lease / 3); 0: every load change at once")
     parser.add_argument("--no-cache", action="store_true", help="simulate without a KV cache (no prefix reuse)")
     parser.add_argument("--top", type=int, default=5, help="how many configurations to print")
     parser.add_argument("--json", action="store_true", help="print the ranked configurations as JSON")
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         arrivals = (read_trace(args.trace) if args.trace else
                     poisson(args.rate, args.input_len, args.output_len, args.num_requests, args.seed))
         space = SearchSpace(args.cores, args.cores_per_worker, args.max_num_seqs, args.max_num_batched_tokens,
-                            args.policy, not args.no_cache)
+                            args.policy, not args.no_cache, args.heartbeat_s)
         space.validate()
     except (OSError, ValueError, KeyError) as exc:
         print(f"kvmesh plan: {exc}", file=sys.stderr)

@@ -29,6 +29,7 @@ class SearchSpace:
     max_num_batched_tokens: tuple[int, ...] = (512, 2048)
     policy: str = "least_loaded"
     cache: bool = True
+    heartbeat_s: float = 1.0
 
     def validate(self) -> None:
         """Raise ValueError when not even one worker fits or a grid is empty or not positive."""
@@ -81,7 +82,8 @@ def candidates(space: SearchSpace) -> list[MeshConfig]:
     space.validate()
     found = []
     for p, d, w in _counts(space.cores // space.cores_per_worker):
-        base = dict(prefill=p, decode=d, colocated=w, policy=space.policy, cache=space.cache)
+        base = dict(prefill=p, decode=d, colocated=w, policy=space.policy, cache=space.cache,
+                    heartbeat_s=space.heartbeat_s)
         if w:
             found += [MeshConfig(**base, decode_limits=RoleLimits(s, t))
                       for s in space.max_num_seqs for t in space.max_num_batched_tokens]

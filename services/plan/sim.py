@@ -53,6 +53,8 @@ class MeshConfig:
         split = self.prefill > 0 and self.decode > 0
         if split == (self.colocated > 0) or min(self.prefill, self.decode, self.colocated) < 0:
             raise ValueError(f"a mesh needs prefill >= 1 and decode >= 1, or colocated >= 1 alone; got {self}")
+        if self.heartbeat_s < 0 or self.max_queue < 1:
+            raise ValueError(f"heartbeat_s must be >= 0 and max_queue >= 1; got {self}")
         get_policy(self.policy)
 
 
