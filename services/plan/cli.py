@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="a profile JSON written by `kvmesh plan profile`")
     parser.add_argument("--trace", help="a Mooncake-format JSONL trace (timestamp ms, input_length, "
                                         "output_length, hash_ids)")
+    parser.add_argument("--trace-block-size", type=int, default=512, help="tokens per hash id in --trace")
     parser.add_argument("--rate", type=float, help="instead of --trace: Poisson arrivals per second")
     parser.add_argument("--input-len", type=int, default=256, help="with --rate: prompt tokens")
     parser.add_argument("--output-len", type=int, default=64, help="with --rate: output tokens")
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         arrivals = (read_trace(args.trace) if args.trace else
                     poisson(args.rate, args.input_len, args.output_len, args.num_requests, args.seed))
         space = SearchSpace(args.cores, args.cores_per_worker, args.max_num_seqs, args.max_num_batched_tokens,
-                            args.policy, not args.no_cache, args.heartbeat_s)
+                            args.policy, not args.no_cache, args.heartbeat_s, args.trace_block_size)
         space.validate()
     except (OSError, ValueError, KeyError) as exc:
         print(f"kvmesh plan: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ class SearchSpace:
     policy: str = "least_loaded"
     cache: bool = True
     heartbeat_s: float = 1.0
+    trace_block_tokens: int = 512
 
     def validate(self) -> None:
         """Raise ValueError when not even one worker fits or a grid is empty or not positive."""
@@ -83,7 +84,7 @@ def candidates(space: SearchSpace) -> list[MeshConfig]:
     found = []
     for p, d, w in _counts(space.cores // space.cores_per_worker):
         base = dict(prefill=p, decode=d, colocated=w, policy=space.policy, cache=space.cache,
-                    heartbeat_s=space.heartbeat_s)
+                    heartbeat_s=space.heartbeat_s, trace_block_tokens=space.trace_block_tokens)
         if w:
             found += [MeshConfig(**base, decode_limits=RoleLimits(s, t))
                       for s in space.max_num_seqs for t in space.max_num_batched_tokens]

@@ -47,21 +47,23 @@ class MeshConfig:
     cache: bool = True
     max_queue: int = 64  # the scheduler's admission limit (its --max-queue default)
     heartbeat_s: float = 1.0  # workers' heartbeat interval (the scheduler's lease / 3); 0: loads always current
+    trace_block_tokens: int = TRACE_BLOCK_TOKENS  # tokens per hash id of the workload's prompts
 
     def validate(self) -> None:
         """Raise ValueError for a mesh that cannot serve: no pair and no colocated worker, or a mix."""
         split = self.prefill > 0 and self.decode > 0
         if split == (self.colocated > 0) or min(self.prefill, self.decode, self.colocated) < 0:
             raise ValueError(f"a mesh needs prefill >= 1 and decode >= 1, or colocated >= 1 alone; got {self}")
-        if self.heartbeat_s < 0 or self.max_queue < 1:
-            raise ValueError(f"heartbeat_s must be >= 0 and max_queue >= 1; got {self}")
+        if self.heartbeat_s < 0 or self.max_queue < 1 or self.trace_block_tokens < 1:
+            raise ValueError(f"heartbeat_s must be >= 0, max_queue and trace_block_tokens >= 1; got {self}")
         get_policy(self.policy)
 
 
 @dataclass(frozen=True)
 class SimResult:
     """Every request's outcome, in arrival order: arrival, first token and finish times (seconds; -1 for a
-    rejected request), plus which policies made the routes and how many steps ran."""
+    rejected request), plus which policies made the routes (and whether the decode worker prefilled) and how many
+    decode steps ran."""
 
     arrival_s: tuple[float, ...]
     first_token_s: tuple[float, ...]
@@ -134,7 +136,7 @@ class Simulation:
             if h not in self.seen:
                 break
             hit += 1
-        tokens = min(hit * TRACE_BLOCK_TOKENS, job.input_length - 1)
+        tokens = min(hit * self.config.trace_block_tokens, job.input_length - 1)
         return tokens - tokens % LAYOUT.block_size
 
     def arrive(self, now: float, job: Job) -> None:

@@ -157,3 +157,13 @@ def test_landed_kv_joins_the_decode_batch_whatever_max_num_seqs():
     # all three prefill in one step, land together and decode as one batch of three (add_prefilled's rule)
     assert len(set(result.first_token_s)) == 1 and len(set(result.finish_s)) == 1
     assert result.finish_s[0] - result.first_token_s[0] == pytest.approx(4 * (0.02 + 0.005 * 3))
+
+
+def test_the_trace_block_size_sets_how_much_a_repeated_hash_id_spares():
+    arrivals = [Arrival(0.0, 1024, 1, (7, 8)), Arrival(10.0, 1024, 1, (7, 9))]  # the first block repeats
+    small = Simulation(PROFILE, MeshConfig(prefill=1, decode=1, trace_block_tokens=64), arrivals)
+    small.run()
+    assert small.jobs[1].num_cached == 64
+    default = Simulation(PROFILE, MeshConfig(prefill=1, decode=1), arrivals)
+    default.run()
+    assert default.jobs[1].num_cached == 512
