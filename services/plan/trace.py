@@ -33,10 +33,13 @@ def read_trace(path: str | Path) -> list[Arrival]:
                 continue
             try:
                 row = json.loads(line)
-                arrivals.append(Arrival(float(row["timestamp"]) / 1000.0, int(row["input_length"]),
-                                        int(row["output_length"]), tuple(int(h) for h in row.get("hash_ids", ()))))
+                arrival = Arrival(float(row["timestamp"]) / 1000.0, int(row["input_length"]),
+                                  int(row["output_length"]), tuple(int(h) for h in row.get("hash_ids", ())))
+                if arrival.input_length < 1 or arrival.output_length < 1:
+                    raise ValueError("input_length and output_length must be at least 1")
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{number}: not a Mooncake trace row ({exc})") from None
+            arrivals.append(arrival)
     if not arrivals:
         raise ValueError(f"{path}: no requests")
     arrivals.sort(key=lambda a: a.time_s)

@@ -23,6 +23,9 @@ def test_a_bad_trace_row_names_its_line(tmp_path):
     path.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2}\n{"timestamp": 1}\n')
     with pytest.raises(ValueError, match=":2:"):
         read_trace(path)
+    path.write_text('{"timestamp": 0, "input_length": 0, "output_length": 2}\n')
+    with pytest.raises(ValueError, match=":1:.*at least 1"):
+        read_trace(path)
 
 
 def test_poisson_arrivals_have_the_rate_and_distinct_prompts():
