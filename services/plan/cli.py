@@ -79,6 +79,13 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _ms(figures: dict, digits: int) -> str:
+    """'p50 / p90' of a latency, or '-' when no request was served."""
+    if figures["p50"] is None:
+        return "- / -"
+    return f"{figures['p50']:.{digits}f} / {figures['p90']:.{digits}f}"
+
+
 def _table(plans: list[Plan]) -> str:
     rows = [f"{'mesh':<18}{'cores':>6}{'goodput/s':>11}{'/core':>8}{'SLO %':>7}{'TTFT p50/p90 ms':>20}"
             f"{'TPOT p50/p90 ms':>18}"]
@@ -86,8 +93,7 @@ def _table(plans: list[Plan]) -> str:
         c, p = plan.config, plan.prediction
         mesh = f"colocated x{c.colocated}" if c.colocated else f"{c.prefill}P + {c.decode}D"
         rows.append(f"{mesh:<18}{plan.cores:>6}{p.goodput_rps:>11.3f}{plan.goodput_per_core:>8.3f}"
-                    f"{100 * p.attainment:>7.1f}{p.ttft_ms['p50']:>10.0f} /{p.ttft_ms['p90']:>7.0f}"
-                    f"{p.tpot_ms['p50']:>9.1f} /{p.tpot_ms['p90']:>6.1f}\n    {plan.command}")
+                    f"{100 * p.attainment:>7.1f}{_ms(p.ttft_ms, 0):>20}{_ms(p.tpot_ms, 1):>18}\n    {plan.command}")
     return "\n".join(rows)
 
 
