@@ -103,21 +103,24 @@ class SimWorker:
         for job in self.prefilling:
             if budget <= 0:
                 break
-            k = min(budget, job.num_to_compute - job.num_done)
-            self._chunks.append((job, k))
-            seconds += model.chunk_cost(job.num_cached + job.num_done, k)
-            budget -= k
+            seconds += self._chunk(job, budget)
+            budget -= self._chunks[-1][1]
         while self.waiting and budget > 0 and len(self.prefilling) < seats:
             job = self.waiting.popleft()
             self.prefilling.append(job)
-            k = min(budget, job.num_to_compute - job.num_done)
-            self._chunks.append((job, k))
-            seconds += model.chunk_cost(job.num_cached + job.num_done, k)
-            budget -= k
+            seconds += self._chunk(job, budget)
+            budget -= self._chunks[-1][1]
         if not self._chunks:
             return 0.0
         intercept = model.a if alone else max(0.0, model.a - self.profile.decode.a)
         return seconds + intercept
+
+    def _chunk(self, job: Job, budget: int) -> float:
+        """Take job's next chunk (at most budget tokens) into this step; its seconds, without the intercept."""
+        k = min(budget, job.num_to_compute - job.num_done)
+        self._chunks.append((job, k))
+        # the chunk's tokens attend over every token before them, cached ones included
+        return self.profile.prefill.chunk_cost(job.num_cached + job.num_done, k)
 
     def finish_step(self) -> tuple[list[Job], list[Job]]:
         """End the running step: (jobs whose prompt is now computed, jobs that produced their last token)."""
