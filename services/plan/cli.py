@@ -126,5 +126,13 @@ def run(args: argparse.Namespace) -> int:
     plans = search(profile, arrivals, SLO(args.slo_ttft_ms, args.slo_tpot_ms), space, progress)
     print(file=sys.stderr)
     top = plans[:max(1, args.top)]
-    print(json.dumps([p.to_json() for p in top], indent=1) if args.json else _table(top))
+    if args.json:
+        print(json.dumps([p.to_json() for p in top], indent=1))
+        return 0
+    span = arrivals[-1].time_s - arrivals[0].time_s
+    print(f"workload: {len(arrivals)} requests over {span:.1f} s ({len(arrivals) / span if span else 0:.2f}/s), "
+          f"prompts {sum(a.input_length for a in arrivals) / len(arrivals):.0f} and replies "
+          f"{sum(a.output_length for a in arrivals) / len(arrivals):.0f} tokens on average; SLO TTFT "
+          f"{args.slo_ttft_ms:g} ms, TPOT {args.slo_tpot_ms:g} ms; {len(plans)} distinct placements within {args.cores} cores")
+    print(_table(top))
     return 0
