@@ -93,6 +93,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench_cli.add_arguments(bench)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services.plan import cli as plan_cli
+
+    plan = sub.add_parser("plan", help="profile this machine, simulate the mesh on a workload, and search the "
+                                       "placements with the most goodput per core")
+    plan_cli.add_arguments(plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_trace(sub)
     _add_bench(sub)
+    _add_plan(sub)
     return parser
 
 
