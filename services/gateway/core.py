@@ -217,6 +217,7 @@ def decode_request(call: GenerateCall, route: scheduler_pb2.RouteResponse) -> de
     return request
 
 
+FINISH_WAIT_S = 1.0  # the longest a finished stream waits for its status before the call is cancelled
 UNFINISHED = (common_pb2.FINISH_REASON_ABORT, common_pb2.FINISH_REASON_ERROR)
 
 
@@ -233,6 +234,10 @@ async def relay(live: LiveRequest, address: str, request_id: str, stall_check_s:
                 raise UnavailableError(f"decode worker {address} aborted request {request_id}")
             yield response
             if response.finish_reason:
+                # the worker's status follows its last message: let it end the call rather than cancel it in
+                # between (a handler cancelled there is left unfinished, to be closed later out of its context)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(anext(messages, None), FINISH_WAIT_S)
                 return
     except grpc.aio.AioRpcError as e:
         # CANCELLED from the peer (ours raises CancelledError) is the worker stopping, not the client going away
