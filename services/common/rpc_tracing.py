@@ -3,7 +3,8 @@ trace context into `traceparent` metadata on the client, and which RPCs are left
 
 `MeshServer` installs `server_interceptors()`, `ChannelCache` installs `client_interceptors()`; the spans go to
 the provider `telemetry.setup()` installed. The instrumentation's client interceptors are patched here so that a
-cancelled call ends its span and a cancelled awaiting task cancels its RPC.
+cancelled call ends its span and a cancelled awaiting task cancels its RPC, and its server interceptor so that a
+streaming handler cut short unwinds its span in its own context.
 """
 
 from __future__ import annotations
@@ -39,7 +40,66 @@ def server_interceptors() -> list:
     """grpc.aio server interceptors that continue the caller's trace (from `traceparent` metadata)."""
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(filter_=untraced_filter(server=True))]
+    interceptor = aio_server_interceptor(filter_=untraced_filter(server=True))
+    _stream_in_own_task(interceptor)
+    return [interceptor]
+
+
+_END = object()
+
+
+def _in_own_task(stream):
+    """A server-streaming handler whose generator runs in a task of its own, handing its messages over one at a
+    time. grpc.aio drops a handler's generator, unfinished, when the RPC ends while it waits between messages (a
+    client that cancels); the garbage collector then closes it in another context, where the instrumentation's
+    context tokens cannot be reset ("Failed to detach context" tracebacks, grpc/grpc#42295). Here the dropped
+    generator only cancels the task, and the instrumentation unwinds inside it, where it entered."""
+
+    async def handler(request, context):
+        asked, out = asyncio.Queue(), asyncio.Queue()  # in lock step: the handler never runs a message ahead
+
+        async def produce() -> None:
+            messages = stream(request, context)
+            try:
+                while await asked.get():
+                    try:
+                        out.put_nowait((await messages.__anext__(), None))
+                    except StopAsyncIteration:
+                        out.put_nowait((_END, None))
+                        return
+            except asyncio.CancelledError:
+                pass  # the RPC ended: nobody reads on
+            except BaseException as e:  # noqa: BLE001 — an abort or a failure: raised where grpc awaits it
+                out.put_nowait((None, e))
+            finally:
+                await messages.aclose()  # here, in the context it entered, however it ended
+
+        task = asyncio.ensure_future(produce())
+        try:
+            while True:
+                asked.put_nowait(True)
+                message, error = await out.get()
+                if error is not None:
+                    raise error
+                if message is _END:
+                    return
+                yield message
+        finally:
+            task.cancel()
+
+    return handler
+
+
+def _stream_in_own_task(interceptor) -> None:
+    """Make the server interceptor run every server-streaming handler through `_in_own_task`."""
+    base = type(interceptor)
+
+    class OwnTask(base):
+        def _intercept_aio_server_stream(self, behavior, handler_call_details):
+            return _in_own_task(super()._intercept_aio_server_stream(behavior, handler_call_details))
+
+    if hasattr(base, "_intercept_aio_server_stream"):
+        interceptor.__class__ = OwnTask
 
 
 class _EndOnce:

@@ -30,6 +30,8 @@ def test_client_cancel_frees_every_block_within_a_second(mesh):
     assert not mesh.all_blocks_free()  # the request holds blocks while it streams
     call.cancel()
     assert mesh.wait_blocks_free(1.0)
+    logs = "".join(line for p in mesh.decodes + mesh.prefills + [mesh.gateway] for line in p.stderr_lines)
+    assert "Traceback" not in logs  # a stream cut short unwinds quietly
 
 
 def test_http_client_disconnect_frees_every_block_within_a_second(mesh):
