@@ -141,7 +141,10 @@ class MeshServer:
         return [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
                 ("grpc.so_reuseport", 0), ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-                ("grpc.http2.max_ping_strikes", 0)]
+                ("grpc.http2.max_ping_strikes", 0),
+                # grpc core CANCELs calls past 1,000 not yet picked up: a burst must meet admission control
+                # (RESOURCE_EXHAUSTED with a retry hint), not a status that reads like the client gave up
+                ("grpc.server.max_pending_requests", 1 << 16), ("grpc.server.max_pending_requests_hard_limit", 1 << 16)]
 
     async def start(self) -> int:
         """Bind, start serving, mark every service SERVING and start the background tasks; return the port."""
