@@ -105,7 +105,8 @@ def run_config(name: str, args, traces: dict[float, Path], tmp: Path) -> list[di
             print(f"  {name} at {rate} req/s ...", file=sys.stderr, flush=True)
             summary = serve(http_port, trace, args, tmp / f"{name}-{rate}.json")
             summary.pop("requests", None)  # every request's timings: kept out of the committed JSON
-            runs.append({"config": name, "rate": rate, **summary})
+            summary["bench_args"] = summary.pop("config", None)  # bench serve's own flags
+            runs.append({"config": name, "rate": rate, "up_flags": flags, "up_env": env, **summary})
     finally:
         proc.terminate()
         proc.wait(60)
