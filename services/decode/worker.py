@@ -25,7 +25,7 @@ from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
 from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
-from kvmesh.services.worker.convert import sampling_params
+from kvmesh.services.worker.convert import logprob_entry, sampling_params
 from kvmesh.services.worker.handoff import FINAL, Handoff, HandoffState, HandoffTable
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
@@ -196,8 +196,7 @@ class DecodeWorker:
                 reply, stream.timings = await self._remote_prefill(request, ids, reservation, queue_s, timeout)
                 remote = True
                 stream.cached = max(reply.num_cached_tokens, reservation.num_cached_tokens)
-                with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
-                    await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params)
+                await self._admit(rid, ids, reply, params)
                 self._advance(record, HandoffState.DECODING)
                 if not params.stop:  # the first token is final: send it now, not after a decode step
                     first = [reply.first_logprob] if reply.HasField("first_logprob") else []
@@ -233,6 +232,13 @@ class DecodeWorker:
             if not await self.handoffs.end(rid):  # it ended before (expired, aborted): free what was taken since
                 await self.et.call(self.engine.release, rid)  # idempotent: a no-op when nothing is held
                 await self.receiver.retire(rid)
+
+    async def _admit(self, rid: str, ids: list[int], reply: prefill_pb2.PrefillResponse, params) -> None:
+        """Join a request whose KV landed into the batch, with the prefill worker's first token and its logprob
+        (reported with the token when the token is not sent early: a stop string may still cut it)."""
+        first = logprob_entry(reply.first_logprob) if reply.HasField("first_logprob") else None
+        with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
+            await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params, first_logprob=first)
 
     def _advance(self, record: Handoff, state: HandoffState) -> None:
         """Move a request's handoff on; if it has ended meanwhile (lease lapsed, aborted, worker stopping), raise

@@ -174,8 +174,9 @@ class LLMEngine:
         return self.reservations.reserve_prompt(request_id, prompt_token_ids, cache_salt, block_hashes)
 
     def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
-                      params: SamplingParams) -> None:
-        """Start decoding a reserved request whose prompt KV is in its blocks and whose first token is known."""
+                      params: SamplingParams, first_logprob: dict | None = None) -> None:
+        """Start decoding a reserved request whose prompt KV is in its blocks and whose first token is known (with
+        its logprob entry, when the prefill worker computed one: it is reported with the token)."""
         self.validate(prompt_token_ids, params)
         if request_id not in self.reservations:
             raise InvalidRequestError(f"request {request_id!r} has no reservation; call reserve() first")
@@ -189,7 +190,7 @@ class LLMEngine:
         seq.num_computed_tokens = len(prompt_token_ids)
         if self.prefix_cache:  # the KV landed and was verified: the prompt's full blocks are complete
             self.prefix_cache.cache_blocks(seq)
-        self._append_token(seq, first_token_id, None)
+        self._append_token(seq, first_token_id, first_logprob)
         self._pending.append(seq)
         if seq.status.finished:
             self._finish(seq)

@@ -31,3 +31,8 @@ def logprob_protos(token_ids: list[int], entries) -> list[common_pb2.TokenLogpro
                                            top_token_ids=[int(t) for t, _ in top],
                                            top_logprobs=[float(lp) for _, lp in top]))
     return out
+
+
+def logprob_entry(proto: common_pb2.TokenLogprob) -> dict:
+    """A TokenLogprob message as the engine's logprob entry (the inverse of `logprob_protos` for one token)."""
+    return {"logprob": proto.logprob, "top": list(zip(proto.top_token_ids, proto.top_logprobs))}

@@ -134,3 +134,20 @@ def test_garbage_bytes_on_the_kv_transfer_rpc_are_refused(mesh):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed KV chunk" in info.value.details()
     assert mesh.generate([1, 2, 3], 2)[0]
+
+
+def test_every_token_has_its_logprob_when_a_stop_string_is_set(mesh, client, tiny):
+    """With a stop string the first token is not sent ahead of the engine (a stop may still cut it): its logprob,
+    computed by the prefill worker, must travel with it — over gRPC and over HTTP."""
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=2,
+                                         stop=["never appears in the output"])
+    responses = list(mesh.gateway_stub().Generate(
+        gateway_pb2.GenerateRequest(prompt="The capital of France is", sampling=sampling), timeout=60))
+    tokens = [t for r in responses for t in r.token_ids]
+    entries = [e for r in responses for e in r.logprobs]
+    assert len(tokens) == 5 and [e.token_id for e in entries] == tokens
+    reply = client.completions.create(model=tiny[0].name, prompt="The capital of France is", max_tokens=3,
+                                      temperature=0, logprobs=2, stop=["never appears in the output"],
+                                      extra_body={"ignore_eos": True})
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == reply.usage.completion_tokens == 3

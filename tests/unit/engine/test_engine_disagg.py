@@ -83,6 +83,19 @@ def test_add_prefilled_emits_first_token_and_stops_at_max_tokens(model_dir):
     assert engine.num_free_blocks == 8 and not engine.has_unfinished()
 
 
+def test_add_prefilled_reports_the_first_tokens_logprob_with_it(model_dir):
+    engine = LLMEngine.from_path(model_dir("qwen2"), num_blocks=8)
+    engine.reserve("a", 3)
+    first = {"logprob": -0.25, "top": [(42, -0.25), (7, -2.0)]}
+    engine.add_prefilled("a", [5, 6, 7], 42, SamplingParams(temperature=0, max_tokens=2, logprobs=2), first)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert [t for o in outputs for t in o.new_token_ids][0] == 42
+    assert [e for o in outputs for e in o.logprobs][0] == first  # the prefill worker's entry, not a gap
+    assert len([e for o in outputs for e in o.logprobs if e is not None]) == 2
+
+
 def test_release_of_running_request_frees_blocks(model_dir):
     engine = LLMEngine.from_path(model_dir("mistral"), num_blocks=8)
     engine.add_request("a", list(range(5, 30)), SamplingParams(temperature=0, max_tokens=50))
