@@ -31,6 +31,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def start_mesh(model: str, flags: list[str], env: dict[str, str], http_port: int
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, **env})
     for line in proc.stdout:
-        if "kvmesh up: ready" in line:
+        if "kvmesh up: ready" in line:  # from here on the pipe is drained, so a chatty child never blocks on it
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc
     raise RuntimeError(f"kvmesh up {' '.join(flags)} did not start (exit {proc.wait()})")
 
