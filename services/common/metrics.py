@@ -84,6 +84,12 @@ KV_BLOCKS_CACHED = Gauge(
     "kvmesh:kv_blocks_cached",
     "Paged KV cache blocks findable by prefix hash (held by requests, or cached-free: counted free, evictable).",
     registry=REGISTRY)
+KV_LOAD_FAILURES = Counter(
+    "kvmesh:kv_load_failures_total",
+    "KV transfers into a decode worker that failed or arrived corrupt, by what --kv-load-failure did: fail (the "
+    "request failed with the transfer's status, for the gateway to retry) or recompute (prefilled on the decode "
+    "worker instead).",
+    ["policy"])
 PREFIX_CACHE_QUERIES = Counter(
     "kvmesh:prefix_cache_queries_total",
     "Prompt tokens looked up in a decode worker's own prefix cache (the prompt's full blocks but its last token).",

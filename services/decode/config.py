@@ -8,6 +8,7 @@ from kvmesh.services.common.config import check, knob
 from kvmesh.services.worker.config import WorkerConfig
 
 DEFAULT_PORT = 50080
+KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class DecodeConfig(WorkerConfig):
                                   "into the continuous batch beside the running decodes, and register so: the "
                                   "scheduler routes here without a prefill worker (the colocated baseline a "
                                   "disaggregated mesh is measured against; `kvmesh up --colocated`).")
+    kv_load_failure: str = knob("fail", "What a failed or corrupt KV transfer does to its request: fail (the "
+                                        "transfer's status, DATA_LOSS for a bad checksum; the gateway may retry it "
+                                        "on another pair) or recompute (prefill the prompt here instead; the client "
+                                        "sees only latency). As vLLM's --kv-load-failure-policy.",
+                                 choices=KV_LOAD_FAILURE_POLICIES)
     kv_events_max_hashes: int = knob(4096, "Most block hashes in one heartbeat's KV events to the scheduler; more "
                                            "changes than that send a full resync of the most recent ones instead.")
 
@@ -42,4 +48,6 @@ class DecodeConfig(WorkerConfig):
               f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}")
         check(self.prefix_caching or not self.cache_decode_kv,
               "cache_decode_kv needs prefix_caching: finished requests' blocks must stay findable until sent")
+        check(self.kv_load_failure in KV_LOAD_FAILURE_POLICIES,
+              f"kv_load_failure must be one of {', '.join(KV_LOAD_FAILURE_POLICIES)}, got {self.kv_load_failure!r}")
         check(self.kv_events_max_hashes >= 1, f"kv_events_max_hashes must be >= 1, got {self.kv_events_max_hashes}")

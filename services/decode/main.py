@@ -31,7 +31,8 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     cache = worker_cache_client(config, server.channels, kit.layout) if config.cache_decode_kv else None
     reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "decode")
     worker = DecodeWorker(kit.engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
-                          config.local_prefill_max_tokens, config.kv_events_max_hashes, cache, reporter)
+                          config.local_prefill_max_tokens, config.kv_events_max_hashes, cache, reporter,
+                          kv_load_failure=config.kv_load_failure)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 

@@ -40,7 +40,8 @@ class DecodeWorker:
     """Requests in flight on this decode worker."""
 
     def __init__(self, engine_thread, receiver, channels, lease_s: float, queue_timeout_s: float = 30.0,
-                 local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096, cache=None, reporter=None):
+                 local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096, cache=None, reporter=None,
+                 kv_load_failure: str = "fail"):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.reporter = reporter  # a FailureReporter: tells the scheduler of prefill workers it cannot reach
         self.cache = cache  # a CacheClient to offer decoded blocks to (--cache-decode-kv), or None
@@ -51,6 +52,7 @@ class DecodeWorker:
         self.queue_timeout_s = queue_timeout_s
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.kv_events_max_hashes = kv_events_max_hashes
+        self.kv_load_failure = kv_load_failure  # "fail" or "recompute": what a failed or corrupt transfer does
         self.tokenizer = self.engine.tokenizer
 
     # ---- load, for heartbeats and Stats ----
@@ -132,7 +134,8 @@ class DecodeWorker:
     async def _remote_prefill(self, request: decode_pb2.DecodeRequest, ids: list[int], reservation, queue_s: float,
                               timeout: float):
         """Have the prefill worker fill this request's reserved blocks past the shared ones; return its
-        PrefillResponse and the Timings so far."""
+        PrefillResponse and the Timings so far, or (None, None) when the transfer failed and the policy is to
+        recompute (the prefill call is cancelled and no sender can write into the blocks any more)."""
         rid, record = request.request_id, self.handoffs.get(request.request_id)
         skip = reservation.num_cached_tokens // self.engine.layout.block_size
         blocks = reservation.block_ids[skip:]
@@ -147,6 +150,7 @@ class DecodeWorker:
             prompt_block_hashes=self._plan_hashes(request, ids) or reservation.block_hashes)
         if request.cache_probed:  # the scheduler asked the cache: the prefill worker need not ask again
             call.cached_prefix_tokens = request.cached_prefix_tokens
+        reply = stats = None
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
         landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))
         try:
@@ -158,16 +162,23 @@ class DecodeWorker:
         except (grpc.aio.AioRpcError, TransportError) as e:
             if record.state in FINAL:  # the request ended meanwhile (lease lapsed, aborted): that is the cause
                 raise ended_error(record) from None
-            if isinstance(e, TransportError):
+            if not isinstance(e, TransportError):
+                if self.reporter is not None and errors.unreachable(e):
+                    self.reporter.report(request.prefill.worker_id, request.prefill.address,
+                                         scheduler_pb2.WORKER_ROLE_PREFILL, e)
+                raise _peer_error(request.prefill.address, e) from None
+            metrics.KV_LOAD_FAILURES.labels(policy=self.kv_load_failure).inc()
+            if self.kv_load_failure != "recompute":
                 raise _transfer_error(e, request.prefill.address) from None
-            if self.reporter is not None and errors.unreachable(e):
-                self.reporter.report(request.prefill.worker_id, request.prefill.address,
-                                     scheduler_pb2.WORKER_ROLE_PREFILL, e)
-            raise _peer_error(request.prefill.address, e) from None
+            log.warning("request %s: KV transfer from %s failed (%s); prefilling it here instead", rid,
+                        request.prefill.address, e)
         finally:
             for task in (prefill, landed):
                 task.cancel()
             await asyncio.gather(prefill, landed, return_exceptions=True)
+        if reply is None:
+            await self.receiver.retire(rid)  # fenced: a one-sided sender can no longer write into the blocks
+            return None, None
         self._advance(record, HandoffState.READY)  # the KV landed: unless the request ended meanwhile
         timings = common_pb2.Timings(queue_seconds=queue_s, prefill_compute_seconds=reply.compute_seconds,
                                      kv_transfer_seconds=stats.seconds, kv_transfer_bytes=stats.bytes,
@@ -192,9 +203,11 @@ class DecodeWorker:
                 reservation, queue_s = await self._reserve(request, ids)
                 stream.timings = common_pb2.Timings(queue_seconds=queue_s,
                                                     decode_cached_tokens=reservation.num_cached_tokens)
+            reply = None
             if reservation is not None and not self._prefill_here(request, reservation, len(ids)):
-                reply, stream.timings = await self._remote_prefill(request, ids, reservation, queue_s, timeout)
-                remote = True
+                reply, timings = await self._remote_prefill(request, ids, reservation, queue_s, timeout)
+            if reply is not None:
+                remote, stream.timings = True, timings
                 stream.cached = max(reply.num_cached_tokens, reservation.num_cached_tokens)
                 await self._admit(rid, ids, reply, params)
                 self._advance(record, HandoffState.DECODING)
@@ -202,12 +215,8 @@ class DecodeWorker:
                     first = [reply.first_logprob] if reply.HasField("first_logprob") else []
                     watch.tokens(1)
                     yield stream.early(reply.first_token_id, first)
-            else:  # prefill here: the reservation's shared blocks (or the engine's own lookup) count as cached
-                if reservation is None:
-                    self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
-                await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=request.cache_salt)
-                self._advance(record, HandoffState.READY)
-                self._advance(record, HandoffState.DECODING)
+            else:  # prefill here (the plan's choice, or a failed transfer's recompute)
+                await self._prefill_locally(request, ids, params, record, reservation is None)
             while True:
                 out = await outputs.get()
                 if out is _EXPIRED:
@@ -232,6 +241,17 @@ class DecodeWorker:
             if not await self.handoffs.end(rid):  # it ended before (expired, aborted): free what was taken since
                 await self.et.call(self.engine.release, rid)  # idempotent: a no-op when nothing is held
                 await self.receiver.retire(rid)
+
+    async def _prefill_locally(self, request: decode_pb2.DecodeRequest, ids: list[int], params, record: Handoff,
+                               unreserved: bool) -> None:
+        """Prefill the prompt in this worker's batch: a reservation's shared blocks (or the engine's own lookup)
+        count as cached, and its other blocks, whatever a failed transfer left in them, are computed again."""
+        rid = request.request_id
+        if unreserved:
+            self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+        await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=request.cache_salt)
+        self._advance(record, HandoffState.READY)
+        self._advance(record, HandoffState.DECODING)
 
     async def _admit(self, rid: str, ids: list[int], reply: prefill_pb2.PrefillResponse, params) -> None:
         """Join a request whose KV landed into the batch, with the prefill worker's first token and its logprob

@@ -103,3 +103,22 @@ def test_layers_are_sent_while_later_layers_compute_and_decode_admits_after_the_
     assert sent[0] < compute.end - 0.25 * compute.duration, (sent[0] - compute.start, compute.duration)
     # The decode worker admits the sequence only once the receiver verified the last layer.
     assert spans["decode.admit"].start >= spans[("kv.transfer", "recv")].end
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_kv_load_failure_recompute_prefills_on_the_decode_worker_instead(model_dir, transport):
+    """`--kv-load-failure recompute`: every transfer arrives corrupt, yet every request is served, token for
+    token as HF's, each prompt prefilled again on the decode worker, and no block is left taken."""
+    path = model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    mesh = start_mesh(str(path), transport=transport, chaos="corrupt=1",
+                      env={"KVMESH_DECODE_KV_LOAD_FAILURE": "recompute"})
+    try:
+        for prompt in PROMPTS:
+            ids = tokenizer.encode(prompt)
+            got, _ = mesh.generate(ids, MAX_TOKENS, ignore_eos=True)
+            assert got == hf_greedy(path, ids, MAX_TOKENS), prompt
+        assert mesh.decodes[0].stderr.count("prefilling it here instead") == len(PROMPTS), mesh.decodes[0].stderr
+        assert mesh.wait_blocks_free(3.0)
+    finally:
+        mesh.close()
