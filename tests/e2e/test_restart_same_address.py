@@ -45,7 +45,7 @@ def test_first_request_after_a_restart_on_the_same_port_succeeds(model_dir, tran
         reborn.wait_serving(START_TIMEOUT_S)
         assert reborn.address == address
         deadline = time.monotonic() + 30
-        while (instance := _instance(mesh, role, address)) in (None, old_instance):
+        while _instance(mesh, role, address) in (None, old_instance):
             assert time.monotonic() < deadline, f"the restarted {role} worker did not register again"
             time.sleep(0.05)
 
