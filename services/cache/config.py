@@ -19,7 +19,8 @@ class CacheConfig(ServerConfig):
     ssd_bytes: int = knob(8 << 30, "Byte budget of the SSD tier; least recently used files are deleted beyond it.")
     write_queue: int = knob(256, "SSD writes (blocks) that may wait behind requests; more are skipped, not waited "
                                  "for.")
-    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with; empty: do not register.")
+    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with, or several comma-separated "
+                                            "(registered and heartbeating with each); empty: do not register.")
     advertise_host: str = knob("", "Host other workers reach this service at; empty: the bound host.")
     staging_blocks: int = knob(1024, "Blocks of the staging region kept per KV layout, which Fetch copies held "
                                      "blocks into before sending them through a transport (allocated on first "

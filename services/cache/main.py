@@ -12,7 +12,7 @@ from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.cache.tiers import DramTier, SsdTier
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import ids
-from kvmesh.services.common.registration import RegistrationClient, advertise_address
+from kvmesh.services.common.registration import advertise_address, register_everywhere, scheduler_addresses
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.transports import available_backends
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2
@@ -45,7 +45,7 @@ def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
         def load() -> scheduler_pb2.WorkerLoad:
             return scheduler_pb2.WorkerLoad()
 
-        RegistrationClient(config.scheduler, register_request, load, channels=server.channels).attach(server)
+        register_everywhere(server, scheduler_addresses(config.scheduler), register_request, load)
     return servicer
 
 

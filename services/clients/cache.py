@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 import numpy as np
 
+from kvmesh.services.clients.schedulers import SchedulerSet
 from kvmesh.services.common import metrics, telemetry
 from kvmesh.services.kv_identity import block_payload_bytes, checksum
-from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class SchedulerCacheAddress:
     address; `invalidate()` after a failed call makes the next one ask again."""
 
     def __init__(self, channels, scheduler: str) -> None:
-        self.channels, self.scheduler = channels, scheduler
+        self.schedulers = SchedulerSet(channels, scheduler)  # one or more, comma-separated
         self.address, self._expires = "", 0.0
 
     async def __call__(self) -> str:
@@ -41,9 +42,8 @@ class SchedulerCacheAddress:
             return self.address
         self._expires = time.monotonic() + EMPTY_TTL_S
         try:
-            stub = scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.scheduler))
-            reply = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(role=scheduler_pb2.WORKER_ROLE_CACHE),
-                                           timeout=1.0)
+            reply = await self.schedulers.call(
+                "ListWorkers", scheduler_pb2.ListWorkersRequest(role=scheduler_pb2.WORKER_ROLE_CACHE), timeout=1.0)
             address = reply.workers[0].address if reply.workers else ""
         except grpc.aio.AioRpcError as e:
             log.warning("cannot list the cache service at the scheduler: %s", e.code().name)

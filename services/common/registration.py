@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from kvmesh.services.common.channels import ChannelCache
+from kvmesh.services.common.kv_fanout import KVEventsFanout
 from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,12 @@ MAX_RETRY_S = 5.0
 
 LoadFn = Callable[[], "scheduler_pb2.WorkerLoad | Awaitable[scheduler_pb2.WorkerLoad]"]
 KVEventsFn = Callable[[bool], Awaitable[scheduler_pb2.KVEvents]]
+
+
+def scheduler_addresses(value: str | list[str]) -> list[str]:
+    """The addresses of a `--scheduler` value: one host:port, or several separated by commas; duplicates once."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    return list(dict.fromkeys(p.strip() for p in parts if p.strip()))
 
 
 def advertise_address(host: str, port: int, advertise_host: str = "") -> str:
@@ -146,3 +153,18 @@ class RegistrationClient:
 
         server.add_task(keep_registered)
         server.on_stop(self.deregister)
+
+
+def register_everywhere(server, schedulers: list[str], register_request: Callable[[], scheduler_pb2.RegisterRequest],
+                        load: LoadFn, kv_events: KVEventsFn | None = None,
+                        kv_events_max_hashes: int = 4096) -> list[RegistrationClient]:
+    """Keep this worker registered with every scheduler (their state is soft: each rebuilds it from heartbeats,
+    so any of them can route), for as long as `server` runs; each scheduler's heartbeats get every KV event."""
+    fanout = KVEventsFanout(kv_events, kv_events_max_hashes) if kv_events is not None and len(schedulers) > 1 else None
+    clients = []
+    for address in schedulers:
+        events = fanout.subscriber() if fanout is not None else kv_events
+        client = RegistrationClient(address, register_request, load, channels=server.channels, kv_events=events)
+        client.attach(server)
+        clients.append(client)
+    return clients

@@ -20,7 +20,8 @@ class GatewayConfig(ServerConfig):
     http_port: int = knob(8000, "Port of the OpenAI-compatible HTTP API; -1 turns it off, 0 picks a free one.")
     model: str = knob("", "Folder of the served model (its tokenizer, chat template and config are read here).")
     served_model_name: str = knob("", "Name clients use for the model; empty means the folder's name.")
-    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler.")
+    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler, or several comma-separated: each call "
+                                            "goes to the one that last answered, the next after 1 s of silence.")
     max_body_bytes: int = knob(4 * 1024 * 1024, "Largest HTTP request body, in bytes; larger gets HTTP 413.")
     request_timeout_s: float = knob(600.0, "Deadline of a request that names none, in seconds.")
     route_timeout_s: float = knob(5.0, "Deadline of the call to the scheduler, in seconds.")

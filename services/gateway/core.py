@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from kvmesh.services.clients.schedulers import SchedulerSet
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.api_keys import TENANT
@@ -34,7 +35,7 @@ from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
 from kvmesh.services.gateway.stall import next_message
 from kvmesh.services.kv_identity import tenant_salt
-from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -120,14 +121,11 @@ class Gateway:
         self.retry_limit = retry_limit  # routes again before the first token (failover.Attempts)
         self.migration_limit = migration_limit  # continuations on another decode worker after it
         self.reporter = reporter  # a FailureReporter: tells the scheduler of decode workers it cannot reach
-        self.scheduler_address = scheduler_address
+        self.schedulers = SchedulerSet(channels, scheduler_address)  # one or more, comma-separated: failover
         self.channels = channels
         self.route_timeout_s = route_timeout_s
         self.request_timeout_s = request_timeout_s
         self.drain = Drain()  # requests in flight; on SIGTERM, new ones are refused and late ones ended explicitly
-
-    def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
-        return scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.scheduler_address))
 
     async def route(self, call: GenerateCall, timeout: float | None, avoid=()) -> scheduler_pb2.RouteResponse:
         """Ask the scheduler for a (prefill, decode) pair, leaving out the workers in avoid where it can."""
@@ -137,7 +135,7 @@ class Gateway:
         budget = min(timeout or self.route_timeout_s, self.route_timeout_s)
         with telemetry.tracer().start_as_current_span(names.SCHEDULER_ROUTE) as span:
             try:
-                route = await self._scheduler().Route(request, timeout=budget)
+                route = await self.schedulers.call("Route", request, timeout=budget)
             except grpc.aio.AioRpcError as e:
                 raise MeshError.with_status(e.code(), f"routing failed: {e.details()}") from e
             span.set_attributes({names.ATTR_ROUTE_PREFILL: route.prefill.worker_id,

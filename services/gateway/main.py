@@ -21,7 +21,7 @@ from kvmesh.services.gateway.core import Gateway, ModelCard
 from kvmesh.services.gateway.openai_api import OpenAIFrontend, build_app
 from kvmesh.services.gateway.servicer import GatewayServicer
 from kvmesh.services.gateway.tokens import AsyncTokenizer
-from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ def bind_http(host: str, port: int) -> socket.socket:
 
 def _health(gateway: Gateway):
     async def check() -> tuple[bool, str]:
-        stub = scheduler_pb2_grpc.SchedulerStub(gateway.channels.get(gateway.scheduler_address))
         try:
-            reply = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2.0)
+            reply = await gateway.schedulers.call("ListWorkers", scheduler_pb2.ListWorkersRequest(), timeout=2.0)
         except grpc.aio.AioRpcError as e:
-            return False, f"scheduler at {gateway.scheduler_address} unreachable: {e.code().name}"
+            where = ", ".join(gateway.schedulers.addresses)
+            return False, f"no scheduler answered ({where}): {e.code().name}"
         roles = {w.role for w in reply.workers}
         missing = [n for r, n in ((scheduler_pb2.WORKER_ROLE_DECODE, "decode"),
                                   (scheduler_pb2.WORKER_ROLE_PREFILL, "prefill")) if r not in roles]

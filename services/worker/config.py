@@ -24,7 +24,8 @@ class WorkerConfig(ServerConfig):
                                  "one per listed core.")
     cpus: str = knob("", "CPU cores this worker's process runs on, e.g. '0' or '0-1,3' (its affinity, so that "
                          "workers of one host do not contend for cores); empty: every core.")
-    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with; empty: do not register.")
+    scheduler: str = knob("127.0.0.1:50050", "Address of the scheduler to register with, or several comma-separated "
+                                            "(registered and heartbeating with each); empty: do not register.")
     advertise_host: str = knob("", "Host other workers should dial; empty: the bind host (or this host's name).")
     transport: str = knob("auto", "KV transport: auto negotiates (the best both ends offer, same-host ones only "
                                   f"on one host), or force one of {', '.join(TRANSPORTS[1:])}.", choices=TRANSPORTS)

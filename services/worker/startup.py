@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from kvmesh.services.common import ids
-from kvmesh.services.common.registration import RegistrationClient, KVEventsFn, LoadFn, advertise_address
+from kvmesh.services.common.registration import (KVEventsFn, LoadFn, RegistrationClient, advertise_address,
+                                                   register_everywhere, scheduler_addresses)
 from kvmesh.services.common.server import MeshServer
 from kvmesh.services.worker.config import WorkerConfig
 from kvmesh.services.worker.engine_thread import EngineThread
@@ -78,9 +79,9 @@ def register(server: MeshServer, config: WorkerConfig, role: int, layout: common
             layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id,
             local_prefill_max_tokens=local_prefill_max_tokens, colocated=colocated)
 
-    client = RegistrationClient(config.scheduler, request, load, channels=server.channels, kv_events=kv_events)
-    client.attach(server)
-    return client
+    clients = register_everywhere(server, scheduler_addresses(config.scheduler), request, load, kv_events,
+                                  getattr(config, "kv_events_max_hashes", 4096))
+    return clients[0]
 
 
 @dataclass

@@ -33,6 +33,7 @@ class Mesh:
     gateway: ServiceProcess
     http_port: int
     channels: dict = field(default_factory=dict)
+    more_schedulers: list[ServiceProcess] = field(default_factory=list)  # start_mesh(schedulers=N): the others
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self.channels:
@@ -74,8 +75,8 @@ class Mesh:
             time.sleep(0.05)
         return self.all_blocks_free()
 
-    def workers(self, role: int) -> list[scheduler_pb2.WorkerInfo]:
-        stub = scheduler_pb2_grpc.SchedulerStub(self.channel(self.scheduler.address))
+    def workers(self, role: int, scheduler: ServiceProcess | None = None) -> list[scheduler_pb2.WorkerInfo]:
+        stub = scheduler_pb2_grpc.SchedulerStub(self.channel((scheduler or self.scheduler).address))
         return list(stub.ListWorkers(scheduler_pb2.ListWorkersRequest(role=role), timeout=5).workers)
 
     def close(self) -> None:
@@ -87,10 +88,11 @@ class Mesh:
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
-               gateway_args: tuple[str, ...] = ()) -> Mesh:
+               gateway_args: tuple[str, ...] = (), schedulers: int = 1) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
-    colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker.
+    colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
+    schedulers=N starts N schedulers, and every other service is given all their addresses.
 
     decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
     prompts, which the decode worker would otherwise serve from its own pool.
@@ -99,8 +101,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         env = {**(env or {}), "KVMESH_DECODE_PREFIX_CACHING": "0"}
     procs = Procs()
     try:
-        scheduler = procs.start("scheduler", "--lease-s", str(lease_s), env=env)
-        common = ["--scheduler", scheduler.address]
+        scheduler, *others = [procs.start("scheduler", "--lease-s", str(lease_s), env=env) for _ in range(schedulers)]
+        common = ["--scheduler", ",".join(s.address for s in [scheduler, *others])]
         cache = procs.start("cache", *common, *cache_args, env=env)
         worker = [*common, "--model", model, "--transport", transport, "--kv-cache-bytes", str(64 * 2**20),
                   "--handoff-lease-s", "5", *worker_args]
@@ -116,11 +118,11 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         http_port = free_port()
         gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), *gateway_args,
                               env=env, timeout_s=START_TIMEOUT_S)
-        mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port)
+        mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port, more_schedulers=others)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # registration is asynchronous to SERVING
-            if (len(mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL)) == prefill
-                    and len(mesh.workers(scheduler_pb2.WORKER_ROLE_DECODE)) == decode):
+            if all(len(mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL, s)) == prefill
+                   and len(mesh.workers(scheduler_pb2.WORKER_ROLE_DECODE, s)) == decode for s in [scheduler, *others]):
                 return mesh
             time.sleep(0.05)
         raise RuntimeError("workers did not register with the scheduler within 10 s")
