@@ -13,100 +13,14 @@ behind.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kvmesh.services.children import Child, free_port, stop_all, wait_serving
 from kvmesh.services.common import config as knobs
 from kvmesh.services.supervisor import RestartConfig, Supervisor
-
-PR_SET_PDEATHSIG = 1
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-try:  # resolved now: between fork and exec the child must not dlopen (another thread may hold its lock)
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-@dataclass
-class Child:
-    """One service process of the mesh."""
-
-    name: str
-    argv: list[str]
-    address: str
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen | None = None
-    metrics_url: str = ""
-    #: Children of one stage start together; a stage starts once every child of the one before serves.
-    stage: int = 1
-
-    def start(self) -> None:
-        # the child inherits this environment, so OTEL_* and KVMESH_TRACES_FILE reach every service
-        cmd = [sys.executable, "-m", "kvmesh.services.cli", *self.argv]
-        # PR_SET_PDEATHSIG follows the forking *thread*: children are started (and restarted) by the main thread only
-        self.process = subprocess.Popen(cmd, env={**os.environ, **self.env},
-                                        preexec_fn=_die_with_parent)  # noqa: PLW1509 — no lock is taken in it
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-
-def wait_serving(child: Child, timeout_s: float) -> None:
-    """Block until the child's health service says SERVING; raise if it dies or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(child.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited with status {child.process.returncode} while starting")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError(f"{child.name} at {child.address} was not serving after {timeout_s:.0f} s")
-
-
-def stop_all(children: list[Child], grace_s: float = 10.0) -> None:
-    """SIGTERM the workers and the gateway, then the first child (the scheduler, so the others can deregister);
-    SIGKILL whatever is left after the grace period."""
-    for wave in (children[1:], children[:1]):
-        for child in reversed(wave):
-            if child.alive():
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in reversed(wave):
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
-
 
 class Mesh:
     """The processes of one mesh, started in order and stopped together."""
@@ -167,14 +81,15 @@ class Mesh:
 def plan(args) -> list[Child]:
     """The children of `kvmesh up`, in start order, with the flags that wire them together."""
     host = "127.0.0.1"
-    scheduler = f"{host}:{free_port()}"
+    schedulers = [f"{host}:{free_port()}" for _ in range(getattr(args, "schedulers", 1))]
     env = {"KVMESH_TORCH_THREADS": str(args.threads_per_worker)} if args.threads_per_worker else {}
-    common = ["--scheduler", scheduler]
+    common = ["--scheduler", ",".join(schedulers)]  # every other service knows them all: any may route
     worker = [*common, "--model", str(args.model), "--transport", args.transport]
     if args.transport_chaos:
         worker += ["--transport-chaos", args.transport_chaos]
-    children = [Child("scheduler", ["scheduler", "--port", scheduler.split(":")[1], "--lease-s",
-                                    str(args.lease_s)], scheduler, stage=0)]
+    children = [Child(f"scheduler{f'-{i}' if i else ''}", ["scheduler", "--port", address.split(":")[1],
+                                                            "--lease-s", str(args.lease_s)], address, stage=0)
+                for i, address in enumerate(schedulers)]
     port = free_port()
     children.append(Child("cache", ["cache", "--port", str(port), *common], f"{host}:{port}", env))
     children += [child for kind in _worker_roles(args) for child in _workers(kind, worker, env)]
@@ -250,6 +165,8 @@ def add_arguments(parser) -> None:
                                                               "'delay=5ms,throttle=200MBps'")
     parser.add_argument("--cache-decode-kv", action="store_true", help="decode workers offer each finished "
                         "request's decoded KV blocks to the cache, so a conversation's next turn reuses its reply")
+    parser.add_argument("--schedulers", type=int, default=1, help="schedulers (their state is soft: workers "
+                        "register with each, the gateway fails over between them; 2 leaves no single point of failure)")
     parser.add_argument("--lease-s", type=float, default=5.0, help="worker lease at the scheduler, seconds")
     parser.add_argument("--threads-per-worker", type=int, default=0, help="torch threads per worker (0: torch's "
                                                                           "default)")
@@ -267,8 +184,8 @@ def run(args) -> int:
 
     if not args.model:
         args.model = default_model(progress=lambda m: print(f"kvmesh up: {m}", flush=True))
-    if (args.workers if args.colocated else min(args.prefill, args.decode)) < 1:
-        print("kvmesh up: --workers, or --prefill and --decode, need at least 1 worker each", file=sys.stderr)
+    if (args.workers if args.colocated else min(args.prefill, args.decode, args.schedulers)) < 1:
+        print("kvmesh up: --workers, or --prefill, --decode and --schedulers, need at least 1 each", file=sys.stderr)
         return 2
     try:
         restart = knobs.from_args(RestartConfig, "up", args)

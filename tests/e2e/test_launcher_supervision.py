@@ -194,3 +194,32 @@ def test_a_crash_looping_child_is_given_up_on_and_the_launcher_keeps_running(mod
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_with_two_schedulers_a_sigkilled_one_costs_no_request(model_dir):
+    up = Launcher(model_dir("llama"), "--schedulers", "2", "--lease-s", "2")
+    pids: dict[str, int] = {}
+    try:
+        up.wait_for(up.out, "kvmesh up: ready", START_TIMEOUT_S)
+        addresses = up.addresses()
+        assert {"scheduler", "scheduler-1"} <= set(addresses), addresses
+        pids = _children_by_port(up.process.pid)
+        assert len(pids) == 6  # 2 schedulers, cache, prefill, decode, gateway
+        reference = _generate(addresses["gateway"])
+        victim = pids[addresses["scheduler"].rsplit(":", 1)[1]]
+        os.kill(victim, signal.SIGKILL)
+        up.wait_for(up.err, f"scheduler (pid {victim}) killed by SIGKILL", 30)
+        for _ in range(3):  # at once, while it is down or restarting: the other one routes
+            assert _generate(addresses["gateway"]) == reference
+        up.wait_for(up.err, "scheduler serving again", 120)
+        assert _generate(addresses["gateway"]) == reference
+        pids = _children_by_port(up.process.pid)
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(60) == 0
+    finally:
+        up.process.kill()
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
