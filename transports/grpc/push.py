@@ -9,6 +9,7 @@ import asyncio
 import grpc
 import numpy as np
 import xxhash
+from google.protobuf.message import DecodeError
 
 import kvmesh.transports.errors as errors
 from kvmesh.transports.service import abort_with
@@ -30,8 +31,11 @@ class ChunkView:
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The varint at pos and the position after it; DecodeError when the bytes end first or it runs past 10."""
     value = shift = 0
     while True:
+        if pos >= len(buf) or shift > 63:
+            raise DecodeError("truncated or overlong varint in a KV chunk")
         byte = buf[pos]
         value |= (byte & 0x7F) << shift
         pos, shift = pos + 1, shift + 7

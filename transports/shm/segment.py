@@ -23,7 +23,7 @@ from kvmesh.transports.region import KVRegion
 SHM_DIR = "/dev/shm"
 PREFIX = "kvmesh-"
 #: A kvmesh segment's name; group 1 is its owner's pid.
-SEGMENT_NAME = re.compile(r"^kvmesh-(\d+)-[0-9a-f]+$")
+SEGMENT_NAME = re.compile(r"\Akvmesh-(\d+)-[0-9a-f]+\Z")  # \Z: no trailing newline slips through
 _owned: set[str] = set()  # segments this process created and has not unlinked yet
 _lock = threading.Lock()
 _hooks_installed = False
