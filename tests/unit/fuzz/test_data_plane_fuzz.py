@@ -6,7 +6,6 @@ own error — never another exception, never a write outside the blocks a transf
 import asyncio
 import os
 
-import numpy as np
 import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, example, given, settings
