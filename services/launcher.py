@@ -20,7 +20,7 @@ import time
 
 from kvmesh.services.children import Child, free_port, stop_all, wait_serving
 from kvmesh.services.common import config as knobs
-from kvmesh.services.supervisor import RestartConfig, Supervisor
+from kvmesh.services.supervisor import RestartConfig, RollingRestart, Supervisor
 
 class Mesh:
     """The processes of one mesh, started in order and stopped together."""
@@ -31,14 +31,19 @@ class Mesh:
         self.start_timeout_s = start_timeout_s
         self.restart = restart or RestartConfig()
         self.signalled: int | None = None
+        self.rolling_requested = False
 
     def catch_signals(self) -> None:
         """From now on SIGINT/SIGTERM stop the mesh (at once while starting, else from `watch`)."""
         def on_signal(signum, _frame):
             self.signalled = signum
 
+        def on_hup(_signum, _frame):
+            self.rolling_requested = True
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)  # a rolling restart of the engine workers, nothing stops
 
     def start(self) -> None:
         """Start stage by stage (scheduler; cache and workers together; gateway), each child awaited SERVING."""
@@ -62,9 +67,19 @@ class Mesh:
         (0 after a signal, 1 when every child is gone for good)."""
         supervisor = Supervisor(self.children, self.restart,
                                 await_serving=lambda child: wait_serving(child, self.start_timeout_s))
+        rolling: RollingRestart | None = None
         try:
             while self.signalled is None:
                 supervisor.tick()
+                if self.rolling_requested and rolling is None:
+                    self.rolling_requested = False
+                    rolling = RollingRestart(supervisor, [c.name for c in self.children if c.name.startswith(
+                        ("prefill-", "decode-", "worker-"))])
+                if rolling is not None:
+                    rolling.tick()
+                    if rolling.done:
+                        print("kvmesh up: rolling restart done", file=sys.stderr, flush=True)
+                        rolling = None
                 if supervisor.running() == 0:
                     print("kvmesh up: no child left to run; stopping", file=sys.stderr, flush=True)
                     return 1

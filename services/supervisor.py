@@ -136,6 +136,8 @@ class Supervisor:
         self.started_at = {c.name: now for c in children}
         self.due: dict[str, float] = {}  # child name -> when to restart it
         self.given_up: set[str] = set()
+        self.stopping: set[str] = set()  # asked to stop for a rolling restart: back at once, however it exits
+        self.serving_pid: dict[str, int] = {}  # child name -> the pid last seen serving after a restart
 
     def tick(self, now: float | None = None) -> None:
         """Look at every child once: restart those that are due, schedule those that just died."""
@@ -159,6 +161,11 @@ class Supervisor:
         freed = self.reclaim()  # at once: a dead worker's pool must not wait for the next worker to start
         if freed:
             why += f"; reclaimed {len(freed)} shared-memory segment(s): {', '.join(freed)}"
+        if child.name in self.stopping:  # a rolling restart stopped it: not a failure, no backoff
+            self.stopping.discard(child.name)
+            self.due[child.name] = now
+            self.log(f"{why}; restarting it (rolling restart)")
+            return
         if not wants_restart(self.config.restart, returncode):
             self.given_up.add(child.name)
             self.log(f"{why}; not restarted (--restart {self.config.restart}); the rest keep serving")
@@ -186,4 +193,39 @@ class Supervisor:
         except RuntimeError as e:  # it died again, or never served: the loop sees its death
             self.log(f"{child.name} did not come back: {e}")
             return
+        self.serving_pid[child.name] = child.process.pid
         self.log(f"{child.name} serving again (pid {child.process.pid})")
+
+
+class RollingRestart:
+    """Restart children one at a time (`kill -HUP` on `kvmesh up` restarts its engine workers so): SIGTERM one —
+    it drains as it does under systemd (a decode worker's streams move to another, a prefill worker finishes its
+    prefills and transfers) — wait until the supervisor has it back and serving, then the next. One loop calls
+    `tick`, after the supervisor's."""
+
+    def __init__(self, supervisor: Supervisor, names: list[str]) -> None:
+        self.supervisor = supervisor
+        self.queue = list(names)
+        self.current: Supervised | None = None
+        self.old_pid = 0
+
+    @property
+    def done(self) -> bool:
+        return self.current is None and not self.queue
+
+    def tick(self) -> None:
+        sup = self.supervisor
+        if self.current is not None:
+            back = sup.serving_pid.get(self.current.name, self.old_pid) != self.old_pid
+            if back or self.current.name in sup.given_up:
+                self.current = None
+            return
+        while self.queue and self.current is None:
+            child = next(c for c in sup.children if c.name == self.queue[0])
+            self.queue.pop(0)
+            if child.name in sup.given_up or child.name in sup.due or not child.alive():
+                continue  # not running now: nothing to restart
+            self.current, self.old_pid = child, child.process.pid
+            sup.stopping.add(child.name)
+            sup.log(f"rolling restart: stopping {child.name} (pid {child.process.pid}); {len(self.queue)} to go")
+            child.process.send_signal(signal.SIGTERM)

@@ -84,9 +84,9 @@ def _wait(condition, timeout_s: float, interval_s: float = 0.1):
     return condition()
 
 
-def _generate(address: str) -> list[int]:
-    request = gateway_pb2.GenerateRequest(prompt="The capital of France is",
-                                          sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=8))
+def _generate(address: str, max_tokens: int = 8) -> list[int]:
+    request = gateway_pb2.GenerateRequest(prompt="The capital of France is", sampling=common_pb2.SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     with grpc.insecure_channel(address) as channel:
         return [t for r in gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=30) for t in r.token_ids]
 
@@ -214,6 +214,49 @@ def test_with_two_schedulers_a_sigkilled_one_costs_no_request(model_dir):
         up.wait_for(up.err, "scheduler serving again", 120)
         assert _generate(addresses["gateway"]) == reference
         pids = _children_by_port(up.process.pid)
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(60) == 0
+    finally:
+        up.process.kill()
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_sighup_restarts_every_worker_in_turn_and_no_request_is_lost(model_dir):
+    up = Launcher(model_dir("llama"), "--prefill", "2", "--decode", "2", "--lease-s", "2")
+    pids: dict[str, int] = {}
+    try:
+        up.wait_for(up.out, "kvmesh up: ready", START_TIMEOUT_S)
+        gateway = up.addresses()["gateway"]
+        pids = _children_by_port(up.process.pid)
+        reference = _generate(gateway, max_tokens=48)
+        results, errors, stop = [], [], threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    results.append(_generate(gateway, max_tokens=48))
+                except grpc.RpcError as e:
+                    errors.append(f"{e.code().name}: {e.details()}")
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        up.process.send_signal(signal.SIGHUP)
+        up.wait_for(up.err, "rolling restart done", 240)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        assert errors == [] and results and all(r == reference for r in results), errors[:3]
+        now = _children_by_port(up.process.pid)
+        log = "".join(up.err)
+        assert all(f"rolling restart: stopping {n}" in log for n in ("prefill-0", "prefill-1", "decode-0", "decode-1"))
+        assert sum(now[p] != pids[p] for p in pids) == 4, (pids, now)  # every worker, and only the workers
+        assert up.process.poll() is None
+        pids = now
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(60) == 0
     finally:

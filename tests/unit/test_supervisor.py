@@ -1,6 +1,7 @@
 """`kvmesh up`'s supervisor: the restart backoff as a pure schedule, and the loop over fake children."""
 
 import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -135,3 +136,35 @@ def test_a_clean_exit_is_not_restarted_under_on_failure():
     supervisor.tick(now=100.0)
     assert decode.starts == 0 and "not restarted (--restart on-failure)" in logs[0]
     assert supervisor.running() == 0
+
+
+def test_a_rolling_restart_stops_one_child_at_a_time_and_waits_for_it_to_serve():
+    from kvmesh.services.supervisor import RollingRestart
+
+    children = [FakeChild("prefill-0", 10), FakeChild("decode-0", 20), FakeChild("decode-1", 30)]
+    signals = []
+    for child in children:
+        child.process.send_signal = lambda sig, c=child: signals.append((c.name, sig))
+    served = []
+    logs = []
+    supervisor = Supervisor(children, RestartConfig(restart="on-failure"), reclaim=lambda: [], log=logs.append,
+                            await_serving=lambda c: served.append(c.name))
+    rolling = RollingRestart(supervisor, ["prefill-0", "decode-0", "decode-1"])
+    now = 0.0
+    for name in ("prefill-0", "decode-0", "decode-1"):
+        rolling.tick()
+        assert signals[-1] == (name, signal.SIGTERM) and len(signals) == len(served) + 1  # one at a time
+        rolling.tick()
+        assert len(signals) == len(served) + 1  # nothing more until it is back
+        child = next(c for c in children if c.name == name)
+        child.die(0)  # drained and exited cleanly: restarted all the same, at once, no backoff
+        now += 1.0
+        supervisor.tick(now=now)
+        supervisor.tick(now=now)
+        assert child.starts == 1
+        deadline = time.monotonic() + 5
+        while name not in supervisor.serving_pid and time.monotonic() < deadline:
+            time.sleep(0.01)  # await_serving runs on its own thread
+        rolling.tick()
+    assert rolling.done and served == ["prefill-0", "decode-0", "decode-1"]
+    assert supervisor.running() == 3 and "rolling restart" in " ".join(logs)
