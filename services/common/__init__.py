@@ -4,6 +4,7 @@
 | module | owns |
 | --- | --- |
 | `server.py` | the one grpc.aio server skeleton: health, reflection, interceptors, background tasks, graceful stop |
+| `bind.py` | BindError and the plain-socket check that a listener can bind its address |
 | `config.py` | one frozen dataclass config per service, from flags, `KVMESH_*` variables and defaults |
 | `channels.py` | client channels to peers: keepalive, message limits, tracing interceptors, one per address |
 | `errors.py` | the typed errors every service raises, and their gRPC status in one place |

@@ -1,9 +1,9 @@
 """The one grpc.aio server skeleton every kvmesh service runs on.
 
-`serve()` owns a service's whole life: it prints the config, starts a `MeshServer` on uvloop, lets the service's
-`setup` add its servicers and background tasks, marks the standard grpc.health.v1 service SERVING, and on
-SIGTERM/SIGINT marks it NOT_SERVING, cancels the background tasks, runs the stop hooks (e.g. deregister), lets
-in-flight RPCs drain for `config.grace_s` and returns 0. A port already in use is one line on stderr and exit code 2.
+`serve()` owns a service's whole life: prints the config, starts a `MeshServer` on uvloop, lets `setup` add its
+servicers, tasks and readiness checks, marks grpc.health.v1 SERVING once every check passed; on SIGTERM/SIGINT marks
+it NOT_SERVING, cancels the tasks, runs the stop hooks (e.g. deregister), drains in-flight RPCs for `config.grace_s`
+and returns 0. A port in use or a failed readiness check is one line on stderr and exit code 2.
 
     def setup(server: MeshServer) -> None:
         server.add_service(Service.of(scheduler_pb2, scheduler_pb2_grpc, SchedulerServicer(...)))
@@ -18,7 +18,6 @@ import asyncio
 import inspect
 import logging
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry
+from kvmesh.services.common.bind import BindError, check_bindable
 from kvmesh.services.common.api_keys import KeyRing
 from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.channels import ChannelCache
@@ -41,8 +41,8 @@ StopHook = Callable[[], Awaitable[None]]
 HOOK_TIMEOUT_S = 3.0
 
 
-class BindError(RuntimeError):
-    """The server could not bind its address (most often: the port is already in use)."""
+class NotReadyError(RuntimeError):
+    """A readiness check failed: the service must not say SERVING (e.g. a transport that cannot move KV)."""
 
 
 @dataclass(frozen=True)
@@ -62,24 +62,6 @@ class Service:
         return cls(descriptor.full_name, servicer, add)
 
 
-def check_bindable(host: str, port: int) -> None:
-    """Raise BindError when host:port cannot be bound now (checked with a plain socket, so gRPC's own multi-line
-    log of a failed bind never shows in the common case)."""
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise BindError(f"cannot resolve {host}: {exc.strerror}") from None
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
-        try:
-            probe.bind(sockaddr)
-        except OSError as exc:
-            raise BindError(f"cannot bind {host}:{port}: {exc.strerror.lower()}") from None
-
-
 class MeshServer:
     """A grpc.aio server with health, reflection, interceptors, background tasks and a graceful stop."""
 
@@ -93,6 +75,7 @@ class MeshServer:
         self.port = 0
         self._services: list[Service] = []
         self._task_factories: list[BackgroundTask] = []
+        self._readiness: list[BackgroundTask] = []  # awaited after binding, before SERVING and the tasks
         self._tasks: list[asyncio.Task] = []
         self._stop_hooks: list[StopHook] = []
         self._stopped_hooks: list[StopHook] = []
@@ -110,6 +93,10 @@ class MeshServer:
     def add_service(self, service: Service) -> None:
         """Host a servicer (before start)."""
         self._services.append(service)
+
+    def add_readiness(self, check: BackgroundTask) -> None:
+        """Await check(server) once bound, before any service says SERVING; NotReadyError stops the start."""
+        self._readiness.append(check)
 
     def add_task(self, task: BackgroundTask) -> None:
         """Run `task(server)` in the background from start until stop, when it is cancelled."""
@@ -166,6 +153,8 @@ class MeshServer:
             raise BindError(f"cannot bind {self.config.address}: address in use or not available")
         await server.start()
         self._server = server
+        for check in self._readiness:  # NotReadyError: `run` stops the server
+            await check(self)
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         for factory in self._task_factories:
@@ -231,8 +220,10 @@ async def run(server: MeshServer, setup: Setup) -> int:
         if inspect.isawaitable(result):
             await result
         port = await server.start()
-    except BindError as exc:
+    except (BindError, NotReadyError) as exc:
         print(f"kvmesh {server.name}: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, NotReadyError):
+            await server.stop(0)
         return 2
     if server.keys is not None:
         loop.add_signal_handler(signal.SIGHUP, server.keys.reload)

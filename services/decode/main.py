@@ -13,6 +13,7 @@ from kvmesh.services.decode.config import DecodeConfig
 from kvmesh.services.decode.servicer import DecodeServicer
 from kvmesh.services.decode.worker import DecodeWorker
 from kvmesh.services.common.transfer_telemetry import report
+from kvmesh.services.worker.readiness import self_transfer
 from kvmesh.services.worker.startup import setup_worker
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.service import add_to_server
@@ -46,6 +47,10 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         if cache is not None:
             await cache.close()
 
+    async def transports_ready(_server) -> None:  # one real block through each backend, before SERVING
+        await self_transfer(kit.region, kit.layout, receiver, descriptor(), receiver.backends)
+
+    server.add_readiness(transports_ready)
     kit.run(worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
             descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
             local_prefill_max_tokens=config.local_prefill_max_tokens, colocated=config.colocated)

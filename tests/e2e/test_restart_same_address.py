@@ -44,6 +44,8 @@ def test_first_request_after_a_restart_on_the_same_port_succeeds(model_dir, tran
         (mesh.prefills if role == "prefill" else mesh.decodes)[0] = reborn
         reborn.wait_serving(START_TIMEOUT_S)
         assert reborn.address == address
+        if role == "decode":  # it moved a real block through its transport before it said SERVING
+            assert f"transports ready: {transport}" in reborn.stderr, reborn.stderr[-2000:]
         deadline = time.monotonic() + 30
         while _instance(mesh, role, address) in (None, old_instance):
             assert time.monotonic() < deadline, f"the restarted {role} worker did not register again"
