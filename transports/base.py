@@ -156,6 +156,11 @@ class Backend(ABC):
         freed. Called by a worker at start (`reclaim_stale` in the registry), before it allocates anything."""
         return []
 
+    def stale(self) -> bool:
+        """Sender side: the receiver this link reaches is gone for good (shm: the segment's owner died), so the
+        sender closes the link instead of keeping a dead pool mapped. Called before each open; must be cheap."""
+        return False
+
     async def connect(self) -> None:
         """Sender side, once per receiver before its first transfer (map its memory, exchange metadata).
         May await; runs under the first transfer's deadline. Must not write into the receiver's blocks."""

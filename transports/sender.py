@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Callable, Sequence
 
@@ -17,6 +18,8 @@ from kvmesh.transports.region import KVRegion, check_region, host_id as this_hos
 from kvmesh.transports.service import Peer
 from kvmesh.transports.transfer import Transfer
 from kvmesh.v1 import common_pb2, kv_pb2
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = (1 << 20) - 1024  # data per grpc message; header + data stay within 1 MiB
 
@@ -85,6 +88,7 @@ class Sender:
             dst = as_block_ids(dst_block_ids, descriptor.num_blocks, "dst_block_ids")
         except ValueError as exc:
             raise errors.InvalidTransfer(str(exc)) from None
+        await self._prune()
         name = self.choose_backend(descriptor)
         deadline = time.monotonic() + timeout
         peer = self.control_peer(descriptor)
@@ -203,6 +207,17 @@ class Sender:
         return self.rpc_peer(descriptor.address)
 
     # ---- private ----
+
+    async def _prune(self) -> None:
+        """Close idle links to receivers that are gone for good (a dead worker's pool stays in memory while any
+        peer maps it), and free what they left behind, at this sender's next open rather than never."""
+        for key, link in list(self._links.items()):
+            if link.users == 0 and link.stale():
+                del self._links[key]
+                await link.close()
+                freed = backend_class(link.name).reclaim_stale()
+                log.info("closed the %s link to %s (its receiver died); reclaimed %s", link.name,
+                         link.descriptor.address, ", ".join(freed) or "nothing")
 
     async def _link(self, name: str, descriptor, peer) -> Backend:
         key = _link_key(name, descriptor)

@@ -11,7 +11,8 @@ import numpy as np
 
 from kvmesh.transports.base import Attachment, Backend
 from kvmesh.transports.blocks import Run
-from kvmesh.transports.shm.segment import (close_map, create_segment, open_segment, reclaim_stale_segments)
+from kvmesh.transports.shm.segment import (SEGMENT_NAME, close_map, create_segment, open_segment, owner_alive,
+                                           reclaim_stale_segments)
 from kvmesh.transports.shm.staging import StagedMaps, StagedTransfer, StagingArea, land_staged
 from kvmesh.transports.transfer import Transfer
 
@@ -109,6 +110,10 @@ class ShmBackend(Backend):
         d = self.descriptor
         shape = (d.layout.num_layers, 2, d.num_blocks, self.sender.region.block_nbytes)
         self.array, self._mem = open_segment(d.backend_params[NAME].decode(), shape)
+
+    def stale(self) -> bool:
+        match = SEGMENT_NAME.match(self.descriptor.backend_params[NAME].decode(errors="replace"))
+        return match is not None and not owner_alive(int(match.group(1)))
 
     async def close(self) -> None:
         mem = getattr(self, "_mem", None)
