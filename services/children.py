@@ -18,11 +18,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 PR_SET_PDEATHSIG = 1
 
 
+_handed_out: set[int] = set()  # ports given to children that may not have bound them yet
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nobody listens on right now and that this process has not handed out before (a child given a port
+    binds it only when it starts, so the kernel may offer the same port again meanwhile)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+
+
+def reserve_ports(*ports: int) -> None:
+    """Ports the caller chose itself (the gateway's): never handed out by free_port."""
+    _handed_out.update(ports)
 
 
 try:  # resolved now: between fork and exec the child must not dlopen (another thread may hold its lock)

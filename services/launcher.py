@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from kvmesh.services.children import Child, free_port, stop_all, wait_serving
+from kvmesh.services.children import Child, free_port, reserve_ports, stop_all, wait_serving
 from kvmesh.services.common import config as knobs
 from kvmesh.services.supervisor import RestartConfig, RollingRestart, Supervisor
 
@@ -96,6 +96,7 @@ class Mesh:
 def plan(args) -> list[Child]:
     """The children of `kvmesh up`, in start order, with the flags that wire them together."""
     host = "127.0.0.1"
+    reserve_ports(args.grpc_port, args.http_port)
     schedulers = [f"{host}:{free_port()}" for _ in range(getattr(args, "schedulers", 1))]
     env = {"KVMESH_TORCH_THREADS": str(args.threads_per_worker)} if args.threads_per_worker else {}
     common = ["--scheduler", ",".join(schedulers)]  # every other service knows them all: any may route
