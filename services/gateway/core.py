@@ -32,6 +32,8 @@ from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, Unav
 from kvmesh.services.gateway.drain import Drain, LiveRequest
 from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
+from kvmesh.services.gateway.request_ids import LiveIds
+from kvmesh.services.gateway.sampling_checks import check_sampling_extras
 from kvmesh.services.gateway.stall import next_message
 from kvmesh.services.kv_identity import tenant_salt
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -107,6 +109,7 @@ def validate(call: GenerateCall, card: ModelCard) -> None:
         raise InvalidArgumentError(f"top_k must be -1, 0 or positive, got {s.top_k}")
     if s.HasField("logprobs") and not 0 <= s.logprobs <= 20:
         raise InvalidArgumentError(f"logprobs must be in [0, 20], got {s.logprobs}")
+    check_sampling_extras(s, card.vocab_size)
 
 
 class Gateway:
@@ -125,6 +128,7 @@ class Gateway:
         self.route_timeout_s = route_timeout_s
         self.request_timeout_s = request_timeout_s
         self.drain = Drain()  # requests in flight; on SIGTERM, new ones are refused and late ones ended explicitly
+        self.live_ids = LiveIds()  # request ids in flight: a client-chosen one used twice at once is refused
 
     def _scheduler(self) -> scheduler_pb2_grpc.SchedulerStub:
         return scheduler_pb2_grpc.SchedulerStub(self.channels.get(self.scheduler_address))
