@@ -115,7 +115,7 @@ class OpenAIFrontend:
                 await asyncio.gather(work, return_exceptions=True)
                 return Response(status_code=499)
         work.result()  # a failed choice raises here: an HTTP error status with a message, never an empty 200
-        if body.num_candidates > body.n:
+        if body.best_of is not None:  # ranked best first, as vLLM did (and only the best n kept)
             choices = best(choices, body.n, keep_logprobs=body.requested_logprobs() is not None)
         return JSONResponse(render.whole(choices))
 

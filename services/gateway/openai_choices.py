@@ -1,8 +1,8 @@
 """The choices of one OpenAI request: a call per candidate, their streams merged, and best_of's pick.
 
-Each prompt gets `best_of` candidates (default `n`); when there are more candidates than choices, all run to the
-end and the `n` with the highest cumulative logprob (the sum over their tokens, as vLLM ranked them) are returned,
-re-indexed in that order. Their logprobs were asked for only to rank them; unless the client asked too, the reply
+Each prompt gets `best_of` candidates (default `n`); with best_of given, all run to the end and the `n` with the
+highest cumulative logprob (the sum over their tokens, as vLLM ranked them) are returned, best first, re-indexed in
+that order. Their logprobs were asked for only to rank them; unless the client asked too, the reply
 leaves them out.
 """
 

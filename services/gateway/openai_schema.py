@@ -120,7 +120,7 @@ class OpenAIRequest(BaseModel):
         if self.seed is not None:
             params.seed = self.seed + index
         logprobs = self.requested_logprobs()
-        if logprobs is None and self.num_candidates > self.n:
+        if logprobs is None and self.best_of is not None:
             logprobs = 0  # candidates are ranked by cumulative logprob; the gateway drops them from the reply
         if logprobs is not None:
             params.logprobs = logprobs
