@@ -27,8 +27,8 @@ from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.api_keys import TENANT
 from kvmesh.services.common.channels import ChannelCache
-from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, UnavailableError, describe, status_for,
-                                           unreachable)
+from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, UnavailableError, describe, peer_text,
+                                           status_for, unreachable)
 from kvmesh.services.gateway.drain import Drain, LiveRequest
 from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
@@ -143,7 +143,7 @@ class Gateway:
             try:
                 route = await self._scheduler().Route(request, timeout=budget)
             except grpc.aio.AioRpcError as e:
-                raise MeshError.with_status(e.code(), f"routing failed: {e.details()}") from e
+                raise MeshError.with_status(e.code(), f"routing failed: {peer_text(e)}") from e
             span.set_attributes({names.ATTR_ROUTE_PREFILL: route.prefill.worker_id,
                                  names.ATTR_ROUTE_DECODE: route.decode.worker_id,
                                  names.ATTR_ROUTE_REASON: route.policy,
@@ -246,7 +246,7 @@ async def relay(live: LiveRequest, address: str, request_id: str, stall_check_s:
     except grpc.aio.AioRpcError as e:
         # CANCELLED from the peer (ours raises CancelledError) is the worker stopping, not the client going away
         code = grpc.StatusCode.UNAVAILABLE if e.code() is grpc.StatusCode.CANCELLED else e.code()
-        raise MeshError.with_status(code, f"decode worker {address}: {e.details() or e.code().name}") from e
+        raise MeshError.with_status(code, f"decode worker {address}: {peer_text(e)}") from e
     except asyncio.CancelledError:
         if not asyncio.current_task().cancelling():  # the call was cancelled, not this task: by the drain?
             live.check()  # then the client gets UNAVAILABLE, not a cut connection
