@@ -162,7 +162,7 @@ def unreachable(e: grpc.aio.AioRpcError) -> bool:
 _UNANSWERED = {
     grpc.StatusCode.UNAVAILABLE: "the connection to it failed or was cut; retry",
     grpc.StatusCode.DEADLINE_EXCEEDED: "no answer before the deadline",
-    grpc.StatusCode.CANCELLED: "the call was cancelled",
+    grpc.StatusCode.CANCELLED: "the call was cancelled (the peer stopped, or is shutting down)",
 }
 
 
