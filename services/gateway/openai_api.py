@@ -117,7 +117,7 @@ class OpenAIFrontend:
         work.result()  # a failed choice raises here: an HTTP error status with a message, never an empty 200
         if body.best_of is not None:  # ranked best first, as vLLM did (and only the best n kept)
             choices = best(choices, body.n, keep_logprobs=body.requested_logprobs() is not None)
-        return JSONResponse(render.whole(choices))
+        return JSONResponse(await self.tokenizer.run(render.whole, choices))  # decodes every logprob's token
 
     async def _collect(self, choices: list[Choice]) -> None:
         async for choice, response in self._stream(choices):

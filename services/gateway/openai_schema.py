@@ -19,6 +19,8 @@ from kvmesh.v1 import common_pb2
 
 MAX_N = 16  # choices (n) and candidates (best_of) per prompt at most
 MAX_LOGPROBS = 20
+MAX_STOPS, MAX_STOP_CHARS = 64, 1024
+MAX_SEQUENCES = 256  # prompts x candidates per request at most
 INT32 = 2**31 - 1
 MAX_SEED = 2**63 - 1 - MAX_N  # a choice's seed is seed + its index, which must fit the engine's int64
 
@@ -74,6 +76,9 @@ class OpenAIRequest(BaseModel):
         found = unsupported_field(self.model_extra or {})
         if found:
             return f"{found[0]}: {found[1]}"
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOPS or any(not 0 < len(x) <= MAX_STOP_CHARS for x in stops):
+            return f"stop: at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters each"
         if self.best_of is not None and self.best_of < self.n:
             return f"best_of ({self.best_of}) must be at least n ({self.n})"
         if self.num_candidates > self.n and self.stream:
@@ -138,6 +143,13 @@ class CompletionRequest(OpenAIRequest):
         return self.logprobs
 
     def unsupported(self) -> str | None:
+        p = self.prompt
+        num_prompts = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+        if isinstance(p, list) and not p:
+            return "prompt: the prompt is empty; send a string, a list of strings or token ids"
+        if num_prompts * self.num_candidates > MAX_SEQUENCES:
+            return (f"prompt: {num_prompts} prompts x {self.num_candidates} candidates exceeds {MAX_SEQUENCES} "
+                    "sequences per request; split the batch")
         if self.echo and self.logprobs is not None:
             return ("echo with logprobs is not supported: kvmesh does not compute prompt logprobs; "
                     "drop logprobs or echo")

@@ -212,3 +212,16 @@ def test_tokenize_and_detokenize_as_vllm_has_them():
     assert post("/detokenize", {"tokens": [1000]}).status_code == 400
     assert post("/tokenize", {"prompt": "a", "messages": []}).status_code == 400
     assert post("/tokenize", {"prompt": "a", "model": "other"}).status_code == 404
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"prompt": []}, "empty"),
+    ({"prompt": ["a"] * 20, "n": 16}, "sequences per request"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+    ({"prompt": "hi", "stop": ["x"] * 65}, "stop"),
+])
+def test_requests_that_would_do_nothing_or_too_much_are_refused(body, words):
+    gateway = ScriptedGateway()
+    reply = post("/v1/completions", body, gateway)
+    assert reply.status_code == 400 and words in reply.json()["error"]["message"], reply.text
+    assert not gateway.calls
