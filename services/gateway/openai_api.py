@@ -130,7 +130,10 @@ class OpenAIFrontend:
                 yield _event(chunk)
             async for choice, response in _chain(read, stream):
                 absorb(choice, response)
-                yield _event(render.chunk(choice, response, include_usage))
+                if response.logprobs:  # the logprobs' token strings: many decodes, on the tokenizer's thread
+                    yield _event(await self.tokenizer.run(render.chunk, choice, response, include_usage))
+                else:
+                    yield _event(render.chunk(choice, response, include_usage))
             if include_usage:
                 yield _event(render.usage_chunk(choices))
         except Exception as e:  # noqa: BLE001 — the status line is sent: report it in the stream, then end it

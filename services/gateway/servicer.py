@@ -45,11 +45,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         call = await self._call(request, context)
         call.arrival_ns = arrival_ns
         stream = held(self.gateway.generate(call, context.time_remaining()), self.gateway.live_ids, [call.request_id])
-        async for out in stream:
-            yield gateway_pb2.GenerateResponse(
-                request_id=call.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
-                finish_reason=out.finish_reason, usage=out.usage if out.HasField("usage") else None,
-                timings=out.timings if out.HasField("timings") else None)
+        try:
+            async for out in stream:
+                yield gateway_pb2.GenerateResponse(
+                    request_id=call.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
+                    finish_reason=out.finish_reason, usage=out.usage if out.HasField("usage") else None,
+                    timings=out.timings if out.HasField("timings") else None)
+        finally:
+            await stream.aclose()  # now, not when collected: the request id is free once the call has ended
 
     async def Tokenize(self, request, context):
         """The token ids and token strings of a text."""

@@ -225,3 +225,39 @@ def test_requests_that_would_do_nothing_or_too_much_are_refused(body, words):
     reply = post("/v1/completions", body, gateway)
     assert reply.status_code == 400 and words in reply.json()["error"]["message"], reply.text
     assert not gateway.calls
+
+
+def test_a_duplicate_request_id_over_grpc_gets_already_exists():
+    from kvmesh.services.gateway.request_ids import AlreadyExistsError
+    from kvmesh.services.gateway.servicer import GatewayServicer
+    from kvmesh.v1 import gateway_pb2
+
+    class Context:
+        def invocation_metadata(self):
+            return ()
+
+        def time_remaining(self):
+            return 30.0
+
+    async def scenario():
+        gateway = ScriptedGateway()
+        gateway.hold = asyncio.Event()
+        servicer = GatewayServicer(gateway, AsyncTokenizer(CharTokenizer()))
+        request = gateway_pb2.GenerateRequest(prompt="hi", request_id="mine",
+                                              sampling=common_pb2.SamplingParams(seed=3))
+        first = servicer.Generate(request, Context())
+        pending = asyncio.ensure_future(anext(first))
+        while not gateway.calls:
+            await asyncio.sleep(0.01)
+        try:
+            await anext(servicer.Generate(request, Context()))
+            raise AssertionError("the duplicate was served")
+        except AlreadyExistsError as e:
+            refused = str(e)
+        gateway.hold.set()
+        reply = await pending
+        await first.aclose()
+        return refused, reply, len(gateway.live_ids)
+
+    refused, reply, live = asyncio.run(scenario())
+    assert "already in flight" in refused and reply.text == "<3>" and live == 0
