@@ -261,3 +261,15 @@ def test_a_duplicate_request_id_over_grpc_gets_already_exists():
 
     refused, reply, live = asyncio.run(scenario())
     assert "already in flight" in refused and reply.text == "<3>" and live == 0
+
+
+def test_a_stream_of_several_choices_delivers_each_after_all_have_started():
+    gateway = ScriptedGateway()
+    text = post("/v1/completions", {"prompt": ["ab", "cd"], "n": 2, "seed": 5, "stream": True}, gateway).text
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    by_index = {}
+    for e in events:
+        for c in e["choices"]:
+            by_index[c["index"]] = by_index.get(c["index"], "") + c["text"]
+    assert by_index == {0: "<5>", 1: "<6>", 2: "<5>", 3: "<6>"} and text.rstrip().endswith("data: [DONE]")
+    assert not gateway.live_ids
