@@ -157,6 +157,24 @@ def unreachable(e: grpc.aio.AioRpcError) -> bool:
     return not any(key == ANSWERED_KEY for key, _ in (e.trailing_metadata() or ()))
 
 
+#: What a status the peer did not send itself stands for, in words a client can act on: the transport's own text
+#: ("recvmsg:Connection reset by peer", "failed to connect to all addresses; ...") is internal and stays in logs.
+_UNANSWERED = {
+    grpc.StatusCode.UNAVAILABLE: "the connection to it failed or was cut; retry",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "no answer before the deadline",
+    grpc.StatusCode.CANCELLED: "the call was cancelled (the peer stopped, or is shutting down)",
+}
+
+
+def peer_text(e: grpc.aio.AioRpcError) -> str:
+    """A failed call's message fit to pass on: the peer's own message when its handler sent the status (the
+    status carries `ANSWERED_KEY`), else a plain account of the code — never the transport's internal text."""
+    if any(key == ANSWERED_KEY for key, _ in (e.trailing_metadata() or ())):
+        return e.details() or e.code().name
+    log.info("peer status %s without an answer: %s", e.code().name, e.details())
+    return _UNANSWERED.get(e.code(), f"the call failed ({e.code().name})")
+
+
 def _wrap_unary(fn):
     async def handler(request_or_iterator, context):
         try:

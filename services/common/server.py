@@ -31,6 +31,7 @@ from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry
 from kvmesh.services.common.bind import BindError, check_bindable
 from kvmesh.services.common.api_keys import KeyRing
+from kvmesh.services.common.malformed import MalformedRequestInterceptor
 from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.channels import ChannelCache
 
@@ -136,7 +137,9 @@ class MeshServer:
     async def start(self) -> int:
         """Bind, start serving, mark every service SERVING and start the background tasks; return the port."""
         check_bindable(self.config.host, self.config.port)
-        interceptors = [*rpc_tracing.server_interceptors(), errors.ErrorMappingInterceptor()]
+        # innermost last: request bytes that do not parse become INVALID_ARGUMENT inside the error mapping
+        interceptors = [*rpc_tracing.server_interceptors(), errors.ErrorMappingInterceptor(),
+                        MalformedRequestInterceptor()]
         if self.keys is not None:  # first: a caller without a key reaches nothing, not even a span
             interceptors.insert(0, auth.ApiKeyInterceptor(self.keys, self.limits))
         server = grpc.aio.server(interceptors=interceptors, options=self._options())

@@ -285,7 +285,7 @@ def ended_error(record: Handoff) -> errors.MeshError:
 def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:
     """A failed Prefill call as the error the client sees, naming the worker."""
     code = e.code()
-    message = f"prefill worker {address} failed: {code.name}: {e.details()}"
+    message = f"prefill worker {address} failed: {code.name}: {errors.peer_text(e)}"
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
                 grpc.StatusCode.DEADLINE_EXCEEDED):
         return errors.MeshError.with_status(code, message)

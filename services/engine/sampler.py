@@ -6,14 +6,18 @@ so a seeded request gives the same tokens whatever else shares its batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from kvmesh.services.engine.errors import InvalidRequestError
+from kvmesh.services.engine.penalties import apply_penalties
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+MAX_BIASED_TOKENS = 1024  # logit_bias entries per request at most
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the request (kept in the ids)
     ignore_eos: bool = False  # keep going past the model's end-of-sequence tokens
     logprobs: int | None = None  # return the chosen token's logprob and the top-N alternatives
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # HF's: divides (multiplies, if negative) logits of prompt + generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
 
     def validate(self, max_model_len: int, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the first bad field and what would be accepted."""
@@ -55,6 +63,24 @@ class SamplingParams:
             raise InvalidRequestError(f"stop_token_ids {bad} lie outside the vocabulary [0, {vocab_size})")
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidRequestError(f"seed must lie in [0, 2**63), got {self.seed}")
+        self._validate_penalties(vocab_size)
+
+    def _validate_penalties(self, vocab_size: int) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must lie in [-2, 2], got {value}")
+        if not (0 < self.repetition_penalty <= 100 and math.isfinite(self.repetition_penalty)):
+            raise InvalidRequestError(f"repetition_penalty must lie in (0, 100] (1 = off), "
+                                      f"got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_BIASED_TOKENS:
+            raise InvalidRequestError(f"logit_bias names {len(self.logit_bias)} tokens; at most "
+                                      f"{MAX_BIASED_TOKENS} are accepted")
+        for token_id, bias in self.logit_bias:
+            if not 0 <= token_id < vocab_size:
+                raise InvalidRequestError(f"logit_bias token {token_id} lies outside the vocabulary [0, {vocab_size})")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(f"logit_bias for token {token_id} must lie in [-100, 100], got {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -94,10 +120,14 @@ def _sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     return order.gather(1, pos)[:, 0]
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator]) -> tuple[list[int], list[dict | None]]:
-    """One token per row of `logits`; plus, for rows that asked, {"logprob", "top": [(id, logprob), ...]}."""
-    logits = logits.float()
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
+           histories: Sequence | None = None) -> tuple[list[int], list[dict | None]]:
+    """One token per row of `logits`; plus, for rows that asked, {"logprob", "top": [(id, logprob), ...]}.
+
+    `histories[i]` is row i's (token ids so far, number of prompt tokens), which the penalties need. Logprobs are
+    those of the distribution after penalties and logit_bias, before temperature and truncation.
+    """
+    logits = apply_penalties(logits.float(), params, histories)
     chosen = logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:

@@ -33,5 +33,5 @@ def forward_step(model, kv_cache: KVCache, scheduled: list[tuple[Sequence, int]]
         return []
     rows = torch.tensor([row for _, row in sampled], device=logits.device)
     tokens, infos = sample(logits.index_select(0, rows), [s.params for s, _ in sampled],
-                           [s.generator for s, _ in sampled])
+                           [s.generator for s, _ in sampled], [(s.token_ids, s.num_prompt_tokens) for s, _ in sampled])
     return [(seq, token, info) for (seq, _), token, info in zip(sampled, tokens, infos)]

@@ -28,11 +28,13 @@ from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.api_keys import TENANT
 from kvmesh.services.common.channels import ChannelCache
-from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, UnavailableError, describe, status_for,
-                                           unreachable)
+from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, UnavailableError, describe, peer_text,
+                                           status_for, unreachable)
 from kvmesh.services.gateway.drain import Drain, LiveRequest
 from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
+from kvmesh.services.gateway.request_ids import LiveIds
+from kvmesh.services.gateway.sampling_checks import check_sampling_extras
 from kvmesh.services.gateway.stall import next_message
 from kvmesh.services.kv_identity import tenant_salt
 from kvmesh.v1 import common_pb2, decode_pb2, decode_pb2_grpc, scheduler_pb2
@@ -108,6 +110,7 @@ def validate(call: GenerateCall, card: ModelCard) -> None:
         raise InvalidArgumentError(f"top_k must be -1, 0 or positive, got {s.top_k}")
     if s.HasField("logprobs") and not 0 <= s.logprobs <= 20:
         raise InvalidArgumentError(f"logprobs must be in [0, 20], got {s.logprobs}")
+    check_sampling_extras(s, card.vocab_size)
 
 
 class Gateway:
@@ -126,6 +129,7 @@ class Gateway:
         self.route_timeout_s = route_timeout_s
         self.request_timeout_s = request_timeout_s
         self.drain = Drain()  # requests in flight; on SIGTERM, new ones are refused and late ones ended explicitly
+        self.live_ids = LiveIds()  # request ids in flight: a client-chosen one used twice at once is refused
 
     async def route(self, call: GenerateCall, timeout: float | None, avoid=()) -> scheduler_pb2.RouteResponse:
         """Ask the scheduler for a (prefill, decode) pair, leaving out the workers in avoid where it can."""
@@ -137,7 +141,7 @@ class Gateway:
             try:
                 route = await self.schedulers.call("Route", request, timeout=budget)
             except grpc.aio.AioRpcError as e:
-                raise MeshError.with_status(e.code(), f"routing failed: {e.details()}") from e
+                raise MeshError.with_status(e.code(), f"routing failed: {peer_text(e)}") from e
             span.set_attributes({names.ATTR_ROUTE_PREFILL: route.prefill.worker_id,
                                  names.ATTR_ROUTE_DECODE: route.decode.worker_id,
                                  names.ATTR_ROUTE_REASON: route.policy,
@@ -240,7 +244,7 @@ async def relay(live: LiveRequest, address: str, request_id: str, stall_check_s:
     except grpc.aio.AioRpcError as e:
         # CANCELLED from the peer (ours raises CancelledError) is the worker stopping, not the client going away
         code = grpc.StatusCode.UNAVAILABLE if e.code() is grpc.StatusCode.CANCELLED else e.code()
-        raise MeshError.with_status(code, f"decode worker {address}: {e.details() or e.code().name}") from e
+        raise MeshError.with_status(code, f"decode worker {address}: {peer_text(e)}") from e
     except asyncio.CancelledError:
         if not asyncio.current_task().cancelling():  # the call was cancelled, not this task: by the drain?
             live.check()  # then the client gets UNAVAILABLE, not a cut connection

@@ -19,62 +19,15 @@ from kvmesh.services.common.api_keys import KeyRing
 from kvmesh.services.common.rate_limit import TenantLimits
 from kvmesh.services.common.errors import InvalidArgumentError, MeshError, NotFoundError
 from kvmesh.services.gateway import openai_format as fmt
+from kvmesh.services.gateway.body_limit import BodyLimitMiddleware
 from kvmesh.services.gateway.http_auth import ApiKeyMiddleware, open_paths
 from kvmesh.services.gateway.core import Gateway, GenerateCall, validate
 from kvmesh.services.gateway.openai_errors import error_response, stream_error_event, typed_error_response
+from kvmesh.services.gateway.openai_choices import Choice, absorb, best, first_of_each, merge
 from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from kvmesh.services.gateway.request_ids import held
+from kvmesh.services.gateway.openai_tokenize import add_token_routes
 from kvmesh.services.gateway.tokens import AsyncTokenizer
-
-class _Choice:
-    """One choice of a request: its call, and what has come back so far."""
-
-    def __init__(self, index: int, call: GenerateCall):
-        self.index, self.call = index, call
-        self.token_ids: list[int] = []
-        self.text: list[str] = []
-        self.logprobs: list = []
-        self.finish_reason: str | None = None
-        self.usage = None
-
-
-async def _merge(gateway: Gateway, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, object]]:
-    """Run every choice's stream at once; yield (choice, DecodeResponse) as they arrive."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(choice: _Choice) -> None:
-        try:
-            async for response in gateway.generate(choice.call):
-                await queue.put((choice, response))
-            await queue.put((choice, done))
-        except BaseException as e:  # the consumer re-raises it; cancellation included
-            await queue.put((choice, e))
-
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            choice, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield choice, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _absorb(choice: _Choice, response) -> None:
-    choice.token_ids.extend(response.token_ids)
-    choice.text.append(response.text)
-    choice.logprobs.extend(response.logprobs)
-    if response.finish_reason:
-        choice.finish_reason = fmt.FINISH[response.finish_reason]
-        choice.usage = response.usage
-
 
 class OpenAIFrontend:
     """Builds OpenAI responses from gateway streams."""
@@ -98,25 +51,35 @@ class OpenAIFrontend:
             return [list(p)]
         return [await self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
 
+    async def _echoes(self, body: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """The text each prompt's choices begin with: the prompt itself with echo, else nothing."""
+        if not body.echo:
+            return [""] * len(prompts)
+        texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if len(texts) != len(prompts) or not all(isinstance(t, str) for t in texts):
+            texts = [await self.tokenizer.decode(ids) for ids in prompts]
+        return texts
+
     async def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         return await self.tokenizer.encode_chat(body.rendered(), body.add_generation_prompt)
 
     def _choices(self, body: OpenAIRequest, prompts: list[list[int]], request_id: str,
-                 request: Request | None = None) -> list[_Choice]:
+                 request: Request | None = None, echoes: list[str] | None = None) -> list[Choice]:
         choices = []
         parent = telemetry.extract_metadata(request.headers) if request is not None else None
         arrival_ns = getattr(request.state, "arrival_ns", 0) if request is not None else 0
         for p, ids in enumerate(prompts):
-            for j in range(body.n):
+            for j in range(body.num_candidates):
                 call = GenerateCall(ids, body.sampling(j), f"{request_id}-{len(choices)}", body.cache_salt or "",
                                     trace_parent=parent, arrival_ns=arrival_ns, api="http")
-                choices.append(_Choice(len(choices), call))
+                choices.append(Choice(len(choices), call, p, echoes[p] if echoes else ""))
         return choices
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body)
         rid = body.request_id or f"cmpl-{uuid.uuid4().hex}"
-        choices = self._choices(body, await self._prompts(body), rid, request)
+        prompts = await self._prompts(body)
+        choices = self._choices(body, prompts, rid, request, await self._echoes(body, prompts))
         render = fmt.CompletionRenderer(rid, self.gateway.card.name, self.tokenizer.tokenizer)
         return await self._respond(body, choices, render, request)
 
@@ -127,13 +90,20 @@ class OpenAIFrontend:
         render = fmt.ChatRenderer(rid, self.gateway.card.name, self.tokenizer.tokenizer)
         return await self._respond(body, choices, render, request)
 
-    async def _respond(self, body: OpenAIRequest, choices: list[_Choice], render, request: Request):
+    def _stream(self, choices: list[Choice]):
+        """Every choice's messages, merged, with the choices' request ids held while they run."""
+        return held(merge(self.gateway, choices), self.gateway.live_ids, [c.call.request_id for c in choices])
+
+    async def _respond(self, body: OpenAIRequest, choices: list[Choice], render, request: Request):
         self.gateway.drain.check_open()  # a draining gateway refuses with 503 before any header goes out
         for choice in choices:  # fail before streaming starts, so the error gets a real HTTP status
             validate(choice.call, self.gateway.card)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(choices, render, include_usage), media_type="text/event-stream")
+            stream = self._stream(choices)
+            read = await first_of_each(stream, choices)  # a refusal raises here: a real HTTP status, not an event
+            return StreamingResponse(self._sse(choices, read, stream, render, include_usage),
+                                     media_type="text/event-stream")
         work = asyncio.create_task(self._collect(choices))
         watch = asyncio.create_task(_wait_disconnect(request))
         try:
@@ -145,26 +115,41 @@ class OpenAIFrontend:
                 await asyncio.gather(work, return_exceptions=True)
                 return Response(status_code=499)
         work.result()  # a failed choice raises here: an HTTP error status with a message, never an empty 200
-        return JSONResponse(render.whole(choices))
+        if body.best_of is not None:  # ranked best first, as vLLM did (and only the best n kept)
+            choices = best(choices, body.n, keep_logprobs=body.requested_logprobs() is not None)
+        return JSONResponse(await self.tokenizer.run(render.whole, choices))  # decodes every logprob's token
 
-    async def _collect(self, choices: list[_Choice]) -> None:
-        async for choice, response in _merge(self.gateway, choices):
-            _absorb(choice, response)
+    async def _collect(self, choices: list[Choice]) -> None:
+        async for choice, response in self._stream(choices):
+            absorb(choice, response)
 
-    async def _sse(self, choices: list[_Choice], render, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(self, choices: list[Choice], read: list, stream, render, include_usage: bool
+                   ) -> AsyncIterator[str]:
         try:
             for chunk in render.opening(choices):
                 yield _event(chunk)
-            async for choice, response in _merge(self.gateway, choices):
-                _absorb(choice, response)
-                yield _event(render.chunk(choice, response, include_usage))
+            async for choice, response in _chain(read, stream):
+                absorb(choice, response)
+                if response.logprobs:  # the logprobs' token strings: many decodes, on the tokenizer's thread
+                    yield _event(await self.tokenizer.run(render.chunk, choice, response, include_usage))
+                else:
+                    yield _event(render.chunk(choice, response, include_usage))
             if include_usage:
                 yield _event(render.usage_chunk(choices))
         except Exception as e:  # noqa: BLE001 — the status line is sent: report it in the stream, then end it
             # without [DONE]: a client reading to [DONE] would take the partial output for a complete one
             yield _event(stream_error_event(e))
             return
+        finally:
+            await stream.aclose()
         yield "data: [DONE]\n\n"
+
+
+async def _chain(read: list, stream) -> AsyncIterator:
+    for item in read:
+        yield item
+    async for item in stream:
+        yield item
 
 
 def _event(payload: dict) -> str:
@@ -192,19 +177,16 @@ def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, k
     app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, **_no_native_telemetry())
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
+    async def arrival(request: Request, call_next):
         request.state.arrival_ns = time.time_ns()  # the request's first byte, for TTFT and its root span
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
-            return error_response(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes} "
-                                       "bytes (KVMESH_MAX_BODY_BYTES)")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error_response(400, f"invalid request: {where}: {first.get('msg', 'malformed body')}", param=where)
+        message = str(first.get("msg", "malformed body")).removeprefix("Value error, ")
+        return error_response(400, f"invalid request: {where + ': ' if where else ''}{message}", param=where or None)
 
     @app.exception_handler(MeshError)
     async def failed(_, exc: MeshError):
@@ -237,6 +219,8 @@ def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, k
         data, content_type = frontend.metrics_renderer()
         return Response(data, media_type=content_type)
 
+    add_token_routes(app, frontend)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     if keys is not None:  # added last, so outermost: nothing (not even the body limit) runs before the key check
         app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=open_paths(metrics_auth), limits=limits)
     return app

@@ -63,9 +63,14 @@ class CompletionRenderer(_Renderer):
                 "text_offset": offsets}
 
     def whole(self, choices) -> dict:
-        body = [{"index": c.index, "text": "".join(c.text), "logprobs": self._logprobs(c.logprobs),
+        body = [{"index": c.index, "text": c.echo + "".join(c.text), "logprobs": self._logprobs(c.logprobs),
                  "finish_reason": c.finish_reason} for c in choices]
         return self._envelope(self.object_whole, body, usage=usage(choices))
+
+    def opening(self, choices) -> list[dict]:
+        """With echo, each choice's first chunk is its prompt."""
+        return [self._envelope(self.object_chunk, [{"index": c.index, "text": c.echo, "logprobs": None,
+                                                    "finish_reason": None}]) for c in choices if c.echo]
 
     def chunk(self, choice, response, include_usage: bool) -> dict:
         finish = FINISH.get(response.finish_reason)

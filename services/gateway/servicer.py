@@ -12,6 +12,7 @@ import uuid
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
 from kvmesh.services.gateway.core import Gateway, GenerateCall
+from kvmesh.services.gateway.request_ids import held
 from kvmesh.services.gateway.tokens import AsyncTokenizer
 from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -43,11 +44,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         arrival_ns = time.time_ns()
         call = await self._call(request, context)
         call.arrival_ns = arrival_ns
-        async for out in self.gateway.generate(call, context.time_remaining()):
-            yield gateway_pb2.GenerateResponse(
-                request_id=call.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
-                finish_reason=out.finish_reason, usage=out.usage if out.HasField("usage") else None,
-                timings=out.timings if out.HasField("timings") else None)
+        stream = held(self.gateway.generate(call, context.time_remaining()), self.gateway.live_ids, [call.request_id])
+        try:
+            async for out in stream:
+                yield gateway_pb2.GenerateResponse(
+                    request_id=call.request_id, token_ids=out.token_ids, text=out.text, logprobs=out.logprobs,
+                    finish_reason=out.finish_reason, usage=out.usage if out.HasField("usage") else None,
+                    timings=out.timings if out.HasField("timings") else None)
+        finally:
+            await stream.aclose()  # now, not when collected: the request id is free once the call has ended
 
     async def Tokenize(self, request, context):
         """The token ids and token strings of a text."""

@@ -46,6 +46,15 @@ class AsyncTokenizer:
         """The token strings of token ids."""
         return await self._run(self.tokenizer.convert_ids_to_tokens, token_ids)
 
+    async def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The text of token ids."""
+        return await self._run(self.tokenizer.decode, token_ids, skip_special_tokens=skip_special_tokens)
+
+    async def run(self, fn, *args):
+        """fn(*args) on the tokenizer's thread (for work that calls the tokenizer many times, such as rendering
+        a long reply's logprobs)."""
+        return await self._run(fn, *args)
+
     async def close(self) -> None:
         """Stop the tokenizer's thread (after the calls already queued)."""
         self._executor.shutdown(wait=False)

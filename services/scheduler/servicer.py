@@ -16,6 +16,7 @@ from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.breaker import BreakerState
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
+from kvmesh.services.scheduler.validate_register import validate_load, validate_register
 from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -77,6 +78,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return worker_to_proto(worker, self.registry.lease_remaining(worker), self.registry.breaker_state(worker))
 
     async def Register(self, request, context):
+        validate_register(request)  # sane load, dialable addresses, a real layout; else INVALID_ARGUMENT
         worker = self.registry.register(spec_from_proto(request), load_from_proto(request.load))
         log.info("registered %s at %s", worker.worker_id, worker.spec.address)
         lease = self.registry.lease_s
@@ -84,6 +86,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                               heartbeat_interval_seconds=lease / 3)
 
     async def Heartbeat(self, request, context):
+        validate_load(request.load)
         self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
         synced = True
         if request.HasField("kv_events"):

@@ -17,7 +17,10 @@ def sampling_params(proto: common_pb2.SamplingParams):
         max_tokens=proto.max_tokens if proto.HasField("max_tokens") else 16,
         seed=proto.seed if proto.HasField("seed") else None,
         stop=tuple(proto.stop), stop_token_ids=tuple(proto.stop_token_ids), ignore_eos=proto.ignore_eos,
-        logprobs=proto.logprobs if proto.HasField("logprobs") else None)
+        logprobs=proto.logprobs if proto.HasField("logprobs") else None,
+        presence_penalty=proto.presence_penalty, frequency_penalty=proto.frequency_penalty,
+        repetition_penalty=proto.repetition_penalty if proto.HasField("repetition_penalty") else 1.0,
+        logit_bias=tuple(sorted(proto.logit_bias.items())))
 
 
 def logprob_protos(token_ids: list[int], entries) -> list[common_pb2.TokenLogprob]:

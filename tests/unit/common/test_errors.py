@@ -44,3 +44,17 @@ def test_status_for(exc, code):
 def test_describe_uses_the_message_or_the_class_name():
     assert errors.describe(errors.NotFoundError("worker w1")) == "worker w1"
     assert errors.describe(TransportGone()) == "TransportGone"
+
+
+def test_peer_text_passes_on_answers_and_hides_transport_text():
+    from kvmesh.services.common.errors import ANSWERED_KEY, peer_text
+
+    reset = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                 "recvmsg:Connection reset by peer")
+    assert "recvmsg" not in peer_text(reset) and "connection" in peer_text(reset)
+    answered = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                    grpc.aio.Metadata((ANSWERED_KEY, "1")), "no decode worker is registered")
+    assert peer_text(answered) == "no decode worker is registered"
+    odd = grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                               "Exception calling application: Traceback ...")
+    assert "Traceback" not in peer_text(odd) and "UNKNOWN" in peer_text(odd)

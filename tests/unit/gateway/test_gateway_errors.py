@@ -78,7 +78,7 @@ def post(path: str, body: dict) -> httpx.Response:
 @pytest.mark.parametrize("path, body, status, words", [
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-17"}, 404, "not served here"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo with logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "chat template"),
 ])
 def test_http_errors_keep_their_status_message_and_openai_shape(path, body, status, words):

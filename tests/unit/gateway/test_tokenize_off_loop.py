@@ -8,6 +8,7 @@ import httpx
 from kvmesh.services.gateway.core import ModelCard
 from kvmesh.services.gateway.openai_api import OpenAIFrontend, build_app
 from kvmesh.services.gateway.drain import Drain
+from kvmesh.services.gateway.request_ids import LiveIds
 from kvmesh.services.gateway.servicer import GatewayServicer
 from kvmesh.services.gateway.tokens import AsyncTokenizer
 from kvmesh.v1 import common_pb2, decode_pb2, gateway_pb2
@@ -45,6 +46,7 @@ class OneTokenGateway:
     def __init__(self):
         self.prompts: list[list[int]] = []
         self.drain = Drain()  # never draining
+        self.live_ids = LiveIds()
 
     async def generate(self, call, timeout=None):
         self.prompts.append(list(call.prompt_token_ids))
