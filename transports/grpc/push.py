@@ -5,6 +5,7 @@ layer's running checksum extended as it lands (the Commit compares those with th
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import numpy as np
@@ -14,6 +15,8 @@ from google.protobuf.message import DecodeError
 import kvmesh.transports.errors as errors
 from kvmesh.transports.service import abort_with
 from kvmesh.v1 import kv_pb2
+
+log = logging.getLogger(__name__)
 
 NAME = "grpc"  # this backend's registry name, as Open requests carry it
 
@@ -171,7 +174,8 @@ def _lenient(parse):
 async def _well_formed(chunks):
     async for chunk in chunks:
         if isinstance(chunk, MalformedChunk):
-            raise errors.InvalidTransfer(f"malformed KV chunk: {chunk.reason}")
+            log.debug("malformed KV chunk: %s", chunk.reason)  # the parser's words stay here, not in the status
+            raise errors.InvalidTransfer("a Push message is not a well-formed KVChunk")
         yield chunk
 
 
