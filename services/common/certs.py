@@ -4,7 +4,9 @@ The folder holds `ca.pem` (the CA's certificate, the trust root of every server 
 `<role>.pem` (its certificate, signed by the CA) and `<role>.key` (its private key, mode 0600). The CA's own key
 is `ca.key` (0600): keep it offline once the certificates are made. A certificate names its role in a URI SAN
 `kvmesh:role:<role>` (what the access table checks) and the hosts it may serve from in DNS and IP SANs (localhost,
-127.0.0.1, ::1, the role's name — the service's name in compose and Kubernetes — and every `--host` given).
+127.0.0.1, ::1, the role's name, every `--host` given, and `MESH_NAME`: the name channels check instead of the
+host dialled where peers are known by addresses no certificate can list — container host names, pod IPs — with
+`--tls-server-name kvmesh.mesh`).
 Keys are EC P-256; certificates last `days` (default a year).
 """
 
@@ -28,7 +30,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 ROLES = ("gateway", "scheduler", "prefill", "decode", "cache", "admin")
 ROLE_URI_PREFIX = "kvmesh:role:"
 CA_FILE = "ca.pem"
-DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
+MESH_NAME = "kvmesh.mesh"
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1", MESH_NAME)
 DEFAULT_DAYS = 365
 
 
