@@ -24,11 +24,11 @@ def mesh_certs(enabled: bool) -> Iterator[str]:
 
 
 def wire(children: list, folder: str) -> None:
-    """Every child serves and dials with its role's certificate from `folder`; the launcher checks their health
-    with the admin one."""
+    """Every child serves and dials with its role's certificate from `folder`; the launcher checks the internal
+    services' health with the admin one."""
     if not folder:
         return
     admin = tls.load(folder, "admin")
     for child in children:
         child.argv += ["--tls-dir", folder]
-        child.tls = admin
+        child.tls = admin if child.name != "gateway" else None  # the gateway's own port stays plaintext

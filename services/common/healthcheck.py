@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvmesh.services.common import tls
 
 
-def check(target: str, service: str = "", timeout: float = 2.0, identity: tls.TlsIdentity | None = None) -> bool:
-    """True when `target` answers grpc.health.v1 Check with SERVING within `timeout` seconds (over mTLS with
-    `identity`, or this process's, when there is one)."""
+def check(target: str, service: str = "", timeout: float = 2.0, identity=tls.CURRENT) -> bool:
+    """True when `target` answers grpc.health.v1 Check with SERVING within `timeout` seconds (over mTLS presenting
+    `identity`, by default this process's if it has one; None: plaintext)."""
     with tls.open_channel(target, aio=False, identity=identity) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
@@ -30,9 +30,9 @@ def check(target: str, service: str = "", timeout: float = 2.0, identity: tls.Tl
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def check_async(target: str, service: str = "", timeout: float = 2.0) -> bool:
+async def check_async(target: str, service: str = "", timeout: float = 2.0, identity=tls.CURRENT) -> bool:
     """check() for the asyncio loop."""
-    async with tls.open_channel(target) as channel:
+    async with tls.open_channel(target, identity=identity) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -41,7 +41,8 @@ async def check_async(target: str, service: str = "", timeout: float = 2.0) -> b
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def wait_serving(target: str, service: str = "", timeout: float = 30.0, poll: float = 0.05) -> bool:
+async def wait_serving(target: str, service: str = "", timeout: float = 30.0, poll: float = 0.05,
+                       identity=tls.CURRENT) -> bool:
     """Poll `target` until it answers SERVING (True) or `timeout` seconds pass (False)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -49,7 +50,7 @@ async def wait_serving(target: str, service: str = "", timeout: float = 30.0, po
         remaining = deadline - loop.time()
         if remaining <= 0:
             return False
-        if await check_async(target, service, timeout=min(1.0, remaining)):
+        if await check_async(target, service, timeout=min(1.0, remaining), identity=identity):
             return True
         await asyncio.sleep(poll)
 

@@ -90,8 +90,7 @@ class MeshServer:
         self.instance_id = config.instance_id or ids.instance_id()
         # One identity per process: every channel it opens from now on presents this role's certificate.
         self.tls = tls.load(config.tls_dir, self.role, config.tls_server_name) if config.tls_dir else None
-        if self.tls is not None:
-            tls.use(self.tls)
+        tls.use(self.tls)
         self.health = health.aio.HealthServicer()
         self.channels = ChannelCache(config.max_message_bytes)
         self.port = 0
@@ -262,13 +261,14 @@ def _start_metrics(server: MeshServer) -> None:
 async def _announce_ready(server: MeshServer) -> None:
     """Tell systemd READY=1 once the port answers health checks, then keep its watchdog fed while healthy."""
     target = f"127.0.0.1:{server.port}" if server.config.host in ("0.0.0.0", "::", "[::]") else server.address
-    if not await healthcheck.wait_serving(target, timeout=10.0):
+    mine = server.tls if server.config.serves_mtls else None  # the gateway's own port is plaintext
+    if not await healthcheck.wait_serving(target, timeout=10.0, identity=mine):
         log.warning("health check of %s did not answer SERVING; not announcing readiness", target)
         return
     sdnotify.ready()
 
     async def watchdog(_server: MeshServer) -> None:
-        await sdnotify.watchdog_loop(lambda: healthcheck.check_async(target, timeout=1.0))
+        await sdnotify.watchdog_loop(lambda: healthcheck.check_async(target, timeout=1.0, identity=mine))
 
     server.add_task(watchdog)
 

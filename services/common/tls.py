@@ -80,11 +80,14 @@ def channel_credentials() -> grpc.ChannelCredentials | None:
     return _current.channel_credentials() if _current is not None else None
 
 
-def open_channel(address: str, options=None, interceptors=None, aio: bool = True,
-                 identity: TlsIdentity | None = None):
-    """A channel to address: over mTLS with `identity` (default: this process's) when there is one, else
-    plaintext. `aio=False` gives a blocking channel (no interceptors)."""
-    identity = identity or _current
+#: open_channel's default identity: this process's (`use`), whichever it is when the channel opens.
+CURRENT = object()
+
+
+def open_channel(address: str, options=None, interceptors=None, aio: bool = True, identity=CURRENT):
+    """A channel to address: over mTLS presenting `identity` (a TlsIdentity; by default this process's, if any),
+    plaintext when it is None. `aio=False` gives a blocking channel (no interceptors)."""
+    identity = _current if identity is CURRENT else identity
     module = grpc.aio if aio else grpc
     kwargs = {"interceptors": interceptors} if aio else {}
     if identity is None:
