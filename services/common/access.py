@@ -4,7 +4,7 @@ The table follows the request's way (shared/DESIGN.md) and the services' real ca
 
 | caller role | may call |
 | --- | --- |
-| prefill, decode, cache | Scheduler.Register (as its own role only), Heartbeat, Deregister |
+| prefill, decode, cache | Scheduler.Register (as its own role only), Heartbeat, Deregister (of its own role's workers) |
 | gateway | Scheduler.Route, ListWorkers, ReportFailure; Decode.Generate, Abort |
 | decode | Prefill.Prefill; Scheduler.ListWorkers, ReportFailure; Cache.Lookup, Get, Fetch, Put, Pin, Unpin |
 | prefill | KVTransfer.* (into decode workers); Scheduler.ListWorkers; Cache.Lookup, Get, Fetch, Put, Pin, Unpin |
@@ -45,6 +45,15 @@ def _register_as_own_role(request, role: str) -> str | None:
     asked = scheduler_pb2.WorkerRole.Name(request.role) if request.role in scheduler_pb2.WorkerRole.values() \
         else str(request.role)
     return f"a {role} certificate may not Register as {asked}: register with the role the certificate names"
+
+
+def owner_refusal(role: str | None, worker_role: int) -> str | None:
+    """Why a caller with `role` may not heartbeat or deregister a worker registered as `worker_role` (the scheduler
+    asks, as only it knows the worker's role); None: it may. Without mTLS there is no role, and nothing to check."""
+    if role is None or role == "admin" or REGISTER_ROLES.get(role) == worker_role:
+        return None
+    return (f"a {role} certificate may not act for a worker registered as "
+            f"{scheduler_pb2.WorkerRole.Name(worker_role)}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """mTLS between services, on a mesh of real processes: no certificate, no call; a certificate of the wrong role,
 PERMISSION_DENIED; the right ones serve requests."""
 
+import time
+
 import grpc
 import pytest
 
@@ -141,3 +143,37 @@ def test_a_missing_certificate_is_one_line_and_exit_2(procs, tmp_path):
     assert proc.wait(30) == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing" in lines[0] and "kvmesh certs init" in lines[0]
+
+
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
+def test_cached_prefixes_reach_workers_over_mtls(model_dir, tmp_path, transport):
+    # the cache's puts (worker -> cache) and its deliveries (cache -> worker over KVTransfer) with certificates
+    mesh = start_mesh(str(model_dir("llama")), transport=transport, decode_prefix_caching=False,
+                      tls_dir=make_certs(tmp_path / "certs"))
+    try:
+        prompt = [(7 * i) % 900 + 1 for i in range(40)]  # two full blocks of 16 and a tail
+        first, _ = mesh.generate(prompt, 6, ignore_eos=True)
+        cached, got = 0, first
+        for _ in range(50):  # the first request's blocks reach the cache behind its answer
+            got, responses = mesh.generate(prompt, 6, ignore_eos=True)
+            cached = responses[-1].usage.cached_tokens
+            if cached:
+                break
+            time.sleep(0.1)
+        assert cached == 32 and got == first
+        assert mesh.wait_blocks_free(5.0)
+    finally:
+        mesh.close()
+
+
+def test_a_worker_certificate_cannot_deregister_or_heartbeat_another_roles_worker(tls_mesh):
+    (decode,) = tls_mesh.workers(scheduler_pb2.WORKER_ROLE_DECODE)
+    with _as(tls_mesh, "prefill", tls_mesh.scheduler.address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        for call in (lambda: stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=decode.worker_id), timeout=5),
+                     lambda: stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=decode.worker_id), timeout=5)):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "may not act for a worker registered as WORKER_ROLE_DECODE" in caught.value.details()
+    assert [w.worker_id for w in tls_mesh.workers(scheduler_pb2.WORKER_ROLE_DECODE)] == [decode.worker_id]

@@ -55,3 +55,12 @@ def test_a_worker_registers_only_as_the_role_its_certificate_names(role, as_role
 def test_a_certificate_without_a_role_is_refused_with_the_fix():
     assert "names no kvmesh role" in access.refusal("/grpc.health.v1.Health/Check", None)
     assert access.refusal("/grpc.health.v1.Health/Check", "gateway") is None
+
+
+def test_a_worker_acts_only_for_workers_of_its_own_role():
+    decode = scheduler_pb2.WORKER_ROLE_DECODE
+    assert access.owner_refusal("decode", decode) is None
+    assert access.owner_refusal("admin", decode) is None  # operators may deregister anyone
+    assert access.owner_refusal(None, decode) is None  # no mTLS: no role to check
+    assert "prefill certificate may not act for a worker registered as WORKER_ROLE_DECODE" in \
+        access.owner_refusal("prefill", decode)
