@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-server-name", default=os.environ.get("KVMESH_TLS_SERVER_NAME", ""),
                         help="check the server's certificate against this name (env KVMESH_TLS_SERVER_NAME)")
     args = parser.parse_args(argv)
-    identity = tls.load(args.tls_dir, args.role, args.tls_server_name) if args.tls_dir else None
+    try:
+        identity = tls.load(args.tls_dir, args.role, args.tls_server_name) if args.tls_dir else None
+    except ValueError as exc:  # ConfigError: a missing certificate, named with the fix
+        print(f"NOT SERVING: {exc}")
+        return 1
     ok = check(args.target, args.service, args.timeout, identity)
     print("SERVING" if ok else "NOT SERVING")
     return 0 if ok else 1
