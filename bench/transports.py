@@ -61,7 +61,9 @@ async def serve(backend: str, num_blocks: int) -> None:
     region.array[:] = 0  # fault the pages in, as a long-running worker's pool would be
     from kvmesh.transports.service import SERVER_OPTIONS
     server = grpc.aio.server(options=SERVER_OPTIONS if os.environ.get("KVMESH_BENCH_OPTS", "1") == "1" else [])
-    port = server.add_insecure_port("127.0.0.1:0")
+    identity = _tls("decode")  # KVMESH_BENCH_TLS_DIR: the receiver serves mTLS, as a decode worker with --tls-dir
+    port = (server.add_secure_port("127.0.0.1:0", identity.server_credentials()) if identity
+            else server.add_insecure_port("127.0.0.1:0"))
     receiver = Receiver(region, layout(), address=f"127.0.0.1:{port}", backends=[backend])
     receiver.mount(server)
     await server.start()
@@ -86,6 +88,15 @@ async def serve(backend: str, num_blocks: int) -> None:
             print(json.dumps({**stats.to_dict(), "verified_at": at}), file=replies, flush=True)
     await server.stop(0)
     receiver.close()
+
+
+def _tls(role: str):
+    """The role's certificate from $KVMESH_BENCH_TLS_DIR (a `kvmesh certs init` folder), or None: plaintext."""
+    folder = os.environ.get("KVMESH_BENCH_TLS_DIR")
+    if not folder:
+        return None
+    from kvmesh.services.common.tls import load
+    return load(folder, role)
 
 
 def window_for(size: int, window: int) -> int:
@@ -117,7 +128,7 @@ async def bench_backend(backend: str, sizes: list[int], reps: int, verify: bool,
     region = allocate_region(LAYERS, num_blocks, BLOCK_NBYTES)  # a sender's pool: process memory
     region.array[:] = np.random.default_rng(0).integers(0, 256, region.array.shape, np.uint8)
     descriptor = common_pb2.TransportDescriptor.FromString(base64.b64decode(proc.stdout.readline()))
-    sender = Sender(region, layout(), backends=[backend], force=backend, verify=verify)
+    sender = Sender(region, layout(), backends=[backend], force=backend, verify=verify, tls=_tls("prefill"))
 
     def ask(line: str) -> str:
         proc.stdin.write(line + "\n")

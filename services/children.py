@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvmesh.services.common.tls import open_channel
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -61,6 +63,8 @@ class Child:
     metrics_url: str = ""
     #: Children of one stage start together; a stage starts once every child of the one before serves.
     stage: int = 1
+    #: The certificate health checks of the child present (a mesh with mTLS), or None.
+    tls: object = None
 
     def start(self) -> None:
         # the child inherits this environment, so OTEL_* and KVMESH_TRACES_FILE reach every service
@@ -76,7 +80,7 @@ class Child:
 def wait_serving(child: Child, timeout_s: float) -> None:
     """Block until the child's health service says SERVING; raise if it dies or time runs out."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(child.address) as channel:
+    with open_channel(child.address, aio=False, identity=child.tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if not child.alive():

@@ -44,6 +44,32 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     imp.set_defaults(func=_model_import)
 
 
+def _certs_init(args: argparse.Namespace) -> int:
+    from kvmesh.services.common.certs import ROLES, init_dir
+
+    try:
+        folder = init_dir(args.dir, args.host or (), days=args.days, force=args.force)
+    except FileExistsError as exc:
+        print(f"kvmesh certs init: {exc}", file=sys.stderr)
+        return 2
+    print(f"CA and certificates for {', '.join(ROLES)} written to {folder} (keep ca.key offline; mount each "
+          f"service's <role>.pem, <role>.key and ca.pem, and pass --tls-dir)")
+    return 0
+
+
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    certs = sub.add_parser("certs", help="make the CA and per-role certificates for mTLS between services")
+    csub = certs.add_subparsers(dest="certs_command", required=True)
+    init = csub.add_parser("init", help="a new CA and one certificate + key per role (gateway, scheduler, "
+                                        "prefill, decode, cache, admin) in DIR")
+    init.add_argument("dir")
+    init.add_argument("--host", action="append", metavar="NAME", help="a host name or IP the services are "
+                      "dialled at, added to every certificate beside localhost and 127.0.0.1 (repeatable)")
+    init.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    init.add_argument("--force", action="store_true", help="replace the certificates already in DIR")
+    init.set_defaults(func=_certs_init)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     from kvmesh.services import generate
 
@@ -106,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmesh", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model(sub)
+    _add_certs(sub)
     _add_generate(sub)
     _add_services(sub)
     _add_up(sub)

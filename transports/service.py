@@ -113,12 +113,21 @@ def add_to_server(servicer: KVTransferServicer, server) -> None:
     server.add_registered_method_handlers("kvmesh.v1.KVTransfer", handlers)
 
 
+def open_channel(address: str, tls=None) -> grpc.aio.Channel:
+    """A control channel to a receiver: over mTLS when `tls` (an object with `channel_credentials()` and
+    `channel_options()`, the service's certificate) is given, else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(),
+                                   options=[*CHANNEL_OPTIONS, *tls.channel_options()])
+
+
 class Peer:
     """A sender's control channel to one receiver address (cached by the Sender)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls=None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(address, tls)
         self.stub = kv_pb2_grpc.KVTransferStub(self.channel)
         # Push with a pre-serialised request (bytes): the sender builds chunks itself to avoid copies.
         self.push = self.channel.stream_unary("/kvmesh.v1.KVTransfer/Push", request_serializer=None,

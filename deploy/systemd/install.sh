@@ -7,8 +7,10 @@
 #
 # Creates the `kvmesh` system user, a venv in /opt/kvmesh (torch pinned first, then this checkout), the units in
 # /etc/systemd/system, and /etc/kvmesh/ROLE-N.env from env/ROLE-0.env for every instance named (an existing env
-# file is never overwritten), then enables kvmesh.target and the instances. --root installs into DIR instead of /
-# (for packaging and tests); --no-venv and --no-systemctl skip those steps.
+# file is never overwritten), a CA and certificates for mTLS in /etc/kvmesh/tls the first time (`kvmesh certs init`
+# with this host's names and addresses; on the other hosts of the mesh copy ca.pem and the roles' .pem/.key there
+# instead), then enables kvmesh.target and the instances. --root installs into DIR instead of / (for packaging and
+# tests); --no-venv and --no-systemctl skip those steps.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,7 +24,7 @@ while [ $# -gt 0 ]; do
         --root) root=$2; shift 2 ;;
         --no-venv) venv=0; shift ;;
         --no-systemctl) systemctl=0; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *@*) instances="$instances $1"; shift ;;
         *) echo "install.sh: unknown argument $1 (want ROLE@N, e.g. prefill@0)" >&2; exit 2 ;;
     esac
@@ -62,6 +64,19 @@ for instance in $instances; do
         echo "wrote $keys with one random API key (tenant 'default'): hand it to clients, add more as needed"
     fi
 done
+
+tls="$root/etc/kvmesh/tls"
+if [ -n "$instances" ] && [ ! -e "$tls/ca.pem" ]; then
+    if [ -x "$root/opt/kvmesh/bin/kvmesh" ]; then  # root-only files: systemd hands each unit its own (LoadCredential=)
+        hosts=""
+        for name in $(hostname) $(hostname -I 2>/dev/null || true); do hosts="$hosts --host $name"; done
+        # shellcheck disable=SC2086
+        (umask 077; "$root/opt/kvmesh/bin/kvmesh" certs init "$tls" $hosts)
+    else
+        echo "no certificates in $tls: run \`kvmesh certs init $tls --host ADDRESS ...\` (every host's address), or" \
+             "copy ca.pem and the roles' .pem and .key from the host that made them"
+    fi
+fi
 
 if [ "$systemctl" = 1 ] && [ -z "$root" ]; then
     systemctl daemon-reload

@@ -32,6 +32,7 @@ import numpy as np
 from kvmesh.services.cache.staging import StagedBlocks
 from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError
+from kvmesh.services.common import tls
 from kvmesh.services.common.transfer_telemetry import report
 from kvmesh.transports import PREFERENCE, KVRegion, TransferStats, allocate_region, block_nbytes
 from kvmesh.transports.sender import Sender
@@ -190,7 +191,7 @@ class Delivery:
             # a sender's pool: process memory serves every backend
             region = allocate_region(layout.num_layers, self.staging_blocks, block_nbytes(layout))
             sender = Sender(region, layout, backends=self.backends, force=self.force, chaos=self.chaos,
-                            observer=report)
+                            observer=report, tls=tls.current())
             lane = self._lanes[key] = _Lane(region, StagedBlocks(self.staging_blocks), sender)
         return lane
 

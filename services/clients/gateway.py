@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 
 
@@ -22,3 +24,12 @@ def ask_once(address: str, prompt: str, max_tokens: int, api_key: str | None = N
                 usage = response.usage
     print(f"\n[{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated]\n" if usage else "\n")
     return 0
+
+
+def client_key(args) -> str | None:
+    """The key `--once` sends: the first given to the gateway (flag, file, or the inherited KVMESH_API_KEY)."""
+    from kvmesh.services.common.api_keys import read_key_file
+
+    keys = [*(args.api_key or ()), *(read_key_file(args.api_key_file) if args.api_key_file else ())]
+    keys += [k.strip() for k in os.environ.get("KVMESH_API_KEY", "").split(",") if k.strip()]
+    return keys[0] if keys else None

@@ -12,7 +12,7 @@ import asyncio
 
 import grpc
 
-from kvmesh.services.common import errors, rpc_tracing
+from kvmesh.services.common import errors, rpc_tracing, tls
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_TIMEOUT_S = 10.0
@@ -34,9 +34,10 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepaliv
 
 
 def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
-    """A new insecure channel to address (host:port) with the standard options and telemetry interceptors."""
-    return grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes),
-                                     interceptors=rpc_tracing.client_interceptors() or None)
+    """A new channel to address (host:port) with the standard options and telemetry interceptors; over mTLS
+    with this process's certificate when it has one (`tls.use`)."""
+    return tls.open_channel(address, options=channel_options(max_message_bytes),
+                            interceptors=rpc_tracing.client_interceptors() or None)
 
 
 class ChannelCache:

@@ -68,8 +68,13 @@ class ServerConfig:
     max_message_bytes: int = knob(64 * 1024 * 1024, "Largest gRPC message sent or received, in bytes.")
     instance_id: str = knob("", "Identity of this process for logs and traces; empty makes a fresh one.")
     metrics_port: int = knob(-1, "Port of the Prometheus /metrics endpoint; -1 turns it off, 0 picks a free one.")
-    insecure: bool = knob(False, "Allow binding a non-loopback host without authentication (internal services "
-                                 "have no TLS yet: only on a network you trust).")
+    insecure: bool = knob(False, "Allow binding a non-loopback host without authentication (no --tls-dir for an "
+                                 "internal service): only on a network you trust.")
+    tls_dir: str = knob("", "Folder made by `kvmesh certs init`: serve mTLS (client certificates from its CA, roles "
+                            "checked per RPC) and present this service's certificate on every internal channel.")
+    tls_server_name: str = knob("", "With tls_dir: check every peer's certificate against this name (give it to "
+                                    "`kvmesh certs init --host`) instead of the host dialled, for peers known by "
+                                    "addresses no certificate lists (pod IPs).")
 
     def validate(self) -> None:
         """Raise ConfigError when a value is out of range. Subclasses extend it (and call super)."""
@@ -82,9 +87,14 @@ class ServerConfig:
 
     def check_exposure(self) -> None:
         """Closed by default: refuse a non-loopback bind nothing authenticates, unless `insecure` says so."""
-        check(is_loopback(self.host) or self.insecure,
-              f"refusing to bind {self.host}: this service has no authentication yet (mTLS between services is "
-              "future work); bind 127.0.0.1, or pass --insecure (KVMESH_INSECURE=1) on a network you trust")
+        check(is_loopback(self.host) or self.serves_mtls or self.insecure,
+              f"refusing to bind {self.host} without TLS: pass --tls-dir DIR (certificates from `kvmesh certs init "
+              "DIR`), bind 127.0.0.1, or pass --insecure (KVMESH_INSECURE=1) on a network you trust")
+
+    @property
+    def serves_mtls(self) -> bool:
+        """Whether the server's own port requires client certificates (internal services with a tls_dir)."""
+        return bool(self.tls_dir)
 
     @property
     def address(self) -> str:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvmesh.services.common import tls
 
-def check(target: str, service: str = "", timeout: float = 2.0) -> bool:
-    """True when `target` answers grpc.health.v1 Check with SERVING within `timeout` seconds."""
-    with grpc.insecure_channel(target) as channel:
+
+def check(target: str, service: str = "", timeout: float = 2.0, identity=tls.CURRENT) -> bool:
+    """True when `target` answers grpc.health.v1 Check with SERVING within `timeout` seconds (over mTLS presenting
+    `identity`, by default this process's if it has one; None: plaintext)."""
+    with tls.open_channel(target, aio=False, identity=identity) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -26,9 +30,9 @@ def check(target: str, service: str = "", timeout: float = 2.0) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def check_async(target: str, service: str = "", timeout: float = 2.0) -> bool:
+async def check_async(target: str, service: str = "", timeout: float = 2.0, identity=tls.CURRENT) -> bool:
     """check() for the asyncio loop."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with tls.open_channel(target, identity=identity) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -37,7 +41,8 @@ async def check_async(target: str, service: str = "", timeout: float = 2.0) -> b
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def wait_serving(target: str, service: str = "", timeout: float = 30.0, poll: float = 0.05) -> bool:
+async def wait_serving(target: str, service: str = "", timeout: float = 30.0, poll: float = 0.05,
+                       identity=tls.CURRENT) -> bool:
     """Poll `target` until it answers SERVING (True) or `timeout` seconds pass (False)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -45,7 +50,7 @@ async def wait_serving(target: str, service: str = "", timeout: float = 30.0, po
         remaining = deadline - loop.time()
         if remaining <= 0:
             return False
-        if await check_async(target, service, timeout=min(1.0, remaining)):
+        if await check_async(target, service, timeout=min(1.0, remaining), identity=identity):
             return True
         await asyncio.sleep(poll)
 
@@ -56,8 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", help="host:port of a grpc.health.v1 server")
     parser.add_argument("--service", default="", help="service name to ask about ('' = the whole server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    parser.add_argument("--tls-dir", default=os.environ.get("KVMESH_TLS_DIR", ""),
+                        help="certs folder of a mesh with mTLS (env KVMESH_TLS_DIR)")
+    parser.add_argument("--role", default="admin", help="whose certificate to present from --tls-dir")
+    parser.add_argument("--tls-server-name", default=os.environ.get("KVMESH_TLS_SERVER_NAME", ""),
+                        help="check the server's certificate against this name (env KVMESH_TLS_SERVER_NAME)")
     args = parser.parse_args(argv)
-    ok = check(args.target, args.service, args.timeout)
+    try:
+        identity = tls.load(args.tls_dir, args.role, args.tls_server_name) if args.tls_dir else None
+    except ValueError as exc:  # ConfigError: a missing certificate, named with the fix
+        print(f"NOT SERVING: {exc}")
+        return 1
+    ok = check(args.target, args.service, args.timeout, identity)
     print("SERVING" if ok else "NOT SERVING")
     return 0 if ok else 1
 

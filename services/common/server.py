@@ -28,7 +28,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvmesh.services.common import config as config_mod
-from kvmesh.services.common import auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry
+from kvmesh.services.common import (access, auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry,
+                                    tls)
 from kvmesh.services.common.bind import BindError, check_bindable
 from kvmesh.services.common.api_keys import KeyRing
 from kvmesh.services.common.malformed import MalformedRequestInterceptor
@@ -71,6 +72,9 @@ class MeshServer:
         self.name = name
         self.role = role or name
         self.instance_id = config.instance_id or ids.instance_id()
+        # One identity per process: every channel it opens from now on presents this role's certificate.
+        self.tls = tls.load(config.tls_dir, self.role, config.tls_server_name) if config.tls_dir else None
+        tls.use(self.tls)
         self.health = health.aio.HealthServicer()
         self.channels = ChannelCache(config.max_message_bytes)
         self.port = 0
@@ -142,6 +146,8 @@ class MeshServer:
                         MalformedRequestInterceptor()]
         if self.keys is not None:  # first: a caller without a key reaches nothing, not even a span
             interceptors.insert(0, auth.ApiKeyInterceptor(self.keys, self.limits))
+        if self.config.serves_mtls:  # first: a certificate of the wrong role reaches nothing
+            interceptors.insert(0, access.RoleInterceptor())
         server = grpc.aio.server(interceptors=interceptors, options=self._options())
         for service in self._services:
             service.add_to_server(service.servicer, server)
@@ -149,7 +155,8 @@ class MeshServer:
         names = [s.name for s in self._services]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         try:
-            self.port = server.add_insecure_port(self.config.address)
+            self.port = (server.add_secure_port(self.config.address, self.tls.server_credentials())
+                         if self.config.serves_mtls else server.add_insecure_port(self.config.address))
         except RuntimeError as exc:
             raise BindError(f"cannot bind {self.config.address}: {exc}") from None
         if self.port == 0:  # older grpcio reports failure this way
@@ -186,7 +193,6 @@ class MeshServer:
     async def wait_stopped(self) -> None:
         """Return once stop() has finished."""
         await self._stopped.wait()
-
     async def __aenter__(self) -> MeshServer:
         await self.start()
         return self
@@ -250,13 +256,14 @@ def _start_metrics(server: MeshServer) -> None:
 async def _announce_ready(server: MeshServer) -> None:
     """Tell systemd READY=1 once the port answers health checks, then keep its watchdog fed while healthy."""
     target = f"127.0.0.1:{server.port}" if server.config.host in ("0.0.0.0", "::", "[::]") else server.address
-    if not await healthcheck.wait_serving(target, timeout=10.0):
+    mine = server.tls if server.config.serves_mtls else None  # the gateway's own port is plaintext
+    if not await healthcheck.wait_serving(target, timeout=10.0, identity=mine):
         log.warning("health check of %s did not answer SERVING; not announcing readiness", target)
         return
     sdnotify.ready()
 
     async def watchdog(_server: MeshServer) -> None:
-        await sdnotify.watchdog_loop(lambda: healthcheck.check_async(target, timeout=1.0))
+        await sdnotify.watchdog_loop(lambda: healthcheck.check_async(target, timeout=1.0, identity=mine))
 
     server.add_task(watchdog)
 
@@ -269,6 +276,11 @@ def serve(config: config_mod.ServerConfig, setup: Setup, *, name: str, role: str
     config_mod.print_config(config)
     server_role = role or name
     telemetry.setup(name, server_role, config.instance_id or ids.instance_id())
+    try:  # a missing certificate is one line and exit 2, as a taken port is
+        tls.load(config.tls_dir, server_role) if config.tls_dir else None
+    except config_mod.ConfigError as exc:
+        print(f"kvmesh {name}: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         return _run_loop(lambda: run(MeshServer(config, name, server_role), setup))
     finally:

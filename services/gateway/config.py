@@ -47,6 +47,11 @@ class GatewayConfig(ServerConfig):
                                     "means one minute's worth.")
 
     @property
+    def serves_mtls(self) -> bool:
+        """The gateway's ports are public (API keys guard them); its tls_dir is for its channels to the mesh."""
+        return False
+
+    @property
     def authenticates(self) -> bool:
         """True when clients must present an API key."""
         return bool(self.api_key or self.api_key_file)

@@ -31,7 +31,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     kit = await setup_worker(config, server, name="prefill")
     region, layout, backends = kit.region, kit.layout, kit.backends
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
-                    chaos=config.transport_chaos or None, observer=report)
+                    chaos=config.transport_chaos or None, observer=report, tls=server.tls)
     cache = worker_cache_client(config, server.channels, layout)
     receiver = Receiver(region, layout, backends=backends, observer=report) if cache is not None else None
     worker = PrefillWorker(kit.engine_thread, sender, config.handoff_lease_s, cache, receiver)

@@ -9,8 +9,8 @@ import time
 import grpc
 from opentelemetry import trace
 
+from kvmesh.services.common import access, metrics, tls
 from kvmesh.services.common import conventions as names
-from kvmesh.services.common import metrics
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, MeshError, UnavailableError
 from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.breaker import BreakerState
@@ -85,7 +85,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.RegisterResponse(worker_id=worker.worker_id, lease_seconds=lease,
                                               heartbeat_interval_seconds=lease / 3)
 
+    async def _refuse_unless_owner(self, worker_id: str, context) -> None:
+        """With mTLS, a worker's certificate heartbeats and deregisters only workers of its own role."""
+        role = tls.peer_role(context)
+        worker = self.registry.find(worker_id) if role is not None else None  # no certificates: nothing to check
+        text = access.owner_refusal(role, int(worker.spec.role)) if worker is not None else None
+        if text is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, text)
+
     async def Heartbeat(self, request, context):
+        await self._refuse_unless_owner(request.worker_id, context)
         validate_load(request.load)
         self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
         synced = True
@@ -95,6 +104,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.HeartbeatResponse(lease_seconds=self.registry.lease_s, resync_kv_events=not synced)
 
     async def Deregister(self, request, context):
+        await self._refuse_unless_owner(request.worker_id, context)
         removed = self.registry.deregister(request.worker_id)
         if removed:
             log.info("deregistered %s", request.worker_id)

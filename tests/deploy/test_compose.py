@@ -49,8 +49,10 @@ def test_compose_config_rejects_a_misspelt_key(tmp_path):
 def test_every_role_has_a_grpc_health_check_and_otel_pointing_at_jaeger(services):
     for role, port in ROLES.items():
         service = services[role]
+        # over mTLS with the service's own certificate; the gateway's public port is plaintext
+        identity = ["--tls-dir", ""] if role == "gateway" else ["--role", role]
         assert service["healthcheck"]["test"] == [
-            "CMD", "python", "-m", "kvmesh.services.common.healthcheck", f"127.0.0.1:{port}"], role
+            "CMD", "python", "-m", "kvmesh.services.common.healthcheck", f"127.0.0.1:{port}", *identity], role
         assert service["environment"]["KVMESH_PORT"] == str(port), role
         assert service["environment"]["OTEL_TRACES_EXPORTER"] == "otlp", role
         assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317", role
@@ -82,3 +84,11 @@ def test_cache_ssd_tier_is_a_named_volume(services):
     ssd_dir = services["cache"]["environment"]["KVMESH_CACHE_SSD_DIR"]
     assert f"cache-ssd:{ssd_dir}" in services["cache"]["volumes"]
     assert "cache-ssd" in document["volumes"]
+
+
+def test_each_service_gets_only_the_ca_and_its_own_certificate_and_key_as_secrets(services):
+    for role in ROLES:
+        targets = sorted(s["target"] for s in services[role]["secrets"] if isinstance(s, dict))
+        assert targets == sorted(f"/run/secrets/kvmesh-tls/{name}" for name in ("ca.pem", f"{role}.pem", f"{role}.key"))
+        assert services[role]["environment"]["KVMESH_TLS_DIR"] == "/run/secrets/kvmesh-tls"
+        assert "KVMESH_INSECURE" not in services[role]["environment"]

@@ -1,6 +1,6 @@
 """Closed by default, as deployed: every deploy file's environment, read the way each service reads it, gives a
-config that starts (internal services marked insecure until mTLS comes, the gateway with an API key file from a
-secret), and without those settings the same environment is refused."""
+config that starts (internal services with mTLS certificates from a secret, the gateway with an API key file from
+a secret), and without those settings the same environment is refused."""
 
 from importlib import import_module
 from pathlib import Path
@@ -54,8 +54,9 @@ def test_deployed_environment_starts_closed_by_default(read_env, role):
     if role == "gateway":
         assert config.api_key_file and not config.insecure  # keys from a file (a mounted secret), never open
     else:
-        assert config.insecure  # binds beyond loopback without TLS: said so explicitly
-    exposed = {k: v for k, v in env.items() if k not in ("KVMESH_INSECURE", "KVMESH_API_KEY_FILE")}
+        assert config.serves_mtls and not config.insecure  # binds beyond loopback only with mTLS
+    assert config.tls_dir  # every service's channels into the mesh present a certificate
+    exposed = {k: v for k, v in env.items() if k not in ("KVMESH_INSECURE", "KVMESH_API_KEY_FILE", "KVMESH_TLS_DIR")}
     exposed["KVMESH_HOST"] = "0.0.0.0"
     with pytest.raises(ConfigError, match="refusing to bind"):
         config_of(role, exposed)
@@ -63,7 +64,7 @@ def test_deployed_environment_starts_closed_by_default(read_env, role):
 
 def test_the_gateway_key_file_is_mounted_from_a_secret():
     gateway = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["gateway"]
-    assert gateway["secrets"] == ["kvmesh-api-keys"]
+    assert "kvmesh-api-keys" in gateway["secrets"]
     assert gateway["environment"]["KVMESH_API_KEY_FILE"] == "/run/secrets/kvmesh-api-keys"
     docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "gateway.yaml").read_text()))
     pod = docs[0]["spec"]["template"]["spec"]

@@ -35,13 +35,17 @@ def test_a_misspelt_field_is_rejected():
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_role_has_grpc_probes_scrape_annotations_and_a_service(role):
+def test_role_has_health_probes_scrape_annotations_and_a_service(role):
     deployment = _deployment(role)
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     port = ROLES[role]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": port}, probe
+        if role == "gateway":  # its public port is plaintext: Kubernetes' own gRPC probe
+            assert container[probe]["grpc"] == {"port": port}, probe
+        else:  # grpc.health.v1 over mTLS with the pod's certificate
+            assert container[probe]["exec"]["command"] == [
+                "python", "-m", "kvmesh.services.common.healthcheck", f"127.0.0.1:{port}", "--role", role], probe
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     metrics_port = int(pod["metadata"]["annotations"]["prometheus.io/port"])
     assert metrics_port in {p["containerPort"] for p in container["ports"]}
@@ -56,3 +60,15 @@ def test_cache_ssd_tier_is_a_persistent_volume_claim():
     pvcs = {d["metadata"]["name"] for _, d in _documents() if d["kind"] == "PersistentVolumeClaim"}
     assert "kvmesh-cache-ssd" in claims and "kvmesh-cache-ssd" in pvcs
     assert _deployment("cache")["spec"]["strategy"]["type"] == "Recreate"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_pod_mounts_only_its_roles_tls_secret_and_never_binds_insecure(role):
+    pod = _deployment(role)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    secret = next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+    assert secret == f"kvmesh-tls-{role}" and mount["readOnly"] and mount["mountPath"] == "/etc/kvmesh/tls"
+    config = next(d for _, d in _documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvmesh-env")
+    assert config["data"]["KVMESH_TLS_DIR"] == "/etc/kvmesh/tls"
+    assert "KVMESH_INSECURE" not in {e["name"] for e in container.get("env", [])}

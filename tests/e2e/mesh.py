@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from procs import Procs, ServiceProcess
+from kvmesh.services.common import certs, tls
 from kvmesh.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc,
                        scheduler_pb2, scheduler_pb2_grpc)
 
@@ -34,10 +35,13 @@ class Mesh:
     http_port: int
     channels: dict = field(default_factory=dict)
     more_schedulers: list[ServiceProcess] = field(default_factory=list)  # start_mesh(schedulers=N): the others
+    #: With mTLS: the certs folder, and the admin certificate tests present to the internal services.
+    tls_dir: str = ""
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self.channels:
-            self.channels[address] = grpc.insecure_channel(address)
+            admin = tls.load(self.tls_dir, "admin") if self.tls_dir and address != self.gateway.address else None
+            self.channels[address] = tls.open_channel(address, aio=False, identity=admin)
         return self.channels[address]
 
     @property
@@ -88,7 +92,7 @@ class Mesh:
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
-               gateway_args: tuple[str, ...] = (), schedulers: int = 1) -> Mesh:
+               gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "") -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
@@ -96,7 +100,11 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
 
     decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
     prompts, which the decode worker would otherwise serve from its own pool.
+
+    tls_dir (a `kvmesh certs init` folder, see `make_certs`) turns mTLS on between every service.
     """
+    if tls_dir:
+        env = {**(env or {}), "KVMESH_TLS_DIR": tls_dir}
     if not decode_prefix_caching:
         env = {**(env or {}), "KVMESH_DECODE_PREFIX_CACHING": "0"}
     procs = Procs()
@@ -118,7 +126,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         http_port = free_port()
         gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), *gateway_args,
                               env=env, timeout_s=START_TIMEOUT_S)
-        mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port, more_schedulers=others)
+        mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port, more_schedulers=others,
+                    tls_dir=tls_dir)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # registration is asynchronous to SERVING
             if all(len(mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL, s)) == prefill
@@ -129,3 +138,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
     except BaseException:
         procs.kill_all()
         raise
+
+
+def make_certs(folder) -> str:
+    """A CA and every role's certificate in folder (for start_mesh's tls_dir)."""
+    return str(certs.init_dir(folder, force=True))

@@ -21,19 +21,31 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvmesh.services.common import tls
+from kvmesh.services.common.config import ConfigError
+
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
-def health_status(address: str, service: str = "", timeout_s: float = 1.0) -> str:
+def health_status(address: str, service: str = "", timeout_s: float = 1.0,
+                  identity: tls.TlsIdentity | None = None) -> str:
     """The grpc.health.v1 status name of service at address ("SERVING", "NOT_SERVING", ...) or the RPC error's
-    code name ("UNAVAILABLE", ...) when the check itself fails."""
-    with grpc.insecure_channel(address) as channel:
+    code name ("UNAVAILABLE", ...) when the check itself fails; over mTLS with `identity` when given."""
+    with tls.open_channel(address, aio=False, identity=identity) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError as exc:
             return exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _admin(tls_dir: str) -> tls.TlsIdentity | None:
+    """The admin certificate of a certs folder (None without one: a test of a service that refuses to start)."""
+    try:
+        return tls.load(tls_dir, "admin") if tls_dir else None
+    except ConfigError:
+        return None
 
 
 class ServiceProcess:
@@ -44,6 +56,9 @@ class ServiceProcess:
         self.args = [sys.executable, "-m", "kvmesh.services.cli", service, "--host", "127.0.0.1",
                      "--port", str(port), *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "KVMESH_TORCH_THREADS": "1", **(env or {})}
+        tls_dir = args[args.index("--tls-dir") + 1] if "--tls-dir" in args else self.env.get("KVMESH_TLS_DIR", "")
+        #: The certificate a test presents to this service (an internal one of a mesh with mTLS), or None.
+        self.identity = _admin(tls_dir) if service != "gateway" else None
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.stdout_lines: list[str] = []
@@ -94,7 +109,7 @@ class ServiceProcess:
             self._fail_if_exited()
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.service} did not start within {timeout_s}s:\n{self.stderr}")
-        while health_status(self.address) != "SERVING":
+        while health_status(self.address, identity=self.identity) != "SERVING":
             self._fail_if_exited()
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.service} not SERVING within {timeout_s}s:\n{self.stderr}")

@@ -126,3 +126,35 @@ def _grpc_code(port: int, key: str | None) -> str:
         except grpc.RpcError as e:
             return e.code().name
     return "OK"
+
+
+def test_up_tls_runs_the_mesh_over_mtls_with_a_private_folder_it_deletes(model_dir):
+    from procs import health_status
+
+    grpc_port, cmd = _up(model_dir("llama"), "--tls")
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        addresses = {}
+        for line in launcher.stdout:
+            seen.append(line)
+            if "serving on" in line:
+                name, address = line.split("kvmesh up:")[1].split("serving on")
+                addresses[name.strip()] = address.split(",")[0].strip()
+            if "kvmesh up: ready" in line:
+                break
+        args = [open(f"/proc/{p}/cmdline").read().split("\0") for p in _children_of(launcher.pid)]
+        folders = {a[a.index("--tls-dir") + 1] for a in args}
+        assert len(args) == 5 and len(folders) == 1, "".join(seen[-30:])  # every child, the same folder
+        (folder,) = folders
+        assert os.stat(folder).st_mode & 0o777 == 0o700
+        assert health_status(addresses["scheduler"]) == "UNAVAILABLE"  # plaintext: no handshake
+        assert _grpc_code(grpc_port, None) == "OK"  # the gateway's public port stays as it was
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(30)
+    assert launcher.returncode == 0
+    assert not os.path.exists(folder)
+    _, cmd = _up(model_dir("llama"), "--tls", "--once", "The capital of France is", "--max-tokens", "3")
+    once = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0 and "3 generated]" in once.stdout, once.stderr[-2000:]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mesh import start_mesh
+from mesh import make_certs, start_mesh
 from kvmesh.transports import available_backends
 
 PROMPTS = ["The capital of France is", "Hello", "def main():\n    print('hello')",
@@ -25,16 +25,20 @@ def _params():
             marks = []
             if transport not in available_backends():
                 marks.append(pytest.mark.skip(reason=f"{transport} backend unavailable here (install kvmesh[ucx])"))
-            yield pytest.param((family, transport), id=f"{family}-{transport}", marks=marks)
-        yield pytest.param((family, "colocated"), id=f"{family}-colocated")  # no split: the baseline's parity
+            yield pytest.param((family, transport, False), id=f"{family}-{transport}", marks=marks)
+            if family == "llama":  # mTLS between every service, over every transport
+                yield pytest.param((family, transport, True), id=f"{family}-{transport}-tls", marks=marks)
+        yield pytest.param((family, "colocated", False), id=f"{family}-colocated")  # no split: the baseline's parity
+    yield pytest.param(("llama", "colocated", True), id="llama-colocated-tls")
 
 
 @pytest.fixture(scope="module", params=list(_params()))
-def family_mesh(request, model_dir):
-    family, transport = request.param
+def family_mesh(request, model_dir, tmp_path_factory):
+    family, transport, with_tls = request.param
     path = model_dir(family)
     colocated = transport == "colocated"
-    mesh = start_mesh(str(path), transport="auto" if colocated else transport, colocated=colocated)
+    tls_dir = make_certs(tmp_path_factory.mktemp("certs")) if with_tls else ""
+    mesh = start_mesh(str(path), transport="auto" if colocated else transport, colocated=colocated, tls_dir=tls_dir)
     yield path, mesh
     mesh.close()
 

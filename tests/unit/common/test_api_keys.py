@@ -100,6 +100,8 @@ def test_a_gateway_on_a_public_address_needs_keys_or_insecure():
         _gateway("--http-host", "::")
     assert _gateway("--host", "0.0.0.0", "--api-key", "k").host == "0.0.0.0"
     assert _gateway("--host", "0.0.0.0", "--insecure").insecure
+    with pytest.raises(ConfigError, match="without API keys"):  # its certificates guard its channels, not its ports
+        _gateway("--host", "0.0.0.0", "--tls-dir", "/certs")
     assert _gateway("--host", "localhost", "--http-host", "::1").host == "localhost"
 
 

@@ -61,7 +61,8 @@ def test_config_is_frozen_and_described_as_one_json_line():
     line = describe(config)
     assert "\n" not in line
     assert json.loads(line) == {"config": "DemoConfig", "host": "127.0.0.1", "port": 1234, "grace_s": 5.0,
-                                "max_message_bytes": 64 * 1024 * 1024, "instance_id": "", "metrics_port": -1, "insecure": False, "lease_s": 10.0,
+                                "max_message_bytes": 64 * 1024 * 1024, "instance_id": "", "metrics_port": -1, "insecure": False, "tls_dir": "",
+                                "tls_server_name": "", "lease_s": 10.0,
                                 "verbose": False, "policy": "a"}
 
 
@@ -82,10 +83,11 @@ def test_unsupported_field_types_are_refused():
         add_arguments(argparse.ArgumentParser(), Odd)
 
 
-def test_an_internal_service_on_a_public_address_refuses_unless_insecure():
-    with pytest.raises(ConfigError, match="refusing to bind 0.0.0.0: .*mTLS .*future work.*--insecure"):
+def test_an_internal_service_on_a_public_address_refuses_unless_tls_or_insecure():
+    with pytest.raises(ConfigError, match="refusing to bind 0.0.0.0 without TLS: pass --tls-dir DIR.*--insecure"):
         from_args(DemoConfig, "demo", parse("--host", "0.0.0.0"), env={})
     with pytest.raises(ConfigError, match="refusing to bind node-3"):
         from_args(DemoConfig, "demo", parse("--host", "node-3"), env={})
     assert from_args(DemoConfig, "demo", parse("--host", "0.0.0.0"), env={"KVMESH_INSECURE": "1"}).insecure
+    assert from_args(DemoConfig, "demo", parse("--host", "0.0.0.0"), env={"KVMESH_TLS_DIR": "/certs"}).serves_mtls
     assert from_args(DemoConfig, "demo", parse("--host", "127.0.0.2"), env={}).host == "127.0.0.2"
