@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from kvmesh.services.common import tls
 from kvmesh.services.common.server import NotReadyError
 from kvmesh.transports.sender import Sender
 
@@ -48,7 +49,7 @@ async def self_transfer(region, layout, receiver, descriptor, backends: list[str
 
 async def _one(region, layout, receiver, descriptor, backend: str, src: int, dst: int, timeout_s: float) -> None:
     transfer_id = f"readiness-{backend}-{time.monotonic_ns()}"
-    sender = Sender(region, layout, backends=[backend], force=backend)
+    sender = Sender(region, layout, backends=[backend], force=backend, tls=tls.current())  # as a peer would dial
     receiver.expect(transfer_id, [dst], lease_s=timeout_s)
     try:
         transfer = await sender.open(descriptor, transfer_id, [dst], timeout=timeout_s)
