@@ -45,6 +45,7 @@ from kvmesh.v1 import (cache_pb2, cache_pb2_grpc, common_pb2, decode_pb2, decode
                        gateway_pb2_grpc, prefill_pb2_grpc)
 
 SERVING = re.compile(r"kvmesh up: (\S+)\s+serving on ([^\s,]+)")
+BACKOFF_S = 0.5
 MEANINGFUL = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "DATA_LOSS", "ABORTED", "CANCELLED"}
 
 
@@ -135,6 +136,7 @@ class Load:
                 code = e.code().name
                 self.outcomes.append((time.monotonic(), "failed" if code in MEANINGFUL else "lost",
                                       f"{code}: {(e.details() or '')[:160]}"))
+                time.sleep(BACKOFF_S)  # as a client honouring Retry-After would: failures count time, not spins
                 continue
             kind = "ok" if tokens == self.reference[i] else ("lost" if len(tokens) < self.max_tokens else "wrong")
             self.outcomes.append((time.monotonic(), kind, "" if kind == "ok" else f"prompt {i}: {tokens}"))
