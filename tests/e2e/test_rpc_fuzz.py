@@ -101,5 +101,6 @@ def test_after_the_fuzz_every_service_serves_and_answers_as_before(mesh):
     time.sleep(3.0)  # fake workers the fuzz registered lapse (lease 2 s, no heartbeats)
     tokens, _ = mesh.generate(PROMPT, max_tokens=6)
     assert len(tokens) == 6
+    assert mesh.wait_blocks_free(30), "a fuzzed call left KV blocks, a handoff or a transfer behind"
     for proc in [mesh.gateway, mesh.scheduler, mesh.cache, *mesh.prefills, *mesh.decodes]:
         assert "Traceback" not in proc.stderr, f"{proc.service}: {proc.stderr[-4000:]}"
