@@ -16,6 +16,8 @@ from kvmesh.services.scheduler import router
 from kvmesh.services.scheduler.breaker import BreakerState
 from kvmesh.services.scheduler.policies import Policy, RouteQuery
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
+from kvmesh.services.cost_model import StepShape
+from kvmesh.services.scheduler.models import StepSample
 from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -24,7 +26,10 @@ log = logging.getLogger(__name__)
 
 def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> Load:
     """The domain load of a WorkerLoad message."""
-    return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks)
+    steps = tuple(StepSample(StepShape(s.num_prefill_tokens, s.num_attention_pairs, s.num_decode_seqs,
+                                       s.num_context_tokens), s.seconds) for s in msg.steps)
+    return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks,
+                msg.num_pending_prefill_tokens, msg.num_pending_prefill, steps)
 
 
 def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
