@@ -87,6 +87,7 @@ class Worker:
     # yet, so a burst between two heartbeats spreads instead of landing on whichever worker last looked idle.
     num_routed: int = 0
     num_routed_tokens: int = 0
+    num_routed_total: int = 0  # every route since registration (round_robin's turn)
     breaker: Breaker = field(default_factory=Breaker)
     steps: StepWindow = field(default_factory=StepWindow)  # its recent engine steps and the cost models fitted
 
@@ -132,6 +133,7 @@ class Registry:
     def routed(self, worker: Worker, num_tokens: int) -> None:
         """A route sent a request of num_tokens prompt tokens to worker (counted until its next heartbeat)."""
         worker.num_routed += 1
+        worker.num_routed_total += 1
         worker.num_routed_tokens += num_tokens
         worker.breaker.routed(self._clock())
 
