@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvmesh.services.common import config as knobs
+from kvmesh.services.scheduler.policies import POLICIES
 from kvmesh.services.supervisor import RestartConfig, Supervisor
 
 PR_SET_PDEATHSIG = 1
@@ -174,7 +175,7 @@ def plan(args) -> list[Child]:
     if args.transport_chaos:
         worker += ["--transport-chaos", args.transport_chaos]
     children = [Child("scheduler", ["scheduler", "--port", scheduler.split(":")[1], "--lease-s",
-                                    str(args.lease_s)], scheduler, stage=0)]
+                                    str(args.lease_s), "--policy", args.policy], scheduler, stage=0)]
     port = free_port()
     children.append(Child("cache", ["cache", "--port", str(port), *common], f"{host}:{port}", env))
     children += [child for kind in _worker_roles(args) for child in _workers(kind, worker, env)]
@@ -250,6 +251,7 @@ def add_arguments(parser) -> None:
                                                               "'delay=5ms,throttle=200MBps'")
     parser.add_argument("--cache-decode-kv", action="store_true", help="decode workers offer each finished "
                         "request's decoded KV blocks to the cache, so a conversation's next turn reuses its reply")
+    parser.add_argument("--policy", default="slo_aware", choices=tuple(POLICIES), help="the scheduler's routing policy")
     parser.add_argument("--lease-s", type=float, default=5.0, help="worker lease at the scheduler, seconds")
     parser.add_argument("--threads-per-worker", type=int, default=0, help="torch threads per worker (0: torch's "
                                                                           "default)")

@@ -23,6 +23,7 @@ from kvmesh.services.gateway.http_auth import ApiKeyMiddleware, open_paths
 from kvmesh.services.gateway.core import Gateway, GenerateCall, validate
 from kvmesh.services.gateway.openai_errors import error_response, stream_error_event, typed_error_response
 from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from kvmesh.services.gateway import slo
 from kvmesh.services.gateway.tokens import AsyncTokenizer
 
 class _Choice:
@@ -106,10 +107,12 @@ class OpenAIFrontend:
         choices = []
         parent = telemetry.extract_metadata(request.headers) if request is not None else None
         arrival_ns = getattr(request.state, "arrival_ns", 0) if request is not None else 0
+        slo_objectives = slo.from_headers(request.headers) if request is not None else (None, None)
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 call = GenerateCall(ids, body.sampling(j), f"{request_id}-{len(choices)}", body.cache_salt or "",
                                     trace_parent=parent, arrival_ns=arrival_ns, api="http")
+                call.slo_ttft_s, call.slo_tpot_s = slo_objectives
                 choices.append(_Choice(len(choices), call))
         return choices
 
