@@ -98,7 +98,7 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
     """
     if not query.prompt_token_ids:
         raise InvalidArgumentError("prompt_token_ids must not be empty")
-    if any(t < 0 for t in query.prompt_token_ids):
+    if min(query.prompt_token_ids) < 0:
         raise InvalidArgumentError("prompt_token_ids must be non-negative")
     groups = group_by_layout(query, _avoiding(query, workers))
     if not groups:

@@ -87,19 +87,23 @@ class Mesh:
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
-               gateway_args: tuple[str, ...] = ()) -> Mesh:
+               gateway_args: tuple[str, ...] = (), policy: str | None = None) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker.
 
     decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
     prompts, which the decode worker would otherwise serve from its own pool.
+
+    policy: the scheduler's routing policy (its default when None). Tests of the cache service's fetch path use
+    kv_aware, which always fetches a cached prefix: slo_aware recomputes one a tiny model computes faster.
     """
     if not decode_prefix_caching:
         env = {**(env or {}), "KVMESH_DECODE_PREFIX_CACHING": "0"}
     procs = Procs()
     try:
-        scheduler = procs.start("scheduler", "--lease-s", str(lease_s), env=env)
+        scheduler = procs.start("scheduler", "--lease-s", str(lease_s), *(["--policy", policy] if policy else []),
+                                env=env)
         common = ["--scheduler", scheduler.address]
         cache = procs.start("cache", *common, *cache_args, env=env)
         worker = [*common, "--model", model, "--transport", transport, "--kv-cache-bytes", str(64 * 2**20),
