@@ -55,11 +55,20 @@ def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker | None, 
             + predict.compute_s(prefill, hit, n - hit) + predict.transfer_s(query.links, layout, n - held) + step)
 
 
+def _best_prefill(query: RouteQuery, group: Candidates) -> Worker | None:
+    """The group's prefill worker with the least queue + fetch + compute for the prompt (None: colocated)."""
+    n, hit = len(query.prompt_token_ids), query.cached_tokens.get(group.layout, 0)
+    return min(group.prefill, default=None,
+               key=lambda p: predict.prefill_backlog_s(p, n) + predict.compute_s(p, hit, n - hit))
+
+
 def kv_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
-    """The pair with the least estimated TTFT (ties: the less loaded decode worker, then registration order)."""
+    """The pair with the least estimated TTFT (ties: the less loaded decode worker, then registration order).
+    The prefill worker's part of the estimate does not depend on the decode worker: each group's best prefill
+    worker is found once, so a decision costs O(prefill + decode workers), not their product."""
     _, _, group, prefill, decode = min(
         ((estimated_ttft(query, g.layout, p, d), load_score(d), g, p, d)
-         for g in groups for d in g.decode for p in (g.prefill or (None,))), key=lambda item: item[:2])
+         for g in groups for p in (_best_prefill(query, g),) for d in g.decode), key=lambda item: item[:2])
     return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="kv_aware",
                      num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
 
