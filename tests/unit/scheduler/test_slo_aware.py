@@ -6,6 +6,7 @@ import pytest
 from kvmesh.services.common.errors import CapacityError
 from kvmesh.services.cost_model import DecodeModel, PrefillModel
 from kvmesh.services.kv_identity import KVLayout
+from kvmesh.services.scheduler import explain
 from kvmesh.services.scheduler.models import Fit
 from kvmesh.services.scheduler.policies import POLICIES, Links, RouteQuery, slo_aware
 from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
@@ -100,3 +101,30 @@ def test_the_plan_carries_a_bounded_list_of_the_candidates_it_weighed():
     plan = slo_aware(RouteQuery("r", PROMPT), group_by_layout(RouteQuery("r", PROMPT), registry.workers()))
     assert 0 < len(plan.candidates) <= 8 and plan.candidates[0].ttft_s == plan.predicted_ttft_s
     assert POLICIES["slo_aware"] is slo_aware
+
+
+class FakeSpan:
+    def __init__(self):
+        self.attributes, self.events = {}, []
+
+    def set_attributes(self, attributes):
+        self.attributes.update(attributes)
+
+    def add_event(self, name, attributes):
+        self.events.append((name, attributes))
+
+
+def test_the_route_span_records_the_kv_source_why_and_each_weighed_candidates_predictions():
+    registry = Registry(lease_s=10)
+    for port in range(1, 13):
+        add(registry, Role.PREFILL, port)
+        add(registry, Role.DECODE, 100 + port, Load(num_running=port))
+    query = RouteQuery("r", PROMPT, cached_tokens={LAYOUT: 3200})
+    plan = route(query, registry.workers(), slo_aware, max_queue=8)
+    span = FakeSpan()
+    explain.record_plan(span, plan)
+    assert span.attributes[explain.ATTR_KV_SOURCE] == "cache"
+    assert "fetch 3200 tokens" in span.attributes[explain.ATTR_WHY]
+    assert span.attributes[explain.ATTR_PREDICTED_TTFT] == plan.predicted_ttft_s > 0
+    assert len(span.events) == 8 and sum(e["chosen"] for _, e in span.events) == 1  # 12 or more weighed, the best 8 kept
+    assert all(e["predicted_ttft_s"] >= plan.predicted_ttft_s for _, e in span.events)
