@@ -97,7 +97,8 @@ def main() -> None:
     base = results["least_loaded"]["decision_p99_us"]
     print(f"{args.prefill} prefill x {args.decode} decode workers, {args.prompt_tokens}-token prompt, "
           f"{args.routes} routes per policy\n")
-    print("| policy | decision p50 µs | decision p99 µs | p99 / least_loaded | Route path p50 µs | Route path p99 µs |")
+    print("| policy | decision p50 µs | decision p99 µs | p99 / least_loaded | Route path p50 µs | "
+          "Route path p99 µs |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(f"| {name} | {r['decision_p50_us']:.0f} | {r['decision_p99_us']:.0f} | "

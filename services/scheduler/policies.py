@@ -17,7 +17,8 @@ from kvmesh.services.scheduler.route_types import Candidates, Links, Policy, Pre
 from kvmesh.services.scheduler.predict import decode_prefills
 from kvmesh.services.scheduler.slo_aware import slo_aware
 
-__all__ = ["decode_prefills", "Candidates", "Links", "Policy", "Prediction", "RoutePlan", "RouteQuery", "POLICIES", "get_policy"]
+__all__ = ["decode_prefills", "Candidates", "Links", "Policy", "Prediction", "RoutePlan", "RouteQuery", "POLICIES",
+           "get_policy"]
 
 
 def load_score(worker: Worker) -> float:

@@ -126,5 +126,6 @@ def test_the_route_span_records_the_kv_source_why_and_each_weighed_candidates_pr
     assert span.attributes[explain.ATTR_KV_SOURCE] == "cache"
     assert "fetch 3200 tokens" in span.attributes[explain.ATTR_WHY]
     assert span.attributes[explain.ATTR_PREDICTED_TTFT] == plan.predicted_ttft_s > 0
-    assert len(span.events) == 8 and sum(e["chosen"] for _, e in span.events) == 1  # 12 or more weighed, the best 8 kept
+    # 12 or more weighed, the best 8 kept
+    assert len(span.events) == 8 and sum(e["chosen"] for _, e in span.events) == 1
     assert all(e["predicted_ttft_s"] >= plan.predicted_ttft_s for _, e in span.events)
