@@ -44,6 +44,7 @@ class Fit:
     decode: DecodeModel = PRIOR_DECODE
     num_samples: int = 0
     num_outliers: int = 0
+    prefill_fitted: bool = False  # the prefill part comes from samples (else the prior)
 
 
 def _row(shape: StepShape) -> tuple[float, ...]:
@@ -68,7 +69,7 @@ def fit_steps(samples: list[StepSample], prior: Fit = Fit()) -> Fit:
     has_prefill, has_decode = rows[:, 1].any(), rows[:, 3].any()
     prefill = PrefillModel(a, b, c) if has_prefill else prior.prefill
     decode = DecodeModel(a, d, e) if has_decode else prior.decode
-    return Fit(prefill, decode, len(samples), int(len(samples) - keep.sum()))
+    return Fit(prefill, decode, len(samples), int(len(samples) - keep.sum()), bool(has_prefill))
 
 
 class StepWindow:

@@ -21,17 +21,18 @@ def kv_bytes_per_token(layout: KVLayout) -> int:
     return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * _DTYPE_BYTES.get(layout.dtype, 2)
 
 
-def prefill_backlog_s(worker: Worker, num_prompt_tokens: int) -> float:
+def prefill_backlog_s(worker: Worker, num_prompt_tokens: int, routed: bool = True) -> float:
     """Seconds until `worker` has computed every prompt ahead of a new one: the backlog its heartbeat reported
-    (in tokens when it said; else each request priced as half a prompt like this one) plus what was routed to it
-    since."""
+    (its prompts not yet computed, from a worker that reports its steps; else each request it holds priced as half
+    a prompt like this one) plus, when `routed`, what was routed to it since."""
     fit, load = worker.fit.prefill, worker.load
-    num_requests = load.num_waiting + load.num_running
-    if load.num_pending_prefill_tokens:
-        seconds = fit.a * num_requests + fit.b * load.num_pending_prefill_tokens
+    if worker.fit.num_samples or load.num_pending_prefill_tokens:
+        seconds = fit.a * load.num_pending_prefill + fit.b * load.num_pending_prefill_tokens
     else:
-        seconds = num_requests * (fit.a + fit.chunk_cost(0, num_prompt_tokens) / 2)
-    return seconds + fit.a * worker.num_routed + fit.b * worker.num_routed_tokens
+        seconds = (load.num_waiting + load.num_running) * (fit.a + fit.chunk_cost(0, num_prompt_tokens) / 2)
+    if routed:
+        seconds += fit.a * worker.num_routed + fit.b * worker.num_routed_tokens
+    return seconds
 
 
 def local_backlog_s(decode: Worker) -> float:
@@ -44,9 +45,13 @@ def local_backlog_s(decode: Worker) -> float:
     return seconds
 
 
-def compute_s(worker: Worker, done: int, num_tokens: int) -> float:
-    """Seconds for worker to compute num_tokens of a prompt after its first `done` (0 when nothing is left)."""
+def compute_s(worker: Worker, done: int, num_tokens: int, like: Worker | None = None) -> float:
+    """Seconds for worker to compute num_tokens of a prompt after its first `done` (0 when nothing is left). A
+    worker that never prefilled (a decode worker) is priced like `like` (a prefill worker of the same layout and
+    model) when given, rather than by the prior."""
     fit = worker.fit.prefill
+    if like is not None and not worker.fit.prefill_fitted and like.fit.prefill_fitted:
+        fit = like.fit.prefill
     return fit.a + fit.chunk_cost(done, num_tokens) if num_tokens > 0 else 0.0
 
 
@@ -82,13 +87,13 @@ def step_s(decode: Worker) -> float:
     return decode.fit.decode.seconds(batch, context) if batch else 0.0
 
 
-def tpot_s(decode: Worker, num_prompt_tokens: int, local_tokens: int = 0) -> float:
+def tpot_s(decode: Worker, num_prompt_tokens: int, local_tokens: int = 0, like: Worker | None = None) -> float:
     """Seconds per output token on the decode worker with this request in its batch; while it prefills
-    local_tokens itself, each step also carries a chunk of them."""
+    local_tokens itself, each step also carries a chunk of them (priced as compute_s prices them)."""
     batch, context = decode_batch(decode)
     seconds = decode.fit.decode.seconds(batch + 1, context + num_prompt_tokens)
     if local_tokens > 0:
-        seconds += compute_s(decode, 0, min(local_tokens, LOCAL_CHUNK_TOKENS))
+        seconds += compute_s(decode, 0, min(local_tokens, LOCAL_CHUNK_TOKENS), like)
     return seconds
 
 

@@ -53,13 +53,17 @@ def best_prefill(query: RouteQuery, group: Candidates) -> tuple[float, float, Wo
     return total, wait, prefill, source, why
 
 
-def _local_allowed(query: RouteQuery, decode: Worker, held: int, remote_wait: float | None) -> bool:
+def _local_allowed(query: RouteQuery, decode: Worker, held: int, remote: Worker | None) -> bool:
     """Whether the decode worker may prefill this prompt itself: it is colocated, or the part it lacks is short,
-    or the prefill queues take longer than it would to compute the part."""
+    or the backlog the best prefill worker reported takes longer than computing the part here (a reported queue,
+    not requests routed since: those may be done already). A worker registered with a local-prefill limit of 0
+    never prefills for a prefill worker's queue."""
     n = len(query.prompt_token_ids)
-    if remote_wait is None or predict.decode_prefills(n, held, decode):
+    if remote is None or predict.decode_prefills(n, held, decode):
         return True
-    return remote_wait > predict.compute_s(decode, held, n - held)
+    if decode.spec.local_prefill_max_tokens == 0:
+        return False
+    return predict.prefill_backlog_s(remote, n, routed=False) > predict.compute_s(decode, held, n - held, remote)
 
 
 def predictions(query: RouteQuery, groups: Sequence[Candidates]) -> tuple[list[Prediction], dict]:
@@ -77,12 +81,13 @@ def predictions(query: RouteQuery, groups: Sequence[Candidates]) -> tuple[list[P
                 total, wait, prefill, source, _ = remote
                 ttft = total + predict.transfer_s(query.links, group.layout, n - held) + step
                 out.append(Prediction(prefill, decode, source, ttft, predict.tpot_s(decode, n), wait))
-            if _local_allowed(query, decode, held, remote[1] if remote is not None else None):
+            like = remote[2] if remote is not None else None
+            if _local_allowed(query, decode, held, like):
                 wait = predict.local_backlog_s(decode)
-                ttft = wait + predict.compute_s(decode, held, n - held) + step
+                ttft = wait + predict.compute_s(decode, held, n - held, like) + step
                 out.append(Prediction(remote[2] if remote is not None else None, decode,
                                       DECODE_POOL if held else LOCAL, ttft,
-                                      predict.tpot_s(decode, n, n - held), wait))
+                                      predict.tpot_s(decode, n, n - held, like), wait))
     return out, why
 
 

@@ -90,7 +90,8 @@ def test_every_route_is_made_by_the_named_real_policy():
     arrivals = poisson(50.0, 64, 8, 200)
     for policy in ("least_loaded", "kv_aware"):
         result = run(MeshConfig(prefill=2, decode=2, policy=policy), arrivals)
-        assert result.routes == {(policy, False): 200}
+        assert set(result.routes) == {(policy, False)}  # admission may refuse a few of the burst (max_queue)
+        assert sum(result.routes.values()) + sum(result.rejected) == 200 and sum(result.rejected) < 10
     colocated = run(MeshConfig(colocated=2, policy="kv_aware"), arrivals)
     assert set(colocated.routes) == {("kv_aware", True)}  # no prefill worker in the plan
     # admission counts the colocated workers' queued prompts: some of the burst is refused, not all admitted
