@@ -56,13 +56,16 @@ def best_prefill(query: RouteQuery, group: Candidates) -> tuple[float, float, Wo
 def _local_allowed(query: RouteQuery, decode: Worker, held: int, remote: Worker | None) -> bool:
     """Whether the decode worker may prefill this prompt itself: it is colocated, or the part it lacks is short,
     or the backlog the best prefill worker reported takes longer than computing the part here (a reported queue,
-    not requests routed since: those may be done already). A worker registered with a local-prefill limit of 0
-    never prefills for a prefill worker's queue."""
+    not requests routed since: those may be done already) and its batch may slow down: the request has a TPOT
+    objective (checked on the prediction) or the worker runs no sequence. A worker registered with a
+    local-prefill limit of 0 never prefills for a prefill worker's queue."""
     n = len(query.prompt_token_ids)
     if remote is None or predict.decode_prefills(n, held, decode):
         return True
     if decode.spec.local_prefill_max_tokens == 0:
         return False
+    if not query.slo_tpot_s and predict.decode_batch(decode)[0] > 0:
+        return False  # no TPOT objective bounds what its running sequences would suffer: only an idle one helps
     return predict.prefill_backlog_s(remote, n, routed=False) > predict.compute_s(decode, held, n - held, remote)
 
 

@@ -174,7 +174,7 @@ def test_the_trace_block_size_sets_how_much_a_repeated_hash_id_spares():
 
 def test_slo_aware_prefills_on_the_decode_worker_when_the_prefill_queue_is_long_and_every_request_finishes():
     arrivals = poisson(40.0, 512, 4, 200, seed=3)  # more prompt work than one prefill worker keeps up with
-    result = run(MeshConfig(prefill=1, decode=1, policy="slo_aware", heartbeat_s=0.0), arrivals)
+    result = run(MeshConfig(prefill=1, decode=1, policy="slo_aware", heartbeat_s=0.0, slo_tpot_s=0.5), arrivals)
     local = result.routes[("slo_aware", True)]
     assert 0 < local < 200 and result.routes[("slo_aware", False)] > 0
     assert all(f >= a for f, a, r in zip(result.finish_s, result.arrival_s, result.rejected) if not r)

@@ -85,12 +85,16 @@ def test_long_prefill_queues_send_the_prompt_to_the_decode_worker_within_its_tpo
     registry = Registry(lease_s=10)
     add(registry, Role.PREFILL, 1, Load(num_running=4, num_pending_prefill_tokens=40_000))  # 4 s of queue
     decode = add(registry, Role.DECODE, 2, Load(num_running=2))
-    plan = route(RouteQuery("r", PROMPT), registry.workers(), slo_aware, max_queue=8)
+    plan = route(RouteQuery("r", PROMPT, slo_tpot_s=0.5), registry.workers(), slo_aware, max_queue=8)
     assert plan.decode.worker_id == decode.worker_id and plan.local_prefill and plan.kv_source == "local"
     # a TPOT objective the chunked local prefill would break keeps it on the prefill worker
     strict = RouteQuery("r", PROMPT, slo_tpot_s=0.02)
     plan = route(strict, registry.workers(), slo_aware, max_queue=8)
     assert not plan.local_prefill and plan.prefill is not None
+    # without a TPOT objective nothing bounds what its running sequences would suffer: only an idle worker helps
+    assert not route(RouteQuery("r", PROMPT), registry.workers(), slo_aware, max_queue=8).local_prefill
+    registry.heartbeat(decode.worker_id, Load())
+    assert route(RouteQuery("r", PROMPT), registry.workers(), slo_aware, max_queue=8).local_prefill
 
 
 def test_the_plan_carries_a_bounded_list_of_the_candidates_it_weighed():
