@@ -54,8 +54,9 @@ def test_a_grpc_request_whose_tpot_objective_no_route_meets_is_resource_exhauste
 def test_heartbeats_feed_the_fitted_cost_models_that_stats_show(mesh):
     stub = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address))
     deadline = time.monotonic() + 60
-    while True:  # each request runs engine steps; each heartbeat (a second apart) carries their timings
-        mesh.generate(list(range(1, 60)), max_tokens=8)
+    for i in range(10_000):  # each request runs engine steps; each heartbeat (a second apart) carries their timings
+        # a new prompt each time: a repeated one would be prefilled by the decode worker from its own pool
+        mesh.generate([(i * 59 + j) % 500 + 3 for j in range(60)], max_tokens=8)
         stats = stub.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=5)
         if all(m.num_samples >= 8 for m in stats.models) or time.monotonic() > deadline:
             break
