@@ -31,8 +31,10 @@ class SchedulerConfig(ServerConfig):
     cache_probe: bool = knob(True, "Ask the registered cache how much of each prompt it holds (the request's "
                                    "one lookup, 250 ms deadline): Route reports it, the kv_aware policy weighs it, "
                                    "and the prefill worker fetches by it without asking again.")
-    max_queue: int = knob(64, "Admission limit: a decode worker with this many waiting requests takes no more; "
-                              "when every decode worker is over it, Route fails with RESOURCE_EXHAUSTED.")
+    max_queue: int = knob(64, "Admission limit: a decode worker with this many queued requests (waiting at its last "
+                              "heartbeat, a colocated worker's prompts not yet computed, and those routed to it "
+                              "since) takes no more; when every decode worker is over it, Route fails with "
+                              "RESOURCE_EXHAUSTED and a retry-after from the predicted queue drain.")
     breaker_failures: int = knob(2, "Consecutive failures of a worker (failed calls its peers report, failed health "
                                     "checks the scheduler makes on each report) that open its circuit breaker: no "
                                     "routes go to it until the cool-down has passed.")
