@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.registry import Worker
@@ -57,10 +58,10 @@ class Candidates:
     decode: tuple[Worker, ...]
 
 
-@dataclass(frozen=True)
-class Prediction:
+class Prediction(NamedTuple):
     """One candidate route and what the models predict for it: seconds to the first token (of which `wait_s`
-    queueing), seconds per output token on its decode worker with this request added."""
+    queueing), seconds per output token on its decode worker with this request added. (A named tuple: a
+    decision weighs one or two per decode worker, and must stay cheap.)"""
 
     prefill: Worker | None
     decode: Worker

@@ -53,20 +53,20 @@ def best_prefill(query: RouteQuery, group: Candidates) -> tuple[float, float, Wo
     return total, wait, prefill, source, why
 
 
-def _local_allowed(query: RouteQuery, decode: Worker, held: int, remote: Worker | None) -> bool:
-    """Whether the decode worker may prefill this prompt itself: it is colocated, or the part it lacks is short,
-    or the backlog the best prefill worker reported takes longer than computing the part here (a reported queue,
-    not requests routed since: those may be done already) and its batch may slow down: the request has a TPOT
-    objective (checked on the prediction) or the worker runs no sequence. A worker registered with a
-    local-prefill limit of 0 never prefills for a prefill worker's queue."""
+def _local_compute_s(query: RouteQuery, decode: Worker, held: int, remote: Worker | None, batch: int,
+                     queue_s: float) -> float | None:
+    """Seconds the decode worker would take to prefill the part of the prompt it lacks, when it may: it is
+    colocated, or that part is short, or the backlog the best prefill worker reported (`queue_s`: a reported queue,
+    not requests routed since, which may be done already) takes longer, and its batch may slow down — the request
+    has a TPOT objective (checked on the prediction) or the worker runs no sequence. None when it may not. A
+    worker registered with a local-prefill limit of 0 never prefills for a prefill worker's queue."""
     n = len(query.prompt_token_ids)
     if remote is None or predict.decode_prefills(n, held, decode):
-        return True
-    if decode.spec.local_prefill_max_tokens == 0:
-        return False
-    if not query.slo_tpot_s and predict.decode_batch(decode)[0] > 0:
-        return False  # no TPOT objective bounds what its running sequences would suffer: only an idle one helps
-    return predict.prefill_backlog_s(remote, n, routed=False) > predict.compute_s(decode, held, n - held, remote)
+        return predict.compute_s(decode, held, n - held, remote)
+    if decode.spec.local_prefill_max_tokens == 0 or not queue_s or (batch and not query.slo_tpot_s):
+        return None
+    seconds = predict.compute_s(decode, held, n - held, remote)
+    return seconds if queue_s > seconds else None
 
 
 def predictions(query: RouteQuery, groups: Sequence[Candidates]) -> tuple[list[Prediction], dict]:
@@ -75,22 +75,28 @@ def predictions(query: RouteQuery, groups: Sequence[Candidates]) -> tuple[list[P
     n, out, why = len(query.prompt_token_ids), [], {}
     for group in groups:
         remote = best_prefill(query, group)
-        if remote is not None:
-            why[remote[2].worker_id] = remote[4]
+        like = remote[2] if remote is not None else None
+        if like is not None:
+            why[like.worker_id] = remote[4]
+        queue_s = predict.prefill_backlog_s(like, n, routed=False) if like is not None else 0.0
+        chunk = min(n, predict.LOCAL_CHUNK_TOKENS)
+        transfer_all = predict.transfer_s(query.links, group.layout, n)
         for decode in group.decode:
             held = query.decode_cached_tokens.get(decode.worker_id, 0)
-            step = predict.step_s(decode)
+            batch, context = predict.decode_batch(decode)
+            model = decode.fit.decode
+            step = model.seconds(batch, context) if batch else 0.0
+            tpot = model.seconds(batch + 1, context + n)  # predict.tpot_s, its batch computed once
             if remote is not None:
                 total, wait, prefill, source, _ = remote
-                ttft = total + predict.transfer_s(query.links, group.layout, n - held) + step
-                out.append(Prediction(prefill, decode, source, ttft, predict.tpot_s(decode, n), wait))
-            like = remote[2] if remote is not None else None
-            if _local_allowed(query, decode, held, like):
+                transfer = predict.transfer_s(query.links, group.layout, n - held) if held else transfer_all
+                out.append(Prediction(prefill, decode, source, total + transfer + step, tpot, wait))
+            local = _local_compute_s(query, decode, held, like, batch, queue_s)
+            if local is not None:
                 wait = predict.local_backlog_s(decode)
-                ttft = wait + predict.compute_s(decode, held, n - held, like) + step
-                out.append(Prediction(remote[2] if remote is not None else None, decode,
-                                      DECODE_POOL if held else LOCAL, ttft,
-                                      predict.tpot_s(decode, n, n - held, like), wait))
+                tpot_local = tpot + predict.compute_s(decode, 0, min(n - held, chunk), like)
+                out.append(Prediction(like, decode, DECODE_POOL if held else LOCAL, wait + local + step,
+                                      tpot_local, wait))
     return out, why
 
 
