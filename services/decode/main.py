@@ -33,6 +33,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
     worker = DecodeWorker(kit.engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
                           config.local_prefill_max_tokens, config.kv_events_max_hashes, cache, reporter)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
+    server.add_task(worker.keep_prefilling_alive)
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 
     def descriptor():

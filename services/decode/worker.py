@@ -52,6 +52,7 @@ class DecodeWorker:
         self.local_prefill_max_tokens = local_prefill_max_tokens
         self.kv_events_max_hashes = kv_events_max_hashes
         self.tokenizer = self.engine.tokenizer
+        self.prefilling: set[str] = set()  # requests prefilled here whose first output has not come yet
 
     # ---- load, for heartbeats and Stats ----
 
@@ -78,6 +79,16 @@ class DecodeWorker:
         """What the prefix cache stored and evicted since the last call (everything, when full): for heartbeats."""
         events = await self.et.call(self.engine.kv_events, full, self.kv_events_max_hashes)
         return scheduler_pb2.KVEvents(stored=list(events.stored), removed=list(events.removed), full=events.full)
+
+    async def keep_prefilling_alive(self, _server=None) -> None:
+        """Background task: a request this worker prefills itself waits in its running engine behind other prompts
+        (the plan may send long ones here when the prefill queues are longer): alive, not stalled — renew its
+        handoff a third of a lease at a time until its first output renews it, as a prefill worker does."""
+        while True:
+            await asyncio.sleep(self.handoffs.lease_s / 3)
+            if self.et.alive:
+                for rid in list(self.prefilling):
+                    self.handoffs.renew(rid)
 
     # ---- one request ----
 
@@ -205,11 +216,13 @@ class DecodeWorker:
             else:  # prefill here: the reservation's shared blocks (or the engine's own lookup) count as cached
                 if reservation is None:
                     self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+                self.prefilling.add(rid)
                 await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=request.cache_salt)
                 self._advance(record, HandoffState.READY)
                 self._advance(record, HandoffState.DECODING)
             while True:
                 out = await outputs.get()
+                self.prefilling.discard(rid)
                 if out is _EXPIRED:
                     raise ended_error(record)
                 if out.finished and out.finish_reason == "abort":  # an explicit status, never a quiet end
@@ -227,6 +240,7 @@ class DecodeWorker:
                 if out.finished:
                     return
         finally:
+            self.prefilling.discard(rid)
             watch.end(stream.num_generated)
             self.et.unsubscribe(rid)
             if not await self.handoffs.end(rid):  # it ended before (expired, aborted): free what was taken since

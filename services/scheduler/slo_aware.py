@@ -57,13 +57,15 @@ def _local_compute_s(query: RouteQuery, decode: Worker, held: int, remote: Worke
                      queue_s: float) -> float | None:
     """Seconds the decode worker would take to prefill the part of the prompt it lacks, when it may: it is
     colocated, or that part is short, or the backlog the best prefill worker reported (`queue_s`: a reported queue,
-    not requests routed since, which may be done already) takes longer, and its batch may slow down — the request
-    has a TPOT objective (checked on the prediction) or the worker runs no sequence. None when it may not. A
-    worker registered with a local-prefill limit of 0 never prefills for a prefill worker's queue."""
+    not requests routed since, which may be done already) takes longer and the request has a TPOT objective, which
+    bounds what the worker's batch may suffer (checked on the prediction). None when it may not. Without an
+    objective nothing measures that headroom, and a decode worker busy prefilling long prompts starves its own
+    event loop on a small machine: it prefills only the short tails. A worker registered with a local-prefill
+    limit of 0 never prefills for a prefill worker's queue."""
     n = len(query.prompt_token_ids)
     if remote is None or predict.decode_prefills(n, held, decode):
         return predict.compute_s(decode, held, n - held, remote)
-    if decode.spec.local_prefill_max_tokens == 0 or not queue_s or (batch and not query.slo_tpot_s):
+    if decode.spec.local_prefill_max_tokens == 0 or not queue_s or not query.slo_tpot_s:
         return None
     seconds = predict.compute_s(decode, held, n - held, remote)
     return seconds if queue_s > seconds else None

@@ -91,10 +91,10 @@ def test_long_prefill_queues_send_the_prompt_to_the_decode_worker_within_its_tpo
     strict = RouteQuery("r", PROMPT, slo_tpot_s=0.02)
     plan = route(strict, registry.workers(), slo_aware, max_queue=8)
     assert not plan.local_prefill and plan.prefill is not None
-    # without a TPOT objective nothing bounds what its running sequences would suffer: only an idle worker helps
+    # without a TPOT objective nothing bounds what its batch would suffer: not even an idle worker prefills for a queue
     assert not route(RouteQuery("r", PROMPT), registry.workers(), slo_aware, max_queue=8).local_prefill
     registry.heartbeat(decode.worker_id, Load())
-    assert route(RouteQuery("r", PROMPT), registry.workers(), slo_aware, max_queue=8).local_prefill
+    assert not route(RouteQuery("r", PROMPT), registry.workers(), slo_aware, max_queue=8).local_prefill
 
 
 def test_the_plan_carries_a_bounded_list_of_the_candidates_it_weighed():
