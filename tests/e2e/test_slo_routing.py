@@ -65,3 +65,25 @@ def test_heartbeats_feed_the_fitted_cost_models_that_stats_show(mesh):
     decode = next(m for m in stats.models if m.role == scheduler_pb2.WORKER_ROLE_DECODE)
     prefill = next(m for m in stats.models if m.role == scheduler_pb2.WORKER_ROLE_PREFILL)
     assert sum(decode.decode) > 0 and sum(prefill.prefill) > 0
+
+
+def test_a_burst_over_the_queue_limit_is_refused_in_part_with_retry_after_and_the_rest_served(model_dir):
+    """Admission counts what the scheduler routed since each heartbeat: a burst of 40 against --max-queue 4 is
+    not admitted whole (a burst lands between two heartbeats, which alone would show no queue)."""
+    import concurrent.futures
+
+    burst = start_mesh(str(model_dir("llama")), env={"KVMESH_SCHEDULER_MAX_QUEUE": "4"})
+    try:
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            body = {"max_tokens": 8, "ignore_eos": True}
+            replies = list(pool.map(lambda i: httpx.post(f"{burst.http_base}/completions", timeout=120,
+                                                         json={**body, "prompt": [3 + i, 5, 7, 9] * 50}), range(40)))
+        refused = [r for r in replies if r.status_code == 429]
+        served = [r for r in replies if r.status_code == 200]
+        assert refused and served and len(refused) + len(served) == 40, [r.status_code for r in replies]
+        assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+        assert all(r.json()["usage"]["completion_tokens"] == 8 for r in served)
+        assert complete(burst).status_code == 200  # healthy after the burst
+        assert burst.wait_blocks_free(15)
+    finally:
+        burst.close()
