@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvmesh.services.common import config as knobs
-from kvmesh.services.scheduler.policies import POLICIES
 from kvmesh.services.supervisor import RestartConfig, Supervisor
 
 PR_SET_PDEATHSIG = 1
@@ -251,7 +250,7 @@ def add_arguments(parser) -> None:
                                                               "'delay=5ms,throttle=200MBps'")
     parser.add_argument("--cache-decode-kv", action="store_true", help="decode workers offer each finished "
                         "request's decoded KV blocks to the cache, so a conversation's next turn reuses its reply")
-    parser.add_argument("--policy", default="slo_aware", choices=tuple(POLICIES), help="the scheduler's routing policy")
+    parser.add_argument("--policy", default="slo_aware", help="the scheduler's routing policy (kvmesh scheduler -h)")
     parser.add_argument("--lease-s", type=float, default=5.0, help="worker lease at the scheduler, seconds")
     parser.add_argument("--threads-per-worker", type=int, default=0, help="torch threads per worker (0: torch's "
                                                                           "default)")

@@ -90,6 +90,11 @@ class DecodeWorker:
                 for rid in list(self.prefilling):
                     self.handoffs.renew(rid)
 
+    async def _add_here(self, rid: str, ids: list[int], params, cache_salt: str) -> None:
+        """Hand a prompt this worker prefills itself to its engine; its handoff is renewed until its first output."""
+        self.prefilling.add(rid)
+        await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=cache_salt)
+
     # ---- one request ----
 
     async def _reserve(self, request: decode_pb2.DecodeRequest, ids: list[int]):
@@ -216,8 +221,7 @@ class DecodeWorker:
             else:  # prefill here: the reservation's shared blocks (or the engine's own lookup) count as cached
                 if reservation is None:
                     self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
-                self.prefilling.add(rid)
-                await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=request.cache_salt)
+                await self._add_here(rid, ids, params, request.cache_salt)
                 self._advance(record, HandoffState.READY)
                 self._advance(record, HandoffState.DECODING)
             while True:

@@ -144,7 +144,8 @@ def test_transports_import_nothing_of_services():
 #: The planner simulates the mesh with the scheduler's real router and policies (pure modules of plain data);
 #: it is a tool, not a service, and nothing imports it but the CLI.
 PLANNER_USES = {"kvmesh.services.scheduler.router", "kvmesh.services.scheduler.policies",
-                "kvmesh.services.scheduler.registry"}
+                "kvmesh.services.scheduler.registry", "kvmesh.services.scheduler.models",
+                "kvmesh.services.scheduler.predict"}  # the simulator routes with the scheduler's own models
 
 
 def test_no_service_imports_another_service():
