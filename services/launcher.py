@@ -104,7 +104,8 @@ def plan(args) -> list[Child]:
     if args.transport_chaos:
         worker += ["--transport-chaos", args.transport_chaos]
     children = [Child(f"scheduler{f'-{i}' if i else ''}", ["scheduler", "--port", address.split(":")[1],
-                                                            "--lease-s", str(args.lease_s)], address, stage=0)
+                                                            "--lease-s", str(args.lease_s), "--policy", args.policy],
+                      address, stage=0)
                 for i, address in enumerate(schedulers)]
     port = free_port()
     children.append(Child("cache", ["cache", "--port", str(port), *common], f"{host}:{port}", env))
@@ -172,6 +173,7 @@ def add_arguments(parser) -> None:
                         "request's decoded KV blocks to the cache, so a conversation's next turn reuses its reply")
     parser.add_argument("--schedulers", type=int, default=1, help="schedulers (their state is soft: workers "
                         "register with each, the gateway fails over between them; 2 leaves no single point of failure)")
+    parser.add_argument("--policy", default="slo_aware", help="the scheduler's routing policy (kvmesh scheduler -h)")
     parser.add_argument("--lease-s", type=float, default=5.0, help="worker lease at the scheduler, seconds")
     parser.add_argument("--threads-per-worker", type=int, default=0, help="torch threads per worker (0: torch's "
                                                                           "default)")

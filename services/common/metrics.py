@@ -141,6 +141,12 @@ WORKER_BREAKERS = Gauge(
     "Live workers by the state of their circuit breaker at the scheduler (closed, open, half_open); an open "
     "breaker takes its worker out of routing.",
     ["state"], registry=REGISTRY)
+SCHEDULER_COST_MODEL = Gauge(
+    "kvmesh:scheduler_cost_model",
+    "The scheduler's cost models of each live worker, fitted from its heartbeats' step timings (priors before "
+    "enough samples): model prefill (step s = a + b*tokens + c*attention pairs) or decode (a + b*batch + "
+    "c*context tokens), coef a, b or c; samples in the fit's window under coef n.",
+    ["worker_id", "model", "coef"], registry=REGISTRY)
 WORKER_FAILURE_REPORTS = Counter(
     "kvmesh:scheduler_failure_reports_total",
     "Failed calls to a worker reported to the scheduler (feeding its breaker), by the worker's role and the "

@@ -35,6 +35,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
                           config.local_prefill_max_tokens, config.kv_events_max_hashes, cache, reporter,
                           kv_load_failure=config.kv_load_failure)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
+    server.add_task(worker.keep_prefilling_alive)
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 
     def descriptor():

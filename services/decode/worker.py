@@ -22,6 +22,7 @@ from kvmesh.services import kv_identity
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
+from kvmesh.services.decode.failures import ended_error, peer_error, transfer_error
 from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
@@ -54,6 +55,7 @@ class DecodeWorker:
         self.kv_events_max_hashes = kv_events_max_hashes
         self.kv_load_failure = kv_load_failure  # "fail" or "recompute": what a failed or corrupt transfer does
         self.tokenizer = self.engine.tokenizer
+        self.prefilling: set[str] = set()  # requests prefilled here whose first output has not come yet
 
     # ---- load, for heartbeats and Stats ----
 
@@ -80,6 +82,21 @@ class DecodeWorker:
         """What the prefix cache stored and evicted since the last call (everything, when full): for heartbeats."""
         events = await self.et.call(self.engine.kv_events, full, self.kv_events_max_hashes)
         return scheduler_pb2.KVEvents(stored=list(events.stored), removed=list(events.removed), full=events.full)
+
+    async def keep_prefilling_alive(self, _server=None) -> None:
+        """Background task: a request this worker prefills itself waits in its running engine behind other prompts
+        (the plan may send long ones here when the prefill queues are longer): alive, not stalled — renew its
+        handoff a third of a lease at a time until its first output renews it, as a prefill worker does."""
+        while True:
+            await asyncio.sleep(self.handoffs.lease_s / 3)
+            if self.et.alive:
+                for rid in list(self.prefilling):
+                    self.handoffs.renew(rid)
+
+    async def _add_here(self, rid: str, ids: list[int], params, cache_salt: str) -> None:
+        """Hand a prompt this worker prefills itself to its engine; its handoff is renewed until its first output."""
+        self.prefilling.add(rid)
+        await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=cache_salt)
 
     # ---- one request ----
 
@@ -166,10 +183,10 @@ class DecodeWorker:
                 if self.reporter is not None and errors.unreachable(e):
                     self.reporter.report(request.prefill.worker_id, request.prefill.address,
                                          scheduler_pb2.WORKER_ROLE_PREFILL, e)
-                raise _peer_error(request.prefill.address, e) from None
+                raise peer_error(request.prefill.address, e) from None
             metrics.KV_LOAD_FAILURES.labels(policy=self.kv_load_failure).inc()
             if self.kv_load_failure != "recompute":
-                raise _transfer_error(e, request.prefill.address) from None
+                raise transfer_error(e, request.prefill.address) from None
             log.warning("request %s: KV transfer from %s failed (%s); prefilling it here instead", rid,
                         request.prefill.address, e)
         finally:
@@ -219,6 +236,7 @@ class DecodeWorker:
                 await self._prefill_locally(request, ids, params, record, reservation is None)
             while True:
                 out = await outputs.get()
+                self.prefilling.discard(rid)
                 if out is _EXPIRED:
                     raise ended_error(record)
                 if out.finished and out.finish_reason == "abort":  # an explicit status, never a quiet end
@@ -236,6 +254,7 @@ class DecodeWorker:
                 if out.finished:
                     return
         finally:
+            self.prefilling.discard(rid)
             watch.end(stream.num_generated)
             self.et.unsubscribe(rid)
             if not await self.handoffs.end(rid):  # it ended before (expired, aborted): free what was taken since
@@ -249,7 +268,7 @@ class DecodeWorker:
         rid = request.request_id
         if unreserved:
             self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
-        await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=request.cache_salt)
+        await self._add_here(rid, ids, params, request.cache_salt)
         self._advance(record, HandoffState.READY)
         self._advance(record, HandoffState.DECODING)
 
@@ -271,28 +290,3 @@ class DecodeWorker:
         """Cancel a request by id; idempotent."""
         return await self.handoffs.end(request_id, HandoffState.FAILED, "aborted")
 
-
-def ended_error(record: Handoff) -> errors.MeshError:
-    """The status of a request whose handoff ended before its stream did."""
-    where = f"request {record.request_id} ended on the decode worker ({record.reason or record.state.value})"
-    if record.state is HandoffState.EXPIRED:
-        return errors.DeadlineError(where)
-    if record.reason == "aborted":
-        return errors.MeshError.with_status(grpc.StatusCode.CANCELLED, where)
-    return errors.UnavailableError(where)
-
-
-def _peer_error(address: str, e: grpc.aio.AioRpcError) -> errors.MeshError:
-    """A failed Prefill call as the error the client sees, naming the worker."""
-    code = e.code()
-    message = f"prefill worker {address} failed: {code.name}: {errors.peer_text(e)}"
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS,
-                grpc.StatusCode.DEADLINE_EXCEEDED):
-        return errors.MeshError.with_status(code, message)
-    return errors.UnavailableError(message)
-
-
-def _transfer_error(e: TransportError, prefill_address: str) -> errors.MeshError:
-    """A failed KV transfer as the error the client sees (DATA_LOSS, DEADLINE_EXCEEDED, UNAVAILABLE, ...)."""
-    return errors.MeshError.with_status(errors.status_for(e), f"KV transfer from prefill worker {prefill_address} "
-                                                              f"failed: {e}")

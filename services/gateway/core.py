@@ -33,6 +33,7 @@ from kvmesh.services.common.errors import (InvalidArgumentError, MeshError, Unav
 from kvmesh.services.gateway.drain import Drain, LiveRequest
 from kvmesh.services.gateway.failover import Attempts
 from kvmesh.services.gateway.observe import RequestObserver
+from kvmesh.services.gateway import slo
 from kvmesh.services.gateway.request_ids import LiveIds
 from kvmesh.services.gateway.sampling_checks import check_sampling_extras
 from kvmesh.services.gateway.stall import next_message
@@ -57,6 +58,9 @@ class GenerateCall:
     #: The front end it came through, the `api` label of the failure counter: "rpc" (the gRPC Gateway service)
     #: or "http" (the OpenAI-compatible API).
     api: str = "rpc"
+    #: The request's latency objectives in seconds (gateway/slo.py); None: the scheduler's defaults.
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Gateway:
         request = scheduler_pb2.RouteRequest(request_id=call.request_id, prompt_token_ids=call.prompt_token_ids,
                                              model=self.card.model_id, cache_salt=call.cache_salt,
                                              avoid_worker_ids=sorted(avoid))
+        slo.apply(request, call.slo_ttft_s, call.slo_tpot_s)
         budget = min(timeout or self.route_timeout_s, self.route_timeout_s)
         with telemetry.tracer().start_as_current_span(names.SCHEDULER_ROUTE) as span:
             try:

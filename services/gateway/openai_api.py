@@ -25,6 +25,7 @@ from kvmesh.services.gateway.core import Gateway, GenerateCall, validate
 from kvmesh.services.gateway.openai_errors import error_response, stream_error_event, typed_error_response
 from kvmesh.services.gateway.openai_choices import Choice, absorb, best, first_of_each, merge
 from kvmesh.services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from kvmesh.services.gateway import slo
 from kvmesh.services.gateway.request_ids import held
 from kvmesh.services.gateway.openai_tokenize import add_token_routes
 from kvmesh.services.gateway.tokens import AsyncTokenizer
@@ -68,10 +69,12 @@ class OpenAIFrontend:
         choices = []
         parent = telemetry.extract_metadata(request.headers) if request is not None else None
         arrival_ns = getattr(request.state, "arrival_ns", 0) if request is not None else 0
+        slo_objectives = slo.from_headers(request.headers) if request is not None else (None, None)
         for p, ids in enumerate(prompts):
             for j in range(body.num_candidates):
                 call = GenerateCall(ids, body.sampling(j), f"{request_id}-{len(choices)}", body.cache_salt or "",
                                     trace_parent=parent, arrival_ns=arrival_ns, api="http")
+                call.slo_ttft_s, call.slo_tpot_s = slo_objectives
                 choices.append(Choice(len(choices), call, p, echoes[p] if echoes else ""))
         return choices
 

@@ -12,6 +12,7 @@ import uuid
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
 from kvmesh.services.gateway.core import Gateway, GenerateCall
+from kvmesh.services.gateway import slo
 from kvmesh.services.gateway.request_ids import held
 from kvmesh.services.gateway.tokens import AsyncTokenizer
 from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc
@@ -36,8 +37,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                        + (" (both were set)" if request.prompt else " (neither was set)"))
         ids = list(request.prompt_token_ids) or await self.tokenizer.encode(request.prompt)
         parent = telemetry.extract_metadata(context.invocation_metadata()) if context is not None else None
+        ttft_s, tpot_s = slo.from_request(request)
         return GenerateCall(ids, request.sampling, request.request_id or uuid.uuid4().hex, request.cache_salt,
-                            trace_parent=parent)
+                            trace_parent=parent, slo_ttft_s=ttft_s, slo_tpot_s=tpot_s)
 
     async def Generate(self, request, context):
         """Stream one request's tokens, as the decode worker produces them."""

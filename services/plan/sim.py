@@ -26,7 +26,9 @@ from kvmesh.services.plan.costs import Profile
 from kvmesh.services.plan.trace import TRACE_BLOCK_TOKENS, Arrival
 from kvmesh.services.plan.worker import Job, RoleLimits, SimWorker
 from kvmesh.services.scheduler import router
-from kvmesh.services.scheduler.policies import RouteQuery, get_policy
+from kvmesh.services.scheduler.models import Fit, StepWindow
+from kvmesh.services.scheduler.policies import Links, RouteQuery, get_policy
+from kvmesh.services.scheduler.predict import kv_bytes_per_token
 from kvmesh.services.scheduler.registry import Registry, Role, WorkerSpec
 
 LAYOUT = KVLayout("plan", "float32", 16, 1, 1, 1)  # one layout: every simulated pair is compatible
@@ -48,6 +50,9 @@ class MeshConfig:
     max_queue: int = 64  # the scheduler's admission limit (its --max-queue default)
     heartbeat_s: float = 1.0  # workers' heartbeat interval (the scheduler's lease / 3); 0: loads always current
     trace_block_tokens: int = TRACE_BLOCK_TOKENS  # tokens per hash id of the workload's prompts
+    # the requests' objectives the scheduler routes by (slo_aware refuses what no route is predicted to meet); 0: none
+    slo_ttft_s: float = 0.0
+    slo_tpot_s: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError for a mesh that cannot serve: no pair and no colocated worker, or a mix."""
@@ -98,6 +103,11 @@ class Simulation:
         self.decode += [SimWorker(add(_spec(Role.DECODE, i, True)), profile, limits[1], True, True)
                         for i in range(config.colocated)]
         self.by_id = {w.worker.worker_id: w for w in self.prefill + self.decode}
+        for w in self.by_id.values():  # the scheduler's fits of simulated steps would converge on the profile
+            w.worker.steps = StepWindow(prior=Fit(profile.prefill, profile.decode))
+        # the predictions price KV by the layout's bytes per token: scale the profile's link to the toy layout's
+        gbps = profile.transfer_gbps * kv_bytes_per_token(LAYOUT) / profile.kv_bytes_per_token
+        self.links = Links(transfer_gbps=gbps, dram_gbps=gbps, ssd_gbps=gbps, fixed_s=0.0)
         self.num_open = len(self.jobs)  # requests not yet finished or rejected: heartbeats stop at 0
         self.events: list = []
         self.seq = itertools.count()
@@ -144,7 +154,8 @@ class Simulation:
         n = job.input_length
         prompt = self.prompts.get(n) or self.prompts.setdefault(n, (0,) * n)
         job.num_cached = self.cached_tokens(job)
-        query = RouteQuery(str(job.index), prompt, cached_tokens={LAYOUT: job.num_cached})
+        query = RouteQuery(str(job.index), prompt, cached_tokens={LAYOUT: job.num_cached}, links=self.links,
+                           slo_ttft_s=self.config.slo_ttft_s, slo_tpot_s=self.config.slo_tpot_s)
         try:
             plan = router.route(query, self.registry.routable(), self.policy, self.config.max_queue)
         except CapacityError:
@@ -152,6 +163,7 @@ class Simulation:
             self.num_open -= 1
             return
         local = plan.prefill is None or plan.local_prefill
+        job.num_cached = plan.num_cached_tokens  # what the plan fetches (a policy may recompute a hit)
         self.routes[plan.policy, local] += 1
         self.registry.routed(plan.decode, n)  # counted until the worker's next heartbeat, as Route does
         if not local:
@@ -170,7 +182,7 @@ class Simulation:
     def ready(self, now: float, item: tuple[Job, SimWorker]) -> None:
         """A routed prompt joins its worker's queue."""
         job, target = item
-        target.waiting.append(job)
+        (target.waiting if target.prefills else target.local).append(job)
         self.kick(now, target)
 
     def publish(self, worker: SimWorker) -> None:

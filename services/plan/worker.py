@@ -57,6 +57,7 @@ class SimWorker:
         self.busy = False
         self.waking = False  # a wake-up is scheduled for this instant
         self.waiting: deque[Job] = deque()  # prompts to compute (prefill, colocated) or landed KV (decode)
+        self.local: deque[Job] = deque()  # decode: prompts the route told it to prefill itself (local_prefill)
         self.prefilling: list[Job] = []  # admitted prompts partly computed
         self.num_running = 0
         self.num_pending = 0  # decode: routed here, KV not landed yet (the decode worker owns them already)
@@ -67,8 +68,11 @@ class SimWorker:
 
     def load(self) -> Load:
         """The load this worker's next heartbeat reports."""
-        return Load(num_waiting=len(self.waiting) + self.num_pending,
-                    num_running=self.num_running + len(self.prefilling))
+        queue = self.waiting if self.prefills else self.local
+        pending = [j.num_to_compute - j.num_done for j in (*queue, *self.prefilling)]
+        return Load(num_waiting=len(self.waiting) + len(self.local) + self.num_pending,
+                    num_running=self.num_running + len(self.prefilling),
+                    num_pending_prefill_tokens=sum(pending), num_pending_prefill=len(pending))
 
     def join(self, job: Job) -> None:
         """Start decoding job (its first token exists; output_length - 1 decode steps follow)."""
@@ -88,7 +92,7 @@ class SimWorker:
         seconds = self.profile.decode.seconds(batch, self.context_tokens) if batch else 0.0
         budget = limits.max_num_batched_tokens - batch
         self._chunks = chunks = []
-        if self.prefills and budget > 0:
+        if (self.prefills or self.local or self.prefilling) and budget > 0:
             seconds += self._plan_chunks(budget, limits.max_num_seqs - batch, not batch)
         if not batch and not chunks:
             return None
@@ -105,8 +109,9 @@ class SimWorker:
                 break
             seconds += self._chunk(job, budget)
             budget -= self._chunks[-1][1]
-        while self.waiting and budget > 0 and len(self.prefilling) < seats:
-            job = self.waiting.popleft()
+        queue = self.waiting if self.prefills else self.local
+        while queue and budget > 0 and len(self.prefilling) < seats:
+            job = queue.popleft()
             self.prefilling.append(job)
             seconds += self._chunk(job, budget)
             budget -= self._chunks[-1][1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmesh.services.common.config import ServerConfig, check, knob
-from kvmesh.services.scheduler.policies import POLICIES
+from kvmesh.services.scheduler.policies import POLICIES, Links
 
 DEFAULT_PORT = 50050
 
@@ -16,12 +16,25 @@ class SchedulerConfig(ServerConfig):
 
     port: int = knob(DEFAULT_PORT, "Port to bind; 0 picks a free one (printed at start).")
     lease_s: float = knob(10.0, "Seconds a worker stays registered without a heartbeat.")
-    policy: str = knob("least_loaded", "Routing policy.", choices=tuple(POLICIES))
+    policy: str = knob("slo_aware", "Routing policy: slo_aware (the least predicted TTFT within the SLOs, from "
+                                    "cost models fitted to the workers' heartbeats), least_loaded, kv_aware, "
+                                    "round_robin or power_of_two.", choices=tuple(POLICIES))
+    slo_ttft_s: float = knob(0.0, "Default time-to-first-token objective (seconds) of a request that sets none; "
+                                  "slo_aware refuses at once (RESOURCE_EXHAUSTED, retry-after) a request no route "
+                                  "is predicted to meet. 0: none.")
+    slo_tpot_s: float = knob(0.0, "Default time-per-output-token objective (seconds), as slo_ttft_s. 0: none.")
+    transfer_gbps: float = knob(8.0, "Prior of the prefill-to-decode KV handoff's speed (GB/s) in the "
+                                     "predictions.")
+    cache_dram_gbps: float = knob(4.0, "Prior of a KV fetch's speed from the cache's DRAM tier (GB/s).")
+    cache_ssd_gbps: float = knob(1.0, "Prior of a KV fetch's speed from the cache's SSD tier (GB/s).")
+    kv_move_fixed_s: float = knob(0.002, "Prior of the fixed cost (seconds) of one KV handoff or fetch.")
     cache_probe: bool = knob(True, "Ask the registered cache how much of each prompt it holds (the request's "
                                    "one lookup, 250 ms deadline): Route reports it, the kv_aware policy weighs it, "
                                    "and the prefill worker fetches by it without asking again.")
-    max_queue: int = knob(64, "Admission limit: a decode worker with this many waiting requests takes no more; "
-                              "when every decode worker is over it, Route fails with RESOURCE_EXHAUSTED.")
+    max_queue: int = knob(64, "Admission limit: a decode worker with this many queued requests (waiting at its last "
+                              "heartbeat, a colocated worker's prompts not yet computed, and those routed to it "
+                              "since) takes no more; when every decode worker is over it, Route fails with "
+                              "RESOURCE_EXHAUSTED and a retry-after from the predicted queue drain.")
     breaker_failures: int = knob(2, "Consecutive failures of a worker (failed calls its peers report, failed health "
                                     "checks the scheduler makes on each report) that open its circuit breaker: no "
                                     "routes go to it until the cool-down has passed.")
@@ -31,6 +44,10 @@ class SchedulerConfig(ServerConfig):
                                               "that close the breaker.")
     health_check_timeout_s: float = knob(0.5, "Deadline of the health check that verifies a reported failure and "
                                               "re-checks open breakers.")
+
+    def links(self) -> Links:
+        """The KV movement priors of the predictions."""
+        return Links(self.transfer_gbps, self.cache_dram_gbps, self.cache_ssd_gbps, self.kv_move_fixed_s)
 
     def validate(self) -> None:
         super().validate()
@@ -42,4 +59,8 @@ class SchedulerConfig(ServerConfig):
               f"breaker_probe_window_s must be > 0, got {self.breaker_probe_window_s}")
         check(self.health_check_timeout_s > 0,
               f"health_check_timeout_s must be > 0, got {self.health_check_timeout_s}")
+        check(min(self.slo_ttft_s, self.slo_tpot_s, self.kv_move_fixed_s) >= 0,
+              "slo_ttft_s, slo_tpot_s and kv_move_fixed_s must be >= 0")
+        check(min(self.transfer_gbps, self.cache_dram_gbps, self.cache_ssd_gbps) > 0,
+              "transfer_gbps, cache_dram_gbps and cache_ssd_gbps must be > 0")
         check(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")

@@ -12,6 +12,7 @@ from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.scheduler.breaker import Breaker
 from kvmesh.services.scheduler.cache_probe import CacheProbe
 from kvmesh.services.scheduler.config import SchedulerConfig
+from kvmesh.services.scheduler.explain import observe_models
 from kvmesh.services.scheduler.policies import get_policy
 from kvmesh.services.scheduler.health_probe import HealthProber
 from kvmesh.services.scheduler.registry import Registry
@@ -27,12 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def expire_leases(registry: Registry, interval_s: float) -> None:
-    """Drop lapsed workers every interval_s and refresh the breaker gauge, forever (cancelled at stop)."""
+    """Drop lapsed workers every interval_s and refresh the breaker and cost-model gauges, forever (cancelled at
+    stop)."""
     while True:
         await asyncio.sleep(interval_s)
         for worker in registry.expire():
             log.warning("lease lapsed: dropped %s at %s", worker.worker_id, worker.spec.address)
         observe_breakers(registry)
+        observe_models(registry)
 
 
 def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
@@ -42,7 +45,7 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
     probe = CacheProbe() if config.cache_probe else None
     prober = HealthProber(registry, config.health_check_timeout_s)
     servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.max_queue, probe,
-                                 prober)
+                                 prober, config.slo_ttft_s, config.slo_tpot_s, config.links())
     server.add_service(Service.of(scheduler_pb2, scheduler_pb2_grpc, servicer))
     interval = min(1.0, config.lease_s / 4)
 

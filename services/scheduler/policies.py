@@ -7,55 +7,18 @@ policy is one function here and one line in POLICIES.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import hashlib
+from collections.abc import Sequence
 
-from kvmesh.services.kv_identity import KVLayout, prefill_locally
+from kvmesh.services.kv_identity import KVLayout
+from kvmesh.services.scheduler import predict
 from kvmesh.services.scheduler.registry import Worker
+from kvmesh.services.scheduler.route_types import Candidates, Links, Policy, Prediction, RoutePlan, RouteQuery
+from kvmesh.services.scheduler.predict import decode_prefills
+from kvmesh.services.scheduler.slo_aware import slo_aware
 
-
-@dataclass(frozen=True)
-class RouteQuery:
-    """One request as the policies see it."""
-
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    model: str = ""
-    layout: KVLayout | None = None
-    cache_salt: str | None = None
-    # leading prompt tokens the cache holds, per layout (filled by the scheduler's cache probe)
-    cached_tokens: Mapping[KVLayout, int] = field(default_factory=dict)
-    # leading prompt tokens each decode worker's own pool holds, by worker id (from its KV events)
-    decode_cached_tokens: Mapping[str, int] = field(default_factory=dict)
-    # workers this request already failed on (a retry): left out while their role has another candidate
-    avoid_worker_ids: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """Workers sharing one KV layout: any prefill here may write into any decode here. A group of colocated
-    decode workers has no prefill worker."""
-
-    layout: KVLayout
-    prefill: tuple[Worker, ...]
-    decode: tuple[Worker, ...]
-
-
-@dataclass(frozen=True)
-class RoutePlan:
-    """The decision: where to prefill, where to decode, how many prompt tokens the cache and the chosen decode
-    worker's own pool already hold, and whether the decode worker prefills the prompt itself (`local_prefill`,
-    set by the router from `decode_prefills`)."""
-
-    prefill: Worker | None  # None: a colocated decode worker, which prefills the prompt itself
-    decode: Worker
-    num_cached_tokens: int
-    policy: str
-    num_decode_cached_tokens: int = 0
-    local_prefill: bool = False
-
-
-Policy = Callable[[RouteQuery, Sequence[Candidates]], RoutePlan]
+__all__ = ["decode_prefills", "Candidates", "Links", "Policy", "Prediction", "RoutePlan", "RouteQuery", "POLICIES",
+           "get_policy"]
 
 
 def load_score(worker: Worker) -> float:
@@ -76,63 +39,75 @@ def least_loaded(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
                      num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
 
 
-# Rough CPU figures for the TTFT estimate; only their ratios steer the choice. Importing a cached block (fetch,
-# checksum, copy into the pool) runs about an order of magnitude faster than computing its tokens; handing a
-# computed token's KV to the decode worker is faster still, but not free.
-PREFILL_TOKENS_PER_S = 4_000.0
-FETCH_TOKENS_PER_S = 40_000.0
-TRANSFER_TOKENS_PER_S = 100_000.0
-QUEUED_PREFILL_S = 0.1  # wait behind each prompt already in flight on the prefill worker
-QUEUED_DECODE_S = 0.05  # wait behind each request queued on the decode worker
-#: A decode worker holding every full block of a prompt prefills a tail this short itself (the decode worker's
-#: --local-prefill-max-tokens default; the plan carries the decision and the worker obeys it).
-LOCAL_PREFILL_MAX_TOKENS = 16
-
-
-def decode_prefills(num_prompt_tokens: int, num_decode_cached_tokens: int, decode: Worker) -> bool:
-    """Whether the decode worker holding `num_decode_cached_tokens` of the prompt prefills it itself
-    (`kv_identity.prefill_locally` with the worker's registered limit: its own rule for plans that do not say)."""
-    if decode.spec.colocated:
-        return True
-    limit = decode.spec.local_prefill_max_tokens
-    return prefill_locally(num_prompt_tokens, num_decode_cached_tokens, decode.spec.layout.block_size,
-                           LOCAL_PREFILL_MAX_TOKENS if limit is None else limit)
-
-
 def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker | None, decode: Worker) -> float:
-    """Seconds to the first token on this pair: queue waits + prefill of what the cache does not hold + fetch of
-    what it holds + the handoff of every token the decode worker does not hold.
-
-    The decode worker's own hit spares the handoff of those tokens, not their compute: the prefill worker still
-    computes every token the cache cannot give it. Only when the decode worker holds every full block and the tail
-    is short does it prefill the tail itself, without the prefill worker. A decode worker without room for the
-    prompt's blocks waits too."""
+    """Seconds to the first token on this pair, from the workers' fitted models: the prefill worker's queue, its
+    compute of what the cache does not hold, the fetch of what it holds (always: kv_aware never weighs
+    recomputing it instead), the handoff of every token the decode worker does not hold, and the decode worker's
+    next step. The decode worker's own hit spares the handoff of those tokens, not their compute; only when it
+    holds every full block and the tail is short does it prefill the tail itself, without the prefill worker."""
     n = len(query.prompt_token_ids)
     held = query.decode_cached_tokens.get(decode.worker_id, 0)
     hit = query.cached_tokens.get(layout, 0)
-    wait = (decode.load.num_waiting + decode.num_routed) * QUEUED_DECODE_S
-    if decode.load.num_total_blocks and decode.load.num_free_blocks * layout.block_size < n:
-        wait += QUEUED_PREFILL_S
+    ssd = min(query.cached_ssd_tokens.get(layout, 0), hit)
+    step = predict.step_s(decode)
     if prefill is None or decode_prefills(n, held, decode):  # colocated, or a short tail after a full hit
-        return wait + (n - held) / PREFILL_TOKENS_PER_S
-    # routed since the heartbeat: queued behind those prompts too, in proportion to their length
-    wait += ((prefill.load.num_waiting + prefill.load.num_running + prefill.num_routed) * QUEUED_PREFILL_S
-             + prefill.num_routed_tokens / PREFILL_TOKENS_PER_S)
-    return wait + (n - hit) / PREFILL_TOKENS_PER_S + hit / FETCH_TOKENS_PER_S + (n - held) / TRANSFER_TOKENS_PER_S
+        return predict.local_backlog_s(decode) + predict.compute_s(decode, held, n - held) + step
+    return (predict.prefill_backlog_s(prefill, n) + predict.fetch_s(query.links, layout, hit - ssd, ssd)
+            + predict.compute_s(prefill, hit, n - hit) + predict.transfer_s(query.links, layout, n - held) + step)
+
+
+def _best_prefill(query: RouteQuery, group: Candidates) -> Worker | None:
+    """The group's prefill worker with the least queue + fetch + compute for the prompt (None: colocated)."""
+    n, hit = len(query.prompt_token_ids), query.cached_tokens.get(group.layout, 0)
+    return min(group.prefill, default=None,
+               key=lambda p: predict.prefill_backlog_s(p, n) + predict.compute_s(p, hit, n - hit))
 
 
 def kv_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
-    """The pair with the least estimated TTFT (ties: the less loaded decode worker, then registration order)."""
+    """The pair with the least estimated TTFT (ties: the less loaded decode worker, then registration order).
+    The prefill worker's part of the estimate does not depend on the decode worker: each group's best prefill
+    worker is found once, so a decision costs O(prefill + decode workers), not their product."""
     _, _, group, prefill, decode = min(
         ((estimated_ttft(query, g.layout, p, d), load_score(d), g, p, d)
-         for g in groups for d in g.decode for p in (g.prefill or (None,))), key=lambda item: item[:2])
+         for g in groups for p in (_best_prefill(query, g),) for d in g.decode), key=lambda item: item[:2])
     return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="kv_aware",
                      num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
 
 
+def round_robin(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
+    """Each role's workers in turn: the decode worker, then the prefill worker of its layout, with the fewest
+    routes since registration (ties: first registered). Blind to load and cache: the baseline."""
+    group, decode = min(((g, d) for g in groups for d in g.decode), key=lambda gd: gd[1].num_routed_total)
+    prefill = min(group.prefill, key=lambda w: w.num_routed_total, default=None)
+    return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="round_robin",
+                     num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
+
+
+def _two(workers: Sequence, salt: str) -> list:
+    """Two distinct workers drawn by a hash of salt (a pure function of the request; all of them when <= 2)."""
+    if len(workers) <= 2:
+        return list(workers)
+    h = int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "big")
+    i, j = h % len(workers), (h // len(workers)) % (len(workers) - 1)
+    return [workers[i], workers[j + (j >= i)]]
+
+
+def power_of_two(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
+    """The less loaded of two decode workers drawn at random (seeded by the request id), then likewise for the
+    prefill worker of its layout: near least_loaded's balance without every router herding onto one worker."""
+    pairs = [(g, d) for g in groups for d in g.decode]
+    group, decode = min(_two(pairs, query.request_id + "/decode"), key=lambda gd: load_score(gd[1]))
+    prefill = min(_two(group.prefill, query.request_id + "/prefill"), key=load_score, default=None)
+    return RoutePlan(prefill, decode, query.cached_tokens.get(group.layout, 0), policy="power_of_two",
+                     num_decode_cached_tokens=query.decode_cached_tokens.get(decode.worker_id, 0))
+
+
 POLICIES: dict[str, Policy] = {
+    "slo_aware": slo_aware,
     "least_loaded": least_loaded,
     "kv_aware": kv_aware,
+    "round_robin": round_robin,
+    "power_of_two": power_of_two,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from kvmesh.services.common.ids import new_id
 from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.breaker import Breaker
 from kvmesh.services.scheduler.kv_index import KVIndex
+from kvmesh.services.scheduler.models import Fit, StepSample, StepWindow
 
 
 class Role(enum.IntEnum):
@@ -30,6 +32,10 @@ class Load:
     num_running: int = 0
     num_free_blocks: int = 0
     num_total_blocks: int = 0
+    # prompt tokens (and requests) in the worker's engine not yet computed: its prefill backlog
+    num_pending_prefill_tokens: int = 0
+    num_pending_prefill: int = 0
+    steps: tuple[StepSample, ...] = ()  # engine steps timed since the last heartbeat (fed to the worker's fit)
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,14 @@ class Worker:
     # yet, so a burst between two heartbeats spreads instead of landing on whichever worker last looked idle.
     num_routed: int = 0
     num_routed_tokens: int = 0
+    num_routed_total: int = 0  # every route since registration (round_robin's turn)
     breaker: Breaker = field(default_factory=Breaker)
+    steps: StepWindow = field(default_factory=StepWindow)  # its recent engine steps and the cost models fitted
+
+    @property
+    def fit(self) -> Fit:
+        """The worker's cost models (fitted from its reported steps; the priors before enough arrived)."""
+        return self.steps.fit
 
 
 class Registry:
@@ -111,7 +124,8 @@ class Registry:
     def heartbeat(self, worker_id: str, load: Load) -> Worker:
         """Record a worker's load and renew its lease; NotFoundError when it is unknown or its lease lapsed."""
         worker = self._live(worker_id)
-        worker.load = load
+        worker.steps.add(load.steps)
+        worker.load = dataclasses.replace(load, steps=())
         worker.expires_at = self._clock() + self.lease_s
         worker.num_routed = worker.num_routed_tokens = 0  # the heartbeat's load now counts them
         return worker
@@ -119,6 +133,7 @@ class Registry:
     def routed(self, worker: Worker, num_tokens: int) -> None:
         """A route sent a request of num_tokens prompt tokens to worker (counted until its next heartbeat)."""
         worker.num_routed += 1
+        worker.num_routed_total += 1
         worker.num_routed_tokens += num_tokens
         worker.breaker.routed(self._clock())
 

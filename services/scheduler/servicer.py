@@ -12,10 +12,12 @@ from opentelemetry import trace
 from kvmesh.services.common import access, metrics, tls
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, MeshError, UnavailableError
-from kvmesh.services.scheduler import router
+from kvmesh.services.scheduler import explain, router
 from kvmesh.services.scheduler.breaker import BreakerState
-from kvmesh.services.scheduler.policies import Policy, RouteQuery
+from kvmesh.services.scheduler.policies import Links, Policy, RouteQuery
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
+from kvmesh.services.cost_model import StepShape
+from kvmesh.services.scheduler.models import StepSample
 from kvmesh.services.scheduler.validate_register import validate_load, validate_register
 from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -25,7 +27,10 @@ log = logging.getLogger(__name__)
 
 def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> Load:
     """The domain load of a WorkerLoad message."""
-    return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks)
+    steps = tuple(StepSample(StepShape(s.num_prefill_tokens, s.num_attention_pairs, s.num_decode_seqs,
+                                       s.num_context_tokens), s.seconds) for s in msg.steps)
+    return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks,
+                msg.num_pending_prefill_tokens, msg.num_pending_prefill, steps)
 
 
 def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
@@ -66,7 +71,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     """Serves kvmesh.v1.Scheduler over a Registry and a routing policy."""
 
     def __init__(self, registry: Registry, policy: Policy, policy_name: str, max_queue: int,
-                 cache_probe=None, health_prober=None) -> None:
+                 cache_probe=None, health_prober=None, slo_ttft_s: float = 0.0, slo_tpot_s: float = 0.0,
+                 links: Links = Links()) -> None:
+        self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s  # defaults of requests that set none
+        self.links = links
         self.registry = registry
         self.health_prober = health_prober  # a HealthProber: verifies reported failures
         self.cache_probe = cache_probe  # a CacheProbe: how much of each prompt the cache holds
@@ -114,7 +122,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         layout = KVLayout.from_proto(request.layout) if request.layout.block_size > 0 else None
         query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
                            request.cache_salt if request.HasField("cache_salt") else None,
-                           avoid_worker_ids=frozenset(request.avoid_worker_ids))
+                           avoid_worker_ids=frozenset(request.avoid_worker_ids), links=self.links,
+                           slo_ttft_s=request.slo_ttft_seconds if request.HasField("slo_ttft_seconds")
+                           else self.slo_ttft_s,
+                           slo_tpot_s=request.slo_tpot_seconds if request.HasField("slo_tpot_seconds")
+                           else self.slo_tpot_s)
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
             cached = await self.cache_probe.cached_tokens(query, self.registry.workers(), hashes)
@@ -136,6 +148,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if plan.prefill is not None and not plan.local_prefill:
                 self.registry.routed(plan.prefill, len(query.prompt_token_ids))
         prefill_id = plan.prefill.worker_id if plan.prefill is not None else ""  # "": a colocated worker prefills
+        explain.record_plan(trace.get_current_span(), plan)
         trace.get_current_span().set_attributes({
             "kvmesh.route.prefill": prefill_id, "kvmesh.route.decode": plan.decode.worker_id,
             "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,
@@ -146,7 +159,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                            num_cached_tokens=plan.num_cached_tokens, policy=plan.policy,
                                            num_decode_cached_tokens=plan.num_decode_cached_tokens,
                                            prompt_block_hashes=hashes.of(chosen), local_prefill=plan.local_prefill,
-                                           cache_probed=chosen in query.cached_tokens)
+                                           cache_probed=chosen in query.cached_tokens, kv_source=plan.kv_source,
+                                           predicted_ttft_seconds=plan.predicted_ttft_s,
+                                           predicted_tpot_seconds=plan.predicted_tpot_s)
+
+    async def Stats(self, request, context):
+        return explain.stats(self.registry, self.policy_name)
 
     async def ListWorkers(self, request, context):
         role = Role(request.role) if request.role in tuple(Role) else None

@@ -12,10 +12,14 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from kvmesh.services.cost_model import step_shape
+
 _STOP = object()
+STEP_SAMPLES = 64
 
 
 class EngineThread:
@@ -31,6 +35,11 @@ class EngineThread:
         #: `time.time_ns()` when the current (or last) step began; read from the engine thread's own callbacks.
         self.step_started_ns = 0
         self.num_steps = 0
+        #: (StepShape, seconds) of recent steps, drained by heartbeats for the scheduler's cost models
+        self.step_samples: deque = deque(maxlen=STEP_SAMPLES)
+        #: prompt tokens in the engine not yet computed, as of the last step (read from the loop: one int)
+        self.num_pending_prefill_tokens = 0
+        self.num_pending_prefill = 0  # ... and the requests they belong to
 
     def start(self) -> None:
         """Start stepping the engine (from the event loop whose queues it feeds)."""
@@ -90,6 +99,24 @@ class EngineThread:
             if q is not None:
                 q.put_nowait(out)
 
+    def _sample_step(self) -> None:
+        chunks = getattr(self.engine, "step_chunks", None)
+        if chunks:
+            self.step_samples.append((step_shape(chunks.values()), self.last_step_s))
+        scheduler = getattr(self.engine, "scheduler", None)
+        if scheduler is None:  # a stand-in engine (tests)
+            return
+        pending = [s.num_prompt_tokens - s.num_computed_tokens for s in [*scheduler.waiting, *scheduler.running]
+                   if s.num_computed_tokens < s.num_prompt_tokens]
+        self.num_pending_prefill, self.num_pending_prefill_tokens = len(pending), sum(pending)
+
+    def drain_step_samples(self) -> list:
+        """The step samples recorded since the last drain (from the event loop)."""
+        out = []
+        while self.step_samples:
+            out.append(self.step_samples.popleft())
+        return out
+
     def _run(self) -> None:
         while True:
             busy = self.engine.has_unfinished()
@@ -110,8 +137,10 @@ class EngineThread:
                 continue
             start = time.perf_counter()
             self.step_started_ns = time.time_ns()
+            self.engine.step_chunks = {}
             outputs = self.engine.step()
             self.last_step_s = time.perf_counter() - start
             self.num_steps += 1
+            self._sample_step()
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)

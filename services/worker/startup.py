@@ -84,6 +84,18 @@ def register(server: MeshServer, config: WorkerConfig, role: int, layout: common
     return clients[0]
 
 
+def with_steps(load: scheduler_pb2.WorkerLoad, engine_thread: EngineThread) -> scheduler_pb2.WorkerLoad:
+    """A heartbeat's load: `load` plus the engine steps timed since the last one and the prefill backlog (what the
+    scheduler fits its cost models to and counts in admission)."""
+    for shape, seconds in engine_thread.drain_step_samples():
+        load.steps.add(num_prefill_tokens=shape.num_prefill_tokens, num_attention_pairs=shape.num_attention_pairs,
+                       num_decode_seqs=shape.num_decode_seqs, num_context_tokens=shape.num_context_tokens,
+                       seconds=seconds)
+    load.num_pending_prefill_tokens = engine_thread.num_pending_prefill_tokens
+    load.num_pending_prefill = engine_thread.num_pending_prefill
+    return load
+
+
 @dataclass
 class WorkerKit:
     """What every engine worker starts with: its engine on a dedicated thread, the engine's KV region, the
@@ -130,7 +142,8 @@ class WorkerKit:
 
         self.server.add_task(start)
         self.server.on_stopped(stop)
-        register(self.server, self.config, role, self.layout, descriptor, worker.load, kv_events,
+        register(self.server, self.config, role, self.layout, descriptor,
+                 lambda: with_steps(worker.load(), self.engine_thread), kv_events,
                  local_prefill_max_tokens, colocated)
 
 

@@ -92,7 +92,8 @@ class Mesh:
 def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str = "auto", chaos: str = "",
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
-               gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "") -> Mesh:
+               gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "",
+               policy: str | None = None) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
@@ -102,6 +103,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
     prompts, which the decode worker would otherwise serve from its own pool.
 
     tls_dir (a `kvmesh certs init` folder, see `make_certs`) turns mTLS on between every service.
+    policy: the scheduler's routing policy (its default when None). Tests of the cache service's fetch path use
+    kv_aware, which always fetches a cached prefix: slo_aware recomputes one a tiny model computes faster.
     """
     if tls_dir:
         env = {**(env or {}), "KVMESH_TLS_DIR": tls_dir}
@@ -109,7 +112,9 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         env = {**(env or {}), "KVMESH_DECODE_PREFIX_CACHING": "0"}
     procs = Procs()
     try:
-        scheduler, *others = [procs.start("scheduler", "--lease-s", str(lease_s), env=env) for _ in range(schedulers)]
+        scheduler, *others = [procs.start("scheduler", "--lease-s", str(lease_s),
+                                          *(["--policy", policy] if policy else []), env=env)
+                              for _ in range(schedulers)]
         common = ["--scheduler", ",".join(s.address for s in [scheduler, *others])]
         cache = procs.start("cache", *common, *cache_args, env=env)
         worker = [*common, "--model", model, "--transport", transport, "--kv-cache-bytes", str(64 * 2**20),

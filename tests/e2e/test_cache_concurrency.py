@@ -37,7 +37,7 @@ def hf_reference(path, batch: list[list[int]]) -> list[list[int]]:
 def test_concurrent_requests_sharing_a_system_prompt(model_dir, decode_prefix_caching):
     path = model_dir("llama")
     mesh = start_mesh(str(path), worker_args=("--max-num-batched-tokens", "4096"),
-                      decode_prefix_caching=decode_prefix_caching)
+                      decode_prefix_caching=decode_prefix_caching, policy="kv_aware")
     try:
         stub = cache_pb2_grpc.CacheStub(mesh.channel(mesh.cache.address))
 

@@ -49,7 +49,7 @@ def offered_blocks(proc, outcome: str) -> float:
 def test_the_next_turn_reuses_the_reply_from_the_cache(model_dir):
     path = model_dir("llama")
     mesh = start_mesh(str(path), transport="shm",
-                      env={"KVMESH_DECODE_CACHE_DECODE_KV": "1", "KVMESH_METRICS_PORT": "0"})
+                      env={"KVMESH_DECODE_CACHE_DECODE_KV": "1", "KVMESH_METRICS_PORT": "0"}, policy="kv_aware")
     try:
         hf = AutoModelForCausalLM.from_pretrained(path)
         reply, _ = mesh.generate(PROMPT, REPLY_TOKENS, ignore_eos=True)
@@ -92,7 +92,8 @@ def test_a_real_chat_turn_two_finds_turn_ones_reply_in_the_cache(smollm2_dir):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
 
-    mesh = start_mesh(str(smollm2_dir), transport="shm", env={"KVMESH_DECODE_CACHE_DECODE_KV": "1"})
+    mesh = start_mesh(str(smollm2_dir), transport="shm", env={"KVMESH_DECODE_CACHE_DECODE_KV": "1"},
+                      policy="kv_aware")
     try:
         client = openai.OpenAI(base_url=mesh.http_base, api_key="unused", max_retries=0, timeout=120)
         turn1 = [{"role": "user", "content": "Write a short paragraph about the history of Paris."}]

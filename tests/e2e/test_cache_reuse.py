@@ -64,7 +64,8 @@ def cache_mesh(request, model_dir, tmp_path_factory):
     ssd = tmp_path_factory.mktemp(f"ssd-{request.param}")
     cache_args = ("--dram-bytes", str(4 * TINY_BLOCK_BYTES), "--ssd-dir", str(ssd))
     # the decode worker's own prefix cache would serve these repeats itself: off, so the cache service is tested
-    mesh = start_mesh(str(path), transport="shm", cache_args=cache_args, decode_prefix_caching=False)
+    mesh = start_mesh(str(path), transport="shm", cache_args=cache_args, decode_prefix_caching=False,
+                      policy="kv_aware")
     yield request.param, path, mesh, ssd, cache_args
     mesh.close()
 

@@ -111,7 +111,7 @@ def traced_mesh(request, model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("cache-transfer") / "spans.jsonl"
     env = {"OTEL_TRACES_EXPORTER": "jsonl", "KVMESH_TRACES_FILE": str(path), "OTEL_BSP_SCHEDULE_DELAY": "50"}
     model = model_dir("llama")
-    mesh = start_mesh(str(model), transport=transport, env=env, decode_prefix_caching=False)
+    mesh = start_mesh(str(model), transport=transport, env=env, decode_prefix_caching=False, policy="kv_aware")
     yield mesh, model, backend, path
     mesh.close()
 
@@ -141,7 +141,8 @@ def test_a_hit_lands_in_the_prefill_workers_blocks_through_the_transport(traced_
 
 def test_a_corrupted_delivery_is_caught_and_the_prompt_computed(model_dir):
     model = model_dir("llama")
-    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "corrupt=1"), decode_prefix_caching=False)
+    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "corrupt=1"), decode_prefix_caching=False,
+                      policy="kv_aware")
     try:
         prompt = make_prompt(41, 4)
         cold, _ = run(mesh, prompt)
@@ -158,7 +159,8 @@ def test_a_corrupted_delivery_is_caught_and_the_prompt_computed(model_dir):
 
 def test_a_stalled_cache_is_a_miss_within_the_fetch_deadline(model_dir):
     model = model_dir("llama")
-    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "stall=after:1"), decode_prefix_caching=False)
+    mesh = start_mesh(str(model), cache_args=("--transport-chaos", "stall=after:1"), decode_prefix_caching=False,
+                      policy="kv_aware")
     try:
         prompt = make_prompt(53, 3)
         cold, _ = run(mesh, prompt)
@@ -176,7 +178,7 @@ def test_a_stalled_cache_is_a_miss_within_the_fetch_deadline(model_dir):
 def slow_mesh(model_dir):
     """A mesh whose cache writes each layer of a delivery 150 ms late, so a test can act mid-fetch."""
     mesh = start_mesh(str(model_dir("llama")), cache_args=("--transport-chaos", "delay=150ms"),
-                      decode_prefix_caching=False)
+                      decode_prefix_caching=False, policy="kv_aware")
     yield mesh
     mesh.close()
 

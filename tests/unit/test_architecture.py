@@ -144,7 +144,8 @@ def test_transports_import_nothing_of_services():
 #: The planner simulates the mesh with the scheduler's real router and policies (pure modules of plain data);
 #: it is a tool, not a service, and nothing imports it but the CLI.
 PLANNER_USES = {"kvmesh.services.scheduler.router", "kvmesh.services.scheduler.policies",
-                "kvmesh.services.scheduler.registry"}
+                "kvmesh.services.scheduler.registry", "kvmesh.services.scheduler.models",
+                "kvmesh.services.scheduler.predict"}  # the simulator routes with the scheduler's own models
 
 
 def test_no_service_imports_another_service():
@@ -167,14 +168,17 @@ def test_engine_imports_no_grpc_and_no_service_layer():
 
 def test_layers_run_top_down():
     """common serves every service, so it imports no engine, worker kit or service; the worker kit builds on
-    common, the engine, kv_identity and transports, and only the engine workers use it; kv_identity stands alone."""
+    common, the engine, kv_identity, cost_model and transports, and only the engine workers use it; kv_identity and
+    cost_model (the step-cost closed forms the planner and the scheduler share) stand alone."""
     below_common = {"services.common", "services.kv_identity", "transports"}
     assert _violations(lambda a, b: _room(a) == "services.common" and _room(b) not in below_common) == []
-    worker_kit_uses = {"services.worker", "services.common", "services.engine", "services.kv_identity", "transports"}
+    worker_kit_uses = {"services.worker", "services.common", "services.engine", "services.kv_identity",
+                       "services.cost_model", "transports"}
     assert _violations(lambda a, b: _room(a) == "services.worker" and _room(b) not in worker_kit_uses) == []
     assert _violations(lambda a, b: _room(b) == "services.worker" and _room(a) not in
                        ("services.worker", "services.prefill", "services.decode")) == []
     assert _violations(lambda a, b: _room(a) == "services.kv_identity" and _room(b) != "services.kv_identity") == []
+    assert _violations(lambda a, b: _room(a) == "services.cost_model" and _room(b) != "services.cost_model") == []
 
 
 def test_only_the_cli_imports_the_trace_command():

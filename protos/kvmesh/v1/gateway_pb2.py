@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/gateway.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\xb3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_cache_salt\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kvmesh.v1.Timings\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x13\n\x11ListModelsRequest\"?\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelInfo2\xe0\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.kvmesh.v1.TokenizeRequest\x1a\x1b.kvmesh.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/gateway.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\x9b\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x1d\n\x10slo_ttft_seconds\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x1d\n\x10slo_tpot_seconds\x18\x08 \x01(\x02H\x02\x88\x01\x01\x42\r\n\x0b_cache_saltB\x13\n\x11_slo_ttft_secondsB\x13\n\x11_slo_tpot_seconds\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12#\n\x07timings\x18\x07 \x01(\x0b\x32\x12.kvmesh.v1.Timings\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x13\n\x11ListModelsRequest\"?\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.kvmesh.v1.ModelInfo2\xe0\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.kvmesh.v1.GenerateRequest\x1a\x1b.kvmesh.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.kvmesh.v1.TokenizeRequest\x1a\x1b.kvmesh.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.kvmesh.v1.ListModelsRequest\x1a\x1d.kvmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.gateway_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=63
-  _globals['_GENERATEREQUEST']._serialized_end=242
-  _globals['_GENERATERESPONSE']._serialized_start=245
-  _globals['_GENERATERESPONSE']._serialized_end=477
-  _globals['_TOKENIZEREQUEST']._serialized_start=479
-  _globals['_TOKENIZEREQUEST']._serialized_end=553
-  _globals['_TOKENIZERESPONSE']._serialized_start=555
-  _globals['_TOKENIZERESPONSE']._serialized_end=608
-  _globals['_LISTMODELSREQUEST']._serialized_start=610
-  _globals['_LISTMODELSREQUEST']._serialized_end=629
-  _globals['_MODELINFO']._serialized_start=631
-  _globals['_MODELINFO']._serialized_end=694
-  _globals['_LISTMODELSRESPONSE']._serialized_start=696
-  _globals['_LISTMODELSRESPONSE']._serialized_end=754
-  _globals['_GATEWAY']._serialized_start=757
-  _globals['_GATEWAY']._serialized_end=981
+  _globals['_GENERATEREQUEST']._serialized_end=346
+  _globals['_GENERATERESPONSE']._serialized_start=349
+  _globals['_GENERATERESPONSE']._serialized_end=581
+  _globals['_TOKENIZEREQUEST']._serialized_start=583
+  _globals['_TOKENIZEREQUEST']._serialized_end=657
+  _globals['_TOKENIZERESPONSE']._serialized_start=659
+  _globals['_TOKENIZERESPONSE']._serialized_end=712
+  _globals['_LISTMODELSREQUEST']._serialized_start=714
+  _globals['_LISTMODELSREQUEST']._serialized_end=733
+  _globals['_MODELINFO']._serialized_start=735
+  _globals['_MODELINFO']._serialized_end=798
+  _globals['_LISTMODELSRESPONSE']._serialized_start=800
+  _globals['_LISTMODELSRESPONSE']._serialized_end=858
+  _globals['_GATEWAY']._serialized_start=861
+  _globals['_GATEWAY']._serialized_end=1085
 # @@protoc_insertion_point(module_scope)

@@ -31,16 +31,36 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_CACHE: WorkerRole
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks")
+    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "steps", "num_pending_prefill_tokens", "num_pending_prefill")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_PREFILL_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_free_blocks: int
     num_total_blocks: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StepSample]
+    num_pending_prefill_tokens: int
+    num_pending_prefill: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_prefill: _Optional[int] = ...) -> None: ...
+
+class StepSample(_message.Message):
+    __slots__ = ("num_prefill_tokens", "num_attention_pairs", "num_decode_seqs", "num_context_tokens", "seconds")
+    NUM_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ATTENTION_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_SEQS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    num_prefill_tokens: int
+    num_attention_pairs: int
+    num_decode_seqs: int
+    num_context_tokens: int
+    seconds: float
+    def __init__(self, num_prefill_tokens: _Optional[int] = ..., num_attention_pairs: _Optional[int] = ..., num_decode_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "local_prefill_max_tokens", "colocated")
@@ -119,7 +139,7 @@ class DeregisterResponse(_message.Message):
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run", "avoid_worker_ids")
+    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run", "avoid_worker_ids", "slo_ttft_seconds", "slo_tpot_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +147,8 @@ class RouteRequest(_message.Message):
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     AVOID_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    SLO_TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SLO_TPOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     model: str
@@ -134,7 +156,9 @@ class RouteRequest(_message.Message):
     cache_salt: str
     dry_run: bool
     avoid_worker_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    slo_ttft_seconds: float
+    slo_tpot_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ..., slo_ttft_seconds: _Optional[float] = ..., slo_tpot_seconds: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures", "colocated")
@@ -173,7 +197,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., num_routed_since_heartbeat: _Optional[int] = ..., num_breaker_opened: _Optional[int] = ..., num_breaker_failures: _Optional[int] = ..., colocated: _Optional[bool] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "num_cached_tokens", "policy", "num_decode_cached_tokens", "prompt_block_hashes", "local_prefill", "cache_probed")
+    __slots__ = ("prefill", "decode", "num_cached_tokens", "policy", "num_decode_cached_tokens", "prompt_block_hashes", "local_prefill", "cache_probed", "kv_source", "predicted_ttft_seconds", "predicted_tpot_seconds")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +206,9 @@ class RouteResponse(_message.Message):
     PROMPT_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     CACHE_PROBED_FIELD_NUMBER: _ClassVar[int]
+    KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TPOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerInfo
     decode: WorkerInfo
     num_cached_tokens: int
@@ -190,7 +217,38 @@ class RouteResponse(_message.Message):
     prompt_block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     local_prefill: bool
     cache_probed: bool
-    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., policy: _Optional[str] = ..., num_decode_cached_tokens: _Optional[int] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ...) -> None: ...
+    kv_source: str
+    predicted_ttft_seconds: float
+    predicted_tpot_seconds: float
+    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., policy: _Optional[str] = ..., num_decode_cached_tokens: _Optional[int] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ..., kv_source: _Optional[str] = ..., predicted_ttft_seconds: _Optional[float] = ..., predicted_tpot_seconds: _Optional[float] = ...) -> None: ...
+
+class SchedulerStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerModel(_message.Message):
+    __slots__ = ("worker_id", "role", "prefill", "decode", "num_samples", "num_outliers")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTLIERS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: WorkerRole
+    prefill: _containers.RepeatedScalarFieldContainer[float]
+    decode: _containers.RepeatedScalarFieldContainer[float]
+    num_samples: int
+    num_outliers: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., prefill: _Optional[_Iterable[float]] = ..., decode: _Optional[_Iterable[float]] = ..., num_samples: _Optional[int] = ..., num_outliers: _Optional[int] = ...) -> None: ...
+
+class SchedulerStats(_message.Message):
+    __slots__ = ("models", "policy")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[WorkerModel]
+    policy: str
+    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("worker_id", "address", "role", "code", "message", "reporter")

@@ -5,7 +5,7 @@ import warnings
 
 from kvmesh.v1 import scheduler_pb2 as kvmesh_dot_v1_dot_scheduler__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -65,6 +65,11 @@ class SchedulerStub:
                 request_serializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/kvmesh.v1.Scheduler/Stats',
+                request_serializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -120,6 +125,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """What the scheduler believes: each worker's fitted step-cost models (or their priors) and the samples behind
+        them, for operators (the same figures are Prometheus gauges).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -152,6 +165,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ReportFailure,
                     request_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +335,33 @@ class Scheduler:
             '/kvmesh.v1.Scheduler/ReportFailure',
             kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureRequest.SerializeToString,
             kvmesh_dot_v1_dot_scheduler__pb2.ReportFailureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Scheduler/Stats',
+            kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
+            kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -94,7 +94,8 @@ def test_an_empty_prompt_is_invalid():
 
 
 def test_policy_registry():
-    assert get_policy("least_loaded") is least_loaded and list(POLICIES) == ["least_loaded", "kv_aware"]
+    assert get_policy("least_loaded") is least_loaded
+    assert list(POLICIES) == ["slo_aware", "least_loaded", "kv_aware", "round_robin", "power_of_two"]
     with pytest.raises(KeyError, match="known"):
         get_policy("random")
 
@@ -160,12 +161,13 @@ def add_colocated(registry, port, layout, load=Load()):
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_colocated_workers_are_routed_to_alone_and_prefill_every_prompt(policy):
     registry = Registry(lease_s=10)
-    add_colocated(registry, 1, FP32, Load(num_running=3))
+    busy = add_colocated(registry, 1, FP32, Load(num_running=3))
     idle = add_colocated(registry, 2, FP32)
     long_prompt = RouteQuery("r1", tuple(range(1, 200)))
     plan = route(long_prompt, registry.workers(), get_policy(policy), 8)
     assert plan.prefill is None and plan.local_prefill
-    assert plan.decode.worker_id == idle.worker_id
+    # round_robin is blind to load: its first turn is the first registered
+    assert plan.decode.worker_id == (busy if policy == "round_robin" else idle).worker_id
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))

@@ -61,7 +61,7 @@ def test_route_returns_the_least_loaded_pair_with_its_descriptor():
         assert reply.decode.layout == reply.prefill.layout == layout()
         assert reply.num_cached_tokens == 0 and reply.policy == "least_loaded"
 
-    run_with_scheduler(body)
+    run_with_scheduler(body, policy="least_loaded")
 
 
 def test_heartbeat_load_changes_the_route():
@@ -136,3 +136,29 @@ def test_lease_expiry_drops_a_silent_worker_and_list_workers_filters_by_role():
         assert not (await stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=cache), timeout=2)).removed
 
     run_with_scheduler(body, lease_s=0.5)
+
+
+def test_route_refuses_a_request_whose_slo_no_route_meets_and_stats_show_the_fitted_models():
+    async def body(stub):
+        decode = await register(stub, DECODE, 7001)
+        await register(stub, PREFILL, 7002)
+        contexts = [500 * (b * 7 % 11) + 50 for b in range(1, 33)]  # not in proportion to the batch
+        steps = [scheduler_pb2.StepSample(num_decode_seqs=b, num_context_tokens=c, seconds=0.01 + 0.002 * b + 1e-6 * c)
+                 for b, c in zip(range(1, 33), contexts)]
+        await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=decode, load=scheduler_pb2.WorkerLoad(
+            num_running=30, steps=steps)), timeout=2)
+        stats = await stub.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=2)
+        model = next(m for m in stats.models if m.worker_id == decode)
+        assert model.num_samples == 32 and model.decode[1] == pytest.approx(0.002, rel=0.05)
+        assert stats.policy == "slo_aware"
+        prompt = list(range(1, 100))
+        ok = await stub.Route(scheduler_pb2.RouteRequest(prompt_token_ids=prompt, slo_tpot_seconds=0.1), timeout=2)
+        assert ok.kv_source == "recompute" and 0 < ok.predicted_tpot_seconds < 0.1 and ok.predicted_ttft_seconds > 0
+        strict = scheduler_pb2.RouteRequest(prompt_token_ids=prompt, slo_tpot_seconds=0.05)  # 30 running: 72 ms
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Route(strict, timeout=2)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "TPOT" in refused.value.details()
+        assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1
+        await stub.Route(scheduler_pb2.RouteRequest(prompt_token_ids=prompt), timeout=2)  # still serving
+
+    run_with_scheduler(body)

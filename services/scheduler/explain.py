@@ -1,0 +1,57 @@
+"""What the scheduler believes and why it routed as it did, for operators: the route span's attributes and
+events (each candidate's predictions, the KV source and why), the Stats message and the cost-model gauges."""
+
+from __future__ import annotations
+
+from kvmesh.services.common import metrics
+from kvmesh.services.scheduler.registry import Registry, Role, Worker
+from kvmesh.services.scheduler.route_types import RoutePlan
+from kvmesh.v1 import scheduler_pb2
+
+ATTR_KV_SOURCE = "kvmesh.route.kv_source"
+ATTR_WHY = "kvmesh.route.why"
+ATTR_PREDICTED_TTFT = "kvmesh.route.predicted_ttft_s"
+ATTR_PREDICTED_TPOT = "kvmesh.route.predicted_tpot_s"
+EVENT_CANDIDATE = "route.candidate"
+
+
+def record_plan(span, plan: RoutePlan) -> None:
+    """Put the plan's KV source, reason and predictions on the route span, and one event per candidate the policy
+    weighed (the plan carries the best few: a bounded count)."""
+    if not plan.kv_source:
+        return
+    span.set_attributes({ATTR_KV_SOURCE: plan.kv_source, ATTR_WHY: plan.why,
+                         ATTR_PREDICTED_TTFT: plan.predicted_ttft_s, ATTR_PREDICTED_TPOT: plan.predicted_tpot_s})
+    for p in plan.candidates:
+        span.add_event(EVENT_CANDIDATE, {
+            "prefill": p.prefill.worker_id if p.prefill is not None else "", "decode": p.decode.worker_id,
+            "kv_source": p.kv_source, "predicted_ttft_s": p.ttft_s, "predicted_tpot_s": p.tpot_s,
+            "wait_s": p.wait_s, "chosen": p.decode is plan.decode and p.kv_source == plan.kv_source})
+
+
+def model_of(worker: Worker) -> scheduler_pb2.WorkerModel:
+    """The WorkerModel message of a worker's current fit."""
+    fit = worker.fit
+    return scheduler_pb2.WorkerModel(
+        worker_id=worker.worker_id, role=int(worker.spec.role), prefill=[fit.prefill.a, fit.prefill.b, fit.prefill.c],
+        decode=[fit.decode.a, fit.decode.b, fit.decode.c], num_samples=fit.num_samples,
+        num_outliers=fit.num_outliers)
+
+
+def stats(registry: Registry, policy: str) -> scheduler_pb2.SchedulerStats:
+    """Every live prefill and decode worker's models."""
+    workers = [w for w in registry.workers() if w.spec.role in (Role.PREFILL, Role.DECODE)]
+    return scheduler_pb2.SchedulerStats(models=[model_of(w) for w in workers], policy=policy)
+
+
+def observe_models(registry: Registry) -> None:
+    """Set the cost-model gauges to the live workers' fits (a departed worker's series go)."""
+    metrics.SCHEDULER_COST_MODEL.clear()
+    for worker in registry.workers():
+        if worker.spec.role not in (Role.PREFILL, Role.DECODE):
+            continue
+        fit = worker.fit
+        for name, model in (("prefill", fit.prefill), ("decode", fit.decode)):
+            for coef in ("a", "b", "c"):
+                metrics.SCHEDULER_COST_MODEL.labels(worker.worker_id, name, coef).set(getattr(model, coef))
+        metrics.SCHEDULER_COST_MODEL.labels(worker.worker_id, "prefill", "n").set(fit.num_samples)

@@ -1,0 +1,89 @@
+"""Cost models the scheduler fits online, per worker, from the engine steps its heartbeats report.
+
+One regression per worker over a recent window: step seconds = a + b·prompt tokens + c·attention pairs
++ d·decoding sequences + e·context tokens. Its prompt part is the worker's `PrefillModel` (a, b, c) and its decode
+part its `DecodeModel` (a, d, e): the closed forms of `kvmesh plan`, so a colocated worker's mixed steps fit both.
+Robust: non-negative least squares on relative errors, then the samples the fit misses by more than a few median
+deviations are dropped and the rest refitted. Priors answer until a worker has reported enough samples, and for a
+part its samples never exercised (a prefill worker's decode part).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvmesh.services.cost_model import DecodeModel, PrefillModel, StepShape, least_squares
+
+#: Before a worker's first samples: a CPU of the kind kvmesh is developed on serving a small model (~4,000
+#: prompt tokens/s; a 20 ms decode step growing with the batch and its context).
+PRIOR_PREFILL = PrefillModel(a=0.005, b=2.5e-4, c=0.0)
+PRIOR_DECODE = DecodeModel(a=0.02, b=1e-3, c=1e-6)
+WINDOW = 128  # samples kept per worker: recent enough to follow a change of load or machine
+MIN_SAMPLES = 8  # fewer: the priors speak
+OUTLIER_MADS = 4.0  # a sample whose relative error exceeds this many median deviations is dropped from the fit
+MIN_OUTLIER_BAND = 0.1  # ... but never one within 10 % (a near-perfect fit would otherwise reject good samples)
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One reported step: its shape and its wall seconds."""
+
+    shape: StepShape
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A worker's models as of its last refit, and how many samples made (and were refused by) it."""
+
+    prefill: PrefillModel = PRIOR_PREFILL
+    decode: DecodeModel = PRIOR_DECODE
+    num_samples: int = 0
+    num_outliers: int = 0
+    prefill_fitted: bool = False  # the prefill part comes from samples (else the prior)
+
+
+def _row(shape: StepShape) -> tuple[float, ...]:
+    return (1.0, float(shape.num_prefill_tokens), float(shape.num_attention_pairs), float(shape.num_decode_seqs),
+            float(shape.num_context_tokens))
+
+
+def fit_steps(samples: list[StepSample], prior: Fit = Fit()) -> Fit:
+    """The robust fit of samples; the prior where they are too few, or where a part was never exercised."""
+    samples = [s for s in samples if s.seconds > 0]
+    if len(samples) < MIN_SAMPLES:
+        return Fit(prior.prefill, prior.decode, len(samples), 0)
+    rows = np.array([_row(s.shape) for s in samples])
+    seconds = np.array([s.seconds for s in samples])
+    coef = np.array(least_squares(rows, seconds))
+    error = np.abs(rows @ coef / seconds - 1.0)
+    band = max(OUTLIER_MADS * float(np.median(error)), MIN_OUTLIER_BAND)
+    keep = error <= band
+    if MIN_SAMPLES <= keep.sum() < len(samples):
+        coef = np.array(least_squares(rows[keep], seconds[keep]))
+    a, b, c, d, e = (float(x) for x in coef)
+    has_prefill, has_decode = rows[:, 1].any(), rows[:, 3].any()
+    prefill = PrefillModel(a, b, c) if has_prefill else prior.prefill
+    decode = DecodeModel(a, d, e) if has_decode else prior.decode
+    return Fit(prefill, decode, len(samples), int(len(samples) - keep.sum()), bool(has_prefill))
+
+
+class StepWindow:
+    """A worker's recent step samples and the fit over them (refitted when samples arrive)."""
+
+    def __init__(self, window: int = WINDOW, prior: Fit = Fit()) -> None:
+        self.samples: deque[StepSample] = deque(maxlen=window)
+        self.prior = prior
+        self.fit = prior
+
+    def add(self, samples: Iterable[StepSample]) -> Fit:
+        """Record samples; refit when there were any. Returns the fit."""
+        new = list(samples)
+        if new:
+            self.samples.extend(new)
+            self.fit = fit_steps(list(self.samples), self.prior)
+        return self.fit

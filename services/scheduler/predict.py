@@ -1,0 +1,107 @@
+"""Predictions from each worker's fitted cost models (models.py) and the KV links: how long a worker's queue
+takes to drain, what a prompt costs to compute or fetch, how long its KV takes to reach the decode worker, and a
+decode worker's time per output token with one more request in its batch. Pure functions of worker state."""
+
+from __future__ import annotations
+
+from kvmesh.services.kv_identity import KVLayout, prefill_locally
+from kvmesh.services.scheduler.registry import Worker
+from kvmesh.services.scheduler.route_types import Links
+
+_DTYPE_BYTES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+#: Prompt tokens per engine step when a decode worker prefills a prompt itself (chunks interleaved with decode
+#: steps): what one step of its batch grows by meanwhile.
+LOCAL_CHUNK_TOKENS = 256
+#: The decode worker's --local-prefill-max-tokens default, for workers that registered none.
+LOCAL_PREFILL_MAX_TOKENS = 16
+
+
+def kv_bytes_per_token(layout: KVLayout) -> int:
+    """Bytes of K and V per token across every layer."""
+    return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * _DTYPE_BYTES.get(layout.dtype, 2)
+
+
+def prefill_backlog_s(worker: Worker, num_prompt_tokens: int, routed: bool = True) -> float:
+    """Seconds until `worker` has computed every prompt ahead of a new one: the backlog its heartbeat reported
+    (its prompts not yet computed, from a worker that reports its steps; else each request it holds priced as half
+    a prompt like this one) plus, when `routed`, what was routed to it since."""
+    fit, load = worker.fit.prefill, worker.load
+    if worker.fit.num_samples or load.num_pending_prefill_tokens:
+        seconds = fit.a * load.num_pending_prefill + fit.b * load.num_pending_prefill_tokens
+    else:
+        seconds = (load.num_waiting + load.num_running) * (fit.a + fit.chunk_cost(0, num_prompt_tokens) / 2)
+    if routed:
+        seconds += fit.a * worker.num_routed + fit.b * worker.num_routed_tokens
+    return seconds
+
+
+def local_backlog_s(decode: Worker) -> float:
+    """Seconds until a decode worker has computed the prompts it prefills itself (colocated: every prompt routed
+    to it since its heartbeat too)."""
+    fit, load = decode.fit.prefill, decode.load
+    seconds = fit.a * load.num_pending_prefill + fit.b * load.num_pending_prefill_tokens
+    if decode.spec.colocated:
+        seconds += fit.a * decode.num_routed + fit.b * decode.num_routed_tokens
+    return seconds
+
+
+def compute_s(worker: Worker, done: int, num_tokens: int, like: Worker | None = None) -> float:
+    """Seconds for worker to compute num_tokens of a prompt after its first `done` (0 when nothing is left). A
+    worker that never prefilled (a decode worker) is priced like `like` (a prefill worker of the same layout and
+    model) when given, rather than by the prior."""
+    fit = worker.fit.prefill
+    if like is not None and not worker.fit.prefill_fitted and like.fit.prefill_fitted:
+        fit = like.fit.prefill
+    return fit.a + fit.chunk_cost(done, num_tokens) if num_tokens > 0 else 0.0
+
+
+def fetch_s(links: Links, layout: KVLayout, num_dram_tokens: int, num_ssd_tokens: int) -> float:
+    """Seconds to fetch cached KV from the cache service's tiers."""
+    if num_dram_tokens + num_ssd_tokens <= 0:
+        return 0.0
+    gb = kv_bytes_per_token(layout) / 1e9
+    return links.fixed_s + gb * (num_dram_tokens / links.dram_gbps + num_ssd_tokens / links.ssd_gbps)
+
+
+def transfer_s(links: Links, layout: KVLayout, num_tokens: int) -> float:
+    """Seconds to hand num_tokens tokens' KV from a prefill worker to a decode worker."""
+    if num_tokens <= 0:
+        return 0.0
+    return links.fixed_s + num_tokens * kv_bytes_per_token(layout) / (links.transfer_gbps * 1e9)
+
+
+def decode_batch(decode: Worker) -> tuple[int, int]:
+    """(sequences, context tokens) the decode worker's batch will hold: its reported requests plus those routed
+    since, and the KV its pool holds (its used blocks)."""
+    load = decode.load
+    batch = load.num_waiting + load.num_running + decode.num_routed
+    context = 0
+    if load.num_total_blocks and decode.spec.layout is not None:
+        context = (load.num_total_blocks - load.num_free_blocks) * decode.spec.layout.block_size
+    return batch, context + decode.num_routed_tokens
+
+
+def step_s(decode: Worker) -> float:
+    """Seconds of the decode worker's next step (a landed prompt joins the batch at a step's end)."""
+    batch, context = decode_batch(decode)
+    return decode.fit.decode.seconds(batch, context) if batch else 0.0
+
+
+def tpot_s(decode: Worker, num_prompt_tokens: int, local_tokens: int = 0, like: Worker | None = None) -> float:
+    """Seconds per output token on the decode worker with this request in its batch; while it prefills
+    local_tokens itself, each step also carries a chunk of them (priced as compute_s prices them)."""
+    batch, context = decode_batch(decode)
+    seconds = decode.fit.decode.seconds(batch + 1, context + num_prompt_tokens)
+    if local_tokens > 0:
+        seconds += compute_s(decode, 0, min(local_tokens, LOCAL_CHUNK_TOKENS), like)
+    return seconds
+
+
+def decode_prefills(num_prompt_tokens: int, num_decode_cached_tokens: int, decode: Worker) -> bool:
+    """Whether the decode worker holding `num_decode_cached_tokens` of the prompt prefills it itself
+    (`kv_identity.prefill_locally` with the worker's registered limit: its own rule for plans that do not say)."""
+    if decode.spec.colocated:
+        return True
+    limit = decode.spec.local_prefill_max_tokens
+    return prefill_locally(num_prompt_tokens, num_decode_cached_tokens, decode.spec.layout.block_size,
+                           LOCAL_PREFILL_MAX_TOKENS if limit is None else limit)
