@@ -77,6 +77,7 @@ TABLE: dict[str, Rule] = {
     "/kvmesh.v1.Decode/Generate": Rule(frozenset({"gateway"})),
     "/kvmesh.v1.Decode/Abort": Rule(frozenset({"gateway", "admin"})),
     "/kvmesh.v1.Decode/Stats": Rule(ADMIN),
+    "/kvmesh.v1.Scheduler/Stats": Rule(ADMIN),  # the fitted cost models, for operators
     "/kvmesh.v1.Prefill/Prefill": Rule(frozenset({"decode"})),
     "/kvmesh.v1.Prefill/Stats": Rule(ADMIN),
     "/kvmesh.v1.KVTransfer/Open": _KV,
