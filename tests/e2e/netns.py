@@ -7,7 +7,7 @@
 
 The bridge has an address too, so the test process stays in the root namespace and dials every host through it.
 Names carry the process id (and the subnet is one no other interface uses), so parallel test sessions on one
-machine do not collide. `close()` (and leaving the block) deletes the namespaces, veths and the bridge even when
+machine do not collide, and a later run deletes what a killed run left behind. `close()` (and leaving the block) deletes the namespaces, veths and the bridge even when
 the test failed; a namespace's own end of its veth goes away with the namespace.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 
 SUBNET_PREFIX = "10.77"  # 10.77.N.0/24, N chosen free at start: unlikely to clash with a real network
 _counter = itertools.count()
+STALE_NAMESPACE = re.compile(r"^kvmesh-(\d+)x\d+-h\d+$")  # kvmesh-<pid>x<n>-h<i>
+STALE_BRIDGE = re.compile(r"^\d+: (kvb(\d+)x\d+):")  # kvb<pid>x<n>
 
 
 def skip_reason() -> str:
@@ -51,6 +54,36 @@ def _free_subnet() -> str:
         if f" {prefix}." not in used:
             return prefix
     raise RuntimeError(f"every {SUBNET_PREFIX}.N/24 subnet is in use")
+
+
+def _delete_namespace(name: str) -> None:
+    for pid in run("ip", "netns", "pids", name, check=False).stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)  # only processes a test started live in its namespaces
+    run("ip", "netns", "del", name, check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_stale() -> None:
+    """Delete the namespaces and bridges of test runs whose process is gone (a pytest killed before its teardown
+    ran): names carry the creating process's id."""
+    for name in run("ip", "netns", "list").stdout.split():
+        match = STALE_NAMESPACE.match(name)
+        if match and not _alive(int(match.group(1))):
+            _delete_namespace(name)
+    for line in run("ip", "-o", "link", "show", "type", "bridge").stdout.splitlines():
+        match = STALE_BRIDGE.search(line)
+        if match and not _alive(int(match.group(2))):
+            run("ip", "link", "del", match.group(1), check=False)
 
 
 @dataclass
@@ -84,11 +117,12 @@ class NetnsHosts:
     _tag: str = ""
 
     def __post_init__(self) -> None:
-        self._tag = f"{os.getpid()}{next(_counter)}"
+        self._tag = f"{os.getpid()}x{next(_counter)}"
         self.bridge = f"kvb{self._tag}"[:15]
 
     def open(self) -> NetnsHosts:
         """Build the bridge and the namespaces (tearing down whatever was built if a step fails)."""
+        reclaim_stale()
         try:
             subnet = _free_subnet()
             self.bridge_address = f"{subnet}.1"
@@ -128,13 +162,10 @@ class NetnsHosts:
         run(*host.prefix, "tc", "qdisc", "replace", "dev", "eth0", "root", *qdisc)
 
     def close(self) -> None:
-        """Delete every namespace (its processes must be gone), veth and the bridge; quiet about what is gone."""
+        """Delete every namespace (killing what still runs in it), veth and the bridge; quiet about what is gone."""
         for host in self.hosts:
-            for pid in run(*["ip", "netns", "pids", host.name], check=False).stdout.split():
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)  # only processes this test started live in its namespaces
             run("ip", "link", "del", host.veth, check=False)
-            run("ip", "netns", "del", host.name, check=False)
+            _delete_namespace(host.name)
         self.hosts.clear()
         if self.bridge:
             run("ip", "link", "del", self.bridge, check=False)

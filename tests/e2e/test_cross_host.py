@@ -15,11 +15,13 @@ from test_mesh_parity import hf_greedy
 from kvmesh.transports import available_backends
 from kvmesh.v1 import common_pb2, gateway_pb2, scheduler_pb2
 
-pytestmark = pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or "netns available")
+needs_netns = pytest.mark.skipif(bool(skip_reason()), reason=skip_reason() or "netns available")
 
 PROMPTS = [[5, 6, 7, 8, 9] * 7, [101, 7, 42, 3]]
 MAX_TOKENS = 8
 CROSS_HOST = "ucx" if "ucx" in available_backends() else "grpc"  # what `auto` must pick between hosts
+CROSS_HOST_BACKENDS = [pytest.param(name, marks=[] if name in available_backends() else pytest.mark.skip(
+    reason=f"{name} backend unavailable here (install kvmesh[ucx])")) for name in ("grpc", "ucx")]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def generate_all(mesh, path) -> set[str]:
     return backends
 
 
+@needs_netns
 @pytest.mark.parametrize("transport", ["auto", "grpc"])
 def test_prefill_and_decode_on_two_hosts_give_hf_greedy_tokens_over_a_cross_host_backend(model_dir, hosts,
                                                                                        transport):
@@ -60,6 +63,7 @@ def test_prefill_and_decode_on_two_hosts_give_hf_greedy_tokens_over_a_cross_host
         mesh.close()
 
 
+@needs_netns
 def test_prefill_and_decode_on_one_host_still_pick_shared_memory(model_dir, hosts):
     a, _b, c = hosts.hosts
     path = model_dir("llama")
@@ -85,10 +89,12 @@ def wait_until(condition, timeout_s: float) -> bool:
     return condition()
 
 
+@needs_netns
+@pytest.mark.parametrize("transport", CROSS_HOST_BACKENDS)
 def test_a_partition_mid_transfer_ends_the_request_with_a_clear_status_and_frees_the_decode_blocks(model_dir,
-                                                                                                  hosts):
+                                                                                                  hosts, transport):
     a, b, c = hosts.hosts
-    mesh = start_netns_mesh(str(model_dir("llama")), control=c, prefills=[a], decodes=[b], transport="grpc",
+    mesh = start_netns_mesh(str(model_dir("llama")), control=c, prefills=[a], decodes=[b], transport=transport,
                             chaos="delay=1s", worker_args=("--handoff-lease-s", "2.5"))
     outcome = {}
 
