@@ -102,8 +102,10 @@ class Host:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment for a service on this host: its own host id."""
-        return {"KVMESH_HOST_ID": self.host_id}
+        """Environment for a service on this host: its own host id, and UCX kept to the network (UCX knows the
+        namespaces share one kernel and would otherwise move bytes through shared memory or CMA, bypassing the
+        link a test shapes or takes down)."""
+        return {"KVMESH_HOST_ID": self.host_id, "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "eth0"}
 
 
 @dataclass

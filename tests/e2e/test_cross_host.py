@@ -11,6 +11,7 @@ import pytest
 
 from netmesh import start_netns_mesh
 from netns import NetnsHosts, skip_reason
+from procs import health_status
 from test_mesh_parity import hf_greedy
 from kvmesh.transports import available_backends
 from kvmesh.v1 import common_pb2, gateway_pb2, scheduler_pb2
@@ -71,6 +72,23 @@ def test_prefill_and_decode_on_one_host_still_pick_shared_memory(model_dir, host
     try:
         assert generate_all(mesh, path) == {"shm"}
         assert mesh.wait_blocks_free(10.0)
+    finally:
+        mesh.close()
+
+
+@needs_netns
+def test_shared_memory_forced_between_two_hosts_is_refused_with_the_reason_and_frees_every_block(model_dir, hosts):
+    a, b, c = hosts.hosts
+    mesh = start_netns_mesh(str(model_dir("llama")), control=c, prefills=[a], decodes=[b], transport="shm")
+    try:
+        with pytest.raises(grpc.RpcError) as failure:
+            mesh.generate(PROMPTS[1], MAX_TOKENS)
+        # the prefill worker's FAILED_PRECONDITION reaches the client wrapped by the decode worker as UNAVAILABLE
+        # (it treats any failed prefill as one to retry elsewhere); either way the reason is spelled out
+        assert failure.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
+        assert "same host: False" in failure.value.details(), failure.value.details()
+        assert mesh.wait_blocks_free(10.0)
+        assert all(health_status(p.address) == "SERVING" for p in [*mesh.prefills, *mesh.decodes])
     finally:
         mesh.close()
 
