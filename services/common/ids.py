@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
+
+from kvmesh.transports.region import host_id as transport_host_id
 
 
 def new_id(prefix: str) -> str:
@@ -18,22 +18,12 @@ def request_id() -> str:
 
 
 def host_id() -> str:
-    """This host's identity: `KVMESH_HOST_ID` when set, else the machine id, else the host name.
+    """This host's identity: `KVMESH_HOST_ID` when set, else hostname + kernel boot id — the transports' own
+    answer, so a worker registers with the scheduler the host id its sender and receiver negotiate with.
 
     Two workers with equal host ids may exchange KV through same-host transports such as shared memory.
     """
-    explicit = os.environ.get("KVMESH_HOST_ID")
-    if explicit:
-        return explicit
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            with open(path, encoding="ascii") as f:
-                machine = f.read().strip()
-        except OSError:
-            continue
-        if machine:
-            return machine
-    return socket.gethostname()
+    return transport_host_id()
 
 
 _INSTANCE_ID = new_id("inst")

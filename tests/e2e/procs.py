@@ -49,11 +49,16 @@ def _admin(tls_dir: str) -> tls.TlsIdentity | None:
 
 
 class ServiceProcess:
-    """One `kvmesh <service> --host 127.0.0.1 --port 0 ...` subprocess, its output collected line by line."""
+    """One `kvmesh <service> --host 127.0.0.1 --port 0 ...` subprocess, its output collected line by line.
 
-    def __init__(self, service: str, *args: str, env: dict[str, str] | None = None, port: int = 0) -> None:
+    prefix is argv put before the command (`ip netns exec NAME` runs it on another emulated host, netns.py), host
+    the address it binds and is dialled at."""
+
+    def __init__(self, service: str, *args: str, env: dict[str, str] | None = None, port: int = 0,
+                 prefix: list[str] | None = None, host: str = "127.0.0.1") -> None:
         self.service = service
-        self.args = [sys.executable, "-m", "kvmesh.services.cli", service, "--host", "127.0.0.1",
+        self.host = host
+        self.args = [*(prefix or []), sys.executable, "-m", "kvmesh.services.cli", service, "--host", host,
                      "--port", str(port), *args]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "KVMESH_TORCH_THREADS": "1", **(env or {})}
         tls_dir = args[args.index("--tls-dir") + 1] if "--tls-dir" in args else self.env.get("KVMESH_TLS_DIR", "")
@@ -67,8 +72,8 @@ class ServiceProcess:
 
     @property
     def address(self) -> str:
-        """127.0.0.1:port the process bound."""
-        return f"127.0.0.1:{self.port}"
+        """host:port the process bound."""
+        return f"{self.host}:{self.port}"
 
     @property
     def stdout(self) -> str:
@@ -165,15 +170,16 @@ class Procs:
         self.started: list[ServiceProcess] = []
 
     def start(self, service: str, *args: str, env: dict[str, str] | None = None,
-              timeout_s: float = 15.0) -> ServiceProcess:
-        """Start `kvmesh <service> *args` and wait until SERVING."""
-        proc = ServiceProcess(service, *args, env=env)
+              timeout_s: float = 15.0, **where) -> ServiceProcess:
+        """Start `kvmesh <service> *args` and wait until SERVING (where: ServiceProcess's prefix and host)."""
+        proc = ServiceProcess(service, *args, env=env, **where)
         self.started.append(proc)
         return proc.start(timeout_s)
 
-    def launch(self, service: str, *args: str, env: dict[str, str] | None = None, port: int = 0) -> ServiceProcess:
+    def launch(self, service: str, *args: str, env: dict[str, str] | None = None, port: int = 0,
+               **where) -> ServiceProcess:
         """Start `kvmesh <service> *args` without waiting (for tests of failing starts)."""
-        proc = ServiceProcess(service, *args, env=env, port=port)
+        proc = ServiceProcess(service, *args, env=env, port=port, **where)
         self.started.append(proc)
         return proc.launch()
 
