@@ -23,7 +23,7 @@ def test_scheduler_serves_health_and_prints_its_config(procs):
     assert health_status(scheduler.address, "kvmesh.v1.Scheduler") == "SERVING"
     config = config_line(scheduler)
     assert config["config"] == "SchedulerConfig"
-    assert config["lease_s"] == 7.0 and config["policy"] == "least_loaded"
+    assert config["lease_s"] == 7.0 and config["policy"] == "slo_aware"  # the default
     scheduler.stop()
 
 
