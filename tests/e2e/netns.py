@@ -22,6 +22,8 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 
+from kvmesh.transports.shm.segment import owner_alive  # whether a pid still runs
+
 SUBNET_PREFIX = "10.77"  # 10.77.N.0/24, N chosen free at start: unlikely to clash with a real network
 _counter = itertools.count()
 STALE_NAMESPACE = re.compile(r"^kvmesh-(\d+)x\d+-h\d+$")  # kvmesh-<pid>x<n>-h<i>
@@ -63,26 +65,16 @@ def _delete_namespace(name: str) -> None:
     run("ip", "netns", "del", name, check=False)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reclaim_stale() -> None:
     """Delete the namespaces and bridges of test runs whose process is gone (a pytest killed before its teardown
     ran): names carry the creating process's id."""
     for name in run("ip", "netns", "list").stdout.split():
         match = STALE_NAMESPACE.match(name)
-        if match and not _alive(int(match.group(1))):
+        if match and not owner_alive(int(match.group(1))):
             _delete_namespace(name)
     for line in run("ip", "-o", "link", "show", "type", "bridge").stdout.splitlines():
         match = STALE_BRIDGE.search(line)
-        if match and not _alive(int(match.group(2))):
+        if match and not owner_alive(int(match.group(2))):
             run("ip", "link", "del", match.group(1), check=False)
 
 

@@ -152,12 +152,17 @@ def test_a_sigkilled_decode_worker_is_restarted_and_the_rest_keep_serving(model_
                      15)
         assert [s for pid in [*pids.values(), old_pid] for s in _segments_of(pid)] == []
     finally:  # a failed assertion must not leave a mesh running
-        up.process.kill()
-        for pid in pids.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(up, pids)
+
+
+def _kill_all(up: Launcher, pids: dict[str, int]) -> None:
+    """Teardown: a failed assertion must not leave the launcher or any of its children running."""
+    up.process.kill()
+    for pid in pids.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _zombie_free(pid: int) -> bool:
@@ -188,12 +193,7 @@ def test_a_crash_looping_child_is_given_up_on_and_the_launcher_keeps_running(mod
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(60) == 0
     finally:
-        up.process.kill()
-        for pid in pids.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(up, pids)
 
 
 def test_with_two_schedulers_a_sigkilled_one_costs_no_request(model_dir):
@@ -217,12 +217,7 @@ def test_with_two_schedulers_a_sigkilled_one_costs_no_request(model_dir):
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(60) == 0
     finally:
-        up.process.kill()
-        for pid in pids.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(up, pids)
 
 
 def test_sighup_restarts_every_worker_in_turn_and_no_request_is_lost(model_dir):
@@ -260,9 +255,4 @@ def test_sighup_restarts_every_worker_in_turn_and_no_request_is_lost(model_dir):
         up.process.send_signal(signal.SIGTERM)
         assert up.process.wait(60) == 0
     finally:
-        up.process.kill()
-        for pid in pids.values():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(up, pids)
