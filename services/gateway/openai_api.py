@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmesh.services.common import telemetry
 from kvmesh.services.common.api_keys import KeyRing
@@ -174,15 +175,17 @@ def _no_native_telemetry() -> dict:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}}
 
 
-def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, keys: KeyRing | None = None,
-              metrics_auth: bool = False, limits: TenantLimits | None = None) -> FastAPI:
-    """The FastAPI app of the gateway's HTTP port; with keys, every path but the open ones needs one."""
-    app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, **_no_native_telemetry())
+FRAMEWORK_MESSAGES = {
+    400: "the request body is not valid JSON; send a JSON object with Content-Type: application/json",
+    404: "no such path: {path}; the API serves /v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+         "/detokenize, /health and /metrics",
+    405: "{method} is not allowed on {path}",
+}
 
-    @app.middleware("http")
-    async def arrival(request: Request, call_next):
-        request.state.arrival_ns = time.time_ns()  # the request's first byte, for TTFT and its root span
-        return await call_next(request)
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error the app answers, its own and the framework's (unparseable JSON, unknown path, wrong method), in
+    OpenAI's shape with a message a person can act on."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
@@ -194,6 +197,27 @@ def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, k
     @app.exception_handler(MeshError)
     async def failed(_, exc: MeshError):
         return typed_error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def framework(request: Request, exc: StarletteHTTPException):
+        message = FRAMEWORK_MESSAGES.get(exc.status_code, str(exc.detail))
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        reply = error_response(exc.status_code, message.format(method=request.method, path=request.url.path), kind)
+        reply.headers.update(exc.headers or {})
+        return reply
+
+
+def build_app(frontend: OpenAIFrontend, health: Callable, max_body_bytes: int, keys: KeyRing | None = None,
+              metrics_auth: bool = False, limits: TenantLimits | None = None) -> FastAPI:
+    """The FastAPI app of the gateway's HTTP port; with keys, every path but the open ones needs one."""
+    app = FastAPI(title="kvmesh", docs_url=None, redoc_url=None, **_no_native_telemetry())
+
+    @app.middleware("http")
+    async def arrival(request: Request, call_next):
+        request.state.arrival_ns = time.time_ns()  # the request's first byte, for TTFT and its root span
+        return await call_next(request)
+
+    _error_handlers(app)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
