@@ -58,6 +58,7 @@ class RegistrationClient:
         self.retry_s = retry_s
         self.interval_s = interval_s
         self.worker_id: str | None = None
+        self._lease_token = ""  # Register's secret for this worker id: only we can renew or end its lease
         self.num_registrations = 0
         self.heartbeat_interval_s = interval_s or 1.0
         self.registered = asyncio.Event()
@@ -79,7 +80,7 @@ class RegistrationClient:
         request = self._register_request()
         request.load.CopyFrom(await self._current_load())
         reply = await self._stub.Register(request, timeout=self.rpc_timeout_s)
-        self.worker_id = reply.worker_id
+        self.worker_id, self._lease_token = reply.worker_id, reply.lease_token
         self.num_registrations += 1
         self._resync = True  # a new worker id starts with an empty index at the scheduler
         # The scheduler's advice may change when it restarts with another lease: follow it on every registration.
@@ -104,7 +105,8 @@ class RegistrationClient:
 
     async def heartbeat(self) -> None:
         """Send one heartbeat; on NOT_FOUND register again. Other failures raise grpc.aio.AioRpcError."""
-        request = scheduler_pb2.HeartbeatRequest(worker_id=self.worker_id, load=await self._current_load())
+        request = scheduler_pb2.HeartbeatRequest(worker_id=self.worker_id, lease_token=self._lease_token,
+                                                 load=await self._current_load())
         if self._kv_events is not None:
             full, self._resync = self._resync, False
             try:  # a long engine step must not hold the heartbeat (and so the lease) back
@@ -138,8 +140,8 @@ class RegistrationClient:
         self.registered.clear()
         try:
             if worker_id:
-                await self._stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=worker_id),
-                                            timeout=self.rpc_timeout_s)
+                request = scheduler_pb2.DeregisterRequest(worker_id=worker_id, lease_token=self._lease_token)
+                await self._stub.Deregister(request, timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("deregister from %s failed: %s", self.scheduler_address, exc.code().name)
         finally:

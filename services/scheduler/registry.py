@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hmac
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +92,12 @@ class Worker:
     num_routed_total: int = 0  # every route since registration (round_robin's turn)
     breaker: Breaker = field(default_factory=Breaker)
     steps: StepWindow = field(default_factory=StepWindow)  # its recent engine steps and the cost models fitted
+    # The secret Register handed the worker's process alone; Heartbeat and Deregister must carry it.
+    lease_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+
+    def holds(self, lease_token: str) -> bool:
+        """Whether lease_token is this worker's (compared in constant time)."""
+        return hmac.compare_digest(self.lease_token.encode(), lease_token.encode())
 
     @property
     def fit(self) -> Fit:

@@ -91,18 +91,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         log.info("registered %s at %s", worker.worker_id, worker.spec.address)
         lease = self.registry.lease_s
         return scheduler_pb2.RegisterResponse(worker_id=worker.worker_id, lease_seconds=lease,
-                                              heartbeat_interval_seconds=lease / 3)
+                                              heartbeat_interval_seconds=lease / 3, lease_token=worker.lease_token)
 
-    async def _refuse_unless_owner(self, worker_id: str, context) -> None:
-        """With mTLS, a worker's certificate heartbeats and deregisters only workers of its own role."""
+    async def _refuse_unless_owner(self, request, context) -> None:
+        """Only the process that registered a worker renews or ends its lease: it alone holds the lease token
+        Register returned (an admin certificate may end any). With mTLS, a worker's certificate must also be of
+        the worker's role. An unknown id passes here: the handler answers NOT_FOUND, and the worker registers
+        again."""
         role = tls.peer_role(context)
-        worker = self.registry.find(worker_id) if role is not None else None  # no certificates: nothing to check
-        text = access.owner_refusal(role, int(worker.spec.role)) if worker is not None else None
+        worker = self.registry.find(request.worker_id)
+        if worker is None or role == "admin":
+            return
+        text = access.owner_refusal(role, int(worker.spec.role))
+        if text is None and not worker.holds(request.lease_token):
+            text = (f"the lease token does not match worker {request.worker_id}'s: only the process that "
+                    "registered a worker may heartbeat or deregister it")
         if text is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, text)
 
     async def Heartbeat(self, request, context):
-        await self._refuse_unless_owner(request.worker_id, context)
+        await self._refuse_unless_owner(request, context)
         validate_load(request.load)
         self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
         synced = True
@@ -112,7 +120,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.HeartbeatResponse(lease_seconds=self.registry.lease_s, resync_kv_events=not synced)
 
     async def Deregister(self, request, context):
-        await self._refuse_unless_owner(request.worker_id, context)
+        await self._refuse_unless_owner(request, context)
         removed = self.registry.deregister(request.worker_id)
         if removed:
             log.info("deregistered %s", request.worker_id)

@@ -17,6 +17,7 @@ clamping keeps each value's type, so the requests still exercise those fields' v
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 import requests
@@ -30,6 +31,7 @@ from procs import health_status
 
 EXAMPLES = int(os.environ.get("KVMESH_FUZZ_EXAMPLES", "40"))
 PROMPT = list(range(5, 40))
+STATUSES: Counter = Counter()  # (mode, status) -> answers, printed at the end (RESULTS records a long run)
 CLAMPS = {"max_tokens": 3, "max_completion_tokens": 3, "n": 2, "best_of": 2}
 
 
@@ -81,6 +83,7 @@ def test_every_operation_answers_a_status_a_client_can_act_on(api_schema, mode):
     def fuzz(case):
         _clamp(case.body)
         response = case.call(timeout=60)
+        STATUSES[(mode.value, response.status_code)] += 1
         case.validate_response(response, checks=[not_a_server_error])
         _check_error_shape(response, case)
 
@@ -95,3 +98,4 @@ def test_after_the_schema_fuzz_every_service_serves_and_answers_as_before(mesh, 
     assert mesh.wait_blocks_free(30), "a fuzzed request left KV blocks, a handoff or a transfer behind"
     for proc in [mesh.gateway, mesh.scheduler, mesh.cache, *mesh.prefills, *mesh.decodes]:
         assert "Traceback" not in proc.stderr, f"{proc.service}: {proc.stderr[-4000:]}"
+    print(f"schema fuzz: {sum(STATUSES.values())} requests, by (mode, status): {sorted(STATUSES.items())}")

@@ -124,11 +124,11 @@ def test_a_worker_that_stops_heartbeating_is_dropped(procs):
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         reply = stub.Register(scheduler_pb2.RegisterRequest(
             role=scheduler_pb2.WORKER_ROLE_DECODE, address="127.0.0.1:1", layout=LAYOUT), timeout=5)
-        stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=reply.worker_id), timeout=5)
+        stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=reply.worker_id, lease_token=reply.lease_token), timeout=5)
         assert len(_workers(scheduler.address)) == 1
         assert _wait_for(lambda: _workers(scheduler.address) == [], timeout_s=5)
         try:
-            stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=reply.worker_id), timeout=5)
+            stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=reply.worker_id, lease_token=reply.lease_token), timeout=5)
             raise AssertionError("heartbeat of a dropped worker succeeded")
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND

@@ -89,14 +89,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., local_prefill_max_tokens: _Optional[int] = ..., colocated: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds")
+    __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds", "lease_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     lease_seconds: float
     heartbeat_interval_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    lease_token: str
+    def __init__(self, worker_id: _Optional[str] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval_seconds: _Optional[float] = ..., lease_token: _Optional[str] = ...) -> None: ...
 
 class KVEvents(_message.Message):
     __slots__ = ("stored", "removed", "full")
@@ -109,14 +111,16 @@ class KVEvents(_message.Message):
     def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load", "kv_events")
+    __slots__ = ("worker_id", "lease_token", "load", "kv_events")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
+    lease_token: str
     load: WorkerLoad
     kv_events: KVEvents
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., lease_token: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_seconds", "resync_kv_events")
@@ -127,10 +131,12 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, lease_seconds: _Optional[float] = ..., resync_kv_events: _Optional[bool] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "lease_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    lease_token: str
+    def __init__(self, worker_id: _Optional[str] = ..., lease_token: _Optional[str] = ...) -> None: ...
 
 class DeregisterResponse(_message.Message):
     __slots__ = ("removed",)

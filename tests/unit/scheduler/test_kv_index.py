@@ -160,13 +160,14 @@ def test_the_scheduler_asks_for_a_resync_when_it_cannot_place_deltas():
 
         async def beat(**events):
             return await servicer.Heartbeat(scheduler_pb2.HeartbeatRequest(
-                worker_id=worker.worker_id, kv_events=scheduler_pb2.KVEvents(**events)), None)
+                worker_id=worker.worker_id, lease_token=worker.lease_token, kv_events=scheduler_pb2.KVEvents(**events)), None)
 
         assert (await beat(stored=HASHES[:2])).resync_kv_events  # deltas with nothing to apply them to
         assert not (await beat(stored=HASHES[:2], full=True)).resync_kv_events
         assert not (await beat(stored=HASHES[2:3], removed=HASHES[:1])).resync_kv_events
         assert servicer.registry.kv_index.num_hashes(worker.worker_id) == 2
-        plain = await servicer.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=worker.worker_id), None)
+        plain = await servicer.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=worker.worker_id,
+                                                                            lease_token=worker.lease_token), None)
         assert not plain.resync_kv_events  # a worker without a prefix cache sends no events
 
     asyncio.run(body())

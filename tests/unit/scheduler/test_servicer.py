@@ -33,13 +33,23 @@ def run_with_scheduler(body, **config):
     asyncio.run(main())
 
 
+TOKENS: dict[str, str] = {}  # worker id -> the lease token its Register returned
+
+
 async def register(stub, role, port, dtype="float32", **load):
     descriptor = common_pb2.TransportDescriptor(backends=["grpc"], address=f"127.0.0.1:{port}",
                                                 layout=layout(dtype))
     request = scheduler_pb2.RegisterRequest(role=role, address=f"127.0.0.1:{port}", host_id="h", instance_id="i",
                                             transports=["grpc"], layout=layout(dtype), descriptor=descriptor,
                                             load=scheduler_pb2.WorkerLoad(**load))
-    return (await stub.Register(request, timeout=2)).worker_id
+    reply = await stub.Register(request, timeout=2)
+    TOKENS[reply.worker_id] = reply.lease_token
+    return reply.worker_id
+
+
+def beat(worker_id: str, **fields) -> scheduler_pb2.HeartbeatRequest:
+    """A heartbeat for a worker `register` registered, with its lease token."""
+    return scheduler_pb2.HeartbeatRequest(worker_id=worker_id, lease_token=TOKENS.get(worker_id, ""), **fields)
 
 
 async def status_of(call) -> grpc.StatusCode:
@@ -71,8 +81,7 @@ def test_heartbeat_load_changes_the_route():
         await register(stub, PREFILL, 7003)
         request = scheduler_pb2.RouteRequest(prompt_token_ids=[5])
         assert (await stub.Route(request, timeout=2)).decode.worker_id == first
-        await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=first, load=scheduler_pb2.WorkerLoad(
-            num_running=4)), timeout=2)
+        await stub.Heartbeat(beat(first, load=scheduler_pb2.WorkerLoad(num_running=4)), timeout=2)
         assert (await stub.Route(request, timeout=2)).decode.worker_id == second
 
     run_with_scheduler(body)
@@ -121,19 +130,20 @@ def test_status_codes():
 def test_lease_expiry_drops_a_silent_worker_and_list_workers_filters_by_role():
     async def body(stub):
         silent = await register(stub, DECODE, 7001)
-        cache = (await stub.Register(scheduler_pb2.RegisterRequest(role=CACHE, address="127.0.0.1:7009"),
-                                     timeout=2)).worker_id
+        reply = await stub.Register(scheduler_pb2.RegisterRequest(role=CACHE, address="127.0.0.1:7009"), timeout=2)
+        cache, TOKENS[reply.worker_id] = reply.worker_id, reply.lease_token
         listed = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(role=CACHE), timeout=2)
         assert [w.worker_id for w in listed.workers] == [cache]
         for _ in range(6):  # keep the cache alive, let the decode worker's lease lapse
             await asyncio.sleep(0.15)
-            await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=cache), timeout=2)
+            await stub.Heartbeat(beat(cache), timeout=2)
         listed = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2)
         assert [w.worker_id for w in listed.workers] == [cache]
-        assert await status_of(stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=silent), timeout=2)) == \
+        assert await status_of(stub.Heartbeat(beat(silent), timeout=2)) == \
             grpc.StatusCode.NOT_FOUND
-        assert (await stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=cache), timeout=2)).removed
-        assert not (await stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=cache), timeout=2)).removed
+        leave = scheduler_pb2.DeregisterRequest(worker_id=cache, lease_token=TOKENS[cache])
+        assert (await stub.Deregister(leave, timeout=2)).removed
+        assert not (await stub.Deregister(leave, timeout=2)).removed
 
     run_with_scheduler(body, lease_s=0.5)
 
@@ -145,8 +155,7 @@ def test_route_refuses_a_request_whose_slo_no_route_meets_and_stats_show_the_fit
         contexts = [500 * (b * 7 % 11) + 50 for b in range(1, 33)]  # not in proportion to the batch
         steps = [scheduler_pb2.StepSample(num_decode_seqs=b, num_context_tokens=c, seconds=0.01 + 0.002 * b + 1e-6 * c)
                  for b, c in zip(range(1, 33), contexts)]
-        await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=decode, load=scheduler_pb2.WorkerLoad(
-            num_running=30, steps=steps)), timeout=2)
+        await stub.Heartbeat(beat(decode, load=scheduler_pb2.WorkerLoad(num_running=30, steps=steps)), timeout=2)
         stats = await stub.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=2)
         model = next(m for m in stats.models if m.worker_id == decode)
         assert model.num_samples == 32 and model.decode[1] == pytest.approx(0.002, rel=0.05)
@@ -160,5 +169,27 @@ def test_route_refuses_a_request_whose_slo_no_route_meets_and_stats_show_the_fit
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "TPOT" in refused.value.details()
         assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1
         await stub.Route(scheduler_pb2.RouteRequest(prompt_token_ids=prompt), timeout=2)  # still serving
+
+    run_with_scheduler(body)
+
+
+def test_only_the_registering_process_can_renew_or_end_a_lease():
+    """Worker ids are public (ListWorkers, Route); the lease token Register returned is not, and it alone renews or
+    ends the lease: a Deregister loop by anyone else must not take a healthy worker out of routing."""
+    async def body(stub):
+        decode = await register(stub, DECODE, 7001)
+        listed = (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2)).workers
+        assert decode in [w.worker_id for w in listed] and TOKENS[decode] not in str(listed)
+        for token in ("", "guess", TOKENS[decode][:-1]):
+            leave = scheduler_pb2.DeregisterRequest(worker_id=decode, lease_token=token)
+            assert await status_of(stub.Deregister(leave, timeout=2)) == grpc.StatusCode.PERMISSION_DENIED
+            forged = scheduler_pb2.HeartbeatRequest(worker_id=decode, lease_token=token,
+                                                    load=scheduler_pb2.WorkerLoad(num_waiting=999))
+            assert await status_of(stub.Heartbeat(forged, timeout=2)) == grpc.StatusCode.PERMISSION_DENIED
+        listed = (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2)).workers
+        assert [(w.worker_id, w.load.num_waiting) for w in listed] == [(decode, 0)]
+        await stub.Heartbeat(beat(decode), timeout=2)
+        leave = scheduler_pb2.DeregisterRequest(worker_id=decode, lease_token=TOKENS[decode])
+        assert (await stub.Deregister(leave, timeout=2)).removed
 
     run_with_scheduler(body)

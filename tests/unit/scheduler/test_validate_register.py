@@ -8,7 +8,7 @@ from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.services.scheduler.validate_register import validate_register
 from kvmesh.v1 import common_pb2, scheduler_pb2
 
-from test_servicer import DECODE, layout, register, run_with_scheduler, status_of
+from test_servicer import DECODE, beat, layout, register, run_with_scheduler, status_of
 
 
 def request(**changes) -> scheduler_pb2.RegisterRequest:
@@ -60,8 +60,8 @@ def test_a_fake_worker_with_a_negative_load_is_not_registered():
         assert await status_of(stub.Register(bad, timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
         assert not (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2)).workers
         worker_id = await register(stub, DECODE, 7001)
-        beat = scheduler_pb2.HeartbeatRequest(worker_id=worker_id, load=scheduler_pb2.WorkerLoad(num_running=-3))
-        assert await status_of(stub.Heartbeat(beat, timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
+        negative = beat(worker_id, load=scheduler_pb2.WorkerLoad(num_running=-3))
+        assert await status_of(stub.Heartbeat(negative, timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
         workers = (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=2)).workers
         assert [w.load.num_running for w in workers] == [0]
 
