@@ -57,6 +57,19 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs_renew(args: argparse.Namespace) -> int:
+    from kvmesh.services.common.certs import renew_dir
+
+    try:
+        roles = renew_dir(args.dir, args.host or (), args.role or (), days=args.days)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"kvmesh certs renew: {exc}", file=sys.stderr)
+        return 2
+    print(f"new keys and certificates for {', '.join(roles)} in {args.dir}, from its CA; running services "
+          "present them within their --tls-reload-s (5 s by default)")
+    return 0
+
+
 def _add_certs(sub: argparse._SubParsersAction) -> None:
     certs = sub.add_parser("certs", help="make the CA and per-role certificates for mTLS between services")
     csub = certs.add_subparsers(dest="certs_command", required=True)
@@ -68,6 +81,15 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--days", type=int, default=365, help="validity of the certificates")
     init.add_argument("--force", action="store_true", help="replace the certificates already in DIR")
     init.set_defaults(func=_certs_init)
+    renew = csub.add_parser("renew", help="new keys and certificates from DIR's CA (ca.key needed), picked up by "
+                                          "running services without a restart")
+    renew.add_argument("dir")
+    renew.add_argument("--role", action="append", help="renew only this role (repeatable; default: every role "
+                       "with a certificate in DIR)")
+    renew.add_argument("--host", action="append", metavar="NAME", help="serve these hosts instead of the old "
+                       "certificate's (repeatable)")
+    renew.add_argument("--days", type=int, default=365, help="validity of the new certificates")
+    renew.set_defaults(func=_certs_renew)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:

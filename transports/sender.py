@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = (1 << 20) - 1024  # data per grpc message; header + data stay within 1 MiB
 
 
+RETIRE_PEER_S = 120.0  # a channel replaced after a certificate renewal closes this long after its replacement
+
+
 class Sender:
     """Opens transfers from this worker's pool into receivers' pools.
 
@@ -181,9 +184,16 @@ class Sender:
         """The gRPC channel to a receiver's KVTransfer service (shared by control messages and data calls)."""
         if not address:
             raise errors.InvalidTransfer("descriptor has no address")
-        if address not in self._peers:
-            self._peers[address] = Peer(address, self.tls)
-        return self._peers[address]
+        peer = self._peers.get(address)
+        generation = getattr(self.tls, "generation", 0)  # bumped when the process's certificate is renewed
+        if peer is not None and peer.generation != generation:  # dial with the renewed certificate from now on;
+            old = peer  # transfers already on the old channel finish there
+            asyncio.get_running_loop().call_later(RETIRE_PEER_S, lambda: asyncio.ensure_future(old.close()))
+            peer = None
+        if peer is None:
+            peer = self._peers[address] = Peer(address, self.tls)
+            peer.generation = generation
+        return peer
 
     def release(self, transfer: Transfer) -> None:
         """Called by a transfer once it committed or failed: it no longer counts as open."""

@@ -127,6 +127,7 @@ class Peer:
 
     def __init__(self, address: str, tls=None) -> None:
         self.address = address
+        self.generation = 0  # the sender's certificate generation this channel dials with
         self.channel = open_channel(address, tls)
         self.stub = kv_pb2_grpc.KVTransferStub(self.channel)
         # Push with a pre-serialised request (bytes): the sender builds chunks itself to avoid copies.

@@ -191,7 +191,7 @@ class Delivery:
             # a sender's pool: process memory serves every backend
             region = allocate_region(layout.num_layers, self.staging_blocks, block_nbytes(layout))
             sender = Sender(region, layout, backends=self.backends, force=self.force, chaos=self.chaos,
-                            observer=report, tls=tls.current())
+                            observer=report, tls=tls.LIVE if tls.current() else None)
             lane = self._lanes[key] = _Lane(region, StagedBlocks(self.staging_blocks), sender)
         return lane
 

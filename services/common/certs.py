@@ -110,10 +110,17 @@ def role_of(cert: x509.Certificate) -> str | None:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, mode)  # O_CREAT's mode does not apply to a file that was there already
+    """Replace path with data atomically (a running service reloading its certificate never reads half a file)."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 
 def _key_bytes(key) -> bytes:
@@ -138,6 +145,34 @@ def init_dir(directory: str | Path, hosts: Iterable[str] = (), roles: Iterable[s
         _write(key_file(folder, role), _key_bytes(key), 0o600)
         _write(cert_file(folder, role), cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return folder
+
+
+def hosts_of(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a certificate serves (its SANs)."""
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [*sans.get_values_for_type(x509.DNSName), *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+
+
+def renew_dir(directory: str | Path, hosts: Iterable[str] = (), roles: Iterable[str] = (),
+              days: int = DEFAULT_DAYS) -> list[str]:
+    """Issue new keys and certificates from the folder's CA (its ca.key must be there) for `roles` (default: every
+    role with a certificate in the folder), keeping each one's hosts unless `hosts` are given. Each key and then
+    its certificate replace the old files atomically; running services pick them up within their reload period.
+    Returns the roles renewed."""
+    folder = Path(directory)
+    if not (folder / "ca.key").is_file():
+        raise FileNotFoundError(f"{folder / 'ca.key'} is missing: renewing needs the CA's key (bring it back from "
+                                f"where it is kept offline), or make a new CA with `kvmesh certs init --force`")
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificates((folder / CA_FILE).read_bytes())[-1]
+    roles = list(roles) or [r for r in ROLES if cert_file(folder, r).is_file()]
+    for role in roles:
+        old = cert_file(folder, role)
+        keep = hosts_of(x509.load_pem_x509_certificate(old.read_bytes())) if old.is_file() else []
+        key, cert = issue(ca_key, ca_cert, role, tuple(hosts) or keep, days)
+        _write(key_file(folder, role), _key_bytes(key), 0o600)
+        _write(cert_file(folder, role), cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return roles
 
 
 @contextlib.contextmanager

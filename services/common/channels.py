@@ -40,32 +40,55 @@ def open_channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTE
                             interceptors=rpc_tracing.client_interceptors() or None)
 
 
+RETIRE_GRACE_S = 120.0  # a channel opened under a renewed certificate closes this long after its replacement
+
+
 class ChannelCache:
     """One channel per peer address, opened on first use and closed together.
 
-    Channels belong to the event loop they were made on: keep one cache per loop (the server skeleton's).
+    Channels belong to the event loop they were made on: keep one cache per loop (the server skeleton's). After
+    the process's certificate is renewed (`tls_reload`), the next call to an address opens a new channel that
+    presents it; the old one serves calls already on it and closes RETIRE_GRACE_S later.
     """
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self._max_message_bytes = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._generations: dict[str, int] = {}
+        self._retired: set[grpc.aio.Channel] = set()
 
     def get(self, address: str) -> grpc.aio.Channel:
-        """The channel to address, opened now if there is none."""
+        """The channel to address, opened now if there is none (or it predates the certificate in use)."""
         channel = self._channels.get(address)
+        if channel is not None and self._generations[address] != tls.generation():
+            self._retire(channel)
+            channel = None
         if channel is None:
             channel = self._channels[address] = open_channel(address, self._max_message_bytes)
+            self._generations[address] = tls.generation()
         return channel
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        self._retired.add(channel)
+
+        def close() -> None:
+            if channel in self._retired:
+                self._retired.discard(channel)
+                asyncio.ensure_future(channel.close())
+
+        asyncio.get_running_loop().call_later(RETIRE_GRACE_S, close)
 
     async def drop(self, address: str) -> None:
         """Close and forget the channel to address (e.g. after the peer deregistered)."""
         channel = self._channels.pop(address, None)
+        self._generations.pop(address, None)
         if channel is not None:
             await channel.close()
 
     async def close(self) -> None:
         """Close every channel."""
-        channels, self._channels = list(self._channels.values()), {}
+        channels, self._channels = [*self._channels.values(), *self._retired], {}
+        self._generations, self._retired = {}, set()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
 
     def __len__(self) -> int:

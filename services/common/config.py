@@ -75,9 +75,12 @@ class ServerConfig:
     tls_server_name: str = knob("", "With tls_dir: check every peer's certificate against this name (give it to "
                                     "`kvmesh certs init --host`) instead of the host dialled, for peers known by "
                                     "addresses no certificate lists (pod IPs).")
+    tls_reload_s: float = knob(5.0, "With tls_dir: seconds between checks of the certificate files; a changed, valid "
+                                    "certificate (`kvmesh certs renew`) is presented from then on, without a restart.")
 
     def validate(self) -> None:
         """Raise ConfigError when a value is out of range. Subclasses extend it (and call super)."""
+        check(self.tls_reload_s > 0, "--tls-reload-s must be > 0")
         check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         check(bool(self.host), "host must not be empty")
         check(self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}")

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import (access, auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry,
-                                    tls)
+                                    tls, tls_reload)
 from kvmesh.services.common.bind import BindError, check_bindable
 from kvmesh.services.common.api_keys import KeyRing
 from kvmesh.services.common.malformed import MalformedRequestInterceptor
@@ -75,6 +75,7 @@ class MeshServer:
         # One identity per process: every channel it opens from now on presents this role's certificate.
         self.tls = tls.load(config.tls_dir, self.role, config.tls_server_name) if config.tls_dir else None
         tls.use(self.tls)
+        self.cert_watch = tls_reload.Watcher(self.tls, config.tls_dir, config.tls_reload_s) if self.tls else None
         self.health = health.aio.HealthServicer()
         self.channels = ChannelCache(config.max_message_bytes)
         self.port = 0
@@ -89,6 +90,8 @@ class MeshServer:
         self._server: grpc.aio.Server | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
+        if self.cert_watch is not None:
+            self.add_task(self.cert_watch.run)
 
     @property
     def address(self) -> str:
@@ -155,7 +158,7 @@ class MeshServer:
         names = [s.name for s in self._services]
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         try:
-            self.port = (server.add_secure_port(self.config.address, self.tls.server_credentials())
+            self.port = (server.add_secure_port(self.config.address, self.cert_watch.server_credentials())
                          if self.config.serves_mtls else server.add_insecure_port(self.config.address))
         except RuntimeError as exc:
             raise BindError(f"cannot bind {self.config.address}: {exc}") from None

@@ -62,12 +62,37 @@ def load(directory: str | Path, role: str, server_name: str = "") -> TlsIdentity
 
 
 _current: TlsIdentity | None = None
+_generation = 0
 
 
 def use(identity: TlsIdentity | None) -> None:
     """Make every channel this process opens from now on present `identity` (None: plaintext channels)."""
-    global _current
-    _current = identity
+    global _current, _generation
+    _current, _generation = identity, _generation + 1
+
+
+def generation() -> int:
+    """Counts `use` calls: a channel opened under an older generation presents an older certificate."""
+    return _generation
+
+
+class _Live:
+    """Stands for this process's identity whichever it is when a channel opens (for parts that keep `tls` objects,
+    such as the KV transports' senders): certificates renewed later reach their new channels."""
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return _current.channel_credentials()
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return _current.channel_options()
+
+    @property
+    def generation(self) -> int:
+        """Changes when the certificate does: a sender's channels opened before then are replaced."""
+        return _generation
+
+
+LIVE = _Live()
 
 
 def current() -> TlsIdentity | None:

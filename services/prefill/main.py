@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from kvmesh.services.clients.cache import worker_cache_client
-from kvmesh.services.common import config as config_mod
+from kvmesh.services.common import config as config_mod, tls
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.prefill.config import PrefillConfig
 from kvmesh.services.prefill.servicer import PrefillServicer
@@ -31,7 +31,7 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     kit = await setup_worker(config, server, name="prefill")
     region, layout, backends = kit.region, kit.layout, kit.backends
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
-                    chaos=config.transport_chaos or None, observer=report, tls=server.tls)
+                    chaos=config.transport_chaos or None, observer=report, tls=tls.LIVE if server.tls else None)
     cache = worker_cache_client(config, server.channels, layout)
     receiver = Receiver(region, layout, backends=backends, observer=report) if cache is not None else None
     worker = PrefillWorker(kit.engine_thread, sender, config.handoff_lease_s, cache, receiver)

@@ -62,7 +62,7 @@ def test_config_is_frozen_and_described_as_one_json_line():
     assert "\n" not in line
     assert json.loads(line) == {"config": "DemoConfig", "host": "127.0.0.1", "port": 1234, "grace_s": 5.0,
                                 "max_message_bytes": 64 * 1024 * 1024, "instance_id": "", "metrics_port": -1, "insecure": False, "tls_dir": "",
-                                "tls_server_name": "", "lease_s": 10.0,
+                                "tls_server_name": "", "tls_reload_s": 5.0, "lease_s": 10.0,
                                 "verbose": False, "policy": "a"}
 
 
