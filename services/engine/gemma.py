@@ -169,7 +169,7 @@ class GemmaModel(LlamaModel):
         """Run one step: write the new K/V into the cache, return logits [len(batch.logits_index), vocab]."""
         h = self.embed[batch.input_ids] * self.normalizer
         kinds = {layer.sliding for layer in self.layers}
-        masks = {s: step_masks(batch, self.spec.sliding_window if s else None) for s in kinds}
+        masks = {s: step_masks(batch, self.spec.sliding_window if s else None, kv.layout.block_size) for s in kinds}
         ropes = {s: self._rope_at(batch.positions, s) for s in kinds}
         for i, layer in enumerate(self.layers):
             h = self._layer_forward(i, layer, h, batch, kv, ropes[layer.sliding], masks[layer.sliding], layer_hook)

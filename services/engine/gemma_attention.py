@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvmesh.services.engine.batch import StepBatch
+from kvmesh.services.engine.batch import DecodeGroup, StepBatch
 
 
 @dataclass(frozen=True)
@@ -28,28 +28,52 @@ class AttentionSpec:
 
 @dataclass
 class StepMasks:
-    """Which keys each query of a step may see (True = attend), built once per step and layer kind."""
+    """The keys each query of a step reads (blocks) and may see (True = attend), built once per step and layer
+    kind. With a window, each row reads only the blocks the window reaches, not its whole context."""
 
-    decode: list[torch.Tensor]  # per decode group: [count, ctx_len]
-    prefill: list[torch.Tensor]  # per prefill span: [length, start + length]
+    decode: list[tuple[torch.Tensor, torch.Tensor]]  # per decode group: blocks [count * n_blocks], mask [count, ctx]
+    prefill: list[tuple[torch.Tensor | None, torch.Tensor]]  # per span: blocks from the window's first, mask
 
 
 def _allowed(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    mask = kv_pos[None, :] <= q_pos[:, None]
+    """[q, kv] (or [q, kv] from a per-row kv_pos [q, kv]): causal, within the window when given."""
+    kv_pos = kv_pos if kv_pos.dim() == 2 else kv_pos[None, :]
+    mask = kv_pos <= q_pos[:, None]
     if window is not None:
-        mask &= kv_pos[None, :] > q_pos[:, None] - window
+        mask &= kv_pos > q_pos[:, None] - window
     return mask
 
 
-def step_masks(batch: StepBatch, window: int | None) -> StepMasks:
-    """Causal masks (and the window, when given) for every decode group and prefill span of `batch`.
+def _decode_reads(g: DecodeGroup, positions: torch.Tensor, window: int | None,
+                  block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode group's blocks and mask; with a window, only the (at most) window_blocks blocks it reaches."""
+    arange = torch.arange(g.ctx_len, device=positions.device)
+    max_blocks = g.ctx_len // block_size
+    window_blocks = None if window is None else (window - 2) // block_size + 2  # blocks window tokens can span
+    if window_blocks is None or window_blocks >= max_blocks:
+        return g.blocks, _allowed(positions, arange, window)
+    first = (positions - window + 1).clamp(min=0) // block_size  # each row's first block in the window
+    cols = first[:, None] + torch.arange(window_blocks, device=positions.device)[None, :]
+    # columns past a row's last block repeat it; their positions lie beyond the row's own, so the mask drops them
+    blocks = g.blocks.view(g.count, max_blocks).gather(1, cols.clamp(max=max_blocks - 1)).reshape(-1)
+    kv_pos = first[:, None] * block_size + arange[None, :window_blocks * block_size]
+    return blocks, _allowed(positions, kv_pos, window)
+
+
+def step_masks(batch: StepBatch, window: int | None, block_size: int) -> StepMasks:
+    """What every decode group and prefill span of `batch` reads and sees, under `window` when given.
 
     A decode row's own position bounds its keys, so the padding of a group's shorter contexts is masked too."""
     device = batch.positions.device
-    decode = [_allowed(batch.positions[g.offset:g.offset + g.count], torch.arange(g.ctx_len, device=device),
-                       window) for g in batch.decode_groups]
-    prefill = [_allowed(torch.arange(s.start, s.start + s.length, device=device),
-                        torch.arange(s.start + s.length, device=device), window) for s in batch.prefills]
+    decode = [_decode_reads(g, batch.positions[g.offset:g.offset + g.count], window, block_size)
+              for g in batch.decode_groups]
+    prefill = []
+    for s in batch.prefills:
+        first = 0 if s.blocks is None or window is None else max(0, s.start - window + 1) // block_size
+        blocks = None if s.blocks is None else s.blocks[first:]
+        prefill.append((blocks, _allowed(torch.arange(s.start, s.start + s.length, device=device),
+                                         torch.arange(first * block_size, s.start + s.length, device=device),
+                                         window)))
     return StepMasks(decode, prefill)
 
 
@@ -81,18 +105,18 @@ def paged_attention(batch: StepBatch, q: torch.Tensor, k: torch.Tensor, v: torch
     q, k, v are this step's [tokens, heads or kv_heads, dim]; the pools already hold this step's K/V."""
     kv_heads, dim = k.shape[1], k.shape[2]
     outs = []
-    for g, mask in zip(batch.decode_groups, masks.decode):
-        n, ctx = g.count, g.ctx_len
-        kg = k_pool.index_select(0, g.blocks).view(n, ctx, kv_heads, dim)
-        vg = v_pool.index_select(0, g.blocks).view(n, ctx, kv_heads, dim)
+    for g, (blocks, mask) in zip(batch.decode_groups, masks.decode):
+        n, ctx = g.count, mask.shape[1]
+        kg = k_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
+        vg = v_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
         outs.append(attend(q[g.offset:g.offset + n].unsqueeze(1), kg, vg, mask.unsqueeze(1), spec)[:, 0])
-    for span, mask in zip(batch.prefills, masks.prefill):
+    for span, (blocks, mask) in zip(batch.prefills, masks.prefill):
         sl = slice(span.offset, span.offset + span.length)
-        if span.blocks is None:  # from position 0: the chunk's own K/V are the whole context
+        if blocks is None:  # from position 0: the chunk's own K/V are the whole context
             kp, vp = k[sl], v[sl]
-        else:
-            ctx = span.start + span.length
-            kp = k_pool.index_select(0, span.blocks).view(-1, kv_heads, dim)[:ctx]
-            vp = v_pool.index_select(0, span.blocks).view(-1, kv_heads, dim)[:ctx]
+        else:  # the context from the first block the window reaches (block 0 without a window)
+            ctx = mask.shape[1]
+            kp = k_pool.index_select(0, blocks).view(-1, kv_heads, dim)[:ctx]
+            vp = v_pool.index_select(0, blocks).view(-1, kv_heads, dim)[:ctx]
         outs.append(attend(q[sl][None], kp[None], vp[None], mask[None], spec)[0])
     return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -143,3 +143,19 @@ def test_unsupported_gemma_variants_are_refused_with_a_reason(variant_dir, overr
     path = variant_dir("gemma3", f"refused-{'-'.join(overrides)}", **overrides)
     with pytest.raises(UnsupportedModelError, match=words):
         GemmaModel.from_path(path)
+
+
+def test_local_layers_read_only_the_blocks_their_window_reaches():
+    from kvmesh.services.engine.gemma_attention import step_masks
+
+    tables = [list(range(10, 15)), list(range(20, 25))]
+    chunks = [Chunk([7], 70, tables[0]), Chunk([7], 40, tables[1]), Chunk([7] * 9, 55, list(range(30, 35)))]
+    batch = build_batch(chunks, 16)
+    (blocks, mask), = step_masks(batch, 16, 16).decode
+    # positions 40 and 70 see 25..40 and 55..70: two blocks each (of 3 and 5), not the padded context
+    assert blocks.tolist() == [21, 22, 13, 14] and mask.shape == (2, 32)
+    assert mask.sum(1).tolist() == [16, 16]
+    (prefill_blocks, prefill_mask), = step_masks(batch, 16, 16).prefill
+    assert prefill_blocks.tolist() == [32, 33] and prefill_mask.shape == (9, 64 - 32)  # from block 2: 40..63
+    (full_blocks, full_mask), = step_masks(batch, None, 16).decode
+    assert full_blocks.numel() == 2 * 5 and full_mask.sum(1).tolist() == [41, 71]
