@@ -159,3 +159,33 @@ def test_local_layers_read_only_the_blocks_their_window_reaches():
     assert prefill_blocks.tolist() == [32, 33] and prefill_mask.shape == (9, 64 - 32)  # from block 2: 40..63
     (full_blocks, full_mask), = step_masks(batch, None, 16).decode
     assert full_blocks.numel() == 2 * 5 and full_mask.sum(1).tolist() == [41, 71]
+
+
+# config.json as transformers 4 wrote it (and as most Gemma checkpoints on the Hub still read)
+OLD_STYLE = {
+    "gemma2": {"rope_parameters": None, "rope_theta": 10000.0, "layer_types": None},
+    "gemma3": {"rope_parameters": None, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+               "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "layer_types": None,
+               "sliding_window_pattern": 3},
+}
+
+
+@pytest.mark.parametrize("family", GEMMA)
+def test_transformers_4_configs_give_the_same_model(model_dir, variant_dir, hf_model, family):
+    path = variant_dir(family, f"{family}-old-style", **OLD_STYLE[family])
+    ids = prompts_of_lengths([50], seed=12)[0]
+    ref = hf_model(model_dir(family))(torch.tensor([ids])).logits[0]
+    assert (hf_model(path)(torch.tensor([ids])).logits[0] - ref).abs().max().item() <= 1e-5  # HF reads it alike
+    assert GemmaModel.from_path(path).spec == GemmaModel.from_path(model_dir(family)).spec
+    assert (prefill_logits(path, ids, splits=(33,)) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", GEMMA)
+def test_model_init_command_makes_each_gemma_family(tmp_path, family):
+    from kvmesh.services.cli import main
+
+    assert main(["model", "init", str(tmp_path / family), "--family", family]) == 0
+    model = GemmaModel.from_path(tmp_path / family)
+    assert model.config.architecture == {"gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[family]
+    assert model.spec.sliding_window == 16 and any(model.spec.sliding_layers)
+    assert not all(model.spec.sliding_layers)
