@@ -58,6 +58,8 @@ def load_gemma_spec(folder: str | Path) -> GemmaSpec:
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise UnsupportedModelError(f"Gemma activation {act!r} is not supported; kvmesh runs gelu_pytorch_tanh")
+    if raw.get("attention_bias"):
+        raise UnsupportedModelError("Gemma with attention_bias is not supported (no released Gemma has biases)")
     if raw.get("use_bidirectional_attention"):
         raise UnsupportedModelError("bidirectional Gemma attention (embedding models) is not supported")
     local_theta = None

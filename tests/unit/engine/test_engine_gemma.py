@@ -136,6 +136,7 @@ def test_gemma_kv_layouts_differ_from_every_other_family(model_dir, variant_dir)
 @pytest.mark.parametrize("overrides, words", [
     ({"hidden_activation": "gelu"}, "activation 'gelu'"),
     ({"use_bidirectional_attention": True}, "bidirectional"),
+    ({"attention_bias": True}, "attention_bias"),
     ({"layer_types": ["sliding_attention", "chunked_attention", "full_attention", "sliding_attention"]},
      "layer_types"),
 ])
