@@ -9,8 +9,9 @@ import numpy as np
 
 from kvmesh.services.engine.errors import InvalidRequestError
 from kvmesh.services.engine.kv_cache import KVCache, dtype_name
+from kvmesh.services.engine.gemma import GEMMA_ARCHITECTURES, GemmaModel
 from kvmesh.services.engine.model import LlamaModel
-from kvmesh.services.engine.weights import model_id
+from kvmesh.services.engine.weights import load_config, model_id
 from kvmesh.services.kv_identity import KVLayout
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
@@ -26,6 +27,11 @@ def pool_num_blocks(layout: KVLayout, max_model_len: int, max_num_seqs: int,
     return max(min(wanted, DEFAULT_KV_CACHE_BYTES // layout.block_bytes), layout.num_blocks_for(max_model_len) + 1)
 
 
+def model_class(path: str | Path) -> type[LlamaModel]:
+    """The forward-pass class of the checkpoint at `path`, by its architecture."""
+    return GemmaModel if load_config(path).architecture in GEMMA_ARCHITECTURES else LlamaModel
+
+
 def load_model(path: str | Path, dtype: str, device: str, block_size: int, num_blocks: int | None,
                kv_cache_bytes: int | None, max_num_seqs: int,
                kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None):
@@ -33,7 +39,7 @@ def load_model(path: str | Path, dtype: str, device: str, block_size: int, num_b
     given storage, else by kv_cache_bytes (see `pool_num_blocks`)."""
     from transformers import AutoTokenizer
 
-    model = LlamaModel.from_path(path, dtype, device)
+    model = model_class(path).from_path(path, dtype, device)
     cfg = model.config
     layout = KVLayout(model_id(path), dtype_name(model.dtype), block_size, cfg.num_layers, cfg.num_kv_heads,
                       cfg.head_dim)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvmesh.services.engine.errors import InvalidRequestError
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gemma3")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -118,6 +118,10 @@ def build_config(family: str, preset: Preset, tokenizer, dtype: str = "float32")
         bos_token_id=None,
         dtype=dtype,
     )
+    if family.startswith("gemma"):
+        from kvmesh.services.engine.gemma import tiny_hf_config
+
+        return tiny_hf_config(family, common)
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
     if family == "qwen2":
@@ -138,6 +142,10 @@ def init_model(path: str | Path, preset: str = "tiny", family: str = "llama", se
     config = build_config(family, PRESETS[preset], tokenizer, dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if family.startswith("gemma"):
+        from kvmesh.services.engine.gemma import perturb_norms
+
+        perturb_norms(model, INIT_STD)
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

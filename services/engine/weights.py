@@ -18,7 +18,8 @@ import torch
 from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.kv_cache import DTYPES
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM",
+                 "Gemma3ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -46,6 +47,8 @@ class ModelConfig:
 
 def _rope(raw: dict) -> tuple[float, str, dict]:
     params = raw.get("rope_parameters") or {}
+    if "full_attention" in params:  # per layer type (Gemma 3): the global layers' RoPE is the model's
+        params = params["full_attention"] or {}
     scaling = raw.get("rope_scaling") or {}
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))

@@ -30,6 +30,9 @@ def _params():
                 yield pytest.param((family, transport, True), id=f"{family}-{transport}-tls", marks=marks)
         yield pytest.param((family, "colocated", False), id=f"{family}-colocated")  # no split: the baseline's parity
     yield pytest.param(("llama", "colocated", True), id="llama-colocated-tls")
+    for family in ("gemma2", "gemma3"):  # sliding-window families: the longest prompt crosses the 16-token window
+        for transport in ("grpc", "shm"):
+            yield pytest.param((family, transport, False), id=f"{family}-{transport}")
 
 
 @pytest.fixture(scope="module", params=list(_params()))
