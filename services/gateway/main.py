@@ -81,7 +81,7 @@ def setup(config: GatewayConfig, server: MeshServer, keys: KeyRing | None = None
     card = ModelCard.from_path(config.model, config.served_model_name or None)
     reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "gateway")
     server.on_stopped(reporter.close)
-    grammar_check = GrammarCheck(tokenizer.tokenizer, card.vocab_size, config.structured_compile_timeout_s)
+    grammar_check = GrammarCheck(config.model, card.vocab_size, config.structured_compile_timeout_s)
     server.on_stopped(grammar_check.close)
     gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s,
                       reporter, config.retry_limit, config.migration_limit, config.stall_check_s, grammar_check)

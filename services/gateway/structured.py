@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -113,15 +114,26 @@ def requested(fields: dict[str, Any]) -> common_pb2.StructuredOutput | None:
 
 class GrammarCheck:
     """Compiles a request's constraint at the gateway, off the event loop and within `timeout_s`, so an invalid or
-    too complex one is a 400 / INVALID_ARGUMENT before any worker is involved (a result is cached per process)."""
+    too complex one is a 400 / INVALID_ARGUMENT before any worker is involved (a result is cached per process).
+    It loads a tokenizer of its own on first use: a Hugging Face tokenizer is not to be shared across threads."""
 
-    def __init__(self, tokenizer, vocab_size: int, timeout_s: float):
-        from kvmesh.services.engine.structured import Grammars
-
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.grammars = Grammars(tokenizer, vocab_size, (eos,) if eos is not None else ())
-        self.timeout_s = timeout_s
+    def __init__(self, model_path: str, vocab_size: int, timeout_s: float):
+        self.model_path, self.vocab_size, self.timeout_s = model_path, vocab_size, timeout_s
+        self._grammars = None
+        self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+
+    def _compile(self, c) -> None:
+        with self._lock:
+            if self._grammars is None:
+                from transformers import AutoTokenizer
+
+                from kvmesh.services.engine.structured import Grammars
+
+                tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+                eos = tokenizer.eos_token_id
+                self._grammars = Grammars(tokenizer, self.vocab_size, (eos,) if eos is not None else ())
+        self._grammars.compile(c)
 
     async def check(self, sampling: common_pb2.SamplingParams) -> None:
         """Raise InvalidArgumentError with the library's reason, or when compiling takes longer than timeout_s."""
@@ -135,7 +147,7 @@ class GrammarCheck:
         c = Constraint.of(kind, proto.choice.choices if kind == "choice" else getattr(proto, kind) if kind else "")
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(self._executor, self.grammars.compile, c), self.timeout_s)
+            await asyncio.wait_for(loop.run_in_executor(self._executor, self._compile, c), self.timeout_s)
         except InvalidRequestError as e:
             raise InvalidArgumentError(str(e)) from None
         except asyncio.TimeoutError:

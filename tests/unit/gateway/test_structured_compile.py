@@ -7,7 +7,6 @@ import json
 import sys
 
 import pytest
-from transformers import AutoTokenizer
 
 from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.services.gateway.structured import GrammarCheck
@@ -21,7 +20,7 @@ def sampling(**structured) -> common_pb2.SamplingParams:
 
 
 def check(model_dir, params, timeout_s=30.0):
-    grammar_check = GrammarCheck(AutoTokenizer.from_pretrained(model_dir("llama")), 1024, timeout_s)
+    grammar_check = GrammarCheck(str(model_dir("llama")), 1024, timeout_s)
 
     async def run():
         try:
