@@ -155,8 +155,12 @@ class Matcher:
         self.stop_token_ids = stop_token_ids
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed tokens into row `row` of an int32 bitmask; a state allowing none allows EOS."""
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        """Write the allowed tokens into row `row` of an int32 bitmask; a state allowing none (or a terminated
+        matcher, which xgrammar refuses to fill) allows EOS, so the sequence ends cleanly."""
+        if self._matcher.is_terminated():
+            bitmask[row] = 0
+        else:
+            self._matcher.fill_next_token_bitmask(bitmask, row)
         if not bool(bitmask[row].any()) and self.stop_token_ids:
             eos = self.stop_token_ids[0]
             bit = 1 << (eos % 32)
@@ -164,6 +168,8 @@ class Matcher:
 
     def accept(self, token_id: int) -> bool:
         """Advance by one token; False (state unchanged) when the grammar does not allow it here."""
+        if self._matcher.is_terminated():
+            return False
         return bool(self._matcher.accept_token(int(token_id)))
 
     def rollback(self, num_tokens: int) -> None:

@@ -65,6 +65,16 @@ def test_eos_is_masked_until_the_text_is_complete_then_only_eos(engine):
     assert allowed.nonzero().flatten().tolist() == [eos]
 
 
+def test_a_state_with_nothing_left_allows_only_eos(engine):
+    eos = engine.eos_token_ids[0]
+    matcher = engine.grammars.matcher_for(constrained(Constraint("regex", "a")), PROMPT)
+    for token in engine.tokenizer.encode("a", add_special_tokens=False) + [eos]:
+        assert matcher.accept(token)
+    assert matcher.terminated
+    allowed = mask_logits(torch.zeros(1, engine.vocab_size), [matcher])[0].isfinite()
+    assert allowed.nonzero().flatten().tolist() == [eos]
+
+
 def test_unconstrained_rows_of_a_batch_are_left_alone(engine):
     matcher = engine.grammars.matcher_for(constrained(Constraint("regex", "a")), PROMPT)
     logits = mask_logits(torch.zeros(2, engine.vocab_size), [None, matcher])
