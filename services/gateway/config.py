@@ -74,6 +74,8 @@ class GatewayConfig(ServerConfig):
         check(self.retry_limit >= 0, f"retry_limit must be >= 0, got {self.retry_limit}")
         check(self.migration_limit >= 0, f"migration_limit must be >= 0, got {self.migration_limit}")
         check(self.stall_check_s >= 0, f"stall_check_s must be >= 0, got {self.stall_check_s}")
+        check(self.structured_compile_timeout_s > 0,
+              f"structured_compile_timeout_s must be > 0, got {self.structured_compile_timeout_s}")
         check(all(key and not any(c.isspace() for c in key) for key in self.api_key),
               "an API key must be non-empty and hold no whitespace")
         check(self.rate_limit_rpm >= 0 and self.rate_limit_burst >= 0, "rate_limit_rpm and rate_limit_burst "
