@@ -26,7 +26,7 @@ from kvmesh.services.decode.failures import ended_error, peer_error, transfer_er
 from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
-from kvmesh.services.worker.convert import logprob_entry, sampling_params
+from kvmesh.services.worker.convert import compile_grammar, logprob_entry, sampling_params
 from kvmesh.services.worker.handoff import FINAL, Handoff, HandoffState, HandoffTable
 from kvmesh.transports import TransportError
 from kvmesh.v1 import common_pb2, decode_pb2, prefill_pb2, prefill_pb2_grpc, scheduler_pb2
@@ -209,6 +209,7 @@ class DecodeWorker:
         arrival_ns, start = time.time_ns(), time.perf_counter()
         params = sampling_params(request.sampling)
         await self.et.call(self.engine.validate, ids, params)
+        await compile_grammar(self.engine, params)
         record = self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         self.handoffs.on_release(rid, lambda: outputs.put_nowait(_EXPIRED))

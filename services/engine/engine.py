@@ -34,6 +34,7 @@ from kvmesh.services.engine.sampler import SamplingParams
 from kvmesh.services.engine.scheduler import Scheduler
 from kvmesh.services.engine.sequence import Sequence, SequenceStatus
 from kvmesh.services.engine.step import forward_step
+from kvmesh.services.engine.structured import Grammars
 from kvmesh.services.engine.validation import validate_request
 from kvmesh.services.kv_identity import KVLayout
 
@@ -46,18 +47,18 @@ class LLMEngine:
     def __init__(self, model: LlamaModel, tokenizer, layout: KVLayout, kv_cache: KVCache, max_model_len: int,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64, enable_prefix_caching: bool = False):
         self.model, self.tokenizer, self.layout, self.kv_cache = model, tokenizer, layout, kv_cache
-        self.max_model_len = max_model_len
+        self.max_model_len, self.enable_prefix_caching = max_model_len, enable_prefix_caching
         self.vocab_size = model.config.vocab_size
         eos = list(model.config.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(eos)
-        self.enable_prefix_caching = enable_prefix_caching
         self.allocator = (PrefixCachingAllocator if enable_prefix_caching else BlockAllocator)(kv_cache.num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, layout) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs,
                                    self.prefix_cache)
         self.stops = StopChecker(tokenizer, self.eos_token_ids, max_model_len)
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids)  # compile() is thread-safe
         self._seqs: dict[str, Sequence] = {}  # waiting, running and prefilled (held) sequences
         self.reservations = Reservations(self.allocator, layout, self.prefix_cache)
         self._pending: list[Sequence] = []  # to be emitted by the next step even if not scheduled
@@ -107,8 +108,7 @@ class LLMEngine:
         return self.prefix_cache.stats() if self.prefix_cache else dict.fromkeys(PrefixCache.STATS, 0)
 
     def kv_events(self, full: bool, max_hashes: int) -> KVEvents:
-        """What the prefix cache stored and removed since the last call (everything it holds when `full`, or when
-        the changes exceed max_hashes); empty when prefix caching is off."""
+        """What the prefix cache stored and removed since the last call (all it holds if `full` or past max_hashes)."""
         if self.prefix_cache is None:
             return KVEvents(full=full)
         return self.prefix_cache.events(full, max_hashes)
@@ -128,6 +128,7 @@ class LLMEngine:
         """
         self.validate(prompt_token_ids, params)
         self._check_new_id(request_id, allow_reserved=True)
+        matcher = self.grammars.matcher_for(params, prompt_token_ids)
         n = len(prompt_token_ids)
         if num_cached_tokens % self.layout.block_size or not 0 <= num_cached_tokens < n:
             raise InvalidRequestError(
@@ -142,7 +143,7 @@ class LLMEngine:
             cache_salt = reservation.cache_salt or cache_salt
             num_cached_tokens = max(num_cached_tokens, reservation.num_cached_tokens)
             blocks = reservation.block_ids
-        seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only, cache_salt)
+        seq = self._new_seq(request_id, prompt_token_ids, params, prefill_only, cache_salt, matcher)
         seq.block_table = blocks
         seq.block_hashes = list(reservation.block_hashes) if reservation else []
         seq.num_computed_tokens = seq.num_cached_tokens = num_cached_tokens
@@ -182,8 +183,9 @@ class LLMEngine:
             raise InvalidRequestError(f"request {request_id!r} has no reservation; call reserve() first")
         if not 0 <= first_token_id < self.vocab_size:
             raise InvalidRequestError(f"first_token_id {first_token_id} lies outside [0, {self.vocab_size})")
+        matcher = self.grammars.matcher_for(params, prompt_token_ids, first_token_id)
         reservation = self.reservations.take(request_id, len(prompt_token_ids))
-        seq = self._new_seq(request_id, prompt_token_ids, params, False, reservation.cache_salt)
+        seq = self._new_seq(request_id, prompt_token_ids, params, False, reservation.cache_salt, matcher)
         seq.block_table = reservation.block_ids
         seq.block_hashes = list(reservation.block_hashes)  # computed here: the pool caches its blocks by them
         seq.num_cached_tokens = reservation.num_cached_tokens
@@ -249,9 +251,11 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, info: dict | None) -> None:
         seq.token_ids.append(token)
         seq.logprobs.append(info)
-        if seq.prefill_only:  # the decode side applies the stop rules to this token (add_prefilled)
+        if seq.prefill_only:  # the decode side applies the stop and grammar rules to this token (add_prefilled)
             seq.status = SequenceStatus.PREFILLED
             return
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
         self.stops.check(seq)
 
     def _finish(self, seq: Sequence) -> None:
@@ -263,9 +267,9 @@ class LLMEngine:
         self._seqs.pop(seq.request_id, None)
 
     def _new_seq(self, request_id: str, ids: list[int], params: SamplingParams, prefill_only: bool,
-                 cache_salt: str = "") -> Sequence:
+                 cache_salt: str = "", matcher=None) -> Sequence:
         seq = Sequence(request_id, [int(t) for t in ids], params, self._arrivals, self.model.device, prefill_only)
-        seq.cache_salt = cache_salt
+        seq.cache_salt, seq.matcher = cache_salt, matcher
         self._arrivals += 1
         self._seqs[request_id] = seq
         return seq

@@ -40,6 +40,8 @@ class StopChecker:
         p, token = seq.params, seq.token_ids[-1]
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             seq.status = SequenceStatus.FINISHED_STOPPED
+        elif seq.matcher is not None and (seq.matcher.terminated or token in self.eos_token_ids):
+            seq.status = SequenceStatus.FINISHED_STOPPED  # a complete structured output ends, ignore_eos or not
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.status = SequenceStatus.FINISHED_LENGTH
         if p.stop:

@@ -14,6 +14,7 @@ import torch
 
 from kvmesh.services.engine.errors import InvalidRequestError
 from kvmesh.services.engine.penalties import apply_penalties
+from kvmesh.services.engine.structured import KINDS, Constraint
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
@@ -38,6 +39,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # HF's: divides (multiplies, if negative) logits of prompt + generated tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
+    structured: Constraint | None = None  # the output must match this grammar (structured.py)
 
     def validate(self, max_model_len: int, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the first bad field and what would be accepted."""
@@ -64,6 +66,9 @@ class SamplingParams:
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidRequestError(f"seed must lie in [0, 2**63), got {self.seed}")
         self._validate_penalties(vocab_size)
+        if self.structured is not None and (self.structured.kind not in KINDS or self.structured.num_resumed < 0):
+            raise InvalidRequestError(f"structured output kind must be one of {', '.join(KINDS)} with "
+                                      f"num_resumed_tokens >= 0, got {self.structured}")
 
     def _validate_penalties(self, vocab_size: int) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -85,6 +90,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar decides which tokens may come next: such a sequence's tokens depend on a matcher's
+        state step by step, so it must not be speculated (drafted tokens would skip the mask)."""
+        return self.structured is not None
 
 
 def _column(params: Sequence[SamplingParams], field: str, device, default=None) -> torch.Tensor:

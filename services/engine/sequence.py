@@ -48,6 +48,7 @@ class Sequence:
         self.num_emitted = 0  # output tokens already handed out in a RequestOutput
         self.num_safe = 0  # output tokens that cannot be part of a stop string
         self.logprobs: list = []  # one entry per output token when params.logprobs is set
+        self.matcher = None  # its place in params.structured's grammar (structured.Matcher), when constrained
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
 

@@ -11,6 +11,7 @@ from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.kv_cache import KVCache
 from kvmesh.services.engine.sampler import sample
 from kvmesh.services.engine.sequence import Sequence
+from kvmesh.services.engine.structured import mask_logits
 
 
 def forward_step(model, kv_cache: KVCache, scheduled: list[tuple[Sequence, int]],
@@ -32,6 +33,7 @@ def forward_step(model, kv_cache: KVCache, scheduled: list[tuple[Sequence, int]]
     if not sampled:
         return []
     rows = torch.tensor([row for _, row in sampled], device=logits.device)
-    tokens, infos = sample(logits.index_select(0, rows), [s.params for s, _ in sampled],
+    logits = mask_logits(logits.index_select(0, rows).float(), [s.matcher for s, _ in sampled])
+    tokens, infos = sample(logits, [s.params for s, _ in sampled],
                            [s.generator for s, _ in sampled], [(s.token_ids, s.num_prompt_tokens) for s, _ in sampled])
     return [(seq, token, info) for (seq, _), token, info in zip(sampled, tokens, infos)]

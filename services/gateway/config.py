@@ -25,6 +25,8 @@ class GatewayConfig(ServerConfig):
     max_body_bytes: int = knob(4 * 1024 * 1024, "Largest HTTP request body, in bytes; larger gets HTTP 413.")
     request_timeout_s: float = knob(600.0, "Deadline of a request that names none, in seconds.")
     route_timeout_s: float = knob(5.0, "Deadline of the call to the scheduler, in seconds.")
+    structured_compile_timeout_s: float = knob(10.0, "Longest the gateway spends compiling a request's structured "
+                                               "output constraint (JSON schema, regex, grammar); longer is a 400.")
     retry_limit: int = knob(1, "Times a request that fails before its first token (its prefill or decode worker "
                                "gone, its KV lost) is routed again, avoiding the workers it failed on.")
     migration_limit: int = knob(2, "Times a request whose decode worker fails mid-stream is moved to another one "
@@ -72,6 +74,8 @@ class GatewayConfig(ServerConfig):
         check(self.retry_limit >= 0, f"retry_limit must be >= 0, got {self.retry_limit}")
         check(self.migration_limit >= 0, f"migration_limit must be >= 0, got {self.migration_limit}")
         check(self.stall_check_s >= 0, f"stall_check_s must be >= 0, got {self.stall_check_s}")
+        check(self.structured_compile_timeout_s > 0,
+              f"structured_compile_timeout_s must be > 0, got {self.structured_compile_timeout_s}")
         check(all(key and not any(c.isspace() for c in key) for key in self.api_key),
               "an API key must be non-empty and hold no whitespace")
         check(self.rate_limit_rpm >= 0 and self.rate_limit_burst >= 0, "rate_limit_rpm and rate_limit_burst "

@@ -122,8 +122,9 @@ class Gateway:
 
     def __init__(self, card: ModelCard, scheduler_address: str, channels: ChannelCache,
                  route_timeout_s: float = 5.0, request_timeout_s: float = 600.0, reporter=None,
-                 retry_limit: int = 0, migration_limit: int = 0, stall_check_s: float = 0.0):
+                 retry_limit: int = 0, migration_limit: int = 0, stall_check_s: float = 0.0, grammar_check=None):
         self.card = card
+        self.grammar_check = grammar_check  # structured.GrammarCheck: compiles constraints before routing
         self.stall_check_s = stall_check_s  # silence after which a stream's worker must answer a health check
         self.retry_limit = retry_limit  # routes again before the first token (failover.Attempts)
         self.migration_limit = migration_limit  # continuations on another decode worker after it
@@ -182,6 +183,8 @@ class Gateway:
         with self.drain.track() as live:
             with observer.context():
                 validate(call, self.card)
+            if self.grammar_check is not None:
+                await self.grammar_check.check(call.sampling)
             while True:
                 attempt = attempts.next_call()
                 with observer.context():  # the route and the decode call are children of the root span

@@ -68,6 +68,8 @@ class Attempts:
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(self.call.sampling)
         sampling.max_tokens = self.max_tokens - len(self.emitted)
+        if sampling.HasField("structured_output"):  # the new worker's matcher resumes after the relayed tokens
+            sampling.structured_output.num_resumed_tokens += len(self.emitted)
         return dataclasses.replace(self.call, request_id=self.call.request_id + suffix, sampling=sampling,
                                    prompt_token_ids=[*self.call.prompt_token_ids, *self.emitted])
 

@@ -20,6 +20,7 @@ from kvmesh.services.gateway.config import GatewayConfig
 from kvmesh.services.gateway.core import Gateway, ModelCard
 from kvmesh.services.gateway.openai_api import OpenAIFrontend, build_app
 from kvmesh.services.gateway.servicer import GatewayServicer
+from kvmesh.services.gateway.structured import GrammarCheck
 from kvmesh.services.gateway.tokens import AsyncTokenizer
 from kvmesh.v1 import gateway_pb2, gateway_pb2_grpc, scheduler_pb2
 
@@ -80,8 +81,10 @@ def setup(config: GatewayConfig, server: MeshServer, keys: KeyRing | None = None
     card = ModelCard.from_path(config.model, config.served_model_name or None)
     reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "gateway")
     server.on_stopped(reporter.close)
+    grammar_check = GrammarCheck(config.model, card.vocab_size, config.structured_compile_timeout_s)
+    server.on_stopped(grammar_check.close)
     gateway = Gateway(card, config.scheduler, server.channels, config.route_timeout_s, config.request_timeout_s,
-                      reporter, config.retry_limit, config.migration_limit, config.stall_check_s)
+                      reporter, config.retry_limit, config.migration_limit, config.stall_check_s, grammar_check)
     server.add_service(Service.of(gateway_pb2, gateway_pb2_grpc, GatewayServicer(gateway, tokenizer)))
     server.add_task(drain_on_stop(gateway, config.grace_s))
     if config.http_port < 0:

@@ -2,8 +2,8 @@
 never silently ignored) and text that is not valid Unicode.
 
 A field is refused when it is present with a value that asks for something (a non-empty `tools` list, a
-`response_format` other than text, `suffix`); a value that asks for nothing (`tools: []`, `tool_choice: "none"`,
-`response_format: {"type": "text"}`) is accepted. Fields this page does not name are ignored, as the OpenAI API's
+`suffix`); a value that asks for nothing (`tools: []`, `tool_choice: "none"`) is accepted. Structured output
+(`response_format`, `guided_*`, `structured_outputs`) is read by `structured.py`. Fields this page does not name are ignored, as the OpenAI API's
 compatible servers do for client-specific extras.
 """
 
@@ -23,13 +23,10 @@ UNSUPPORTED = {
     "modalities": "kvmesh produces text only; leave modalities out or set it to [\"text\"]",
     "prediction": "predicted outputs are not supported by kvmesh; leave prediction out",
     "web_search_options": "web search is not supported by kvmesh; leave web_search_options out",
-    "response_format": "structured output is not supported by kvmesh; leave response_format out or set its "
-                       "type to \"text\"",
-    "guided_json": "guided decoding is not supported by kvmesh; leave guided_json out",
-    "guided_regex": "guided decoding is not supported by kvmesh; leave guided_regex out",
-    "guided_choice": "guided decoding is not supported by kvmesh; leave guided_choice out",
-    "guided_grammar": "guided decoding is not supported by kvmesh; leave guided_grammar out",
-    "structured_outputs": "guided decoding is not supported by kvmesh; leave structured_outputs out",
+    "guided_whitespace_pattern": "guided_whitespace_pattern is not supported by kvmesh; JSON output uses compact "
+                                 "whitespace (leave it out)",
+    "guided_decoding_backend": "kvmesh has one structured output backend (xgrammar); leave guided_decoding_backend "
+                               "out",
     "prompt_logprobs": "prompt logprobs are not computed by kvmesh; leave prompt_logprobs out",
     "use_beam_search": "beam search is not supported by kvmesh; use best_of instead",
     "min_tokens": "min_tokens is not supported by kvmesh; leave it out or at 0",
@@ -43,7 +40,7 @@ UNSUPPORTED = {
 
 #: Values of those fields that ask for nothing, so a client that sends them explicitly is not refused.
 HARMLESS: dict[str, tuple[Any, ...]] = {
-    "tool_choice": ("none",), "modalities": (["text"],), "response_format": ({"type": "text"},),
+    "tool_choice": ("none",), "modalities": (["text"],),
     "min_tokens": (0,), "suffix": ("",),
 }
 

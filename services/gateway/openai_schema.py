@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.services.gateway.openai_checks import bad_unicode, unsupported_field
+from kvmesh.services.gateway.structured import requested
 from kvmesh.v1 import common_pb2
 
 MAX_N = 16  # choices (n) and candidates (best_of) per prompt at most
@@ -76,6 +78,10 @@ class OpenAIRequest(BaseModel):
         found = unsupported_field(self.model_extra or {})
         if found:
             return f"{found[0]}: {found[1]}"
+        try:
+            requested(self.model_extra or {})
+        except InvalidArgumentError as e:
+            return str(e)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOPS or any(not 0 < len(x) <= MAX_STOP_CHARS for x in stops):
             return f"stop: at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters each"
@@ -129,6 +135,9 @@ class OpenAIRequest(BaseModel):
             logprobs = 0  # candidates are ranked by cumulative logprob; the gateway drops them from the reply
         if logprobs is not None:
             params.logprobs = logprobs
+        structured = requested(self.model_extra or {})  # response_format, guided_*, structured_outputs
+        if structured is not None:
+            params.structured_output.CopyFrom(structured)
         return params
 
 

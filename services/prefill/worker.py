@@ -18,7 +18,7 @@ from opentelemetry import context as otel_context
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.prefill import prefix
-from kvmesh.services.worker.convert import logprob_protos, sampling_params
+from kvmesh.services.worker.convert import compile_grammar, logprob_protos, sampling_params
 from kvmesh.services.worker.handoff import HandoffState, HandoffTable
 from kvmesh.transports import TransportError
 from kvmesh.v1 import decode_pb2, prefill_pb2, scheduler_pb2
@@ -139,6 +139,7 @@ class PrefillWorker:
         rid, ids = request.request_id, list(request.prompt_token_ids)
         params = sampling_params(request.sampling)
         dst, needed, skip = self._checked(request, ids, params)
+        await compile_grammar(self.engine, params)
         self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         transfer_done = False

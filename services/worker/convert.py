@@ -3,6 +3,8 @@ itself: `kv_identity.KVLayout.to_proto`)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from kvmesh.v1 import common_pb2
 
 
@@ -20,7 +22,24 @@ def sampling_params(proto: common_pb2.SamplingParams):
         logprobs=proto.logprobs if proto.HasField("logprobs") else None,
         presence_penalty=proto.presence_penalty, frequency_penalty=proto.frequency_penalty,
         repetition_penalty=proto.repetition_penalty if proto.HasField("repetition_penalty") else 1.0,
-        logit_bias=tuple(sorted(proto.logit_bias.items())))
+        logit_bias=tuple(sorted(proto.logit_bias.items())),
+        structured=constraint(proto.structured_output) if proto.HasField("structured_output") else None)
+
+
+def constraint(proto: common_pb2.StructuredOutput):
+    """The engine's Constraint of a StructuredOutput message."""
+    from kvmesh.services.engine.structured import Constraint
+
+    kind = proto.WhichOneof("kind") or ""
+    value = proto.choice.choices if kind == "choice" else getattr(proto, kind) if kind else ""
+    return Constraint.of(kind, value, proto.num_resumed_tokens)
+
+
+async def compile_grammar(engine, params) -> None:
+    """Compile a constrained request's grammar in a thread of its own (cached per process), before the engine
+    thread sees the request: a slow compile delays that request only, never the batch or the event loop."""
+    if params.structured is not None:
+        await asyncio.to_thread(engine.grammars.compile, params.structured)
 
 
 def logprob_protos(token_ids: list[int], entries) -> list[common_pb2.TokenLogprob]:

@@ -49,9 +49,9 @@ def counter(mesh, name: str, **labels) -> float:
 class Stream(threading.Thread):
     """One greedy gRPC stream through the gateway, read on its own thread."""
 
-    def __init__(self, mesh, prompt: list[int], max_tokens: int = LONG):
+    def __init__(self, mesh, prompt: list[int], max_tokens: int = LONG, **extra):
         super().__init__(daemon=True)
-        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
         self.call = mesh.gateway_stub().Generate(
             gateway_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=sampling), timeout=120)
         self.prompt, self.tokens, self.responses, self.error = prompt, [], [], None
@@ -175,4 +175,41 @@ def test_a_prefill_worker_killed_costs_later_requests_no_error(mesh, hf):
         assert got == hf_greedy(hf, prompt, 8)
     assert counter(mesh, "kvmesh:request_failures_total") == failures
     replace(mesh, "prefill", victim)
+    assert mesh.wait_blocks_free(15)
+
+
+def test_a_migrated_structured_stream_resumes_its_grammar_where_it_was(mesh, model_dir):
+    """The continuation's worker advances the constraint over the tokens already relayed: started afresh, it would
+    ask for the opening "(" again. Greedy output equals an uninterrupted run of the engine in this process."""
+    pytest.importorskip("xgrammar")
+    from kvmesh.services.engine.engine import LLMEngine
+    from kvmesh.services.engine.sampler import SamplingParams
+    from kvmesh.services.engine.structured import Constraint
+
+    pattern = r"\([a-z ]{4000}\)"  # cannot close within LONG tokens: every stream runs to max_tokens
+    engine = LLMEngine.from_path(mesh.model, num_blocks=256)
+    for i, prompt in enumerate(PROMPTS[:4]):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=LONG,
+                                                          structured=Constraint("regex", pattern)))
+    want: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            want.setdefault(out.request_id, []).extend(out.new_token_ids)
+    before = counter(mesh, "kvmesh:request_retries_total", stage="after_first_token")
+    streams = [Stream(mesh, prompt, structured_output=common_pb2.StructuredOutput(regex=pattern))
+               for prompt in PROMPTS[:4]]
+    for stream in streams:
+        assert stream.started.wait(60) and stream.error is None, stream.error
+    victim = busiest_decode(mesh)
+    os.kill(victim.proc.pid, signal.SIGSTOP)
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+    for i, stream in enumerate(streams):
+        stream.join(120)
+        assert stream.error is None, stream.error
+        assert stream.tokens == want[str(i)] and len(stream.tokens) == LONG
+        text = "".join(r.text for r in stream.responses)
+        assert text.startswith("(") and text.count("(") == 1
+    assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") > before
+    replace(mesh, "decode", victim)
     assert mesh.wait_blocks_free(15)

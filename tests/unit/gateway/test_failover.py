@@ -75,3 +75,17 @@ def test_the_last_failure_is_raised_when_a_retry_finds_no_worker():
         assert raised is error
     else:
         raise AssertionError("raise_last raised nothing")
+
+
+def test_a_migrated_constrained_request_resumes_its_grammar_after_the_relayed_tokens():
+    a = attempts(migration_limit=2)
+    a.call.sampling.structured_output.regex = "[a-z]+"
+    a.relayed(decode_pb2.DecodeResponse(token_ids=[100, 101]))
+    assert a.again(UnavailableError("decode worker gone"), ROUTE)
+    first = a.next_call()
+    assert first.sampling.structured_output.num_resumed_tokens == 2
+    assert first.sampling.structured_output.regex == "[a-z]+"
+    a.relayed(decode_pb2.DecodeResponse(token_ids=[102]))
+    assert a.again(UnavailableError("gone again"), ROUTE)
+    assert a.next_call().sampling.structured_output.num_resumed_tokens == 3  # every token relayed, not the last hop's
+    assert a.call.sampling.structured_output.num_resumed_tokens == 0  # the client's call is left as it was

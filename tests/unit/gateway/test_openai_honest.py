@@ -81,9 +81,9 @@ def post(path, body, gateway=None, **kwargs) -> httpx.Response:
     ("/v1/chat/completions", "functions", [{"name": "f"}]),
     ("/v1/chat/completions", "audio", {"voice": "alloy"}),
     ("/v1/chat/completions", "modalities", ["text", "audio"]),
-    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "response_format", {"type": "structural_tag"}),
     ("/v1/completions", "suffix", "the end"),
-    ("/v1/completions", "guided_json", {"type": "object"}),
+    ("/v1/completions", "guided_whitespace_pattern", "[ ]*"),
     ("/v1/completions", "prompt_logprobs", 1),
 ])
 def test_unsupported_fields_are_refused_naming_them(path, field, value):
