@@ -30,6 +30,9 @@ def _params():
                 yield pytest.param((family, transport, True), id=f"{family}-{transport}-tls", marks=marks)
         yield pytest.param((family, "colocated", False), id=f"{family}-colocated")  # no split: the baseline's parity
     yield pytest.param(("llama", "colocated", True), id="llama-colocated-tls")
+    for family in ("qwen3", "phi3", "mixtral", "qwen2_moe"):  # the newer families: the split, on grpc and shm
+        for transport in ("grpc", "shm"):
+            yield pytest.param((family, transport, False), id=f"{family}-{transport}")
 
 
 @pytest.fixture(scope="module", params=list(_params()))
