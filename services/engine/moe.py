@@ -30,6 +30,7 @@ class MoEConfig:
     renormalize: bool  # divide the top-k weights by their sum
     shared_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
     sparse_layers: tuple[int, ...] = ()  # layers whose MLP is the mixture; the others are dense
+    round_weights: bool = False  # Qwen2-MoE rounds the routing weights to the model dtype (as HF does)
 
 
 def moe_config(raw: dict, arch: str, num_layers: int) -> MoEConfig | None:
@@ -47,7 +48,7 @@ def moe_config(raw: dict, arch: str, num_layers: int) -> MoEConfig | None:
     top_k = raw["num_experts_per_tok"]
     if not 0 < top_k <= num_experts:
         raise UnsupportedModelError(f"num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts")
-    return MoEConfig(num_experts, top_k, size, renormalize, shared, sparse)
+    return MoEConfig(num_experts, top_k, size, renormalize, shared, sparse, arch == "Qwen2MoeForCausalLM")
 
 
 class SwiGLU:
@@ -72,12 +73,12 @@ class SparseMoE:
         self.shared_gate = Linear(shared_gate) if shared_gate is not None else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [tokens, k] float32, expert ids [tokens, k]) of every token, as HF routes."""
+        """(weights [tokens, k] in float32 or rounded to x's dtype, expert ids [tokens, k]), as HF routes."""
         probs = self.router(x).float().softmax(dim=-1)
         weights, ids = probs.topk(self.config.top_k, dim=-1)
         if self.config.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+        return (weights.to(x.dtype) if self.config.round_weights else weights), ids
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
