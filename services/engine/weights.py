@@ -1,4 +1,5 @@
-"""Reading a local HF checkpoint of the Llama family (and Qwen3, Phi-3, Mixtral, Qwen2-MoE): config.json into `ModelConfig`, safetensors into tensors.
+"""Reading a local HF checkpoint of the Llama family (with Qwen3, Phi-3, Mixtral, Qwen2-MoE): config.json into
+`ModelConfig`, safetensors into tensors.
 
 Both config dialects are understood: transformers < 5 (`rope_theta`, `rope_scaling`) and 5.x
 (`rope_parameters = {"rope_theta": ..., "rope_type": ...}`). Weights are read with safetensors directly

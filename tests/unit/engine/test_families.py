@@ -43,8 +43,8 @@ def perturbed_dir(model_dir, tmp_path_factory):
 
 
 def paged_logits(path, seqs: dict, prompt_lens: dict, dtype="float32") -> dict:
-    """Every position's logits of each sequence: a's prompt in two chunks (the second beside b's whole prompt),
-    then the rest one token per step, a and b decoding together through the paged cache."""
+    """Every position's logits of each sequence: a's prompt (over 30 tokens) in two chunks, the second beside b's
+    whole prompt, then the rest one token per step, a and b decoding together through the paged cache."""
     model = LlamaModel.from_path(path, dtype)
     c = model.config
     kv = KVCache(KVLayout("t", dtype, 16, c.num_layers, c.num_kv_heads, c.head_dim), 32)
@@ -172,3 +172,31 @@ def test_sparse_moe_runs_each_expert_once_and_equals_the_per_token_definition(sh
     assert sum(rows for _, rows in calls) == 50 * 2  # every (token, expert) assignment, once
     calls.clear()
     assert (got - _naive_moe(moe, x)).abs().max().item() <= 1e-5
+
+
+def test_mixtral_with_experts_stacked_as_transformers_5_holds_them_gives_the_same_logits(model_dir, tmp_path):
+    """A checkpoint saved with `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] loads the same."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = model_dir("mixtral")
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    w = load_file(str(src / "model.safetensors"))
+    layers = load_config(src).num_layers
+    for i in range(layers):
+        p = f"model.layers.{i}.block_sparse_moe."
+        experts = range(4)
+        gate_up = [torch.cat([w.pop(f"{p}experts.{e}.w1.weight"), w.pop(f"{p}experts.{e}.w3.weight")]) for e in experts]
+        down = [w.pop(f"{p}experts.{e}.w2.weight") for e in experts]
+        q = f"model.layers.{i}.mlp."
+        w[q + "experts.gate_up_proj"], w[q + "experts.down_proj"] = torch.stack(gate_up), torch.stack(down)
+        w[q + "gate.weight"] = w.pop(p + "gate.weight")
+    save_file(w, str(tmp_path / "model.safetensors"))
+    assert not any("block_sparse_moe" in k for k in w)
+    a, b = prompts_of_lengths([40, 20], seed=9)
+    lens = {"a": 34, "b": 14}
+    ours, ref = paged_logits(tmp_path, {"a": a, "b": b}, lens), paged_logits(src, {"a": a, "b": b}, lens)
+    assert (ours["a"] - ref["a"]).abs().max().item() <= 1e-5 and (ours["b"] - ref["b"]).abs().max().item() <= 1e-5
