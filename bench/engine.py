@@ -176,7 +176,7 @@ def bench_model(name: str, path: str, dtype: str, batches, prefills, out_tokens:
 def small_model(family: str = "llama", preset: str = "small") -> str:
     from kvmesh.services.engine.model_init import init_model
 
-    path = Path(tempfile.gettempdir()) / f"kvmesh-bench-{preset}" / family
+    path = Path(tempfile.gettempdir()) / f"kvmesh-bench-{family}-{preset}"
     if not (path / "config.json").exists():
         init_model(path, preset=preset, family=family)
     return str(path)
