@@ -1,11 +1,14 @@
 """Engine micro-benchmark: kvmesh's LLMEngine against HF transformers `generate` on the same model, same run.
 
-    python bench/engine.py [--quick] [--out FILE.json] [--model PATH] [--dtype float32|bfloat16]
+    python bench/engine.py [--quick] [--out FILE.json] [--model PATH] [--family llama,mixtral [--preset small]]
+                           [--dtype float32|bfloat16]
                            [--threads N] [--cores 0,1] [--clock wall|cpu] [--batches 1,32] [--prefills 128,512]
                            [--reps N] [--results bench/RESULTS.md] [--plot FILE.png] [--label TEXT]
 
 Models: SmolLM2-135M (--model, default /tmp/smollm2) and the `small` preset (made with `kvmesh model init` in a
-temporary folder); --model given alone benchmarks only that model. Both dtypes unless --dtype.
+temporary folder); --model given alone benchmarks only that model; --family benchmarks the `small` preset of
+each family named (e.g. llama,mixtral: Mixtral's small preset has 4 experts, top 2, each half llama's MLP, so
+both run the same active parameters per token). Both dtypes unless --dtype.
 
 Decode: `batch` greedy requests, prompts of 32-256 random tokens (fixed seed), 64 output tokens, EOS ignored.
 Decode tok/s counts decode steps only, on both sides the same way: the time from the moment the first output
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,13 +173,20 @@ def bench_model(name: str, path: str, dtype: str, batches, prefills, out_tokens:
     return rows
 
 
-def small_model() -> str:
+def small_model(family: str = "llama", preset: str = "small") -> str:
     from kvmesh.services.engine.model_init import init_model
 
-    path = Path(tempfile.gettempdir()) / "kvmesh-bench-small"
+    path = Path(tempfile.gettempdir()) / f"kvmesh-bench-{family}-{preset}"
     if not (path / "config.json").exists():
-        init_model(path, preset="small")
+        init_model(path, preset=preset, family=family)
     return str(path)
+
+
+def cpu() -> str:
+    """`lscpu`'s model name, CPU count and flags: figures from another CPU are not comparable."""
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out)}
+    return f"{info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs; flags: `{info.get('Flags', '?')}`"
 
 
 def table(rows: list[dict]) -> str:
@@ -217,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="batches 1 and 32, prefill 128 and 512, one model")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     ap.add_argument("--model", help=f"benchmark only this HF folder (default: {SMOLLM2} and the small preset)")
+    ap.add_argument("--family", help="comma-separated `kvmesh model init` families: benchmark their --preset "
+                    "(made once in a temporary folder) instead of the default models")
+    ap.add_argument("--preset", default="small", help="the preset of --family models (default small)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: both")
     ap.add_argument("--batches", help="comma-separated decode batch sizes (overrides the default set)")
     ap.add_argument("--prefills", help="comma-separated prefill prompt lengths; empty = none")
@@ -244,6 +258,8 @@ def main(argv=None) -> int:
     models = [("SmolLM2-135M", args.model or SMOLLM2)]
     if not args.model and not args.quick:
         models.append(("small", small_model()))
+    if args.family:
+        models = [(f"{f}-{args.preset}", small_model(f, args.preset)) for f in args.family.split(",")]
     dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
     print(f"pinned to cores {cores}, torch threads {torch.get_num_threads()}", file=sys.stderr)
     rows = []
@@ -259,7 +275,7 @@ def main(argv=None) -> int:
         cmd = "python " + shlex.join(["bench/engine.py"] + (argv if argv is not None else sys.argv[1:]))
         text = (f"\n## Engine{(' — ' + args.label) if args.label else ''} ({stamp})\n\n`{cmd}`\n\n"
                 f"Pinned to cores {cores}, torch threads {args.threads}, {args.clock} clock, "
-                f"torch {torch.__version__}.\n\n"
+                f"torch {torch.__version__}. CPU: {cpu()}\n\n"
                 f"{table(rows)}\n")
         if args.plot:
             text += f"\n![engine]({args.plot.name})\n"

@@ -29,12 +29,14 @@ def _model_import(args: argparse.Namespace) -> int:
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services.engine.model_init import FAMILIES  # no torch or transformers at import
+
     model = sub.add_parser("model", help="make or import model checkpoints")
     msub = model.add_subparsers(dest="model_command", required=True)
     init = msub.add_parser("init", help="make a random-weight model of a family with a real tokenizer")
     init.add_argument("path")
     init.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    init.add_argument("--family", default="llama", choices=["llama", "qwen2", "mistral", "gemma2", "gemma3"])
+    init.add_argument("--family", default="llama", choices=list(FAMILIES))
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     init.set_defaults(func=_model_init)

@@ -21,7 +21,8 @@ from kvmesh.services.engine.batch import StepBatch
 from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.gemma_attention import AttentionSpec, StepMasks, paged_attention, step_masks
 from kvmesh.services.engine.kv_cache import DTYPES, KVCache
-from kvmesh.services.engine.model import Linear, LlamaModel, apply_rope
+from kvmesh.services.engine.linear import Linear
+from kvmesh.services.engine.model import LlamaModel, apply_rope
 from kvmesh.services.engine.weights import ModelConfig, inv_freq, load_config, load_weights
 
 GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")

@@ -1,14 +1,15 @@
-"""The Llama-family forward pass (Llama, Mistral, Qwen2, SmolLM) over the paged KV cache.
+"""The Llama-family forward pass (Llama, Mistral, Qwen2, SmolLM, Qwen3, Phi-3, Mixtral, Qwen2-MoE) over the
+paged KV cache.
 
-RMSNorm, RoPE (default, linear, llama3), grouped-query attention, SwiGLU. Weights stay in the model dtype;
-q/k/v and gate/up projections are fused into one matmul each. Decode tokens of every sequence share one
+RMSNorm, RoPE (default, linear, llama3; partial rotary), grouped-query attention, SwiGLU or a mixture of SwiGLU
+experts (moe.py). Per-family weight names and hooks (Qwen3's q/k norms) are read in layers.py. Weights stay in
+the model dtype; q/k/v and gate/up projections are fused into one matmul each. Decode tokens of every sequence share one
 scaled_dot_product_attention call (padded context + mask); prefill chunks run one call each, plain causal
 when they start at position 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,51 +19,9 @@ import torch.nn.functional as F
 from kvmesh.services.engine.batch import DecodeGroup, StepBatch
 from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.kv_cache import DTYPES, KVCache
+from kvmesh.services.engine.layers import build_layer
+from kvmesh.services.engine.linear import Linear
 from kvmesh.services.engine.weights import ModelConfig, inv_freq, load_config, load_weights
-
-PACKED_DTYPES = (torch.float32, torch.bfloat16)
-PACK_BATCH_HINT = 32  # the decode batch oneDNN tunes the packed layout for (any batch works)
-
-
-class Linear:
-    """y = x W^T (+ b) for 2-D x; on CPU through a oneDNN weight prepacked once at load.
-
-    The prepacked (blocked) copy makes small-batch decode GEMMs 1.2-2x faster than F.linear on the plain weight,
-    in float32 and bfloat16 alike; the plain weight is kept as `weight`. Other dtypes/devices use F.linear.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
-        self._packed = None
-        if weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available():
-            try:
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
-                self(torch.zeros(1, weight.shape[1], dtype=weight.dtype))
-            except (RuntimeError, AttributeError):  # no oneDNN kernel for this build/CPU: stay on F.linear
-                self._packed = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None or x.dim() != 2:
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-
-
-@dataclass
-class Layer:
-    """One decoder layer's weights (fused projections)."""
-
-    input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-
-    def __post_init__(self):
-        self.qkv_proj = Linear(self.qkv, self.qkv_bias)
-        self.o_proj, self.gate_up_proj, self.down_proj = Linear(self.o), Linear(self.gate_up), Linear(self.down)
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, as the reference implementation does."""
@@ -72,7 +31,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [tokens, heads, head_dim] by the per-token cos/sin ([tokens, 1, head_dim])."""
+    """Rotate [tokens, heads, head_dim] by the per-token cos/sin ([tokens, 1, rotary_dim]); a rotary_dim short
+    of head_dim (partial_rotary_factor < 1, as Phi-3's config may ask) rotates the leading dims only."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -106,22 +69,9 @@ class LlamaModel:
         weights = load_weights(path, config, DTYPES[name], device)
         return cls(config, weights, DTYPES[name], device, max_positions or config.max_position_embeddings)
 
-    def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
-        p = f"layers.{i}."
-        try:
-            qkv = torch.cat([w[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-            biases = [w.get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
-            return Layer(
-                input_norm=w[p + "input_layernorm.weight"],
-                qkv=qkv,
-                qkv_bias=torch.cat(biases) if all(b is not None for b in biases) else None,
-                o=w[p + "self_attn.o_proj.weight"],
-                post_norm=w[p + "post_attention_layernorm.weight"],
-                gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
-                down=w[p + "mlp.down_proj.weight"],
-            )
-        except KeyError as e:
-            raise UnsupportedModelError(f"checkpoint is missing weight {e.args[0]!r}") from None
+    def _layer(self, weights: dict[str, torch.Tensor], i: int):
+        """Layer i's weights (a family with layers of its own, such as Gemma, overrides this)."""
+        return build_layer(self.config, weights, i)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache,
@@ -136,8 +86,10 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
             q, k, v = layer.qkv_proj(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-            q = apply_rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+            q, k = q.view(num_tokens, cfg.num_heads, cfg.head_dim), k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            if layer.q_norm is not None:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+                q, k = rms_norm(q, layer.q_norm, cfg.rms_norm_eps), rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_pool, v_pool = kv.layer(i)
             k_pool.view(-1, cfg.num_kv_heads, cfg.head_dim).index_copy_(0, batch.slots, k)
@@ -147,8 +99,7 @@ class LlamaModel:
             attn = self._attention(batch, q, k, v, k_pool, v_pool)
             h = h + layer.o_proj(attn)
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)
-            h = h + layer.down_proj(F.silu(gate) * up)
+            h = h + layer.mlp(x)  # SwiGLU, or a mixture of SwiGLU experts (layers.py, moe.py)
         h = rms_norm(h[batch.logits_index], self.norm, cfg.rms_norm_eps)
         return self.lm_head_proj(h)
 

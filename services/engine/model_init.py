@@ -1,4 +1,4 @@
-"""`kvmesh model init`: small Llama-family checkpoints with random weights, made on this machine.
+"""`kvmesh model init`: small checkpoints of every family the engine runs, with random weights, made on this machine.
 
 No model hub is reachable here, so tests and benchmarks use models that kvmesh makes itself: a config of a
 real family, random weights from a fixed seed, and a real byte-level BPE tokenizer with a chat template,
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvmesh.services.engine.errors import InvalidRequestError
 
-FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gemma3")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "gemma2", "gemma3")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -126,7 +126,30 @@ def build_config(family: str, preset: Preset, tokenizer, dtype: str = "float32")
         return LlamaConfig(**common, tie_word_embeddings=False, rope_theta=10000.0)
     if family == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False)
-    return MistralConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None)
+    if family == "mistral":
+        return MistralConfig(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None)
+    return _newer_family_config(family, preset, common)
+
+
+def _newer_family_config(family: str, preset: Preset, common: dict):
+    """Qwen3 (q/k norms, an explicit head_dim twice hidden/heads), Phi-3 (fused projections) and the mixtures
+    of experts: 4 experts, top 2, each half the dense intermediate size, so a token's active MLP equals the
+    dense families' of the same preset."""
+    from transformers import MixtralConfig, Phi3Config, Qwen2MoeConfig, Qwen3Config
+
+    if family == "qwen3":
+        head_dim = 2 * preset.hidden_size // preset.num_attention_heads
+        return Qwen3Config(**common, head_dim=head_dim, tie_word_embeddings=True, rope_theta=1000000.0,
+                           use_sliding_window=False)
+    if family == "phi3":
+        return Phi3Config(**common, tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None)
+    experts = {"num_experts_per_tok": 2, "tie_word_embeddings": False, "rope_theta": 1000000.0}
+    if family == "mixtral":
+        return MixtralConfig(**{**common, "intermediate_size": preset.intermediate_size // 2}, **experts,
+                             num_local_experts=4, sliding_window=None)
+    return Qwen2MoeConfig(**common, **experts, num_experts=4, moe_intermediate_size=preset.intermediate_size // 4,
+                          shared_expert_intermediate_size=preset.intermediate_size // 2, norm_topk_prob=False,
+                          use_sliding_window=False)
 
 
 def init_model(path: str | Path, preset: str = "tiny", family: str = "llama", seed: int = 0,

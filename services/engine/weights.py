@@ -1,4 +1,5 @@
-"""Reading a local HF checkpoint of the Llama family: config.json into `ModelConfig`, safetensors into tensors.
+"""Reading a local HF checkpoint of the Llama family (with Qwen3, Phi-3, Mixtral, Qwen2-MoE): config.json into
+`ModelConfig`, safetensors into tensors.
 
 Both config dialects are understood: transformers < 5 (`rope_theta`, `rope_scaling`) and 5.x
 (`rope_parameters = {"rope_theta": ..., "rope_type": ...}`). Weights are read with safetensors directly
@@ -17,9 +18,12 @@ import torch
 
 from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.kv_cache import DTYPES
+from kvmesh.services.engine.moe import MoEConfig, moe_config
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM",
-                 "Gemma3ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                 "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Families whose configs apply `sliding_window` whenever it is set (the Qwen ones only with use_sliding_window).
+WINDOW_BY_DEFAULT = ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -43,6 +47,14 @@ class ModelConfig:
     rope_type: str = "default"
     rope_params: dict = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    partial_rotary_factor: float = 1.0  # RoPE rotates the leading int(head_dim * factor) dims (Phi-3's configs)
+    moe: MoEConfig | None = None  # Mixtral, Qwen2-MoE
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 def _rope(raw: dict) -> tuple[float, str, dict]:
@@ -86,7 +98,7 @@ def load_config(folder: str | Path) -> ModelConfig:
             f"architecture {arch!r} is not supported; kvmesh runs {', '.join(ARCHITECTURES)}")
     max_positions = raw.get("max_position_embeddings", 2048)
     window = raw.get("sliding_window")
-    if window and raw.get("use_sliding_window", arch == "MistralForCausalLM"):
+    if window and raw.get("use_sliding_window", arch in WINDOW_BY_DEFAULT):
         # Full attention equals sliding-window attention while the context fits in the window.
         max_positions = min(max_positions, int(window))
     dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
@@ -111,6 +123,9 @@ def load_config(folder: str | Path) -> ModelConfig:
         rope_type=rope_type,
         rope_params=rope_params,
         eos_token_ids=_eos_ids(raw, folder),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        partial_rotary_factor=float(rope_params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+        moe=moe_config(raw, arch, raw["num_hidden_layers"]),
     )
 
 
@@ -122,8 +137,8 @@ def model_id(folder: str | Path) -> str:
 
 
 def inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies (float32), with linear or llama3 scaling applied."""
-    dim = config.head_dim
+    """RoPE inverse frequencies (float32) of the rotary dims, with linear or llama3 scaling applied."""
+    dim = config.rotary_dim
     freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     p = config.rope_params
     if config.rope_type == "linear":

@@ -30,7 +30,8 @@ def _params():
                 yield pytest.param((family, transport, True), id=f"{family}-{transport}-tls", marks=marks)
         yield pytest.param((family, "colocated", False), id=f"{family}-colocated")  # no split: the baseline's parity
     yield pytest.param(("llama", "colocated", True), id="llama-colocated-tls")
-    for family in ("gemma2", "gemma3"):  # sliding-window families: the longest prompt crosses the 16-token window
+    # the newer families (the split, on grpc and shm); Gemma's longest prompt crosses its 16-token window
+    for family in ("qwen3", "phi3", "mixtral", "qwen2_moe", "gemma2", "gemma3"):
         for transport in ("grpc", "shm"):
             yield pytest.param((family, transport, False), id=f"{family}-{transport}")
 

@@ -8,7 +8,7 @@ from kvmesh.services.engine.errors import InvalidRequestError
 from kvmesh.services.engine.model_init import init_model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe"])
 def test_init_model_loads_in_transformers(model_dir, family):
     path = model_dir(family)
     model = AutoModelForCausalLM.from_pretrained(path)

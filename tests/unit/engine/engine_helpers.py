@@ -2,7 +2,8 @@
 
 import torch
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+NEW_FAMILIES = ["qwen3", "phi3", "mixtral", "qwen2_moe"]
+FAMILIES = ["llama", "qwen2", "mistral", *NEW_FAMILIES]
 
 
 def run_all(engine, start_step: dict | None = None, requests: dict | None = None) -> dict:
