@@ -1,11 +1,13 @@
 """N-gram (prompt-lookup) speculative decoding: draft tokens from a sequence's own context, verify them greedily.
 
 For a greedy decoding sequence the last n tokens of its context (n from ngram_max down to ngram_min) are looked
-up earlier in the context; the tokens that followed the most recent earlier match are the draft. The step then
-runs the sequence's last token plus the K draft tokens as one span over the paged cache (the chunked-prefill
-attention path, logits at every position), and keeps the longest draft prefix the model itself would have picked
-plus the model's next token: the output is token for token what plain greedy decoding gives. KV slots written
-for rejected drafts are left behind: the sequence's computed length rolls back and blocks past it are freed.
+up earlier in the context; the tokens that followed the latest earlier match (with K tokens after it, else the
+earliest: a repeated run drafts its whole length, not the one token before the context ends) are the draft. The
+step then runs the sequence's last token plus the K draft tokens as one span over the paged cache (the
+chunked-prefill attention path, logits at every position), and keeps the longest draft prefix the model itself
+would have picked plus the model's next token: the output is token for token what plain greedy decoding gives.
+KV slots written for rejected drafts are left behind: the sequence's computed length rolls back and blocks past
+it are freed.
 
 Only plain greedy requests speculate (temperature 0, no penalties, no logit_bias): for them the token at each
 position depends on the logits alone. Others decode one token per step in the same batch.
@@ -51,16 +53,18 @@ def speculates(params: SamplingParams) -> bool:
 
 
 def propose_ngram(token_ids: list[int], ngram_min: int, ngram_max: int, k: int) -> list[int]:
-    """Up to k tokens that followed the most recent earlier occurrence of the context's last n tokens (longest n
-    first); [] when no suffix of ngram_min..ngram_max tokens occurs earlier."""
+    """Up to k tokens that followed an earlier occurrence of the context's last n tokens (longest n first; the
+    latest occurrence with k tokens after it, else the earliest); [] when no suffix of ngram_min..ngram_max tokens
+    occurs earlier."""
     if k <= 0 or len(token_ids) <= ngram_min:
         return []
     tokens = np.asarray(token_ids, dtype=np.int64)
     for n in range(min(ngram_max, len(tokens) - 1), ngram_min - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)  # every earlier start, suffix excluded
         hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
+        if hits.size:  # the latest match with k tokens after it, else the earliest (the most tokens after it)
+            full = hits[hits + n + k <= len(tokens)]
+            start = int(full[-1] if full.size else hits[0]) + n
             return tokens[start:start + k].tolist()
     return []
 
