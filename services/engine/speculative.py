@@ -16,6 +16,7 @@ position depends on the logits alone. Others decode one token per step in the sa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -81,9 +82,11 @@ def accept_greedy(drafts: list[int], targets: list[int]) -> int:
 class NgramSpeculator:
     """Picks the drafts of each step's greedy decode sequences and counts drafted and accepted tokens."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int,
+                 on_verify: Callable[[int, int], None] | None = None):
+        """on_verify(num_drafts, num_accepted) after each verified draft, on the engine thread (e.g. metrics)."""
         config.validate()
-        self.config, self.max_model_len = config, max_model_len
+        self.config, self.max_model_len, self.on_verify = config, max_model_len, on_verify
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
@@ -101,6 +104,8 @@ class NgramSpeculator:
         """One verified draft: `num_drafts` proposed, `num_accepted` of them kept."""
         self.num_draft_tokens += num_drafts
         self.num_accepted_tokens += num_accepted
+        if self.on_verify is not None:
+            self.on_verify(num_drafts, num_accepted)
 
     def stats(self) -> dict[str, int]:
         """Draft tokens proposed and accepted so far."""
