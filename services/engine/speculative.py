@@ -5,7 +5,9 @@ up earlier in the context; the tokens that followed the latest earlier match (wi
 earliest: a repeated run drafts its whole length, not the one token before the context ends) are the draft. The
 step then runs the sequence's last token plus the K draft tokens as one span over the paged cache (the
 chunked-prefill attention path, logits at every position), and keeps the longest draft prefix the model itself
-would have picked plus the model's next token: the output is token for token what plain greedy decoding gives.
+would have picked plus the model's next token: in float32 the output is token for token what plain greedy
+decoding gives. In bfloat16 the verify span (K+1 rows, another attention kernel) rounds differently from a
+one-token step, as batching does, so at a near-tie of the top two logits the two may pick different tokens.
 KV slots written for rejected drafts are left behind: the sequence's computed length rolls back and blocks past
 it are freed.
 
