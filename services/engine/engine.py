@@ -228,7 +228,8 @@ class LLMEngine:
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
         drafts = self.speculator.plan(scheduled, self.scheduler) if self.speculator else {}
-        self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n) for seq, n in scheduled}
+        self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n + len(drafts.get(seq.request_id, ())))
+                            for seq, n in scheduled}  # a verify span writes (and costs) its K+1 positions
         sampled = forward_step(self.model, self.kv_cache, scheduled, self._layer_hook, drafts)
         for seq, n in scheduled:
             seq.num_computed_tokens += n

@@ -171,3 +171,16 @@ def test_bfloat16_speculation_departs_from_float32_greedy_only_at_near_ties(mode
         best = logits.max(-1).values
         for j, token in enumerate(got[str(i)]):
             assert (best[j] - logits[j, token]).item() <= BF16_TOL, f"prompt {i} token {j}"
+
+
+def test_step_chunks_count_a_verify_span_as_the_positions_it_computes(model_dir):
+    """The step's chunks (what a worker reports to the scheduler's cost models) include every drafted position."""
+    engine = make_engine(model_dir("llama"), True, k=4)
+    engine.add_request("r", REPEAT, greedy(30))
+    spans = []
+    while engine.has_unfinished():
+        before = engine.scheduler.running[0].num_tokens if engine.scheduler.running else 0
+        engine.step()
+        if before:
+            spans.append(engine.step_chunks["r"])
+    assert any(n > 1 for _, n in spans) and all(n <= 5 for _, n in spans)
