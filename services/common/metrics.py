@@ -94,6 +94,14 @@ PREFIX_CACHE_QUERIES = Counter(
     "kvmesh:prefix_cache_queries_total",
     "Prompt tokens looked up in a decode worker's own prefix cache (the prompt's full blocks but its last token).",
     registry=REGISTRY)
+SPEC_DECODE_DRAFT_TOKENS = Counter(
+    "kvmesh:spec_decode_draft_tokens_total",
+    "Draft tokens a decode worker's speculative decoding (--speculative ngram) proposed and verified.",
+    registry=REGISTRY)
+SPEC_DECODE_ACCEPTED_TOKENS = Counter(
+    "kvmesh:spec_decode_accepted_tokens_total",
+    "Draft tokens the model agreed with (kept as output); accepted / draft = the acceptance rate.",
+    registry=REGISTRY)
 PREFIX_CACHE_HITS = Counter(
     "kvmesh:prefix_cache_hits_total",
     "Prompt tokens found in a decode worker's own prefix cache: shared, neither prefilled nor transferred.",
@@ -182,6 +190,12 @@ def observe_load(load) -> None:
     NUM_REQUESTS_RUNNING.set(load.num_running)
     KV_BLOCKS_FREE.set(load.num_free_blocks)
     KV_BLOCKS_USED.set(max(load.num_total_blocks - load.num_free_blocks, 0))
+
+
+def observe_spec_decode(num_drafts: int, num_accepted: int) -> None:
+    """Count one verified draft: tokens proposed and tokens accepted."""
+    SPEC_DECODE_DRAFT_TOKENS.inc(num_drafts)
+    SPEC_DECODE_ACCEPTED_TOKENS.inc(num_accepted)
 
 
 def observe_kv_transfer(backend: str, direction: str, num_bytes: int, seconds: float) -> None:

@@ -9,6 +9,7 @@ from kvmesh.services.worker.config import WorkerConfig
 
 DEFAULT_PORT = 50080
 KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")
+SPECULATIVE_METHODS = ("none", "ngram")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,14 @@ class DecodeConfig(WorkerConfig):
                                  choices=KV_LOAD_FAILURE_POLICIES)
     kv_events_max_hashes: int = knob(4096, "Most block hashes in one heartbeat's KV events to the scheduler; more "
                                            "changes than that send a full resync of the most recent ones instead.")
+    speculative: str = knob("none", "Speculative decoding of greedy requests (temperature 0, no penalties or "
+                                    "logit_bias): ngram drafts tokens by looking the context's last n-gram up "
+                                    "earlier in it (prompt lookup) and verifies them in the step's one forward; the "
+                                    "output is token for token plain greedy's. none: off.",
+                            choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = knob(4, "Draft tokens verified per sequence and step at most (K).")
+    ngram_min: int = knob(2, "Shortest context suffix looked up for a draft (vLLM's prompt_lookup_min).")
+    ngram_max: int = knob(5, "Longest context suffix looked up, tried first (vLLM's prompt_lookup_max).")
 
     def validate(self) -> None:
         super().validate()
@@ -50,4 +59,10 @@ class DecodeConfig(WorkerConfig):
               "cache_decode_kv needs prefix_caching: finished requests' blocks must stay findable until sent")
         check(self.kv_load_failure in KV_LOAD_FAILURE_POLICIES,
               f"kv_load_failure must be one of {', '.join(KV_LOAD_FAILURE_POLICIES)}, got {self.kv_load_failure!r}")
+        check(self.speculative in SPECULATIVE_METHODS,
+              f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
+        check(1 <= self.num_speculative_tokens <= 64,
+              f"num_speculative_tokens must lie in [1, 64], got {self.num_speculative_tokens}")
+        check(1 <= self.ngram_min <= self.ngram_max,
+              f"need 1 <= ngram_min <= ngram_max, got ngram_min={self.ngram_min}, ngram_max={self.ngram_max}")
         check(self.kv_events_max_hashes >= 1, f"kv_events_max_hashes must be >= 1, got {self.kv_events_max_hashes}")

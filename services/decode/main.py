@@ -8,6 +8,7 @@ import argparse
 from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.clients.scheduler import FailureReporter
 from kvmesh.services.common import config as config_mod
+from kvmesh.services.common import metrics
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.decode.config import DecodeConfig
 from kvmesh.services.decode.servicer import DecodeServicer
@@ -20,6 +21,17 @@ from kvmesh.transports.service import add_to_server
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, scheduler_pb2
 
 
+def speculator(config: DecodeConfig, max_model_len: int):
+    """The engine's draft-token proposer for `--speculative`, counting into the spec_decode metrics; None when
+    off."""
+    if config.speculative == "none":
+        return None
+    from kvmesh.services.engine.speculative import NgramSpeculator, SpeculativeConfig
+
+    spec = SpeculativeConfig(config.speculative, config.num_speculative_tokens, config.ngram_min, config.ngram_max)
+    return NgramSpeculator(spec, max_model_len, on_verify=metrics.observe_spec_decode)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The decode worker's flags: one per DecodeConfig field."""
     config_mod.add_arguments(parser, DecodeConfig, "decode")
@@ -28,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def setup(config: DecodeConfig, server: MeshServer) -> None:
     """Load the engine, open the KV pool to transports, host the Decode and KVTransfer services."""
     kit = await setup_worker(config, server, name="decode", prefix_caching=config.prefix_caching)
+    kit.engine.speculator = speculator(config, kit.engine.max_model_len)  # before the engine thread starts
     receiver = Receiver(kit.region, kit.layout, backends=kit.backends, observer=report)
     cache = worker_cache_client(config, server.channels, kit.layout) if config.cache_decode_kv else None
     reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "decode")

@@ -21,6 +21,7 @@ class Chunk:
     start: int
     block_table: list[int]
     want_logits: bool = True
+    all_logits: bool = False  # logits at every position (a speculative draft's verify span), not the last only
 
 
 @dataclass
@@ -125,7 +126,7 @@ def build_batch(chunks: list[Chunk], block_size: int, device: str = "cpu", all_l
         spans.append(PrefillSpan(flat_start[i], n, start, blocks, mask))
     rows, logits_index = [], []
     for i, c in enumerate(chunks):
-        if all_logits:
+        if all_logits or c.all_logits:
             rows.append(len(logits_index))
             logits_index.extend(range(flat_start[i], flat_start[i] + len(c.token_ids)))
         elif c.want_logits:

@@ -27,7 +27,7 @@ from kvmesh.services.engine.errors import InvalidRequestError, OutOfBlocksError
 from kvmesh.services.engine.kv_cache import BlockAllocator, KVCache
 from kvmesh.services.engine.loader import load_model
 from kvmesh.services.engine.model import LlamaModel
-from kvmesh.services.engine.output import RequestOutput, StopChecker
+from kvmesh.services.engine.output import RequestOutput, StopChecker, eos_token_ids
 from kvmesh.services.engine.prefix_cache import KVEvents, PrefixCache, PrefixCachingAllocator
 from kvmesh.services.engine.reservations import Reservation, Reservations
 from kvmesh.services.engine.sampler import SamplingParams
@@ -49,10 +49,7 @@ class LLMEngine:
         self.model, self.tokenizer, self.layout, self.kv_cache = model, tokenizer, layout, kv_cache
         self.max_model_len, self.enable_prefix_caching = max_model_len, enable_prefix_caching
         self.vocab_size = model.config.vocab_size
-        eos = list(model.config.eos_token_ids)
-        if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_token_ids = tuple(eos)
+        self.eos_token_ids = eos_token_ids(model.config, tokenizer)
         self.allocator = (PrefixCachingAllocator if enable_prefix_caching else BlockAllocator)(kv_cache.num_blocks)
         self.prefix_cache = PrefixCache(self.allocator, layout) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.allocator, layout.block_size, max_num_batched_tokens, max_num_seqs,
@@ -68,6 +65,7 @@ class LLMEngine:
         # request id -> (first position, number of tokens) computed by the step now running (or last run):
         # tells a layer hook which slots of block_table(request_id) the step has just written
         self.step_chunks: dict[str, tuple[int, int]] = {}
+        self.speculator = None  # a speculative.NgramSpeculator: drafts tokens for greedy decodes when set
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
@@ -109,9 +107,7 @@ class LLMEngine:
 
     def kv_events(self, full: bool, max_hashes: int) -> KVEvents:
         """What the prefix cache stored and removed since the last call (all it holds if `full` or past max_hashes)."""
-        if self.prefix_cache is None:
-            return KVEvents(full=full)
-        return self.prefix_cache.events(full, max_hashes)
+        return self.prefix_cache.events(full, max_hashes) if self.prefix_cache else KVEvents(full=full)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError when the request cannot be served as asked."""
@@ -192,7 +188,7 @@ class LLMEngine:
         seq.num_computed_tokens = len(prompt_token_ids)
         if self.prefix_cache:  # the KV landed and was verified: the prompt's full blocks are complete
             self.prefix_cache.cache_blocks(seq)
-        self._append_token(seq, first_token_id, first_logprob)
+        self._append_tokens(seq, [first_token_id], [first_logprob])
         self._pending.append(seq)
         if seq.status.finished:
             self._finish(seq)
@@ -222,41 +218,46 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward step over the scheduled batch; return the progress of every request it touched."""
-        outputs = self._aborted
-        self._aborted = []
-        touched = list(self._pending)
-        self._pending = []
+        outputs, self._aborted = self._aborted, []
+        touched, self._pending = list(self._pending), []
         scheduled = self.scheduler.schedule()
         if scheduled:
             self._run(scheduled)
             touched += [seq for seq, _ in scheduled if seq not in touched]
-        for seq in touched:
-            out = self.stops.emit(seq)
-            if out is not None:
-                outputs.append(out)
-        return outputs
+        return outputs + [out for out in map(self.stops.emit, touched) if out is not None]
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n) for seq, n in scheduled}
-        sampled = forward_step(self.model, self.kv_cache, scheduled, self._layer_hook)
+        drafts = self.speculator.plan(scheduled, self.scheduler) if self.speculator else {}
+        self.step_chunks = {seq.request_id: (seq.num_computed_tokens, n + len(drafts.get(seq.request_id, ())))
+                            for seq, n in scheduled}  # a verify span writes (and costs) its K+1 positions
+        sampled = forward_step(self.model, self.kv_cache, scheduled, self._layer_hook, drafts)
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            if self.prefix_cache:
+            if self.prefix_cache and seq.request_id not in drafts:
                 self.prefix_cache.cache_blocks(seq)
-        for seq, token, info in sampled:
-            self._append_token(seq, token, info)
+        for seq, tokens, infos in sampled:
+            draft = drafts.get(seq.request_id)
+            if draft:
+                tokens, infos = self.speculator.accept(draft, tokens, infos)
+            self._append_tokens(seq, tokens, infos)
+            if draft:
+                self.speculator.settle(seq, self.scheduler, self.prefix_cache)
             if seq.status.finished or seq.status is SequenceStatus.PREFILLED:
                 self._finish(seq)
 
-    def _append_token(self, seq: Sequence, token: int, info: dict | None) -> None:
-        seq.token_ids.append(token)
-        seq.logprobs.append(info)
-        if seq.prefill_only:  # the decode side applies the stop and grammar rules to this token (add_prefilled)
-            seq.status = SequenceStatus.PREFILLED
-            return
-        if seq.matcher is not None:
-            seq.matcher.accept(token)
-        self.stops.check(seq)
+    def _append_tokens(self, seq: Sequence, tokens: list[int], infos: list) -> None:
+        """Append tokens until one ends the sequence: a stop inside an accepted draft run ends it right there."""
+        for token, info in zip(tokens, infos):
+            seq.token_ids.append(token)
+            seq.logprobs.append(info)
+            if seq.prefill_only:  # the decode side applies the stop and grammar rules to this token (add_prefilled)
+                seq.status = SequenceStatus.PREFILLED
+                return
+            if seq.matcher is not None:
+                seq.matcher.accept(token)
+            self.stops.check(seq)
+            if seq.status.finished:
+                return
 
     def _finish(self, seq: Sequence) -> None:
         """A sequence is done: leave the batch; free its blocks unless a prefill caller still needs them."""
@@ -281,8 +282,7 @@ class LLMEngine:
     def _check_reservation(self, request_id: str, num_prompt_tokens: int) -> None:
         self._check_new_id(request_id)
         if num_prompt_tokens <= 0 or num_prompt_tokens >= self.max_model_len:
-            raise InvalidRequestError(f"num_prompt_tokens must lie in [1, {self.max_model_len}), "
-                                      f"got {num_prompt_tokens}")
+            raise InvalidRequestError(f"num_prompt_tokens must lie in [1, {self.max_model_len}), got {num_prompt_tokens}")
 
     def _drop(self, request_id: str) -> bool:
         """Forget a request and free whatever blocks it holds; False if it was unknown."""

@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from kvmesh.services.engine.dtype_choice import resolve_dtype
 from kvmesh.services.engine.errors import InvalidRequestError
 from kvmesh.services.engine.kv_cache import KVCache, dtype_name
 from kvmesh.services.engine.gemma import GEMMA_ARCHITECTURES, GemmaModel
@@ -36,10 +37,11 @@ def load_model(path: str | Path, dtype: str, device: str, block_size: int, num_b
                kv_cache_bytes: int | None, max_num_seqs: int,
                kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None):
     """(model, tokenizer, KV pool) of a local HF checkpoint folder; the pool sized by num_blocks, else by the
-    given storage, else by kv_cache_bytes (see `pool_num_blocks`)."""
+    given storage, else by kv_cache_bytes (see `pool_num_blocks`). dtype "auto" follows the device and the
+    checkpoint (see `dtype_choice`)."""
     from transformers import AutoTokenizer
 
-    model = model_class(path).from_path(path, dtype, device)
+    model = model_class(path).from_path(path, resolve_dtype(dtype, load_config(path).dtype, device), device)
     cfg = model.config
     layout = KVLayout(model_id(path), dtype_name(model.dtype), block_size, cfg.num_layers, cfg.num_kv_heads,
                       cfg.head_dim)

@@ -27,6 +27,14 @@ class RequestOutput:
     block_hashes: tuple[bytes, ...] = field(default=(), repr=False)
 
 
+def eos_token_ids(config, tokenizer) -> tuple[int, ...]:
+    """The model config's end-of-sequence ids plus the tokenizer's, if it names another."""
+    eos = list(config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return tuple(eos)
+
+
 class StopChecker:
     """Decides after each sampled token whether a sequence is done, and which tokens may be emitted."""
 

@@ -119,6 +119,20 @@ class Scheduler:
             seq.num_cached_tokens = cached
         return True
 
+    def try_grow(self, seq: Sequence, n: int) -> bool:
+        """Give a running sequence blocks for its next `n` tokens if they are free (False: none taken)."""
+        if not self.allocator.can_allocate(self._blocks_needed(seq, n)):
+            return False
+        self._grow(seq, n)
+        return True
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past a sequence's last token (grown for draft tokens that were rejected)."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.allocator.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
+
     def _grow(self, seq: Sequence, n: int) -> None:
         need = self._blocks_needed(seq, n)
         if need:

@@ -1,5 +1,5 @@
-"""One forward step over the scheduled batch: the model over every chunk, then one token sampled per sequence
-whose chunk reaches its end."""
+"""One forward step over the scheduled batch: the model over every chunk, then the tokens of every sequence whose
+chunk reaches its end (one; or, for a sequence verifying draft tokens, one per verified position)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,22 @@ from kvmesh.services.engine.sequence import Sequence
 from kvmesh.services.engine.structured import mask_logits
 
 
+def _chunk(seq: Sequence, n: int, draft: list[int] | None) -> Chunk:
+    start = seq.num_computed_tokens
+    if draft:  # its last token and the draft after it, with logits at every position
+        return Chunk(seq.token_ids[start:start + n] + list(draft), start, seq.block_table, True, True)
+    return Chunk(seq.token_ids[start:start + n], start, seq.block_table, start + n == seq.num_tokens)
+
+
 def forward_step(model, kv_cache: KVCache, scheduled: list[tuple[Sequence, int]],
-                 layer_hook: Callable[[int, list[str]], None] | None) -> list[tuple[Sequence, int, dict | None]]:
-    """Run the model over the next `n` tokens of each scheduled sequence (writing their KV into the pool) and
-    sample; (sequence, token, logprob info) of each sequence that wants a token. `layer_hook(layer, ids)` fires
-    after each layer for the prompts this step completes (their every layer is final once it fires)."""
-    chunks = [Chunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n],
-                    seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + n == seq.num_tokens)
-              for seq, n in scheduled]
+                 layer_hook: Callable[[int, list[str]], None] | None,
+                 drafts: dict[str, list[int]] | None = None) -> list[tuple[Sequence, list[int], list]]:
+    """Run the model over the next `n` tokens of each scheduled sequence (plus its draft tokens, `drafts` by
+    request id; their KV is written too) and pick tokens: (sequence, tokens, logprob infos) of each sequence that
+    wants one; a drafted sequence gets the model's token after each of its verified positions. `layer_hook(layer,
+    ids)` fires after each layer for the prompts this step completes (their every layer is final once it fires)."""
+    drafts = drafts or {}
+    chunks = [_chunk(seq, n, drafts.get(seq.request_id)) for seq, n in scheduled]
     batch = build_batch(chunks, kv_cache.layout.block_size, model.device, group_cost=model.decode_group_cost)
     hook = None
     if layer_hook is not None:
@@ -29,11 +37,20 @@ def forward_step(model, kv_cache: KVCache, scheduled: list[tuple[Sequence, int]]
                if seq.num_computed_tokens < seq.num_prompt_tokens <= seq.num_computed_tokens + n]
         hook = (lambda i: layer_hook(i, ids)) if ids else None
     logits = model.forward(batch, kv_cache, hook)
-    sampled = [(seq, batch.chunk_rows[j]) for j, (seq, _) in enumerate(scheduled) if chunks[j].want_logits]
-    if not sampled:
+    rows, owners = [], []
+    for j, (seq, _) in enumerate(scheduled):
+        if chunks[j].want_logits:
+            count = len(chunks[j].token_ids) if chunks[j].all_logits else 1
+            rows.extend(range(batch.chunk_rows[j], batch.chunk_rows[j] + count))
+            owners.append((seq, count))
+    if not owners:
         return []
-    rows = torch.tensor([row for _, row in sampled], device=logits.device)
-    logits = mask_logits(logits.index_select(0, rows).float(), [s.matcher for s, _ in sampled])
-    tokens, infos = sample(logits, [s.params for s, _ in sampled],
-                           [s.generator for s, _ in sampled], [(s.token_ids, s.num_prompt_tokens) for s, _ in sampled])
-    return [(seq, token, info) for (seq, _), token, info in zip(sampled, tokens, infos)]
+    seqs = [seq for seq, count in owners for _ in range(count)]
+    picked = logits.index_select(0, torch.tensor(rows, device=logits.device)).float()
+    tokens, infos = sample(mask_logits(picked, [s.matcher for s in seqs]), [s.params for s in seqs],
+                           [s.generator for s in seqs], [(s.token_ids, s.num_prompt_tokens) for s in seqs])
+    out, i = [], 0
+    for seq, count in owners:
+        out.append((seq, tokens[i:i + count], infos[i:i + count]))
+        i += count
+    return out

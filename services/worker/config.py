@@ -13,7 +13,9 @@ class WorkerConfig(ServerConfig):
     """Settings every engine worker (prefill, decode) shares."""
 
     model: str = knob("", "Folder of the model checkpoint (HF layout: config.json, safetensors, tokenizer).")
-    dtype: str = knob("auto", "Weights and KV dtype: auto (the checkpoint's own), float32, bfloat16, float16.",
+    dtype: str = knob("auto", "Weights and KV dtype: auto (on CUDA the checkpoint's own; on a CPU bfloat16 only "
+                      "where it has native bf16 — avx512_bf16/amx_bf16 — and the checkpoint is 16-bit, else "
+                      "float32), float32, bfloat16, float16.",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("cpu", "torch device: cpu, cuda, cuda:1, ...")
     block_size: int = knob(16, "Tokens per KV block; every worker of a mesh must use the same.")

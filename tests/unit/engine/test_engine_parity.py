@@ -4,6 +4,7 @@ import pytest
 import torch
 from engine_helpers import FAMILIES, prompts_of_lengths, run_all
 
+from kvmesh.services.engine import dtype_choice
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.engine import LLMEngine
 from kvmesh.services.engine.kv_cache import KVCache
@@ -81,7 +82,8 @@ def test_bfloat16_within_held_tolerance(model_dir, hf_model):
     _bf16_check(model_dir("llama"), hf_model)
 
 
-def test_dtype_auto_takes_the_checkpoints_dtype(model_dir, hf_model):
+def test_dtype_auto_takes_the_checkpoints_dtype_where_the_cpu_has_native_bf16(model_dir, hf_model, monkeypatch):
+    monkeypatch.setattr(dtype_choice, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     path = model_dir("qwen2", dtype="bfloat16")
     engine = LLMEngine.from_path(path, num_blocks=8)
     assert engine.layout.dtype == "bfloat16" and engine.model.embed.dtype == torch.bfloat16
