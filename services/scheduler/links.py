@@ -26,9 +26,9 @@ import numpy as np
 
 from kvmesh.services.scheduler.models import robust_least_squares
 
-WINDOW = 64  # samples per link: recent enough to follow a change of path or load
+WINDOW = 32  # samples per link: recent enough to follow a change of path or load
 MIN_SAMPLES = 4  # fewer: the fallback speaks
-MAX_LINKS = 1024  # windows per table (pairs, backends, requesters): the oldest goes first
+MAX_LINKS = 4096  # windows per table (pairs, backends, requesters), 64 x 64 workers' pairs: the oldest goes first
 MIN_GBPS, MAX_GBPS = 1e-3, 1e4
 MAX_FIXED_S = 10.0
 TRANSFER, FETCH = "transfer", "fetch"
