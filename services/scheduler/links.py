@@ -128,9 +128,11 @@ class LinkBook:
         self._pair_backend: OrderedDict[tuple[str, str], str] = OrderedDict()  # the backend each pair used last
         self._sender_backend: OrderedDict[str, str] = OrderedDict()
         self._last_backend = ""
+        self._resolved: dict[tuple[str, str], LinkFit] = {}  # transfer()'s answers until the next report
 
     def add(self, sender_id: str, reported: Iterable[Reported]) -> None:
         """Record the samples one worker's heartbeat carried and refit each link they touched, once."""
+        self._resolved.clear()
         grouped: dict[tuple[str, str, str, bool], list[LinkSample]] = {}
         for r in reported:
             grouped.setdefault((r.backend, r.peer, r.cache_fetch), []).append(r.sample)
@@ -155,6 +157,14 @@ class LinkBook:
 
     def transfer(self, sender_id: str, receiver: str) -> LinkFit:
         """The handoff model from sender_id to receiver: the pair's fit, else its backend's, else the prior."""
+        fit = self._resolved.get((sender_id, receiver))
+        if fit is None:
+            fit = self._resolved[sender_id, receiver] = self._transfer(sender_id, receiver)
+            if len(self._resolved) > MAX_LINKS:  # routes naming endless pairs between two reports
+                self._resolved.clear()
+        return fit
+
+    def _transfer(self, sender_id: str, receiver: str) -> LinkFit:
         backend = (self._pair_backend.get((sender_id, receiver)) or self._sender_backend.get(sender_id)
                    or self._last_backend)
         pair = self.pairs.get((sender_id, receiver, backend))

@@ -4,6 +4,8 @@ decode worker's time per output token with one more request in its batch. Pure f
 
 from __future__ import annotations
 
+import functools
+
 from kvmesh.services.kv_identity import KVLayout, prefill_locally
 from kvmesh.services.scheduler.registry import Worker
 from kvmesh.services.scheduler.route_types import Links
@@ -16,6 +18,7 @@ LOCAL_CHUNK_TOKENS = 256
 LOCAL_PREFILL_MAX_TOKENS = 16
 
 
+@functools.lru_cache(maxsize=64)  # a handful of layouts, asked once per candidate of every route
 def kv_bytes_per_token(layout: KVLayout) -> int:
     """Bytes of K and V per token across every layer."""
     return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * _DTYPE_BYTES.get(layout.dtype, 2)
