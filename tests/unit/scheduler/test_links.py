@@ -103,3 +103,18 @@ def test_slo_aware_prices_each_pairs_handoff_by_its_own_link_and_says_which():
     assert plan.decode.worker_id == fast.worker_id and "handoff fitted 5" in plan.why
     model = next(m for m in explain.links_of(book, registry) if m.receiver == slow.spec.address)
     assert model.fitted and model.sender_id == prefill.worker_id and model.gbps == pytest.approx(0.01, rel=0.1)
+
+
+def test_the_link_gauge_shows_live_senders_links_and_drops_a_departed_senders():
+    from kvmesh.services.common import metrics
+
+    registry = Registry(lease_s=10)
+    prefill = add(registry, Role.PREFILL, 1)
+    book = LinkBook()
+    book.add(prefill.worker_id, reported(random.Random(8), "127.0.0.1:2", gbps=2.0))
+    book.add("prefill-gone", reported(random.Random(9), "127.0.0.1:2"))
+    explain.observe_links(book, registry)
+    labels = ("transfer", prefill.worker_id, "127.0.0.1:2", "shm", "gbps")
+    assert metrics.SCHEDULER_LINK_MODEL.labels(*labels)._value.get() == pytest.approx(2.0, rel=0.05)
+    senders = {s.labels["sender_id"] for m in metrics.SCHEDULER_LINK_MODEL.collect() for s in m.samples}
+    assert senders == {prefill.worker_id, ""}  # the departed sender's series went; the fits across senders stay
