@@ -3,6 +3,11 @@ router over synthetic registrations (heartbeats with varied loads, fitted cost m
 a few decode workers and the cache), each policy timed on the same states in the same run.
 
     python bench/route_scale.py [--prefill 64] [--decode 64] [--prompt-tokens 4000] [--routes 2000]
+                                [--links fitted|prior]
+
+`--links fitted` (the default, as a running scheduler has them) gives the predictions a link book in which half
+the prefill workers have a fitted handoff link to every decode worker (the others fall back to the backend's fit)
+and every prefill worker a fitted cache-fetch link; `--links prior` gives them the configured priors only.
 
 Prints a Markdown table: p50/p99 of `router.route` (the decision) in CPU time on its thread and in wall time, and
 the wall time of the whole in-process Route path the servicer runs (prompt hashing once, the KV index's lookup
@@ -25,8 +30,10 @@ from pathlib import Path
 from kvmesh.services.cost_model import DecodeModel, PrefillModel
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
 from kvmesh.services.scheduler import router
+from kvmesh.services.scheduler.links import MIN_SAMPLES, LinkBook, LinkSample, Reported
 from kvmesh.services.scheduler.models import Fit
-from kvmesh.services.scheduler.policies import POLICIES, RouteQuery
+from kvmesh.services.scheduler.policies import POLICIES, Links, RouteQuery
+from kvmesh.services.scheduler.predict import receiver_address
 from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
 
 LAYOUT = KVLayout("bench", "bfloat16", 16, 30, 3, 64)
@@ -48,6 +55,22 @@ def build(num_prefill: int, num_decode: int, prompt: tuple[int, ...], rng: rando
                 held = PromptHashes(prompt, "").of(LAYOUT)[: rng.randrange(1, len(prompt) // 16)]
                 registry.apply_kv_events(worker.worker_id, held, [], True)
     return registry
+
+
+def fitted_links(registry: Registry, rng: random.Random) -> Links:
+    """A link book as heartbeats would fill it: handoff links from every other prefill worker to every decode
+    worker, fetch links into every prefill worker (the cache reports those)."""
+    book = LinkBook()
+    decode = [receiver_address(w) for w in registry.workers(Role.DECODE)]
+    fetches = []
+    for i, prefill in enumerate(registry.workers(Role.PREFILL)):
+        if i % 2 == 0:
+            book.add(prefill.worker_id, [Reported("shm", peer, LinkSample(n, 0.001 + n / 2e9)) for peer in decode
+                                         for n in (rng.randrange(1 << 20, 1 << 26) for _ in range(MIN_SAMPLES))])
+        fetches += [Reported("shm", receiver_address(prefill), LinkSample(n, 0.002 + n / 3e9, n // 4), True)
+                    for n in (rng.randrange(1 << 20, 1 << 26) for _ in range(MIN_SAMPLES))]
+    book.add("cache", fetches)
+    return Links(book=book)
 
 
 def route_once(registry: Registry, query: RouteQuery, policy) -> tuple[float, float, float]:
@@ -80,13 +103,16 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=4000)
     parser.add_argument("--routes", type=int, default=2000)
+    parser.add_argument("--links", choices=("fitted", "prior"), default="fitted",
+                        help="the predictions' KV link models: fitted per pair (a link book) or the priors")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
     rng = random.Random(0)
     prompt = tuple(rng.randrange(1, 49_000) for _ in range(args.prompt_tokens))
     registry = build(args.prefill, args.decode, prompt, rng)
+    links = fitted_links(registry, rng) if args.links == "fitted" else Links()
     query = RouteQuery("bench", prompt, cached_tokens={LAYOUT: args.prompt_tokens // 2},
-                       cached_ssd_tokens={LAYOUT: args.prompt_tokens // 4})
+                       cached_ssd_tokens={LAYOUT: args.prompt_tokens // 4}, links=links)
     results = {}
     for _ in range(2):  # the first pass warms every policy up; the second is timed, policies interleaved
         times = {name: ([], [], []) for name in POLICIES}
@@ -102,7 +128,7 @@ def main() -> None:
                    for name, (d, c, w) in times.items()}
     base = results["least_loaded"]["decision_cpu_p99_us"]
     print(f"{args.prefill} prefill x {args.decode} decode workers, {args.prompt_tokens}-token prompt, "
-          f"{args.routes} routes per policy\n")
+          f"{args.routes} routes per policy, {args.links} links\n")
     print("| policy | decision CPU p50 µs | decision CPU p99 µs | CPU p99 / least_loaded | decision wall p50 / p99 µs"
           " | Route path wall p50 / p99 µs |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -69,6 +69,11 @@ class TransferStats:
     #: (layer, bytes, epoch ns) as each layer was handed to the backend (sender side only).
     layer_times: tuple[tuple[int, int, int], ...] = field(default=(), compare=False)
     error: str = ""
+    #: The receiver's transport address (sender side): whose link these figures measure.
+    peer: str = ""
+    #: Seconds the sender spent inside the transport (layer writes and the commit), without the gaps in which it
+    #: waited for its next layer to be computed (0: not measured, as on the receiver side).
+    busy_seconds: float = 0.0
 
     @property
     def gbps(self) -> float:

@@ -44,7 +44,7 @@ class Transfer(ABC):
         self.sender = link.sender
         self.pool = link.sender.region.array
         self.layer_checksums: dict[int, int] = {}
-        self.nbytes = 0
+        self.nbytes, self.busy_seconds = 0, 0.0  # busy: inside send_layer and commit, not the sender's compute
         self.checksum_seconds = 0.0
         self.state = "open"  # open -> committed | failed
         #: The OpenRequest the data and Commit carry (set by `Sender.open` when `carries_open`).
@@ -80,7 +80,7 @@ class Transfer(ABC):
         if layer in self.layer_checksums or layer in self._sending:
             raise errors.InvalidTransfer(f"layer {layer} already sent")
         self._sending.add(layer)
-        pairs = self._runs_of(src_block_ids)
+        began, pairs = time.perf_counter(), self._runs_of(src_block_ids)
         nbytes = 2 * self.dst_ids.size * self.pool.shape[3]
         if nbytes < self.inline_bytes and self.sender.chaos is None \
                 and not self._lock.locked():  # a small one-sided copy: done here, no await, nothing to interleave
@@ -91,7 +91,7 @@ class Transfer(ABC):
                 self._check_open()
                 checksum = await self._guard(lambda: self._send(runs, nbytes), f"send_layer({layer})")
         self.layer_checksums[layer] = checksum
-        self.nbytes += nbytes
+        self.nbytes, self.busy_seconds = self.nbytes + nbytes, self.busy_seconds + time.perf_counter() - began
         last = len(self.layer_checksums) == self.pool.shape[0]  # Commit follows: it verifies, and it renews
         early = (self.link.early_verify and self.open_request is None and self.sender.verify
                  and nbytes >= EARLY_VERIFY_BYTES and not last)
@@ -107,18 +107,18 @@ class Transfer(ABC):
         transfer's deadline): DataLossError when the receiver found damaged or missing bytes.
         """
         await self._check_open_answer()
-        missing = sorted(set(range(self.pool.shape[0])) - set(self.layer_checksums))
+        began, missing = time.perf_counter(), sorted(set(range(self.pool.shape[0])) - set(self.layer_checksums))
         if missing:
             raise errors.InvalidTransfer(f"commit before layers {missing} were sent")
         async with self._lock:
             await self._guard(self._flush, "flush")
         if self._hints:  # they normally landed long ago; hints left behind would race the Commit
             await asyncio.gather(*self._hints)
-        verify = self.sender.verify
-        sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if verify else []
-        commit = self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, verify,
+        sums = [self.layer_checksums[i] for i in range(self.pool.shape[0])] if self.sender.verify else []
+        commit = self.link.peer.commit(self.transfer_id, self.link.name, self.nbytes, sums, self.sender.verify,
                                        self.remaining(), **self._commit_fields())
         await self._guard(lambda: first_failure(commit, self._settle()), "commit")
+        self.busy_seconds += time.perf_counter() - began
         stats = self._stats()
         self._finish("committed", stats)
         return stats
@@ -247,8 +247,7 @@ class Transfer(ABC):
             checksum = self._timed_checksum(runs)
             await self._writer(runs)
             return checksum
-        checksum, _ = await asyncio.gather(asyncio.to_thread(self._timed_checksum, runs), self._writer(runs))
-        return checksum
+        return (await asyncio.gather(asyncio.to_thread(self._timed_checksum, runs), self._writer(runs)))[0]
 
     def _timed_checksum(self, runs: list[Run]) -> int:
         t = time.perf_counter()
@@ -292,7 +291,8 @@ class Transfer(ABC):
     def _stats(self, error: str = "") -> TransferStats:
         return TransferStats(self.link.name, self.nbytes, int(self.dst_ids.size), self.pool.shape[0],
                              time.perf_counter() - self.started, self.checksum_seconds, self.transfer_id, "send",
-                             self._start_ns, time.time_ns(), tuple(self._layer_times), error)
+                             self._start_ns, time.time_ns(), tuple(self._layer_times), error,
+                             self.link.descriptor.address, self.busy_seconds)
 
     def _finish(self, state: str, stats: TransferStats) -> None:
         self.state = state

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,6 +34,7 @@ from kvmesh.services.cache.staging import StagedBlocks
 from kvmesh.services.cache.store import BlockStore
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError
 from kvmesh.services.common import tls
+from kvmesh.services.common.transfer_samples import SENT
 from kvmesh.services.common.transfer_telemetry import report
 from kvmesh.transports import PREFERENCE, KVRegion, TransferStats, allocate_region, block_nbytes
 from kvmesh.transports.sender import Sender
@@ -123,6 +125,7 @@ class Delivery:
             log.info("staging of %d blocks full for %.3f s: %s gets nothing", lane.staging.num_blocks,
                      self.wait_s, transfer_id)
             return Delivered()
+        began = time.perf_counter()  # the fetch as the requester waits for it: tier reads, then the transfer
         copy = asyncio.ensure_future(asyncio.to_thread(self._copy_in, lane, key, [e.block_hash for e in fresh],
                                                        [e.block for e in fresh])) if fresh else None
         try:
@@ -151,6 +154,7 @@ class Delivery:
             else:  # cancelled mid-copy: the thread still writes into the fresh blocks
                 copy.add_done_callback(lambda done: self._copied(lane, fresh, entries, done))
         self.num_deliveries += 1
+        SENT.observe_fetch(stats, stats.bytes * tiers.count("ssd") // len(block_hashes), time.perf_counter() - began)
         return Delivered(len(tiers), tiers.count("dram"), tiers.count("ssd"), stats)
 
     @staticmethod

@@ -14,6 +14,7 @@ from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import ids
 from kvmesh.services.common.registration import advertise_address, register_everywhere, scheduler_addresses
 from kvmesh.services.common.server import MeshServer, Service, serve
+from kvmesh.services.common.transfer_samples import SENT
 from kvmesh.transports import available_backends
 from kvmesh.v1 import cache_pb2, cache_pb2_grpc, scheduler_pb2
 
@@ -43,7 +44,7 @@ def setup(config: CacheConfig, server: MeshServer) -> CacheServicer:
                 instance_id=server.instance_id, transports=servicer.delivery.backends)
 
         def load() -> scheduler_pb2.WorkerLoad:
-            return scheduler_pb2.WorkerLoad()
+            return SENT.drain_into(scheduler_pb2.WorkerLoad())  # its deliveries, for the fetch link models
 
         register_everywhere(server, scheduler_addresses(config.scheduler), register_request, load)
     return servicer

@@ -155,6 +155,13 @@ SCHEDULER_COST_MODEL = Gauge(
     "enough samples): model prefill (step s = a + b*tokens + c*attention pairs) or decode (a + b*batch + "
     "c*context tokens), coef a, b or c; samples in the fit's window under coef n.",
     ["worker_id", "model", "coef"], registry=REGISTRY)
+SCHEDULER_LINK_MODEL = Gauge(
+    "kvmesh:scheduler_link_model",
+    "The scheduler's KV link models, fitted from the transfers workers report on heartbeats (priors before enough "
+    "samples): kind transfer (prefill->decode handoff, per sender, receiver and backend; sender and receiver empty "
+    "for a backend's fit across pairs) or fetch (the cache's delivery per requester; empty: across requesters); "
+    "seconds = fixed_s + bytes / (gbps * 1e9), a fetch's SSD bytes at ssd_gbps; samples in the window under n.",
+    ["kind", "sender_id", "receiver", "backend", "coef"], registry=REGISTRY)
 WORKER_FAILURE_REPORTS = Counter(
     "kvmesh:scheduler_failure_reports_total",
     "Failed calls to a worker reported to the scheduler (feeding its breaker), by the worker's role and the "

@@ -12,6 +12,7 @@ from opentelemetry import trace
 
 from kvmesh.services.common import metrics
 from kvmesh.services.common import conventions as names
+from kvmesh.services.common.transfer_samples import SENT
 from kvmesh.transports.base import TransferStats
 
 TRACER = "kvmesh.transports"  # the instrumentation scope transfer spans have always carried
@@ -38,3 +39,10 @@ def report(stats: TransferStats) -> None:
                              names.ATTR_KV_BYTES: stats.bytes, names.ATTR_KV_BLOCKS: stats.blocks,
                              names.ATTR_KV_GBPS: stats.gbps, "kvmesh.kv.seconds": stats.seconds})
     span.end(end_time=stats.end_ns or None)
+
+
+def report_sent(stats: TransferStats) -> None:
+    """A handoff sender's observer: `report`, and the transfer kept for the scheduler's link models (sent on the
+    next heartbeat)."""
+    report(stats)
+    SENT.observe(stats)

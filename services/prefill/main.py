@@ -11,7 +11,7 @@ from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.prefill.config import PrefillConfig
 from kvmesh.services.prefill.servicer import PrefillServicer
 from kvmesh.services.prefill.worker import PrefillWorker
-from kvmesh.services.common.transfer_telemetry import report
+from kvmesh.services.common.transfer_telemetry import report, report_sent
 from kvmesh.services.worker.startup import setup_worker
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.sender import Sender
@@ -31,7 +31,8 @@ async def setup(config: PrefillConfig, server: MeshServer) -> None:
     kit = await setup_worker(config, server, name="prefill")
     region, layout, backends = kit.region, kit.layout, kit.backends
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
-                    chaos=config.transport_chaos or None, observer=report, tls=tls.LIVE if server.tls else None)
+                    chaos=config.transport_chaos or None, observer=report_sent,
+                    tls=tls.LIVE if server.tls else None)
     cache = worker_cache_client(config, server.channels, layout)
     receiver = Receiver(region, layout, backends=backends, observer=report) if cache is not None else None
     worker = PrefillWorker(kit.engine_thread, sender, config.handoff_lease_s, cache, receiver)

@@ -24,7 +24,7 @@ class SchedulerConfig(ServerConfig):
                                   "is predicted to meet. 0: none.")
     slo_tpot_s: float = knob(0.0, "Default time-per-output-token objective (seconds), as slo_ttft_s. 0: none.")
     transfer_gbps: float = knob(8.0, "Prior of the prefill-to-decode KV handoff's speed (GB/s) in the "
-                                     "predictions.")
+                                     "predictions, until the workers' reported transfers fit one (see links.py).")
     cache_dram_gbps: float = knob(4.0, "Prior of a KV fetch's speed from the cache's DRAM tier (GB/s).")
     cache_ssd_gbps: float = knob(1.0, "Prior of a KV fetch's speed from the cache's SSD tier (GB/s).")
     kv_move_fixed_s: float = knob(0.002, "Prior of the fixed cost (seconds) of one KV handoff or fetch.")

@@ -1,9 +1,11 @@
 """What the scheduler believes and why it routed as it did, for operators: the route span's attributes and
-events (each candidate's predictions, the KV source and why), the Stats message and the cost-model gauges."""
+events (each candidate's predictions, the KV source and why), the Stats message and the cost-model and
+link-model gauges."""
 
 from __future__ import annotations
 
 from kvmesh.services.common import metrics
+from kvmesh.services.scheduler.links import LinkBook
 from kvmesh.services.scheduler.registry import Registry, Role, Worker
 from kvmesh.services.scheduler.route_types import RoutePlan
 from kvmesh.v1 import scheduler_pb2
@@ -38,10 +40,32 @@ def model_of(worker: Worker) -> scheduler_pb2.WorkerModel:
         num_outliers=fit.num_outliers)
 
 
-def stats(registry: Registry, policy: str) -> scheduler_pb2.SchedulerStats:
-    """Every live prefill and decode worker's models."""
+def links_of(book: LinkBook | None, registry: Registry) -> list[scheduler_pb2.LinkModel]:
+    """The LinkModel messages of the book's links whose sender is live (and every fallback)."""
+    if book is None:
+        return []
+    live = {w.worker_id for w in registry.workers()}
+    return [scheduler_pb2.LinkModel(kind=kind, sender_id=sender, receiver=receiver, backend=backend,
+                                    fixed_seconds=fit.fixed_s, gbps=fit.gbps, ssd_gbps=fit.ssd_gbps,
+                                    num_samples=fit.num_samples, num_outliers=fit.num_outliers, fitted=fit.fitted)
+            for kind, sender, receiver, backend, fit in book.entries() if not sender or sender in live]
+
+
+def stats(registry: Registry, policy: str, book: LinkBook | None = None) -> scheduler_pb2.SchedulerStats:
+    """Every live prefill and decode worker's models, and the KV link models."""
     workers = [w for w in registry.workers() if w.spec.role in (Role.PREFILL, Role.DECODE)]
-    return scheduler_pb2.SchedulerStats(models=[model_of(w) for w in workers], policy=policy)
+    return scheduler_pb2.SchedulerStats(models=[model_of(w) for w in workers], policy=policy,
+                                        links=links_of(book, registry))
+
+
+def observe_links(book: LinkBook | None, registry: Registry) -> None:
+    """Set the link-model gauges to the book's links of live senders (a departed sender's series go)."""
+    metrics.SCHEDULER_LINK_MODEL.clear()
+    for link in links_of(book, registry):
+        labels = (link.kind, link.sender_id, link.receiver, link.backend)
+        for coef, value in (("fixed_s", link.fixed_seconds), ("gbps", link.gbps), ("ssd_gbps", link.ssd_gbps),
+                            ("n", link.num_samples)):
+            metrics.SCHEDULER_LINK_MODEL.labels(*labels, coef).set(value)
 
 
 def observe_models(registry: Registry) -> None:

@@ -12,7 +12,8 @@ from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.scheduler.breaker import Breaker
 from kvmesh.services.scheduler.cache_probe import CacheProbe
 from kvmesh.services.scheduler.config import SchedulerConfig
-from kvmesh.services.scheduler.explain import observe_models
+from kvmesh.services.scheduler.explain import observe_links, observe_models
+from kvmesh.services.scheduler.links import LinkBook
 from kvmesh.services.scheduler.policies import get_policy
 from kvmesh.services.scheduler.health_probe import HealthProber
 from kvmesh.services.scheduler.registry import Registry
@@ -27,15 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_mod.add_arguments(parser, SchedulerConfig, "scheduler")
 
 
-async def expire_leases(registry: Registry, interval_s: float) -> None:
-    """Drop lapsed workers every interval_s and refresh the breaker and cost-model gauges, forever (cancelled at
-    stop)."""
+async def expire_leases(registry: Registry, interval_s: float, book: LinkBook | None = None) -> None:
+    """Drop lapsed workers every interval_s and refresh the breaker, cost-model and link-model gauges, forever
+    (cancelled at stop)."""
     while True:
         await asyncio.sleep(interval_s)
         for worker in registry.expire():
             log.warning("lease lapsed: dropped %s at %s", worker.worker_id, worker.spec.address)
         observe_breakers(registry)
         observe_models(registry)
+        observe_links(book, registry)
 
 
 def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
@@ -50,7 +52,7 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
     interval = min(1.0, config.lease_s / 4)
 
     async def expiry(_server: MeshServer) -> None:
-        await expire_leases(registry, interval)
+        await expire_leases(registry, interval, servicer.links.book)
 
     async def recheck(_server: MeshServer) -> None:
         await prober.watch_open(min(0.25, config.breaker_cooldown_s / 4))

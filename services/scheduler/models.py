@@ -58,18 +58,25 @@ def fit_steps(samples: list[StepSample], prior: Fit = Fit()) -> Fit:
     if len(samples) < MIN_SAMPLES:
         return Fit(prior.prefill, prior.decode, len(samples), 0)
     rows = np.array([_row(s.shape) for s in samples])
-    seconds = np.array([s.seconds for s in samples])
+    coef, num_outliers = robust_least_squares(rows, np.array([s.seconds for s in samples]), MIN_SAMPLES)
+    a, b, c, d, e = coef
+    has_prefill, has_decode = rows[:, 1].any(), rows[:, 3].any()
+    prefill = PrefillModel(a, b, c) if has_prefill else prior.prefill
+    decode = DecodeModel(a, d, e) if has_decode else prior.decode
+    return Fit(prefill, decode, len(samples), num_outliers, bool(has_prefill))
+
+
+def robust_least_squares(rows: np.ndarray, seconds: np.ndarray, min_samples: int) -> tuple[tuple[float, ...], int]:
+    """(coefficients, samples dropped): `least_squares`, then the samples it misses by more than OUTLIER_MADS
+    median relative deviations (and more than MIN_OUTLIER_BAND) dropped and the rest refitted, when at least
+    `min_samples` remain. Shared by the step models here and the KV link models (links.py)."""
     coef = np.array(least_squares(rows, seconds))
     error = np.abs(rows @ coef / seconds - 1.0)
     band = max(OUTLIER_MADS * float(np.median(error)), MIN_OUTLIER_BAND)
     keep = error <= band
-    if MIN_SAMPLES <= keep.sum() < len(samples):
+    if min_samples <= keep.sum() < len(seconds):
         coef = np.array(least_squares(rows[keep], seconds[keep]))
-    a, b, c, d, e = (float(x) for x in coef)
-    has_prefill, has_decode = rows[:, 1].any(), rows[:, 3].any()
-    prefill = PrefillModel(a, b, c) if has_prefill else prior.prefill
-    decode = DecodeModel(a, d, e) if has_decode else prior.decode
-    return Fit(prefill, decode, len(samples), int(len(samples) - keep.sum()), bool(has_prefill))
+    return tuple(float(x) for x in coef), int(len(seconds) - keep.sum())
 
 
 class StepWindow:

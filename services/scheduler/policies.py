@@ -52,8 +52,9 @@ def estimated_ttft(query: RouteQuery, layout: KVLayout, prefill: Worker | None, 
     step = predict.step_s(decode)
     if prefill is None or decode_prefills(n, held, decode):  # colocated, or a short tail after a full hit
         return predict.local_backlog_s(decode) + predict.compute_s(decode, held, n - held) + step
-    return (predict.prefill_backlog_s(prefill, n) + predict.fetch_s(query.links, layout, hit - ssd, ssd)
-            + predict.compute_s(prefill, hit, n - hit) + predict.transfer_s(query.links, layout, n - held) + step)
+    return (predict.prefill_backlog_s(prefill, n) + predict.fetch_s(query.links, layout, hit - ssd, ssd, prefill)
+            + predict.compute_s(prefill, hit, n - hit) + predict.transfer_s(query.links, layout, n - held, prefill,
+                                                                             decode) + step)
 
 
 def _best_prefill(query: RouteQuery, group: Candidates) -> Worker | None:

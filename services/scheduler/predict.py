@@ -4,6 +4,8 @@ decode worker's time per output token with one more request in its batch. Pure f
 
 from __future__ import annotations
 
+import functools
+
 from kvmesh.services.kv_identity import KVLayout, prefill_locally
 from kvmesh.services.scheduler.registry import Worker
 from kvmesh.services.scheduler.route_types import Links
@@ -16,6 +18,7 @@ LOCAL_CHUNK_TOKENS = 256
 LOCAL_PREFILL_MAX_TOKENS = 16
 
 
+@functools.lru_cache(maxsize=64)  # a handful of layouts, asked once per candidate of every route
 def kv_bytes_per_token(layout: KVLayout) -> int:
     """Bytes of K and V per token across every layer."""
     return 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim * _DTYPE_BYTES.get(layout.dtype, 2)
@@ -55,19 +58,46 @@ def compute_s(worker: Worker, done: int, num_tokens: int, like: Worker | None = 
     return fit.a + fit.chunk_cost(done, num_tokens) if num_tokens > 0 else 0.0
 
 
-def fetch_s(links: Links, layout: KVLayout, num_dram_tokens: int, num_ssd_tokens: int) -> float:
-    """Seconds to fetch cached KV from the cache service's tiers."""
+def receiver_address(worker: Worker) -> str:
+    """The address a worker's KV arrives at (its transport descriptor's; else its service address): how the
+    senders' reports name it."""
+    descriptor = worker.spec.descriptor
+    return getattr(descriptor, "address", "") or worker.spec.address
+
+
+def fetch_s(links: Links, layout: KVLayout, num_dram_tokens: int, num_ssd_tokens: int,
+            requester: Worker | None = None) -> float:
+    """Seconds to fetch cached KV from the cache service's tiers into `requester` (its fitted fetch model where
+    the scheduler has one, else the priors)."""
     if num_dram_tokens + num_ssd_tokens <= 0:
         return 0.0
-    gb = kv_bytes_per_token(layout) / 1e9
+    per_token = kv_bytes_per_token(layout)
+    if links.book is not None and requester is not None:
+        fit = links.book.fetch(receiver_address(requester))
+        return fit.seconds((num_dram_tokens + num_ssd_tokens) * per_token, num_ssd_tokens * per_token)
+    gb = per_token / 1e9
     return links.fixed_s + gb * (num_dram_tokens / links.dram_gbps + num_ssd_tokens / links.ssd_gbps)
 
 
-def transfer_s(links: Links, layout: KVLayout, num_tokens: int) -> float:
-    """Seconds to hand num_tokens tokens' KV from a prefill worker to a decode worker."""
+def transfer_s(links: Links, layout: KVLayout, num_tokens: int, prefill: Worker | None = None,
+               decode: Worker | None = None) -> float:
+    """Seconds to hand num_tokens tokens' KV from a prefill worker to a decode worker (that pair's fitted link
+    model where the scheduler has one, else the priors)."""
     if num_tokens <= 0:
         return 0.0
+    if links.book is not None and prefill is not None and decode is not None:
+        fit = links.book.transfer(prefill.worker_id, receiver_address(decode))
+        return fit.seconds(num_tokens * kv_bytes_per_token(layout))
     return links.fixed_s + num_tokens * kv_bytes_per_token(layout) / (links.transfer_gbps * 1e9)
+
+
+def link_note(links: Links, prefill: Worker, decode: Worker) -> str:
+    """Which handoff speed the pair's predictions used, for the route span."""
+    if links.book is None:
+        return f"handoff prior {links.transfer_gbps:.3g} GB/s + {links.fixed_s * 1e3:.3g} ms"
+    fit = links.book.transfer(prefill.worker_id, receiver_address(decode))
+    return (f"handoff {'fitted' if fit.fitted else 'prior'} {fit.gbps:.3g} GB/s + {fit.fixed_s * 1e3:.3g} ms "
+            f"({fit.num_samples} samples)")
 
 
 def decode_batch(decode: Worker) -> tuple[int, int]:

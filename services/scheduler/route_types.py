@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.registry import Worker
@@ -17,12 +17,14 @@ RECOMPUTE, CACHE, DECODE_POOL, LOCAL = "recompute", "cache", "decode_pool", "loc
 @dataclass(frozen=True)
 class Links:
     """How fast KV moves, for the predictions: the prefill→decode handoff and the cache's two tiers (GB/s), plus
-    a fixed cost per move. Configured priors (the scheduler's flags), not yet fitted from transfers."""
+    a fixed cost per move. These are the priors (the scheduler's flags); `book`, when set, holds the models fitted
+    from reported transfers per pair and per requester (links.LinkBook), which fall back to these."""
 
     transfer_gbps: float = 8.0
     dram_gbps: float = 4.0
     ssd_gbps: float = 1.0
     fixed_s: float = 0.002
+    book: Any = field(default=None, compare=False, repr=False)  # a links.LinkBook (mutable: fits as they land)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from kvmesh.services.scheduler.breaker import BreakerState
 from kvmesh.services.scheduler.policies import Links, Policy, RouteQuery
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
 from kvmesh.services.cost_model import StepShape
+from kvmesh.services.scheduler.links import LinkBook, LinkSample, Reported
 from kvmesh.services.scheduler.models import StepSample
 from kvmesh.services.scheduler.validate_register import validate_load, validate_register
 from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
@@ -31,6 +32,12 @@ def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> Load:
                                        s.num_context_tokens), s.seconds) for s in msg.steps)
     return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks,
                 msg.num_pending_prefill_tokens, msg.num_pending_prefill, steps)
+
+
+def transfers_from_proto(msg: scheduler_pb2.WorkerLoad) -> list[Reported]:
+    """The KV transfers a (validated) WorkerLoad reports, for the link models."""
+    return [Reported(t.backend, t.peer, LinkSample(t.num_bytes, t.seconds, t.num_ssd_bytes), t.cache_fetch)
+            for t in msg.transfers]
 
 
 def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
@@ -74,7 +81,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                  cache_probe=None, health_prober=None, slo_ttft_s: float = 0.0, slo_tpot_s: float = 0.0,
                  links: Links = Links()) -> None:
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s  # defaults of requests that set none
-        self.links = links
+        self.links = links if links.book is not None else dataclasses.replace(links, book=LinkBook(
+            links.fixed_s, links.transfer_gbps, links.dram_gbps, links.ssd_gbps))  # fitted from heartbeats
         self.registry = registry
         self.health_prober = health_prober  # a HealthProber: verifies reported failures
         self.cache_probe = cache_probe  # a CacheProbe: how much of each prompt the cache holds
@@ -113,6 +121,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await self._refuse_unless_owner(request, context)
         validate_load(request.load)
         self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
+        if request.load.transfers:
+            self.links.book.add(request.worker_id, transfers_from_proto(request.load))
         synced = True
         if request.HasField("kv_events"):
             events = request.kv_events
@@ -172,7 +182,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                            predicted_tpot_seconds=plan.predicted_tpot_s)
 
     async def Stats(self, request, context):
-        return explain.stats(self.registry, self.policy_name)
+        return explain.stats(self.registry, self.policy_name, self.links.book)
 
     async def ListWorkers(self, request, context):
         role = Role(request.role) if request.role in tuple(Role) else None

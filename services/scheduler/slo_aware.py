@@ -31,9 +31,9 @@ def best_prefill(query: RouteQuery, group: Candidates) -> tuple[float, float, Wo
     n, layout, links = len(query.prompt_token_ids), group.layout, query.links
     hit = query.cached_tokens.get(layout, 0)
     ssd = min(query.cached_ssd_tokens.get(layout, 0), hit)
-    fetch = predict.fetch_s(links, layout, hit - ssd, ssd) if hit else 0.0
     best = None
     for prefill in group.prefill:
+        fetch = predict.fetch_s(links, layout, hit - ssd, ssd, prefill) if hit else 0.0  # its own fetch link
         wait = predict.prefill_backlog_s(prefill, n)
         recompute = predict.compute_s(prefill, 0, n)
         cost, source = recompute, RECOMPUTE
@@ -82,7 +82,6 @@ def predictions(query: RouteQuery, groups: Sequence[Candidates]) -> tuple[list[P
             why[like.worker_id] = remote[4]
         queue_s = predict.prefill_backlog_s(like, n, routed=False) if like is not None else 0.0
         chunk = min(n, predict.LOCAL_CHUNK_TOKENS)
-        transfer_all = predict.transfer_s(query.links, group.layout, n)
         for decode in group.decode:
             held = query.decode_cached_tokens.get(decode.worker_id, 0)
             batch, context = predict.decode_batch(decode)
@@ -91,7 +90,7 @@ def predictions(query: RouteQuery, groups: Sequence[Candidates]) -> tuple[list[P
             tpot = model.seconds(batch + 1, context + n)  # predict.tpot_s, its batch computed once
             if remote is not None:
                 total, wait, prefill, source, _ = remote
-                transfer = predict.transfer_s(query.links, group.layout, n - held) if held else transfer_all
+                transfer = predict.transfer_s(query.links, group.layout, n - held, prefill, decode)
                 out.append(Prediction(prefill, decode, source, total + transfer + step, tpot, wait))
             local = _local_compute_s(query, decode, held, like, batch, queue_s)
             if local is not None:
@@ -129,7 +128,8 @@ def slo_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     local = chosen.kv_source in (LOCAL, DECODE_POOL)
     layout = chosen.decode.spec.layout
     reason = (f"decode worker prefills itself: predicted {chosen.ttft_s:.4f}s" if local
-              else why.get(chosen.prefill.worker_id, ""))
+              else f"{why.get(chosen.prefill.worker_id, '')}; "
+                   f"{predict.link_note(query.links, chosen.prefill, chosen.decode)}")
     return RoutePlan(None if chosen.decode.spec.colocated else chosen.prefill, chosen.decode,
                      query.cached_tokens.get(layout, 0) if chosen.kv_source == CACHE else 0, policy="slo_aware",
                      num_decode_cached_tokens=query.decode_cached_tokens.get(chosen.decode.worker_id, 0),

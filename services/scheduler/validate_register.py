@@ -5,6 +5,7 @@ the registry or a routing policy sees it (a negative load would otherwise win ev
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 
 from kvmesh.services.common.errors import InvalidArgumentError
@@ -12,6 +13,9 @@ from kvmesh.v1 import common_pb2, scheduler_pb2
 
 MAX_COUNT = 10_000_000  # requests or blocks a worker may report
 MAX_TEXT = 256  # characters of an id, a model name or an address
+MAX_TRANSFER_SAMPLES = 256  # KV transfers one report may carry (a worker keeps fewer)
+MAX_TRANSFER_BYTES = 1 << 40
+MAX_TRANSFER_S = 3600.0
 DTYPES = ("float32", "bfloat16", "float16")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 _BACKEND = re.compile(r"^[a-z0-9_-]{1,32}$")
@@ -27,6 +31,26 @@ def validate_load(load: scheduler_pb2.WorkerLoad, where: str = "load") -> None:
     if load.num_total_blocks and load.num_free_blocks > load.num_total_blocks:
         raise InvalidArgumentError(f"{where}.num_free_blocks ({load.num_free_blocks}) exceeds "
                                    f"{where}.num_total_blocks ({load.num_total_blocks})")
+    validate_transfers(load, where)
+
+
+def validate_transfers(load: scheduler_pb2.WorkerLoad, where: str = "load") -> None:
+    """Raise InvalidArgumentError unless the reported KV transfers are few, and each has bytes in
+    [0, MAX_TRANSFER_BYTES] (SSD bytes among them), finite seconds in [0, MAX_TRANSFER_S], a backend name and a
+    bounded peer: nothing a link model could not take."""
+    if len(load.transfers) > MAX_TRANSFER_SAMPLES:
+        raise InvalidArgumentError(f"{where}.transfers holds {len(load.transfers)} samples; at most "
+                                   f"{MAX_TRANSFER_SAMPLES} per report")
+    for i, t in enumerate(load.transfers):
+        field = f"{where}.transfers[{i}]"
+        if not 0 <= t.num_bytes <= MAX_TRANSFER_BYTES or not 0 <= t.num_ssd_bytes <= t.num_bytes:
+            raise InvalidArgumentError(f"{field}: num_bytes must be in [0, {MAX_TRANSFER_BYTES}] and num_ssd_bytes "
+                                       f"in [0, num_bytes], got {t.num_bytes} and {t.num_ssd_bytes}")
+        if not (math.isfinite(t.seconds) and 0 <= t.seconds <= MAX_TRANSFER_S):
+            raise InvalidArgumentError(f"{field}.seconds must be finite in [0, {MAX_TRANSFER_S}], got {t.seconds}")
+        if not _BACKEND.match(t.backend) or len(t.peer) > MAX_TEXT:
+            raise InvalidArgumentError(f"{field}: backend must be a short lower-case name and peer at most "
+                                       f"{MAX_TEXT} characters")
 
 
 def validate_address(address: str, where: str = "address") -> None:

@@ -22,6 +22,7 @@ from kvmesh.services.common import ids
 from kvmesh.services.common.registration import (KVEventsFn, LoadFn, RegistrationClient, advertise_address,
                                                    register_everywhere, scheduler_addresses)
 from kvmesh.services.common.server import MeshServer
+from kvmesh.services.common.transfer_samples import SENT
 from kvmesh.services.worker.config import WorkerConfig
 from kvmesh.services.worker.engine_thread import EngineThread
 from kvmesh.v1 import common_pb2, scheduler_pb2
@@ -85,15 +86,15 @@ def register(server: MeshServer, config: WorkerConfig, role: int, layout: common
 
 
 def with_steps(load: scheduler_pb2.WorkerLoad, engine_thread: EngineThread) -> scheduler_pb2.WorkerLoad:
-    """A heartbeat's load: `load` plus the engine steps timed since the last one and the prefill backlog (what the
-    scheduler fits its cost models to and counts in admission)."""
+    """A heartbeat's load: `load` plus the engine steps timed since the last one, the prefill backlog and the KV
+    transfers sent (what the scheduler fits its cost and link models to and counts in admission)."""
     for shape, seconds in engine_thread.drain_step_samples():
         load.steps.add(num_prefill_tokens=shape.num_prefill_tokens, num_attention_pairs=shape.num_attention_pairs,
                        num_decode_seqs=shape.num_decode_seqs, num_context_tokens=shape.num_context_tokens,
                        seconds=seconds)
     load.num_pending_prefill_tokens = engine_thread.num_pending_prefill_tokens
     load.num_pending_prefill = engine_thread.num_pending_prefill
-    return load
+    return SENT.drain_into(load)  # the KV transfers it sent, for the scheduler's link models
 
 
 @dataclass

@@ -69,6 +69,8 @@ def test_round_trip_lands_every_byte(backend, dtype, num_blocks, peers, sender_r
     received = peer.call("wait", tid=tid, timeout=10)["stats"]
     want = LAYERS * 2 * num_blocks * region.block_nbytes
     assert (stats.backend, stats.bytes, stats.blocks, stats.layers) == (backend, want, num_blocks, LAYERS)
+    # whose link it measured, and the sender's time inside the transport (what the scheduler's link models fit)
+    assert stats.peer == peer.descriptor.address and 0 < stats.busy_seconds <= stats.seconds
     assert received["bytes"] == want and received["backend"] == backend
     assert peer.call("digest", blocks=dst)["checksums"] == expected_checksums(region, src)
     assert peer.call("records")["n"] == 0
@@ -324,6 +326,7 @@ def test_throttle_caps_bandwidth(backend, peers, sender_region):
 
     stats = asyncio.run(run())
     assert stats.seconds >= 0.1 and stats.gbps <= 0.0105
+    assert stats.busy_seconds >= 0.1  # a slow link shows in the sender's time inside the transport
     peer.call("wait", tid="slow", timeout=5)
 
 

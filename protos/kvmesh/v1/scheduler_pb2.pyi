@@ -31,7 +31,7 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_CACHE: WorkerRole
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "steps", "num_pending_prefill_tokens", "num_pending_prefill")
+    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "steps", "num_pending_prefill_tokens", "num_pending_prefill", "transfers")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class WorkerLoad(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_free_blocks: int
@@ -46,7 +47,24 @@ class WorkerLoad(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[StepSample]
     num_pending_prefill_tokens: int
     num_pending_prefill: int
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_prefill: _Optional[int] = ...) -> None: ...
+    transfers: _containers.RepeatedCompositeFieldContainer[TransferSample]
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_prefill: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ...) -> None: ...
+
+class TransferSample(_message.Message):
+    __slots__ = ("num_bytes", "seconds", "backend", "peer", "num_ssd_bytes", "cache_fetch")
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    NUM_SSD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FETCH_FIELD_NUMBER: _ClassVar[int]
+    num_bytes: int
+    seconds: float
+    backend: str
+    peer: str
+    num_ssd_bytes: int
+    cache_fetch: bool
+    def __init__(self, num_bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., backend: _Optional[str] = ..., peer: _Optional[str] = ..., num_ssd_bytes: _Optional[int] = ..., cache_fetch: _Optional[bool] = ...) -> None: ...
 
 class StepSample(_message.Message):
     __slots__ = ("num_prefill_tokens", "num_attention_pairs", "num_decode_seqs", "num_context_tokens", "seconds")
@@ -249,12 +267,38 @@ class WorkerModel(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., prefill: _Optional[_Iterable[float]] = ..., decode: _Optional[_Iterable[float]] = ..., num_samples: _Optional[int] = ..., num_outliers: _Optional[int] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("models", "policy")
+    __slots__ = ("models", "policy", "links")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[WorkerModel]
     policy: str
-    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., policy: _Optional[str] = ...) -> None: ...
+    links: _containers.RepeatedCompositeFieldContainer[LinkModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., policy: _Optional[str] = ..., links: _Optional[_Iterable[_Union[LinkModel, _Mapping]]] = ...) -> None: ...
+
+class LinkModel(_message.Message):
+    __slots__ = ("kind", "sender_id", "receiver", "backend", "fixed_seconds", "gbps", "ssd_gbps", "num_samples", "num_outliers", "fitted")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FIXED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GBPS_FIELD_NUMBER: _ClassVar[int]
+    SSD_GBPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTLIERS_FIELD_NUMBER: _ClassVar[int]
+    FITTED_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    sender_id: str
+    receiver: str
+    backend: str
+    fixed_seconds: float
+    gbps: float
+    ssd_gbps: float
+    num_samples: int
+    num_outliers: int
+    fitted: bool
+    def __init__(self, kind: _Optional[str] = ..., sender_id: _Optional[str] = ..., receiver: _Optional[str] = ..., backend: _Optional[str] = ..., fixed_seconds: _Optional[float] = ..., gbps: _Optional[float] = ..., ssd_gbps: _Optional[float] = ..., num_samples: _Optional[int] = ..., num_outliers: _Optional[int] = ..., fitted: _Optional[bool] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("worker_id", "address", "role", "code", "message", "reporter")

@@ -126,8 +126,8 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """What the scheduler believes: each worker's fitted step-cost models (or their priors) and the samples behind
-        them, for operators (the same figures are Prometheus gauges).
+        """What the scheduler believes: each worker's fitted step-cost models and KV link models (or their priors) and
+        the samples behind them, for operators (the same figures are Prometheus gauges).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

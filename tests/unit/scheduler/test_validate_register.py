@@ -66,3 +66,50 @@ def test_a_fake_worker_with_a_negative_load_is_not_registered():
         assert [w.load.num_running for w in workers] == [0]
 
     run_with_scheduler(body)
+
+
+def transfer(**fields) -> scheduler_pb2.TransferSample:
+    sample = dict(num_bytes=1 << 20, seconds=0.001, backend="shm", peer="127.0.0.1:7001")
+    sample.update(fields)
+    return scheduler_pb2.TransferSample(**sample)
+
+
+@pytest.mark.parametrize("sample, words", [
+    (transfer(num_bytes=-1), "num_bytes"),
+    (transfer(num_bytes=1 << 50), "num_bytes"),
+    (transfer(num_ssd_bytes=2 << 20), "num_ssd_bytes"),
+    (transfer(seconds=float("nan")), "seconds"),
+    (transfer(seconds=float("inf")), "seconds"),
+    (transfer(seconds=-0.5), "seconds"),
+    (transfer(backend="SHM; drop"), "backend"),
+    (transfer(peer="x" * 1000), "peer"),
+])
+def test_insane_transfer_samples_are_refused_naming_the_field(sample, words):
+    msg = request()
+    msg.load.transfers.append(sample)
+    with pytest.raises(InvalidArgumentError, match=r"load\.transfers\[0\].*" + words):
+        validate_register(msg)
+
+
+def test_a_heartbeat_with_too_many_or_poisoned_transfer_samples_leaves_the_link_models_alone():
+    async def body(stub):
+        prefill = await register(stub, scheduler_pb2.WORKER_ROLE_PREFILL, 7002)
+        flood = scheduler_pb2.WorkerLoad(transfers=[transfer()] * 1000)
+        beat = scheduler_pb2.HeartbeatRequest(worker_id=prefill, load=flood)
+        assert await status_of(stub.Heartbeat(beat, timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
+        poisoned = scheduler_pb2.WorkerLoad(transfers=[transfer()] * 8 + [transfer(seconds=float("nan"))])
+        beat = scheduler_pb2.HeartbeatRequest(worker_id=prefill, load=poisoned)
+        assert await status_of(stub.Heartbeat(beat, timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
+        stats = await stub.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=2)
+        assert not [link for link in stats.links if link.sender_id == prefill]  # nothing of either was taken
+        # a sane report is taken: 8 samples of 1 MiB in 1 ms (1 GB/s with a fixed cost split off)
+        sizes = [(i + 1) << 20 for i in range(8)]
+        sane = scheduler_pb2.WorkerLoad(transfers=[transfer(num_bytes=n, seconds=0.001 + n / 1e9) for n in sizes])
+        await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=prefill, load=sane), timeout=2)
+        stats = await stub.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=2)
+        link = next(link for link in stats.links if link.sender_id == prefill)
+        assert (link.kind, link.receiver, link.backend, link.num_samples) == ("transfer", "127.0.0.1:7001", "shm", 8)
+        assert link.fitted and link.gbps == pytest.approx(1.0, rel=0.05)
+        assert link.fixed_seconds == pytest.approx(0.001, rel=0.05)
+
+    run_with_scheduler(body)
