@@ -95,17 +95,16 @@ def test_a_heartbeat_with_too_many_or_poisoned_transfer_samples_leaves_the_link_
     async def body(stub):
         prefill = await register(stub, scheduler_pb2.WORKER_ROLE_PREFILL, 7002)
         flood = scheduler_pb2.WorkerLoad(transfers=[transfer()] * 1000)
-        beat = scheduler_pb2.HeartbeatRequest(worker_id=prefill, load=flood)
-        assert await status_of(stub.Heartbeat(beat, timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await status_of(stub.Heartbeat(beat(prefill, load=flood), timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
         poisoned = scheduler_pb2.WorkerLoad(transfers=[transfer()] * 8 + [transfer(seconds=float("nan"))])
-        beat = scheduler_pb2.HeartbeatRequest(worker_id=prefill, load=poisoned)
-        assert await status_of(stub.Heartbeat(beat, timeout=2)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert await status_of(stub.Heartbeat(beat(prefill, load=poisoned), timeout=2)) == \
+            grpc.StatusCode.INVALID_ARGUMENT
         stats = await stub.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=2)
         assert not [link for link in stats.links if link.sender_id == prefill]  # nothing of either was taken
         # a sane report is taken: 8 samples of 1 MiB in 1 ms (1 GB/s with a fixed cost split off)
         sizes = [(i + 1) << 20 for i in range(8)]
         sane = scheduler_pb2.WorkerLoad(transfers=[transfer(num_bytes=n, seconds=0.001 + n / 1e9) for n in sizes])
-        await stub.Heartbeat(scheduler_pb2.HeartbeatRequest(worker_id=prefill, load=sane), timeout=2)
+        await stub.Heartbeat(beat(prefill, load=sane), timeout=2)
         stats = await stub.Stats(scheduler_pb2.SchedulerStatsRequest(), timeout=2)
         link = next(link for link in stats.links if link.sender_id == prefill)
         assert (link.kind, link.receiver, link.backend, link.num_samples) == ("transfer", "127.0.0.1:7001", "shm", 8)
