@@ -56,6 +56,9 @@ class DecodeWorker:
         self.kv_load_failure = kv_load_failure  # "fail" or "recompute": what a failed or corrupt transfer does
         self.tokenizer = self.engine.tokenizer
         self.prefilling: set[str] = set()  # requests prefilled here whose first output has not come yet
+        # KV blocks each request here will hold at most (prompt + max_tokens), from its arrival to its end: what
+        # the scheduler's admission counts against the pool (num_blocks_claimed)
+        self.claims: dict[str, int] = {}
 
     # ---- load, for heartbeats and Stats ----
 
@@ -63,7 +66,7 @@ class DecodeWorker:
         load = scheduler_pb2.WorkerLoad(
             num_waiting=self.handoffs.count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
             num_running=self.handoffs.count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
-            num_total_blocks=self.engine.kv_cache.num_blocks)
+            num_total_blocks=self.engine.kv_cache.num_blocks, num_blocks_claimed=sum(self.claims.values()))
         metrics.observe_load(load)
         metrics.KV_BLOCKS_CACHED.set(self.engine.prefix_cache_stats()["cached_blocks"])
         return load
@@ -215,6 +218,7 @@ class DecodeWorker:
         stream = TokenStream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
         watch = StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
+            self.claims[rid] = self.engine.layout.num_blocks_for(len(ids) + params.max_tokens)
             reservation, remote = None, False
             if request.prefill.address:
                 reservation, queue_s = await self._reserve(request, ids)
@@ -255,6 +259,7 @@ class DecodeWorker:
                     return
         finally:
             self.prefilling.discard(rid)
+            self.claims.pop(rid, None)
             watch.end(stream.num_generated)
             self.et.unsubscribe(rid)
             if not await self.handoffs.end(rid):  # it ended before (expired, aborted): free what was taken since

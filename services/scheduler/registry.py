@@ -35,6 +35,7 @@ class Load:
     # prompt tokens (and requests) in the worker's engine not yet computed: its prefill backlog
     num_pending_prefill_tokens: int = 0
     num_pending_prefill: int = 0
+    num_blocks_claimed: int = 0  # KV blocks its requests will take at most (prompt + max_tokens each)
     steps: tuple[StepSample, ...] = ()  # engine steps timed since the last heartbeat (fed to the worker's fit)
 
 
@@ -87,6 +88,7 @@ class Worker:
     # yet, so a burst between two heartbeats spreads instead of landing on whichever worker last looked idle.
     num_routed: int = 0
     num_routed_tokens: int = 0
+    num_routed_blocks: int = 0  # ... and the KV blocks they will take at most on a decode worker
     num_routed_total: int = 0  # every route since registration (round_robin's turn)
     breaker: Breaker = field(default_factory=Breaker)
     steps: StepWindow = field(default_factory=StepWindow)  # its recent engine steps and the cost models fitted
@@ -127,14 +129,17 @@ class Registry:
         worker.steps.add(load.steps)
         worker.load = dataclasses.replace(load, steps=())
         worker.expires_at = self._clock() + self.lease_s
-        worker.num_routed = worker.num_routed_tokens = 0  # the heartbeat's load now counts them
+        # the heartbeat's load now counts them
+        worker.num_routed = worker.num_routed_tokens = worker.num_routed_blocks = 0
         return worker
 
-    def routed(self, worker: Worker, num_tokens: int) -> None:
-        """A route sent a request of num_tokens prompt tokens to worker (counted until its next heartbeat)."""
+    def routed(self, worker: Worker, num_tokens: int, num_blocks: int = 0) -> None:
+        """A route sent a request of num_tokens prompt tokens, which will take at most num_blocks KV blocks there,
+        to worker (counted until its next heartbeat)."""
         worker.num_routed += 1
         worker.num_routed_total += 1
         worker.num_routed_tokens += num_tokens
+        worker.num_routed_blocks += num_blocks
         worker.breaker.routed(self._clock())
 
     def routable(self, role: Role | None = None) -> list[Worker]:

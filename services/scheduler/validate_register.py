@@ -20,7 +20,7 @@ _LAYOUT_BOUNDS = {"block_size": 4096, "num_layers": 1024, "num_kv_heads": 1024, 
 
 def validate_load(load: scheduler_pb2.WorkerLoad, where: str = "load") -> None:
     """Raise InvalidArgumentError unless every figure is in [0, MAX_COUNT] and free blocks fit the pool."""
-    for name in ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks"):
+    for name in ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "num_blocks_claimed"):
         value = getattr(load, name)
         if not 0 <= value <= MAX_COUNT:
             raise InvalidArgumentError(f"{where}.{name} must be in [0, {MAX_COUNT}], got {value}")
