@@ -52,9 +52,10 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         await self_transfer(kit.region, kit.layout, receiver, descriptor(), receiver.backends)
 
     server.add_readiness(transports_ready)
-    kit.run(worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
-            descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
-            local_prefill_max_tokens=config.local_prefill_max_tokens, colocated=config.colocated)
+    worker.claims.registrations = kit.run(
+        worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
+        descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
+        local_prefill_max_tokens=config.local_prefill_max_tokens, colocated=config.colocated, reports_arrivals=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from kvmesh.services.scheduler.policies import Links, Policy, RouteQuery
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
 from kvmesh.services.cost_model import StepShape
 from kvmesh.services.scheduler.models import StepSample
-from kvmesh.services.scheduler.validate_register import validate_load, validate_register
+from kvmesh.services.scheduler.validate_register import validate_heartbeat, validate_register
 from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -104,8 +104,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Heartbeat(self, request, context):
         await self._refuse_unless_owner(request.worker_id, context)
-        validate_load(request.load)
-        self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
+        validate_heartbeat(request)
+        arrived = list(request.arrived_request_ids) if request.reports_arrivals else None
+        self.registry.heartbeat(request.worker_id, load_from_proto(request.load), arrived)
         synced = True
         if request.HasField("kv_events"):
             events = request.kv_events
@@ -146,7 +147,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
         if not request.dry_run:  # a dry run only answers: it must not steer the next real route
             metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
-            self.registry.routed(plan.decode, len(query.prompt_token_ids), blocks_needed(query, plan.decode))
+            self.registry.routed(plan.decode, len(query.prompt_token_ids), blocks_needed(query, plan.decode),
+                                 query.request_id)
             if plan.prefill is not None and not plan.local_prefill:
                 self.registry.routed(plan.prefill, len(query.prompt_token_ids))
         prefill_id = plan.prefill.worker_id if plan.prefill is not None else ""  # "": a colocated worker prefills

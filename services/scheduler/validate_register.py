@@ -8,6 +8,7 @@ import ipaddress
 import re
 
 from kvmesh.services.common.errors import InvalidArgumentError
+from kvmesh.services.common.registration import MAX_ARRIVALS, MAX_ARRIVED_ID_CHARS
 from kvmesh.v1 import common_pb2, scheduler_pb2
 
 MAX_COUNT = 10_000_000  # requests or blocks a worker may report
@@ -27,6 +28,17 @@ def validate_load(load: scheduler_pb2.WorkerLoad, where: str = "load") -> None:
     if load.num_total_blocks and load.num_free_blocks > load.num_total_blocks:
         raise InvalidArgumentError(f"{where}.num_free_blocks ({load.num_free_blocks}) exceeds "
                                    f"{where}.num_total_blocks ({load.num_total_blocks})")
+
+
+def validate_heartbeat(request: scheduler_pb2.HeartbeatRequest) -> None:
+    """Raise InvalidArgumentError for a heartbeat no real worker sends: a bad load, or more or longer arrived
+    request ids than a worker could have had since its last heartbeat."""
+    validate_load(request.load)
+    if len(request.arrived_request_ids) > MAX_ARRIVALS:
+        raise InvalidArgumentError(f"arrived_request_ids must list at most {MAX_ARRIVALS} ids "
+                                   f"(got {len(request.arrived_request_ids)}): send reports_arrivals=false instead")
+    if any(len(r) > MAX_ARRIVED_ID_CHARS for r in request.arrived_request_ids):
+        raise InvalidArgumentError(f"arrived_request_ids must be ids of at most {MAX_ARRIVED_ID_CHARS} characters")
 
 
 def validate_address(address: str, where: str = "address") -> None:

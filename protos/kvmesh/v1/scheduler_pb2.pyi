@@ -111,14 +111,18 @@ class KVEvents(_message.Message):
     def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load", "kv_events")
+    __slots__ = ("worker_id", "load", "kv_events", "reports_arrivals", "arrived_request_ids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: WorkerLoad
     kv_events: KVEvents
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ...) -> None: ...
+    reports_arrivals: bool
+    arrived_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ..., reports_arrivals: _Optional[bool] = ..., arrived_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_seconds", "resync_kv_events")
