@@ -77,6 +77,7 @@ class RegistrationClient:
         self._wake = asyncio.Event()  # heartbeat now: someone waits for the scheduler to see the current load
         self._waiters: asyncio.Future | None = None  # done when a heartbeat begun after heartbeat_soon() ends
         self.healthy = True  # the last heartbeat was answered
+        self.withdrawn = False  # out of the registry by its own choice (withdraw) until restore()
 
     @property
     def _stub(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -155,6 +156,8 @@ class RegistrationClient:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 self._arrived[:0], self._arrivals_lost = arrived, self._arrivals_lost or lost  # tell them next time
                 raise
+            if self.withdrawn:  # it left on purpose meanwhile
+                return
             log.warning("scheduler forgot %s; registering again", self.worker_id)
             self.registered.clear()
             await self._register_until_done()
@@ -176,6 +179,11 @@ class RegistrationClient:
             regular = loop.time() - last >= self.heartbeat_interval_s
             waiters, self._waiters = self._waiters, None
             try:
+                if self.withdrawn or self.worker_id is None:  # not now; or back after a withdrawal
+                    if not self.withdrawn:
+                        await self._register_until_done()
+                    last = loop.time()
+                    continue
                 await self.heartbeat(with_kv_events=regular)
                 self.healthy = True
             except grpc.aio.AioRpcError as exc:  # scheduler down or slow: keep trying, NOT_FOUND will follow
@@ -186,6 +194,23 @@ class RegistrationClient:
                     waiters.set_result(None)
             if regular:
                 last = loop.time()
+
+    async def withdraw(self) -> None:
+        """Leave the registry and stop heartbeating until restore(): a worker that cannot serve for now."""
+        self.withdrawn = True
+        worker_id, self.worker_id = self.worker_id, None
+        self.registered.clear()
+        if worker_id:
+            try:
+                await self._stub.Deregister(scheduler_pb2.DeregisterRequest(worker_id=worker_id),
+                                            timeout=self.rpc_timeout_s)
+            except grpc.aio.AioRpcError as exc:  # it lapses with its lease instead
+                log.warning("deregister from %s failed: %s", self.scheduler_address, exc.code().name)
+
+    def restore(self) -> None:
+        """Register again (in the heartbeat loop) after withdraw()."""
+        self.withdrawn = False
+        self._wake.set()
 
     async def deregister(self) -> None:
         """Leave the registry (best effort, bounded by rpc_timeout_s); close our channel if we opened it."""

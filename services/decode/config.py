@@ -37,6 +37,10 @@ class DecodeConfig(WorkerConfig):
                                         "on another pair) or recompute (prefill the prompt here instead; the client "
                                         "sees only latency). As vLLM's --kv-load-failure-policy.",
                                  choices=KV_LOAD_FAILURE_POLICIES)
+    transport_check_s: float = knob(10.0, "Seconds between re-checks of the transports while serving: one real block "
+                                          "moved through each backend into the pool (two free blocks borrowed); a "
+                                          "failure turns the worker NOT_SERVING and takes it out of every scheduler "
+                                          "until a check passes again. 0: checked at start only.")
     kv_events_max_hashes: int = knob(4096, "Most block hashes in one heartbeat's KV events to the scheduler; more "
                                            "changes than that send a full resync of the most recent ones instead.")
 
@@ -50,4 +54,5 @@ class DecodeConfig(WorkerConfig):
               "cache_decode_kv needs prefix_caching: finished requests' blocks must stay findable until sent")
         check(self.kv_load_failure in KV_LOAD_FAILURE_POLICIES,
               f"kv_load_failure must be one of {', '.join(KV_LOAD_FAILURE_POLICIES)}, got {self.kv_load_failure!r}")
+        check(self.transport_check_s >= 0, f"transport_check_s must be >= 0, got {self.transport_check_s}")
         check(self.kv_events_max_hashes >= 1, f"kv_events_max_hashes must be >= 1, got {self.kv_events_max_hashes}")

@@ -70,3 +70,25 @@ def test_a_failed_heartbeat_reports_its_arrivals_again():
         await scheduler.stop(0)
 
     asyncio.run(body())
+
+
+def test_a_withdrawn_worker_leaves_the_registry_until_restored():
+    async def body():
+        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=0.6), "scheduler")  # heartbeats every 0.2 s
+        servicer = scheduler_main.setup(scheduler.config, scheduler)
+        await scheduler.start()
+        client = RegistrationClient(scheduler.address, decode_request, scheduler_pb2.WorkerLoad)
+        task = asyncio.create_task(client.run())
+        await asyncio.wait_for(client.registered.wait(), 5)
+        await client.withdraw()
+        assert servicer.registry.workers() == []
+        await asyncio.sleep(1.0)  # several heartbeat periods: it neither heartbeats nor registers again
+        assert servicer.registry.workers() == [] and client.num_registrations == 1
+        client.restore()
+        await asyncio.wait_for(client.registered.wait(), 5)
+        assert [w.worker_id for w in servicer.registry.workers()] == [client.worker_id]
+        task.cancel()
+        await client.deregister()
+        await scheduler.stop(0)
+
+    asyncio.run(body())
