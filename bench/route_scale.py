@@ -3,6 +3,7 @@ router over synthetic registrations (heartbeats with varied loads, fitted cost m
 a few decode workers and the cache), each policy timed on the same states in the same run.
 
     python bench/route_scale.py [--prefill 64] [--decode 64] [--prompt-tokens 4000] [--routes 2000]
+                                [--transports none|uniform|mixed]
 
 Prints a Markdown table: p50/p99 of `router.route` (the decision) in CPU time on its thread and in wall time, and
 the wall time of the whole in-process Route path the servicer runs (prompt hashing once, the KV index's lookup
@@ -32,12 +33,21 @@ from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
 LAYOUT = KVLayout("bench", "bfloat16", 16, 30, 3, 64)
 
 
-def build(num_prefill: int, num_decode: int, prompt: tuple[int, ...], rng: random.Random) -> Registry:
-    """A registry of synthetic workers with varied loads and fits; a few decode workers hold the prompt's head."""
+#: Backends per worker, by --transports: every worker the same set (one group: the pairing's fast path), or
+#: per host either a same-host-only set or a cross-host one (pairs decided per decode worker).
+TRANSPORTS = {"none": lambda i: (), "uniform": lambda i: ("shm", "ucx", "grpc"),
+              "mixed": lambda i: ("shm",) if i % 2 else ("ucx", "grpc")}
+
+
+def build(num_prefill: int, num_decode: int, prompt: tuple[int, ...], rng: random.Random,
+          transports: str = "uniform") -> Registry:
+    """A registry of synthetic workers with varied loads and fits on 8 hosts; a few decode workers hold the
+    prompt's head."""
     registry = Registry(lease_s=1e9)
     for role, count in ((Role.PREFILL, num_prefill), (Role.DECODE, num_decode)):
         for i in range(count):
-            worker = registry.register(WorkerSpec(role, f"10.0.{role}.{i}:5000", layout=LAYOUT))
+            worker = registry.register(WorkerSpec(role, f"10.0.{role}.{i}:5000", layout=LAYOUT, host_id=f"h{i % 8}",
+                                                  transports=TRANSPORTS[transports](i)))
             registry.heartbeat(worker.worker_id, Load(
                 num_waiting=rng.randrange(4), num_running=rng.randrange(32), num_free_blocks=rng.randrange(1000),
                 num_total_blocks=1000, num_pending_prefill_tokens=rng.randrange(20_000),
@@ -80,11 +90,13 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=4000)
     parser.add_argument("--routes", type=int, default=2000)
+    parser.add_argument("--transports", choices=sorted(TRANSPORTS), default="uniform",
+                        help="backends the workers offer (see TRANSPORTS)")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
     rng = random.Random(0)
     prompt = tuple(rng.randrange(1, 49_000) for _ in range(args.prompt_tokens))
-    registry = build(args.prefill, args.decode, prompt, rng)
+    registry = build(args.prefill, args.decode, prompt, rng, args.transports)
     query = RouteQuery("bench", prompt, cached_tokens={LAYOUT: args.prompt_tokens // 2},
                        cached_ssd_tokens={LAYOUT: args.prompt_tokens // 4})
     results = {}
@@ -101,8 +113,8 @@ def main() -> None:
                           "route_p50_us": 1e6 * percentile(w, 50), "route_p99_us": 1e6 * percentile(w, 99)}
                    for name, (d, c, w) in times.items()}
     base = results["least_loaded"]["decision_cpu_p99_us"]
-    print(f"{args.prefill} prefill x {args.decode} decode workers, {args.prompt_tokens}-token prompt, "
-          f"{args.routes} routes per policy\n")
+    print(f"{args.prefill} prefill x {args.decode} decode workers ({args.transports} transports), "
+          f"{args.prompt_tokens}-token prompt, {args.routes} routes per policy\n")
     print("| policy | decision CPU p50 µs | decision CPU p99 µs | CPU p99 / least_loaded | decision wall p50 / p99 µs"
           " | Route path wall p50 / p99 µs |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from kvmesh.services.common.errors import InvalidArgumentError, UnavailableError
-from kvmesh.services.scheduler import admission
+from kvmesh.services.scheduler import admission, pairing
 from kvmesh.services.scheduler.predict import decode_prefills
 from kvmesh.services.scheduler.route_types import Candidates, Policy, RoutePlan, RouteQuery
 from kvmesh.services.kv_identity import KVLayout
@@ -53,7 +53,8 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
     """Pick a (prefill, decode) pair with equal layouts for query (or a colocated decode worker alone), and decide
     whether the decode worker prefills the prompt itself (the plan carries it; the worker obeys).
 
-    InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered,
+    InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered (equal
+    layouts, and a transport backend both offer and can use between their hosts: pairing.py),
     CapacityError (with a retry-after from the predicted drain) when no compatible decode worker can take the
     request (admission.py: max_queue or more requests queued, or no room in its KV pool for the request's prompt
     plus max_tokens, counting those routed since its last heartbeat), or when the policy finds no route that
@@ -69,7 +70,10 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
         raise UnavailableError(f"no prefill and decode worker pair with equal KV layouts (nor a colocated worker) is "
                                f"registered for {wanted} "
                                f"({len(workers)} workers live)")
-    admitted = admission.admit(query, groups, max_queue)
+    paired = [g for group in groups for g in pairing.split(group)]
+    if not paired:
+        raise pairing.unpaired(groups)
+    admitted = admission.admit(query, paired, max_queue)
     plan = policy(query, admitted)
     if plan.decode.spec.colocated:
         return dataclasses.replace(plan, local_prefill=True)
