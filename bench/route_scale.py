@@ -3,7 +3,7 @@ router over synthetic registrations (heartbeats with varied loads, fitted cost m
 a few decode workers and the cache), each policy timed on the same states in the same run.
 
     python bench/route_scale.py [--prefill 64] [--decode 64] [--prompt-tokens 4000] [--routes 2000]
-                                [--links fitted|prior]
+                                [--links fitted|prior] [--transports none|uniform|mixed]
 
 `--links fitted` (the default, as a running scheduler has them) gives the predictions a link book in which half
 the prefill workers have a fitted handoff link to every decode worker (the others fall back to the backend's fit)
@@ -39,12 +39,21 @@ from kvmesh.services.scheduler.registry import Load, Registry, Role, WorkerSpec
 LAYOUT = KVLayout("bench", "bfloat16", 16, 30, 3, 64)
 
 
-def build(num_prefill: int, num_decode: int, prompt: tuple[int, ...], rng: random.Random) -> Registry:
-    """A registry of synthetic workers with varied loads and fits; a few decode workers hold the prompt's head."""
+#: Backends per worker, by --transports: every worker the same set (one group: the pairing's fast path), or
+#: per host either a same-host-only set or a cross-host one (pairs decided per decode worker).
+TRANSPORTS = {"none": lambda i: (), "uniform": lambda i: ("shm", "ucx", "grpc"),
+              "mixed": lambda i: ("shm",) if i % 2 else ("ucx", "grpc")}
+
+
+def build(num_prefill: int, num_decode: int, prompt: tuple[int, ...], rng: random.Random,
+          transports: str = "uniform") -> Registry:
+    """A registry of synthetic workers with varied loads and fits on 8 hosts; a few decode workers hold the
+    prompt's head."""
     registry = Registry(lease_s=1e9)
     for role, count in ((Role.PREFILL, num_prefill), (Role.DECODE, num_decode)):
         for i in range(count):
-            worker = registry.register(WorkerSpec(role, f"10.0.{role}.{i}:5000", layout=LAYOUT))
+            worker = registry.register(WorkerSpec(role, f"10.0.{role}.{i}:5000", layout=LAYOUT, host_id=f"h{i % 8}",
+                                                  transports=TRANSPORTS[transports](i)))
             registry.heartbeat(worker.worker_id, Load(
                 num_waiting=rng.randrange(4), num_running=rng.randrange(32), num_free_blocks=rng.randrange(1000),
                 num_total_blocks=1000, num_pending_prefill_tokens=rng.randrange(20_000),
@@ -105,11 +114,13 @@ def main() -> None:
     parser.add_argument("--routes", type=int, default=2000)
     parser.add_argument("--links", choices=("fitted", "prior"), default="fitted",
                         help="the predictions' KV link models: fitted per pair (a link book) or the priors")
+    parser.add_argument("--transports", choices=sorted(TRANSPORTS), default="uniform",
+                        help="backends the workers offer (see TRANSPORTS)")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
     rng = random.Random(0)
     prompt = tuple(rng.randrange(1, 49_000) for _ in range(args.prompt_tokens))
-    registry = build(args.prefill, args.decode, prompt, rng)
+    registry = build(args.prefill, args.decode, prompt, rng, args.transports)
     links = fitted_links(registry, rng) if args.links == "fitted" else Links()
     query = RouteQuery("bench", prompt, cached_tokens={LAYOUT: args.prompt_tokens // 2},
                        cached_ssd_tokens={LAYOUT: args.prompt_tokens // 4}, links=links)
@@ -127,8 +138,8 @@ def main() -> None:
                           "route_p50_us": 1e6 * percentile(w, 50), "route_p99_us": 1e6 * percentile(w, 99)}
                    for name, (d, c, w) in times.items()}
     base = results["least_loaded"]["decision_cpu_p99_us"]
-    print(f"{args.prefill} prefill x {args.decode} decode workers, {args.prompt_tokens}-token prompt, "
-          f"{args.routes} routes per policy, {args.links} links\n")
+    print(f"{args.prefill} prefill x {args.decode} decode workers ({args.transports} transports), "
+          f"{args.prompt_tokens}-token prompt, {args.routes} routes per policy, {args.links} links\n")
     print("| policy | decision CPU p50 µs | decision CPU p99 µs | CPU p99 / least_loaded | decision wall p50 / p99 µs"
           " | Route path wall p50 / p99 µs |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -84,6 +84,18 @@ def available_backends() -> list[str]:
     return [n for n in registered_backends() if backend_class(n).unavailable_reason() is None]
 
 
+def same_host_only(name: str) -> bool:
+    """Whether backend `name` moves KV only between processes of one host (a name not registered here: no)."""
+    return name in BACKENDS and backend_class(name).same_host_only
+
+
+def usable_backends(receiver: Sequence[str], sender: Sequence[str], same_host: bool) -> list[str]:
+    """The backends a sender offering `sender` may use to write into a receiver offering `receiver`, in the
+    receiver's order (best first): both offer it, and a same-host-only one only when both are on one host. The
+    one rule of negotiation (Sender.choose_backend) and of the scheduler's pairing."""
+    return [b for b in receiver if b in sender and (same_host or not same_host_only(b))]
+
+
 def _rank(name: str) -> int:
     return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
 
@@ -115,7 +127,7 @@ def reclaim_stale(backends: Sequence[str] | None = None) -> list[str]:
 
 __all__ = [
     "BACKENDS", "PREFERENCE", "Backend", "Observer", "TransferStats", "available_backends", "backend_class",
-    "registered_backends",
+    "registered_backends", "same_host_only", "usable_backends",
     "allocate_region", "reclaim_stale", "DataLossError", "InvalidTransfer", "LayoutMismatch", "NoCommonBackend",
     "PeerUnavailable", "TransferAborted", "TransferTimeout", "TransportError", "UnknownTransfer", "KVRegion",
     "block_nbytes", "host_id", "make_layout",

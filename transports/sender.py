@@ -8,7 +8,7 @@ import time
 from typing import Callable, Sequence
 
 import kvmesh.transports.errors as errors
-from kvmesh.transports import PREFERENCE, backend_class
+from kvmesh.transports import PREFERENCE, backend_class, usable_backends
 from kvmesh.transports.aio import within
 from kvmesh.transports.base import Backend, Observer
 from kvmesh.transports.blocks import as_block_ids
@@ -64,8 +64,7 @@ class Sender:
         """The backend for this receiver: its list (best first) ∩ ours, same-host ones only on its host, or the
         forced one. Raises NoCommonBackend."""
         same_host = descriptor.host_id == self.host_id
-        usable = [b for b in descriptor.backends
-                  if b in self.backends and (same_host or not backend_class(b).same_host_only)]
+        usable = usable_backends(descriptor.backends, self.backends, same_host)
         if self.force:
             if self.force not in usable:
                 raise errors.NoCommonBackend(f"forced backend {self.force!r} not usable; receiver offers "

@@ -141,7 +141,7 @@ ROUTE_DECISIONS = Counter(
     ["reason"], registry=REGISTRY)
 ROUTE_REJECTIONS = Counter(
     "kvmesh:route_rejections_total",
-    "Requests the scheduler rejected, by reason (e.g. no_workers, overloaded, too_long).",
+    "Requests the scheduler rejected, by reason (no_workers, overloaded, kv_blocks, invalid).",
     ["reason"], registry=REGISTRY)
 
 WORKER_BREAKERS = Gauge(

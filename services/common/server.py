@@ -168,11 +168,16 @@ class MeshServer:
         self._server = server
         for check in self._readiness:  # NotReadyError: `run` stops the server
             await check(self)
-        for name in ["", *names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.set_serving(True)
         for factory in self._task_factories:
             self._start_task(factory)
         return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Mark the server and every service SERVING, or NOT_SERVING (a worker that cannot serve for now)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *(s.name for s in self._services)]:
+            await self.health.set(name, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, cancel tasks, run stop hooks, drain in-flight RPCs within grace_s, close channels."""

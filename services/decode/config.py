@@ -38,6 +38,10 @@ class DecodeConfig(WorkerConfig):
                                         "on another pair) or recompute (prefill the prompt here instead; the client "
                                         "sees only latency). As vLLM's --kv-load-failure-policy.",
                                  choices=KV_LOAD_FAILURE_POLICIES)
+    transport_check_s: float = knob(10.0, "Seconds between re-checks of the transports while serving: one real block "
+                                          "moved through each backend into the pool (two free blocks borrowed); a "
+                                          "failure turns the worker NOT_SERVING and takes it out of every scheduler "
+                                          "until a check passes again. 0: checked at start only.")
     kv_events_max_hashes: int = knob(4096, "Most block hashes in one heartbeat's KV events to the scheduler; more "
                                            "changes than that send a full resync of the most recent ones instead.")
     speculative: str = knob("none", "Speculative decoding of greedy requests (temperature 0, no penalties or "
@@ -65,4 +69,5 @@ class DecodeConfig(WorkerConfig):
               f"num_speculative_tokens must lie in [1, 64], got {self.num_speculative_tokens}")
         check(1 <= self.ngram_min <= self.ngram_max,
               f"need 1 <= ngram_min <= ngram_max, got ngram_min={self.ngram_min}, ngram_max={self.ngram_max}")
+        check(self.transport_check_s >= 0, f"transport_check_s must be >= 0, got {self.transport_check_s}")
         check(self.kv_events_max_hashes >= 1, f"kv_events_max_hashes must be >= 1, got {self.kv_events_max_hashes}")

@@ -16,6 +16,7 @@ from kvmesh.services.decode.worker import DecodeWorker
 from kvmesh.services.common.transfer_telemetry import report
 from kvmesh.services.worker.readiness import self_transfer
 from kvmesh.services.worker.startup import setup_worker
+from kvmesh.services.worker.transport_watch import TransportWatch
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.service import add_to_server
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc, scheduler_pb2
@@ -65,9 +66,13 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         await self_transfer(kit.region, kit.layout, receiver, descriptor(), receiver.backends)
 
     server.add_readiness(transports_ready)
-    kit.run(worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
-            descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
-            local_prefill_max_tokens=config.local_prefill_max_tokens, colocated=config.colocated)
+    worker.claims.registrations = kit.run(
+        worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
+        descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
+        local_prefill_max_tokens=config.local_prefill_max_tokens, colocated=config.colocated, reports_arrivals=True)
+    if config.transport_check_s > 0:  # readiness that stays true: a transport lost later takes the worker out
+        server.add_task(TransportWatch(server, kit.engine_thread, kit.region, kit.layout, receiver, descriptor,
+                                       config.transport_check_s, worker.claims.registrations).run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kvmesh.services.common.channels import call_timeout
+from kvmesh.services.decode.load import worker_stats
 from kvmesh.v1 import decode_pb2, decode_pb2_grpc
 
 
@@ -19,4 +20,4 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.DecodeAbortReply(found=await self.worker.abort(request.request_id))
 
     async def Stats(self, request, context):
-        return self.worker.stats()
+        return worker_stats(self.worker)

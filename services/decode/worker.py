@@ -22,6 +22,7 @@ from kvmesh.services import kv_identity
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
+from kvmesh.services.decode.load import Claims
 from kvmesh.services.decode.failures import ended_error, peer_error, transfer_error
 from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
@@ -56,6 +57,7 @@ class DecodeWorker:
         self.kv_load_failure = kv_load_failure  # "fail" or "recompute": what a failed or corrupt transfer does
         self.tokenizer = self.engine.tokenizer
         self.prefilling: set[str] = set()  # requests prefilled here whose first output has not come yet
+        self.claims = Claims()  # KV blocks each request will take; arrivals and finishes told to the schedulers
 
     # ---- load, for heartbeats and Stats ----
 
@@ -63,20 +65,10 @@ class DecodeWorker:
         load = scheduler_pb2.WorkerLoad(
             num_waiting=self.handoffs.count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
             num_running=self.handoffs.count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
-            num_total_blocks=self.engine.kv_cache.num_blocks)
+            num_total_blocks=self.engine.kv_cache.num_blocks, num_blocks_claimed=self.claims.num_blocks)
         metrics.observe_load(load)
         metrics.KV_BLOCKS_CACHED.set(self.engine.prefix_cache_stats()["cached_blocks"])
         return load
-
-    def stats(self) -> decode_pb2.WorkerStats:
-        load = self.load()
-        cache = self.engine.prefix_cache_stats()
-        return decode_pb2.WorkerStats(num_waiting=load.num_waiting, num_running=load.num_running,
-                                      num_free_blocks=load.num_free_blocks, num_total_blocks=load.num_total_blocks,
-                                      num_handoffs=len(self.handoffs), num_transfers=self.receiver.num_transfers,
-                                      num_cached_blocks=cache["cached_blocks"],
-                                      num_cached_free_blocks=cache["cached_free_blocks"],
-                                      prefix_hit_blocks=cache["hit_blocks"], prefix_evictions=cache["evictions"])
 
     async def kv_events(self, full: bool) -> scheduler_pb2.KVEvents:
         """What the prefix cache stored and evicted since the last call (everything, when full): for heartbeats."""
@@ -216,6 +208,7 @@ class DecodeWorker:
         stream = TokenStream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
         watch = StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
+            self.claims.arrived(rid, self.engine.layout.num_blocks_for(len(ids) + params.max_tokens))
             reservation, remote = None, False
             if request.prefill.address:
                 reservation, queue_s = await self._reserve(request, ids)
@@ -246,21 +239,29 @@ class DecodeWorker:
                 response = stream.response(out)
                 watch.tokens(len(response.token_ids))
                 if out.finished and out.finish_reason != "abort":  # before the last yield: the caller may stop there
-                    # the prefill worker offered the prompt's full blocks; of a prompt prefilled here, none
-                    offered = len(ids) if remote else out.num_cached_tokens
-                    bs = self.engine.layout.block_size
-                    offer_decoded_blocks(self.et, self.cache, ids + stream.token_ids, offered // bs,
-                                         request.cache_salt, out.block_hashes[:len(ids) // bs])
+                    await self._finished(request, ids, out, stream.token_ids, remote)
                 yield response
                 if out.finished:
                     return
         finally:
             self.prefilling.discard(rid)
+            self.claims.ended(rid)
             watch.end(stream.num_generated)
             self.et.unsubscribe(rid)
             if not await self.handoffs.end(rid):  # it ended before (expired, aborted): free what was taken since
                 await self.et.call(self.engine.release, rid)  # idempotent: a no-op when nothing is held
                 await self.receiver.retire(rid)
+
+    async def _finished(self, request: decode_pb2.DecodeRequest, ids: list[int], out, token_ids: list[int],
+                        remote: bool) -> None:
+        """A request's last token is out: offer its decoded blocks to the cache, and let the schedulers see it gone
+        before the client does."""
+        # the prefill worker offered the prompt's full blocks; of a prompt prefilled here, none
+        offered = len(ids) if remote else out.num_cached_tokens
+        bs = self.engine.layout.block_size
+        offer_decoded_blocks(self.et, self.cache, ids + token_ids, offered // bs, request.cache_salt,
+                             out.block_hashes[:len(ids) // bs])
+        await self.claims.finished(request.request_id)
 
     async def _prefill_locally(self, request: decode_pb2.DecodeRequest, ids: list[int], params, record: Handoff,
                                unreserved: bool) -> None:

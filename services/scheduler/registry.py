@@ -7,7 +7,7 @@ import enum
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.services.common.errors import InvalidArgumentError, NotFoundError
@@ -37,6 +37,7 @@ class Load:
     # prompt tokens (and requests) in the worker's engine not yet computed: its prefill backlog
     num_pending_prefill_tokens: int = 0
     num_pending_prefill: int = 0
+    num_blocks_claimed: int = 0  # KV blocks its requests will take at most (prompt + max_tokens each)
     steps: tuple[StepSample, ...] = ()  # engine steps timed since the last heartbeat (fed to the worker's fit)
 
 
@@ -85,10 +86,14 @@ class Worker:
     spec: WorkerSpec
     load: Load = field(default_factory=Load)
     expires_at: float = 0.0
-    # Requests (and their prompt tokens) routed here since the last heartbeat: load the heartbeat cannot show
-    # yet, so a burst between two heartbeats spreads instead of landing on whichever worker last looked idle.
+    # Requests (and their prompt tokens) routed here that no heartbeat shows yet, so a burst between two
+    # heartbeats spreads instead of landing on whichever worker last looked idle.
     num_routed: int = 0
     num_routed_tokens: int = 0
+    num_routed_blocks: int = 0  # ... and the KV blocks they will take at most on a decode worker
+    # those routes by request id: (prompt tokens, blocks, when routed); a heartbeat that reports arrivals removes
+    # the ones that arrived, one that does not removes all
+    in_transit: dict = field(default_factory=dict)
     num_routed_total: int = 0  # every route since registration (round_robin's turn)
     breaker: Breaker = field(default_factory=Breaker)
     steps: StepWindow = field(default_factory=StepWindow)  # its recent engine steps and the cost models fitted
@@ -129,20 +134,39 @@ class Registry:
         self._workers[worker_id] = worker
         return worker
 
-    def heartbeat(self, worker_id: str, load: Load) -> Worker:
-        """Record a worker's load and renew its lease; NotFoundError when it is unknown or its lease lapsed."""
+    def heartbeat(self, worker_id: str, load: Load, arrived: Sequence[str] | None = None) -> Worker:
+        """Record a worker's load and renew its lease; NotFoundError when it is unknown or its lease lapsed.
+
+        arrived: the requests that reached the worker since its previous heartbeat, which its load now shows; the
+        routes not among them are still on their way and stay counted (for a lease at most: a route whose call
+        never reached the worker is forgotten then). None: the load shows every route made before it."""
         worker = self._live(worker_id)
+        now = self._clock()
         worker.steps.add(load.steps)
         worker.load = dataclasses.replace(load, steps=())
-        worker.expires_at = self._clock() + self.lease_s
-        worker.num_routed = worker.num_routed_tokens = 0  # the heartbeat's load now counts them
+        worker.expires_at = now + self.lease_s
+        if arrived is None:
+            worker.in_transit.clear()
+        else:
+            for request_id in arrived:
+                worker.in_transit.pop(request_id, None)
+            for request_id in [r for r, (_, _, at) in worker.in_transit.items() if at <= now - self.lease_s]:
+                del worker.in_transit[request_id]
+        routes = worker.in_transit.values()
+        worker.num_routed = len(routes)
+        worker.num_routed_tokens = sum(r[0] for r in routes)
+        worker.num_routed_blocks = sum(r[1] for r in routes)
         return worker
 
-    def routed(self, worker: Worker, num_tokens: int) -> None:
-        """A route sent a request of num_tokens prompt tokens to worker (counted until its next heartbeat)."""
+    def routed(self, worker: Worker, num_tokens: int, num_blocks: int = 0, request_id: str = "") -> None:
+        """A route sent request_id, of num_tokens prompt tokens, which will take at most num_blocks KV blocks
+        there, to worker (counted until a heartbeat shows it)."""
         worker.num_routed += 1
         worker.num_routed_total += 1
         worker.num_routed_tokens += num_tokens
+        worker.num_routed_blocks += num_blocks
+        key = request_id if request_id not in worker.in_transit else f"{request_id}#{worker.num_routed_total}"
+        worker.in_transit[key or f"#{worker.num_routed_total}"] = (num_tokens, num_blocks, self._clock())
         worker.breaker.routed(self._clock())
 
     def routable(self, role: Role | None = None) -> list[Worker]:

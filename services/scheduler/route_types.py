@@ -47,6 +47,8 @@ class RouteQuery:
     # the request's objectives in seconds (0: none): time to first token, time per output token
     slo_ttft_s: float = 0.0
     slo_tpot_s: float = 0.0
+    # the most tokens it may generate: with the prompt, the KV blocks it will hold at most (admission counts them)
+    max_tokens: int = 0
     links: Links = Links()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, UnavailableError
-from kvmesh.services.scheduler import predict
+from kvmesh.services.common.errors import InvalidArgumentError, UnavailableError
+from kvmesh.services.scheduler import admission, pairing
 from kvmesh.services.scheduler.predict import decode_prefills
 from kvmesh.services.scheduler.route_types import Candidates, Policy, RoutePlan, RouteQuery
 from kvmesh.services.kv_identity import KVLayout
@@ -49,52 +49,16 @@ def _avoiding(query: RouteQuery, workers: Sequence[Worker]) -> Sequence[Worker]:
     return [w for w in workers if w.worker_id not in query.avoid_worker_ids or w.spec.role not in left]
 
 
-#: The least retry-after hint of an admission refusal (seconds; the client sees whole seconds, at least 1).
-MIN_RETRY_AFTER_S = 0.05
-
-
-def queued(decode: Worker) -> int:
-    """Requests a decode worker has queued: those waiting at its last heartbeat (a colocated worker's prompts not
-    yet computed too) plus those the scheduler routed to it since, which no heartbeat shows yet."""
-    pending = decode.load.num_pending_prefill if decode.spec.colocated else 0
-    return decode.load.num_waiting + pending + decode.num_routed
-
-
-def drain_s(group: Candidates, decode: Worker, num_prompt_tokens: int, num_requests: int) -> float:
-    """Predicted seconds until num_requests prompts like this one have left the decode worker's queue: computed
-    by its own engine (colocated) or by the group's prefill workers in parallel."""
-    if not group.prefill:
-        return num_requests * predict.compute_s(decode, 0, num_prompt_tokens)
-    fastest = min(predict.compute_s(p, 0, num_prompt_tokens) for p in group.prefill)
-    return num_requests * fastest / len(group.prefill)
-
-
-def _admit(groups: list[Candidates], max_queue: int) -> list[Candidates]:
-    admitted = []
-    for group in groups:
-        decode = tuple(d for d in group.decode if queued(d) < max_queue)
-        if decode:
-            admitted.append(Candidates(group.layout, group.prefill, decode))
-    return admitted
-
-
-def _refuse(query: RouteQuery, groups: list[Candidates], max_queue: int) -> CapacityError:
-    n = len(query.prompt_token_ids)
-    shortest = min(queued(d) for g in groups for d in g.decode)
-    retry = min(drain_s(g, d, n, queued(d) - max_queue + 1) for g in groups for d in g.decode)
-    return CapacityError(f"every decode worker has {max_queue} or more requests queued ({shortest} at the "
-                         f"shortest, counting those routed since its last heartbeat); retry later",
-                         retry_after_s=max(retry, MIN_RETRY_AFTER_S))
-
-
 def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queue: int) -> RoutePlan:
     """Pick a (prefill, decode) pair with equal layouts for query (or a colocated decode worker alone), and decide
     whether the decode worker prefills the prompt itself (the plan carries it; the worker obeys).
 
-    InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered,
-    CapacityError (with a retry-after from the predicted queue drain) when every compatible decode worker has
-    max_queue or more requests queued, counting those routed since its last heartbeat, or when the policy finds
-    no route that meets the request's objectives.
+    InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered (equal
+    layouts, and a transport backend both offer and can use between their hosts: pairing.py),
+    CapacityError (with a retry-after from the predicted drain) when no compatible decode worker can take the
+    request (admission.py: max_queue or more requests queued, or no room in its KV pool for the request's prompt
+    plus max_tokens, counting those routed since its last heartbeat), or when the policy finds no route that
+    meets the request's objectives.
     """
     if not query.prompt_token_ids:
         raise InvalidArgumentError("prompt_token_ids must not be empty")
@@ -106,9 +70,10 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queu
         raise UnavailableError(f"no prefill and decode worker pair with equal KV layouts (nor a colocated worker) is "
                                f"registered for {wanted} "
                                f"({len(workers)} workers live)")
-    admitted = _admit(groups, max_queue)
-    if not admitted:
-        raise _refuse(query, groups, max_queue)
+    paired = [g for group in groups for g in pairing.split(group)]
+    if not paired:
+        raise pairing.unpaired(groups)
+    admitted = admission.admit(query, paired, max_queue)
     plan = policy(query, admitted)
     if plan.decode.spec.colocated:
         return dataclasses.replace(plan, local_prefill=True)

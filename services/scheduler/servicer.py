@@ -13,13 +13,14 @@ from kvmesh.services.common import access, metrics, tls
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError, MeshError, UnavailableError
 from kvmesh.services.scheduler import explain, router
+from kvmesh.services.scheduler.admission import PoolFullError, blocks_needed
 from kvmesh.services.scheduler.breaker import BreakerState
 from kvmesh.services.scheduler.policies import Links, Policy, RouteQuery
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
 from kvmesh.services.cost_model import StepShape
 from kvmesh.services.scheduler.links import LinkBook, LinkSample, Reported
 from kvmesh.services.scheduler.models import StepSample
-from kvmesh.services.scheduler.validate_register import validate_load, validate_register
+from kvmesh.services.scheduler.validate_register import validate_heartbeat, validate_register
 from kvmesh.services.scheduler.registry import Load, Registry, Role, Worker, WorkerSpec
 from kvmesh.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -31,7 +32,7 @@ def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> Load:
     steps = tuple(StepSample(StepShape(s.num_prefill_tokens, s.num_attention_pairs, s.num_decode_seqs,
                                        s.num_context_tokens), s.seconds) for s in msg.steps)
     return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks,
-                msg.num_pending_prefill_tokens, msg.num_pending_prefill, steps)
+                msg.num_pending_prefill_tokens, msg.num_pending_prefill, msg.num_blocks_claimed, steps)
 
 
 def transfers_from_proto(msg: scheduler_pb2.WorkerLoad) -> list[Reported]:
@@ -119,8 +120,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def Heartbeat(self, request, context):
         await self._refuse_unless_owner(request, context)
-        validate_load(request.load)
-        self.registry.heartbeat(request.worker_id, load_from_proto(request.load))
+        validate_heartbeat(request)
+        arrived = list(request.arrived_request_ids) if request.reports_arrivals else None
+        self.registry.heartbeat(request.worker_id, load_from_proto(request.load), arrived)
         if request.load.transfers:
             self.links.book.add(request.worker_id, transfers_from_proto(request.load))
         synced = True
@@ -141,6 +143,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
                            request.cache_salt if request.HasField("cache_salt") else None,
                            avoid_worker_ids=frozenset(request.avoid_worker_ids), links=self.links,
+                           max_tokens=max(request.max_tokens, 0),
                            slo_ttft_s=request.slo_ttft_seconds if request.HasField("slo_ttft_seconds")
                            else self.slo_ttft_s,
                            slo_tpot_s=request.slo_tpot_seconds if request.HasField("slo_tpot_seconds")
@@ -162,7 +165,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
         if not request.dry_run:  # a dry run only answers: it must not steer the next real route
             metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
-            self.registry.routed(plan.decode, len(query.prompt_token_ids))
+            self.registry.routed(plan.decode, len(query.prompt_token_ids), blocks_needed(query, plan.decode),
+                                 query.request_id)
             if plan.prefill is not None and not plan.local_prefill:
                 self.registry.routed(plan.prefill, len(query.prompt_token_ids))
         prefill_id = plan.prefill.worker_id if plan.prefill is not None else ""  # "": a colocated worker prefills
@@ -227,6 +231,8 @@ def _code_name(code: int) -> str:
 
 def _rejection_reason(error: MeshError) -> str:
     """The `reason` label of a rejected Route call."""
+    if isinstance(error, PoolFullError):
+        return "kv_blocks"
     if isinstance(error, CapacityError):
         return "overloaded"
     if isinstance(error, UnavailableError):

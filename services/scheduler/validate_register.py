@@ -9,6 +9,7 @@ import math
 import re
 
 from kvmesh.services.common.errors import InvalidArgumentError
+from kvmesh.services.common.registration import MAX_ARRIVALS, MAX_ARRIVED_ID_CHARS
 from kvmesh.v1 import common_pb2, scheduler_pb2
 
 MAX_COUNT = 10_000_000  # requests or blocks a worker may report
@@ -24,7 +25,7 @@ _LAYOUT_BOUNDS = {"block_size": 4096, "num_layers": 1024, "num_kv_heads": 1024, 
 
 def validate_load(load: scheduler_pb2.WorkerLoad, where: str = "load") -> None:
     """Raise InvalidArgumentError unless every figure is in [0, MAX_COUNT] and free blocks fit the pool."""
-    for name in ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks"):
+    for name in ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "num_blocks_claimed"):
         value = getattr(load, name)
         if not 0 <= value <= MAX_COUNT:
             raise InvalidArgumentError(f"{where}.{name} must be in [0, {MAX_COUNT}], got {value}")
@@ -51,6 +52,17 @@ def validate_transfers(load: scheduler_pb2.WorkerLoad, where: str = "load") -> N
         if not _BACKEND.match(t.backend) or len(t.peer) > MAX_TEXT:
             raise InvalidArgumentError(f"{field}: backend must be a short lower-case name and peer at most "
                                        f"{MAX_TEXT} characters")
+
+
+def validate_heartbeat(request: scheduler_pb2.HeartbeatRequest) -> None:
+    """Raise InvalidArgumentError for a heartbeat no real worker sends: a bad load, or more or longer arrived
+    request ids than a worker could have had since its last heartbeat."""
+    validate_load(request.load)
+    if len(request.arrived_request_ids) > MAX_ARRIVALS:
+        raise InvalidArgumentError(f"arrived_request_ids must list at most {MAX_ARRIVALS} ids "
+                                   f"(got {len(request.arrived_request_ids)}): send reports_arrivals=false instead")
+    if any(len(r) > MAX_ARRIVED_ID_CHARS for r in request.arrived_request_ids):
+        raise InvalidArgumentError(f"arrived_request_ids must be ids of at most {MAX_ARRIVED_ID_CHARS} characters")
 
 
 def validate_address(address: str, where: str = "address") -> None:

@@ -25,10 +25,11 @@ class TransportNotReady(NotReadyError):
 
 
 async def self_transfer(region, layout, receiver, descriptor, backends: list[str],
-                        timeout_s: float = SELF_TEST_TIMEOUT_S) -> dict[str, float]:
-    """Move the pool's last block into the one before it over each backend, and check the bytes; seconds per
-    backend. Both blocks are zeroed afterwards (the pool is still empty: nothing is using them)."""
-    src, dst = region.num_blocks - 1, region.num_blocks - 2
+                        timeout_s: float = SELF_TEST_TIMEOUT_S, blocks: tuple[int, int] | None = None
+                        ) -> dict[str, float]:
+    """Move one block into another over each backend, and check the bytes; seconds per backend. The blocks: the
+    pool's last two at start (the pool is still empty), else two the caller reserved; both are zeroed after."""
+    src, dst = blocks or (region.num_blocks - 1, region.num_blocks - 2)
     array = region.array  # [layers, 2, blocks, block_bytes]
     rng = np.random.default_rng(region.num_blocks)
     seconds = {}
@@ -43,7 +44,7 @@ async def self_transfer(region, layout, receiver, descriptor, backends: list[str
             seconds[backend] = time.perf_counter() - started
     finally:
         array[:, :, [src, dst]] = 0
-    log.info("transports ready: %s", ", ".join(f"{b} ({s * 1e3:.0f} ms)" for b, s in seconds.items()))
+    log.log(logging.DEBUG if blocks else logging.INFO, "transports ready: %s", ", ".join(f"{b} ({s * 1e3:.0f} ms)" for b, s in seconds.items()))
     return seconds
 
 

@@ -66,12 +66,13 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
 def register(server: MeshServer, config: WorkerConfig, role: int, layout: common_pb2.KVLayout,
              descriptor: Callable[[], common_pb2.TransportDescriptor] | None, load: LoadFn,
              kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None,
-             colocated: bool = False) -> RegistrationClient | None:
-    """Register this worker with the scheduler and keep it registered while the server runs; kv_events(full)
-    gives the KV events each heartbeat carries, local_prefill_max_tokens the tail it prefills itself and colocated
-    whether it prefills every prompt itself (decode workers)."""
+             colocated: bool = False, reports_arrivals: bool = False) -> list[RegistrationClient]:
+    """Register this worker with every scheduler and keep it registered while the server runs; kv_events(full)
+    gives the KV events each heartbeat carries, local_prefill_max_tokens the tail it prefills itself, colocated
+    whether it prefills every prompt itself and reports_arrivals whether it notes each request it takes
+    (decode workers)."""
     if not config.scheduler:
-        return None
+        return []
 
     def request() -> scheduler_pb2.RegisterRequest:
         return scheduler_pb2.RegisterRequest(
@@ -80,9 +81,8 @@ def register(server: MeshServer, config: WorkerConfig, role: int, layout: common
             layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id,
             local_prefill_max_tokens=local_prefill_max_tokens, colocated=colocated)
 
-    clients = register_everywhere(server, scheduler_addresses(config.scheduler), request, load, kv_events,
-                                  getattr(config, "kv_events_max_hashes", 4096))
-    return clients[0]
+    return register_everywhere(server, scheduler_addresses(config.scheduler), request, load, kv_events,
+                               getattr(config, "kv_events_max_hashes", 4096), reports_arrivals)
 
 
 def with_steps(load: scheduler_pb2.WorkerLoad, engine_thread: EngineThread) -> scheduler_pb2.WorkerLoad:
@@ -121,10 +121,11 @@ class WorkerKit:
     def run(self, worker, role: int, *, on_start: Callable[[], None] | None = None, on_stopped: Iterable[Hook] = (),
             descriptor: Callable[[], common_pb2.TransportDescriptor] | None = None,
             kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None,
-            colocated: bool = False) -> None:
+            colocated: bool = False, reports_arrivals: bool = False) -> list[RegistrationClient]:
         """Run `worker` (it has `handoffs` and `load`) with the server: on_start() once bound, then the engine
         thread and the handoff table; at stop, after in-flight requests drained, the handoffs, the engine
-        thread, then each of on_stopped in order. Registers with the scheduler as `role`."""
+        thread, then each of on_stopped in order. Registers with every scheduler as `role` (returns the
+        registrations)."""
         closers = list(on_stopped)
 
         async def start(_server: MeshServer) -> None:
@@ -143,9 +144,9 @@ class WorkerKit:
 
         self.server.add_task(start)
         self.server.on_stopped(stop)
-        register(self.server, self.config, role, self.layout, descriptor,
-                 lambda: with_steps(worker.load(), self.engine_thread), kv_events,
-                 local_prefill_max_tokens, colocated)
+        return register(self.server, self.config, role, self.layout, descriptor,
+                        lambda: with_steps(worker.load(), self.engine_thread), kv_events,
+                        local_prefill_max_tokens, colocated, reports_arrivals)
 
 
 async def setup_worker(config: WorkerConfig, server: MeshServer, *, name: str,

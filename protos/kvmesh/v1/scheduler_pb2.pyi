@@ -31,7 +31,7 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_CACHE: WorkerRole
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "steps", "num_pending_prefill_tokens", "num_pending_prefill", "transfers")
+    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "steps", "num_pending_prefill_tokens", "num_pending_prefill", "num_blocks_claimed", "transfers")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class WorkerLoad(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_CLAIMED_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
@@ -47,8 +48,9 @@ class WorkerLoad(_message.Message):
     steps: _containers.RepeatedCompositeFieldContainer[StepSample]
     num_pending_prefill_tokens: int
     num_pending_prefill: int
+    num_blocks_claimed: int
     transfers: _containers.RepeatedCompositeFieldContainer[TransferSample]
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_prefill: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ...) -> None: ...
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_prefill: _Optional[int] = ..., num_blocks_claimed: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ...) -> None: ...
 
 class TransferSample(_message.Message):
     __slots__ = ("num_bytes", "seconds", "backend", "peer", "num_ssd_bytes", "cache_fetch")
@@ -129,16 +131,20 @@ class KVEvents(_message.Message):
     def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "lease_token", "load", "kv_events")
+    __slots__ = ("worker_id", "load", "kv_events", "reports_arrivals", "arrived_request_ids", "lease_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    lease_token: str
     load: WorkerLoad
     kv_events: KVEvents
-    def __init__(self, worker_id: _Optional[str] = ..., lease_token: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ...) -> None: ...
+    reports_arrivals: bool
+    arrived_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    lease_token: str
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ..., reports_arrivals: _Optional[bool] = ..., arrived_request_ids: _Optional[_Iterable[str]] = ..., lease_token: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("lease_seconds", "resync_kv_events")
@@ -163,7 +169,7 @@ class DeregisterResponse(_message.Message):
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run", "avoid_worker_ids", "slo_ttft_seconds", "slo_tpot_seconds")
+    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run", "avoid_worker_ids", "slo_ttft_seconds", "slo_tpot_seconds", "max_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +179,7 @@ class RouteRequest(_message.Message):
     AVOID_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     SLO_TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SLO_TPOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     model: str
@@ -182,7 +189,8 @@ class RouteRequest(_message.Message):
     avoid_worker_ids: _containers.RepeatedScalarFieldContainer[str]
     slo_ttft_seconds: float
     slo_tpot_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ..., slo_ttft_seconds: _Optional[float] = ..., slo_tpot_seconds: _Optional[float] = ...) -> None: ...
+    max_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ..., slo_ttft_seconds: _Optional[float] = ..., slo_tpot_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures", "colocated")

@@ -76,3 +76,28 @@ def test_bad_registrations_are_rejected(spec, message):
 def test_a_cache_worker_needs_no_layout():
     worker = Registry(lease_s=10).register(WorkerSpec(Role.CACHE, "127.0.0.1:7001"))
     assert worker.spec.layout is None
+
+
+def test_a_heartbeat_that_reports_arrivals_keeps_counting_the_routes_still_on_their_way():
+    now = [0.0]
+    registry = Registry(lease_s=10, clock=lambda: now[0])
+    worker = registry.register(WorkerSpec(Role.DECODE, "127.0.0.1:1", layout=LAYOUT))
+    registry.routed(worker, 100, 7, "a")
+    registry.routed(worker, 50, 4, "b")
+    registry.heartbeat(worker.worker_id, Load(num_waiting=1), arrived=["a"])
+    assert (worker.num_routed, worker.num_routed_tokens, worker.num_routed_blocks) == (1, 50, 4)
+    now[0] = 5.0
+    registry.heartbeat(worker.worker_id, Load(num_waiting=1), arrived=[])
+    assert worker.num_routed == 1
+    now[0] = 10.5  # "b" never arrived within a lease: its call failed before it reached the worker
+    registry.heartbeat(worker.worker_id, Load(), arrived=[])
+    assert (worker.num_routed, worker.num_routed_tokens, worker.num_routed_blocks) == (0, 0, 0)
+
+
+def test_a_heartbeat_that_does_not_report_arrivals_counts_every_route_before_it():
+    registry = Registry(lease_s=10)
+    worker = registry.register(WorkerSpec(Role.PREFILL, "127.0.0.1:1", layout=LAYOUT))
+    registry.routed(worker, 100, 0, "a")
+    registry.routed(worker, 100)
+    registry.heartbeat(worker.worker_id, Load(num_waiting=2))
+    assert (worker.num_routed, worker.num_routed_tokens) == (0, 0) and not worker.in_transit
