@@ -27,9 +27,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvmesh.services.common import config as config_mod
-from kvmesh.services.common import (access, auth, errors, healthcheck, ids, metrics, rpc_tracing, sdnotify, telemetry,
-                                    tls, tls_reload)
+from kvmesh.services.common import (access, auth, config as config_mod, errors, healthcheck, ids, metrics, rpc_tracing,
+                                    sdnotify, telemetry, tls, tls_reload)
 from kvmesh.services.common.bind import BindError, check_bindable
 from kvmesh.services.common.api_keys import KeyRing
 from kvmesh.services.common.malformed import MalformedRequestInterceptor
@@ -75,7 +74,6 @@ class MeshServer:
         # One identity per process: every channel it opens from now on presents this role's certificate.
         self.tls = tls.load(config.tls_dir, self.role, config.tls_server_name) if config.tls_dir else None
         tls.use(self.tls)
-        self.cert_watch = tls_reload.Watcher(self.tls, config.tls_dir, config.tls_reload_s) if self.tls else None
         self.health = health.aio.HealthServicer()
         self.channels = ChannelCache(config.max_message_bytes)
         self.port = 0
@@ -90,8 +88,7 @@ class MeshServer:
         self._server: grpc.aio.Server | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
-        if self.cert_watch is not None:
-            self.add_task(self.cert_watch.run)
+        self.cert_watch = tls_reload.watch(self)  # renewed certificates presented without a restart
 
     @property
     def address(self) -> str:

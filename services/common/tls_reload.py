@@ -128,5 +128,14 @@ class Watcher:
             self.check()
 
 
+def watch(server) -> Watcher | None:
+    """The watcher of a MeshServer's certificate files (None without TLS), checking as one of its background tasks."""
+    if server.tls is None:
+        return None
+    watcher = Watcher(server.tls, server.config.tls_dir, server.config.tls_reload_s)
+    server.add_task(watcher.run)
+    return watcher
+
+
 def _configuration(identity: tls.TlsIdentity) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration([(identity.key, identity.cert)], root_certificates=identity.ca)
