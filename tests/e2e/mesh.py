@@ -37,6 +37,8 @@ class Mesh:
     more_schedulers: list[ServiceProcess] = field(default_factory=list)  # start_mesh(schedulers=N): the others
     #: With mTLS: the certs folder, and the admin certificate tests present to the internal services.
     tls_dir: str = ""
+    #: With API keys at the gateway (start_mesh(api_key=...)): the key `generate` presents.
+    api_key: str = ""
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self.channels:
@@ -55,7 +57,8 @@ class Mesh:
         """Greedy (unless told otherwise) generation through the gateway's gRPC API: (token ids, responses)."""
         params = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, **sampling)
         request = gateway_pb2.GenerateRequest(prompt_token_ids=prompt_ids, sampling=params)
-        responses = list(self.gateway_stub().Generate(request, timeout=timeout))
+        metadata = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else None
+        responses = list(self.gateway_stub().Generate(request, timeout=timeout, metadata=metadata))
         return [t for r in responses for t in r.token_ids], responses
 
     def worker_stats(self, proc: ServiceProcess, role: str) -> decode_pb2.WorkerStats:
@@ -93,7 +96,7 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
                gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "",
-               policy: str | None = None) -> Mesh:
+               policy: str | None = None, api_key: str = "") -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
@@ -102,7 +105,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
     decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
     prompts, which the decode worker would otherwise serve from its own pool.
 
-    tls_dir (a `kvmesh certs init` folder, see `make_certs`) turns mTLS on between every service.
+    tls_dir (a `kvmesh certs init` folder, see `make_certs`) turns mTLS on between every service; api_key makes the
+    gateway require that key (`Mesh.generate` presents it).
     policy: the scheduler's routing policy (its default when None). Tests of the cache service's fetch path use
     kv_aware, which always fetches a cached prefix: slo_aware recomputes one a tiny model computes faster.
     """
@@ -129,10 +133,11 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         for proc in prefills + decodes:
             proc.wait_serving(START_TIMEOUT_S)
         http_port = free_port()
+        gateway_env = {**(env or {}), "KVMESH_API_KEY": api_key} if api_key else env
         gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), *gateway_args,
-                              env=env, timeout_s=START_TIMEOUT_S)
+                              env=gateway_env, timeout_s=START_TIMEOUT_S)
         mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port, more_schedulers=others,
-                    tls_dir=tls_dir)
+                    tls_dir=tls_dir, api_key=api_key)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # registration is asynchronous to SERVING
             if all(len(mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL, s)) == prefill

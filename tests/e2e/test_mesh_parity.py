@@ -1,15 +1,19 @@
-"""Greedy output through the whole mesh equals HF transformers token for token — every family, every transport."""
+"""Greedy output through the whole mesh equals HF transformers token for token — every family, every transport;
+the -tls variants closed as a deployment runs (mTLS between services, an API key at the gateway)."""
 
+import grpc
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mesh import make_certs, start_mesh
 from kvmesh.transports import available_backends
+from kvmesh.v1 import gateway_pb2
 
 PROMPTS = ["The capital of France is", "Hello", "def main():\n    print('hello')",
            "A key value cache stores the keys and values of every token that attention has seen, so that " * 3]
 MAX_TOKENS = 12
+API_KEY = "parity-key-5f1c0e"
 
 
 def hf_greedy(path, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -42,7 +46,9 @@ def family_mesh(request, model_dir, tmp_path_factory):
     path = model_dir(family)
     colocated = transport == "colocated"
     tls_dir = make_certs(tmp_path_factory.mktemp("certs")) if with_tls else ""
-    mesh = start_mesh(str(path), transport="auto" if colocated else transport, colocated=colocated, tls_dir=tls_dir)
+    # the -tls variants run closed as a deployment would: mTLS between services and an API key at the gateway
+    mesh = start_mesh(str(path), transport="auto" if colocated else transport, colocated=colocated, tls_dir=tls_dir,
+                      api_key=API_KEY if with_tls else "")
     yield path, mesh
     mesh.close()
 
@@ -58,3 +64,7 @@ def test_greedy_through_the_mesh_equals_transformers(family_mesh):
         assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == MAX_TOKENS
         assert "".join(r.text for r in responses) == tokenizer.decode(got, skip_special_tokens=True)
     assert mesh.wait_blocks_free(2.0)
+    if mesh.api_key:  # closed: the same request without the key is refused before it reaches the mesh
+        with pytest.raises(grpc.RpcError) as refused:
+            list(mesh.gateway_stub().Generate(gateway_pb2.GenerateRequest(prompt_token_ids=[5, 6, 7]), timeout=30))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
