@@ -83,10 +83,12 @@ def test_shared_memory_forced_between_two_hosts_is_refused_with_the_reason_and_f
     try:
         with pytest.raises(grpc.RpcError) as failure:
             mesh.generate(PROMPTS[1], MAX_TOKENS)
-        # the prefill worker's FAILED_PRECONDITION reaches the client wrapped by the decode worker as UNAVAILABLE
-        # (it treats any failed prefill as one to retry elsewhere); either way the reason is spelled out
-        assert failure.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
-        assert "same host: False" in failure.value.details(), failure.value.details()
+        # the scheduler pairs only workers with a backend usable between their hosts, and shm is not: refused
+        # before any worker is asked, naming what each side offers and where
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = failure.value.details()
+        assert "shares a transport backend usable between their hosts" in details, details
+        assert f"prefill workers offer shm on host {a.host_id}" in details, details
         assert mesh.wait_blocks_free(10.0)
         assert all(health_status(p.address) == "SERVING" for p in [*mesh.prefills, *mesh.decodes])
     finally:
