@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+from machine import machine  # bench/machine.py (this script's folder is on sys.path)
 
 from kvmesh.services.engine.sampler import SamplingParams, sample
 
@@ -35,16 +35,6 @@ CONFIGS = {
 }
 BASELINE = "temperature (baseline)"
 
-
-def machine() -> dict:
-    """The CPU, as `lscpu` names it, with its flags (figures from another CPU are not comparable)."""
-    info = {}
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("Model name", "CPU(s)", "Flags"):
-            info[key.strip()] = value.strip()
-    info["loadavg"] = os.getloadavg()[0]
-    return info
 
 
 def measure(args) -> dict:

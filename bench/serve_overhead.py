@@ -36,6 +36,7 @@ from kvmesh.services.bench.datasets import BenchRequest, Session
 from kvmesh.services.bench.metrics import RequestResult, percentile
 from kvmesh.services.bench.progress import Progress
 from kvmesh.services.bench.serve import LoadShape, run_load
+from machine import machine  # bench/machine.py (this script's folder is on sys.path)
 
 PROMPT = list(range(100, 164))
 CLIENT_NAMES = {HttpClient: "native", HttpxClient: "httpx"}
@@ -172,16 +173,6 @@ async def measure(port: int, args: argparse.Namespace) -> dict:
         row["arrivals"].append({"client": "none", **await arrivals(NullClient(), rate, int(rate * args.seconds))})
     return row
 
-
-def machine() -> dict:
-    """The CPU, as `lscpu` names it, with its flags (figures from another CPU are not comparable)."""
-    info = {}
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("Model name", "CPU(s)", "Flags"):
-            info[key.strip()] = value.strip()
-    info["loadavg"] = os.getloadavg()[0]
-    return info
 
 
 def results_table(row: dict, command: str) -> str:

@@ -24,13 +24,14 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from machine import machine  # bench/machine.py (this script's folder is on sys.path)
 
 PASSAGE = ("The paged KV cache stores the keys and values of every token in fixed-size blocks. A block table maps "
            "each sequence's positions to blocks, so sequences grow without copying, share the blocks of a common "
@@ -56,16 +57,6 @@ PROMPTS = {
              "Explain what a hash function is to a ten year old."],
 }
 
-
-def machine() -> dict:
-    """The CPU as `lscpu` names it, with its flags (figures from another CPU are not comparable)."""
-    info = {}
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("Model name", "CPU(s)", "Flags"):
-            info[key.strip()] = value.strip()
-    info["loadavg"] = os.getloadavg()[0]
-    return info
 
 
 def generate(engine, ids: list[int], max_tokens: int) -> tuple[list[int], float, float]:
