@@ -83,8 +83,18 @@ def replace(mesh, role: str, dead) -> None:
         time.sleep(0.1)
 
 
-def busiest_decode(mesh):
-    return max(mesh.decodes, key=lambda p: mesh.worker_stats(p, "decode").num_running)
+def victim_with_streams(mesh, timeout_s: float = 60.0):
+    """The decode worker with the most streams decoding now, once one has any: chosen while they run. (Waiting
+    for every stream's first token before choosing assumed the early streams would still be running; on a loaded
+    machine the last streams start so late that the first ones have finished, and the victim held nothing.)"""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = {p: mesh.worker_stats(p, "decode").num_running for p in mesh.decodes}
+        victim = max(running, key=running.get)
+        if running[victim] > 0:
+            return victim
+        assert time.monotonic() < deadline, "no decode worker ever had a stream decoding"
+        time.sleep(0.02)
 
 
 def assert_whole(stream, hf) -> None:
@@ -99,18 +109,18 @@ def test_a_decode_worker_killed_mid_stream_has_every_stream_continue_elsewhere(m
     before = counter(mesh, "kvmesh:request_retries_total", stage="after_first_token")
     failures = counter(mesh, "kvmesh:request_failures_total")
     streams = [Stream(mesh, prompt) for prompt in PROMPTS]
-    for stream in streams:
-        assert stream.started.wait(60) and stream.error is None, stream.error
-    victim = busiest_decode(mesh)
+    victim = victim_with_streams(mesh)
     os.kill(victim.proc.pid, signal.SIGSTOP)  # no stream on it can finish from here on
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait(10)
-    for stream in streams:
-        stream.join(120)
-        assert_whole(stream, hf)
-    assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") > before
-    assert counter(mesh, "kvmesh:request_failures_total") == failures
-    replace(mesh, "decode", victim)
+    try:
+        for stream in streams:
+            stream.join(120)
+            assert_whole(stream, hf)
+        assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") > before
+        assert counter(mesh, "kvmesh:request_failures_total") == failures
+    finally:
+        replace(mesh, "decode", victim)  # the next tests get a whole mesh whatever happened here
     assert mesh.wait_blocks_free(15)
 
 
@@ -120,10 +130,7 @@ def test_a_frozen_decode_worker_is_told_from_a_slow_one_and_its_streams_move_on(
     before = counter(mesh, "kvmesh:request_retries_total", stage="after_first_token")
     failures = counter(mesh, "kvmesh:request_failures_total")
     streams = [Stream(mesh, prompt) for prompt in PROMPTS]
-    for stream in streams:
-        assert stream.started.wait(60) and stream.error is None, stream.error
-    victim = busiest_decode(mesh)
-    frozen = mesh.worker_stats(victim, "decode").num_running
+    victim = victim_with_streams(mesh)
     os.kill(victim.proc.pid, signal.SIGSTOP)
     try:
         for stream in streams:
@@ -131,7 +138,8 @@ def test_a_frozen_decode_worker_is_told_from_a_slow_one_and_its_streams_move_on(
             assert_whole(stream, hf)
     finally:
         os.kill(victim.proc.pid, signal.SIGCONT)
-    assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") - before >= frozen > 0
+    # at least the stream seen decoding on it moved on (one may finish between the look and the SIGSTOP)
+    assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") > before
     assert counter(mesh, "kvmesh:request_failures_total") == failures
     assert victim.proc.poll() is None  # thawed, it serves on: its streams were cancelled, not its process
     assert mesh.wait_blocks_free(30)
@@ -198,18 +206,18 @@ def test_a_migrated_structured_stream_resumes_its_grammar_where_it_was(mesh, mod
     before = counter(mesh, "kvmesh:request_retries_total", stage="after_first_token")
     streams = [Stream(mesh, prompt, structured_output=common_pb2.StructuredOutput(regex=pattern))
                for prompt in PROMPTS[:4]]
-    for stream in streams:
-        assert stream.started.wait(60) and stream.error is None, stream.error
-    victim = busiest_decode(mesh)
+    victim = victim_with_streams(mesh)
     os.kill(victim.proc.pid, signal.SIGSTOP)
     os.kill(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait(10)
-    for i, stream in enumerate(streams):
-        stream.join(120)
-        assert stream.error is None, stream.error
-        assert stream.tokens == want[str(i)] and len(stream.tokens) == LONG
-        text = "".join(r.text for r in stream.responses)
-        assert text.startswith("(") and text.count("(") == 1
-    assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") > before
-    replace(mesh, "decode", victim)
+    try:
+        for i, stream in enumerate(streams):
+            stream.join(120)
+            assert stream.error is None, stream.error
+            assert stream.tokens == want[str(i)] and len(stream.tokens) == LONG
+            text = "".join(r.text for r in stream.responses)
+            assert text.startswith("(") and text.count("(") == 1
+        assert counter(mesh, "kvmesh:request_retries_total", stage="after_first_token") > before
+    finally:
+        replace(mesh, "decode", victim)
     assert mesh.wait_blocks_free(15)
