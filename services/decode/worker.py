@@ -65,7 +65,8 @@ class DecodeWorker:
         load = scheduler_pb2.WorkerLoad(
             num_waiting=self.handoffs.count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
             num_running=self.handoffs.count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
-            num_total_blocks=self.engine.kv_cache.num_blocks, num_blocks_claimed=self.claims.num_blocks)
+            num_total_blocks=self.engine.kv_cache.num_blocks, num_blocks_claimed=self.claims.num_blocks,
+            num_remaining_tokens=self.claims.num_remaining_tokens, mean_output_tokens=self.claims.mean_output_tokens)
         metrics.observe_load(load)
         metrics.KV_BLOCKS_CACHED.set(self.engine.prefix_cache_stats()["cached_blocks"])
         return load
@@ -208,7 +209,7 @@ class DecodeWorker:
         stream = TokenStream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
         watch = StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
-            self.claims.arrived(rid, self.engine.layout.num_blocks_for(len(ids) + params.max_tokens))
+            self.claims.arrived(rid, self.engine.layout.num_blocks_for(len(ids) + params.max_tokens), params.max_tokens)
             reservation, remote = None, False
             if request.prefill.address:
                 reservation, queue_s = await self._reserve(request, ids)
@@ -238,6 +239,7 @@ class DecodeWorker:
                 self.handoffs.renew(rid)
                 response = stream.response(out)
                 watch.tokens(len(response.token_ids))
+                self.claims.generated(rid, len(response.token_ids))
                 if out.finished and out.finish_reason != "abort":  # before the last yield: the caller may stop there
                     await self._finished(request, ids, out, stream.token_ids, remote)
                 yield response

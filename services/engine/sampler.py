@@ -40,6 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF's: divides (multiplies, if negative) logits of prompt + generated tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
     structured: Constraint | None = None  # the output must match this grammar (structured.py)
+    priority: int = 0  # scheduling, as vLLM's: the waiting queue serves lower values first (ties: arrival order)
 
     def validate(self, max_model_len: int, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the first bad field and what would be accepted."""

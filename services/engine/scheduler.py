@@ -1,7 +1,8 @@
 """Continuous batching: which sequences run in the next step, and how many of their tokens.
 
 Each step first serves the running sequences (one decode token each, then the next chunk of each long
-prompt still prefilling, oldest first), then admits waiting ones while the token budget
+prompt still prefilling, oldest first), then admits waiting ones (by priority, lower first, as vLLM's
+`--scheduling-policy priority` orders its queue; arrival order within a priority) while the token budget
 (max_num_batched_tokens), the free blocks and max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens.
 With a prefix cache, a waiting sequence that holds no blocks (new, or preempted) shares its cached leading
@@ -31,8 +32,14 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        """Queue a sequence (blocks it already holds, e.g. a reservation, are kept)."""
+        """Queue a sequence behind every waiting one of its priority or a more urgent one (lower value), ahead of
+        the less urgent (blocks it already holds, e.g. a reservation, are kept)."""
         seq.status = SequenceStatus.WAITING
+        priority = seq.params.priority
+        for index, other in enumerate(self.waiting):
+            if other.params.priority > priority:
+                self.waiting.insert(index, seq)
+                return
         self.waiting.append(seq)
 
     def add_running(self, seq: Sequence) -> None:

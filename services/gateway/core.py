@@ -140,7 +140,8 @@ class Gateway:
         """Ask the scheduler for a (prefill, decode) pair, leaving out the workers in avoid where it can."""
         request = scheduler_pb2.RouteRequest(request_id=call.request_id, prompt_token_ids=call.prompt_token_ids,
                                              model=self.card.model_id, cache_salt=call.cache_salt,
-                                             avoid_worker_ids=sorted(avoid), max_tokens=max_tokens_of(call))
+                                             avoid_worker_ids=sorted(avoid), max_tokens=max_tokens_of(call),
+                                             priority=call.sampling.priority)
         slo.apply(request, call.slo_ttft_s, call.slo_tpot_s)
         budget = min(timeout or self.route_timeout_s, self.route_timeout_s)
         with telemetry.tracer().start_as_current_span(names.SCHEDULER_ROUTE) as span:

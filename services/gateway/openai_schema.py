@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.services.gateway.openai_checks import bad_unicode, unsupported_field
+from kvmesh.services.gateway.sampling_checks import MAX_PRIORITY
 from kvmesh.services.gateway.structured import requested
 from kvmesh.v1 import common_pb2
 
@@ -64,6 +65,8 @@ class OpenAIRequest(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     cache_salt: str | None = None
     request_id: str | None = Field(None, max_length=256)
+    # vLLM's scheduling priority: lower is more urgent; an integer (strict: no strings, floats or booleans)
+    priority: int = Field(0, strict=True, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
     @model_validator(mode="before")
     @classmethod
@@ -120,7 +123,7 @@ class OpenAIRequest(BaseModel):
             top_k=self.top_k or 0, min_p=self.min_p or 0.0, ignore_eos=self.ignore_eos,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=self.stop_token_ids or [], presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0, logit_bias=self.bias())
+            frequency_penalty=self.frequency_penalty or 0.0, logit_bias=self.bias(), priority=self.priority)
         params.temperature = 1.0 if self.temperature is None else self.temperature
         if self.top_p is not None:
             params.top_p = self.top_p

@@ -9,10 +9,15 @@ from kvmesh.services.common.errors import InvalidArgumentError
 from kvmesh.v1 import common_pb2
 
 MAX_BIASED_TOKENS = 1024
+#: Priorities lie in [-MAX_PRIORITY, MAX_PRIORITY] (lower is more urgent, as vLLM's; 0 the default).
+MAX_PRIORITY = 1_000_000
 
 
 def check_sampling_extras(s: common_pb2.SamplingParams, vocab_size: int) -> None:
-    """Raise InvalidArgumentError naming the first penalty, bias or seed out of range."""
+    """Raise InvalidArgumentError naming the first penalty, bias, seed or priority out of range."""
+    if not -MAX_PRIORITY <= s.priority <= MAX_PRIORITY:
+        raise InvalidArgumentError(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}] (lower is more "
+                                   f"urgent; default 0), got {s.priority}")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(s, name)
         if not -2.0 <= value <= 2.0:

@@ -2,9 +2,13 @@
 showed and what was routed to it since. Two limits: its queue (requests waiting, `--max-queue`) and its KV pool
 (the blocks every request it holds will take at most: prompt + max_tokens each). A request no decode worker can
 take is refused at once with RESOURCE_EXHAUSTED and a retry-after from the predicted drain, never left to wait on
-a worker for blocks to free up."""
+a worker for blocks to free up. The queue limit depends on the request's priority (lower is more urgent, as
+vLLM's): `--max-queue-per-priority` caps less urgent requests lower, so at the same load a less urgent request is
+refused while a more urgent one is still admitted (queue room kept for it)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from kvmesh.services.common.errors import CapacityError, InvalidArgumentError
 from kvmesh.services.scheduler import predict
@@ -13,6 +17,41 @@ from kvmesh.services.scheduler.route_types import Candidates, RouteQuery
 
 #: The least retry-after hint of an admission refusal (seconds; the client sees whole seconds, at least 1).
 MIN_RETRY_AFTER_S = 0.05
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """Queue limits per priority: `max_queue` for every request, and `(priority, limit)` caps, each applying to
+    requests of that priority or a less urgent one (a higher number)."""
+
+    max_queue: int
+    per_priority: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, limits: "int | QueueLimits") -> "QueueLimits":
+        return limits if isinstance(limits, QueueLimits) else cls(limits)
+
+    def for_priority(self, priority: int) -> int:
+        """The most requests a decode worker may have queued for one more of this priority to be admitted."""
+        caps = [limit for floor, limit in self.per_priority if priority >= floor]
+        return min([self.max_queue, *caps])
+
+
+def parse_priority_limits(spec: str) -> tuple[tuple[int, int], ...]:
+    """`"1:16,10:4"` → ((1, 16), (10, 4)): requests of priority >= 1 are admitted while fewer than 16 are queued,
+    those of priority >= 10 while fewer than 4. ValueError naming the bad entry."""
+    limits = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        floor, sep, limit = entry.partition(":")
+        try:
+            pair = (int(floor), int(limit))
+        except ValueError:
+            pair = None
+        if not sep or pair is None or pair[1] < 0:
+            raise ValueError(f"max_queue_per_priority entry {entry!r} is not PRIORITY:LIMIT (integers, LIMIT >= 0), "
+                             f"e.g. '1:16,10:4'")
+        limits.append(pair)
+    return tuple(sorted(limits))
 
 
 class PoolFullError(CapacityError):
@@ -55,20 +94,23 @@ def drain_s(group: Candidates, decode: Worker, num_prompt_tokens: int, num_reque
     return num_requests * fastest / len(group.prefill)
 
 
-def admit(query: RouteQuery, groups: list[Candidates], max_queue: int) -> list[Candidates]:
-    """The groups with only the decode workers that can take the request now (groups left with none dropped);
-    CapacityError (or InvalidArgumentError for a request larger than every pool) when none can."""
+def admit(query: RouteQuery, groups: list[Candidates], limits: int | QueueLimits) -> list[Candidates]:
+    """The groups with only the decode workers that can take the request now (groups left with none dropped):
+    fewer queued than the request's priority allows, and room in the pool. CapacityError (or InvalidArgumentError
+    for a request larger than every pool) when none can."""
+    limits = QueueLimits.of(limits)
+    max_queue = limits.for_priority(query.priority)
     admitted = []
     for group in groups:
         decode = tuple(d for d in group.decode if queued(d) < max_queue and fits(query, d))
         if decode:
             admitted.append(Candidates(group.layout, group.prefill, decode))
     if not admitted:
-        raise refusal(query, groups, max_queue)
+        raise refusal(query, groups, max_queue, max_queue < limits.max_queue)
     return admitted
 
 
-def refusal(query: RouteQuery, groups: list[Candidates], max_queue: int) -> Exception:
+def refusal(query: RouteQuery, groups: list[Candidates], max_queue: int, capped: bool = False) -> Exception:
     """Why no decode worker can take the request: every queue full, or no pool with room for its blocks."""
     decodes = [(g, d) for g in groups for d in g.decode]
     n = len(query.prompt_token_ids)
@@ -76,7 +118,9 @@ def refusal(query: RouteQuery, groups: list[Candidates], max_queue: int) -> Exce
     if not roomy:
         shortest = min(queued(d) for _, d in decodes)
         retry = min(drain_s(g, d, n, queued(d) - max_queue + 1) for g, d in decodes)
-        return CapacityError(f"every decode worker has {max_queue} or more requests queued ({shortest} at the "
+        cap = (f" (the limit for priority {query.priority}; more urgent requests are still admitted)" if capped
+               else "")
+        return CapacityError(f"every decode worker has {max_queue} or more requests queued{cap} ({shortest} at the "
                              f"shortest, counting those routed since its last heartbeat); retry later",
                              retry_after_s=max(retry, MIN_RETRY_AFTER_S))
     need = max(blocks_needed(query, d) for _, d in roomy)

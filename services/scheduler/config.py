@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvmesh.services.common.config import ServerConfig, check, knob
+from kvmesh.services.scheduler.admission import QueueLimits, parse_priority_limits
 from kvmesh.services.scheduler.policies import POLICIES, Links
 
 DEFAULT_PORT = 50050
@@ -35,6 +36,11 @@ class SchedulerConfig(ServerConfig):
                               "heartbeat, a colocated worker's prompts not yet computed, and those routed to it "
                               "since) takes no more; when every decode worker is over it, Route fails with "
                               "RESOURCE_EXHAUSTED and a retry-after from the predicted queue drain.")
+    max_queue_per_priority: str = knob("", "Lower queue limits for less urgent requests (priority: lower is more "
+                                           "urgent, as vLLM's; default 0), as PRIORITY:LIMIT pairs, e.g. '1:16,10:4':"
+                                           " a request of priority 1 or more is admitted only while its decode "
+                                           "worker has fewer than 16 queued, one of 10 or more fewer than 4; more "
+                                           "urgent ones up to max_queue. Empty: max_queue for every priority.")
     breaker_failures: int = knob(2, "Consecutive failures of a worker (failed calls its peers report, failed health "
                                     "checks the scheduler makes on each report) that open its circuit breaker: no "
                                     "routes go to it until the cool-down has passed.")
@@ -49,8 +55,16 @@ class SchedulerConfig(ServerConfig):
         """The KV movement priors of the predictions."""
         return Links(self.transfer_gbps, self.cache_dram_gbps, self.cache_ssd_gbps, self.kv_move_fixed_s)
 
+    def queue_limits(self) -> QueueLimits:
+        """Admission's queue limits: max_queue, capped per priority."""
+        return QueueLimits(self.max_queue, parse_priority_limits(self.max_queue_per_priority))
+
     def validate(self) -> None:
         super().validate()
+        try:
+            parse_priority_limits(self.max_queue_per_priority)
+        except ValueError as e:
+            check(False, str(e))
         check(self.lease_s > 0, f"lease_s must be > 0, got {self.lease_s}")
         check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         check(self.breaker_failures >= 1, f"breaker_failures must be >= 1, got {self.breaker_failures}")

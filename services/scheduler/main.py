@@ -46,7 +46,7 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
         Breaker, config.breaker_failures, config.breaker_cooldown_s, config.breaker_probe_window_s))
     probe = CacheProbe() if config.cache_probe else None
     prober = HealthProber(registry, config.health_check_timeout_s)
-    servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.max_queue, probe,
+    servicer = SchedulerServicer(registry, get_policy(config.policy), config.policy, config.queue_limits(), probe,
                                  prober, config.slo_ttft_s, config.slo_tpot_s, config.links())
     server.add_service(Service.of(scheduler_pb2, scheduler_pb2_grpc, servicer))
     interval = min(1.0, config.lease_s / 4)

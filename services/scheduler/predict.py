@@ -111,17 +111,45 @@ def decode_batch(decode: Worker) -> tuple[int, int]:
     return batch, context + decode.num_routed_tokens
 
 
+def output_estimate(max_tokens: int, decodes: "tuple[Worker, ...] | list[Worker]") -> int:
+    """Tokens a new request is expected to generate: its max_tokens, capped by the workload's mean observed output
+    length (the mean of what the decode workers report; none reported: max_tokens alone). At least 1."""
+    means = [d.load.mean_output_tokens for d in decodes if d.load.mean_output_tokens > 0]
+    mean = sum(means) / len(means) if means else 0.0
+    if mean and max_tokens:
+        return max(1, min(max_tokens, round(mean)))
+    return max(1, max_tokens or round(mean))
+
+
+def lifetime_tpot_s(decode: Worker, batch: int, context: int, num_prompt_tokens: int, num_output: int) -> float:
+    """Mean seconds per output token over the new request's expected life (`num_output` steps) on the decode
+    worker, whose batch holds `batch` sequences over `context` tokens (TetriInfer's length-aware placement): each
+    held sequence stays in the batch only while it still has tokens to generate (its reported remaining tokens;
+    those routed since its heartbeat expected to last as long as this one), and every sequence's context grows a
+    token per step. The step model is linear, so the mean step is the step at the mean batch and context."""
+    if not batch:
+        return decode.fit.decode.seconds(1, num_prompt_tokens + num_output / 2)
+    span = batch * num_output  # sequence-steps the held batch would fill if none finished first
+    remaining = decode.load.num_remaining_tokens + decode.num_routed * num_output
+    held = min(remaining, span) / span if decode.load.num_remaining_tokens else 1.0  # unreported: all stay
+    mean_batch = 1 + batch * held
+    mean_context = num_prompt_tokens + num_output / 2 + context * held + batch * held * held * num_output / 2
+    return decode.fit.decode.seconds(mean_batch, mean_context)
+
+
 def step_s(decode: Worker) -> float:
     """Seconds of the decode worker's next step (a landed prompt joins the batch at a step's end)."""
     batch, context = decode_batch(decode)
     return decode.fit.decode.seconds(batch, context) if batch else 0.0
 
 
-def tpot_s(decode: Worker, num_prompt_tokens: int, local_tokens: int = 0, like: Worker | None = None) -> float:
-    """Seconds per output token on the decode worker with this request in its batch; while it prefills
-    local_tokens itself, each step also carries a chunk of them (priced as compute_s prices them)."""
+def tpot_s(decode: Worker, num_prompt_tokens: int, local_tokens: int = 0, like: Worker | None = None,
+           num_output: int = 1) -> float:
+    """Seconds per output token on the decode worker with this request in its batch, over its expected life of
+    `num_output` tokens (lifetime_tpot_s); while it prefills local_tokens itself, each step also carries a chunk
+    of them (priced as compute_s prices them)."""
     batch, context = decode_batch(decode)
-    seconds = decode.fit.decode.seconds(batch + 1, context + num_prompt_tokens)
+    seconds = lifetime_tpot_s(decode, batch, context, num_prompt_tokens, num_output)
     if local_tokens > 0:
         seconds += compute_s(decode, 0, min(local_tokens, LOCAL_CHUNK_TOKENS), like)
     return seconds

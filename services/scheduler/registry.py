@@ -39,6 +39,10 @@ class Load:
     num_pending_prefill: int = 0
     num_blocks_claimed: int = 0  # KV blocks its requests will take at most (prompt + max_tokens each)
     steps: tuple[StepSample, ...] = ()  # engine steps timed since the last heartbeat (fed to the worker's fit)
+    # decode workers: tokens its requests are still expected to generate (0: not reported), and the mean output
+    # length of those it finished (0: none yet) — length-aware placement reads both
+    num_remaining_tokens: int = 0
+    mean_output_tokens: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class RouteQuery:
     # the most tokens it may generate: with the prompt, the KV blocks it will hold at most (admission counts them)
     max_tokens: int = 0
     links: Links = Links()
+    # its priority (lower is more urgent, as vLLM's): admission caps less urgent requests' queues lower
+    priority: int = 0
 
 
 @dataclass(frozen=True)

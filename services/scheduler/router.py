@@ -49,16 +49,17 @@ def _avoiding(query: RouteQuery, workers: Sequence[Worker]) -> Sequence[Worker]:
     return [w for w in workers if w.worker_id not in query.avoid_worker_ids or w.spec.role not in left]
 
 
-def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy, max_queue: int) -> RoutePlan:
+def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
+          max_queue: int | admission.QueueLimits) -> RoutePlan:
     """Pick a (prefill, decode) pair with equal layouts for query (or a colocated decode worker alone), and decide
     whether the decode worker prefills the prompt itself (the plan carries it; the worker obeys).
 
     InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered (equal
     layouts, and a transport backend both offer and can use between their hosts: pairing.py),
     CapacityError (with a retry-after from the predicted drain) when no compatible decode worker can take the
-    request (admission.py: max_queue or more requests queued, or no room in its KV pool for the request's prompt
-    plus max_tokens, counting those routed since its last heartbeat), or when the policy finds no route that
-    meets the request's objectives.
+    request (admission.py: max_queue — or the limit of the request's priority — or more requests queued, or no
+    room in its KV pool for the request's prompt plus max_tokens, counting those routed since its last
+    heartbeat), or when the policy finds no route that meets the request's objectives.
     """
     if not query.prompt_token_ids:
         raise InvalidArgumentError("prompt_token_ids must not be empty")

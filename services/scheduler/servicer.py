@@ -32,7 +32,8 @@ def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> Load:
     steps = tuple(StepSample(StepShape(s.num_prefill_tokens, s.num_attention_pairs, s.num_decode_seqs,
                                        s.num_context_tokens), s.seconds) for s in msg.steps)
     return Load(msg.num_waiting, msg.num_running, msg.num_free_blocks, msg.num_total_blocks,
-                msg.num_pending_prefill_tokens, msg.num_pending_prefill, msg.num_blocks_claimed, steps)
+                msg.num_pending_prefill_tokens, msg.num_pending_prefill, msg.num_blocks_claimed, steps,
+                msg.num_remaining_tokens, msg.mean_output_tokens)
 
 
 def transfers_from_proto(msg: scheduler_pb2.WorkerLoad) -> list[Reported]:
@@ -64,7 +65,9 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerSt
         instance_id=spec.instance_id, transports=list(spec.transports), model=spec.served_model,
         load=scheduler_pb2.WorkerLoad(num_waiting=load.num_waiting, num_running=load.num_running,
                                       num_free_blocks=load.num_free_blocks,
-                                      num_total_blocks=load.num_total_blocks),
+                                      num_total_blocks=load.num_total_blocks,
+                                      num_remaining_tokens=load.num_remaining_tokens,
+                                      mean_output_tokens=load.mean_output_tokens),
         lease_remaining_seconds=lease_remaining_s, breaker_state=int(breaker),
         num_routed_since_heartbeat=worker.num_routed, num_breaker_opened=worker.breaker.num_opened,
         num_breaker_failures=worker.breaker.num_failures, colocated=spec.colocated)
@@ -78,7 +81,7 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerSt
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     """Serves kvmesh.v1.Scheduler over a Registry and a routing policy."""
 
-    def __init__(self, registry: Registry, policy: Policy, policy_name: str, max_queue: int,
+    def __init__(self, registry: Registry, policy: Policy, policy_name: str, max_queue,
                  cache_probe=None, health_prober=None, slo_ttft_s: float = 0.0, slo_tpot_s: float = 0.0,
                  links: Links = Links()) -> None:
         self.slo_ttft_s, self.slo_tpot_s = slo_ttft_s, slo_tpot_s  # defaults of requests that set none
@@ -89,7 +92,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.cache_probe = cache_probe  # a CacheProbe: how much of each prompt the cache holds
         self.policy = policy
         self.policy_name = policy_name
-        self.max_queue = max_queue
+        self.max_queue = max_queue  # an int or admission.QueueLimits (per priority)
 
     def _info(self, worker: Worker) -> scheduler_pb2.WorkerInfo:
         return worker_to_proto(worker, self.registry.lease_remaining(worker), self.registry.breaker_state(worker))
@@ -143,7 +146,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         query = RouteQuery(request.request_id, tuple(request.prompt_token_ids), request.model, layout,
                            request.cache_salt if request.HasField("cache_salt") else None,
                            avoid_worker_ids=frozenset(request.avoid_worker_ids), links=self.links,
-                           max_tokens=max(request.max_tokens, 0),
+                           max_tokens=max(request.max_tokens, 0), priority=request.priority,
                            slo_ttft_s=request.slo_ttft_seconds if request.HasField("slo_ttft_seconds")
                            else self.slo_ttft_s,
                            slo_tpot_s=request.slo_tpot_seconds if request.HasField("slo_tpot_seconds")

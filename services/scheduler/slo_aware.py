@@ -82,12 +82,13 @@ def predictions(query: RouteQuery, groups: Sequence[Candidates]) -> tuple[list[P
             why[like.worker_id] = remote[4]
         queue_s = predict.prefill_backlog_s(like, n, routed=False) if like is not None else 0.0
         chunk = min(n, predict.LOCAL_CHUNK_TOKENS)
+        num_output = predict.output_estimate(query.max_tokens, group.decode)
         for decode in group.decode:
             held = query.decode_cached_tokens.get(decode.worker_id, 0)
             batch, context = predict.decode_batch(decode)
             model = decode.fit.decode
             step = model.seconds(batch, context) if batch else 0.0
-            tpot = model.seconds(batch + 1, context + n)  # predict.tpot_s, its batch computed once
+            tpot = predict.lifetime_tpot_s(decode, batch, context, n, num_output)  # its batch computed once
             if remote is not None:
                 total, wait, prefill, source, _ = remote
                 transfer = predict.transfer_s(query.links, group.layout, n - held, prefill, decode)

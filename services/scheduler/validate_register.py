@@ -29,6 +29,12 @@ def validate_load(load: scheduler_pb2.WorkerLoad, where: str = "load") -> None:
         value = getattr(load, name)
         if not 0 <= value <= MAX_COUNT:
             raise InvalidArgumentError(f"{where}.{name} must be in [0, {MAX_COUNT}], got {value}")
+    if not 0 <= load.num_remaining_tokens <= MAX_COUNT * MAX_COUNT:
+        raise InvalidArgumentError(f"{where}.num_remaining_tokens must be in [0, {MAX_COUNT * MAX_COUNT}], got "
+                                   f"{load.num_remaining_tokens}")
+    if not (math.isfinite(load.mean_output_tokens) and 0 <= load.mean_output_tokens <= MAX_COUNT):
+        raise InvalidArgumentError(f"{where}.mean_output_tokens must be finite in [0, {MAX_COUNT}], got "
+                                   f"{load.mean_output_tokens}")
     if load.num_total_blocks and load.num_free_blocks > load.num_total_blocks:
         raise InvalidArgumentError(f"{where}.num_free_blocks ({load.num_free_blocks}) exceeds "
                                    f"{where}.num_total_blocks ({load.num_total_blocks})")

@@ -23,7 +23,8 @@ def sampling_params(proto: common_pb2.SamplingParams):
         presence_penalty=proto.presence_penalty, frequency_penalty=proto.frequency_penalty,
         repetition_penalty=proto.repetition_penalty if proto.HasField("repetition_penalty") else 1.0,
         logit_bias=tuple(sorted(proto.logit_bias.items())),
-        structured=constraint(proto.structured_output) if proto.HasField("structured_output") else None)
+        structured=constraint(proto.structured_output) if proto.HasField("structured_output") else None,
+        priority=proto.priority)
 
 
 def constraint(proto: common_pb2.StructuredOutput):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/common.proto\x12\tkvmesh.v1\"\xad\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12<\n\nlogit_bias\x18\x0e \x03(\x0b\x32(.kvmesh.v1.SamplingParams.LogitBiasEntry\x12\x36\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"\xae\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.kvmesh.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1a\n\x12num_resumed_tokens\x18\x06 \x01(\x05\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\"\x9b\x02\n\x13TransportDescriptor\x12\x10\n\x08\x62\x61\x63kends\x18\x01 \x03(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12I\n\x0e\x62\x61\x63kend_params\x18\x06 \x03(\x0b\x32\x31.kvmesh.v1.TransportDescriptor.BackendParamsEntry\x12\x16\n\x0e\x63ontrol_socket\x18\x07 \x01(\t\x1a\x34\n\x12\x42\x61\x63kendParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x1d\n\x08\x42lockRef\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\"\xd2\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1f\n\x17prefill_compute_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x03\x12\x14\n\x0ckv_transport\x18\x05 \x01(\t\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x07 \x01(\x05*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/common.proto\x12\tkvmesh.v1\"\xbf\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\x05\x88\x01\x01\x12<\n\nlogit_bias\x18\x0e \x03(\x0b\x32(.kvmesh.v1.SamplingParams.LogitBiasEntry\x12\x36\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1b.kvmesh.v1.StructuredOutput\x12\x10\n\x08priority\x18\x10 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"\xae\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.kvmesh.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\x1a\n\x12num_resumed_tokens\x18\x06 \x01(\x05\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"{\n\x08KVLayout\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\"\x9b\x02\n\x13TransportDescriptor\x12\x10\n\x08\x62\x61\x63kends\x18\x01 \x03(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12I\n\x0e\x62\x61\x63kend_params\x18\x06 \x03(\x0b\x32\x31.kvmesh.v1.TransportDescriptor.BackendParamsEntry\x12\x16\n\x0e\x63ontrol_socket\x18\x07 \x01(\t\x1a\x34\n\x12\x42\x61\x63kendParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x1d\n\x08\x42lockRef\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\"\xd2\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1f\n\x17prefill_compute_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13kv_transfer_seconds\x18\x03 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x04 \x01(\x03\x12\x14\n\x0ckv_transport\x18\x05 \x01(\t\x12#\n\x1btime_to_first_token_seconds\x18\x06 \x01(\x01\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\x07 \x01(\x05*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TRANSPORTDESCRIPTOR_BACKENDPARAMSENTRY']._loaded_options = None
   _globals['_TRANSPORTDESCRIPTOR_BACKENDPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1636
-  _globals['_FINISHREASON']._serialized_end=1781
+  _globals['_FINISHREASON']._serialized_start=1654
+  _globals['_FINISHREASON']._serialized_end=1799
   _globals['_SAMPLINGPARAMS']._serialized_start=38
-  _globals['_SAMPLINGPARAMS']._serialized_end=595
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=461
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=509
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=598
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=772
-  _globals['_CHOICES']._serialized_start=774
-  _globals['_CHOICES']._serialized_end=800
-  _globals['_USAGE']._serialized_start=802
-  _globals['_USAGE']._serialized_end=882
-  _globals['_TOKENLOGPROB']._serialized_start=884
-  _globals['_TOKENLOGPROB']._serialized_end=978
-  _globals['_KVLAYOUT']._serialized_start=980
-  _globals['_KVLAYOUT']._serialized_end=1103
-  _globals['_TRANSPORTDESCRIPTOR']._serialized_start=1106
-  _globals['_TRANSPORTDESCRIPTOR']._serialized_end=1389
-  _globals['_TRANSPORTDESCRIPTOR_BACKENDPARAMSENTRY']._serialized_start=1337
-  _globals['_TRANSPORTDESCRIPTOR_BACKENDPARAMSENTRY']._serialized_end=1389
-  _globals['_BLOCKREF']._serialized_start=1391
-  _globals['_BLOCKREF']._serialized_end=1420
-  _globals['_TIMINGS']._serialized_start=1423
-  _globals['_TIMINGS']._serialized_end=1633
+  _globals['_SAMPLINGPARAMS']._serialized_end=613
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=479
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=527
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=616
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=790
+  _globals['_CHOICES']._serialized_start=792
+  _globals['_CHOICES']._serialized_end=818
+  _globals['_USAGE']._serialized_start=820
+  _globals['_USAGE']._serialized_end=900
+  _globals['_TOKENLOGPROB']._serialized_start=902
+  _globals['_TOKENLOGPROB']._serialized_end=996
+  _globals['_KVLAYOUT']._serialized_start=998
+  _globals['_KVLAYOUT']._serialized_end=1121
+  _globals['_TRANSPORTDESCRIPTOR']._serialized_start=1124
+  _globals['_TRANSPORTDESCRIPTOR']._serialized_end=1407
+  _globals['_TRANSPORTDESCRIPTOR_BACKENDPARAMSENTRY']._serialized_start=1355
+  _globals['_TRANSPORTDESCRIPTOR_BACKENDPARAMSENTRY']._serialized_end=1407
+  _globals['_BLOCKREF']._serialized_start=1409
+  _globals['_BLOCKREF']._serialized_end=1438
+  _globals['_TIMINGS']._serialized_start=1441
+  _globals['_TIMINGS']._serialized_end=1651
 # @@protoc_insertion_point(module_scope)

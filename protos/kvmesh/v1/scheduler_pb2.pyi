@@ -31,7 +31,7 @@ WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_CACHE: WorkerRole
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "steps", "num_pending_prefill_tokens", "num_pending_prefill", "num_blocks_claimed", "transfers")
+    __slots__ = ("num_waiting", "num_running", "num_free_blocks", "num_total_blocks", "steps", "num_pending_prefill_tokens", "num_pending_prefill", "num_blocks_claimed", "num_remaining_tokens", "mean_output_tokens", "transfers")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class WorkerLoad(_message.Message):
     NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PENDING_PREFILL_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    NUM_REMAINING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
@@ -49,8 +51,10 @@ class WorkerLoad(_message.Message):
     num_pending_prefill_tokens: int
     num_pending_prefill: int
     num_blocks_claimed: int
+    num_remaining_tokens: int
+    mean_output_tokens: float
     transfers: _containers.RepeatedCompositeFieldContainer[TransferSample]
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_prefill: _Optional[int] = ..., num_blocks_claimed: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ...) -> None: ...
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepSample, _Mapping]]] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_pending_prefill: _Optional[int] = ..., num_blocks_claimed: _Optional[int] = ..., num_remaining_tokens: _Optional[int] = ..., mean_output_tokens: _Optional[float] = ..., transfers: _Optional[_Iterable[_Union[TransferSample, _Mapping]]] = ...) -> None: ...
 
 class TransferSample(_message.Message):
     __slots__ = ("num_bytes", "seconds", "backend", "peer", "num_ssd_bytes", "cache_fetch")
@@ -169,7 +173,7 @@ class DeregisterResponse(_message.Message):
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run", "avoid_worker_ids", "slo_ttft_seconds", "slo_tpot_seconds", "max_tokens")
+    __slots__ = ("request_id", "prompt_token_ids", "model", "layout", "cache_salt", "dry_run", "avoid_worker_ids", "slo_ttft_seconds", "slo_tpot_seconds", "max_tokens", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +184,7 @@ class RouteRequest(_message.Message):
     SLO_TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SLO_TPOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     model: str
@@ -190,7 +195,8 @@ class RouteRequest(_message.Message):
     slo_ttft_seconds: float
     slo_tpot_seconds: float
     max_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ..., slo_ttft_seconds: _Optional[float] = ..., slo_tpot_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ..., slo_ttft_seconds: _Optional[float] = ..., slo_tpot_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures", "colocated")
