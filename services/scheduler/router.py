@@ -9,6 +9,7 @@ from kvmesh.services.common.errors import InvalidArgumentError, UnavailableError
 from kvmesh.services.scheduler import admission, pairing
 from kvmesh.services.scheduler.predict import decode_prefills
 from kvmesh.services.scheduler.route_types import Candidates, Policy, RoutePlan, RouteQuery
+from kvmesh.services.scheduler.slo_aware import check_objectives
 from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.registry import Role, Worker
 
@@ -77,8 +78,9 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
     admitted = admission.admit(query, paired, max_queue)
     plan = policy(query, admitted)
     if plan.decode.spec.colocated:
-        return dataclasses.replace(plan, local_prefill=True)
-    if plan.kv_source:  # the policy decided where the KV comes from, local prefill included
-        return plan
-    local = decode_prefills(len(query.prompt_token_ids), plan.num_decode_cached_tokens, plan.decode)
-    return dataclasses.replace(plan, local_prefill=local)
+        plan = dataclasses.replace(plan, local_prefill=True)
+    elif not plan.kv_source:  # the policy did not decide where the KV comes from: the decode worker's rule
+        local = decode_prefills(len(query.prompt_token_ids), plan.num_decode_cached_tokens, plan.decode)
+        plan = dataclasses.replace(plan, local_prefill=local)
+    check_objectives(query, admitted, plan)  # early rejection, whatever the policy
+    return plan

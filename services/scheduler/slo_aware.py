@@ -118,6 +118,21 @@ def _refuse(query: RouteQuery, every: list[Prediction]) -> CapacityError:
                          retry_after_s=max(retry, MIN_RETRY_AFTER_S))
 
 
+def check_objectives(query: RouteQuery, groups: Sequence[Candidates], plan: RoutePlan) -> None:
+    """Early rejection for a policy that predicts nothing (least_loaded, kv_aware, round_robin, power_of_two):
+    CapacityError with a retry-after (the predicted wait beyond the objective) when the chosen route's predicted
+    TTFT or TPOT already misses the request's objectives, rather than serving it late. A plan with predictions
+    (slo_aware) was checked when it was made; a request without objectives is not checked."""
+    if plan.predicted_ttft_s or not (query.slo_ttft_s or query.slo_tpot_s):
+        return
+    group = next(g for g in groups if plan.decode in g.decode)
+    only = Candidates(group.layout, (plan.prefill,) if plan.prefill is not None else (), (plan.decode,))
+    every, _ = predictions(query, [only])
+    chosen = [p for p in every if (p.kv_source in (LOCAL, DECODE_POOL)) == plan.local_prefill] or every
+    if chosen and not any(_meets(query, p) for p in chosen):
+        raise _refuse(query, chosen)
+
+
 def slo_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     """The route with the least predicted TTFT among those whose predicted TTFT and TPOT meet the request's
     objectives (ties: the lower TPOT); CapacityError with a retry-after when none does."""
