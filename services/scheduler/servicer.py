@@ -177,6 +177,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         trace.get_current_span().set_attributes({
             "kvmesh.route.prefill": prefill_id, "kvmesh.route.decode": plan.decode.worker_id,
             "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,
+            "kvmesh.route.priority": query.priority,
             names.ATTR_DECODE_CACHED_TOKENS: plan.num_decode_cached_tokens})
         chosen = plan.decode.spec.layout
         prefill = self._info(plan.prefill) if plan.prefill is not None else None
