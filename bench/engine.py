@@ -129,8 +129,7 @@ def hf_decode(model, batch: int, out_tokens: int) -> float:
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
     clock = StepClock()
     out = model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=out_tokens,
-                         do_sample=False,
-                         logits_processor=LogitsProcessorList([clock]))
+                         do_sample=False, logits_processor=LogitsProcessorList([clock]))
     if out.shape[1] - width != out_tokens or len(clock.stamps) != out_tokens:
         raise RuntimeError(f"HF generated {out.shape[1] - width} tokens, expected {out_tokens}")
     return batch * (out_tokens - 1) / (clock.stamps[-1] - clock.stamps[0])
@@ -226,6 +225,22 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
+def write_results(args, argv, cores: list[int], rows: list[dict]) -> None:
+    """Append a markdown section with the command, the machine and the table to args.results."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python " + shlex.join(["bench/engine.py"] + (argv if argv is not None else sys.argv[1:]))
+    text = (f"\n## Engine{(' — ' + args.label) if args.label else ''} ({stamp})\n\n`{cmd}`\n\n"
+            f"Pinned to cores {cores}, torch threads {args.threads}, {args.clock} clock, "
+            f"torch {torch.__version__}, device {DEVICE}"
+            f"{(' (' + torch.cuda.get_device_name(DEVICE) + ')') if DEVICE.startswith('cuda') else ''}. "
+            f"CPU: {cpu()}\n\n"
+            f"{table(rows)}\n")
+    if args.plot:
+        text += f"\n![engine]({args.plot.name})\n"
+    with open(args.results, "a") as f:
+        f.write(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batches 1 and 32, prefill 128 and 512, one model")
@@ -276,18 +291,7 @@ def main(argv=None) -> int:
     if args.plot:
         plot(rows, args.plot)
     if args.results:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = "python " + shlex.join(["bench/engine.py"] + (argv if argv is not None else sys.argv[1:]))
-        text = (f"\n## Engine{(' — ' + args.label) if args.label else ''} ({stamp})\n\n`{cmd}`\n\n"
-                f"Pinned to cores {cores}, torch threads {args.threads}, {args.clock} clock, "
-                f"torch {torch.__version__}, device {DEVICE}"
-                f"{(' (' + torch.cuda.get_device_name(DEVICE) + ')') if DEVICE.startswith('cuda') else ''}. "
-                f"CPU: {cpu()}\n\n"
-                f"{table(rows)}\n")
-        if args.plot:
-            text += f"\n![engine]({args.plot.name})\n"
-        with open(args.results, "a") as f:
-            f.write(text)
+        write_results(args, argv, cores, rows)
     return 0
 
 
