@@ -3,7 +3,7 @@
     python bench/engine.py [--quick] [--out FILE.json] [--model PATH] [--family llama,mixtral [--preset small]]
                            [--dtype float32|bfloat16]
                            [--threads N] [--cores 0,1] [--clock wall|cpu] [--batches 1,32] [--prefills 128,512]
-                           [--reps N] [--results bench/RESULTS.md] [--plot FILE.png] [--label TEXT]
+                           [--reps N] [--results bench/RESULTS.md] [--plot FILE.png] [--label TEXT] [--device cuda]
 
 Models: SmolLM2-135M (--model, default /tmp/smollm2) and the `small` preset (made with `kvmesh model init` in a
 temporary folder); --model given alone benchmarks only that model; --family benchmarks the `small` preset of
@@ -44,7 +44,8 @@ import torch
 SMOLLM2 = "/tmp/smollm2"
 PROMPT_RANGE = (32, 256)
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-now = time.perf_counter  # set by --clock
+now = time.perf_counter  # set by --clock (and --device: a GPU's clock waits for the GPU)
+DEVICE = "cpu"  # set by --device: both engines run there
 
 
 def prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -59,7 +60,8 @@ def kvmesh_engine(path: str, dtype: str, max_batch: int, max_len: int):
     from kvmesh.services.engine.engine import LLMEngine
 
     num_blocks = max_batch * (-(-max_len // 16) + 1) + 8  # room for every sequence: no preemption
-    return LLMEngine.from_path(path, dtype=dtype, block_size=16, num_blocks=num_blocks, max_num_seqs=max_batch,
+    return LLMEngine.from_path(path, dtype=dtype, device=DEVICE, block_size=16, num_blocks=num_blocks,
+                               max_num_seqs=max_batch,
                                max_num_batched_tokens=max(max_batch * PROMPT_RANGE[1], max_len) + 64)
 
 
@@ -110,7 +112,7 @@ class StepClock:
 def hf_model(path: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(DEVICE)
     model.eval()
     model.generation_config.eos_token_id = None  # ignore EOS: always 64 tokens
     model.generation_config.pad_token_id = 0
@@ -126,8 +128,8 @@ def hf_decode(model, batch: int, out_tokens: int) -> float:
     ids = torch.tensor([[0] * (width - len(p)) + p for p in ps])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
     clock = StepClock()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=out_tokens, do_sample=False,
-                         logits_processor=LogitsProcessorList([clock]))
+    out = model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=out_tokens,
+                         do_sample=False, logits_processor=LogitsProcessorList([clock]))
     if out.shape[1] - width != out_tokens or len(clock.stamps) != out_tokens:
         raise RuntimeError(f"HF generated {out.shape[1] - width} tokens, expected {out_tokens}")
     return batch * (out_tokens - 1) / (clock.stamps[-1] - clock.stamps[0])
@@ -139,7 +141,7 @@ def hf_prefill(model, n: int) -> float:
 
     ids = torch.randint(3, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
     t = now()
-    model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    model(input_ids=ids.to(DEVICE), past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
     return n / (now() - t)
 
 
@@ -223,6 +225,22 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
+def write_results(args, argv, cores: list[int], rows: list[dict]) -> None:
+    """Append a markdown section with the command, the machine and the table to args.results."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cmd = "python " + shlex.join(["bench/engine.py"] + (argv if argv is not None else sys.argv[1:]))
+    text = (f"\n## Engine{(' — ' + args.label) if args.label else ''} ({stamp})\n\n`{cmd}`\n\n"
+            f"Pinned to cores {cores}, torch threads {args.threads}, {args.clock} clock, "
+            f"torch {torch.__version__}, device {DEVICE}"
+            f"{(' (' + torch.cuda.get_device_name(DEVICE) + ')') if DEVICE.startswith('cuda') else ''}. "
+            f"CPU: {cpu()}\n\n"
+            f"{table(rows)}\n")
+    if args.plot:
+        text += f"\n![engine]({args.plot.name})\n"
+    with open(args.results, "a") as f:
+        f.write(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batches 1 and 32, prefill 128 and 512, one model")
@@ -242,10 +260,12 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, help="append a markdown section to this file (bench/RESULTS.md)")
     ap.add_argument("--plot", type=Path, help="save a PNG of the decode rows here")
     ap.add_argument("--label", default="", help="a note for the RESULTS.md heading")
+    ap.add_argument("--device", default="cpu", help="torch device of both engines: cpu (default), cuda, cuda:1")
     args = ap.parse_args(argv)
 
-    global now
-    now = CLOCKS[args.clock]
+    global now, DEVICE
+    DEVICE, clock = args.device, CLOCKS[args.clock]
+    now = (lambda: (torch.cuda.synchronize(DEVICE), clock())[1]) if DEVICE.startswith("cuda") else clock
     cores = [int(c) for c in args.cores.split(",")] if args.cores else [max(os.sched_getaffinity(0))]
     os.sched_setaffinity(0, cores)
     torch.set_num_threads(args.threads)
@@ -271,16 +291,7 @@ def main(argv=None) -> int:
     if args.plot:
         plot(rows, args.plot)
     if args.results:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = "python " + shlex.join(["bench/engine.py"] + (argv if argv is not None else sys.argv[1:]))
-        text = (f"\n## Engine{(' — ' + args.label) if args.label else ''} ({stamp})\n\n`{cmd}`\n\n"
-                f"Pinned to cores {cores}, torch threads {args.threads}, {args.clock} clock, "
-                f"torch {torch.__version__}. CPU: {cpu()}\n\n"
-                f"{table(rows)}\n")
-        if args.plot:
-            text += f"\n![engine]({args.plot.name})\n"
-        with open(args.results, "a") as f:
-            f.write(text)
+        write_results(args, argv, cores, rows)
     return 0
 
 

@@ -89,7 +89,7 @@ KV_LOAD_FAILURES = Counter(
     "KV transfers into a decode worker that failed or arrived corrupt, by what --kv-load-failure did: fail (the "
     "request failed with the transfer's status, for the gateway to retry) or recompute (prefilled on the decode "
     "worker instead).",
-    ["policy"])
+    ["policy"], registry=REGISTRY)
 PREFIX_CACHE_QUERIES = Counter(
     "kvmesh:prefix_cache_queries_total",
     "Prompt tokens looked up in a decode worker's own prefix cache (the prompt's full blocks but its last token).",

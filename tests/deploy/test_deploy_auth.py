@@ -40,7 +40,8 @@ def systemd_env(role: str) -> dict:
 def k8s_env(role: str) -> dict:
     docs = [d for path in (DEPLOY / "k8s").glob("*.yaml") for d in yaml.safe_load_all(path.read_text()) if d]
     env = dict(next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvmesh-env")["data"])
-    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"kvmesh-{role}")
+    deployment = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet")  # the schedulers: a StatefulSet
+                      and d["metadata"]["name"] == f"kvmesh-{role}")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     return env

@@ -1,34 +1,21 @@
 """deploy/k8s: every manifest validates against Kubernetes' schemas (strict, offline) and has probes and scraping."""
 
-from pathlib import Path
-
 import pytest
-import yaml
+from k8s_docs import ROLES, documents, workload
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed (it is in the `test` extra)")
 
-K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.30.0"
-ROLES = {"scheduler": 50050, "cache": 50060, "prefill": 50070, "decode": 50080, "gateway": 50051}
 
 
-def _documents() -> list[tuple[str, dict]]:
-    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def _deployment(role: str) -> dict:
-    return next(d for _, d in _documents() if d["kind"] == "Deployment" and d["metadata"]["name"] == f"kvmesh-{role}")
-
-
-@pytest.mark.parametrize("name, doc", _documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+@pytest.mark.parametrize("name, doc", documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
 def test_manifest_validates_strictly(name, doc):
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
 def test_a_misspelt_field_is_rejected():
-    doc = _deployment("decode")
+    doc = workload("decode")
     doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grcp": {"port": 50080}}
     with pytest.raises(kubernetes_validate.ValidationError, match="grcp"):
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -36,7 +23,7 @@ def test_a_misspelt_field_is_rejected():
 
 @pytest.mark.parametrize("role", ROLES)
 def test_role_has_health_probes_scrape_annotations_and_a_service(role):
-    deployment = _deployment(role)
+    deployment = workload(role)
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     port = ROLES[role]
@@ -50,25 +37,25 @@ def test_role_has_health_probes_scrape_annotations_and_a_service(role):
     metrics_port = int(pod["metadata"]["annotations"]["prometheus.io/port"])
     assert metrics_port in {p["containerPort"] for p in container["ports"]}
     assert container["args"] == [role]
-    services = [d for _, d in _documents() if d["kind"] == "Service" and d["metadata"]["name"] == f"kvmesh-{role}"]
+    services = [d for _, d in documents() if d["kind"] == "Service" and d["metadata"]["name"] == f"kvmesh-{role}"]
     assert services and services[0]["spec"]["selector"] == pod["metadata"]["labels"]
 
 
 def test_cache_ssd_tier_is_a_persistent_volume_claim():
-    pod = _deployment("cache")["spec"]["template"]["spec"]
+    pod = workload("cache")["spec"]["template"]["spec"]
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    pvcs = {d["metadata"]["name"] for _, d in _documents() if d["kind"] == "PersistentVolumeClaim"}
+    pvcs = {d["metadata"]["name"] for _, d in documents() if d["kind"] == "PersistentVolumeClaim"}
     assert "kvmesh-cache-ssd" in claims and "kvmesh-cache-ssd" in pvcs
-    assert _deployment("cache")["spec"]["strategy"]["type"] == "Recreate"
+    assert workload("cache")["spec"]["strategy"]["type"] == "Recreate"
 
 
 @pytest.mark.parametrize("role", ROLES)
 def test_each_pod_mounts_only_its_roles_tls_secret_and_never_binds_insecure(role):
-    pod = _deployment(role)["spec"]["template"]["spec"]
+    pod = workload(role)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     secret = next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
     assert secret == f"kvmesh-tls-{role}" and mount["readOnly"] and mount["mountPath"] == "/etc/kvmesh/tls"
-    config = next(d for _, d in _documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvmesh-env")
+    config = next(d for _, d in documents() if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvmesh-env")
     assert config["data"]["KVMESH_TLS_DIR"] == "/etc/kvmesh/tls"
     assert "KVMESH_INSECURE" not in {e["name"] for e in container.get("env", [])}

@@ -1,9 +1,20 @@
 """Plain helpers shared by the engine tests."""
 
+import os
+
 import torch
 
 NEW_FAMILIES = ["qwen3", "phi3", "mixtral", "qwen2_moe"]
 FAMILIES = ["llama", "qwen2", "mistral", *NEW_FAMILIES]
+
+
+def device_under_test() -> str:
+    """The torch device the engine parity tests run our engine on: KVMESH_TEST_DEVICE (cpu, cuda, cuda:1, ...),
+    cpu by default; HF's reference stays on the CPU. A device asked for and missing is an error, never a skip."""
+    device = os.environ.get("KVMESH_TEST_DEVICE", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"KVMESH_TEST_DEVICE={device}, but torch {torch.__version__} sees no CUDA device")
+    return device
 
 
 def run_all(engine, start_step: dict | None = None, requests: dict | None = None) -> dict:

@@ -1,8 +1,11 @@
-"""Our forward and our engine against transformers' own, on the same weights."""
+"""Our forward and our engine against transformers' own, on the same weights.
+
+Our engine runs on KVMESH_TEST_DEVICE (cpu by default; bench/gpu_smoke.sh sets cuda), HF's on the CPU.
+"""
 
 import pytest
 import torch
-from engine_helpers import FAMILIES, prompts_of_lengths, run_all
+from engine_helpers import FAMILIES, device_under_test, prompts_of_lengths, run_all
 
 from kvmesh.services.engine import dtype_choice
 from kvmesh.services.engine.batch import Chunk, build_batch
@@ -15,20 +18,25 @@ from kvmesh.services.engine.sampler import SamplingParams
 # Held tolerance in bfloat16: HF's own bfloat16 logits differ from float32 by about 0.09 on these models
 # (logits of magnitude ~4); ours must stay within BF16_TOL of HF's bfloat16 logits, prefill and decode alike.
 BF16_TOL = 0.1
+DEVICE = device_under_test()
+
+
+def engine_from_path(path, **kwargs) -> LLMEngine:
+    return LLMEngine.from_path(path, device=DEVICE, **kwargs)
 
 
 def our_logits(path, ids, dtype="auto", split=None):
     """Logits of every position of `ids`, optionally prefilled in two chunks split at `split`."""
-    model = LlamaModel.from_path(path, dtype)
+    model = LlamaModel.from_path(path, dtype, device=DEVICE)
     c = model.config
     kv = KVCache(KVLayout("t", str(model.dtype).removeprefix("torch."), 16, c.num_layers, c.num_kv_heads,
-                          c.head_dim), 32)
+                          c.head_dim), 32, device=DEVICE)
     table = list(range(31, 31 - 1 - len(ids) // 16, -1))  # non-contiguous, descending blocks
     if split is None:
-        return model.forward(build_batch([Chunk(ids, 0, table)], 16, all_logits=True), kv)
-    first = model.forward(build_batch([Chunk(ids[:split], 0, table)], 16, all_logits=True), kv)
-    rest = model.forward(build_batch([Chunk(ids[split:], split, table)], 16, all_logits=True), kv)
-    return torch.cat([first, rest])
+        return model.forward(build_batch([Chunk(ids, 0, table)], 16, DEVICE, all_logits=True), kv).cpu()
+    first = model.forward(build_batch([Chunk(ids[:split], 0, table)], 16, DEVICE, all_logits=True), kv)
+    rest = model.forward(build_batch([Chunk(ids[split:], split, table)], 16, DEVICE, all_logits=True), kv)
+    return torch.cat([first, rest]).cpu()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -54,7 +62,7 @@ def test_greedy_batch_equals_hf_generate(model_dir, hf_model, family):
     hf = hf_model(path)
     prompts = prompts_of_lengths([3, 9, 17, 30, 1, 45, 64, 21], seed=2)
     # a small token budget forces chunked prefill next to running decodes
-    engine = LLMEngine.from_path(path, max_num_batched_tokens=40, num_blocks=64)
+    engine = engine_from_path(path, max_num_batched_tokens=40, num_blocks=64)
     params = SamplingParams(temperature=0, max_tokens=32)
     requests = {str(i): (p, params) for i, p in enumerate(prompts)}
     got = run_all(engine, {str(i): i * 2 for i in range(8)}, requests)["tokens"]
@@ -71,7 +79,7 @@ def _bf16_check(path, hf_model):
     ref = hf(torch.tensor([ids])).logits[0].float()
     ours = our_logits(path, ids, "bfloat16", split=32).float()  # prefill then one more chunk
     assert (ours - ref).abs().max().item() <= BF16_TOL
-    engine = LLMEngine.from_path(path, dtype="bfloat16", num_blocks=16)
+    engine = engine_from_path(path, dtype="bfloat16", num_blocks=16)
     assert engine.layout.dtype == "bfloat16"
     out = run_all(engine, requests={"a": (ids, SamplingParams(temperature=0, max_tokens=8))})["tokens"]["a"]
     want = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8)[0, len(ids):].tolist()
@@ -85,7 +93,7 @@ def test_bfloat16_within_held_tolerance(model_dir, hf_model):
 def test_dtype_auto_takes_the_checkpoints_dtype_where_the_cpu_has_native_bf16(model_dir, hf_model, monkeypatch):
     monkeypatch.setattr(dtype_choice, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     path = model_dir("qwen2", dtype="bfloat16")
-    engine = LLMEngine.from_path(path, num_blocks=8)
+    engine = engine_from_path(path, num_blocks=8)
     assert engine.layout.dtype == "bfloat16" and engine.model.embed.dtype == torch.bfloat16
     _bf16_check(path, hf_model)
 
@@ -126,7 +134,7 @@ def test_mha_parity(tmp_path, hf_model):
     torch.manual_seed(5)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    engine = LLMEngine.from_path(tmp_path, num_blocks=16)
+    engine = engine_from_path(tmp_path, num_blocks=16)
     assert engine.layout.num_kv_heads == engine.model.config.num_heads == 4
     assert engine.model.layers[0].qkv_bias is not None
     ids = prompts_of_lengths([33], seed=5)[0]
@@ -142,7 +150,7 @@ def test_bfloat16_batched_greedy_departs_from_float32_only_at_near_ties(model_di
     of its best."""
     path = model_dir("llama")
     prompts = prompts_of_lengths([3, 17, 30, 1, 45, 21], seed=2)
-    engine = LLMEngine.from_path(path, dtype="bfloat16", max_num_batched_tokens=40, num_blocks=64)
+    engine = engine_from_path(path, dtype="bfloat16", max_num_batched_tokens=40, num_blocks=64)
     params = SamplingParams(temperature=0, max_tokens=24)
     got = run_all(engine, {str(i): i for i in range(6)},
                   {str(i): (p, params) for i, p in enumerate(prompts)})["tokens"]

@@ -2,6 +2,7 @@
 
 import urllib.request
 
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvmesh.services.common import metrics
@@ -48,6 +49,14 @@ def test_every_metric_is_exported_with_type_and_help():
     for name, kind in NAMES.items():
         assert families[name].type == kind, name
         assert len(families[name].documentation) > 20, name
+
+
+def test_every_metric_metrics_py_defines_is_in_the_registry_it_serves():
+    """One left in prometheus_client's global registry would never be scraped (kv_load_failures_total was)."""
+    served = {family.name for family in metrics.REGISTRY.collect()}
+    defined = {value.describe()[0].name for value in vars(metrics).values() if isinstance(value, MetricWrapperBase)}
+    assert "kvmesh:kv_load_failures" in defined
+    assert defined - served == set()
 
 
 def test_metrics_server_on_a_free_port_serves_observations():
