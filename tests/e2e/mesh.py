@@ -96,11 +96,13 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
                gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "",
-               policy: str | None = None, api_key: str = "") -> Mesh:
+               policy: str | None = None, api_key: str = "", flexible: bool = False) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
     schedulers=N starts N schedulers, and every other service is given all their addresses.
+    flexible=True starts every worker as `kvmesh worker --role auto`, `prefill` of them registered as prefill
+    workers at first and `decode` as decode workers (Mesh.prefills and .decodes list them by that first role).
 
     decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
     prompts, which the decode worker would otherwise serve from its own pool.
@@ -127,9 +129,15 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
             worker += ["--transport-chaos", chaos]
         if colocated:
             prefill = 0
-        prefills = [procs.launch("prefill", *worker, env=env) for _ in range(prefill)]
-        decodes = [procs.launch("decode", *worker, *(["--colocated"] if colocated else []), env=env)
-                   for _ in range(decode)]
+        if flexible:
+            prefills = [procs.launch("worker", *worker, "--role", "auto", "--initial-role", "prefill", env=env)
+                        for _ in range(prefill)]
+            decodes = [procs.launch("worker", *worker, "--role", "auto", "--initial-role", "decode", env=env)
+                       for _ in range(decode)]
+        else:
+            prefills = [procs.launch("prefill", *worker, env=env) for _ in range(prefill)]
+            decodes = [procs.launch("decode", *worker, *(["--colocated"] if colocated else []), env=env)
+                       for _ in range(decode)]
         for proc in prefills + decodes:
             proc.wait_serving(START_TIMEOUT_S)
         http_port = free_port()
