@@ -25,13 +25,14 @@ def layout():
 
 
 def run_with_scheduler(body):
+    """Run body(stub, address) against an in-process scheduler."""
     async def main():
         server = MeshServer(SchedulerConfig(port=0), "scheduler")
         scheduler_main.setup(server.config, server)
         await server.start()
         try:
             async with grpc.aio.insecure_channel(server.address) as channel:
-                await body(scheduler_pb2_grpc.SchedulerStub(channel))
+                await body(scheduler_pb2_grpc.SchedulerStub(channel), server.address)
         finally:
             await server.stop(0)
 
@@ -113,7 +114,7 @@ def test_only_an_engine_worker_that_is_not_colocated_can_be_flexible():
 
 
 def test_set_worker_role_answers_in_the_heartbeat_and_the_listing():
-    async def body(stub):
+    async def body(stub, _address):
         request = scheduler_pb2.RegisterRequest(role=P, address="127.0.0.1:7101", layout=layout(), flexible=True)
         reply = await stub.Register(request, timeout=2)
         fixed = scheduler_pb2.RegisterRequest(role=D, address="127.0.0.1:7102", layout=layout())
@@ -133,3 +134,24 @@ def test_set_worker_role_answers_in_the_heartbeat_and_the_listing():
         assert not listed["127.0.0.1:7102"].flexible and listed["127.0.0.1:7102"].desired_role == 0
 
     run_with_scheduler(body)
+
+
+def test_kvmesh_role_asks_the_scheduler_and_says_when_it_refuses(capsys):
+    from kvmesh.services.cli import build_parser
+
+    async def body(stub, address):
+        request = scheduler_pb2.RegisterRequest(role=D, address="127.0.0.1:7201", layout=layout(), flexible=True)
+        await stub.Register(request, timeout=2)
+
+        def role(*argv):
+            args = build_parser().parse_args(["role", "--scheduler", address, *argv])
+            return args.func(args)
+
+        assert await asyncio.to_thread(role, "127.0.0.1:7201", "prefill") == 0
+        assert await asyncio.to_thread(role, "127.0.0.1:7299", "prefill") == 1
+        listed = (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest())).workers
+        assert [w.desired_role for w in listed] == [P]
+
+    run_with_scheduler(body)
+    out, err = capsys.readouterr()
+    assert "flip to prefill pending" in out and "no flexible worker at 127.0.0.1:7299" in err
