@@ -48,11 +48,12 @@ class BothHandoffs:
 class RoleFlipper:
     """The role this worker is registered in, and the flip to another one when a heartbeat answer asks."""
 
-    def __init__(self, role: int, prefill, decode, drain_poll_s: float = 0.05) -> None:
+    def __init__(self, role: int, prefill, decode, drain_poll_s: float = 0.05, migrate_after_s: float = 0.0) -> None:
         self.role = role
         self.prefill, self.decode = prefill, decode  # PrefillWorker, DecodeWorker over one engine thread
         self.handoffs = BothHandoffs(prefill.handoffs, decode.handoffs)
         self.drain_poll_s = drain_poll_s
+        self.migrate_after_s = migrate_after_s  # > 0: decode streams still running then are handed on
         self.registrations: list = []
         self.num_flips = 0
         self._flip: asyncio.Task | None = None
@@ -92,8 +93,7 @@ class RoleFlipper:
             span.set_attribute(names.ATTR_ROLE_TO, ROLE_NAMES[role])
             log.info("role flip %s -> %s: draining %d in-flight %s requests", ROLE_NAMES[old], ROLE_NAMES[role],
                      self.in_flight(old), ROLE_NAMES[old])
-            while self.in_flight(old):
-                await asyncio.sleep(self.drain_poll_s)
+            await self._drain(old, role)
             drained = time.perf_counter()
             for client in self.registrations:
                 await client.withdraw()  # Deregister: the old role's entry leaves at once
@@ -106,6 +106,18 @@ class RoleFlipper:
         metrics.ROLE_FLIPS.labels(ROLE_NAMES[old], ROLE_NAMES[role]).inc()
         log.info("role flip %s -> %s done: drained in %.2f s, registered in %.2f s", ROLE_NAMES[old],
                  ROLE_NAMES[role], drained - started, time.perf_counter() - drained)
+
+    async def _drain(self, old: int, role: int) -> None:
+        """Wait until no work of `old` runs here; decode streams still running after migrate_after_s (when set)
+        are ended, and the gateway moves each on to another decode worker."""
+        loop = asyncio.get_running_loop()
+        hand_on_at = loop.time() + self.migrate_after_s if old == DECODE and self.migrate_after_s > 0 else None
+        while self.in_flight(old):
+            if hand_on_at is not None and loop.time() >= hand_on_at:
+                moved = await self.decode.handoffs.end_all(f"worker flipping to {ROLE_NAMES[role]}")
+                log.info("role flip: handed %d decode streams on to other decode workers", moved)
+                hand_on_at = None
+            await asyncio.sleep(self.drain_poll_s)
 
     async def close(self) -> None:
         """Stop a flip in progress (the worker is stopping)."""

@@ -27,7 +27,7 @@ async def setup(config: FlexibleConfig, server: MeshServer) -> None:
     decode = decode_main.mount(config, server, kit)
     prefill = prefill_main.mount(config, server, kit, receiver=decode.receiver)
     flipper = RoleFlipper(PREFILL if config.initial_role == "prefill" else DECODE, prefill.worker, decode.worker,
-                          config.drain_poll_s)
+                          config.drain_poll_s, config.flip_migrate_after_s)
 
     async def close_transports() -> None:
         await prefill.close()

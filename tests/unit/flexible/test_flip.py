@@ -10,6 +10,13 @@ from kvmesh.services.flexible.flip import DECODE, PREFILL, RoleFlipper
 class Table:
     def __init__(self):
         self.records = set()
+        self.ended = []
+
+    async def end_all(self, reason):
+        self.ended.append((sorted(self.records), reason))
+        count = len(self.records)
+        self.records.clear()
+        return count
 
     def __len__(self):
         return len(self.records)
@@ -97,5 +104,19 @@ def test_closing_the_worker_cancels_a_flip_in_progress():
         await asyncio.sleep(0.05)
         await flipper.close()
         assert flipper._flip.cancelled() and log == [] and flipper.current() == DECODE
+
+    asyncio.run(main())
+
+
+def test_streams_still_running_after_migrate_after_s_are_handed_on():
+    async def main():
+        prefill, decode, log = Side(), Side(), []
+        flipper = RoleFlipper(DECODE, prefill, decode, drain_poll_s=0.01, migrate_after_s=0.05)
+        flipper.attach([Registration(log, flipper)])
+        decode.handoffs.records.update({"r1", "r2"})  # streams that would run far longer
+        flipper.want(PREFILL)
+        await flipper._flip
+        assert decode.handoffs.ended == [(["r1", "r2"], "worker flipping to prefill")]
+        assert log == [("withdraw", DECODE), ("register", PREFILL)]
 
     asyncio.run(main())
