@@ -39,6 +39,8 @@ class Mesh:
     tls_dir: str = ""
     #: With API keys at the gateway (start_mesh(api_key=...)): the key `generate` presents.
     api_key: str = ""
+    #: Every worker is a flexible one (start_mesh(flexible=True)): both its services are checked for leaks.
+    flexible: bool = False
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self.channels:
@@ -69,9 +71,10 @@ class Mesh:
         """True when every worker's pool is entirely free and no handoff or transfer is alive."""
         for procs, role in ((self.decodes, "decode"), (self.prefills, "prefill")):
             for proc in procs:
-                s = self.worker_stats(proc, role)
-                if s.num_free_blocks != s.num_total_blocks or s.num_handoffs or s.num_transfers:
-                    return False
+                for side in ("decode", "prefill") if self.flexible else (role,):  # a flexible worker has both
+                    s = self.worker_stats(proc, side)
+                    if s.num_free_blocks != s.num_total_blocks or s.num_handoffs or s.num_transfers:
+                        return False
         return True
 
     def wait_blocks_free(self, timeout_s: float) -> bool:
@@ -145,7 +148,7 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), *gateway_args,
                               env=gateway_env, timeout_s=START_TIMEOUT_S)
         mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port, more_schedulers=others,
-                    tls_dir=tls_dir, api_key=api_key)
+                    tls_dir=tls_dir, api_key=api_key, flexible=flexible)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # registration is asynchronous to SERVING
             if all(len(mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL, s)) == prefill
