@@ -112,6 +112,8 @@ def _add_services(sub: argparse._SubParsersAction) -> None:
         "prefill": ("kvmesh.services.prefill.main", "a prefill worker: computes prompts' KV for decode workers"),
         "decode": ("kvmesh.services.decode.main", "a decode worker: owns requests, decodes with continuous batching"),
         "gateway": ("kvmesh.services.gateway.main", "the client-facing gRPC and OpenAI-compatible HTTP API"),
+        "worker": ("kvmesh.services.flexible.main", "a flexible worker (--role auto): prefill or decode, flipping "
+                                                    "when the scheduler asks"),
     }
     for name, (module_name, help_text) in services.items():
         module = import_module(module_name)
@@ -126,6 +128,14 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start the whole mesh on this machine (scheduler, cache, workers, gateway)")
     launcher.add_arguments(up)
     up.set_defaults(func=launcher.run)
+
+
+def _add_role(sub: argparse._SubParsersAction) -> None:
+    from kvmesh.services.flexible import role_cli
+
+    role = sub.add_parser("role", help="ask the scheduler to flip a flexible worker (--role auto) to a role")
+    role_cli.add_arguments(role)
+    role.set_defaults(func=role_cli.run)
 
 
 def _add_trace(sub: argparse._SubParsersAction) -> None:
@@ -160,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_services(sub)
     _add_up(sub)
+    _add_role(sub)
     _add_trace(sub)
     _add_bench(sub)
     _add_plan(sub)

@@ -11,7 +11,7 @@ The table follows the request's way (shared/DESIGN.md) and the services' real ca
 | cache | KVTransfer.* (blocks it serves, into prefill and decode workers) |
 | decode | KVTransfer.* (its readiness self-transfer into its own pool, through its own port) |
 | scheduler | Cache.Lookup (its cache probe) |
-| admin (operators' tools) | Stats of every service, Cache.Clear, Pin, Unpin, Lookup, ListWorkers, Deregister, Abort |
+| admin (operators' tools) | Stats of every service, Cache.Clear, Pin, Unpin, Lookup, ListWorkers, Deregister, Abort, SetWorkerRole |
 | any certificate of the CA | grpc.health.v1.Health (launchers, probes, the gateway's stall checks) |
 
 An RPC not in the table is refused (closed by default). A refused call ends PERMISSION_DENIED with a message naming
@@ -78,6 +78,7 @@ TABLE: dict[str, Rule] = {
     "/kvmesh.v1.Decode/Abort": Rule(frozenset({"gateway", "admin"})),
     "/kvmesh.v1.Decode/Stats": Rule(ADMIN),
     "/kvmesh.v1.Scheduler/Stats": Rule(ADMIN),  # the fitted cost models, for operators
+    "/kvmesh.v1.Scheduler/SetWorkerRole": Rule(ADMIN),  # `kvmesh role`: flip a flexible worker
     "/kvmesh.v1.Prefill/Prefill": Rule(frozenset({"decode"})),
     "/kvmesh.v1.Prefill/Stats": Rule(ADMIN),
     "/kvmesh.v1.KVTransfer/Open": _KV,

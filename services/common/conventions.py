@@ -13,6 +13,7 @@ CACHE_LOOKUP = "cache.lookup"
 CACHE_GET = "cache.get"
 CACHE_PUT = "cache.put"
 DECODE_STREAM = "decode.stream"
+WORKER_ROLE_FLIP = "worker.role_flip"  # a flexible worker drains one role and registers in another
 DECODE_WAIT_KV = "decode.wait_kv"  # the prefill call and the KV landing; no phase of its own (its children have)
 
 ATTR_REQUEST_ID = "kvmesh.request_id"
@@ -38,6 +39,8 @@ ATTR_KV_CHECKSUM_S = "kvmesh.kv.checksum_s"
 ATTR_CACHE_HIT_BLOCKS = "kvmesh.cache.hit_blocks"
 ATTR_CACHE_TIER = "kvmesh.cache.tier"
 ATTR_DECODE_HIT_BLOCKS = "kvmesh.cache.decode_hit_blocks"  # prompt blocks the decode worker's own pool held
+ATTR_ROLE_FROM = "kvmesh.role.from"
+ATTR_ROLE_TO = "kvmesh.role.to"
 ATTR_DECODE_CACHED_TOKENS = "kvmesh.route.decode_cached_tokens"  # the scheduler's view of that hit, in tokens
 
 EVENT_FIRST_TOKEN = "first_token"

@@ -167,6 +167,10 @@ WORKER_FAILURE_REPORTS = Counter(
     "Failed calls to a worker reported to the scheduler (feeding its breaker), by the worker's role and the "
     "call's gRPC status.",
     ["role", "code"], registry=REGISTRY)
+ROLE_FLIPS = Counter(
+    "kvmesh:role_flips_total",
+    "Role flips a flexible worker (--role auto) completed: its old role's work drained, registered in the new one.",
+    ["from", "to"], registry=REGISTRY)
 HANDOFF_LATE = Counter(
     "kvmesh:handoff_late_total",
     "Work that arrived for a request whose KV handoff had already ended (a late transfer or READY), dropped "

@@ -79,6 +79,8 @@ class RegistrationClient:
         self._waiters: asyncio.Future | None = None  # done when a heartbeat begun after heartbeat_soon() ends
         self.healthy = True  # the last heartbeat was answered
         self.withdrawn = False  # out of the registry by its own choice (withdraw) until restore()
+        # a flexible worker's: called with HeartbeatResponse.desired_role when the scheduler asks for another role
+        self.on_desired_role: Callable[[int], None] | None = None
 
     @property
     def _stub(self) -> scheduler_pb2_grpc.SchedulerStub:
@@ -153,6 +155,8 @@ class RegistrationClient:
         try:
             reply = await self._stub.Heartbeat(request, timeout=self.rpc_timeout_s)
             self._resync = self._resync or reply.resync_kv_events
+            if reply.desired_role and self.on_desired_role is not None:
+                self.on_desired_role(reply.desired_role)
         except grpc.aio.AioRpcError as exc:
             self._resync = True  # the scheduler may or may not have applied these events: start over
             if exc.code() != grpc.StatusCode.NOT_FOUND:

@@ -4,6 +4,8 @@ writes through the transports, registered with the scheduler."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.clients.scheduler import FailureReporter
@@ -15,7 +17,7 @@ from kvmesh.services.decode.servicer import DecodeServicer
 from kvmesh.services.decode.worker import DecodeWorker
 from kvmesh.services.common.transfer_telemetry import report
 from kvmesh.services.worker.readiness import self_transfer
-from kvmesh.services.worker.startup import setup_worker
+from kvmesh.services.worker.startup import WorkerKit, setup_worker
 from kvmesh.services.worker.transport_watch import TransportWatch
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.service import add_to_server
@@ -38,9 +40,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_mod.add_arguments(parser, DecodeConfig, "decode")
 
 
-async def setup(config: DecodeConfig, server: MeshServer) -> None:
-    """Load the engine, open the KV pool to transports, host the Decode and KVTransfer services."""
-    kit = await setup_worker(config, server, name="decode", prefix_caching=config.prefix_caching)
+@dataclass
+class DecodeParts:
+    """A decode worker mounted on a server: its domain object, its receiver (the pool open to transports), the
+    descriptor peers write with, and what closes its transports (the region too)."""
+
+    worker: DecodeWorker
+    receiver: Receiver
+    descriptor: Callable[[], object]
+    close: Callable[[], Awaitable[None]]
+
+
+def mount(config: DecodeConfig, server: MeshServer, kit: WorkerKit) -> DecodeParts:
+    """Open kit's KV pool to transports, build the decode worker, host the Decode and KVTransfer services, and
+    check (before SERVING) that one real block crosses each transport into the pool."""
     kit.engine.speculator = speculator(config, kit.engine.max_model_len)  # before the engine thread starts
     receiver = Receiver(kit.region, kit.layout, backends=kit.backends, observer=report)
     cache = worker_cache_client(config, server.channels, kit.layout) if config.cache_decode_kv else None
@@ -56,7 +69,7 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         receiver.address = kit.address()
         return receiver.descriptor()
 
-    async def close_transports() -> None:
+    async def close() -> None:
         await reporter.close()
         receiver.close()
         if cache is not None:
@@ -66,12 +79,20 @@ async def setup(config: DecodeConfig, server: MeshServer) -> None:
         await self_transfer(kit.region, kit.layout, receiver, descriptor(), receiver.backends)
 
     server.add_readiness(transports_ready)
+    return DecodeParts(worker, receiver, descriptor, close)
+
+
+async def setup(config: DecodeConfig, server: MeshServer) -> None:
+    """Load the engine, open the KV pool to transports, host the Decode and KVTransfer services."""
+    kit = await setup_worker(config, server, name="decode", prefix_caching=config.prefix_caching)
+    parts = mount(config, server, kit)
+    worker, descriptor = parts.worker, parts.descriptor
     worker.claims.registrations = kit.run(
-        worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[close_transports],
+        worker, scheduler_pb2.WORKER_ROLE_DECODE, on_start=descriptor, on_stopped=[parts.close],
         descriptor=descriptor, kv_events=worker.kv_events if config.prefix_caching else None,
         local_prefill_max_tokens=config.local_prefill_max_tokens, colocated=config.colocated, reports_arrivals=True)
     if config.transport_check_s > 0:  # readiness that stays true: a transport lost later takes the worker out
-        server.add_task(TransportWatch(server, kit.engine_thread, kit.region, kit.layout, receiver, descriptor,
+        server.add_task(TransportWatch(server, kit.engine_thread, kit.region, kit.layout, parts.receiver, descriptor,
                                        config.transport_check_s, worker.claims.registrations).run)
 
 

@@ -4,6 +4,8 @@ workers' blocks through the transports, registered with the scheduler."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.common import config as config_mod, tls
@@ -12,7 +14,7 @@ from kvmesh.services.prefill.config import PrefillConfig
 from kvmesh.services.prefill.servicer import PrefillServicer
 from kvmesh.services.prefill.worker import PrefillWorker
 from kvmesh.services.common.transfer_telemetry import report, report_sent
-from kvmesh.services.worker.startup import setup_worker
+from kvmesh.services.worker.startup import WorkerKit, setup_worker
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.sender import Sender
 from kvmesh.transports.service import add_to_server
@@ -24,36 +26,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     config_mod.add_arguments(parser, PrefillConfig, "prefill")
 
 
-async def setup(config: PrefillConfig, server: MeshServer) -> None:
-    """Load the engine, open a sender over its KV pool, host the Prefill service."""
-    # the pool is open to transports like a decode worker's (shared memory when shm is offered): the cache
-    # delivers cached prefixes straight into it
-    kit = await setup_worker(config, server, name="prefill")
+@dataclass
+class PrefillParts:
+    """A prefill worker mounted on a server: its domain object and what closes its transports."""
+
+    worker: PrefillWorker
+    close: Callable[[], Awaitable[None]]  # the sender, the cache client and a receiver of its own (not the region)
+    receiver: Receiver | None
+
+
+def mount(config: PrefillConfig, server: MeshServer, kit: WorkerKit, receiver: Receiver | None = None
+          ) -> PrefillParts:
+    """Open a sender over kit's KV pool, build the prefill worker and host the Prefill service. receiver: one the
+    caller owns and hosts (a flexible worker's); without one, a receiver of its own (hosted here) when a cache is
+    used, which delivers cached prefixes straight into the pool."""
     region, layout, backends = kit.region, kit.layout, kit.backends
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
                     chaos=config.transport_chaos or None, observer=report_sent,
                     tls=tls.LIVE if server.tls else None)
     cache = worker_cache_client(config, server.channels, layout)
-    receiver = Receiver(region, layout, backends=backends, observer=report) if cache is not None else None
+    own = receiver is None and cache is not None
+    if own:
+        receiver = Receiver(region, layout, backends=backends, observer=report)
+        server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
     worker = PrefillWorker(kit.engine_thread, sender, config.handoff_lease_s, cache, receiver)
     server.add_service(Service.of(prefill_pb2, prefill_pb2_grpc, PrefillServicer(worker, config.prefill_timeout_s)))
     server.add_task(worker.keep_queued_alive)
-    if receiver is not None:
-        server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
 
-    def start() -> None:
-        if receiver is not None:
-            receiver.address = kit.address()
-
-    async def close_transports() -> None:
+    async def close() -> None:
         if cache is not None:
             await cache.close()
         await sender.close()
-        if receiver is not None:
+        if own:
             receiver.close(close_region=False)
-        region.close()
 
-    kit.run(worker, scheduler_pb2.WORKER_ROLE_PREFILL, on_start=start, on_stopped=[close_transports])
+    return PrefillParts(worker, close, receiver if own else None)
+
+
+async def setup(config: PrefillConfig, server: MeshServer) -> None:
+    """Load the engine, open a sender over its KV pool, host the Prefill service."""
+    # the pool is open to transports like a decode worker's (shared memory when shm is offered): the cache
+    # delivers cached prefixes straight into it
+    kit = await setup_worker(config, server, name="prefill")
+    parts = mount(config, server, kit)
+
+    def start() -> None:
+        if parts.receiver is not None:
+            parts.receiver.address = kit.address()
+
+    async def close_transports() -> None:
+        await parts.close()
+        kit.region.close()
+
+    kit.run(parts.worker, scheduler_pb2.WORKER_ROLE_PREFILL, on_start=start, on_stopped=[close_transports])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.breaker import Breaker
 from kvmesh.services.scheduler.kv_index import KVIndex
 from kvmesh.services.scheduler.models import Fit, StepSample, StepWindow
+from kvmesh.services.scheduler.roles import RoleFlips
 
 
 class Role(enum.IntEnum):
@@ -59,6 +60,7 @@ class WorkerSpec:
     descriptor: object = None
     local_prefill_max_tokens: int | None = None  # decode workers: see kv_identity.prefill_locally
     colocated: bool = False  # decode workers: prefills every prompt itself; routed to without a prefill worker
+    flexible: bool = False  # `--role auto`: can take either engine role when asked (see roles.py)
 
     def validate(self) -> None:
         """Raise InvalidArgumentError when the spec cannot be registered."""
@@ -74,6 +76,9 @@ class WorkerSpec:
                 raise InvalidArgumentError(str(e)) from None
         if self.colocated and self.role != Role.DECODE:
             raise InvalidArgumentError(f"only a DECODE worker can be colocated, not a {self.role.name} worker")
+        if self.flexible and (self.role not in (Role.PREFILL, Role.DECODE) or self.colocated):
+            raise InvalidArgumentError(f"only a PREFILL or DECODE worker that is not colocated can be flexible, "
+                                       f"not a {self.role.name} worker{' (colocated)' if self.colocated else ''}")
 
     @property
     def served_model(self) -> str:
@@ -124,18 +129,21 @@ class Registry:
         self._new_breaker = breaker  # makes each worker's breaker (its thresholds come from the config)
         self._workers: dict[str, Worker] = {}
         self.kv_index = KVIndex()  # what each decode worker's prefix cache holds; entries leave with the worker
+        self.flips = RoleFlips()  # roles flexible workers are asked to take, by address
 
     def register(self, spec: WorkerSpec, load: Load | None = None) -> Worker:
-        """Add a worker (replacing any earlier worker of the same role at the same address) and start its lease."""
+        """Add a worker (replacing any earlier worker of the same role at the same address, or any flexible one
+        there when it is flexible: a flip's re-registration) and start its lease."""
         spec.validate()
-        for old in [w for w in self._workers.values()
-                    if w.spec.address == spec.address and w.spec.role == spec.role]:
+        for old in [w for w in self._workers.values() if w.spec.address == spec.address and
+                    (w.spec.role == spec.role or (spec.flexible and w.spec.flexible))]:
             del self._workers[old.worker_id]
             self.kv_index.drop(old.worker_id)
         # Random ids: after a scheduler restart no old worker's heartbeat can renew a new worker's lease.
         worker_id = new_id(spec.role.name.lower())
         worker = Worker(worker_id, spec, load or Load(), self._clock() + self.lease_s, breaker=self._new_breaker())
         self._workers[worker_id] = worker
+        self.flips.registered(worker)
         return worker
 
     def heartbeat(self, worker_id: str, load: Load, arrived: Sequence[str] | None = None) -> Worker:
@@ -176,7 +184,22 @@ class Registry:
     def routable(self, role: Role | None = None) -> list[Worker]:
         """Live workers whose breaker lets a route through now, optionally of one role."""
         now = self._clock()
-        return [w for w in self.workers(role) if w.breaker.routable(now)]
+        return [w for w in self.workers(role) if w.breaker.routable(now) and not self.flips.leaving(w)]
+
+    def request_role(self, address: str, role: Role, reason: str = "") -> bool:
+        """Ask the flexible worker at address to take role: its next heartbeat answers it, and no new work of its
+        current role is routed to it until it registers in the new one. False when no flexible worker is at the
+        address or it already has the role."""
+        return self.flips.request(self.find("", address), role, reason)
+
+    def desired_role(self, worker: Worker) -> Role | None:
+        """The role a flexible worker is asked to take (None: keep its own)."""
+        role = self.flips.desired(worker)
+        return None if role is None else Role(role)
+
+    def flexible(self) -> list[Worker]:
+        """Live workers that can take either engine role (`--role auto`), in registration order."""
+        return [w for w in self.workers() if w.spec.flexible]
 
     def find(self, worker_id: str, address: str = "", role: Role | None = None) -> Worker | None:
         """The live worker with this id; without an id, the one at address (of role, when given). None when there
@@ -210,6 +233,8 @@ class Registry:
         for worker in lapsed:
             del self._workers[worker.worker_id]
             self.kv_index.drop(worker.worker_id)
+            if not any(w.spec.address == worker.spec.address for w in self._workers.values()):
+                self.flips.forget(worker.spec.address)
         return lapsed
 
     def apply_kv_events(self, worker_id: str, stored, removed, full: bool) -> bool:

@@ -53,7 +53,8 @@ def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
                       transports=tuple(msg.transports), layout=KVLayout.from_proto(msg.layout) if has_layout else None,
                       model=msg.model, descriptor=descriptor,
                       local_prefill_max_tokens=msg.local_prefill_max_tokens
-                      if msg.HasField("local_prefill_max_tokens") else None, colocated=msg.colocated)
+                      if msg.HasField("local_prefill_max_tokens") else None, colocated=msg.colocated,
+                      flexible=msg.flexible)
 
 
 def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerState = BreakerState.CLOSED
@@ -70,7 +71,8 @@ def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerSt
                                       mean_output_tokens=load.mean_output_tokens),
         lease_remaining_seconds=lease_remaining_s, breaker_state=int(breaker),
         num_routed_since_heartbeat=worker.num_routed, num_breaker_opened=worker.breaker.num_opened,
-        num_breaker_failures=worker.breaker.num_failures, colocated=spec.colocated)
+        num_breaker_failures=worker.breaker.num_failures, colocated=spec.colocated,
+        flexible=spec.flexible)
     if spec.layout is not None:
         info.layout.CopyFrom(spec.layout.to_proto())
     if spec.descriptor is not None:
@@ -95,7 +97,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.max_queue = max_queue  # an int or admission.QueueLimits (per priority)
 
     def _info(self, worker: Worker) -> scheduler_pb2.WorkerInfo:
-        return worker_to_proto(worker, self.registry.lease_remaining(worker), self.registry.breaker_state(worker))
+        info = worker_to_proto(worker, self.registry.lease_remaining(worker), self.registry.breaker_state(worker))
+        info.desired_role = int(self.registry.desired_role(worker) or 0)
+        return info
 
     async def Register(self, request, context):
         validate_register(request)  # sane load, dialable addresses, a real layout; else INVALID_ARGUMENT
@@ -125,14 +129,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await self._refuse_unless_owner(request, context)
         validate_heartbeat(request)
         arrived = list(request.arrived_request_ids) if request.reports_arrivals else None
-        self.registry.heartbeat(request.worker_id, load_from_proto(request.load), arrived)
+        worker = self.registry.heartbeat(request.worker_id, load_from_proto(request.load), arrived)
         if request.load.transfers:
             self.links.book.add(request.worker_id, transfers_from_proto(request.load))
         synced = True
         if request.HasField("kv_events"):
             events = request.kv_events
             synced = self.registry.apply_kv_events(request.worker_id, events.stored, events.removed, events.full)
-        return scheduler_pb2.HeartbeatResponse(lease_seconds=self.registry.lease_s, resync_kv_events=not synced)
+        return scheduler_pb2.HeartbeatResponse(lease_seconds=self.registry.lease_s, resync_kv_events=not synced,
+                                               desired_role=int(self.registry.desired_role(worker) or 0))
+
+    async def SetWorkerRole(self, request, context):
+        if request.role not in (Role.PREFILL, Role.DECODE):
+            raise InvalidArgumentError("role must be PREFILL or DECODE: a flexible worker takes one of those")
+        accepted = self.registry.request_role(request.address, Role(request.role), request.reason or "operator")
+        return scheduler_pb2.SetWorkerRoleResponse(accepted=accepted)
 
     async def Deregister(self, request, context):
         await self._refuse_unless_owner(request, context)

@@ -174,12 +174,19 @@ class HandoffTable:
         """Start expiring lapsed leases (on the running event loop)."""
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
+    async def end_all(self, reason: str) -> int:
+        """End every live record as FAILED with reason (their requests fail UNAVAILABLE: a decode worker's streams
+        are migrated by the gateway); how many there were."""
+        request_ids = list(self._records)
+        for request_id in request_ids:
+            await self.end(request_id, HandoffState.FAILED, reason)
+        return len(request_ids)
+
     async def close(self) -> None:
         """Stop expiring and end every live record."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for request_id in list(self._records):
-            await self.end(request_id, HandoffState.FAILED, "worker stopping")
+        await self.end_all("worker stopping")
         if self._late:
             await asyncio.gather(*self._late, return_exceptions=True)
 

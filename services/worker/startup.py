@@ -63,23 +63,24 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
     return engine, regions[0]
 
 
-def register(server: MeshServer, config: WorkerConfig, role: int, layout: common_pb2.KVLayout,
+def register(server: MeshServer, config: WorkerConfig, role: int | Callable[[], int], layout: common_pb2.KVLayout,
              descriptor: Callable[[], common_pb2.TransportDescriptor] | None, load: LoadFn,
              kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None,
-             colocated: bool = False, reports_arrivals: bool = False) -> list[RegistrationClient]:
+             colocated: bool = False, reports_arrivals: bool = False,
+             flexible: bool = False) -> list[RegistrationClient]:
     """Register this worker with every scheduler and keep it registered while the server runs; kv_events(full)
     gives the KV events each heartbeat carries, local_prefill_max_tokens the tail it prefills itself, colocated
     whether it prefills every prompt itself and reports_arrivals whether it notes each request it takes
-    (decode workers)."""
+    (decode workers). A flexible worker's role is a callable read at each registration (see worker/flip.py)."""
     if not config.scheduler:
         return []
 
     def request() -> scheduler_pb2.RegisterRequest:
         return scheduler_pb2.RegisterRequest(
-            role=role, address=advertise_address(config.host, server.port, config.advertise_host),
+            role=role() if callable(role) else role, address=advertise_address(config.host, server.port, config.advertise_host),
             host_id=ids.host_id(), instance_id=server.instance_id, transports=config.backends(),
             layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id,
-            local_prefill_max_tokens=local_prefill_max_tokens, colocated=colocated)
+            local_prefill_max_tokens=local_prefill_max_tokens, colocated=colocated, flexible=flexible)
 
     return register_everywhere(server, scheduler_addresses(config.scheduler), request, load, kv_events,
                                getattr(config, "kv_events_max_hashes", 4096), reports_arrivals)
@@ -118,10 +119,11 @@ class WorkerKit:
         """The address peers dial to reach this worker (valid once the server is bound)."""
         return advertise_address(self.config.host, self.server.port, self.config.advertise_host)
 
-    def run(self, worker, role: int, *, on_start: Callable[[], None] | None = None, on_stopped: Iterable[Hook] = (),
+    def run(self, worker, role: int | Callable[[], int], *, on_start: Callable[[], None] | None = None, on_stopped: Iterable[Hook] = (),
             descriptor: Callable[[], common_pb2.TransportDescriptor] | None = None,
             kv_events: KVEventsFn | None = None, local_prefill_max_tokens: int | None = None,
-            colocated: bool = False, reports_arrivals: bool = False) -> list[RegistrationClient]:
+            colocated: bool = False, reports_arrivals: bool = False,
+            flexible: bool = False) -> list[RegistrationClient]:
         """Run `worker` (it has `handoffs` and `load`) with the server: on_start() once bound, then the engine
         thread and the handoff table; at stop, after in-flight requests drained, the handoffs, the engine
         thread, then each of on_stopped in order. Registers with every scheduler as `role` (returns the
@@ -146,7 +148,7 @@ class WorkerKit:
         self.server.on_stopped(stop)
         return register(self.server, self.config, role, self.layout, descriptor,
                         lambda: with_steps(worker.load(), self.engine_thread), kv_events,
-                        local_prefill_max_tokens, colocated, reports_arrivals)
+                        local_prefill_max_tokens, colocated, reports_arrivals, flexible)
 
 
 async def setup_worker(config: WorkerConfig, server: MeshServer, *, name: str,

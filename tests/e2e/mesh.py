@@ -39,6 +39,8 @@ class Mesh:
     tls_dir: str = ""
     #: With API keys at the gateway (start_mesh(api_key=...)): the key `generate` presents.
     api_key: str = ""
+    #: Every worker is a flexible one (start_mesh(flexible=True)): both its services are checked for leaks.
+    flexible: bool = False
 
     def channel(self, address: str) -> grpc.Channel:
         if address not in self.channels:
@@ -69,9 +71,10 @@ class Mesh:
         """True when every worker's pool is entirely free and no handoff or transfer is alive."""
         for procs, role in ((self.decodes, "decode"), (self.prefills, "prefill")):
             for proc in procs:
-                s = self.worker_stats(proc, role)
-                if s.num_free_blocks != s.num_total_blocks or s.num_handoffs or s.num_transfers:
-                    return False
+                for side in ("decode", "prefill") if self.flexible else (role,):  # a flexible worker has both
+                    s = self.worker_stats(proc, side)
+                    if s.num_free_blocks != s.num_total_blocks or s.num_handoffs or s.num_transfers:
+                        return False
         return True
 
     def wait_blocks_free(self, timeout_s: float) -> bool:
@@ -96,11 +99,13 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
                gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "",
-               policy: str | None = None, api_key: str = "") -> Mesh:
+               policy: str | None = None, api_key: str = "", flexible: bool = False) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
     schedulers=N starts N schedulers, and every other service is given all their addresses.
+    flexible=True starts every worker as `kvmesh worker --role auto`, `prefill` of them registered as prefill
+    workers at first and `decode` as decode workers (Mesh.prefills and .decodes list them by that first role).
 
     decode_prefix_caching=False turns the decode workers' own prefix cache off: tests of the cache service repeat
     prompts, which the decode worker would otherwise serve from its own pool.
@@ -127,9 +132,15 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
             worker += ["--transport-chaos", chaos]
         if colocated:
             prefill = 0
-        prefills = [procs.launch("prefill", *worker, env=env) for _ in range(prefill)]
-        decodes = [procs.launch("decode", *worker, *(["--colocated"] if colocated else []), env=env)
-                   for _ in range(decode)]
+        if flexible:
+            prefills = [procs.launch("worker", *worker, "--role", "auto", "--initial-role", "prefill", env=env)
+                        for _ in range(prefill)]
+            decodes = [procs.launch("worker", *worker, "--role", "auto", "--initial-role", "decode", env=env)
+                       for _ in range(decode)]
+        else:
+            prefills = [procs.launch("prefill", *worker, env=env) for _ in range(prefill)]
+            decodes = [procs.launch("decode", *worker, *(["--colocated"] if colocated else []), env=env)
+                       for _ in range(decode)]
         for proc in prefills + decodes:
             proc.wait_serving(START_TIMEOUT_S)
         http_port = free_port()
@@ -137,7 +148,7 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         gateway = procs.start("gateway", *common, "--model", model, "--http-port", str(http_port), *gateway_args,
                               env=gateway_env, timeout_s=START_TIMEOUT_S)
         mesh = Mesh(procs, scheduler, cache, prefills, decodes, gateway, http_port, more_schedulers=others,
-                    tls_dir=tls_dir, api_key=api_key)
+                    tls_dir=tls_dir, api_key=api_key, flexible=flexible)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # registration is asynchronous to SERVING
             if all(len(mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL, s)) == prefill

@@ -87,7 +87,7 @@ class StepSample(_message.Message):
     def __init__(self, num_prefill_tokens: _Optional[int] = ..., num_attention_pairs: _Optional[int] = ..., num_decode_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "local_prefill_max_tokens", "colocated")
+    __slots__ = ("role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "local_prefill_max_tokens", "colocated", "flexible")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class RegisterRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COLOCATED_FIELD_NUMBER: _ClassVar[int]
+    FLEXIBLE_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     address: str
     host_id: str
@@ -110,7 +111,8 @@ class RegisterRequest(_message.Message):
     model: str
     local_prefill_max_tokens: int
     colocated: bool
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., local_prefill_max_tokens: _Optional[int] = ..., colocated: _Optional[bool] = ...) -> None: ...
+    flexible: bool
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., local_prefill_max_tokens: _Optional[int] = ..., colocated: _Optional[bool] = ..., flexible: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds", "lease_token")
@@ -151,12 +153,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KVEvents, _Mapping]] = ..., reports_arrivals: _Optional[bool] = ..., arrived_request_ids: _Optional[_Iterable[str]] = ..., lease_token: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_seconds", "resync_kv_events")
+    __slots__ = ("lease_seconds", "resync_kv_events", "desired_role")
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RESYNC_KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_ROLE_FIELD_NUMBER: _ClassVar[int]
     lease_seconds: float
     resync_kv_events: bool
-    def __init__(self, lease_seconds: _Optional[float] = ..., resync_kv_events: _Optional[bool] = ...) -> None: ...
+    desired_role: WorkerRole
+    def __init__(self, lease_seconds: _Optional[float] = ..., resync_kv_events: _Optional[bool] = ..., desired_role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id", "lease_token")
@@ -199,7 +203,7 @@ class RouteRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., cache_salt: _Optional[str] = ..., dry_run: _Optional[bool] = ..., avoid_worker_ids: _Optional[_Iterable[str]] = ..., slo_ttft_seconds: _Optional[float] = ..., slo_tpot_seconds: _Optional[float] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures", "colocated")
+    __slots__ = ("worker_id", "role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "lease_remaining_seconds", "breaker_state", "num_routed_since_heartbeat", "num_breaker_opened", "num_breaker_failures", "colocated", "flexible", "desired_role")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +220,8 @@ class WorkerInfo(_message.Message):
     NUM_BREAKER_OPENED_FIELD_NUMBER: _ClassVar[int]
     NUM_BREAKER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     COLOCATED_FIELD_NUMBER: _ClassVar[int]
+    FLEXIBLE_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_ROLE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -232,7 +238,9 @@ class WorkerInfo(_message.Message):
     num_breaker_opened: int
     num_breaker_failures: int
     colocated: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., num_routed_since_heartbeat: _Optional[int] = ..., num_breaker_opened: _Optional[int] = ..., num_breaker_failures: _Optional[int] = ..., colocated: _Optional[bool] = ...) -> None: ...
+    flexible: bool
+    desired_role: WorkerRole
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., num_routed_since_heartbeat: _Optional[int] = ..., num_breaker_opened: _Optional[int] = ..., num_breaker_failures: _Optional[int] = ..., colocated: _Optional[bool] = ..., flexible: _Optional[bool] = ..., desired_role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("prefill", "decode", "num_cached_tokens", "policy", "num_decode_cached_tokens", "prompt_block_hashes", "local_prefill", "cache_probed", "kv_source", "predicted_ttft_seconds", "predicted_tpot_seconds")
@@ -349,3 +357,19 @@ class ListWorkersResponse(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+
+class SetWorkerRoleRequest(_message.Message):
+    __slots__ = ("address", "role", "reason")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    role: WorkerRole
+    reason: str
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetWorkerRoleResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...

@@ -70,6 +70,11 @@ class SchedulerStub:
                 request_serializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
                 response_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
                 _registered_method=True)
+        self.SetWorkerRole = channel.unary_unary(
+                '/kvmesh.v1.Scheduler/SetWorkerRole',
+                request_serializer=kvmesh_dot_v1_dot_scheduler__pb2.SetWorkerRoleRequest.SerializeToString,
+                response_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.SetWorkerRoleResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -133,6 +138,16 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetWorkerRole(self, request, context):
+        """Ask the flexible worker (registered with flexible = true) at an address to take another role (prefill or
+        decode): routing of its current role to it stops at once, its next heartbeat answers desired_role, and it
+        drains its current role's work and registers again in the new one. For operators (`kvmesh role`); the
+        planner makes the same request. INVALID_ARGUMENT for a role other than PREFILL or DECODE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +185,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.FromString,
                     response_serializer=kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStats.SerializeToString,
+            ),
+            'SetWorkerRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetWorkerRole,
+                    request_deserializer=kvmesh_dot_v1_dot_scheduler__pb2.SetWorkerRoleRequest.FromString,
+                    response_serializer=kvmesh_dot_v1_dot_scheduler__pb2.SetWorkerRoleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +382,33 @@ class Scheduler:
             '/kvmesh.v1.Scheduler/Stats',
             kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStatsRequest.SerializeToString,
             kvmesh_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetWorkerRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmesh.v1.Scheduler/SetWorkerRole',
+            kvmesh_dot_v1_dot_scheduler__pb2.SetWorkerRoleRequest.SerializeToString,
+            kvmesh_dot_v1_dot_scheduler__pb2.SetWorkerRoleResponse.FromString,
             options,
             channel_credentials,
             insecure,
