@@ -16,6 +16,8 @@ from kvmesh.services.scheduler.explain import observe_links, observe_models
 from kvmesh.services.scheduler.links import LinkBook
 from kvmesh.services.scheduler.policies import get_policy
 from kvmesh.services.scheduler.health_probe import HealthProber
+from kvmesh.services.scheduler.planner_setup import build_planner
+from kvmesh.services.scheduler.planner_window import ArrivalWindow
 from kvmesh.services.scheduler.registry import Registry
 from kvmesh.services.scheduler.servicer import SchedulerServicer, observe_breakers
 from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -59,6 +61,14 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
 
     server.add_task(expiry)
     server.add_task(recheck)
+    if config.planner_interval_s > 0:
+        servicer.window = ArrivalWindow(config.planner_window_s)  # Route records each request in it
+        planner = build_planner(config, registry, servicer.window)
+
+        async def plan(_server: MeshServer) -> None:
+            await planner.run(config.planner_interval_s)
+
+        server.add_task(plan)
     server.on_stop(prober.close)
     if probe is not None:
         server.on_stop(probe.close)

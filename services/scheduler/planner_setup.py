@@ -1,0 +1,53 @@
+"""Wiring the planner loop into the scheduler: its settings from the config, and the RoleControl it flips through."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from kvmesh.services.plan.costs import Profile
+from kvmesh.services.plan.metrics import SLO
+from kvmesh.services.plan.sim import MeshConfig
+from kvmesh.services.scheduler.config import SchedulerConfig
+from kvmesh.services.scheduler.planner import PlannerSettings
+from kvmesh.services.scheduler.planner_loop import PlannerLoop
+from kvmesh.services.scheduler.planner_window import ArrivalWindow
+from kvmesh.services.scheduler.registry import Registry, Role, Worker
+
+log = logging.getLogger(__name__)
+
+
+class RegistryRoles:
+    """The RoleControl over the scheduler's Registry.
+
+    MERGE(roleflip): the role-flip branch adds `Registry.flexible()` and `Registry.request_role(address, role,
+    reason)`. Once merged, replace the two bodies below with `return self.registry.flexible()` and
+    `return self.registry.request_role(address, role, reason)`. Until then a registry without them has no
+    flexible workers, so the planner skips every round ("fewer than 2 flexible workers")."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def flexible(self) -> list[Worker]:
+        """The registry's flexible live workers (none before the role flip is merged)."""
+        find = getattr(self.registry, "flexible", None)  # MERGE(roleflip): self.registry.flexible()
+        return list(find()) if find is not None else []
+
+    def request_role(self, address: str, role: Role, reason: str) -> bool:
+        """Ask the worker at address to take role; False before the role flip is merged."""
+        ask = getattr(self.registry, "request_role", None)  # MERGE(roleflip): self.registry.request_role(...)
+        return bool(ask(address, role, reason)) if ask is not None else False
+
+
+def build_planner(config: SchedulerConfig, registry: Registry, window: ArrivalWindow) -> PlannerLoop:
+    """The scheduler's planner loop from its config (the profile file read here: a bad one fails at start)."""
+    fallback = Profile.load(config.planner_profile) if config.planner_profile else None
+    settings = PlannerSettings(config.planner_threshold, config.planner_hold_s, config.max_workers,
+                               bool(config.scale_command) and config.max_workers > 0, config.planner_max_requests)
+    # no SLO set: every served request counts, so goodput is throughput
+    slo = SLO(config.slo_ttft_s * 1000 if config.slo_ttft_s > 0 else math.inf,
+              config.slo_tpot_s * 1000 if config.slo_tpot_s > 0 else math.inf)
+    base = MeshConfig(prefill=1, decode=1, policy=config.policy, cache=False, max_queue=config.max_queue,
+                      heartbeat_s=config.lease_s / 3, slo_ttft_s=config.slo_ttft_s, slo_tpot_s=config.slo_tpot_s)
+    return PlannerLoop(registry, RegistryRoles(registry), window, settings, slo, base, fallback,
+                       config.transfer_gbps, config.scale_command)
