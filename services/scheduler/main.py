@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from functools import partial
 
 from kvmesh.services.common import config as config_mod
@@ -16,7 +17,7 @@ from kvmesh.services.scheduler.explain import observe_links, observe_models
 from kvmesh.services.scheduler.links import LinkBook
 from kvmesh.services.scheduler.policies import get_policy
 from kvmesh.services.scheduler.health_probe import HealthProber
-from kvmesh.services.scheduler.planner_setup import build_planner
+from kvmesh.services.scheduler.planner_setup import build_planner, load_profile
 from kvmesh.services.scheduler.planner_window import ArrivalWindow
 from kvmesh.services.scheduler.registry import Registry
 from kvmesh.services.scheduler.servicer import SchedulerServicer, observe_breakers
@@ -78,4 +79,9 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kvmesh scheduler`."""
     config = config_mod.from_args(SchedulerConfig, "scheduler", args)
+    try:  # a bad planner profile is one line and exit 2, before anything starts
+        load_profile(config.planner_profile if config.planner_interval_s > 0 else "")
+    except config_mod.ConfigError as exc:
+        print(f"kvmesh scheduler: {exc}", file=sys.stderr, flush=True)
+        return 2
     return serve(config, lambda server: setup(config, server), name="scheduler")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+from kvmesh.services.common.config import ConfigError
 from kvmesh.services.plan.costs import Profile
 from kvmesh.services.plan.metrics import SLO
 from kvmesh.services.plan.sim import MeshConfig
@@ -39,9 +40,20 @@ class RegistryRoles:
         return bool(ask(address, role, reason)) if ask is not None else False
 
 
+def load_profile(path: str) -> Profile | None:
+    """The --planner-profile file (None when not set); ConfigError naming the file and the fix when unreadable."""
+    if not path:
+        return None
+    try:
+        return Profile.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--planner-profile {path}: not a readable profile ({exc}); make one with "
+                          "`kvmesh plan profile --model DIR`") from None
+
+
 def build_planner(config: SchedulerConfig, registry: Registry, window: ArrivalWindow) -> PlannerLoop:
-    """The scheduler's planner loop from its config (the profile file read here: a bad one fails at start)."""
-    fallback = Profile.load(config.planner_profile) if config.planner_profile else None
+    """The scheduler's planner loop from its config."""
+    fallback = load_profile(config.planner_profile)
     settings = PlannerSettings(config.planner_threshold, config.planner_hold_s, config.max_workers,
                                bool(config.scale_command) and config.max_workers > 0, config.planner_max_requests)
     # no SLO set: every served request counts, so goodput is throughput
