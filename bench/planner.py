@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +128,35 @@ def planned(profile, arrivals, slo, base, args) -> tuple[dict, list[dict], list]
     return figures(sim.run(), slo, phases(args)), log, sim.flips
 
 
+def run_seed(args, seed: int, profile: Profile, slo: SLO, base: MeshConfig) -> dict:
+    """Every static split and the planner on one seed's workload."""
+    plan = phases(args)
+    arrivals = trace(plan, seed)
+    rows = {f"static {Split(p, args.workers - p)}": figures(static(profile, Split(p, args.workers - p), arrivals,
+                                                                   base), slo, plan)
+            for p in range(1, args.workers)}
+    rows["planner"], decisions, flips = planned(profile, arrivals, slo, base, args)
+    best = max(r["goodput_rps"] for n, r in rows.items() if n.startswith("static"))
+    return {"seed": seed, "num_requests": len(arrivals), "results": rows, "decisions": decisions,
+            "flips": [{"asked_s": round(a, 2), "done_s": round(d, 2), "role": r.name.lower()} for a, d, r in flips],
+            "planner_vs_best_static": round(rows["planner"]["goodput_rps"] / best, 3) if best else None}
+
+
+def show(run: dict) -> None:
+    print(f"\nseed {run['seed']}: {run['num_requests']} requests")
+    print("| mesh | goodput/s | SLO attainment | per phase | rejected |\n| --- | --- | --- | --- | --- |")
+    for name, row in run["results"].items():
+        per_phase = " / ".join(f"{100 * x:.0f} %" for x in row["phase_attainment"])
+        print(f"| {name} | {row['goodput_rps']:.3f} | {100 * row['slo_attainment']:.1f} % | {per_phase} | "
+              f"{row['num_rejected']} |")
+    print(f"planner / best static: {run['planner_vs_best_static']}")
+    for d in run["decisions"]:
+        if d["action"] != "keep":
+            print(f"  t={d['t_s']:.0f}s {d['action']} {d['current']} -> {d['target']} ({d['predicted_gain']:+.0%})")
+    for f in run["flips"]:
+        print(f"  flip to {f['role']}: asked {f['asked_s']} s, serving {f['done_s']} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="bench/plan-profile-smollm2.json")
@@ -144,38 +172,25 @@ def main() -> None:
     parser.add_argument("--hold-s", type=float, default=30.0)
     parser.add_argument("--max-sim-requests", type=int, default=200)
     parser.add_argument("--start", default="2x2", help="the planner's starting split, PxD")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="workload seeds, comma-separated")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     profile = Profile.load(args.profile)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     base = MeshConfig(prefill=1, decode=1, cache=False, heartbeat_s=1.0, slo_ttft_s=slo.ttft_ms / 1000,
                       slo_tpot_s=slo.tpot_ms / 1000)
-    plan = phases(args)
-    arrivals = trace(plan, args.seed)
-    rows = {f"static {Split(p, args.workers - p)}": figures(static(profile, Split(p, args.workers - p), arrivals,
-                                                                   base), slo, plan)
-            for p in range(1, args.workers)}
-    rows["planner"], decisions, flips = planned(profile, arrivals, slo, base, args)
-    best = max((r["goodput_rps"] for n, r in rows.items() if n.startswith("static")), default=0.0)
-    report = {"args": vars(args), "machine": machine(), "results": rows, "decisions": decisions,
-              "flips": [{"asked_s": round(a, 2), "done_s": round(d, 2), "role": r.name.lower()} for a, d, r in flips],
-              "planner_vs_best_static": round(rows["planner"]["goodput_rps"] / best, 3) if best else None}
-    print(f"{len(arrivals)} requests; phases " + ", ".join(f"{p.name} {p.seconds:g} s at {p.rate:g}/s" for p in plan))
-    print("| mesh | goodput/s | SLO attainment | per phase | rejected |\n| --- | --- | --- | --- | --- |")
-    for name, row in rows.items():
-        per_phase = " / ".join(f"{100 * x:.0f} %" for x in row["phase_attainment"])
-        print(f"| {name} | {row['goodput_rps']:.3f} | {100 * row['slo_attainment']:.1f} % | {per_phase} | "
-              f"{row['num_rejected']} |")
-    print(f"planner / best static: {report['planner_vs_best_static']}")
-    for d in decisions:
-        if d["action"] not in ("keep",):
-            print(f"t={d['t_s']:.0f}s {d['action']} {d['current']} -> {d['target']} ({d['predicted_gain']:+.0%})")
-    for f in report["flips"]:
-        print(f"flip to {f['role']}: asked {f['asked_s']} s, serving {f['done_s']} s")
+    print("phases: " + ", ".join(f"{p.name} {p.seconds:g} s at {p.rate:g}/s" for p in phases(args)))
+    runs = [run_seed(args, int(seed), profile, slo, base) for seed in args.seeds.split(",")]
+    for run in runs:
+        show(run)
+    ratios = [r["planner_vs_best_static"] for r in runs]
+    summary = {"mean_ratio": round(sum(ratios) / len(ratios), 3), "min_ratio": min(ratios),
+               "max_ratio": max(ratios)}
+    print(f"\nplanner / best static over {len(runs)} seeds: mean {summary['mean_ratio']}, "
+          f"min {summary['min_ratio']}, max {summary['max_ratio']}")
     if args.out:
         with open(args.out, "w") as out:
-            json.dump(report, out, indent=1)
+            json.dump({"args": vars(args), "machine": machine(), "summary": summary, "runs": runs}, out, indent=1)
 
 
 if __name__ == "__main__":
