@@ -98,7 +98,7 @@ class PlannerLoop:
         split, fixed, flexible = self.current()
         stats = self.window.stats()
         profile = profile_from_fits(self.registry.workers(), self.fallback, self.transfer_gbps)
-        skip = ("fewer than 2 flexible workers" if len(flexible) < 2 and not self.settings.can_scale else
+        skip = ("no flexible (--role auto) workers" if not flexible and not self.settings.can_scale else
                 "no requests in the window" if stats.num_requests == 0 else
                 "no fitted cost model and no --planner-profile" if profile is None else "")
         if skip:

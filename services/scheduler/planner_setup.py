@@ -24,7 +24,7 @@ class RegistryRoles:
     MERGE(roleflip): the role-flip branch adds `Registry.flexible()` and `Registry.request_role(address, role,
     reason)`. Once merged, replace the two bodies below with `return self.registry.flexible()` and
     `return self.registry.request_role(address, role, reason)`. Until then a registry without them has no
-    flexible workers, so the planner skips every round ("fewer than 2 flexible workers")."""
+    flexible workers, so the planner skips every round ("no flexible (--role auto) workers")."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry

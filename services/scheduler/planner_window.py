@@ -43,6 +43,7 @@ class ArrivalWindow:
             raise ValueError(f"window_s must be > 0 and max_samples >= 1, got {window_s}, {max_samples}")
         self.window_s = window_s
         self._clock = clock
+        self._started = clock()  # a window younger than window_s rates over its own age
         self._seen: deque[tuple[float, int, int]] = deque(maxlen=max_samples)
 
     def record(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -51,13 +52,16 @@ class ArrivalWindow:
                            else DEFAULT_MAX_TOKENS))
 
     def stats(self) -> WindowStats:
-        """The window as of now; the arrival rate counts the requests over the window's length, or over the span
-        the deque still covers when it overflowed (a burst above max_samples per window)."""
+        """The window as of now; the arrival rate counts the requests over the window's length (its age, while
+        younger), or over the span the deque still covers when it overflowed (a burst above max_samples a window)."""
         now = self._clock()
         while self._seen and self._seen[0][0] < now - self.window_s:
             self._seen.popleft()
         seen = list(self._seen)
         if not seen:
             return WindowStats(0.0, ())
-        span = self.window_s if len(seen) < (self._seen.maxlen or 0) else max(now - seen[0][0], 1e-3)
+        span = min(self.window_s, now - self._started)
+        if len(seen) >= (self._seen.maxlen or 0):
+            span = now - seen[0][0]
+        span = max(span, 1e-3)
         return WindowStats(len(seen) / span, tuple((p, m) for _, p, m in seen))

@@ -139,3 +139,18 @@ def test_the_synthetic_workload_is_bounded_and_drawn_from_the_window():
     assert len(arrivals) == 150
     assert {(a.input_length, a.output_length) for a in arrivals} == {(10, 5), (2000, 7)}
     assert planner.workload(WindowStats(0.0, ()), 60.0, 150) == []
+
+
+def test_a_young_window_rates_over_its_age_and_an_overflowing_one_over_what_it_holds():
+    now = [100.0]
+    window = ArrivalWindow(60.0, max_samples=1000, clock=lambda: now[0])
+    for i in range(20):  # 20 requests in the scheduler's first 10 s
+        now[0] = 100.0 + i / 2
+        window.record(10, 10)
+    now[0] = 110.0
+    assert window.stats().rate_per_s == pytest.approx(2.0)
+    burst = ArrivalWindow(60.0, max_samples=10, clock=lambda: now[0])
+    for i in range(50):  # 50 in 5 s, only the last 10 kept
+        now[0] = 200.0 + i / 10
+        burst.record(10, 10)
+    assert burst.stats().num_requests == 10 and burst.stats().rate_per_s == pytest.approx(10 / 0.9)
