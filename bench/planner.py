@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,11 +85,14 @@ def figures(result: SimResult, slo: SLO, plan: list[Phase]) -> dict:
             "phase_attainment": [round(x, 3) for x in phases_ok]}
 
 
-def replanner(profile, slo, base, settings: PlannerSettings, window_s: float, log: list):
-    """The planner's decision at each round of a FlipSimulation, from the arrivals of the last window_s."""
+def replanner(profile, slo, base, settings: PlannerSettings, window_s: float, log: list, frozen=(0.0, 0.0)):
+    """The planner's decision at each round of a FlipSimulation, from the arrivals of the last window_s; no flips
+    in the interval `frozen` (the counterfactual of a flip)."""
     last_change = [None]
 
     def replan(now: float, sim: FlipSimulation):
+        if frozen[0] <= now < frozen[1]:
+            return []
         clock = [0.0]
         window = ArrivalWindow(window_s, clock=lambda: clock[0])
         for job in sim.jobs:
@@ -116,16 +120,37 @@ def replanner(profile, slo, base, settings: PlannerSettings, window_s: float, lo
     return replan
 
 
-def planned(profile, arrivals, slo, base, args) -> tuple[dict, list[dict], list]:
-    """The planner-driven run: (figures, every decision, the flips as (asked at, done at, role))."""
+def planned(profile, arrivals, slo, base, args, frozen=(0.0, 0.0)) -> tuple[SimResult, list[dict], list]:
+    """The planner-driven run: (its result, every decision, the flips as (asked at, done at, role))."""
     settings = PlannerSettings(args.threshold, args.hold_s, max_sim_requests=args.max_sim_requests)
     p, d = (int(x) for x in args.start.split("x"))
     config = MeshConfig(prefill=p, decode=d, policy=base.policy, cache=False, heartbeat_s=base.heartbeat_s,
                         slo_ttft_s=base.slo_ttft_s, slo_tpot_s=base.slo_tpot_s)
     log: list = []
-    sim = FlipSimulation(profile, config, arrivals, replanner(profile, slo, base, settings, args.window_s, log),
-                         args.interval_s)
-    return figures(sim.run(), slo, phases(args)), log, sim.flips
+    replan = replanner(profile, slo, base, settings, args.window_s, log, frozen)
+    sim = FlipSimulation(profile, config, arrivals, replan, args.interval_s)
+    return sim.run(), log, sim.flips
+
+
+def ok_between(result: SimResult, slo: SLO, start: float, end: float) -> int:
+    """Requests arriving in [start, end) served within both SLOs."""
+    ttft, tpot, served = request_latencies(result)
+    arrival = np.asarray(result.arrival_s)
+    return int((served & (ttft <= slo.ttft_ms) & (tpot <= slo.tpot_ms) & (arrival >= start) & (arrival < end)).sum())
+
+
+def check_predictions(profile, arrivals, slo, base, args, result: SimResult, decisions: list[dict]) -> list[dict]:
+    """Each flip's predicted gain against the measured one: the requests arriving in the window after it that
+    met both SLOs, with the flip against the same run with no flip in that window."""
+    checks = []
+    for d in (d for d in decisions if d["action"] == "flip"):
+        t, end = d["t_s"], d["t_s"] + args.window_s
+        without, _, _ = planned(profile, arrivals, slo, base, args, frozen=(t, end))
+        ok_with, ok_without = ok_between(result, slo, t, end), ok_between(without, slo, t, end)
+        measured = ok_with / ok_without - 1 if ok_without else (math.inf if ok_with else 0.0)
+        checks.append({"t_s": t, "flip": f"{d['current']} -> {d['target']}", "predicted_gain": d["predicted_gain"],
+                       "measured_gain": round(measured, 3), "ok_with": ok_with, "ok_without": ok_without})
+    return checks
 
 
 def run_seed(args, seed: int, profile: Profile, slo: SLO, base: MeshConfig) -> dict:
@@ -135,11 +160,13 @@ def run_seed(args, seed: int, profile: Profile, slo: SLO, base: MeshConfig) -> d
     rows = {f"static {Split(p, args.workers - p)}": figures(static(profile, Split(p, args.workers - p), arrivals,
                                                                    base), slo, plan)
             for p in range(1, args.workers)}
-    rows["planner"], decisions, flips = planned(profile, arrivals, slo, base, args)
+    result, decisions, flips = planned(profile, arrivals, slo, base, args)
+    rows["planner"] = figures(result, slo, plan)
     best = max(r["goodput_rps"] for n, r in rows.items() if n.startswith("static"))
     return {"seed": seed, "num_requests": len(arrivals), "results": rows, "decisions": decisions,
             "flips": [{"asked_s": round(a, 2), "done_s": round(d, 2), "role": r.name.lower()} for a, d, r in flips],
-            "planner_vs_best_static": round(rows["planner"]["goodput_rps"] / best, 3) if best else None}
+            "planner_vs_best_static": round(rows["planner"]["goodput_rps"] / best, 3) if best else None,
+            "predictions": check_predictions(profile, arrivals, slo, base, args, result, decisions)}
 
 
 def show(run: dict) -> None:
@@ -155,6 +182,9 @@ def show(run: dict) -> None:
             print(f"  t={d['t_s']:.0f}s {d['action']} {d['current']} -> {d['target']} ({d['predicted_gain']:+.0%})")
     for f in run["flips"]:
         print(f"  flip to {f['role']}: asked {f['asked_s']} s, serving {f['done_s']} s")
+    for c in run["predictions"]:
+        print(f"  t={c['t_s']:.0f}s {c['flip']}: predicted {c['predicted_gain']:+.0%}, measured "
+              f"{c['measured_gain']:+.0%} ({c['ok_with']} vs {c['ok_without']} within SLO in the next window)")
 
 
 def main() -> None:
