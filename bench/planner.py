@@ -85,7 +85,8 @@ def figures(result: SimResult, slo: SLO, plan: list[Phase]) -> dict:
             "phase_attainment": [round(x, 3) for x in phases_ok]}
 
 
-def replanner(profile, slo, base, settings: PlannerSettings, window_s: float, log: list, frozen=(0.0, 0.0)):
+def replanner(profile, slo, base, settings: PlannerSettings, window_s: float, log: list, frozen=(0.0, 0.0),
+              with_backlog: bool = True):
     """The planner's decision at each round of a FlipSimulation, from the arrivals of the last window_s; no flips
     in the interval `frozen` (the counterfactual of a flip)."""
     last_change = [None]
@@ -103,11 +104,12 @@ def replanner(profile, slo, base, settings: PlannerSettings, window_s: float, lo
         stats = window.stats()
         if not stats.num_requests:
             return []
-        work = planner.workload(stats, window_s, settings.max_sim_requests)
+        queued = planner.backlog(sim.registry.workers(), stats, settings.max_sim_requests) if with_backlog else []
+        work = queued + planner.workload(stats, window_s, settings.max_sim_requests)
         current = Split(*sim.split())
         splits = planner.candidate_splits(Split(0, 0), current.total, settings)
-        decision = planner.decide(current, planner.simulate_splits(profile, work, splits, slo, base), now,
-                                  last_change[0], settings)
+        predicted = planner.simulate_splits(profile, work, splits, slo, base, len(queued))
+        decision = planner.decide(current, predicted, now, last_change[0], settings)
         log.append({"t_s": round(now, 1), "action": decision.action, "current": str(decision.current),
                     "target": str(decision.target), "predicted_gain": round(decision.gain, 3),
                     "current_goodput": round(decision.current_goodput, 3),
@@ -127,7 +129,7 @@ def planned(profile, arrivals, slo, base, args, frozen=(0.0, 0.0)) -> tuple[SimR
     config = MeshConfig(prefill=p, decode=d, policy=base.policy, cache=False, heartbeat_s=base.heartbeat_s,
                         slo_ttft_s=base.slo_ttft_s, slo_tpot_s=base.slo_tpot_s)
     log: list = []
-    replan = replanner(profile, slo, base, settings, args.window_s, log, frozen)
+    replan = replanner(profile, slo, base, settings, args.window_s, log, frozen, not args.no_backlog)
     sim = FlipSimulation(profile, config, arrivals, replan, args.interval_s)
     return sim.run(), log, sim.flips
 
@@ -202,6 +204,7 @@ def main() -> None:
     parser.add_argument("--hold-s", type=float, default=30.0)
     parser.add_argument("--max-sim-requests", type=int, default=200)
     parser.add_argument("--start", default="2x2", help="the planner's starting split, PxD")
+    parser.add_argument("--no-backlog", action="store_true", help="plan from an empty mesh (the queued work unseen)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="workload seeds, comma-separated")
     parser.add_argument("--out", default="")
     args = parser.parse_args()

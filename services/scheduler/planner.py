@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from kvmesh.services.plan.costs import Profile
-from kvmesh.services.plan.metrics import SLO, predict
-from kvmesh.services.plan.sim import MeshConfig, Simulation
+from kvmesh.services.plan.metrics import SLO, request_latencies
+from kvmesh.services.plan.sim import MeshConfig, SimResult, Simulation
 from kvmesh.services.plan.trace import Arrival
 from kvmesh.services.scheduler.planner_window import WindowStats
 from kvmesh.services.scheduler.registry import Role, Worker
@@ -146,10 +148,42 @@ def workload(stats: WindowStats, window_s: float, max_requests: int, seed: int =
     return arrivals
 
 
+def backlog(workers: Sequence[Worker], stats: WindowStats, max_requests: int) -> list[Arrival]:
+    """The work the mesh holds now, as arrivals at time 0 ahead of the window's replay (at most max_requests):
+    each worker's pending prompts (its heartbeat's pending prefill tokens spread over them, the window's mean
+    output each) and each decode worker's running sequences (a one-token prompt, their KV being in place, and half
+    the window's mean output left)."""
+    _, mean_out = stats.mean_lengths()
+    found: list[Arrival] = []
+    for worker in workers:
+        load = worker.load
+        if load.num_pending_prefill > 0:
+            tokens = max(1, load.num_pending_prefill_tokens // load.num_pending_prefill)
+            found += [Arrival(0.0, tokens, max(1, round(mean_out)))] * load.num_pending_prefill
+        if worker.spec.role == Role.DECODE:
+            found += [Arrival(0.0, 1, max(1, round(mean_out / 2)))] * load.num_running
+    return found[:max(0, max_requests)]
+
+
+def goodput(result: SimResult, slo: SLO, skip: int = 0) -> float:
+    """Requests/s within both SLOs, counting the requests after the first `skip` (the backlog) only, over the time
+    from the first counted arrival to the last counted finish."""
+    ttft, tpot, served = request_latencies(result)
+    counted = np.arange(len(served)) >= skip
+    ok = served & counted & (ttft <= slo.ttft_ms) & (tpot <= slo.tpot_ms)
+    arrival, finish = np.asarray(result.arrival_s), np.asarray(result.finish_s)
+    if not counted.any():
+        return 0.0
+    end = max(float(finish[served & counted].max(initial=0.0)), float(arrival[counted].max()))
+    duration = end - float(arrival[counted].min())
+    return float(ok.sum()) / duration if duration > 0 else float(ok.sum())
+
+
 def simulate_splits(profile: Profile, arrivals: Sequence[Arrival], splits: Sequence[Split], slo: SLO,
-                    base: MeshConfig) -> dict[Split, float]:
-    """Predicted goodput (requests/s within both SLOs) of each split on arrivals. CPU-bound: call it off the
-    event loop. `base` carries the scheduler's policy, admission limit, heartbeat and SLOs."""
+                    base: MeshConfig, num_backlog: int = 0) -> dict[Split, float]:
+    """Predicted goodput (requests/s within both SLOs) of each split on arrivals, the first num_backlog of which
+    (the work already queued) are played but not counted. CPU-bound: call it off the event loop. `base` carries
+    the scheduler's policy, admission limit, heartbeat and SLOs."""
     found = {}
     for split in splits:
         config = MeshConfig(prefill=split.prefill, decode=split.decode, colocated=0,
@@ -157,7 +191,7 @@ def simulate_splits(profile: Profile, arrivals: Sequence[Arrival], splits: Seque
                             cache=base.cache, max_queue=base.max_queue, heartbeat_s=base.heartbeat_s,
                             trace_block_tokens=base.trace_block_tokens, slo_ttft_s=base.slo_ttft_s,
                             slo_tpot_s=base.slo_tpot_s)
-        found[split] = predict(Simulation(profile, config, arrivals).run(), slo).goodput_rps
+        found[split] = goodput(Simulation(profile, config, arrivals).run(), slo, num_backlog)
     return found
 
 

@@ -103,10 +103,12 @@ class PlannerLoop:
                 "no fitted cost model and no --planner-profile" if profile is None else "")
         if skip:
             return Decision("skip", split, split, reason=skip)
-        arrivals = planner.workload(stats, self.window.window_s, self.settings.max_sim_requests, self.settings.seed)
+        queued = planner.backlog(self.registry.workers(), stats, self.settings.max_sim_requests)
+        arrivals = queued + planner.workload(stats, self.window.window_s, self.settings.max_sim_requests,
+                                             self.settings.seed)
         splits = planner.candidate_splits(fixed, len(flexible), self.settings)
         predicted = await asyncio.get_running_loop().run_in_executor(
-            None, planner.simulate_splits, profile, arrivals, splits, self.slo, self.base)
+            None, planner.simulate_splits, profile, arrivals, splits, self.slo, self.base, len(queued))
         return planner.decide(split, predicted, self.clock(), self.last_change_at, self.settings)
 
     async def _apply(self, decision: Decision) -> None:

@@ -9,6 +9,7 @@ from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.plan.costs import DecodeModel, PrefillModel, Profile
 from kvmesh.services.plan.metrics import SLO
 from kvmesh.services.plan.sim import MeshConfig
+from kvmesh.services.plan.trace import Arrival
 from kvmesh.services.scheduler import planner
 from kvmesh.services.scheduler.planner import Changes, PlannerSettings, Split, changes, decide
 from kvmesh.services.scheduler.planner_window import ArrivalWindow, WindowStats
@@ -154,3 +155,26 @@ def test_a_young_window_rates_over_its_age_and_an_overflowing_one_over_what_it_h
         now[0] = 200.0 + i / 10
         burst.record(10, 10)
     assert burst.stats().num_requests == 10 and burst.stats().rate_per_s == pytest.approx(10 / 0.9)
+
+
+def test_the_backlog_is_the_queued_prompts_and_running_sequences_from_the_heartbeats():
+    registry = Registry(lease_s=60)
+    prefill = registry.register(WorkerSpec(Role.PREFILL, "127.0.0.1:5000", layout=LAYOUT))
+    decode = registry.register(WorkerSpec(Role.DECODE, "127.0.0.1:5001", layout=LAYOUT))
+    registry.heartbeat(prefill.worker_id, Load(num_pending_prefill=3, num_pending_prefill_tokens=3000))
+    registry.heartbeat(decode.worker_id, Load(num_running=2))
+    queued = planner.backlog(registry.workers(), WindowStats(1.0, ((10, 100),)), max_requests=100)
+    assert sorted((a.time_s, a.input_length, a.output_length) for a in queued) == \
+        [(0.0, 1, 50)] * 2 + [(0.0, 1000, 100)] * 3
+    assert len(planner.backlog(registry.workers(), WindowStats(1.0, ((10, 100),)), max_requests=4)) == 4
+
+
+def test_a_backlog_that_no_split_clears_in_time_is_seen_and_not_counted():
+    stats = DECODE_HEAVY
+    window = planner.workload(stats, 60.0, 200)
+    long_queue = [Arrival(0.0, 1000, 4)] * 40  # 10 s of prefill work for one worker
+    splits = [Split(1, 3), Split(3, 1)]
+    empty = planner.simulate_splits(PROFILE, window, splits, SLO_MS, BASE)
+    queued = planner.simulate_splits(PROFILE, long_queue + window, splits, SLO_MS, BASE, len(long_queue))
+    assert empty[Split(1, 3)] > empty[Split(3, 1)]  # the window alone wants decode workers
+    assert queued[Split(1, 3)] < empty[Split(1, 3)]  # the queued prompts hold the one prefill worker up
