@@ -4,6 +4,7 @@ from __future__ import annotations
 
 REQUEST_SPAN = "gateway.Generate"
 SCHEDULER_ROUTE = "scheduler.route"
+PLANNER_DECIDE = "planner.decide"  # one round of the scheduler's planner loop, its predicted figures as attributes
 DECODE_ADMIT = "decode.admit"
 DECODE_QUEUE = "decode.queue"
 PREFILL_QUEUE = "prefill.queue"

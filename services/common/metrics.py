@@ -190,6 +190,15 @@ ROUTE_SECONDS = Histogram(
     "kvmesh:route_seconds",
     "Time the scheduler took to answer one Route call (decisions and rejections).",
     buckets=TRANSFER_BUCKETS, registry=REGISTRY)
+PLANNER_DECISIONS = Counter(
+    "kvmesh:planner_decisions_total",
+    "Rounds of the scheduler's planner loop, by action: keep, hold (a better split within the hold time), flip, "
+    "scale (the scale command ran) or skip (no traffic, no cost model, too few flexible workers).",
+    ["action"], registry=REGISTRY)
+PLANNER_PREDICTED_GAIN = Gauge(
+    "kvmesh:planner_predicted_gain",
+    "The planner's last predicted relative goodput change of the best split over the current one (0.25: +25 %).",
+    registry=REGISTRY)
 
 _servers: list = []
 

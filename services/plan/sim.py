@@ -125,8 +125,7 @@ class Simulation:
             self.push(job.arrival_s, _ARRIVE, job)
         if self.config.heartbeat_s > 0 and self.jobs:
             self.push(0.0, _BEAT, None)
-        handlers = {_ARRIVE: self.arrive, _READY: self.ready, _STEP: self.step_done, _LAND: self.land,
-                    _WAKE: self.wake, _BEAT: self.beat}
+        handlers = self.handlers()
         while self.events:
             now, _, kind, obj = heapq.heappop(self.events)
             self.now = now
@@ -136,6 +135,11 @@ class Simulation:
                          tuple(j.finish_s for j in jobs), tuple(j.output_length for j in jobs),
                          tuple(j.rejected for j in jobs), self.routes,
                          sum(w.num_steps for w in self.decode))
+
+    def handlers(self) -> dict:
+        """Each event kind's handler (a subclass adds its own kinds, numbered from 100)."""
+        return {_ARRIVE: self.arrive, _READY: self.ready, _STEP: self.step_done, _LAND: self.land,
+                _WAKE: self.wake, _BEAT: self.beat}
 
     def cached_tokens(self, job: Job) -> int:
         """Leading prompt tokens the cache holds (whole engine blocks, the last prompt token always computed)."""

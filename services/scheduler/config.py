@@ -50,6 +50,22 @@ class SchedulerConfig(ServerConfig):
                                               "that close the breaker.")
     health_check_timeout_s: float = knob(0.5, "Deadline of the health check that verifies a reported failure and "
                                               "re-checks open breakers.")
+    planner_interval_s: float = knob(0.0, "Seconds between rounds of the planner loop, which simulates every P:D "
+                                          "split of the flexible (--role auto) workers on the recent traffic and "
+                                          "flips roles when one is predicted to raise goodput. 0: off.")
+    planner_window_s: float = knob(60.0, "Seconds of recent requests (arrival rate, prompt and output lengths) the "
+                                         "planner plans for.")
+    planner_threshold: float = knob(0.1, "Predicted relative goodput gain (0.1: 10 %) a split must bring before "
+                                         "the planner changes the mesh.")
+    planner_hold_s: float = knob(60.0, "Seconds after a flip or a scale command before the planner changes the "
+                                       "mesh again.")
+    planner_profile: str = knob("", "A `kvmesh plan profile` JSON the planner simulates with until the workers' "
+                                    "heartbeats have fitted cost models.")
+    planner_max_requests: int = knob(200, "Requests each of the planner's simulations plays at most.")
+    scale_command: str = knob("", "Command the planner runs as `CMD add|remove prefill|decode N` when the best mesh "
+                                  "(up to --max-workers) needs workers added or removed; empty: flips only.")
+    max_workers: int = knob(0, "Most prefill plus decode workers the planner may ask --scale-command for; 0: the "
+                               "mesh's size stays as it is.")
 
     def links(self) -> Links:
         """The KV movement priors of the predictions."""
@@ -77,4 +93,8 @@ class SchedulerConfig(ServerConfig):
               "slo_ttft_s, slo_tpot_s and kv_move_fixed_s must be >= 0")
         check(min(self.transfer_gbps, self.cache_dram_gbps, self.cache_ssd_gbps) > 0,
               "transfer_gbps, cache_dram_gbps and cache_ssd_gbps must be > 0")
+        check(self.planner_interval_s >= 0 and self.planner_hold_s >= 0 and self.planner_threshold >= 0,
+              "planner_interval_s, planner_hold_s and planner_threshold must be >= 0")
+        check(self.planner_window_s > 0 and self.planner_max_requests >= 1 and self.max_workers >= 0,
+              "planner_window_s must be > 0, planner_max_requests >= 1 and max_workers >= 0")
         check(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")

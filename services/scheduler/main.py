@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from functools import partial
 
 from kvmesh.services.common import config as config_mod
@@ -16,6 +17,8 @@ from kvmesh.services.scheduler.explain import observe_links, observe_models
 from kvmesh.services.scheduler.links import LinkBook
 from kvmesh.services.scheduler.policies import get_policy
 from kvmesh.services.scheduler.health_probe import HealthProber
+from kvmesh.services.scheduler.planner_setup import build_planner, load_profile
+from kvmesh.services.scheduler.planner_window import ArrivalWindow
 from kvmesh.services.scheduler.registry import Registry
 from kvmesh.services.scheduler.servicer import SchedulerServicer, observe_breakers
 from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -59,6 +62,14 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
 
     server.add_task(expiry)
     server.add_task(recheck)
+    if config.planner_interval_s > 0:
+        servicer.window = ArrivalWindow(config.planner_window_s)  # Route records each request in it
+        planner = build_planner(config, registry, servicer.window)
+
+        async def plan(_server: MeshServer) -> None:
+            await planner.run(config.planner_interval_s)
+
+        server.add_task(plan)
     server.on_stop(prober.close)
     if probe is not None:
         server.on_stop(probe.close)
@@ -68,4 +79,9 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kvmesh scheduler`."""
     config = config_mod.from_args(SchedulerConfig, "scheduler", args)
+    try:  # a bad planner profile is one line and exit 2, before anything starts
+        load_profile(config.planner_profile if config.planner_interval_s > 0 else "")
+    except config_mod.ConfigError as exc:
+        print(f"kvmesh scheduler: {exc}", file=sys.stderr, flush=True)
+        return 2
     return serve(config, lambda server: setup(config, server), name="scheduler")

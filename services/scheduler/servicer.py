@@ -95,6 +95,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.policy = policy
         self.policy_name = policy_name
         self.max_queue = max_queue  # an int or admission.QueueLimits (per priority)
+        self.window = None  # an ArrivalWindow when the planner runs: the requests Route saw recently
 
     def _info(self, worker: Worker) -> scheduler_pb2.WorkerInfo:
         info = worker_to_proto(worker, self.registry.lease_remaining(worker), self.registry.breaker_state(worker))
@@ -162,6 +163,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                            else self.slo_ttft_s,
                            slo_tpot_s=request.slo_tpot_seconds if request.HasField("slo_tpot_seconds")
                            else self.slo_tpot_s)
+        if self.window is not None and not request.dry_run:  # demand, routed or refused: what the planner plans for
+            self.window.record(len(query.prompt_token_ids), query.max_tokens)
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
             cached = await self.cache_probe.cached_tokens(query, self.registry.workers(), hashes)
