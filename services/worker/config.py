@@ -21,7 +21,8 @@ class WorkerConfig(ServerConfig):
                       "float32), float32, bfloat16, float16.",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    block_size: int = knob(16, "Tokens per KV block; every worker of a mesh must use the same.")
+    block_size: int = knob(16, "Tokens per KV block; prefill and decode workers may differ (a transfer "
+                                 "re-chunks the tokens into the receiver's blocks).")
     kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")
     max_num_batched_tokens: int = knob(2048, "Token budget of one engine step (prefill chunks + decode tokens).")
     max_num_seqs: int = knob(64, "Most sequences in one engine step.")
