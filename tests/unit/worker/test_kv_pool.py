@@ -34,3 +34,14 @@ def test_kv_cache_allocates_its_own_pool_whose_bytes_the_transports_see():
     assert view.shape == (2, 2, 10, 4 * 2 * 8 * 4)
     view[1, 0, 3] = 7  # a transport landing bytes lands them in the engine's pool
     assert (kv.export_blocks([3])[1, 0, 0] == 7).all()
+
+
+def test_a_local_pool_off_the_cpu_is_refused_at_start_naming_why():
+    from kvmesh.services.worker.startup import local_region
+
+    config = from_args(DecodeConfig, "decode", {"model": "m", "kv_pool": "local", "device": "meta"}, env={})
+    kv = KVCache(KVLayout("m", "float32", 4, 2, 2, 8), 10, device="meta")  # device memory, as on cuda
+    with pytest.raises(ConfigError, match="--kv-pool local on meta: the KV transports move host memory only"):
+        local_region(kv, config, config.backends())
+    region = local_region(KVCache(KVLayout("m", "float32", 4, 2, 2, 8), 10), config, config.backends())
+    assert region.backend == "local" and region.name == "" and region.array.shape == (2, 2, 10, 256)
