@@ -103,6 +103,8 @@ def plan(args) -> list[Child]:
     worker = [*common, "--model", str(args.model), "--transport", args.transport]
     if args.transport_chaos:
         worker += ["--transport-chaos", args.transport_chaos]
+    if getattr(args, "kv_pool", ""):
+        worker += ["--kv-pool", args.kv_pool]
     children = [Child(f"scheduler{f'-{i}' if i else ''}", ["scheduler", "--port", address.split(":")[1],
                                                             "--lease-s", str(args.lease_s), "--policy", args.policy],
                       address, stage=0)
@@ -162,13 +164,15 @@ def add_arguments(parser) -> None:
                             f"alike) or '0/1' (one group per worker, in turn){note}")
     parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
-    from kvmesh.transports import registered_backends  # the registry is the one list of backends
+    from kvmesh.transports import kv_pools, registered_backends  # the registry is the one list of backends
 
     backends = ", ".join(registered_backends())
     parser.add_argument("--transport", default="auto", help=f"force a KV transport ({backends}); auto negotiates "
                                                             "the best one per pair of workers")
     parser.add_argument("--transport-chaos", default="", help="wrap the transport in the chaos wrapper, e.g. "
                                                               "'delay=5ms,throttle=200MBps'")
+    parser.add_argument("--kv-pool", default="", choices=("", *kv_pools()), help="where every engine worker's KV "
+                        "pool lives (kvmesh prefill -h): local keeps it in the worker's own memory, not shared memory")
     parser.add_argument("--cache-decode-kv", action="store_true", help="decode workers offer each finished "
                         "request's decoded KV blocks to the cache, so a conversation's next turn reuses its reply")
     parser.add_argument("--schedulers", type=int, default=1, help="schedulers (their state is soft: workers "

@@ -89,6 +89,21 @@ def same_host_only(name: str) -> bool:
     return name in BACKENDS and backend_class(name).same_host_only
 
 
+#: Where a worker's KV pool may live: "local" (the process's own memory) or in the memory of a backend that needs
+#: its own (`Backend.needs_own_pool`: shm's shared segment). The first is the default.
+LOCAL_POOL = "local"
+
+
+def kv_pools() -> tuple[str, ...]:
+    """The kinds of KV pool a worker may choose (`--kv-pool`): each backend needing its own memory, then local."""
+    return (*[n for n in registered_backends() if backend_class(n).needs_own_pool], LOCAL_POOL)
+
+
+def pool_backends(backends: Sequence[str], pool: str) -> list[str]:
+    """Those of `backends` that can serve a pool of kind `pool` (a local pool: none needing its own memory)."""
+    return [b for b in backends if pool != LOCAL_POOL or not backend_class(b).needs_own_pool]
+
+
 def usable_backends(receiver: Sequence[str], sender: Sequence[str], same_host: bool) -> list[str]:
     """The backends a sender offering `sender` may use to write into a receiver offering `receiver`, in the
     receiver's order (best first): both offer it, and a same-host-only one only when both are on one host. The
@@ -127,7 +142,7 @@ def reclaim_stale(backends: Sequence[str] | None = None) -> list[str]:
 
 __all__ = [
     "BACKENDS", "PREFERENCE", "Backend", "Observer", "TransferStats", "available_backends", "backend_class",
-    "registered_backends", "same_host_only", "usable_backends",
+    "registered_backends", "same_host_only", "usable_backends", "LOCAL_POOL", "kv_pools", "pool_backends",
     "allocate_region", "reclaim_stale", "DataLossError", "InvalidTransfer", "LayoutMismatch", "NoCommonBackend",
     "PeerUnavailable", "TransferAborted", "TransferTimeout", "TransportError", "UnknownTransfer", "KVRegion",
     "block_nbytes", "host_id", "make_layout",

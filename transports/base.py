@@ -128,6 +128,9 @@ class Backend(ABC):
     #: A layer is in the receiver's memory once `Transfer._write` returns (shm; not ucx, whose completion may
     #: precede visibility to the receiver's CPU), so the sender may tell the receiver to verify it early.
     early_verify: ClassVar[bool] = False
+    #: A receiver's pool must live in this backend's own memory (`make_region`: shm's shared segment), so a pool in
+    #: the process's own memory (`--kv-pool local`, a device pool) cannot be served by it.
+    needs_own_pool: ClassVar[bool] = False
     transfer_class: ClassVar[type]  # its Transfer subclass
 
     def __init__(self, sender, descriptor, peer) -> None:

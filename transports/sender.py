@@ -7,6 +7,8 @@ import logging
 import time
 from typing import Callable, Sequence
 
+import numpy as np
+
 import kvmesh.transports.errors as errors
 from kvmesh.transports import PREFERENCE, backend_class, usable_backends
 from kvmesh.transports.aio import within
@@ -14,7 +16,8 @@ from kvmesh.transports.base import Backend, Observer
 from kvmesh.transports.blocks import as_block_ids
 from kvmesh.transports.chaos import Chaos
 from kvmesh.transports.local import LocalPeer
-from kvmesh.transports.region import KVRegion, check_region, host_id as this_host_id
+from kvmesh.transports.rechunk import Rechunker, StagingPool, unmappable
+from kvmesh.transports.region import KVRegion, block_nbytes, check_region, host_id as this_host_id
 from kvmesh.transports.service import Peer
 from kvmesh.transports.transfer import Transfer
 from kvmesh.v1 import common_pb2, kv_pb2
@@ -49,6 +52,9 @@ class Sender:
         self.force, self.verify, self.chunk_bytes = force, verify, chunk_bytes
         self.local_control = local_control  # same-host receivers: control messages over their Unix socket
         self.chaos = Chaos.parse(chaos) if chaos else None
+        self._options = dict(backends=self.backends, host_id=self.host_id, force=force, verify=verify,
+                             chunk_bytes=chunk_bytes, chaos=chaos, local_control=local_control, observer=observer)
+        self._rechunkers: dict[int, Rechunker] = {}  # receiver block size -> its re-chunking path
         self.observer = observer
         self.tls = tls
         self._peers: dict[str, object] = {}
@@ -76,18 +82,27 @@ class Sender:
         return usable[0]
 
     async def open(self, descriptor: common_pb2.TransportDescriptor, transfer_id: str,
-                   dst_block_ids: Sequence[int], timeout: float = 30.0) -> Transfer:
+                   dst_block_ids: Sequence[int], timeout: float = 30.0, src_token_offset: int = 0) -> Transfer:
         """Start a transfer into the receiver's `dst_block_ids` (which it must have `expect`ed).
 
         Called by the sending worker when it knows where the KV goes (before or while computing it). Negotiates
         the backend, checks layouts and block ids, and tells the receiver (Open). `timeout` bounds the whole
-        transfer, commit included. Raises LayoutMismatch, InvalidTransfer, NoCommonBackend, UnknownTransfer,
-        PeerUnavailable or TransferTimeout.
+        transfer, commit included. A receiver whose layout differs from ours only in its block size gets the
+        tokens re-chunked (rechunk.py): its blocks take the tokens of the src blocks from `src_token_offset` of the
+        first on (0 with equal layouts). Raises LayoutMismatch (naming what cannot be mapped), InvalidTransfer,
+        NoCommonBackend, UnknownTransfer, PeerUnavailable or TransferTimeout.
         """
         if self._closed:
             raise errors.InvalidTransfer("sender is closed")
         if descriptor.layout != self.layout:
-            raise errors.LayoutMismatch(f"receiver layout {_short(descriptor.layout)} != ours {_short(self.layout)}")
+            reason = unmappable(self.layout, descriptor.layout)
+            if reason:
+                raise errors.LayoutMismatch(f"receiver layout {_short(descriptor.layout)} cannot take ours "
+                                            f"{_short(self.layout)}: {reason}")
+            return await self._rechunker(descriptor.layout).open(descriptor, transfer_id, dst_block_ids, timeout,
+                                                                 src_token_offset)
+        if src_token_offset:
+            raise errors.InvalidTransfer("src_token_offset needs a receiver of another block size")
         try:
             dst = as_block_ids(dst_block_ids, descriptor.num_blocks, "dst_block_ids")
         except ValueError as exc:
@@ -133,8 +148,8 @@ class Sender:
 
     @property
     def num_open_transfers(self) -> int:
-        """Transfers opened and not yet committed or aborted (0 when nothing leaks)."""
-        return len(self._transfers)
+        """Transfers opened and not yet committed or aborted, re-chunked ones included (0 when nothing leaks)."""
+        return len(self._transfers) + sum(r.inner.num_open_transfers for r in self._rechunkers.values())
 
     @property
     def num_links(self) -> int:
@@ -152,6 +167,9 @@ class Sender:
         for peer in self._peers.values():
             await peer.close()
         self._peers.clear()
+        rechunkers, self._rechunkers = self._rechunkers, {}
+        for rechunker in rechunkers.values():
+            await rechunker.inner.close()
         states, self._states = self._states, {}
         for state in states.values():
             close = getattr(state, "close", None)
@@ -162,7 +180,8 @@ class Sender:
     def num_staging_slots_busy(self) -> int:
         """Staging slots (small transfers staged in this sender's memory: the eager protocol) held by transfers or
         quarantined after a failed one, over every backend that stages (0 when nothing leaks)."""
-        return sum(getattr(state, "num_busy", 0) for state in self._states.values())
+        return (sum(getattr(state, "num_busy", 0) for state in self._states.values())
+                + sum(r.num_busy_blocks + r.inner.num_staging_slots_busy for r in self._rechunkers.values()))
 
     # ---- used by backends and transfers ----
 
@@ -238,6 +257,19 @@ class Sender:
                 await link.connect()
                 self._links[key] = link
             return self._links[key]
+
+
+    def _rechunker(self, layout: common_pb2.KVLayout) -> Rechunker:
+        """The re-chunking path into receivers of `layout`'s block size: staging blocks of that size, as many
+        bytes as our pool (made on first use), and a Sender over them with the receiver's layout."""
+        if layout.block_size not in self._rechunkers:
+            pool = self.region.array
+            blocks = -(-pool.shape[2] * self.layout.block_size // layout.block_size) + 64  # + a partial block each
+            staging = KVRegion(np.zeros((pool.shape[0], 2, blocks, block_nbytes(layout)), dtype=np.uint8))
+            inner = Sender(staging, layout, **self._options, tls=self.tls)
+            self._rechunkers[layout.block_size] = Rechunker(pool, self.layout.block_size, StagingPool(staging.array),
+                                                            inner)
+        return self._rechunkers[layout.block_size]
 
 
 def _link_key(name: str, descriptor) -> tuple:

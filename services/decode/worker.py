@@ -153,12 +153,14 @@ class DecodeWorker:
         self.receiver.expect(rid, blocks, lease_s=self.handoffs.lease_s)
         self.handoffs.on_release(rid, lambda: self.receiver.retire(rid))  # before the blocks are freed
         stub = prefill_pb2_grpc.PrefillStub(self.channels.get(request.prefill.address))
+        # hashes chain per block size: a prefill worker of another block size hashes the prompt itself
+        same_chain = request.prefill.block_size in (0, self.engine.layout.block_size)
         call = prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=ids, sampling=request.sampling,
             destination=self.receiver.descriptor(), destination_blocks=common_pb2.BlockRef(block_ids=blocks),
             cache_salt=request.cache_salt, trace_context=telemetry.inject({}), num_skip_blocks=skip,
-            prompt_block_hashes=self._plan_hashes(request, ids) or reservation.block_hashes)
-        if request.cache_probed:  # the scheduler asked the cache: the prefill worker need not ask again
+            prompt_block_hashes=(self._plan_hashes(request, ids) or reservation.block_hashes) if same_chain else ())
+        if request.cache_probed and same_chain:  # the scheduler asked the cache: the prefill worker need not ask again
             call.cached_prefix_tokens = request.cached_prefix_tokens
         reply = stats = None
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))

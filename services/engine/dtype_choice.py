@@ -5,7 +5,8 @@ matmul converts to float32 and back: measured on such a machine (issue #18) bf16
 float32 at batch 1 and 3-5x slower at batch 8-32, for vLLM's CPU build too. So on the CPU "auto" takes bfloat16
 only where the CPU has it natively and the checkpoint is 16-bit, and float32 otherwise; on CUDA it keeps the
 checkpoint's dtype. The choice is the KV layout's dtype as well, so two workers of one mesh on the same kind of
-CPU choose alike; workers whose layouts differ are never paired by the scheduler (its routes need equal layouts).
+CPU choose alike; workers whose layouts differ are never paired by the scheduler (its routes need layouts equal but
+for the block size).
 """
 
 from __future__ import annotations

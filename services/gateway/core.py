@@ -225,6 +225,7 @@ def decode_request(call: GenerateCall, route: scheduler_pb2.RouteResponse) -> de
     if route.HasField("prefill") and route.prefill.address:
         request.prefill.address = route.prefill.address
         request.prefill.worker_id = route.prefill.worker_id
+        request.prefill.block_size = route.prefill.layout.block_size
     return request
 
 

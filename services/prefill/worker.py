@@ -138,13 +138,14 @@ class PrefillWorker:
     async def _prefill(self, request: prefill_pb2.PrefillRequest, timeout: float) -> prefill_pb2.PrefillResponse:
         rid, ids = request.request_id, list(request.prompt_token_ids)
         params = sampling_params(request.sampling)
-        dst, needed, skip = self._checked(request, ids, params)
+        dst, needed, skip, offset = self._checked(request, ids, params)
         await compile_grammar(self.engine, params)
         self.handoffs.open(rid)
         outputs = self.et.subscribe(rid)
         transfer_done = False
         try:
-            transfer = await self.sender.open(request.destination, rid, dst, timeout=timeout)
+            transfer = await self.sender.open(request.destination, rid, dst, timeout=timeout,
+                                              src_token_offset=offset)
             self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
             self.handoffs.on_release(rid, lambda: None if transfer_done else transfer.abort())
             stream = self.streams[rid] = LayerStream(transfer, needed, skip, lambda: self.handoffs.renew(rid))
@@ -187,13 +188,19 @@ class PrefillWorker:
             transfer=prefill_pb2.TransferSummary(backend=stats.backend, bytes=stats.bytes, blocks=stats.blocks,
                                                  seconds=stats.seconds))
 
-    def _checked(self, request: prefill_pb2.PrefillRequest, ids: list[int], params) -> tuple[list[int], int, int]:
-        """The destination blocks, the blocks the prompt needs and those it skips; INVALID_ARGUMENT where they
-        disagree. Run on the loop, not queued behind the engine's step: it reads only the engine's fixed shape, and a
-        request must not wait unseen (its leases not yet kept alive) for a step to end just to be checked."""
+    def _checked(self, request: prefill_pb2.PrefillRequest, ids: list[int],
+                 params) -> tuple[list[int], int, int, int]:
+        """The destination blocks; this pool's blocks the prompt needs and those it skips; the token of the first
+        sent block where the destination's first block begins (0 unless its block size differs from ours and the
+        skip ends inside one of our blocks). INVALID_ARGUMENT where they disagree. Run on the loop, not queued
+        behind the engine's step: it reads only the engine's fixed shape, and a request must not wait unseen (its
+        leases not yet kept alive) for a step to end just to be checked. Blocks of the destination (destination
+        blocks, num_skip_blocks) are counted in its block size: the transfer re-chunks into them."""
         self.engine.validate(ids, params)
         dst = list(request.destination_blocks.block_ids)
-        needed = self.engine.layout.num_blocks_for(len(ids))
+        own = self.engine.layout.block_size
+        dst_size = request.destination.layout.block_size or own
+        needed = -(-len(ids) // dst_size)
         skip = request.num_skip_blocks
         if not 0 <= skip < needed:
             raise errors.InvalidArgumentError(f"num_skip_blocks must lie in [0, {needed}) for a prompt of "
@@ -201,7 +208,8 @@ class PrefillWorker:
         if len(dst) != needed - skip:
             raise errors.InvalidArgumentError(f"destination_blocks has {len(dst)} blocks; a prompt of {len(ids)} "
                                               f"tokens skipping {skip} needs {needed - skip}")
-        return dst, needed, skip
+        skip_tokens = skip * dst_size
+        return dst, self.engine.layout.num_blocks_for(len(ids)), skip_tokens // own, skip_tokens % own
 
     def _transfer_error(self, rid: str, address: str, e: TransportError) -> errors.MeshError:
         """A failed KV transfer as the error the caller sees; when the request's handoff expired here first (which

@@ -12,6 +12,7 @@ from kvmesh.services.scheduler.route_types import Candidates, Policy, RoutePlan,
 from kvmesh.services.scheduler.slo_aware import check_objectives
 from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.registry import Role, Worker
+from kvmesh.transports.rechunk import unmappable
 
 
 def _matches(query: RouteQuery, worker: Worker) -> bool:
@@ -24,9 +25,12 @@ def _matches(query: RouteQuery, worker: Worker) -> bool:
 
 
 def group_by_layout(query: RouteQuery, workers: Sequence[Worker]) -> list[Candidates]:
-    """Groups of matching workers with equal layouts that have at least one prefill and one decode worker, and
-    groups of colocated decode workers (no prefill worker: each prefills its own prompts; never paired with one)."""
-    by_layout: dict[KVLayout, tuple[list[Worker], list[Worker]]] = {}
+    """Groups of matching workers: each prefill layout's workers with every decode worker whose layout its KV maps
+    onto (equal but for the block size: the transfer re-chunks), where there is at least one of each; and groups of
+    colocated decode workers (no prefill worker: each prefills its own prompts; never paired with one). A group's
+    layout is its prefill workers' (the one the cache probe answered for)."""
+    prefills: dict[KVLayout, list[Worker]] = {}
+    decodes: dict[KVLayout, list[Worker]] = {}
     colocated: dict[KVLayout, list[Worker]] = {}
     for worker in workers:
         spec = worker.spec
@@ -34,11 +38,48 @@ def group_by_layout(query: RouteQuery, workers: Sequence[Worker]) -> list[Candid
             continue
         if spec.colocated:
             colocated.setdefault(spec.layout, []).append(worker)
+        elif spec.role == Role.PREFILL:
+            prefills.setdefault(spec.layout, []).append(worker)
         else:
-            prefill, decode = by_layout.setdefault(spec.layout, ([], []))
-            (prefill if spec.role == Role.PREFILL else decode).append(worker)
-    return ([Candidates(layout, tuple(p), tuple(d)) for layout, (p, d) in by_layout.items() if p and d]
+            decodes.setdefault(mapping_key(spec.layout), []).append(worker)
+    return ([Candidates(layout, tuple(p), tuple(decodes[mapping_key(layout)])) for layout, p in prefills.items()
+             if decodes.get(mapping_key(layout))]
             + [Candidates(layout, (), tuple(d)) for layout, d in colocated.items()])
+
+
+def mapping_key(layout: KVLayout) -> KVLayout:
+    """What two layouts must share for KV to move between them: all but the block size (`unmappable`)."""
+    return dataclasses.replace(layout, block_size=0)
+
+
+def unmapped(query: RouteQuery, workers: Sequence[Worker]) -> str:
+    """Why the matching prefill workers' KV maps onto no matching decode worker: each pair of layouts with what
+    differs (model, dtype, layers, KV heads, head size), at most three; "" when a role has no worker."""
+    def layouts(role: Role) -> list[KVLayout]:
+        return sorted({w.spec.layout for w in workers if w.spec.role == role and not w.spec.colocated
+                       and _matches(query, w)}, key=str)
+    pairs = [(p, d) for p in layouts(Role.PREFILL) for d in layouts(Role.DECODE)]
+    return "; ".join(f"prefill {_short(p)} -> decode {_short(d)}: {unmappable(p, d)}" for p, d in pairs[:3])
+
+
+def unpairable(worker: Worker, workers: Sequence[Worker]) -> str:
+    """Why a prefill (or non-colocated decode) worker's KV maps onto no registered worker of the other role of its
+    model, naming what differs from each; "" when one maps, or when none of its model is registered (yet)."""
+    spec = worker.spec
+    if spec.layout is None or spec.colocated or spec.role not in (Role.PREFILL, Role.DECODE):
+        return ""
+    other = Role.DECODE if spec.role == Role.PREFILL else Role.PREFILL
+    peers = {w.spec.layout for w in workers if w.spec.role == other and not w.spec.colocated
+             and w.spec.layout is not None and w.spec.layout.model_id == spec.layout.model_id}
+    reasons = {_short(p): unmappable(spec.layout, p) for p in peers}
+    if not reasons or not all(reasons.values()):
+        return ""
+    return "; ".join(f"{other.name.lower()} {name}: {why}" for name, why in sorted(reasons.items())[:3])
+
+
+def _short(layout: KVLayout) -> str:
+    return (f"{layout.model_id}:{layout.dtype} L{layout.num_layers} H{layout.num_kv_heads}x{layout.head_dim} "
+            f"B{layout.block_size}")
 
 
 def _avoiding(query: RouteQuery, workers: Sequence[Worker]) -> Sequence[Worker]:
@@ -52,7 +93,7 @@ def _avoiding(query: RouteQuery, workers: Sequence[Worker]) -> Sequence[Worker]:
 
 def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
           max_queue: int | admission.QueueLimits) -> RoutePlan:
-    """Pick a (prefill, decode) pair with equal layouts for query (or a colocated decode worker alone), and decide
+    """Pick a (prefill, decode) pair with mappable layouts for query (or a colocated decode worker alone), and decide
     whether the decode worker prefills the prompt itself (the plan carries it; the worker obeys).
 
     InvalidArgumentError for an empty prompt, UnavailableError when no compatible pair is registered (equal
@@ -69,9 +110,10 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
     groups = group_by_layout(query, _avoiding(query, workers))
     if not groups:
         wanted = f"model {query.model!r}" if query.model else "any model"
-        raise UnavailableError(f"no prefill and decode worker pair with equal KV layouts (nor a colocated worker) is "
-                               f"registered for {wanted} "
-                               f"({len(workers)} workers live)")
+        why = unmapped(query, workers)
+        raise UnavailableError(f"no prefill and decode worker pair whose KV layouts map onto each other (equal but "
+                               f"for the block size), nor a colocated worker, is registered for {wanted} "
+                               f"({len(workers)} workers live)" + (f": {why}" if why else ""))
     paired = [g for group in groups for g in pairing.split(group)]
     if not paired:
         raise pairing.unpaired(groups)

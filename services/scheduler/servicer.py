@@ -106,6 +106,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         validate_register(request)  # sane load, dialable addresses, a real layout; else INVALID_ARGUMENT
         worker = self.registry.register(spec_from_proto(request), load_from_proto(request.load))
         log.info("registered %s at %s", worker.worker_id, worker.spec.address)
+        why = router.unpairable(worker, self.registry.workers())
+        if why:
+            log.warning("%s at %s pairs with no registered worker of the other role (yet): %s", worker.worker_id,
+                        worker.spec.address, why)
         lease = self.registry.lease_s
         return scheduler_pb2.RegisterResponse(worker_id=worker.worker_id, lease_seconds=lease,
                                               heartbeat_interval_seconds=lease / 3, lease_token=worker.lease_token)

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass
 
 from kvmesh.services.common.config import TRANSPORTS, ServerConfig, check, knob
+from kvmesh.transports import LOCAL_POOL, kv_pools, pool_backends
+
+KV_POOLS = kv_pools()
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,8 @@ class WorkerConfig(ServerConfig):
                       "float32), float32, bfloat16, float16.",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    block_size: int = knob(16, "Tokens per KV block; every worker of a mesh must use the same.")
+    block_size: int = knob(16, "Tokens per KV block; prefill and decode workers may differ (a transfer "
+                                 "re-chunks the tokens into the receiver's blocks).")
     kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")
     max_num_batched_tokens: int = knob(2048, "Token budget of one engine step (prefill chunks + decode tokens).")
     max_num_seqs: int = knob(64, "Most sequences in one engine step.")
@@ -31,6 +35,10 @@ class WorkerConfig(ServerConfig):
     advertise_host: str = knob("", "Host other workers should dial; empty: the bind host (or this host's name).")
     transport: str = knob("auto", "KV transport: auto negotiates (the best both ends offer, same-host ones only "
                                   f"on one host), or force one of {', '.join(TRANSPORTS[1:])}.", choices=TRANSPORTS)
+    kv_pool: str = knob(KV_POOLS[0], "Where the KV pool lives: shm (a shared-memory segment, so a same-host peer writes "
+                               "into it directly) or local (the process's own memory: device memory on CUDA, plain "
+                               "torch memory on a CPU; the shm backend is then not offered, grpc and ucx are).",
+                        choices=KV_POOLS)
     transport_chaos: str = knob("", "Degrade KV transfers for testing, e.g. 'delay=5ms,throttle=200MBps' "
                                     "(see kvmesh.transports.chaos).")
     handoff_lease_s: float = knob(30.0, "Seconds a KV handoff may sit without progress before its blocks are "
@@ -47,6 +55,10 @@ class WorkerConfig(ServerConfig):
         check(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         check(self.handoff_lease_s > 0, f"handoff_lease_s must be > 0, got {self.handoff_lease_s}")
         check(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
+        check(self.transport == "auto" or bool(pool_backends([self.transport], self.kv_pool)),
+              f"--transport {self.transport} needs the KV pool in its own memory, not --kv-pool {self.kv_pool}; "
+              f"drop --kv-pool {self.kv_pool} or force a backend that reaches process memory "
+              f"({', '.join(pool_backends(TRANSPORTS[1:], LOCAL_POOL))})")
         self.cpu_set()  # raises ConfigError for a malformed list
 
     def cpu_set(self) -> set[int]:
@@ -64,9 +76,10 @@ class WorkerConfig(ServerConfig):
         return cores
 
     def backends(self) -> list[str]:
-        """Transport backends this worker offers or uses, best first."""
+        """Transport backends this worker offers or uses, best first (with a local pool, none that needs the pool
+        in shared memory)."""
         from kvmesh.transports import available_backends
 
         if self.transport != "auto":
             return [self.transport]
-        return available_backends()
+        return pool_backends(available_backends(), self.kv_pool)

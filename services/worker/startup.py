@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from kvmesh.services.common import ids
+from kvmesh.services.common.config import ConfigError
 from kvmesh.services.common.registration import (KVEventsFn, LoadFn, RegistrationClient, advertise_address,
                                                    register_everywhere, scheduler_addresses)
 from kvmesh.services.common.server import MeshServer
@@ -27,6 +29,7 @@ from kvmesh.services.worker.config import WorkerConfig
 from kvmesh.services.worker.engine_thread import EngineThread
 from kvmesh.v1 import common_pb2, scheduler_pb2
 
+log = logging.getLogger(__name__)
 Hook = Callable[[], "Awaitable[None] | None"]
 
 
@@ -44,10 +47,11 @@ def set_threads(config: WorkerConfig) -> None:
 
 
 def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool = False):
-    """The engine, its KV pool placed in a region the transports can reach (shared memory when shm is offered);
-    with prefix_caching its pool keeps finished requests' full blocks findable by hash."""
+    """The engine, its KV pool placed in a region the transports can reach: shared memory when shm is offered,
+    with `--kv-pool local` the engine's own torch memory on its device; with prefix_caching its pool keeps
+    finished requests' full blocks findable by hash."""
     from kvmesh.services.engine.engine import LLMEngine
-    from kvmesh.transports import allocate_region
+    from kvmesh.transports import LOCAL_POOL, allocate_region
 
     regions = []
 
@@ -55,12 +59,28 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
         regions.append(allocate_region(num_layers, num_blocks, block_nbytes, backends))
         return regions[-1].array
 
+    local = config.kv_pool == LOCAL_POOL
     engine = LLMEngine.from_path(config.model, dtype=config.dtype, device=config.device,
                                  block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                 max_num_seqs=config.max_num_seqs, kv_storage=storage,
+                                 max_num_seqs=config.max_num_seqs, kv_storage=None if local else storage,
                                  enable_prefix_caching=prefix_caching)
-    return engine, regions[0]
+    return engine, local_region(engine.kv_cache, config, backends) if local else regions[0]
+
+
+def local_region(kv_cache, config: WorkerConfig, backends: list[str]):
+    """The transports' view of a pool the engine allocated in its own memory (`--kv-pool local`), logged."""
+    from kvmesh.transports import LOCAL_POOL, KVRegion, available_backends, pool_backends
+
+    if kv_cache.pool.device.type != "cpu":
+        raise ConfigError(f"--kv-pool local on {config.device}: the KV transports move host memory only, so a "
+                          f"pool in device memory cannot be sent or received yet; run with --kv-pool local on "
+                          f"--device cpu")
+    dropped = [b for b in available_backends() if b not in pool_backends(available_backends(), LOCAL_POOL)]
+    log.info("KV pool: local (%s memory of this process, %d blocks); transports offered: %s%s", config.device,
+             kv_cache.num_blocks, ",".join(backends) or "none",
+             f"; not offered: {','.join(dropped)} (needs the pool in its own memory)" if dropped else "")
+    return KVRegion(array=kv_cache.byte_view())
 
 
 def register(server: MeshServer, config: WorkerConfig, role: int | Callable[[], int], layout: common_pb2.KVLayout,

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from kvmesh.transports import make_layout
+from kvmesh.transports import LOCAL_POOL, KVRegion, allocate_region, block_nbytes, make_layout
 from kvmesh.v1 import common_pb2
 
 PEER = Path(__file__).with_name("peer.py")
@@ -24,6 +24,17 @@ def layout_for(dtype: str) -> common_pb2.KVLayout:
     return make_layout(2, 4, 2, 8 if dtype == "float32" else 16, dtype, "conformance")
 
 
+def pool_region(layout: common_pb2.KVLayout, num_blocks: int, backends, pool: str) -> KVRegion:
+    """A pool as a worker makes it: with pool "local" the engine's own KVCache (torch memory of this process, as
+    `--kv-pool local` gives), else in the memory the backends need (`allocate_region`)."""
+    if pool != LOCAL_POOL:
+        return allocate_region(layout.num_layers, num_blocks, block_nbytes(layout), backends)
+    from kvmesh.services.engine.kv_cache import KVCache
+    from kvmesh.services.kv_identity import KVLayout
+
+    return KVRegion(array=KVCache(KVLayout.from_proto(layout), num_blocks).byte_view())
+
+
 class RemoteError(Exception):
     """An exception raised inside a peer process; `kind` is its class name."""
 
@@ -35,9 +46,10 @@ class RemoteError(Exception):
 class PeerProcess:
     """A peer.py process: a receiver on 127.0.0.1 (and sender on demand), called with `call(op, **args)`."""
 
-    def __init__(self, backend: str, dtype: str = "float32", num_blocks: int = NUM_BLOCKS) -> None:
+    def __init__(self, backend: str, dtype: str = "float32", num_blocks: int = NUM_BLOCKS, pool: str = "") -> None:
         lay = layout_for(dtype)
         cmd = [sys.executable, str(PEER), "--backends", backend, "--dtype", dtype, "--blocks", str(num_blocks),
+               "--pool", pool,
                "--layers", str(lay.num_layers), "--block-size", str(lay.block_size), "--heads",
                str(lay.num_kv_heads), "--head-dim", str(lay.head_dim)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)

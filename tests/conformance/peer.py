@@ -17,7 +17,8 @@ import sys
 import grpc
 import numpy as np
 
-from kvmesh.transports import allocate_region, block_nbytes, make_layout
+from harness import pool_region
+from kvmesh.transports import make_layout
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.sender import Sender
 from kvmesh.transports.blocks import dst_checksums
@@ -34,7 +35,7 @@ class Peer:
         self.layout = make_layout(args.layers, args.block_size, args.heads, args.head_dim, args.dtype, "conformance")
         self.backends = args.backends.split(",")
         self.num_blocks = args.blocks
-        self.region = allocate_region(args.layers, args.blocks, block_nbytes(self.layout), self.backends)
+        self.region = pool_region(self.layout, args.blocks, self.backends, args.pool)
         self.receiver = self.sender = None
         self.retiring: dict = {}
 
@@ -102,6 +103,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backends", default="grpc")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--pool", default="", help="'local': the pool in the engine's own torch memory")
     for name, default in (("layers", 2), ("blocks", 1024), ("block-size", 4), ("heads", 2), ("head-dim", 8)):
         parser.add_argument(f"--{name}", type=int, default=default)
     peer = Peer(parser.parse_args())

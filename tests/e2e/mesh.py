@@ -99,7 +99,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
                lease_s: float = 3.0, worker_args: tuple[str, ...] = (), env: dict | None = None,
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
                gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "",
-               policy: str | None = None, api_key: str = "", flexible: bool = False) -> Mesh:
+               policy: str | None = None, api_key: str = "", flexible: bool = False,
+               prefill_args: tuple[str, ...] = (), decode_args: tuple[str, ...] = ()) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
@@ -112,6 +113,7 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
 
     tls_dir (a `kvmesh certs init` folder, see `make_certs`) turns mTLS on between every service; api_key makes the
     gateway require that key (`Mesh.generate` presents it).
+    prefill_args / decode_args: flags for one role only, after worker_args (e.g. a different --block-size).
     policy: the scheduler's routing policy (its default when None). Tests of the cache service's fetch path use
     kv_aware, which always fetches a cached prefix: slo_aware recomputes one a tiny model computes faster.
     """
@@ -133,13 +135,14 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
         if colocated:
             prefill = 0
         if flexible:
-            prefills = [procs.launch("worker", *worker, "--role", "auto", "--initial-role", "prefill", env=env)
+            auto = ("--role", "auto", "--initial-role")
+            prefills = [procs.launch("worker", *worker, *auto, "prefill", *prefill_args, env=env)
                         for _ in range(prefill)]
-            decodes = [procs.launch("worker", *worker, "--role", "auto", "--initial-role", "decode", env=env)
+            decodes = [procs.launch("worker", *worker, *auto, "decode", *decode_args, env=env)
                        for _ in range(decode)]
         else:
-            prefills = [procs.launch("prefill", *worker, env=env) for _ in range(prefill)]
-            decodes = [procs.launch("decode", *worker, *(["--colocated"] if colocated else []), env=env)
+            prefills = [procs.launch("prefill", *worker, *prefill_args, env=env) for _ in range(prefill)]
+            decodes = [procs.launch("decode", *worker, *decode_args, *(["--colocated"] if colocated else []), env=env)
                        for _ in range(decode)]
         for proc in prefills + decodes:
             proc.wait_serving(START_TIMEOUT_S)

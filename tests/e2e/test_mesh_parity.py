@@ -7,13 +7,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mesh import make_certs, start_mesh
-from kvmesh.transports import available_backends
-from kvmesh.v1 import gateway_pb2
+from kvmesh.transports import LOCAL_POOL, available_backends
+from kvmesh.transports.shm import list_segments
+from kvmesh.v1 import gateway_pb2, scheduler_pb2
 
 PROMPTS = ["The capital of France is", "Hello", "def main():\n    print('hello')",
            "A key value cache stores the keys and values of every token that attention has seen, so that " * 3]
 MAX_TOKENS = 12
 API_KEY = "parity-key-5f1c0e"
+
+
+def segments_of(pid: int) -> list[str]:
+    return [s for s in list_segments() if s.startswith(f"kvmesh-{pid}-")]
 
 
 def hf_greedy(path, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -32,8 +37,13 @@ def _params():
             yield pytest.param((family, transport, False), id=f"{family}-{transport}", marks=marks)
             if family == "llama":  # mTLS between every service, over every transport
                 yield pytest.param((family, transport, True), id=f"{family}-{transport}-tls", marks=marks)
+            if family == "llama" and transport != "shm":  # the KV pool in process memory, not shared memory
+                yield pytest.param((family, transport, False, LOCAL_POOL), id=f"{family}-{transport}-localpool",
+                                   marks=marks)
         yield pytest.param((family, "colocated", False), id=f"{family}-colocated")  # no split: the baseline's parity
     yield pytest.param(("llama", "colocated", True), id="llama-colocated-tls")
+    # a local pool under negotiation: shm is not offered, so the best backend left is used
+    yield pytest.param(("llama", "auto", False, LOCAL_POOL), id="llama-auto-localpool")
     # the newer families (the split, on grpc and shm); Gemma's longest prompt crosses its 16-token window
     for family in ("qwen3", "phi3", "mixtral", "qwen2_moe", "gemma2", "gemma3"):
         for transport in ("grpc", "shm"):
@@ -42,13 +52,18 @@ def _params():
 
 @pytest.fixture(scope="module", params=list(_params()))
 def family_mesh(request, model_dir, tmp_path_factory):
-    family, transport, with_tls = request.param
+    family, transport, with_tls, *more = request.param
     path = model_dir(family)
     colocated = transport == "colocated"
     tls_dir = make_certs(tmp_path_factory.mktemp("certs")) if with_tls else ""
     # the -tls variants run closed as a deployment would: mTLS between services and an API key at the gateway
+    worker_args = ("--kv-pool", more[0]) if more else ()
     mesh = start_mesh(str(path), transport="auto" if colocated else transport, colocated=colocated, tls_dir=tls_dir,
-                      api_key=API_KEY if with_tls else "")
+                      api_key=API_KEY if with_tls else "", worker_args=worker_args)
+    if more:  # a local pool: no worker holds a shared-memory segment, and none offers a backend that needs one
+        assert [s for w in mesh.prefills + mesh.decodes for s in segments_of(w.proc.pid)] == []
+        registered = mesh.workers(scheduler_pb2.WORKER_ROLE_DECODE) + mesh.workers(scheduler_pb2.WORKER_ROLE_PREFILL)
+        assert registered and all("shm" not in w.transports and w.transports for w in registered)
     yield path, mesh
     mesh.close()
 

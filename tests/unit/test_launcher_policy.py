@@ -31,3 +31,11 @@ def test_an_unknown_policy_is_refused_by_the_scheduler_naming_the_known_ones():
     assert argv[argv.index("--policy") + 1] == "random"
     with pytest.raises(ConfigError, match="slo_aware"):
         SchedulerConfig(policy="random").validate()
+
+
+def test_kvmesh_up_kv_pool_reaches_every_engine_worker_and_only_them():
+    children = launcher.plan(parse("--kv-pool", "local"))
+    workers = [c for c in children if c.argv[0] in ("prefill", "decode")]
+    assert workers and all(c.argv[c.argv.index("--kv-pool") + 1] == "local" for c in workers)
+    assert all("--kv-pool" not in c.argv for c in children if c not in workers)
+    assert all("--kv-pool" not in c.argv for c in launcher.plan(parse()))  # unset: each worker's default

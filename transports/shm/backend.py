@@ -83,6 +83,7 @@ class ShmBackend(Backend):
     same_host_only = True
     one_sided = True
     early_verify = True
+    needs_own_pool = True
     transfer_class = ShmTransfer
 
     @classmethod

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PeerRef(_message.Message):
-    __slots__ = ("address", "worker_id")
+    __slots__ = ("address", "worker_id", "block_size")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     address: str
     worker_id: str
-    def __init__(self, address: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    block_size: int
+    def __init__(self, address: _Optional[str] = ..., worker_id: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "cached_prefix_tokens", "cache_salt", "prompt_block_hashes", "local_prefill", "cache_probed")

@@ -190,3 +190,44 @@ def test_a_colocated_worker_is_never_paired_with_a_prefill_worker(policy):
 def test_only_a_decode_worker_can_be_colocated():
     with pytest.raises(InvalidArgumentError, match="only a DECODE worker can be colocated"):
         WorkerSpec(Role.PREFILL, "127.0.0.1:1", layout=FP32, colocated=True).validate()
+
+
+FP32_B32 = Layout("tiny", "float32", 32, 2, 2, 8)
+
+
+@pytest.mark.parametrize("prefill_layout,decode_layout", [(FP32, FP32_B32), (FP32_B32, FP32)])
+def test_layouts_that_differ_only_in_block_size_are_paired(prefill_layout, decode_layout):
+    registry = Registry(lease_s=10)
+    decode = add(registry, Role.DECODE, 1, decode_layout)
+    prefill = add(registry, Role.PREFILL, 2, prefill_layout)
+    add(registry, Role.PREFILL, 3, BF16)  # maps onto no decode worker: never chosen
+    for _ in range(3):
+        plan = route(QUERY, registry.workers(), least_loaded, 8)
+        assert (plan.decode.worker_id, plan.prefill.worker_id) == (decode.worker_id, prefill.worker_id)
+
+
+@pytest.mark.parametrize("decode_layout,reason", [
+    (BF16, "dtype 'float32' != 'bfloat16'"),
+    (Layout("tiny", "float32", 32, 2, 1, 16), "num_kv_heads 2 != 1; head_dim 8 != 16"),
+    (Layout("tiny", "float32", 16, 3, 2, 8), "num_layers 2 != 3"),
+])
+def test_a_pair_that_cannot_be_mapped_is_refused_naming_what_differs(decode_layout, reason):
+    registry = Registry(lease_s=10)
+    add(registry, Role.DECODE, 1, decode_layout)
+    add(registry, Role.PREFILL, 2, FP32)
+    with pytest.raises(UnavailableError) as refused:
+        route(QUERY, registry.workers(), least_loaded, 8)
+    assert "equal but for the block size" in str(refused.value) and reason in str(refused.value)
+    assert "prefill tiny:float32 L2 H2x8 B16 -> decode" in str(refused.value)
+
+
+def test_registration_says_when_a_worker_maps_onto_no_peer_of_its_model():
+    from kvmesh.services.scheduler.router import unpairable
+
+    registry = Registry(lease_s=10)
+    decode = add(registry, Role.DECODE, 1, BF16)
+    assert unpairable(decode, registry.workers()) == ""  # no prefill worker of its model yet: nothing to say
+    prefill = add(registry, Role.PREFILL, 2, FP32)
+    assert "dtype 'float32' != 'bfloat16'" in unpairable(prefill, registry.workers())
+    assert unpairable(add(registry, Role.PREFILL, 3, Layout("tiny", "bfloat16", 32, 2, 2, 8)), registry.workers()) == ""
+    assert unpairable(add(registry, Role.PREFILL, 4, OTHER), registry.workers()) == ""  # another model: no peer
