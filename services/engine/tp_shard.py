@@ -41,7 +41,7 @@ def check_tp_size(config: ModelConfig, size: int) -> None:
     if config.architecture not in TP_ARCHITECTURES:
         raise UnsupportedModelError(f"tensor parallelism runs {', '.join(TP_ARCHITECTURES)} for now; "
                                     f"{config.architecture} needs --tensor-parallel-size 1")
-    counts = {"attention heads": config.num_heads, "KV heads": config.num_kv_heads,
+    counts = {"KV heads": config.num_kv_heads, "attention heads": config.num_heads,
               "intermediate size": config.intermediate_size}
     for what, count in counts.items():
         if count % size:
