@@ -16,10 +16,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
 
+from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.tp_comm import (OP_STEP, OP_STOP, backend_for, broadcast_step, free_port, init_group,
                                             rank_device)
 from kvmesh.services.engine.tp_load import follower_main, load_rank_model
@@ -38,10 +40,17 @@ class TPGroup:
         self.followers = []
         self._closed = False
 
-    def start(self, path: str, dtype: str, block_size: int, num_blocks: int) -> None:
-        """Spawn ranks 1..N-1 (they load their own shards) and join the group as rank 0."""
+    def spawn(self, path: str, dtype: str, block_size: int, num_blocks: int) -> None:
+        """Start ranks 1..N-1: each loads its own shard and pool, then waits for the group (`join`)."""
+        import torch.distributed as dist
         import torch.multiprocessing as mp
 
+        if dist.is_initialized():
+            raise UnsupportedModelError("this process already runs a tensor-parallel group; one engine with "
+                                        "--tensor-parallel-size > 1 per process")
+        if backend_for(self.device) == "nccl" and torch.cuda.device_count() < self.size:
+            raise UnsupportedModelError(f"--tensor-parallel-size {self.size} on {self.device} needs {self.size} "
+                                        f"GPUs, one per rank; this machine has {torch.cuda.device_count()}")
         ctx = mp.get_context("spawn")
         threads = int(os.environ.get("KVMESH_TORCH_THREADS") or max(1, (os.cpu_count() or 1) // self.size))
         for rank in range(1, self.size):
@@ -51,7 +60,30 @@ class TPGroup:
             p.start()
             self.followers.append(p)
         atexit.register(self.close)
-        init_group(self.device, 0, self.size, self.port)
+
+    def join(self) -> None:
+        """Join the group as rank 0, giving up (and stopping the others) if a follower dies before it joins."""
+        joined, errors = threading.Event(), []
+
+        def join():
+            try:
+                init_group(self.device, 0, self.size, self.port)
+            except Exception as e:  # noqa: BLE001 - handed to the caller below
+                errors.append(e)
+            joined.set()
+
+        threading.Thread(target=join, name="tp-join", daemon=True).start()
+        while not joined.wait(0.2):
+            dead = [(p.name, p.exitcode) for p in self.followers if p.exitcode is not None]
+            if dead:
+                self._closed = True
+                self._stop_followers(grace_s=0)
+                raise UnsupportedModelError(f"tensor-parallel rank {dead[0][0]} exited with code {dead[0][1]} "
+                                            "before joining the group; its error is in the log above")
+        if errors:
+            self._closed = True
+            self._stop_followers(grace_s=0)
+            raise errors[0]
 
     def step(self, payload: torch.Tensor) -> None:
         broadcast_step(OP_STEP, payload, self.comm_device)
@@ -69,8 +101,11 @@ class TPGroup:
                 dist.destroy_process_group()
         except RuntimeError as e:  # a follower already died: nothing left to tell
             log.warning("tensor-parallel group did not stop cleanly: %s", e)
+        self._stop_followers()
+
+    def _stop_followers(self, grace_s: float = 30) -> None:
         for p in self.followers:
-            p.join(timeout=30)
+            p.join(timeout=grace_s)
             if p.is_alive():
                 p.kill()
                 p.join()
@@ -98,9 +133,11 @@ def start_tensor_parallel(path: str | Path, dtype: str, device: str, size: int, 
                           num_blocks: int) -> TPModel:
     """Start `size` ranks of the checkpoint at `path` (dtype a resolved name such as "float32"); rank 0's model."""
     group = TPGroup(device, size)
-    group.start(str(path), dtype, block_size, num_blocks)
+    group.spawn(str(path), dtype, block_size, num_blocks)
     try:
-        return TPModel(load_rank_model(path, dtype, rank_device(device, 0), 0, size), group)
-    except Exception:
+        model = load_rank_model(path, dtype, rank_device(device, 0), 0, size)
+        group.join()
+    except BaseException:
         group.close()
         raise
+    return TPModel(model, group)

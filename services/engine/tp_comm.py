@@ -37,7 +37,7 @@ def init_group(device: str, rank: int, size: int, port: int) -> None:
     import torch.distributed as dist
 
     if str(device).startswith("cuda"):
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank_device(device, rank))
     dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size, timeout=TIMEOUT)
 

@@ -41,10 +41,12 @@ def follower_main(path: str, dtype: str, device: str, block_size: int, num_block
     watch_parent(parent_pid)
     torch.set_num_threads(threads)
     device = rank_device(device, rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    model = load_rank_model(path, dtype, device, rank, size)  # a rank that cannot load exits before joining
+    kv = KVCache(rank_layout(path, dtype, block_size, size), num_blocks, device)
     init_group(device, rank, size, port)
     try:
-        model = load_rank_model(path, dtype, device, rank, size)
-        kv = KVCache(rank_layout(path, dtype, block_size, size), num_blocks, device)
         comm = device if backend_for(device) == "nccl" else "cpu"
         while (payload := receive_step(comm)) is not None:
             model.forward(decode_batch(payload, device), kv)

@@ -170,3 +170,21 @@ def test_followers_exit_when_the_driver_is_killed(model_dir):
             driver.kill()
             driver.wait()
         driver.stderr.close()
+
+
+
+def test_a_checkpoint_no_rank_can_load_fails_cleanly_and_leaves_no_rank(variant_dir):
+    import torch.distributed as dist
+
+    path = variant_dir("llama", "tp-missing-layer", num_hidden_layers=5)  # the weights have 4 layers
+    with pytest.raises(UnsupportedModelError, match="missing weight 'layers.4"):
+        load_model(path, "float32", "cpu", 16, 8, None, 1, None, 2)
+    assert not dist.is_initialized() and not _children(os.getpid())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has GPUs for two ranks")
+def test_tp_on_cuda_needs_a_gpu_per_rank(model_dir):
+    from kvmesh.services.engine.tp import start_tensor_parallel
+
+    with pytest.raises(UnsupportedModelError, match="needs 2 GPUs, one per rank"):
+        start_tensor_parallel(model_dir("llama"), "float32", "cuda", 2, 16, 8)
