@@ -51,6 +51,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_step(op: int, payload: torch.Tensor | None, device: str) -> None:
+    """Rank 0's side of `receive_step`: the [op, length] header, then the payload (if any)."""
     import torch.distributed as dist
 
     header = torch.tensor([op, 0 if payload is None else payload.numel()], dtype=torch.long, device=device)
