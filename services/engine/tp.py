@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kvmesh.services.engine.errors import UnsupportedModelError
+from kvmesh.services.engine.errors import RankFailedError, UnsupportedModelError
 from kvmesh.services.engine.tp_comm import (OP_STEP, OP_STOP, backend_for, broadcast_step, free_port, init_group,
                                             rank_device)
 from kvmesh.services.engine.tp_load import follower_main, load_rank_model
@@ -88,6 +88,23 @@ class TPGroup:
     def step(self, payload: torch.Tensor) -> None:
         broadcast_step(OP_STEP, payload, self.comm_device)
 
+    def check_followers(self, cause: Exception) -> None:
+        """Raise RankFailedError if a follower has exited (the cause of a failed collective)."""
+        import torch.distributed as dist
+
+        for p in self.followers:  # a peer's reset socket can reach us just before its exit status does
+            p.join(timeout=2)
+        dead = [(p.name, p.exitcode) for p in self.followers if p.exitcode is not None]
+        if dead:
+            self._closed = True
+            self._stop_followers(grace_s=0)
+            try:
+                dist.destroy_process_group()
+            except (RuntimeError, ValueError) as e:
+                log.warning("tensor-parallel group did not close: %s", e)
+            raise RankFailedError(f"tensor-parallel rank {dead[0][0]} exited with code {dead[0][1]}; the engine "
+                                  "cannot step without it (restart it)") from cause
+
     def close(self) -> None:
         """Tell the followers to stop and wait for them (idempotent); a follower that hangs is killed."""
         import torch.distributed as dist
@@ -122,8 +139,12 @@ class TPModel:
         return getattr(self.model, name)
 
     def forward(self, batch, kv, layer_hook=None) -> torch.Tensor:
-        self.group.step(encode_batch(batch))
-        return self.model.forward(batch, kv, layer_hook)
+        try:
+            self.group.step(encode_batch(batch))
+            return self.model.forward(batch, kv, layer_hook)
+        except RuntimeError as e:  # a collective with a dead peer fails (gloo: connection reset)
+            self.group.check_followers(e)
+            raise
 
     def close(self) -> None:
         self.group.close()

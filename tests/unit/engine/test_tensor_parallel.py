@@ -15,7 +15,7 @@ from engine_helpers import prompts_of_lengths, run_all
 from kvmesh.services.cli import main
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.engine import LLMEngine
-from kvmesh.services.engine.errors import UnsupportedModelError
+from kvmesh.services.engine.errors import RankFailedError, UnsupportedModelError
 from kvmesh.services.engine.loader import load_model
 from kvmesh.services.engine.sampler import SamplingParams
 from kvmesh.services.engine.tp_wire import decode_batch, encode_batch
@@ -188,3 +188,19 @@ def test_tp_on_cuda_needs_a_gpu_per_rank(model_dir):
 
     with pytest.raises(UnsupportedModelError, match="needs 2 GPUs, one per rank"):
         start_tensor_parallel(model_dir("llama"), "float32", "cuda", 2, 16, 8)
+
+
+def test_a_killed_follower_fails_the_next_step_clearly(model_dir):
+    import torch.distributed as dist
+
+    engine = LLMEngine.from_path(model_dir("llama"), num_blocks=16, tensor_parallel_size=2)
+    engine.add_request("a", [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    assert engine.step()  # the prompt's step ran on both ranks
+    follower = engine.model.group.followers[0]
+    follower.kill()
+    follower.join()
+    with pytest.raises(RankFailedError, match="rank kvmesh-tp-rank1 exited with code -9"):
+        while engine.has_unfinished():
+            engine.step()
+    engine.model.close()  # a no-op now: the group is already down
+    assert not dist.is_initialized() and not _children(os.getpid())
