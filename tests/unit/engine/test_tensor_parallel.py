@@ -109,9 +109,16 @@ def _cli(*args):
 def test_generate_tp2_cli_greedy_equals_hf(model_dir, hf_model):
     path = model_dir("mistral")
     prompts = ["The capital of France is", "def main():\n"]
-    out = subprocess.run(_cli("--model", str(path), "--max-tokens", "10", "--json", "--tensor-parallel-size", "2",
-                              *[a for p in prompts for a in ("--prompt", p)]),
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+    driver = subprocess.Popen(_cli("--model", str(path), "--max-tokens", "10", "--json", "--tensor-parallel-size",
+                                   "2", *[a for p in prompts for a in ("--prompt", p)]),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    followers = set()
+    while driver.poll() is None:  # note the follower while the driver runs
+        followers.update(_children(driver.pid))
+        time.sleep(0.05)
+    out = driver.stdout.read()
+    driver.stdout.close()
+    assert driver.returncode == 0 and followers and not any(_alive(p) for p in followers)
     results = [json.loads(line) for line in out.splitlines()]
     hf = hf_model(path)
     assert [r["prompt"] for r in results] == prompts
