@@ -35,7 +35,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     msub = model.add_subparsers(dest="model_command", required=True)
     init = msub.add_parser("init", help="make a random-weight model of a family with a real tokenizer")
     init.add_argument("path")
-    init.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    init.add_argument("--preset", default="tiny", choices=["tiny", "tiny-kv3", "small"])
     init.add_argument("--family", default="llama", choices=list(FAMILIES))
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split the model over N processes (torch.distributed: gloo on CPU, NCCL on CUDA)")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
 
 
@@ -56,11 +58,16 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(threads))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
+    engine = None
     try:
-        engine = LLMEngine.from_path(args.model, dtype=args.dtype, max_num_seqs=max(len(args.prompt), 1))
+        engine = LLMEngine.from_path(args.model, dtype=args.dtype, max_num_seqs=max(len(args.prompt), 1),
+                                     tensor_parallel_size=args.tensor_parallel_size)
         results = generate(engine, args.prompt, params)
     except EngineError as e:
         raise SystemExit(f"kvmesh generate: {e}") from None
+    finally:
+        if engine is not None:
+            engine.model.close()
     for r in results:
         print(json.dumps(r) if args.json else r["text"])
     return 0

@@ -85,6 +85,17 @@ def group_by_length(lens: list[int], cost: int = GROUP_COST_TOKENS) -> list[int]
     return ends[::-1]
 
 
+def prefill_mask(start: int, length: int, device: str = "cpu") -> torch.Tensor:
+    """[length, start+length] bool: query start+i sees positions 0 .. start+i (a chunk after cached context)."""
+    q_pos = torch.arange(start, start + length, device=device)
+    return torch.arange(start + length, device=device)[None, :] <= q_pos[:, None]
+
+
+def decode_mask(lens: torch.Tensor, ctx: int) -> torch.Tensor:
+    """[len(lens), 1, 1, ctx] bool: row i sees its first lens[i] positions of a padded context."""
+    return (torch.arange(ctx, device=lens.device)[None, :] < lens[:, None])[:, None, None, :]
+
+
 def build_batch(chunks: list[Chunk], block_size: int, device: str = "cpu", all_logits: bool = False,
                 group_cost: int = GROUP_COST_TOKENS) -> StepBatch:
     """Lay the chunks out flat (decode first) and precompute every cache index the layers need."""
@@ -121,8 +132,7 @@ def build_batch(chunks: list[Chunk], block_size: int, device: str = "cpu", all_l
         blocks = mask = None
         if start > 0:
             blocks = as_long(c.block_table[:-(-(start + n) // block_size)])
-            q_pos = torch.arange(start, start + n, device=device)
-            mask = torch.arange(start + n, device=device)[None, :] <= q_pos[:, None]
+            mask = prefill_mask(start, n, device)
         spans.append(PrefillSpan(flat_start[i], n, start, blocks, mask))
     rows, logits_index = [], []
     for i, c in enumerate(chunks):
@@ -146,8 +156,5 @@ def _decode_group(chunks: list[Chunk], members: list[int], lens: list[int], offs
     for i in members:
         bt = chunks[i].block_table[:max_blocks]
         table.extend(bt + [bt[0]] * (max_blocks - len(bt)))
-    mask = None
-    if min(lens) != ctx:
-        mask = torch.arange(ctx, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
-        mask = mask[:, None, None, :]
+    mask = decode_mask(torch.tensor(lens, device=device), ctx) if min(lens) != ctx else None
     return DecodeGroup(offset, len(members), torch.tensor(table, dtype=torch.long, device=device), ctx, mask)

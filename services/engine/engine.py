@@ -72,15 +72,15 @@ class LLMEngine:
                   num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                   max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                   kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None = None,
-                  enable_prefix_caching: bool = False) -> "LLMEngine":
-        """Load a local HF checkpoint folder and size the KV pool (blocks, bytes, or given storage).
+                  enable_prefix_caching: bool = False, tensor_parallel_size: int = 1) -> "LLMEngine":
+        """Load a local HF checkpoint folder (over tensor_parallel_size ranks: tp.py) and size the KV pool.
 
         kv_storage: the pool's memory, or a function (num_layers, num_blocks, block_nbytes) -> that memory.
         """
         if block_size <= 0 or max_num_batched_tokens <= 0 or max_num_seqs <= 0:
             raise InvalidRequestError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
         model, tokenizer, kv = load_model(path, dtype, device, block_size, num_blocks, kv_cache_bytes, max_num_seqs,
-                                          kv_storage)
+                                          kv_storage, tensor_parallel_size)
         return cls(model, tokenizer, kv.layout, kv, model.config.max_position_embeddings, max_num_batched_tokens,
                    max_num_seqs, enable_prefix_caching)
 

@@ -24,3 +24,9 @@ class OutOfBlocksError(EngineError):
     """The KV cache has no room for the request right now: RESOURCE_EXHAUSTED."""
 
     status = "RESOURCE_EXHAUSTED"
+
+
+class RankFailedError(EngineError):
+    """A tensor-parallel rank died or stopped answering; the engine cannot step any more: UNAVAILABLE."""
+
+    status = "UNAVAILABLE"

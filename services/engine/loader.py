@@ -12,6 +12,9 @@ from kvmesh.services.engine.errors import InvalidRequestError
 from kvmesh.services.engine.kv_cache import KVCache, dtype_name
 from kvmesh.services.engine.gemma import GEMMA_ARCHITECTURES, GemmaModel
 from kvmesh.services.engine.model import LlamaModel
+from kvmesh.services.engine.tp import start_tensor_parallel
+from kvmesh.services.engine.tp_load import rank_layout
+from kvmesh.services.engine.tp_shard import check_tp_size, shard_config
 from kvmesh.services.engine.weights import load_config, model_id
 from kvmesh.services.kv_identity import KVLayout
 
@@ -35,16 +38,24 @@ def model_class(path: str | Path) -> type[LlamaModel]:
 
 def load_model(path: str | Path, dtype: str, device: str, block_size: int, num_blocks: int | None,
                kv_cache_bytes: int | None, max_num_seqs: int,
-               kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None):
+               kv_storage: np.ndarray | Callable[[int, int, int], np.ndarray] | None, tensor_parallel_size: int = 1):
     """(model, tokenizer, KV pool) of a local HF checkpoint folder; the pool sized by num_blocks, else by the
     given storage, else by kv_cache_bytes (see `pool_num_blocks`). dtype "auto" follows the device and the
-    checkpoint (see `dtype_choice`)."""
+    checkpoint (see `dtype_choice`). With tensor_parallel_size N > 1 the model runs on N ranks (tp.py): this
+    process is rank 0, and the pool (each rank's alike) holds 1/N of the KV heads."""
     from transformers import AutoTokenizer
 
-    model = model_class(path).from_path(path, resolve_dtype(dtype, load_config(path).dtype, device), device)
-    cfg = model.config
-    layout = KVLayout(model_id(path), dtype_name(model.dtype), block_size, cfg.num_layers, cfg.num_kv_heads,
-                      cfg.head_dim)
+    config = load_config(path)
+    check_tp_size(config, tensor_parallel_size)
+    dtype = resolve_dtype(dtype, config.dtype, device)
+    if tensor_parallel_size == 1:
+        model = model_class(path).from_path(path, dtype, device)
+        cfg = model.config
+        layout = KVLayout(model_id(path), dtype_name(model.dtype), block_size, cfg.num_layers, cfg.num_kv_heads,
+                          cfg.head_dim)
+    else:
+        model, layout = None, rank_layout(path, dtype, block_size, tensor_parallel_size)
+        cfg = shard_config(config, tensor_parallel_size)
     if kv_storage is not None and not callable(kv_storage):
         num_blocks = int(kv_storage.shape[2])
     elif num_blocks is None:
@@ -54,4 +65,6 @@ def load_model(path: str | Path, dtype: str, device: str, block_size: int, num_b
     if callable(kv_storage):  # the caller places the pool (e.g. in shared memory) once its size is known
         kv_storage = kv_storage(cfg.num_layers, num_blocks, layout.block_nbytes)
     kv = KVCache(layout, num_blocks, device, kv_storage)
+    if model is None:
+        model = start_tensor_parallel(path, dtype, device, tensor_parallel_size, block_size, num_blocks)
     return model, AutoTokenizer.from_pretrained(str(path)), kv

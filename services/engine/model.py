@@ -52,6 +52,8 @@ class LlamaModel:
         self.lm_head = weights["lm_head.weight"]
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         self.lm_head_proj = Linear(self.lm_head)
+        # tensor parallelism (tp.py): sums each rank's partial o_proj / down_proj output in place; None alone
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         # build_batch's group_cost for this model's decode attention path (see batch.GROUP_COST_TOKENS)
         self.decode_group_cost = 320 if dtype == torch.float32 else 1000
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq(config))
@@ -68,6 +70,9 @@ class LlamaModel:
             raise UnsupportedModelError(f"dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}")
         weights = load_weights(path, config, DTYPES[name], device)
         return cls(config, weights, DTYPES[name], device, max_positions or config.max_position_embeddings)
+
+    def close(self) -> None:
+        """Release what the model holds beyond memory (a tensor-parallel model stops its ranks); a no-op here."""
 
     def _layer(self, weights: dict[str, torch.Tensor], i: int):
         """Layer i's weights (a family with layers of its own, such as Gemma, overrides this)."""
@@ -97,11 +102,14 @@ class LlamaModel:
             if layer_hook is not None:
                 layer_hook(i)
             attn = self._attention(batch, q, k, v, k_pool, v_pool)
-            h = h + layer.o_proj(attn)
+            h = h + self._reduce(layer.o_proj(attn))
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            h = h + layer.mlp(x)  # SwiGLU, or a mixture of SwiGLU experts (layers.py, moe.py)
+            h = h + self._reduce(layer.mlp(x))  # SwiGLU, or a mixture of SwiGLU experts (layers.py, moe.py)
         h = rms_norm(h[batch.logits_index], self.norm, cfg.rms_norm_eps)
         return self.lm_head_proj(h)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.all_reduce is None else self.all_reduce(x)
 
     def _attention(self, batch: StepBatch, q, k, v, k_pool, v_pool) -> torch.Tensor:
         """Attention of every token over its sequence's cached context: [tokens, heads * head_dim]."""

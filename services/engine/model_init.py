@@ -41,6 +41,8 @@ class Preset:
 PRESETS = {
     # about 1 M parameters: the models every test runs on
     "tiny": Preset(1024, 128, 384, 4, 4, 2, 1024),
+    # 3 KV heads (6 query heads): the model that splits over 3 tensor-parallel ranks
+    "tiny-kv3": Preset(1024, 192, 384, 2, 6, 3, 1024),
     # about 30 M parameters, 8 layers: the benchmarks' stand-in for a real model
     "small": Preset(4096, 512, 1536, 8, 8, 4, 4096),
 }
