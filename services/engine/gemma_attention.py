@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmesh.services.engine.batch import DecodeGroup, StepBatch
+from kvmesh.services.engine.paged_attention import ATTENTION_GATHER, tiled_attention, use_tiles
 
 
 @dataclass(frozen=True)
@@ -99,19 +100,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def paged_attention(batch: StepBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                    v_pool: torch.Tensor, masks: StepMasks, spec: AttentionSpec) -> torch.Tensor:
+                    v_pool: torch.Tensor, masks: StepMasks, spec: AttentionSpec,
+                    mode: str = ATTENTION_GATHER) -> torch.Tensor:
     """Attention of every token of `batch` over its sequence's cached context: [tokens, heads * head_dim].
 
-    q, k, v are this step's [tokens, heads or kv_heads, dim]; the pools already hold this step's K/V."""
+    q, k, v are this step's [tokens, heads or kv_heads, dim]; the pools already hold this step's K/V. In paged
+    `mode`, a context over one tile of blocks is read from the pools tile by tile (paged_attention.py)."""
     kv_heads, dim = k.shape[1], k.shape[2]
     outs = []
     for g, (blocks, mask) in zip(batch.decode_groups, masks.decode):
         n, ctx = g.count, mask.shape[1]
+        if use_tiles(mode, k_pool, n, blocks.numel() // n):
+            outs.append(tiled_attention(q[g.offset:g.offset + n, None], k_pool, v_pool, blocks.view(n, -1),
+                                        mask[:, None], spec.scale, spec.softcap)[:, 0])
+            continue
         kg = k_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
         vg = v_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
         outs.append(attend(q[g.offset:g.offset + n].unsqueeze(1), kg, vg, mask.unsqueeze(1), spec)[:, 0])
     for span, (blocks, mask) in zip(batch.prefills, masks.prefill):
         sl = slice(span.offset, span.offset + span.length)
+        if blocks is not None and use_tiles(mode, k_pool, 1, blocks.numel()):
+            outs.append(tiled_attention(q[sl][None], k_pool, v_pool, blocks[None], mask[None], spec.scale,
+                                        spec.softcap)[0])
+            continue
         if blocks is None:  # from position 0: the chunk's own K/V are the whole context
             kp, vp = k[sl], v[sl]
         else:  # the context from the first block the window reaches (block 0 without a window)

@@ -5,7 +5,8 @@ RMSNorm, RoPE (default, linear, llama3; partial rotary), grouped-query attention
 experts (moe.py). Per-family weight names and hooks (Qwen3's q/k norms) are read in layers.py. Weights stay in
 the model dtype; q/k/v and gate/up projections are fused into one matmul each. Decode tokens of every sequence share one
 scaled_dot_product_attention call (padded context + mask); prefill chunks run one call each, plain causal
-when they start at position 0.
+when they start at position 0. A context longer than one tile of blocks is read tile by tile from the paged
+pool (paged_attention.py) unless the gather path is asked for ($KVMESH_ATTENTION=gather).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.kv_cache import DTYPES, KVCache
 from kvmesh.services.engine.layers import build_layer
 from kvmesh.services.engine.linear import Linear
+from kvmesh.services.engine.paged_attention import attention_mode, tiled_attention, use_tiles
 from kvmesh.services.engine.weights import ModelConfig, inv_freq, load_config, load_weights
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,6 +54,7 @@ class LlamaModel:
         self.lm_head = weights["lm_head.weight"]
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         self.lm_head_proj = Linear(self.lm_head)
+        self.attention = attention_mode()  # gather or paged (paged_attention.py); tests set it per model
         # build_batch's group_cost for this model's decode attention path (see batch.GROUP_COST_TOKENS)
         self.decode_group_cost = 320 if dtype == torch.float32 else 1000
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq(config))
@@ -115,6 +118,11 @@ class LlamaModel:
             if span.blocks is None:
                 kp, vp = k[sl].transpose(0, 1).unsqueeze(0), v[sl].transpose(0, 1).unsqueeze(0)
                 out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+            elif use_tiles(self.attention, k_pool, 1, span.blocks.shape[0]):
+                out = tiled_attention(q[sl][None], k_pool, v_pool, span.blocks[None], span.mask[None],
+                                      cfg.head_dim ** -0.5)
+                outs.append(out[0])
+                continue
             else:
                 ctx = span.start + span.length
                 kp = k_pool.index_select(0, span.blocks).view(-1, cfg.num_kv_heads, cfg.head_dim)[:ctx]
@@ -129,6 +137,9 @@ class LlamaModel:
         """One query token per sequence (q [n, heads, head_dim]) over its gathered blocks: [n, heads*head_dim]."""
         cfg, n, ctx = self.config, q.shape[0], group.ctx_len
         kv_heads, dim = cfg.num_kv_heads, cfg.head_dim
+        if use_tiles(self.attention, k_pool, n, ctx // k_pool.shape[1]):
+            mask = None if group.mask is None else group.mask.view(n, 1, ctx)
+            return tiled_attention(q[:, None], k_pool, v_pool, group.blocks.view(n, -1), mask, dim ** -0.5)[:, 0]
         k = k_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
         v = v_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
         if q.dtype == torch.float32:  # measured: SDPA beats the bmm path below in float32 (~175 vs ~225 ms/step)
