@@ -119,7 +119,7 @@ def paged_attention(batch: StepBatch, q: torch.Tensor, k: torch.Tensor, v: torch
         outs.append(attend(q[g.offset:g.offset + n].unsqueeze(1), kg, vg, mask.unsqueeze(1), spec)[:, 0])
     for span, (blocks, mask) in zip(batch.prefills, masks.prefill):
         sl = slice(span.offset, span.offset + span.length)
-        if blocks is not None and use_tiles(mode, k_pool, 1, blocks.numel()):
+        if blocks is not None and use_tiles(mode, k_pool, 1, blocks.numel(), span.length):
             outs.append(tiled_attention(q[sl][None], k_pool, v_pool, blocks[None], mask[None], spec.scale,
                                         spec.softcap)[0])
             continue

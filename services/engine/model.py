@@ -118,7 +118,7 @@ class LlamaModel:
             if span.blocks is None:
                 kp, vp = k[sl].transpose(0, 1).unsqueeze(0), v[sl].transpose(0, 1).unsqueeze(0)
                 out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
-            elif use_tiles(self.attention, k_pool, 1, span.blocks.shape[0]):
+            elif use_tiles(self.attention, k_pool, 1, span.blocks.shape[0], span.length):
                 out = tiled_attention(q[sl][None], k_pool, v_pool, span.blocks[None], span.mask[None],
                                       cfg.head_dim ** -0.5)
                 outs.append(out[0])

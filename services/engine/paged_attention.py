@@ -2,7 +2,8 @@
 
 The gather path (`ATTENTION_GATHER`) copies every sequence's blocks into one contiguous tensor per step and layer,
 then attends: at batch 32 and 2,048 tokens of context that is ~100 MB written and read back per layer, far past
-the CPU's caches, and the copy costs more than the attention (bench/paged_attention.py). Pure torch has no
+the CPU's caches (and past malloc's mmap threshold: fresh pages to fault in every call), and the copy costs
+more than the attention (bench/paged_attention.py: 2.5x at batch 32, 2,048 tokens). Pure torch has no
 matmul that follows a block table, so the tiled path (`ATTENTION_PAGED`) reads the pool a tile of block
 columns at a time (a few MB: the copy stays in cache), scores each tile into one [.., ctx] float32 score
 tensor, takes one softmax over it (exact, no online rescaling) and adds each tile's probabilities x V.
@@ -22,7 +23,10 @@ ATTENTION_MODES = (ATTENTION_GATHER, ATTENTION_PAGED)
 # Bytes of K (and again of V) read per tile, and the most a step's group may gather whole; both chosen by
 # bench/paged_attention.py (see bench/RESULTS.md).
 TILE_BYTES = 2 << 20
-GATHER_LIMIT_BYTES = 8 << 20
+GATHER_LIMIT_BYTES = 32 << 20
+# A chunk of more queries than this amortises its one gather over them and keeps SDPA's flash kernel, which never
+# holds the [queries, ctx] scores the tiled path does (measured: tiled wins at 4 queries, loses at 64).
+MAX_TILED_QUERIES = 16
 
 
 def attention_mode(mode: str | None = None) -> str:
@@ -38,10 +42,11 @@ def _block_bytes(k_pool: torch.Tensor) -> int:
     return k_pool[0].numel() * k_pool.element_size()
 
 
-def use_tiles(mode: str, k_pool: torch.Tensor, rows: int, num_blocks: int) -> bool:
-    """Whether `rows` contexts of `num_blocks` blocks each go the tiled way: paged mode, and more to read
-    than the gather path handles well (GATHER_LIMIT_BYTES of K)."""
-    return mode == ATTENTION_PAGED and rows * num_blocks * _block_bytes(k_pool) > GATHER_LIMIT_BYTES
+def use_tiles(mode: str, k_pool: torch.Tensor, rows: int, num_blocks: int, queries: int = 1) -> bool:
+    """Whether `rows` contexts of `num_blocks` blocks each, `queries` queries a row, go the tiled way: paged
+    mode, few queries, and more to read than the gather path handles well (GATHER_LIMIT_BYTES of K)."""
+    return (mode == ATTENTION_PAGED and queries <= MAX_TILED_QUERIES
+            and rows * num_blocks * _block_bytes(k_pool) > GATHER_LIMIT_BYTES)
 
 
 def tile_blocks(k_pool: torch.Tensor, rows: int, tile_bytes: int | None = None) -> int:

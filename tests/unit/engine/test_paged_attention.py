@@ -68,6 +68,8 @@ def test_the_gather_limit_decides_when_to_tile(monkeypatch):
     monkeypatch.setattr(paged_attention, "GATHER_LIMIT_BYTES", 4 * 512)
     assert use_tiles("paged", pool, 2, 3) and not use_tiles("paged", pool, 2, 2)
     assert not use_tiles("gather", pool, 2, 3)
+    monkeypatch.setattr(paged_attention, "MAX_TILED_QUERIES", 4)
+    assert use_tiles("paged", pool, 2, 3, queries=4) and not use_tiles("paged", pool, 2, 3, queries=5)
 
 
 def test_attention_mode_reads_the_environment_and_refuses_unknown_modes(monkeypatch):
@@ -104,6 +106,7 @@ def test_every_family_gives_the_same_logits_tiled_as_gathered(model_dir, family,
     gathered = step_logits(path, "gather")
     monkeypatch.setattr(paged_attention, "GATHER_LIMIT_BYTES", 0)  # tile every group and chunked prefill
     monkeypatch.setattr(paged_attention, "TILE_BYTES", 1)  # one block column per tile
+    monkeypatch.setattr(paged_attention, "MAX_TILED_QUERIES", 64)
     calls = []
     for module in (model_module, gemma_attention):  # count the tiled calls, so the test cannot pass vacuously
         monkeypatch.setattr(module, "tiled_attention", lambda *a, **k: calls.append(1) or tiled_attention(*a, **k))
@@ -111,3 +114,13 @@ def test_every_family_gives_the_same_logits_tiled_as_gathered(model_dir, family,
     assert len(calls) >= 8  # the chunked prefill and each decode step (per layer) took the tiled path
     for a, b in zip(gathered, tiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_workers_take_the_attention_knob_from_flag_or_environment_and_refuse_others():
+    from kvmesh.services.common.config import ConfigError, from_args
+    from kvmesh.services.worker.config import WorkerConfig
+
+    assert from_args(WorkerConfig, "decode", {"model": "/m"}, env={}).attention == "paged"
+    assert from_args(WorkerConfig, "decode", {"model": "/m"}, env={"KVMESH_ATTENTION": "gather"}).attention == "gather"
+    with pytest.raises(ConfigError, match="'flash' is not one of"):
+        from_args(WorkerConfig, "decode", {"model": "/m", "attention": "flash"}, env={})
