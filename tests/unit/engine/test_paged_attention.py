@@ -63,6 +63,16 @@ def test_tiled_attention_equals_the_gathered_definition(b, lq, heads, kv_heads, 
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_tiled_attention_in_bfloat16_stays_within_bfloat16_rounding(softcap):
+    q, k_pool, v_pool, blocks, mask = random_case(6, 1, 8, 2, [5, 33, 47, 64, 18, 50], seed=2, dim=16)
+    q, k_pool, v_pool = q.bfloat16(), k_pool.bfloat16(), v_pool.bfloat16()
+    out = tiled_attention(q, k_pool, v_pool, blocks, mask, 0.25, softcap, tile=2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference(q, k_pool, v_pool, blocks, mask, 0.25, softcap),
+                               rtol=2e-2, atol=2e-2)
+
+
 def test_the_gather_limit_decides_when_to_tile(monkeypatch):
     pool = torch.zeros(8, BLOCK, 2, 4)  # 512 bytes per block
     monkeypatch.setattr(paged_attention, "GATHER_LIMIT_BYTES", 4 * 512)
