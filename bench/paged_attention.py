@@ -11,8 +11,9 @@ blocks): each row's table points at random blocks of a pool larger than the batc
 half the named one up to it. Best of --reps calls (the kinds taking turns), milliseconds per layer call.
 Then a prefill chunk of 4, 64 or 256 queries at the end of a context, gathered (SDPA) against tiled.
   gather    index_select every row's blocks, then scaled_dot_product_attention with a padding mask (today's path)
-  paged     what the model now runs: gather while the batch's context fits one tile, the tiled path past it
-  tiled-NM  tiled_attention with N MiB tiles, always (the sweep TILE_BYTES was chosen from)
+  paged     what the model now runs: the gather path on sub-batches of rows of at most TILE_BYTES of K each
+  tiled-NM  tiled_attention (column tiles of N MiB over every row at once), always
+  rows-NM   the gather path on sub-batches of rows of at most N MiB of K (the sweep TILE_BYTES was chosen from)
   compiled  (--compiled) torch.compile(inductor, C++) of an einsum-free formulation over pool[table]
 
 Part 2, whole decode steps (--model, default SmolLM2-135M-Instruct from ~/.cache/kvmesh): batch 32, every
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
-from kvmesh.services.engine.paged_attention import ATTENTION_PAGED, TILE_BYTES, tile_blocks, tiled_attention, use_tiles  # noqa: E402
+from kvmesh.services.engine.paged_attention import (ATTENTION_PAGED, TILE_BYTES, row_slices, tile_blocks,  # noqa: E402
+                                                    tiled_attention, use_tiles)  # noqa: E402
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -66,13 +68,29 @@ def gather(q, k_pool, v_pool, table, mask):
     return out.reshape(n, -1)
 
 
-def tiled(tile_bytes: int | None):
+def paged(q, k_pool, v_pool, table, mask):
+    """What the model runs in paged mode: sub-batches of rows, column tiles for a row past the gather limit."""
+    if use_tiles(ATTENTION_PAGED, k_pool, table.shape[1]):
+        return tiled(TILE_BYTES)(q, k_pool, v_pool, table, mask)
+    parts = [gather(q[r], k_pool, v_pool, table[r], mask[r])
+             for r in row_slices(ATTENTION_PAGED, k_pool, q.shape[0], table.shape[1])]
+    return torch.cat(parts)
+
+
+def tiled(tile_bytes: int):
     def run(q, k_pool, v_pool, table, mask):
         n = q.shape[0]
-        if tile_bytes is None and not use_tiles(ATTENTION_PAGED, k_pool, n, table.shape[1]):
-            return gather(q, k_pool, v_pool, table, mask)  # the model's choice (paged mode)
-        tile = tile_blocks(k_pool, n, tile_bytes or TILE_BYTES)
+        tile = tile_blocks(k_pool, n, tile_bytes)
         return tiled_attention(q[:, None], k_pool, v_pool, table, mask, DIM ** -0.5, tile=tile)[:, 0]
+    return run
+
+
+def row_chunks(tile_bytes: int):
+    """The gather path on sub-batches of rows whose gathered K fits `tile_bytes` (rows attend independently)."""
+    def run(q, k_pool, v_pool, table, mask):
+        per = max(1, tile_bytes // (table.shape[1] * k_pool[0].numel() * k_pool.element_size()))
+        return torch.cat([gather(q[i:i + per], k_pool, v_pool, table[i:i + per], mask[i:i + per])
+                          for i in range(0, q.shape[0], per)])
     return run
 
 
@@ -113,8 +131,9 @@ def measure(kinds: dict, inputs, reps: int, row: dict) -> dict:
 
 
 def attention_rows(args) -> list[dict]:
-    kinds = {"gather": gather, "paged": tiled(None)}
+    kinds = {"gather": gather, "paged": paged}
     kinds.update({f"tiled-{mb}M": tiled(mb << 20) for mb in (1, 2, 4, 8)})
+    kinds.update({f"rows-{mb}M": row_chunks(mb << 20) for mb in (2, 4, 8, 16)})
     if args.compiled:
         kinds["compiled"] = compiled_kernel()
     return [measure(kinds, case(n, ctx), args.reps, {"part": "attention", "batch": n, "context": ctx})
@@ -155,7 +174,8 @@ def step_rows(args) -> list[dict]:
     cfg, rows, n = model.config, [], 32
     for ctx in args.step_contexts:
         blocks = -(-(ctx + 1) // BLOCK)
-        kv = KVCache(KVLayout("bench", "float32", BLOCK, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), n * blocks + 1)
+        layout = KVLayout("bench", "float32", BLOCK, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        kv = KVCache(layout, n * blocks + 1)
         kv.pool.normal_()
         chunks = [Chunk([7], ctx, list(range(i * blocks, (i + 1) * blocks))) for i in range(n)]
         batch = build_batch(chunks, BLOCK, group_cost=model.decode_group_cost)

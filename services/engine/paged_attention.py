@@ -1,15 +1,15 @@
-"""Attention over the paged KV cache in tiles of blocks, so a long context is never copied out whole.
+"""Attention over the paged KV cache in tiles, so a batch's contexts are never copied out whole at once.
 
-The gather path (`ATTENTION_GATHER`) copies every sequence's blocks into one contiguous tensor per step and layer,
-then attends: at batch 32 and 2,048 tokens of context that is ~100 MB written and read back per layer, far past
-the CPU's caches (and past malloc's mmap threshold: fresh pages to fault in every call), and the copy costs
-more than the attention (bench/paged_attention.py: 2.5x at batch 32, 2,048 tokens). Pure torch has no
-matmul that follows a block table, so the tiled path (`ATTENTION_PAGED`) reads the pool a tile of block
-columns at a time (a few MB: the copy stays in cache), scores each tile into one [.., ctx] float32 score
-tensor, takes one softmax over it (exact, no online rescaling) and adds each tile's probabilities x V.
-A batch whose contexts fit in GATHER_LIMIT_BYTES still goes the gather path's way (measured faster there).
-No compiler is needed at run time (a `torch.compile`d kernel was faster still, but needs a C++ compiler in
-every worker image and ~30 s of compiling per shape family; see bench/RESULTS.md).
+The gather path (`ATTENTION_GATHER`) copies every sequence's blocks of a decode group into one contiguous tensor
+per step and layer, then attends: at batch 32 and 2,048 tokens of context that is 100 MB of K and V per layer,
+fresh pages (past malloc's mmap threshold) faulted in on every call, and the copy costs more than the attention.
+Pure torch has no matmul that follows a block table, so the paged path (`ATTENTION_PAGED`) bounds what is copied
+at once: a decode group is cut into sub-batches of rows whose gathered K fits TILE_BYTES (rows attend
+independently, so each sub-batch is the gather path's exact computation on a few MB that stay in cache); a row
+whose own context is past GATHER_LIMIT_BYTES reads its blocks a tile of block columns at a time
+(`tiled_attention`: one [.., ctx] float32 score tensor, one softmax, exact). Measured in bench/paged_attention.py
+against the gather path and a torch.compile'd kernel that indexes the pool in place (faster still at batch 32,
+but it needs a C++ compiler in every worker image and ~30 s of compiling; see bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 ATTENTION_GATHER, ATTENTION_PAGED = "gather", "paged"
 ATTENTION_MODES = (ATTENTION_GATHER, ATTENTION_PAGED)
-# Bytes of K (and again of V) read per tile, and the most a step's group may gather whole; both chosen by
-# bench/paged_attention.py (see bench/RESULTS.md).
+# Bytes of K (and again of V) one sub-batch or column tile gathers, and the most one row may gather whole; both
+# chosen by bench/paged_attention.py (see bench/RESULTS.md).
 TILE_BYTES = 2 << 20
 GATHER_LIMIT_BYTES = 32 << 20
 # A chunk of more queries than this amortises its one gather over them and keeps SDPA's flash kernel, which never
@@ -42,11 +42,18 @@ def _block_bytes(k_pool: torch.Tensor) -> int:
     return k_pool[0].numel() * k_pool.element_size()
 
 
-def use_tiles(mode: str, k_pool: torch.Tensor, rows: int, num_blocks: int, queries: int = 1) -> bool:
-    """Whether `rows` contexts of `num_blocks` blocks each, `queries` queries a row, go the tiled way: paged
-    mode, few queries, and more to read than the gather path handles well (GATHER_LIMIT_BYTES of K)."""
+def use_tiles(mode: str, k_pool: torch.Tensor, num_blocks: int, queries: int = 1) -> bool:
+    """Whether a row of `num_blocks` blocks and `queries` queries reads its context in column tiles: paged mode,
+    few queries, and more K than one row should gather whole (GATHER_LIMIT_BYTES)."""
     return (mode == ATTENTION_PAGED and queries <= MAX_TILED_QUERIES
-            and rows * num_blocks * _block_bytes(k_pool) > GATHER_LIMIT_BYTES)
+            and num_blocks * _block_bytes(k_pool) > GATHER_LIMIT_BYTES)
+
+
+def row_slices(mode: str, k_pool: torch.Tensor, rows: int, num_blocks: int) -> list[slice]:
+    """The sub-batches a decode group of `rows` contexts of `num_blocks` blocks gathers one at a time: in paged
+    mode as many rows as fit TILE_BYTES of K (at least one), else the whole group."""
+    per = rows if mode != ATTENTION_PAGED else max(1, TILE_BYTES // (num_blocks * _block_bytes(k_pool)))
+    return [slice(i, min(i + per, rows)) for i in range(0, rows, per)]
 
 
 def tile_blocks(k_pool: torch.Tensor, rows: int, tile_bytes: int | None = None) -> int:

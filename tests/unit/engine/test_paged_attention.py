@@ -12,7 +12,7 @@ from kvmesh.services.engine import model as model_module
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.kv_cache import KVCache
 from kvmesh.services.engine.loader import model_class
-from kvmesh.services.engine.paged_attention import attention_mode, tiled_attention, use_tiles
+from kvmesh.services.engine.paged_attention import attention_mode, row_slices, tiled_attention, use_tiles
 from kvmesh.services.kv_identity import KVLayout
 
 BLOCK = 16
@@ -73,13 +73,21 @@ def test_tiled_attention_in_bfloat16_stays_within_bfloat16_rounding(softcap):
                                rtol=2e-2, atol=2e-2)
 
 
-def test_the_gather_limit_decides_when_to_tile(monkeypatch):
+def test_the_gather_limit_decides_when_a_row_reads_column_tiles(monkeypatch):
     pool = torch.zeros(8, BLOCK, 2, 4)  # 512 bytes per block
     monkeypatch.setattr(paged_attention, "GATHER_LIMIT_BYTES", 4 * 512)
-    assert use_tiles("paged", pool, 2, 3) and not use_tiles("paged", pool, 2, 2)
-    assert not use_tiles("gather", pool, 2, 3)
+    assert use_tiles("paged", pool, 5) and not use_tiles("paged", pool, 4)
+    assert not use_tiles("gather", pool, 5)
     monkeypatch.setattr(paged_attention, "MAX_TILED_QUERIES", 4)
-    assert use_tiles("paged", pool, 2, 3, queries=4) and not use_tiles("paged", pool, 2, 3, queries=5)
+    assert use_tiles("paged", pool, 5, queries=4) and not use_tiles("paged", pool, 5, queries=5)
+
+
+def test_a_decode_group_is_gathered_in_sub_batches_that_fit_a_tile(monkeypatch):
+    pool = torch.zeros(8, BLOCK, 2, 4)  # 512 bytes per block
+    monkeypatch.setattr(paged_attention, "TILE_BYTES", 3 * 512)
+    assert row_slices("paged", pool, 7, 1) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert row_slices("paged", pool, 7, 4) == [slice(i, i + 1) for i in range(7)]  # a row over a tile: one a time
+    assert row_slices("gather", pool, 7, 1) == [slice(0, 7)]
 
 
 def test_attention_mode_reads_the_environment_and_refuses_unknown_modes(monkeypatch):
@@ -110,18 +118,22 @@ def step_logits(path, mode: str) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("tiles", ["columns", "rows"])
 @pytest.mark.parametrize("family", [*FAMILIES, "gemma2", "gemma3"])
-def test_every_family_gives_the_same_logits_tiled_as_gathered(model_dir, family, monkeypatch):
+def test_every_family_gives_the_same_logits_tiled_as_gathered(model_dir, family, tiles, monkeypatch):
     path = model_dir(family)
     gathered = step_logits(path, "gather")
-    monkeypatch.setattr(paged_attention, "GATHER_LIMIT_BYTES", 0)  # tile every group and chunked prefill
-    monkeypatch.setattr(paged_attention, "TILE_BYTES", 1)  # one block column per tile
-    monkeypatch.setattr(paged_attention, "MAX_TILED_QUERIES", 64)
-    calls = []
-    for module in (model_module, gemma_attention):  # count the tiled calls, so the test cannot pass vacuously
-        monkeypatch.setattr(module, "tiled_attention", lambda *a, **k: calls.append(1) or tiled_attention(*a, **k))
+    monkeypatch.setattr(paged_attention, "TILE_BYTES", 1)  # one block column per tile, one row per sub-batch
+    if tiles == "columns":  # every decode row and the chunked prefill read column tiles
+        monkeypatch.setattr(paged_attention, "GATHER_LIMIT_BYTES", 0)
+        monkeypatch.setattr(paged_attention, "MAX_TILED_QUERIES", 64)
+    calls = []  # count the paths taken, so the test cannot pass vacuously
+    for module in (model_module, gemma_attention):
+        monkeypatch.setattr(module, "tiled_attention",
+                            lambda *a, **k: calls.append("columns") or tiled_attention(*a, **k))
+        monkeypatch.setattr(module, "row_slices", lambda *a: calls.extend(["rows"] * (a[2] > 1)) or row_slices(*a))
     tiled = step_logits(path, "paged")
-    assert len(calls) >= 8  # the chunked prefill and each decode step (per layer) took the tiled path
+    assert calls.count(tiles) >= 8  # the chunked prefill or each decode step (per layer) took that path
     for a, b in zip(gathered, tiled, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
