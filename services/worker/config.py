@@ -18,9 +18,9 @@ class WorkerConfig(ServerConfig):
                       "float32), float32, bfloat16, float16.",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("cpu", "torch device: cpu, cuda, cuda:1, ...")
-    attention: str = knob("paged", "Attention over the KV pool: paged reads a batch's long contexts tile by tile "
-                                   "from the pool (no compiler needed); gather copies every context out whole "
-                                   "first (the pure-torch fallback).", choices=("paged", "gather"))
+    attention: str = knob("paged", "Attention over the KV pool: paged gathers a decode group a few MB of rows at a "
+                                   "time (and a very long context in tiles of blocks); gather copies each group "
+                                   "out whole first (the pure-torch fallback).", choices=("paged", "gather"))
     block_size: int = knob(16, "Tokens per KV block; every worker of a mesh must use the same.")
     kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")
     max_num_batched_tokens: int = knob(2048, "Token budget of one engine step (prefill chunks + decode tokens).")
