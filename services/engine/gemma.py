@@ -201,7 +201,7 @@ class GemmaModel(LlamaModel):
         v_pool.view(-1, kv_heads, dim).index_copy_(0, batch.slots, v)
         if layer_hook is not None:  # this layer's K/V are in the cache: the caller may ship them now
             layer_hook(i)
-        attn = paged_attention(batch, q, k, v, k_pool, v_pool, masks, layer.attention)
+        attn = paged_attention(batch, q, k, v, k_pool, v_pool, masks, layer.attention, self.attention)
         h = h + gemma_norm(layer.o_proj(attn), layer.post_attn_norm, eps)
         x = gemma_norm(h, layer.pre_ff_norm, eps)
         gate, up = layer.gate_up_proj(x).chunk(2, dim=-1)

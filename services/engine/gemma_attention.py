@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kvmesh.services.engine.batch import DecodeGroup, StepBatch
+from kvmesh.services.engine.paged_attention import ATTENTION_GATHER, row_slices, tiled_attention, use_tiles
 
 
 @dataclass(frozen=True)
@@ -99,19 +100,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def paged_attention(batch: StepBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                    v_pool: torch.Tensor, masks: StepMasks, spec: AttentionSpec) -> torch.Tensor:
+                    v_pool: torch.Tensor, masks: StepMasks, spec: AttentionSpec,
+                    mode: str = ATTENTION_GATHER) -> torch.Tensor:
     """Attention of every token of `batch` over its sequence's cached context: [tokens, heads * head_dim].
 
-    q, k, v are this step's [tokens, heads or kv_heads, dim]; the pools already hold this step's K/V."""
+    q, k, v are this step's [tokens, heads or kv_heads, dim]; the pools already hold this step's K/V. In paged
+    `mode`, decode groups gather a sub-batch of rows at a time, and a very long context is read in column tiles
+    (paged_attention.py)."""
     kv_heads, dim = k.shape[1], k.shape[2]
     outs = []
     for g, (blocks, mask) in zip(batch.decode_groups, masks.decode):
-        n, ctx = g.count, mask.shape[1]
-        kg = k_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
-        vg = v_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
-        outs.append(attend(q[g.offset:g.offset + n].unsqueeze(1), kg, vg, mask.unsqueeze(1), spec)[:, 0])
+        n, ctx, qg, table = g.count, mask.shape[1], q[g.offset:g.offset + g.count], blocks.view(g.count, -1)
+        if use_tiles(mode, k_pool, table.shape[1]):
+            outs.append(tiled_attention(qg[:, None], k_pool, v_pool, table, mask[:, None], spec.scale,
+                                        spec.softcap)[:, 0])
+            continue
+        for r in row_slices(mode, k_pool, n, table.shape[1]):
+            rows = table[r].reshape(-1)
+            kg = k_pool.index_select(0, rows).view(-1, ctx, kv_heads, dim)
+            vg = v_pool.index_select(0, rows).view(-1, ctx, kv_heads, dim)
+            outs.append(attend(qg[r].unsqueeze(1), kg, vg, mask[r].unsqueeze(1), spec)[:, 0])
     for span, (blocks, mask) in zip(batch.prefills, masks.prefill):
         sl = slice(span.offset, span.offset + span.length)
+        if blocks is not None and use_tiles(mode, k_pool, blocks.numel(), span.length):
+            outs.append(tiled_attention(q[sl][None], k_pool, v_pool, blocks[None], mask[None], spec.scale,
+                                        spec.softcap)[0])
+            continue
         if blocks is None:  # from position 0: the chunk's own K/V are the whole context
             kp, vp = k[sl], v[sl]
         else:  # the context from the first block the window reaches (block 0 without a window)

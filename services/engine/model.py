@@ -5,7 +5,8 @@ RMSNorm, RoPE (default, linear, llama3; partial rotary), grouped-query attention
 experts (moe.py). Per-family weight names and hooks (Qwen3's q/k norms) are read in layers.py. Weights stay in
 the model dtype; q/k/v and gate/up projections are fused into one matmul each. Decode tokens of every sequence share one
 scaled_dot_product_attention call (padded context + mask); prefill chunks run one call each, plain causal
-when they start at position 0.
+when they start at position 0. In paged mode (the default) a decode group gathers a few MB of rows at a time, and a
+very long context is read in column tiles (paged_attention.py); $KVMESH_ATTENTION=gather gathers whole groups.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kvmesh.services.engine.errors import UnsupportedModelError
 from kvmesh.services.engine.kv_cache import DTYPES, KVCache
 from kvmesh.services.engine.layers import build_layer
 from kvmesh.services.engine.linear import Linear
+from kvmesh.services.engine.paged_attention import attention_mode, row_slices, tiled_attention, use_tiles
 from kvmesh.services.engine.weights import ModelConfig, inv_freq, load_config, load_weights
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,6 +56,7 @@ class LlamaModel:
         self.lm_head_proj = Linear(self.lm_head)
         # tensor parallelism (tp.py): sums each rank's partial o_proj / down_proj output in place; None alone
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.attention = attention_mode()  # gather or paged (paged_attention.py); tests set it per model
         # build_batch's group_cost for this model's decode attention path (see batch.GROUP_COST_TOKENS)
         self.decode_group_cost = 320 if dtype == torch.float32 else 1000
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq(config))
@@ -123,6 +126,11 @@ class LlamaModel:
             if span.blocks is None:
                 kp, vp = k[sl].transpose(0, 1).unsqueeze(0), v[sl].transpose(0, 1).unsqueeze(0)
                 out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+            elif use_tiles(self.attention, k_pool, span.blocks.shape[0], span.length):
+                out = tiled_attention(q[sl][None], k_pool, v_pool, span.blocks[None], span.mask[None],
+                                      cfg.head_dim ** -0.5)
+                outs.append(out[0])
+                continue
             else:
                 ctx = span.start + span.length
                 kp = k_pool.index_select(0, span.blocks).view(-1, cfg.num_kv_heads, cfg.head_dim)[:ctx]
@@ -134,14 +142,26 @@ class LlamaModel:
 
     def _decode_attention(self, group: DecodeGroup, q: torch.Tensor, k_pool: torch.Tensor,
                           v_pool: torch.Tensor) -> torch.Tensor:
-        """One query token per sequence (q [n, heads, head_dim]) over its gathered blocks: [n, heads*head_dim]."""
-        cfg, n, ctx = self.config, q.shape[0], group.ctx_len
+        """One query token per sequence (q [n, heads, head_dim]) over its paged context: [n, heads*head_dim]."""
+        n, ctx = q.shape[0], group.ctx_len
+        blocks, mask = group.blocks.view(n, -1), group.mask
+        if use_tiles(self.attention, k_pool, blocks.shape[1]):
+            mask = None if mask is None else mask.view(n, 1, ctx)
+            return tiled_attention(q[:, None], k_pool, v_pool, blocks, mask, self.config.head_dim ** -0.5)[:, 0]
+        parts = [self._gathered_decode(q[r], blocks[r].reshape(-1), None if mask is None else mask[r], ctx,
+                                       k_pool, v_pool) for r in row_slices(self.attention, k_pool, n, blocks.shape[1])]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _gathered_decode(self, q: torch.Tensor, blocks: torch.Tensor, mask: torch.Tensor | None, ctx: int,
+                         k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        """Decode attention of q [n, heads, head_dim] over its rows' blocks gathered whole: [n, heads*head_dim]."""
+        cfg, n = self.config, q.shape[0]
         kv_heads, dim = cfg.num_kv_heads, cfg.head_dim
-        k = k_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
-        v = v_pool.index_select(0, group.blocks).view(n, ctx, kv_heads, dim)
+        k = k_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
+        v = v_pool.index_select(0, blocks).view(n, ctx, kv_heads, dim)
         if q.dtype == torch.float32:  # measured: SDPA beats the bmm path below in float32 (~175 vs ~225 ms/step)
             out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=group.mask, enable_gqa=True)
+                                                 attn_mask=mask, enable_gqa=True)
             return out.reshape(n, -1)
         # CPU SDPA kernels are several times slower in bfloat16/float16 than plain batched matmuls for decode's
         # single-query shapes, and a matmul over the [ctx, kv_heads, dim] cache layout transposed would copy it.
@@ -153,8 +173,8 @@ class LlamaModel:
         qb.diagonal(0, 1, 3).copy_(q.view(n, kv_heads, group_size, dim).permute(0, 3, 2, 1))
         scores = torch.bmm(k.view(n, ctx, kv_heads * dim),
                            qb.view(n, kv_heads * dim, cfg.num_heads)).float() * dim ** -0.5  # [n, ctx, heads]
-        if group.mask is not None:
-            scores = scores.masked_fill(~group.mask.view(n, ctx, 1), float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask.view(n, ctx, 1), float("-inf"))
         probs = scores.softmax(1).to(q.dtype)
         out = torch.bmm(probs.transpose(1, 2), v.view(n, ctx, kv_heads * dim))  # [n, heads, kv_heads*dim]
         out = out.view(n, kv_heads, group_size, kv_heads, dim).diagonal(0, 1, 3)  # [n, group, dim, kv_heads]

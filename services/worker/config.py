@@ -21,6 +21,9 @@ class WorkerConfig(ServerConfig):
                       "float32), float32, bfloat16, float16.",
                       choices=("auto", "float32", "bfloat16", "float16"))
     device: str = knob("cpu", "torch device: cpu, cuda, cuda:1, ...")
+    attention: str = knob("paged", "Attention over the KV pool: paged gathers a decode group a few MB of rows at a "
+                                   "time (and a very long context in tiles of blocks); gather copies each group "
+                                   "out whole first (the pure-torch fallback).", choices=("paged", "gather"))
     block_size: int = knob(16, "Tokens per KV block; prefill and decode workers may differ (a transfer "
                                  "re-chunks the tokens into the receiver's blocks).")
     kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")

@@ -65,6 +65,7 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
                                  max_num_batched_tokens=config.max_num_batched_tokens,
                                  max_num_seqs=config.max_num_seqs, kv_storage=None if local else storage,
                                  enable_prefix_caching=prefix_caching)
+    engine.model.attention = config.attention
     return engine, local_region(engine.kv_cache, config, backends) if local else regions[0]
 
 

@@ -83,3 +83,18 @@ def test_greedy_through_the_mesh_equals_transformers(family_mesh):
         with pytest.raises(grpc.RpcError) as refused:
             list(mesh.gateway_stub().Generate(gateway_pb2.GenerateRequest(prompt_token_ids=[5, 6, 7]), timeout=30))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_workers_with_the_gather_attention_fallback_give_the_same_greedy_output(model_dir):
+    """`--attention gather` (the pure-torch fallback to the default paged attention) through the split mesh."""
+    path = model_dir("llama")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    mesh = start_mesh(str(path), transport="grpc", worker_args=("--attention", "gather"))
+    try:
+        for prompt in PROMPTS[2:]:
+            ids = tokenizer.encode(prompt)
+            got, _ = mesh.generate(ids, MAX_TOKENS, ignore_eos=True)
+            assert got == hf_greedy(path, ids, MAX_TOKENS), prompt
+        assert mesh.wait_blocks_free(2.0)
+    finally:
+        mesh.close()
