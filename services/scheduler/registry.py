@@ -55,6 +55,7 @@ class WorkerSpec:
     descriptor: object = None
     local_prefill_max_tokens: int | None = None  # decode workers: see kv_identity.prefill_locally
     colocated: bool = False  # decode workers: prefills every prompt itself; routed to without a prefill worker
+    spills_kv: bool = False  # decode workers: borrows KV room from the cache (admitted by prompt blocks)
 
     def validate(self) -> None:
         """Raise InvalidArgumentError when the spec cannot be registered."""

@@ -52,7 +52,8 @@ def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
                       transports=tuple(msg.transports), layout=KVLayout.from_proto(msg.layout) if has_layout else None,
                       model=msg.model, descriptor=descriptor,
                       local_prefill_max_tokens=msg.local_prefill_max_tokens
-                      if msg.HasField("local_prefill_max_tokens") else None, colocated=msg.colocated)
+                      if msg.HasField("local_prefill_max_tokens") else None, colocated=msg.colocated,
+                      spills_kv=msg.spills_kv)
 
 
 def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerState = BreakerState.CLOSED

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/scheduler.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\x9a\x02\n\nWorkerLoad\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12$\n\x05steps\x18\x05 \x03(\x0b\x32\x15.kvmesh.v1.StepSample\x12\"\n\x1anum_pending_prefill_tokens\x18\x06 \x01(\x03\x12\x1b\n\x13num_pending_prefill\x18\x07 \x01(\x05\x12\x1a\n\x12num_blocks_claimed\x18\x08 \x01(\x05\x12,\n\ttransfers\x18\x14 \x03(\x0b\x32\x19.kvmesh.v1.TransferSample\"\x7f\n\x0eTransferSample\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x15\n\rnum_ssd_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_fetch\x18\x06 \x01(\x08\"\x8b\x01\n\nStepSample\x12\x1a\n\x12num_prefill_tokens\x18\x01 \x01(\x05\x12\x1b\n\x13num_attention_pairs\x18\x02 \x01(\x03\x12\x17\n\x0fnum_decode_seqs\x18\x03 \x01(\x05\x12\x1a\n\x12num_context_tokens\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x02\"\xe5\x02\n\x0fRegisterRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x32\n\ndescriptor\x18\x07 \x01(\x0b\x32\x1e.kvmesh.v1.TransportDescriptor\x12#\n\x04load\x18\x08 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\r\n\x05model\x18\t \x01(\t\x12%\n\x18local_prefill_max_tokens\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tcolocated\x18\x0b \x01(\x08\x42\x1b\n\x19_local_prefill_max_tokens\"u\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x02\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\x02\x12\x13\n\x0blease_token\x18\x04 \x01(\t\"9\n\x08KVEvents\x12\x0e\n\x06stored\x18\x01 \x03(\x0c\x12\x0f\n\x07removed\x18\x02 \x03(\x0c\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\"\xbe\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12&\n\tkv_events\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.KVEvents\x12\x18\n\x10reports_arrivals\x18\x04 \x01(\x08\x12\x1b\n\x13\x61rrived_request_ids\x18\x05 \x03(\t\x12\x13\n\x0blease_token\x18\x06 \x01(\t\"D\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x02\x12\x18\n\x10resync_kv_events\x18\x02 \x01(\x08\";\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\xbf\x02\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\x12\x18\n\x10\x61void_worker_ids\x18\x07 \x03(\t\x12\x1d\n\x10slo_ttft_seconds\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x1d\n\x10slo_tpot_seconds\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nmax_tokens\x18\n \x01(\x05\x42\r\n\x0b_cache_saltB\x13\n\x11_slo_ttft_secondsB\x13\n\x11_slo_tpot_seconds\"\xde\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x12\n\ntransports\x18\x06 \x03(\t\x12#\n\x06layout\x18\x07 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x32\n\ndescriptor\x18\x08 \x01(\x0b\x32\x1e.kvmesh.v1.TransportDescriptor\x12#\n\x04load\x18\t \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\r\n\x05model\x18\n \x01(\t\x12\x1f\n\x17lease_remaining_seconds\x18\x0b \x01(\x02\x12.\n\rbreaker_state\x18\x0c \x01(\x0e\x32\x17.kvmesh.v1.BreakerState\x12\"\n\x1anum_routed_since_heartbeat\x18\r \x01(\x05\x12\x1a\n\x12num_breaker_opened\x18\x0e \x01(\x05\x12\x1c\n\x14num_breaker_failures\x18\x0f \x01(\x05\x12\x11\n\tcolocated\x18\x10 \x01(\x08\"\xdf\x02\n\rRouteResponse\x12&\n\x07prefill\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12%\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12 \n\x18num_decode_cached_tokens\x18\x05 \x01(\x05\x12\x1b\n\x13prompt_block_hashes\x18\x06 \x03(\x0c\x12\x1a\n\rlocal_prefill\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0c\x63\x61\x63he_probed\x18\x08 \x01(\x08\x12\x11\n\tkv_source\x18\t \x01(\t\x12\x1e\n\x16predicted_ttft_seconds\x18\n \x01(\x02\x12\x1e\n\x16predicted_tpot_seconds\x18\x0b \x01(\x02\x42\x10\n\x0e_local_prefill\"\x17\n\x15SchedulerStatsRequest\"\x91\x01\n\x0bWorkerModel\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07prefill\x18\x03 \x03(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x04 \x03(\x01\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x05\x12\x14\n\x0cnum_outliers\x18\x06 \x01(\x05\"m\n\x0eSchedulerStats\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.WorkerModel\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12#\n\x05links\x18\x14 \x03(\x0b\x32\x14.kvmesh.v1.LinkModel\"\xc1\x01\n\tLinkModel\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x10\n\x08receiver\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x15\n\rfixed_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04gbps\x18\x06 \x01(\x01\x12\x10\n\x08ssd_gbps\x18\x07 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x05\x12\x14\n\x0cnum_outliers\x18\t \x01(\x05\x12\x0e\n\x06\x66itted\x18\n \x01(\x08\"\x90\x01\n\x14ReportFailureRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x04role\x18\x03 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x10\n\x08reporter\x18\x06 \x01(\t\"X\n\x15ReportFailureResponse\x12\x0f\n\x07\x63ounted\x18\x01 \x01(\x08\x12.\n\rbreaker_state\x18\x02 \x01(\x0e\x32\x17.kvmesh.v1.BreakerState\"9\n\x12ListWorkersRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03*q\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x15\n\x11WORKER_ROLE_CACHE\x10\x03\x32\x87\x04\n\tScheduler\x12\x43\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x1b.kvmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x1c.kvmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.kvmesh.v1.DeregisterRequest\x1a\x1d.kvmesh.v1.DeregisterResponse\x12:\n\x05Route\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteResponse\x12L\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1e.kvmesh.v1.ListWorkersResponse\x12R\n\rReportFailure\x12\x1f.kvmesh.v1.ReportFailureRequest\x1a .kvmesh.v1.ReportFailureResponse\x12\x44\n\x05Stats\x12 .kvmesh.v1.SchedulerStatsRequest\x1a\x19.kvmesh.v1.SchedulerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvmesh/v1/scheduler.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"\x9a\x02\n\nWorkerLoad\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12$\n\x05steps\x18\x05 \x03(\x0b\x32\x15.kvmesh.v1.StepSample\x12\"\n\x1anum_pending_prefill_tokens\x18\x06 \x01(\x03\x12\x1b\n\x13num_pending_prefill\x18\x07 \x01(\x05\x12\x1a\n\x12num_blocks_claimed\x18\x08 \x01(\x05\x12,\n\ttransfers\x18\x14 \x03(\x0b\x32\x19.kvmesh.v1.TransferSample\"\x7f\n\x0eTransferSample\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07seconds\x18\x02 \x01(\x02\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0c\n\x04peer\x18\x04 \x01(\t\x12\x15\n\rnum_ssd_bytes\x18\x05 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_fetch\x18\x06 \x01(\x08\"\x8b\x01\n\nStepSample\x12\x1a\n\x12num_prefill_tokens\x18\x01 \x01(\x05\x12\x1b\n\x13num_attention_pairs\x18\x02 \x01(\x03\x12\x17\n\x0fnum_decode_seqs\x18\x03 \x01(\x05\x12\x1a\n\x12num_context_tokens\x18\x04 \x01(\x03\x12\x0f\n\x07seconds\x18\x05 \x01(\x02\"\xf8\x02\n\x0fRegisterRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\x12\x12\n\ntransports\x18\x05 \x03(\t\x12#\n\x06layout\x18\x06 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x32\n\ndescriptor\x18\x07 \x01(\x0b\x32\x1e.kvmesh.v1.TransportDescriptor\x12#\n\x04load\x18\x08 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\r\n\x05model\x18\t \x01(\t\x12%\n\x18local_prefill_max_tokens\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tcolocated\x18\x0b \x01(\x08\x12\x11\n\tspills_kv\x18\x0c \x01(\x08\x42\x1b\n\x19_local_prefill_max_tokens\"u\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\x02\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\x02\x12\x13\n\x0blease_token\x18\x04 \x01(\t\"9\n\x08KVEvents\x12\x0e\n\x06stored\x18\x01 \x03(\x0c\x12\x0f\n\x07removed\x18\x02 \x03(\x0c\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\"\xbe\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12&\n\tkv_events\x18\x03 \x01(\x0b\x32\x13.kvmesh.v1.KVEvents\x12\x18\n\x10reports_arrivals\x18\x04 \x01(\x08\x12\x1b\n\x13\x61rrived_request_ids\x18\x05 \x03(\t\x12\x13\n\x0blease_token\x18\x06 \x01(\t\"D\n\x11HeartbeatResponse\x12\x15\n\rlease_seconds\x18\x01 \x01(\x02\x12\x18\n\x10resync_kv_events\x18\x02 \x01(\x08\";\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\xbf\x02\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12#\n\x06layout\x18\x04 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07\x64ry_run\x18\x06 \x01(\x08\x12\x18\n\x10\x61void_worker_ids\x18\x07 \x03(\t\x12\x1d\n\x10slo_ttft_seconds\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x1d\n\x10slo_tpot_seconds\x18\t \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nmax_tokens\x18\n \x01(\x05\x42\r\n\x0b_cache_saltB\x13\n\x11_slo_ttft_secondsB\x13\n\x11_slo_tpot_seconds\"\xde\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x12\n\ntransports\x18\x06 \x03(\t\x12#\n\x06layout\x18\x07 \x01(\x0b\x32\x13.kvmesh.v1.KVLayout\x12\x32\n\ndescriptor\x18\x08 \x01(\x0b\x32\x1e.kvmesh.v1.TransportDescriptor\x12#\n\x04load\x18\t \x01(\x0b\x32\x15.kvmesh.v1.WorkerLoad\x12\r\n\x05model\x18\n \x01(\t\x12\x1f\n\x17lease_remaining_seconds\x18\x0b \x01(\x02\x12.\n\rbreaker_state\x18\x0c \x01(\x0e\x32\x17.kvmesh.v1.BreakerState\x12\"\n\x1anum_routed_since_heartbeat\x18\r \x01(\x05\x12\x1a\n\x12num_breaker_opened\x18\x0e \x01(\x05\x12\x1c\n\x14num_breaker_failures\x18\x0f \x01(\x05\x12\x11\n\tcolocated\x18\x10 \x01(\x08\"\xdf\x02\n\rRouteResponse\x12&\n\x07prefill\x18\x01 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12%\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x15.kvmesh.v1.WorkerInfo\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12 \n\x18num_decode_cached_tokens\x18\x05 \x01(\x05\x12\x1b\n\x13prompt_block_hashes\x18\x06 \x03(\x0c\x12\x1a\n\rlocal_prefill\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0c\x63\x61\x63he_probed\x18\x08 \x01(\x08\x12\x11\n\tkv_source\x18\t \x01(\t\x12\x1e\n\x16predicted_ttft_seconds\x18\n \x01(\x02\x12\x1e\n\x16predicted_tpot_seconds\x18\x0b \x01(\x02\x42\x10\n\x0e_local_prefill\"\x17\n\x15SchedulerStatsRequest\"\x91\x01\n\x0bWorkerModel\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0f\n\x07prefill\x18\x03 \x03(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x04 \x03(\x01\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x05\x12\x14\n\x0cnum_outliers\x18\x06 \x01(\x05\"m\n\x0eSchedulerStats\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.kvmesh.v1.WorkerModel\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12#\n\x05links\x18\x14 \x03(\x0b\x32\x14.kvmesh.v1.LinkModel\"\xc1\x01\n\tLinkModel\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tsender_id\x18\x02 \x01(\t\x12\x10\n\x08receiver\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x15\n\rfixed_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04gbps\x18\x06 \x01(\x01\x12\x10\n\x08ssd_gbps\x18\x07 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x08 \x01(\x05\x12\x14\n\x0cnum_outliers\x18\t \x01(\x05\x12\x0e\n\x06\x66itted\x18\n \x01(\x08\"\x90\x01\n\x14ReportFailureRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x04role\x18\x03 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x10\n\x08reporter\x18\x06 \x01(\t\"X\n\x15ReportFailureResponse\x12\x0f\n\x07\x63ounted\x18\x01 \x01(\x08\x12.\n\rbreaker_state\x18\x02 \x01(\x0e\x32\x17.kvmesh.v1.BreakerState\"9\n\x12ListWorkersRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.kvmesh.v1.WorkerRole\"=\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.kvmesh.v1.WorkerInfo*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03*q\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x15\n\x11WORKER_ROLE_CACHE\x10\x03\x32\x87\x04\n\tScheduler\x12\x43\n\x08Register\x12\x1a.kvmesh.v1.RegisterRequest\x1a\x1b.kvmesh.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.kvmesh.v1.HeartbeatRequest\x1a\x1c.kvmesh.v1.HeartbeatResponse\x12I\n\nDeregister\x12\x1c.kvmesh.v1.DeregisterRequest\x1a\x1d.kvmesh.v1.DeregisterResponse\x12:\n\x05Route\x12\x17.kvmesh.v1.RouteRequest\x1a\x18.kvmesh.v1.RouteResponse\x12L\n\x0bListWorkers\x12\x1d.kvmesh.v1.ListWorkersRequest\x1a\x1e.kvmesh.v1.ListWorkersResponse\x12R\n\rReportFailure\x12\x1f.kvmesh.v1.ReportFailureRequest\x1a .kvmesh.v1.ReportFailureResponse\x12\x44\n\x05Stats\x12 .kvmesh.v1.SchedulerStatsRequest\x1a\x19.kvmesh.v1.SchedulerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvmesh.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BREAKERSTATE']._serialized_start=3517
-  _globals['_BREAKERSTATE']._serialized_end=3641
-  _globals['_WORKERROLE']._serialized_start=3643
-  _globals['_WORKERROLE']._serialized_end=3756
+  _globals['_BREAKERSTATE']._serialized_start=3536
+  _globals['_BREAKERSTATE']._serialized_end=3660
+  _globals['_WORKERROLE']._serialized_start=3662
+  _globals['_WORKERROLE']._serialized_end=3775
   _globals['_WORKERLOAD']._serialized_start=65
   _globals['_WORKERLOAD']._serialized_end=347
   _globals['_TRANSFERSAMPLE']._serialized_start=349
@@ -43,41 +43,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPSAMPLE']._serialized_start=479
   _globals['_STEPSAMPLE']._serialized_end=618
   _globals['_REGISTERREQUEST']._serialized_start=621
-  _globals['_REGISTERREQUEST']._serialized_end=978
-  _globals['_REGISTERRESPONSE']._serialized_start=980
-  _globals['_REGISTERRESPONSE']._serialized_end=1097
-  _globals['_KVEVENTS']._serialized_start=1099
-  _globals['_KVEVENTS']._serialized_end=1156
-  _globals['_HEARTBEATREQUEST']._serialized_start=1159
-  _globals['_HEARTBEATREQUEST']._serialized_end=1349
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1351
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1419
-  _globals['_DEREGISTERREQUEST']._serialized_start=1421
-  _globals['_DEREGISTERREQUEST']._serialized_end=1480
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1482
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1519
-  _globals['_ROUTEREQUEST']._serialized_start=1522
-  _globals['_ROUTEREQUEST']._serialized_end=1841
-  _globals['_WORKERINFO']._serialized_start=1844
-  _globals['_WORKERINFO']._serialized_end=2322
-  _globals['_ROUTERESPONSE']._serialized_start=2325
-  _globals['_ROUTERESPONSE']._serialized_end=2676
-  _globals['_SCHEDULERSTATSREQUEST']._serialized_start=2678
-  _globals['_SCHEDULERSTATSREQUEST']._serialized_end=2701
-  _globals['_WORKERMODEL']._serialized_start=2704
-  _globals['_WORKERMODEL']._serialized_end=2849
-  _globals['_SCHEDULERSTATS']._serialized_start=2851
-  _globals['_SCHEDULERSTATS']._serialized_end=2960
-  _globals['_LINKMODEL']._serialized_start=2963
-  _globals['_LINKMODEL']._serialized_end=3156
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=3159
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=3303
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=3305
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=3393
-  _globals['_LISTWORKERSREQUEST']._serialized_start=3395
-  _globals['_LISTWORKERSREQUEST']._serialized_end=3452
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=3454
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=3515
-  _globals['_SCHEDULER']._serialized_start=3759
-  _globals['_SCHEDULER']._serialized_end=4278
+  _globals['_REGISTERREQUEST']._serialized_end=997
+  _globals['_REGISTERRESPONSE']._serialized_start=999
+  _globals['_REGISTERRESPONSE']._serialized_end=1116
+  _globals['_KVEVENTS']._serialized_start=1118
+  _globals['_KVEVENTS']._serialized_end=1175
+  _globals['_HEARTBEATREQUEST']._serialized_start=1178
+  _globals['_HEARTBEATREQUEST']._serialized_end=1368
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1370
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1438
+  _globals['_DEREGISTERREQUEST']._serialized_start=1440
+  _globals['_DEREGISTERREQUEST']._serialized_end=1499
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1501
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1538
+  _globals['_ROUTEREQUEST']._serialized_start=1541
+  _globals['_ROUTEREQUEST']._serialized_end=1860
+  _globals['_WORKERINFO']._serialized_start=1863
+  _globals['_WORKERINFO']._serialized_end=2341
+  _globals['_ROUTERESPONSE']._serialized_start=2344
+  _globals['_ROUTERESPONSE']._serialized_end=2695
+  _globals['_SCHEDULERSTATSREQUEST']._serialized_start=2697
+  _globals['_SCHEDULERSTATSREQUEST']._serialized_end=2720
+  _globals['_WORKERMODEL']._serialized_start=2723
+  _globals['_WORKERMODEL']._serialized_end=2868
+  _globals['_SCHEDULERSTATS']._serialized_start=2870
+  _globals['_SCHEDULERSTATS']._serialized_end=2979
+  _globals['_LINKMODEL']._serialized_start=2982
+  _globals['_LINKMODEL']._serialized_end=3175
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=3178
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=3322
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=3324
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=3412
+  _globals['_LISTWORKERSREQUEST']._serialized_start=3414
+  _globals['_LISTWORKERSREQUEST']._serialized_end=3471
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=3473
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=3534
+  _globals['_SCHEDULER']._serialized_start=3778
+  _globals['_SCHEDULER']._serialized_end=4297
 # @@protoc_insertion_point(module_scope)
