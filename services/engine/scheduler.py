@@ -80,7 +80,8 @@ class Scheduler:
                 continue
             while not self.allocator.can_allocate(self._blocks_needed(seq, n)):
                 preempted = True
-                victim = self._make_room(seq, self._blocks_needed(seq, n) - self.allocator.num_free_blocks)
+                victim = self._make_room(seq, self._blocks_needed(seq, n) - self.allocator.num_free_blocks,
+                                         [s for s, _ in scheduled])
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
@@ -105,9 +106,10 @@ class Scheduler:
             budget -= n
         return scheduled
 
-    def _make_room(self, seq: Sequence, need: int) -> Sequence:
-        """Free blocks for `seq`: spill a victim's (with a swap), else preempt the newest running sequence."""
-        victim = self.swap.spill(self, seq, need) if self.swap is not None else None
+    def _make_room(self, seq: Sequence, need: int, busy: list[Sequence]) -> Sequence:
+        """Free blocks for `seq`: spill a victim's (with a swap; none of `busy`, scheduled already), else preempt
+        the newest running sequence."""
+        victim = self.swap.spill(self, seq, need, busy) if self.swap is not None else None
         if victim is None:
             victim = self.running[-1]
             self._preempt(victim)

@@ -68,11 +68,12 @@ class Swap:
         last = min(seq.num_computed_tokens // self.block_size, len(seq.block_table) - 1)
         return [i for i in range(max(last, 0)) if seq.block_table[i] >= 0]
 
-    def spill(self, scheduler, asking: Sequence, need: int) -> Sequence | None:
+    def spill(self, scheduler, asking: Sequence, need: int, busy=()) -> Sequence | None:
         """Free at least `need` blocks by spilling a victim's oldest blocks; the victim, or None when no sequence
-        has a block to spill (the caller preempts as before)."""
+        has a block to spill (the caller preempts as before). `busy`: sequences this step already runs (never
+        victims: their blocks are about to be read)."""
         for victim in [*reversed(self.swapped), *reversed(scheduler.running)]:
-            if victim.status is SequenceStatus.PAGING_BACK or not self.spillable(victim):
+            if victim.status is SequenceStatus.PAGING_BACK or victim in busy or not self.spillable(victim):
                 continue
             before = scheduler.allocator.num_free_blocks
             positions = []

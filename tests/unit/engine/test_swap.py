@@ -164,3 +164,14 @@ def test_aborting_swapped_sequences_frees_every_block(model_dir):
     store = Store()
     _, scheduler = _generate(model_dir("qwen2"), 20, store, abort_after=30)
     assert scheduler.swap.num_spilled_blocks > 0 and scheduler.num_swapped == 0
+
+
+def test_a_sequence_this_step_already_runs_is_never_a_victim():
+    store = Store()
+    scheduler = _scheduler(5, store)
+    old = _running(scheduler, "old", 14, 0)  # 4 blocks, its next token fits: scheduled first
+    new = _running(scheduler, "new", 5, 1)  # 1 block, its next token needs a 2nd, and it has nothing to spill
+    scheduled = scheduler.schedule()
+    assert [s.request_id for s, _ in scheduled] == ["old"]
+    assert old.status is SequenceStatus.RUNNING and -1 not in old.block_table  # its blocks stay: it runs now
+    assert new.status is SequenceStatus.WAITING and scheduler.num_preemptions == 1  # the old way, as a last resort
