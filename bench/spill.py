@@ -3,9 +3,9 @@ workload, through a real mesh (scheduler, cache, one prefill and one decode work
 
     python bench/spill.py [--out FILE.json] [--quick] [--results bench/RESULTS.md]
 
-Workload: N requests (4) with long random prompts of P tokens (1,024) and O output tokens each (128, greedy,
-ignore_eos), all sent at once to a decode worker whose pool holds the N prompts and room for about two of them to
-grow to their full length, so running sequences run out of blocks as they grow. Preempting one costs recomputing
+Workload: N clients (4), each sending R requests (3) one after another, with long random prompts of P tokens
+(1,024) and O output tokens each (128, greedy, ignore_eos), to a decode worker whose pool holds N prompts and room
+for about one of them to grow to its full length, so running sequences keep running out of blocks as they grow. Preempting one costs recomputing
 its whole context on the decode worker (in the batch's way); spilling costs moving the blocks the step is short. The requests go to the decode
 worker directly (its Generate, with the plan a route would carry: the prefill worker to use), not through the
 gateway: the scheduler's admission would refuse the baseline's oversubscription outright (it admits a worker
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 from machine import machine  # noqa: E402
 
-N, P, O, BLOCK = 4, 1024, 128, 16
+N, R, P, O, BLOCK = 4, 3, 1024, 128, 16
 BLOCK_BYTES = 8 * 2 * BLOCK * 4 * 64 * 4  # the small preset: 8 layers, K and V, 4 KV heads of 64, float32
-POOL_BLOCKS = N * P // BLOCK + 2 * (O // BLOCK)  # the prompts, and room for about two sequences to grow
+POOL_BLOCKS = N * P // BLOCK + O // BLOCK + 2  # the prompts, and room for about one sequence to grow
 
 
 def counter(proc, name: str) -> float:
@@ -70,11 +70,11 @@ def run_mode(model: str, spill: bool, rng: random.Random) -> dict:
     try:
         generate(mesh, [rng.randrange(3, 4000) for _ in range(P)])  # warm up both workers
         decode = mesh.decodes[0]
-        prompts = [[rng.randrange(3, 4000) for _ in range(P)] for _ in range(N)]
+        prompts = [[[rng.randrange(3, 4000) for _ in range(P)] for _ in range(R)] for _ in range(N)]
         mesh.channel(decode.address)
         started = time.perf_counter()
         with ThreadPoolExecutor(N) as pool:
-            tokens = sum(pool.map(lambda ids: generate(mesh, ids), prompts))
+            tokens = sum(pool.map(lambda mine: sum(generate(mesh, ids) for ids in mine), prompts))
         seconds = time.perf_counter() - started
         mesh.worker_stats(decode, "decode")  # brings the preemption count to /metrics
         row = {"mode": "spill" if spill else "recompute", "tokens": tokens, "seconds": seconds,
@@ -98,9 +98,9 @@ def summary(rows: list[dict]) -> dict:
 def write_results(rows: list[dict], total: dict, command: str, info: dict, path: Path) -> None:
     lines = ["", f"## Borrowed KV memory: spill vs preempt-and-recompute (issue #19), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", f"`{command}`", "",
-             f"{N} requests at once, {P}-token prompts, {O} output tokens each (greedy, ignore_eos), small preset; "
-             f"decode pool {POOL_BLOCKS} blocks of {BLOCK} tokens (the sequences need {N * (P + O) // BLOCK} at "
-             f"their end). CPU: {info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, 1-minute load "
+             f"{N} clients × {R} requests in turn, {P}-token prompts, {O} output tokens each (greedy, ignore_eos), "
+             f"small preset; decode pool {POOL_BLOCKS} blocks of {BLOCK} tokens ({N} sequences need "
+             f"{N * (P + O) // BLOCK} at their end). CPU: {info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, 1-minute load "
              f"{info['loadavg']:.1f} at the end. lscpu flags: `{info.get('Flags', '?')}`", "",
              "| round | mode | output tok/s | seconds | preemptions | blocks spilled | blocks paged back |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -91,9 +91,10 @@ class Scheduler:
             budget -= n
         if self.swap is not None and not preempted:
             self.swap.page_back(self)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted \
-                and not self.num_swapped:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if self.num_swapped and not seq.block_table:  # swapped ones first; one holding a reservation goes on
+                break
             if not self._share_prefix(seq, budget):
                 break
             n = min(seq.num_uncomputed_tokens, budget)

@@ -175,3 +175,18 @@ def test_a_sequence_this_step_already_runs_is_never_a_victim():
     assert [s.request_id for s, _ in scheduled] == ["old"]
     assert old.status is SequenceStatus.RUNNING and -1 not in old.block_table  # its blocks stay: it runs now
     assert new.status is SequenceStatus.WAITING and scheduler.num_preemptions == 1  # the old way, as a last resort
+
+
+def test_a_waiting_sequence_holding_reserved_blocks_is_admitted_while_others_are_swapped():
+    store = Store()
+    scheduler = _scheduler(8, store)
+    _swapped(scheduler, "out", 17, 0, [0, 1, 2])  # needs 3 back
+    held = Sequence("held", [5] * 9, SamplingParams(temperature=0, max_tokens=4), 1)
+    held.block_table = scheduler.allocator.allocate(3)  # a reservation of a prompt prefilled here
+    scheduler.add(held)
+    fresh = Sequence("fresh", [6] * 5, SamplingParams(temperature=0, max_tokens=4), 2)
+    scheduler.add(fresh)
+    scheduled = scheduler.schedule()
+    assert [s.request_id for s, _ in scheduled] == ["held"]  # its blocks are taken already: holding them idle helps
+    assert [e.request_id for e in store.page_ins] == ["out"]  # no one
+    assert fresh.status is SequenceStatus.WAITING and not fresh.block_table  # a new one waits for the swapped
