@@ -187,6 +187,6 @@ def test_a_waiting_sequence_holding_reserved_blocks_is_admitted_while_others_are
     fresh = Sequence("fresh", [6] * 5, SamplingParams(temperature=0, max_tokens=4), 2)
     scheduler.add(fresh)
     scheduled = scheduler.schedule()
-    assert [s.request_id for s, _ in scheduled] == ["held"]  # its blocks are taken already: holding them idle helps
-    assert [e.request_id for e in store.page_ins] == ["out"]  # no one
+    assert [s.request_id for s, _ in scheduled] == ["held"]  # its blocks are taken: idle, they would help no one
+    assert [e.request_id for e in store.page_ins] == ["out"]
     assert fresh.status is SequenceStatus.WAITING and not fresh.block_table  # a new one waits for the swapped
