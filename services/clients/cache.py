@@ -36,11 +36,17 @@ class SchedulerCacheAddress:
     def __init__(self, channels, scheduler: str) -> None:
         self.schedulers = SchedulerSet(channels, scheduler)  # one or more, comma-separated
         self.address, self._expires = "", 0.0
+        self._asking: asyncio.Future | None = None
 
     async def __call__(self) -> str:
         if time.monotonic() < self._expires:
             return self.address
-        self._expires = time.monotonic() + EMPTY_TTL_S
+        if self._asking is None:  # callers that come while it asks wait for its answer, not the old one
+            self._asking = asyncio.ensure_future(self._ask())
+            self._asking.add_done_callback(lambda _: setattr(self, "_asking", None))
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self) -> str:
         try:
             reply = await self.schedulers.call(
                 "ListWorkers", scheduler_pb2.ListWorkersRequest(role=scheduler_pb2.WORKER_ROLE_CACHE), timeout=1.0)
@@ -199,6 +205,10 @@ class CacheClient:
                 log.warning("offered blocks could not be read for the cache: %s", e)
             metrics.CACHE_OFFERED_BLOCKS.labels(outcome="put").inc(put)
             metrics.CACHE_OFFERED_BLOCKS.labels(outcome="failed").inc(len(block_hashes) - put)
+
+    async def put_blocks(self, block_hashes: list[bytes], blocks: list[bytes]) -> int:
+        """Put blocks now (one per hash), not behind the offer queue; how many the cache took (0: down)."""
+        return await self._put(block_hashes, blocks)
 
     async def _put(self, block_hashes: list[bytes], blocks: list[bytes]) -> int:
         """Put the blocks (one per leading hash); how many the cache took before any failure."""

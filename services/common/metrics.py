@@ -90,6 +90,23 @@ KV_LOAD_FAILURES = Counter(
     "request failed with the transfer's status, for the gateway to retry) or recompute (prefilled on the decode "
     "worker instead).",
     ["policy"], registry=REGISTRY)
+KV_BLOCKS_SPILLED = Counter(
+    "kvmesh:kv_blocks_spilled_total",
+    "KV blocks a decode worker short of blocks spilled to the cache service (--kv-spill cache) instead of "
+    "preempting their sequence.", registry=REGISTRY)
+KV_BLOCKS_PAGED_BACK = Counter(
+    "kvmesh:kv_blocks_paged_back_total",
+    "Spilled KV blocks the cache delivered back into a decode worker's pool; by outcome: paged_back, or recomputed "
+    "(lost or undeliverable: the sequence prefilled its tokens again).", ["outcome"], registry=REGISTRY)
+KV_SPILL_SECONDS = Histogram(
+    "kvmesh:kv_spill_seconds", "Time to put one spill's blocks into the cache service.", registry=REGISTRY)
+KV_PAGE_BACK_SECONDS = Histogram(
+    "kvmesh:kv_page_back_seconds",
+    "Time from a spilled sequence getting blocks again to its KV verified in them.", registry=REGISTRY)
+NUM_PREEMPTIONS = Counter(
+    "kvmesh:num_preemptions_total",
+    "Sequences a worker preempted (blocks freed, recomputed later from their tokens) for lack of KV blocks.",
+    registry=REGISTRY)
 PREFIX_CACHE_QUERIES = Counter(
     "kvmesh:prefix_cache_queries_total",
     "Prompt tokens looked up in a decode worker's own prefix cache (the prompt's full blocks but its last token).",
@@ -210,6 +227,15 @@ def observe_load(load) -> None:
     NUM_REQUESTS_RUNNING.set(load.num_running)
     KV_BLOCKS_FREE.set(load.num_free_blocks)
     KV_BLOCKS_USED.set(max(load.num_total_blocks - load.num_free_blocks, 0))
+
+
+def observe_preemptions(total: int) -> None:
+    """Count preemptions up to the engine's running total (workers call it with their load)."""
+    NUM_PREEMPTIONS.inc(max(total - _preemptions_seen[0], 0))
+    _preemptions_seen[0] = max(total, _preemptions_seen[0])
+
+
+_preemptions_seen = [0]
 
 
 def observe_spec_decode(num_drafts: int, num_accepted: int) -> None:

@@ -10,6 +10,7 @@ from kvmesh.services.worker.config import WorkerConfig
 DEFAULT_PORT = 50080
 KV_LOAD_FAILURE_POLICIES = ("fail", "recompute")
 SPECULATIVE_METHODS = ("none", "ngram")
+KV_SPILL_TARGETS = ("none", "cache")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class DecodeConfig(WorkerConfig):
                                         "on another pair) or recompute (prefill the prompt here instead; the client "
                                         "sees only latency). As vLLM's --kv-load-failure-policy.",
                                  choices=KV_LOAD_FAILURE_POLICIES)
+    kv_spill: str = knob("none", "What the engine does when a running sequence needs a KV block and none is free: "
+                                 "none preempts the newest sequence (its blocks freed, recomputed later from its "
+                                 "tokens); cache spills a victim's oldest blocks to the cache service and pages "
+                                 "them back through the KV transports when blocks free up (no recomputation; a "
+                                 "page-back that fails recomputes). The cache is `cache`, or the scheduler's.",
+                         choices=KV_SPILL_TARGETS)
     transport_check_s: float = knob(10.0, "Seconds between re-checks of the transports while serving: one real block "
                                           "moved through each backend into the pool (two free blocks borrowed); a "
                                           "failure turns the worker NOT_SERVING and takes it out of every scheduler "
@@ -63,6 +70,9 @@ class DecodeConfig(WorkerConfig):
               "cache_decode_kv needs prefix_caching: finished requests' blocks must stay findable until sent")
         check(self.kv_load_failure in KV_LOAD_FAILURE_POLICIES,
               f"kv_load_failure must be one of {', '.join(KV_LOAD_FAILURE_POLICIES)}, got {self.kv_load_failure!r}")
+        check(self.kv_spill in KV_SPILL_TARGETS,
+              f"kv_spill must be one of {', '.join(KV_SPILL_TARGETS)}, got {self.kv_spill!r}")
+        check(self.kv_spill == "none" or self.cache != "none", "kv_spill cache needs a cache service; cache is none")
         check(self.speculative in SPECULATIVE_METHODS,
               f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}")
         check(1 <= self.num_speculative_tokens <= 64,

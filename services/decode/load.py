@@ -6,8 +6,10 @@ sends its next request on seeing the end of the last is never refused for load t
 
 from __future__ import annotations
 
+from kvmesh.services.common import metrics
 from kvmesh.services.common.registration import heartbeat_everywhere
-from kvmesh.v1 import decode_pb2
+from kvmesh.services.worker.handoff import HandoffState
+from kvmesh.v1 import decode_pb2, scheduler_pb2
 
 #: Longest wait of a request's last message for the schedulers to see it finished (a slow one is not waited out).
 SEEN_TIMEOUT_S = 1.0
@@ -82,3 +84,16 @@ def worker_stats(worker) -> decode_pb2.WorkerStats:
                                   num_cached_blocks=cache["cached_blocks"],
                                   num_cached_free_blocks=cache["cached_free_blocks"],
                                   prefix_hit_blocks=cache["hit_blocks"], prefix_evictions=cache["evictions"])
+
+
+def worker_load(worker) -> scheduler_pb2.WorkerLoad:
+    """A DecodeWorker's load for heartbeats and Stats (its gauges set on the way)."""
+    load = scheduler_pb2.WorkerLoad(
+        num_waiting=worker.handoffs.count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
+        num_running=worker.handoffs.count(HandoffState.DECODING), num_free_blocks=worker.engine.num_free_blocks,
+        num_total_blocks=worker.engine.kv_cache.num_blocks, num_blocks_claimed=worker.claims.num_blocks,
+        num_remaining_tokens=worker.claims.num_remaining_tokens, mean_output_tokens=worker.claims.mean_output_tokens)
+    metrics.observe_load(load)
+    metrics.observe_preemptions(worker.engine.scheduler.num_preemptions)
+    metrics.KV_BLOCKS_CACHED.set(worker.engine.prefix_cache_stats()["cached_blocks"])
+    return load

@@ -4,6 +4,7 @@ writes through the transports, registered with the scheduler."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from kvmesh.services.common import metrics
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.decode.config import DecodeConfig
 from kvmesh.services.decode.servicer import DecodeServicer
+from kvmesh.services.decode.spill import Spiller
 from kvmesh.services.decode.worker import DecodeWorker
 from kvmesh.services.common.transfer_telemetry import report
 from kvmesh.services.worker.readiness import self_transfer
@@ -56,11 +58,17 @@ def mount(config: DecodeConfig, server: MeshServer, kit: WorkerKit) -> DecodePar
     check (before SERVING) that one real block crosses each transport into the pool."""
     kit.engine.speculator = speculator(config, kit.engine.max_model_len)  # before the engine thread starts
     receiver = Receiver(kit.region, kit.layout, backends=kit.backends, observer=report)
-    cache = worker_cache_client(config, server.channels, kit.layout) if config.cache_decode_kv else None
+    needs_cache = config.cache_decode_kv or config.kv_spill == "cache"
+    cache = worker_cache_client(config, server.channels, kit.layout) if needs_cache else None
+    spill = Spiller(kit.engine_thread, cache, receiver, asyncio.get_running_loop()) \
+        if config.kv_spill == "cache" else None
+    if spill is not None:
+        spill.attach()  # before the engine thread starts
     reporter = FailureReporter(server.channels, config.scheduler, reporter=config.instance_id or "decode")
     worker = DecodeWorker(kit.engine_thread, receiver, server.channels, config.handoff_lease_s, config.queue_timeout_s,
-                          config.local_prefill_max_tokens, config.kv_events_max_hashes, cache, reporter,
-                          kv_load_failure=config.kv_load_failure)
+                          config.local_prefill_max_tokens, config.kv_events_max_hashes,
+                          cache if config.cache_decode_kv else None, reporter,
+                          kv_load_failure=config.kv_load_failure, spill=spill)
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
     server.add_task(worker.keep_prefilling_alive)
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))

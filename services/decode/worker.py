@@ -1,11 +1,10 @@
 """The decode worker's domain: own a request from routing to its last token.
 
-For each request: reserve KV blocks (the prompt's leading blocks this worker's prefix cache holds are shared,
-not refilled), expect the prefill worker's writes into the rest, ask it to prefill and send only those, wait for
-the last layer to land (checksums verified), admit the sequence into the continuous batch, and stream its tokens.
-When the pool holds every full block of the prompt and only a short tail is left, the tail is prefilled here.
-With `--cache-decode-kv` a finished request's decoded blocks go to the cache service (writeback.py).
-One handoff record per request ties every resource it takes (blocks, the expected transfer, the output queue)
+For each request: reserve KV blocks (leading blocks this worker's prefix cache holds are shared), expect the
+prefill worker's writes into the rest, ask it to prefill and send only those, wait for the last layer to land
+(checksums verified), admit the sequence into the continuous batch, and stream its tokens. A short tail after a
+full prefix hit is prefilled here; `--cache-decode-kv` offers decoded blocks to the cache (writeback.py); with
+`--kv-spill cache` the cache is swap space (spill.py). One handoff record per request ties every resource it takes
 to one release, whichever way the request ends: finish, client cancel, prefill failure, or lease expiry.
 """
 
@@ -22,7 +21,7 @@ from kvmesh.services import kv_identity
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
-from kvmesh.services.decode.load import Claims
+from kvmesh.services.decode.load import Claims, worker_load
 from kvmesh.services.decode.failures import ended_error, peer_error, transfer_error
 from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
@@ -43,7 +42,7 @@ class DecodeWorker:
 
     def __init__(self, engine_thread, receiver, channels, lease_s: float, queue_timeout_s: float = 30.0,
                  local_prefill_max_tokens: int = 0, kv_events_max_hashes: int = 4096, cache=None, reporter=None,
-                 kv_load_failure: str = "fail"):
+                 kv_load_failure: str = "fail", spill=None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.reporter = reporter  # a FailureReporter: tells the scheduler of prefill workers it cannot reach
         self.cache = cache  # a CacheClient to offer decoded blocks to (--cache-decode-kv), or None
@@ -58,18 +57,12 @@ class DecodeWorker:
         self.tokenizer = self.engine.tokenizer
         self.prefilling: set[str] = set()  # requests prefilled here whose first output has not come yet
         self.claims = Claims()  # KV blocks each request will take; arrivals and finishes told to the schedulers
+        self.spill = spill  # a spill.Spiller (--kv-spill cache): the cache as swap space; None: preempt
 
     # ---- load, for heartbeats and Stats ----
 
     def load(self) -> scheduler_pb2.WorkerLoad:
-        load = scheduler_pb2.WorkerLoad(
-            num_waiting=self.handoffs.count(HandoffState.RESERVED, HandoffState.WRITING, HandoffState.READY),
-            num_running=self.handoffs.count(HandoffState.DECODING), num_free_blocks=self.engine.num_free_blocks,
-            num_total_blocks=self.engine.kv_cache.num_blocks, num_blocks_claimed=self.claims.num_blocks,
-            num_remaining_tokens=self.claims.num_remaining_tokens, mean_output_tokens=self.claims.mean_output_tokens)
-        metrics.observe_load(load)
-        metrics.KV_BLOCKS_CACHED.set(self.engine.prefix_cache_stats()["cached_blocks"])
-        return load
+        return worker_load(self)
 
     async def kv_events(self, full: bool) -> scheduler_pb2.KVEvents:
         """What the prefix cache stored and evicted since the last call (everything, when full): for heartbeats."""
@@ -79,16 +72,21 @@ class DecodeWorker:
     async def keep_prefilling_alive(self, _server=None) -> None:
         """Background task: a request this worker prefills itself waits in its running engine behind other prompts
         (the plan may send long ones here when the prefill queues are longer): alive, not stalled — renew its
-        handoff a third of a lease at a time until its first output renews it, as a prefill worker does."""
+        handoff a third of a lease at a time until its first output renews it; so is one whose KV is spilled."""
         while True:
             await asyncio.sleep(self.handoffs.lease_s / 3)
             if self.et.alive:
-                for rid in list(self.prefilling):
+                for rid in [*self.prefilling, *(self.spill.swapped if self.spill else ())]:
                     self.handoffs.renew(rid)
+
+    def _track_spill(self, rid: str) -> None:
+        if self.spill is not None:  # the spiller renews a swapped-out request's handoff and frees its spilled KV
+            self.spill.track(rid, self.handoffs)
 
     async def _add_here(self, rid: str, ids: list[int], params, cache_salt: str) -> None:
         """Hand a prompt this worker prefills itself to its engine; its handoff is renewed until its first output."""
         self.prefilling.add(rid)
+        self._track_spill(rid)  # before the engine sees it
         await self.et.call(self.engine.add_request, rid, ids, params, cache_salt=cache_salt)
 
     # ---- one request ----
@@ -116,9 +114,8 @@ class DecodeWorker:
                         raise errors.CapacityError(f"no free KV blocks for {len(ids)} prompt tokens after "
                                                    f"{self.queue_timeout_s:g} s: {e}") from None
                     await asyncio.sleep(RESERVE_POLL_S)
-            span.set_attribute(names.ATTR_KV_BLOCKS, len(reservation.block_ids))
-            span.set_attribute(names.ATTR_DECODE_HIT_BLOCKS,
-                               reservation.num_cached_tokens // self.engine.layout.block_size)
+            span.set_attributes({names.ATTR_KV_BLOCKS: len(reservation.block_ids), names.ATTR_DECODE_HIT_BLOCKS:
+                                 reservation.num_cached_tokens // self.engine.layout.block_size})
         queue_s = time.perf_counter() - queued
         metrics.REQUEST_QUEUE_TIME.labels(stage="decode").observe(queue_s)
         if self.engine.enable_prefix_caching:
@@ -211,7 +208,8 @@ class DecodeWorker:
         stream = TokenStream(IncrementalDetokenizer(self.tokenizer, ids), len(ids), start)
         watch = StreamWatch(arrival_ns)  # not made current: the context must not stay attached across yields
         try:
-            self.claims.arrived(rid, self.engine.layout.num_blocks_for(len(ids) + params.max_tokens), params.max_tokens)
+            growth = 1 if self.spill else params.max_tokens  # with spill the rest is borrowed (as admission counts)
+            self.claims.arrived(rid, self.engine.layout.num_blocks_for(len(ids) + growth), params.max_tokens)
             reservation, remote = None, False
             if request.prefill.address:
                 reservation, queue_s = await self._reserve(request, ids)
@@ -282,6 +280,7 @@ class DecodeWorker:
         """Join a request whose KV landed into the batch, with the prefill worker's first token and its logprob
         (reported with the token when the token is not sent early: a stop string may still cut it)."""
         first = logprob_entry(reply.first_logprob) if reply.HasField("first_logprob") else None
+        self._track_spill(rid)
         with telemetry.tracer().start_as_current_span(names.DECODE_ADMIT):
             await self.et.call(self.engine.add_prefilled, rid, ids, reply.first_token_id, params, first_logprob=first)
 

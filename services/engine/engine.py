@@ -33,8 +33,9 @@ from kvmesh.services.engine.reservations import Reservation, Reservations
 from kvmesh.services.engine.sampler import SamplingParams
 from kvmesh.services.engine.scheduler import Scheduler
 from kvmesh.services.engine.sequence import Sequence, SequenceStatus
-from kvmesh.services.engine.step import forward_step
+from kvmesh.services.engine.step import append_tokens, forward_step
 from kvmesh.services.engine.structured import Grammars
+from kvmesh.services.engine.swap import Swap
 from kvmesh.services.engine.validation import validate_request
 from kvmesh.services.kv_identity import KVLayout
 
@@ -188,12 +189,22 @@ class LLMEngine:
         seq.num_computed_tokens = len(prompt_token_ids)
         if self.prefix_cache:  # the KV landed and was verified: the prompt's full blocks are complete
             self.prefix_cache.cache_blocks(seq)
-        self._append_tokens(seq, [first_token_id], [first_logprob])
+        append_tokens(self.stops, seq, [first_token_id], [first_logprob])
         self._pending.append(seq)
         if seq.status.finished:
             self._finish(seq)
         else:
             self.scheduler.add_running(seq)
+
+    def enable_spill(self, emit: Callable[[object], None]) -> None:
+        """Spill blocks to a store instead of preempting (swap.py); emit(SpillOut | PageIn) runs on this thread."""
+        self.scheduler.swap = Swap(self.kv_cache.export_blocks, emit, self.layout.block_size)
+
+    def paged_back(self, request_id: str, ok: bool) -> None:
+        """A PageIn ended: the sequence resumes (ok: its KV is in its blocks) or is recomputed. Unknown: no-op."""
+        seq = self._seqs.get(request_id)
+        if seq is not None and self.scheduler.swap is not None:
+            self.scheduler.swap.paged_back(self.scheduler, seq, ok)
 
     def release(self, request_id: str) -> None:
         """Free a reservation, a prefilled request's kept blocks, or a live request. Idempotent."""
@@ -239,25 +250,11 @@ class LLMEngine:
             draft = drafts.get(seq.request_id)
             if draft:
                 tokens, infos = self.speculator.accept(draft, tokens, infos)
-            self._append_tokens(seq, tokens, infos)
+            append_tokens(self.stops, seq, tokens, infos)
             if draft:
                 self.speculator.settle(seq, self.scheduler, self.prefix_cache)
             if seq.status.finished or seq.status is SequenceStatus.PREFILLED:
                 self._finish(seq)
-
-    def _append_tokens(self, seq: Sequence, tokens: list[int], infos: list) -> None:
-        """Append tokens until one ends the sequence: a stop inside an accepted draft run ends it right there."""
-        for token, info in zip(tokens, infos):
-            seq.token_ids.append(token)
-            seq.logprobs.append(info)
-            if seq.prefill_only:  # the decode side applies the stop and grammar rules to this token (add_prefilled)
-                seq.status = SequenceStatus.PREFILLED
-                return
-            if seq.matcher is not None:
-                seq.matcher.accept(token)
-            self.stops.check(seq)
-            if seq.status.finished:
-                return
 
     def _finish(self, seq: Sequence) -> None:
         """A sequence is done: leave the batch; free its blocks unless a prefill caller still needs them."""
@@ -281,6 +278,8 @@ class LLMEngine:
 
     def _check_reservation(self, request_id: str, num_prompt_tokens: int) -> None:
         self._check_new_id(request_id)
+        if self.scheduler.num_swapped:  # as vLLM: nothing new starts while swapped sequences wait for blocks
+            raise OutOfBlocksError(f"{self.scheduler.num_swapped} spilled sequences come back first")
         if num_prompt_tokens <= 0 or num_prompt_tokens >= self.max_model_len:
             raise InvalidRequestError(f"num_prompt_tokens must lie in [1, {self.max_model_len}), got {num_prompt_tokens}")
 

@@ -4,7 +4,9 @@ Each step first serves the running sequences (one decode token each, then the ne
 prompt still prefilling, oldest first), then admits waiting ones (by priority, lower first, as vLLM's
 `--scheduling-policy priority` orders its queue; arrival order within a priority) while the token budget
 (max_num_batched_tokens), the free blocks and max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens.
+preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens. With a
+`swap` (swap.py) the victim's oldest blocks are spilled to a store instead, and paged back before it runs again;
+swapped sequences come back before any waiting one is admitted.
 With a prefix cache, a waiting sequence that holds no blocks (new, or preempted) shares its cached leading
 blocks when it is admitted, so only the rest is computed; a waiting sequence never pins cached blocks.
 """
@@ -30,6 +32,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.swap = None  # a swap.Swap: spill blocks to a store instead of preempting (None: preempt)
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence behind every waiting one of its priority or a more urgent one (lower value), ahead of
@@ -53,14 +56,22 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif self.swap is not None:
+            self.swap.remove(seq)
 
     def free_blocks(self, seq: Sequence) -> None:
-        self.allocator.free(seq.block_table)
+        self.allocator.free([b for b in seq.block_table if b >= 0])  # -1: spilled, held by no one here
         seq.block_table = []
+        seq.spilled = []
         seq.num_hashed_blocks = 0
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running) or (self.swap is not None and self.swap.has_work(self))
+
+    @property
+    def num_swapped(self) -> int:
+        """Sequences with KV spilled out (waiting for blocks, or paging back)."""
+        return len(self.swap.swapped) if self.swap is not None else 0
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """The (sequence, number of tokens) pairs of the next step; blocks for them are allocated."""
@@ -76,8 +87,8 @@ class Scheduler:
                 continue
             while not self.allocator.can_allocate(self._blocks_needed(seq, n)):
                 preempted = True
-                victim = self.running[-1]
-                self._preempt(victim)
+                victim = self._make_room(seq, self._blocks_needed(seq, n) - self.allocator.num_free_blocks,
+                                         [s for s, _ in scheduled])
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
@@ -85,8 +96,12 @@ class Scheduler:
             self._grow(seq, n)
             scheduled.append((seq, n))
             budget -= n
+        if self.swap is not None and not preempted:
+            self.swap.page_back(self)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if self.num_swapped and not seq.block_table:  # swapped ones first; one holding a reservation goes on
+                break
             if not self._share_prefix(seq, budget):
                 break
             n = min(seq.num_uncomputed_tokens, budget)
@@ -98,6 +113,15 @@ class Scheduler:
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _make_room(self, seq: Sequence, need: int, busy: list[Sequence]) -> Sequence:
+        """Free blocks for `seq`: spill a victim's (with a swap; none of `busy`, scheduled already), else preempt
+        the newest running sequence."""
+        victim = self.swap.spill(self, seq, need, busy) if self.swap is not None else None
+        if victim is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+        return victim
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         total = -(-(seq.num_computed_tokens + n) // self.block_size)

@@ -16,6 +16,8 @@ class SequenceStatus(enum.Enum):
     RESERVED = "reserved"  # decode side: blocks held for a prompt a prefill worker is filling
     WAITING = "waiting"
     RUNNING = "running"
+    SPILLED = "spilled"  # decode side: some KV blocks are in the cache service, waiting for free blocks
+    PAGING_BACK = "paging_back"  # decode side: blocks allocated again, the cache is delivering the KV into them
     PREFILLED = "prefilled"  # prefill side: first token sampled, blocks kept until release()
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
@@ -45,6 +47,7 @@ class Sequence:
         self.cache_salt = ""  # tenant salt of its block hashes: blocks are shared only within one salt
         self.block_hashes: list[bytes] = []  # chained hashes of its leading full blocks, computed as they complete
         self.num_hashed_blocks = 0  # leading blocks of block_table offered to the prefix cache
+        self.spilled: list[int] = []  # positions in block_table whose KV is in the cache service (entry -1 there)
         self.num_emitted = 0  # output tokens already handed out in a RequestOutput
         self.num_safe = 0  # output tokens that cannot be part of a stop string
         self.logprobs: list = []  # one entry per output token when params.logprobs is set

@@ -10,7 +10,7 @@ import torch
 from kvmesh.services.engine.batch import Chunk, build_batch
 from kvmesh.services.engine.kv_cache import KVCache
 from kvmesh.services.engine.sampler import sample
-from kvmesh.services.engine.sequence import Sequence
+from kvmesh.services.engine.sequence import Sequence, SequenceStatus
 from kvmesh.services.engine.structured import mask_logits
 
 
@@ -54,3 +54,19 @@ def forward_step(model, kv_cache: KVCache, scheduled: list[tuple[Sequence, int]]
         out.append((seq, tokens[i:i + count], infos[i:i + count]))
         i += count
     return out
+
+
+def append_tokens(stops, seq: Sequence, tokens: list[int], infos: list) -> None:
+    """Append tokens until one ends the sequence (`stops`, an output.StopChecker): a stop inside an accepted draft
+    run ends it right there."""
+    for token, info in zip(tokens, infos):
+        seq.token_ids.append(token)
+        seq.logprobs.append(info)
+        if seq.prefill_only:  # the decode side applies the stop and grammar rules to this token (add_prefilled)
+            seq.status = SequenceStatus.PREFILLED
+            return
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
+        stops.check(seq)
+        if seq.status.finished:
+            return

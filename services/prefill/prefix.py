@@ -8,7 +8,6 @@ blocks to reserve simply means more of the prompt is computed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -17,8 +16,7 @@ from kvmesh.services import kv_identity
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.engine.errors import OutOfBlocksError
-from kvmesh.transports import TransportError
-from kvmesh.v1 import cache_pb2
+from kvmesh.services.worker.cache_fetch import fetch_into
 
 log = logging.getLogger(__name__)
 
@@ -73,33 +71,12 @@ async def import_prefix(et, cache, receiver, request_id: str, token_ids: list[in
         except OutOfBlocksError:
             log.info("no free blocks to fetch %d cached blocks of %s into; computing them", num_hits, request_id)
             return 0
-        reply = await _fetch(cache, receiver, fetch_transfer_id(request_id), hashes[:num_hits],
+        reply = await fetch_into(cache, receiver, fetch_transfer_id(request_id), hashes[:num_hits],
                              block_ids[:num_hits])
         span.set_attributes({names.ATTR_CACHE_HIT_BLOCKS: reply.num_blocks, names.ATTR_KV_BYTES: reply.bytes,
                              names.ATTR_CACHE_TIER: "ssd" if reply.num_ssd_blocks else "dram",
                              names.ATTR_KV_BACKEND: reply.backend})
     return reply.num_blocks * engine.layout.block_size
-
-
-async def _fetch(cache, receiver, transfer_id: str, hashes: list[bytes], block_ids: list[int]):
-    """Expect the cache's transfer into block_ids, ask for it, wait for it verified; the cache's reply, or an
-    empty one when anything failed. The transfer is retired on every path, so nothing writes into the blocks
-    after this returns."""
-    timeout = cache.fetch_timeout(len(hashes))
-    receiver.expect(transfer_id, block_ids, lease_s=timeout + 1.0)
-    landed = asyncio.ensure_future(receiver.wait(transfer_id, timeout=timeout))
-    try:
-        reply = await cache.fetch(hashes, receiver.descriptor(), block_ids, transfer_id)
-        if reply.num_blocks:
-            await landed  # the cache replies after our verified commit: this is immediate
-            return reply
-    except TransportError as e:
-        log.warning("cached prefix of %s arrived damaged or not at all (computing it): %s", transfer_id, e)
-    finally:
-        landed.cancel()
-        await asyncio.gather(landed, return_exceptions=True)
-        await receiver.retire(transfer_id)
-    return cache_pb2.FetchResponse()
 
 
 def offer_new_blocks(et, cache, request_id: str, token_ids: list[int], cache_salt: str,

@@ -66,8 +66,10 @@ def queued(decode: Worker) -> int:
 
 
 def blocks_needed(query: RouteQuery, decode: Worker) -> int:
-    """KV blocks the request will hold at most on the decode worker: its prompt plus max_tokens, in blocks."""
-    return decode.spec.layout.num_blocks_for(len(query.prompt_token_ids) + query.max_tokens)
+    """KV blocks the request will hold at most on the decode worker: its prompt plus max_tokens, in blocks; on a
+    worker that spills KV to the cache, its prompt and first token (the rest it can borrow)."""
+    more = 1 if decode.spec.spills_kv else query.max_tokens
+    return decode.spec.layout.num_blocks_for(len(query.prompt_token_ids) + more)
 
 
 def free_blocks(decode: Worker) -> int | None:

@@ -61,6 +61,7 @@ class WorkerSpec:
     local_prefill_max_tokens: int | None = None  # decode workers: see kv_identity.prefill_locally
     colocated: bool = False  # decode workers: prefills every prompt itself; routed to without a prefill worker
     flexible: bool = False  # `--role auto`: can take either engine role when asked (see roles.py)
+    spills_kv: bool = False  # decode workers: borrows KV room from the cache (admitted by prompt blocks)
 
     def validate(self) -> None:
         """Raise InvalidArgumentError when the spec cannot be registered."""

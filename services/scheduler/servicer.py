@@ -54,7 +54,7 @@ def spec_from_proto(msg: scheduler_pb2.RegisterRequest) -> WorkerSpec:
                       model=msg.model, descriptor=descriptor,
                       local_prefill_max_tokens=msg.local_prefill_max_tokens
                       if msg.HasField("local_prefill_max_tokens") else None, colocated=msg.colocated,
-                      flexible=msg.flexible)
+                      flexible=msg.flexible, spills_kv=msg.spills_kv)
 
 
 def worker_to_proto(worker: Worker, lease_remaining_s: float, breaker: BreakerState = BreakerState.CLOSED

@@ -101,7 +101,8 @@ def register(server: MeshServer, config: WorkerConfig, role: int | Callable[[], 
             role=role() if callable(role) else role, address=advertise_address(config.host, server.port, config.advertise_host),
             host_id=ids.host_id(), instance_id=server.instance_id, transports=config.backends(),
             layout=layout, descriptor=descriptor() if descriptor else None, model=layout.model_id,
-            local_prefill_max_tokens=local_prefill_max_tokens, colocated=colocated, flexible=flexible)
+            local_prefill_max_tokens=local_prefill_max_tokens, colocated=colocated, flexible=flexible,
+            spills_kv=getattr(config, "kv_spill", "none") == "cache")  # decode workers' --kv-spill
 
     return register_everywhere(server, scheduler_addresses(config.scheduler), request, load, kv_events,
                                getattr(config, "kv_events_max_hashes", 4096), reports_arrivals)

@@ -87,7 +87,7 @@ class StepSample(_message.Message):
     def __init__(self, num_prefill_tokens: _Optional[int] = ..., num_attention_pairs: _Optional[int] = ..., num_decode_seqs: _Optional[int] = ..., num_context_tokens: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "local_prefill_max_tokens", "colocated", "flexible")
+    __slots__ = ("role", "address", "host_id", "instance_id", "transports", "layout", "descriptor", "load", "model", "local_prefill_max_tokens", "colocated", "flexible", "spills_kv")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class RegisterRequest(_message.Message):
     LOCAL_PREFILL_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COLOCATED_FIELD_NUMBER: _ClassVar[int]
     FLEXIBLE_FIELD_NUMBER: _ClassVar[int]
+    SPILLS_KV_FIELD_NUMBER: _ClassVar[int]
     role: WorkerRole
     address: str
     host_id: str
@@ -112,7 +113,8 @@ class RegisterRequest(_message.Message):
     local_prefill_max_tokens: int
     colocated: bool
     flexible: bool
-    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., local_prefill_max_tokens: _Optional[int] = ..., colocated: _Optional[bool] = ..., flexible: _Optional[bool] = ...) -> None: ...
+    spills_kv: bool
+    def __init__(self, role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., local_prefill_max_tokens: _Optional[int] = ..., colocated: _Optional[bool] = ..., flexible: _Optional[bool] = ..., spills_kv: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "lease_seconds", "heartbeat_interval_seconds", "lease_token")
