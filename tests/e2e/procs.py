@@ -25,6 +25,9 @@ from kvmesh.services.common import tls
 from kvmesh.services.common.config import ConfigError
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+# How long a service may take to say SERVING. A process that exits fails the wait at once, with its output; one that
+# is alive is only slow (imports on a loaded machine take tens of seconds), so the bound is generous.
+START_TIMEOUT_S = 120.0
 
 
 def health_status(address: str, service: str = "", timeout_s: float = 1.0,
@@ -100,14 +103,14 @@ class ServiceProcess:
             threading.Thread(target=self._read, args=(stream, lines, watch), daemon=True).start()
         return self
 
-    def start(self, timeout_s: float = 15.0) -> ServiceProcess:
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> ServiceProcess:
         """Start the process and wait until its health service says SERVING (AssertionError with its output if
         it exits or is not SERVING within timeout_s)."""
         self.launch()
         self.wait_serving(timeout_s)
         return self
 
-    def wait_serving(self, timeout_s: float = 15.0) -> None:
+    def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Wait for the listening line, then for SERVING."""
         deadline = time.monotonic() + timeout_s
         while not self._listening.wait(0.05):
@@ -170,7 +173,7 @@ class Procs:
         self.started: list[ServiceProcess] = []
 
     def start(self, service: str, *args: str, env: dict[str, str] | None = None,
-              timeout_s: float = 15.0, **where) -> ServiceProcess:
+              timeout_s: float = START_TIMEOUT_S, **where) -> ServiceProcess:
         """Start `kvmesh <service> *args` and wait until SERVING (where: ServiceProcess's prefix and host)."""
         proc = ServiceProcess(service, *args, env=env, **where)
         self.started.append(proc)
