@@ -76,7 +76,7 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
     certs = sub.add_parser("certs", help="make the CA and per-role certificates for mTLS between services")
     csub = certs.add_subparsers(dest="certs_command", required=True)
     init = csub.add_parser("init", help="a new CA and one certificate + key per role (gateway, scheduler, "
-                                        "prefill, decode, cache, admin) in DIR")
+                                        "prefill, decode, worker, cache, admin) in DIR")
     init.add_argument("dir")
     init.add_argument("--host", action="append", metavar="NAME", help="a host name or IP the services are "
                       "dialled at, added to every certificate beside localhost and 127.0.0.1 (repeatable)")

@@ -12,6 +12,7 @@ The table follows the request's way (shared/DESIGN.md) and the services' real ca
 | decode | KVTransfer.* (its readiness self-transfer into its own pool, through its own port) |
 | scheduler | Cache.Lookup (its cache probe) |
 | admin (operators' tools) | Stats of every service, Cache.Clear, Pin, Unpin, Lookup, ListWorkers, Deregister, Abort, SetWorkerRole |
+| worker (flexible workers) | exactly the union of prefill's and decode's rights: Register as prefill or decode (never cache), Heartbeat and Deregister of prefill and decode workers, and every RPC either may call |
 | any certificate of the CA | grpc.health.v1.Health (launchers, probes, the gateway's stall checks) |
 
 An RPC not in the table is refused (closed by default). A refused call ends PERMISSION_DENIED with a message naming
@@ -30,28 +31,35 @@ import grpc
 from kvmesh.services.common import tls
 from kvmesh.v1 import scheduler_pb2
 
-WORKERS = frozenset({"prefill", "decode", "cache"})
-ENGINES = frozenset({"prefill", "decode"})
-ANY = frozenset({"gateway", "scheduler", "prefill", "decode", "cache", "admin"})
+#: A flexible worker's certificate (`kvmesh worker --role auto`): whatever a prefill or a decode certificate may do.
+FLEXIBLE = "worker"
+WORKERS = frozenset({"prefill", "decode", "cache", FLEXIBLE})
+ENGINES = frozenset({"prefill", "decode", FLEXIBLE})
+ANY = frozenset({"gateway", "scheduler", "prefill", "decode", "cache", "admin", FLEXIBLE})
 ADMIN = frozenset({"admin"})
-# The role a worker registers as, by the role its certificate names.
-REGISTER_ROLES = {"prefill": scheduler_pb2.WORKER_ROLE_PREFILL, "decode": scheduler_pb2.WORKER_ROLE_DECODE,
-                  "cache": scheduler_pb2.WORKER_ROLE_CACHE}
+# The roles a worker may register as (and act for), by the role its certificate names.
+REGISTER_ROLES = {"prefill": frozenset({scheduler_pb2.WORKER_ROLE_PREFILL}),
+                  "decode": frozenset({scheduler_pb2.WORKER_ROLE_DECODE}),
+                  "cache": frozenset({scheduler_pb2.WORKER_ROLE_CACHE}),
+                  FLEXIBLE: frozenset({scheduler_pb2.WORKER_ROLE_PREFILL, scheduler_pb2.WORKER_ROLE_DECODE})}
 
 
 def _register_as_own_role(request, role: str) -> str | None:
-    """Refusal text when a worker registers as another role than its certificate's."""
-    if REGISTER_ROLES.get(role) == request.role:
+    """Refusal text when a worker registers as a role its certificate does not name."""
+    if request.role in REGISTER_ROLES.get(role, ()):
         return None
     asked = scheduler_pb2.WorkerRole.Name(request.role) if request.role in scheduler_pb2.WorkerRole.values() \
         else str(request.role)
-    return f"a {role} certificate may not Register as {asked}: register with the role the certificate names"
+    if role == FLEXIBLE:
+        return f"a {role} certificate may not Register as {asked}: a flexible worker registers as prefill or decode"
+    fix = " (a flexible worker that flips roles needs the worker certificate)" if role in ENGINES else ""
+    return f"a {role} certificate may not Register as {asked}: register with the role the certificate names{fix}"
 
 
 def owner_refusal(role: str | None, worker_role: int) -> str | None:
     """Why a caller with `role` may not heartbeat or deregister a worker registered as `worker_role` (the scheduler
     asks, as only it knows the worker's role); None: it may. Without mTLS there is no role, and nothing to check."""
-    if role is None or role == "admin" or REGISTER_ROLES.get(role) == worker_role:
+    if role is None or role == "admin" or worker_role in REGISTER_ROLES.get(role, ()):
         return None
     return (f"a {role} certificate may not act for a worker registered as "
             f"{scheduler_pb2.WorkerRole.Name(worker_role)}")
@@ -66,20 +74,20 @@ class Rule:
     check: Callable[[object, str], str | None] | None = None
 
 
-_KV = Rule(frozenset({"prefill", "cache", "decode"}))  # decode: its readiness self-transfer
+_KV = Rule(frozenset({"prefill", "cache", "decode", FLEXIBLE}))  # decode: its readiness self-transfer
 TABLE: dict[str, Rule] = {
     "/kvmesh.v1.Scheduler/Register": Rule(WORKERS, _register_as_own_role),
     "/kvmesh.v1.Scheduler/Heartbeat": Rule(WORKERS),
     "/kvmesh.v1.Scheduler/Deregister": Rule(WORKERS | ADMIN),
     "/kvmesh.v1.Scheduler/Route": Rule(frozenset({"gateway"})),
-    "/kvmesh.v1.Scheduler/ListWorkers": Rule(frozenset({"gateway", "prefill", "decode", "admin"})),
-    "/kvmesh.v1.Scheduler/ReportFailure": Rule(frozenset({"gateway", "decode"})),
+    "/kvmesh.v1.Scheduler/ListWorkers": Rule(ENGINES | {"gateway", "admin"}),
+    "/kvmesh.v1.Scheduler/ReportFailure": Rule(frozenset({"gateway", "decode", FLEXIBLE})),
     "/kvmesh.v1.Decode/Generate": Rule(frozenset({"gateway"})),
     "/kvmesh.v1.Decode/Abort": Rule(frozenset({"gateway", "admin"})),
     "/kvmesh.v1.Decode/Stats": Rule(ADMIN),
     "/kvmesh.v1.Scheduler/Stats": Rule(ADMIN),  # the fitted cost models, for operators
     "/kvmesh.v1.Scheduler/SetWorkerRole": Rule(ADMIN),  # `kvmesh role`: flip a flexible worker
-    "/kvmesh.v1.Prefill/Prefill": Rule(frozenset({"decode"})),
+    "/kvmesh.v1.Prefill/Prefill": Rule(frozenset({"decode", FLEXIBLE})),
     "/kvmesh.v1.Prefill/Stats": Rule(ADMIN),
     "/kvmesh.v1.KVTransfer/Open": _KV,
     "/kvmesh.v1.KVTransfer/Push": _KV,

@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: Every role a certificate may carry: the five services, and `admin` for operators' tools (launcher, tests).
-ROLES = ("gateway", "scheduler", "prefill", "decode", "cache", "admin")
+#: Every role a certificate may carry: the five services, `worker` for flexible workers (`kvmesh worker --role auto`:
+#: the rights of prefill and decode together), and `admin` for operators' tools (launcher, tests, `kvmesh role`).
+ROLES = ("gateway", "scheduler", "prefill", "decode", "worker", "cache", "admin")
 ROLE_URI_PREFIX = "kvmesh:role:"
 CA_FILE = "ca.pem"
 MESH_NAME = "kvmesh.mesh"

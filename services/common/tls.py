@@ -52,8 +52,10 @@ def load(directory: str | Path, role: str, server_name: str = "") -> TlsIdentity
     files = [folder / CA_FILE, folder / f"{role}.pem", folder / f"{role}.key"]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise ConfigError(f"--tls-dir {folder}: missing {', '.join(missing)}; make the folder with "
-                          f"`kvmesh certs init {folder}`")
+        fix = f"make the folder with `kvmesh certs init {folder}`"
+        if files[0].is_file():  # a folder made before this role had a certificate (e.g. `worker`)
+            fix = f"add them from its CA with `kvmesh certs renew {folder} --role {role}` (needs ca.key), or {fix}"
+        raise ConfigError(f"--tls-dir {folder}: missing {', '.join(missing)}; {fix}")
     try:
         ca, cert, key = (f.read_bytes() for f in files)
     except OSError as exc:

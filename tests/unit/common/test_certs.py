@@ -70,3 +70,17 @@ def test_a_missing_certificate_names_the_file_and_the_fix(tmp_path):
     assert tls.load(tmp_path, "decode").key.startswith(b"-----BEGIN PRIVATE KEY-----")
     with pytest.raises(ConfigError, match=r"missing .*prefill\.pem.*kvmesh certs init"):
         tls.load(tmp_path, "prefill")
+
+
+def test_init_makes_the_flexible_workers_certificate_and_an_older_folder_gets_it_by_renew(tmp_path):
+    folder = certs.init_dir(tmp_path / "tls", hosts=["10.0.0.7"])
+    assert certs.role_of(_cert(folder, "worker")) == "worker"
+    for suffix in ("pem", "key"):  # a folder made before flexible workers had a certificate
+        (folder / f"worker.{suffix}").unlink()
+    with pytest.raises(ConfigError, match=r"worker\.pem.*kvmesh certs renew .* --role worker"):
+        tls.load(folder, "worker")
+    assert certs.renew_dir(folder, hosts=["10.0.0.7"], roles=["worker"]) == ["worker"]
+    cert = _cert(folder, "worker")
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes()))
+    assert certs.role_of(cert) == "worker" and "10.0.0.7" in certs.hosts_of(cert)
+    assert tls.load(folder, "worker").role == "worker"
