@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kvmesh.services.engine.errors import UnsupportedModelError
-from kvmesh.services.engine.weights import ModelConfig
+from kvmesh.services.engine.weights import ModelConfig, load_weights
 
 TP_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -72,26 +72,13 @@ def _split(name: str, config: ModelConfig, size: int) -> tuple[int, int] | None:
 def load_shard_weights(folder: str | Path, config: ModelConfig, dtype: torch.dtype, device: str, rank: int,
                        size: int) -> dict[str, torch.Tensor]:
     """Rank `rank` of `size`'s tensors (names without the `model.` prefix), reading only its slices."""
-    from safetensors import safe_open
 
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise UnsupportedModelError(f"no *.safetensors files in {folder}")
-    out: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                key = name[len("model."):] if name.startswith("model.") else name
-                split = _split(key, config, size)
-                if split is None:
-                    tensor = f.get_tensor(name)
-                else:
-                    dim, per_rank = split
-                    piece = slice(rank * per_rank, (rank + 1) * per_rank)
-                    tensor = f.get_slice(name)[piece] if dim == 0 else f.get_slice(name)[:, piece]
-                out[key] = tensor.to(device=device, dtype=dtype)
-    if "lm_head.weight" not in out:
-        if "embed_tokens.weight" not in out:
-            raise UnsupportedModelError("checkpoint has neither lm_head.weight nor tied embeddings")
-        out["lm_head.weight"] = out["embed_tokens.weight"]
-    return out
+    def read(key: str, f, name: str) -> torch.Tensor:
+        split = _split(key, config, size)
+        if split is None:
+            return f.get_tensor(name)
+        dim, per_rank = split
+        piece = slice(rank * per_rank, (rank + 1) * per_rank)
+        return f.get_slice(name)[piece] if dim == 0 else f.get_slice(name)[:, piece]
+
+    return load_weights(folder, config, dtype, device, read=read)

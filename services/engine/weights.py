@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -155,8 +156,10 @@ def inv_freq(config: ModelConfig) -> torch.Tensor:
     return freq
 
 
-def load_weights(folder: str | Path, config: ModelConfig, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's *.safetensors files, names without the `model.` prefix."""
+def load_weights(folder: str | Path, config: ModelConfig, dtype: torch.dtype, device: str,
+                 read: Callable[[str, object, str], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's *.safetensors files, names without the `model.` prefix. `read(key, file,
+    name)` reads one from an open safetensors file (a tensor-parallel rank reads only its slice); whole by default."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -167,7 +170,8 @@ def load_weights(folder: str | Path, config: ModelConfig, dtype: torch.dtype, de
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 key = name[len("model."):] if name.startswith("model.") else name
-                out[key] = f.get_tensor(name).to(device=device, dtype=dtype)
+                tensor = read(key, f, name) if read is not None else f.get_tensor(name)
+                out[key] = tensor.to(device=device, dtype=dtype)
     if "lm_head.weight" not in out:
         if not config.tie_word_embeddings and "embed_tokens.weight" not in out:
             raise UnsupportedModelError("checkpoint has neither lm_head.weight nor tied embeddings")
