@@ -88,15 +88,18 @@ def run_config(args, model: str, trace: Path, folder: Path, prefill: int, planne
     try:
         name = f"planner-from-{prefill}P" if planner else f"static-{prefill}P+{args.workers - prefill}D"
         data = serve(args, mesh, trace, folder / f"{name}.json")
-        flips = [line.split(" INFO ")[-1].strip() for line in mesh.scheduler.stderr.splitlines()
-                 if "planner: flip" in line]
+        lines = [line[line.index("planner: "):].strip() for line in mesh.scheduler.stderr.splitlines()
+                 if "planner_loop: planner: " in line]
     finally:
         mesh.close()
     keys = ("completed", "failed", "duration_s", "goodput_rps", "request_rps", "output_tok_s",
             "slo_attainment_pct")
-    result = {"name": name, **{k: data.get(k) for k in keys},
+    result = {"name": name, **{k: data.get(k) for k in keys}, "errors": data.get("errors"),
               "ttft_ms": {k: data["ttft_ms"][k] for k in ("p50", "p99")},
-              "tpot_ms": {k: data["tpot_ms"][k] for k in ("p50", "p99")}, "flips": flips}
+              "tpot_ms": {k: data["tpot_ms"][k] for k in ("p50", "p99")},
+              "flips": [line for line in lines if line.startswith("planner: flip")],
+              "rounds": {a: sum(line.startswith(f"planner: {a};") for line in lines)
+                         for a in ("keep", "hold", "flip", "skip")}}
     print(json.dumps(result), flush=True)
     return result
 
