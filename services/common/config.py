@@ -150,7 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, service: str = "")
             raise TypeError(f"{cls.__name__}.{f.name}: config fields are int, float, str, bool or "
                             f"tuple[str, ...], not {kind}")
         envs = " or ".join(_env_names(service, f.name))
-        help_text = f"{f.metadata.get('help', '')} (env {envs}; default {f.default!r})"
+        # argparse formats help with %: a literal one ("10 %") must be doubled or --help fails
+        help_text = f"{f.metadata.get('help', '')} (env {envs}; default {f.default!r})".replace("%", "%%")
         choices = f.metadata.get("choices")
         if kind is bool:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, action=argparse.BooleanOptionalAction,

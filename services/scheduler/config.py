@@ -61,6 +61,10 @@ class SchedulerConfig(ServerConfig):
                                        "mesh again.")
     planner_profile: str = knob("", "A `kvmesh plan profile` JSON the planner simulates with until the workers' "
                                     "heartbeats have fitted cost models.")
+    planner_costs: str = knob("fits", "The cost models the planner simulates with: fits (the workers' fitted ones, "
+                                      "--planner-profile for a role none has fitted yet) or profile (only "
+                                      "--planner-profile: measured apart from a loaded or noisy mesh).",
+                              choices=("fits", "profile"))
     planner_max_requests: int = knob(200, "Requests each of the planner's simulations plays at most.")
     scale_command: str = knob("", "Command the planner runs as `CMD add|remove prefill|decode N` when the best mesh "
                                   "(up to --max-workers) needs workers added or removed; empty: flips only.")
@@ -97,4 +101,8 @@ class SchedulerConfig(ServerConfig):
               "planner_interval_s, planner_hold_s and planner_threshold must be >= 0")
         check(self.planner_window_s > 0 and self.planner_max_requests >= 1 and self.max_workers >= 0,
               "planner_window_s must be > 0, planner_max_requests >= 1 and max_workers >= 0")
+        check(self.planner_costs in ("fits", "profile"), f"planner_costs must be fits or profile, got "
+              f"{self.planner_costs!r}")
+        check(self.planner_costs == "fits" or bool(self.planner_profile),
+              "planner_costs=profile needs --planner-profile (make one with `kvmesh plan profile --model DIR`)")
         check(self.policy in POLICIES, f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")

@@ -56,10 +56,11 @@ class PlannerLoop:
 
     def __init__(self, registry: Registry, roles: RoleControl, window: ArrivalWindow, settings: PlannerSettings,
                  slo: SLO, base: MeshConfig, fallback: Profile | None = None, transfer_gbps: float = 8.0,
-                 scale_command: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+                 scale_command: str = "", clock: Callable[[], float] = time.monotonic, use_fits: bool = True) -> None:
         self.registry, self.roles, self.window = registry, roles, window
         self.settings, self.slo, self.base = settings, slo, base
         self.fallback, self.transfer_gbps = fallback, transfer_gbps
+        self.use_fits = use_fits  # False: the fallback profile only, whatever the workers fitted
         self.scale_command = shlex.split(scale_command)
         self.clock = clock
         self.last_change_at: float | None = None
@@ -97,7 +98,8 @@ class PlannerLoop:
     async def _decide(self) -> Decision:
         split, fixed, flexible = self.current()
         stats = self.window.stats()
-        profile = profile_from_fits(self.registry.workers(), self.fallback, self.transfer_gbps)
+        profile = (profile_from_fits(self.registry.workers(), self.fallback, self.transfer_gbps) if self.use_fits
+                   else self.fallback)
         skip = ("no flexible (--role auto) workers" if not flexible and not self.settings.can_scale else
                 "no requests in the window" if stats.num_requests == 0 else
                 "no fitted cost model and no --planner-profile" if profile is None else "")

@@ -64,4 +64,4 @@ def build_planner(config: SchedulerConfig, registry: Registry, window: ArrivalWi
     base = MeshConfig(prefill=1, decode=1, policy=config.policy, cache=False, max_queue=config.max_queue,
                       heartbeat_s=config.lease_s / 3, slo_ttft_s=config.slo_ttft_s, slo_tpot_s=config.slo_tpot_s)
     return PlannerLoop(registry, RegistryRoles(registry), window, settings, slo, base, fallback,
-                       config.transfer_gbps, config.scale_command)
+                       config.transfer_gbps, config.scale_command, use_fits=config.planner_costs == "fits")

@@ -100,7 +100,8 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
                cache_args: tuple[str, ...] = (), decode_prefix_caching: bool = True, colocated: bool = False,
                gateway_args: tuple[str, ...] = (), schedulers: int = 1, tls_dir: str = "",
                policy: str | None = None, api_key: str = "", flexible: bool = False,
-               prefill_args: tuple[str, ...] = (), decode_args: tuple[str, ...] = ()) -> Mesh:
+               prefill_args: tuple[str, ...] = (), decode_args: tuple[str, ...] = (),
+               scheduler_args: tuple[str, ...] = ()) -> Mesh:
     """Start scheduler, cache, workers and gateway; return once every one is SERVING and registered.
 
     colocated=True starts `decode` colocated workers (each prefills its own prompts) and no prefill worker;
@@ -114,6 +115,7 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
     tls_dir (a `kvmesh certs init` folder, see `make_certs`) turns mTLS on between every service; api_key makes the
     gateway require that key (`Mesh.generate` presents it).
     prefill_args / decode_args: flags for one role only, after worker_args (e.g. a different --block-size).
+    scheduler_args: flags of every scheduler (e.g. the planner's).
     policy: the scheduler's routing policy (its default when None). Tests of the cache service's fetch path use
     kv_aware, which always fetches a cached prefix: slo_aware recomputes one a tiny model computes faster.
     """
@@ -124,7 +126,7 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
     procs = Procs()
     try:
         scheduler, *others = [procs.start("scheduler", "--lease-s", str(lease_s),
-                                          *(["--policy", policy] if policy else []), env=env)
+                                          *(["--policy", policy] if policy else []), *scheduler_args, env=env)
                               for _ in range(schedulers)]
         common = ["--scheduler", ",".join(s.address for s in [scheduler, *others])]
         cache = procs.start("cache", *common, *cache_args, env=env)

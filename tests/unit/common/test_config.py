@@ -91,3 +91,11 @@ def test_an_internal_service_on_a_public_address_refuses_unless_tls_or_insecure(
     assert from_args(DemoConfig, "demo", parse("--host", "0.0.0.0"), env={"KVMESH_INSECURE": "1"}).insecure
     assert from_args(DemoConfig, "demo", parse("--host", "0.0.0.0"), env={"KVMESH_TLS_DIR": "/certs"}).serves_mtls
     assert from_args(DemoConfig, "demo", parse("--host", "127.0.0.2"), env={}).host == "127.0.0.2"
+
+
+def test_help_shows_a_literal_percent_in_a_knobs_help():
+    from kvmesh.services.scheduler.config import SchedulerConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, SchedulerConfig, "scheduler")  # --planner-threshold's help says "(0.1: 10 %)"
+    assert "(0.1: 10 %)" in parser.format_help()

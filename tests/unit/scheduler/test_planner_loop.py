@@ -9,12 +9,14 @@ import threading
 from pathlib import Path
 
 import grpc
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from kvmesh.services.common import metrics
+from kvmesh.services.common.config import ConfigError
 from kvmesh.services.common.server import MeshServer
 from kvmesh.services.cost_model import StepShape
 from kvmesh.services.kv_identity import KVLayout
@@ -176,6 +178,27 @@ def test_the_profile_comes_from_the_fits_else_the_file():
     fitted = profile_from_fits(registry.workers(), PROFILE, 8.0)
     assert abs(fitted.prefill.seconds(1000) - (0.001 + 0.1)) < 0.01  # the fit, not the file's 0.255 s
     assert fitted.decode == PROFILE.decode  # no decode fit: the file's
+
+
+def test_planner_costs_profile_plans_with_the_file_whatever_the_workers_fitted():
+    registry = _mesh()
+    worker = registry.workers(Role.PREFILL)[0]
+    steps = tuple(StepSample(StepShape(n, n * n, 0, 0), 1e-6 * n) for n in range(100, 1700, 100))
+    registry.heartbeat(worker.worker_id, Load(steps=steps))  # a fit far cheaper than the file
+    seen = []
+    real = planner.simulate_splits
+    planner.simulate_splits = lambda profile, *args: seen.append(profile) or real(profile, *args)
+    try:
+        for use_fits in (True, False):
+            loop = _loop(registry, FakeRoles(registry))
+            loop.use_fits = use_fits
+            asyncio.run(loop.round())
+    finally:
+        planner.simulate_splits = real
+    assert seen[0] != PROFILE and seen[1] == PROFILE
+    with pytest.raises(ConfigError, match="needs --planner-profile"):
+        SchedulerConfig(planner_costs="profile").validate()
+    SchedulerConfig(planner_costs="profile", planner_profile="p.json").validate()
 
 
 async def _register(stub, role, port: int) -> None:
