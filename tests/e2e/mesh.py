@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 
 import grpc
 
 from procs import Procs, ServiceProcess
+from kvmesh.services import children
 from kvmesh.services.common import certs, tls
 from kvmesh.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc,
                        scheduler_pb2, scheduler_pb2_grpc)
@@ -17,9 +17,8 @@ START_TIMEOUT_S = 120.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a service to bind later: below the ephemeral range, where no outgoing connection takes it first."""
+    return children.free_port()
 
 
 @dataclass
