@@ -10,11 +10,11 @@ import time
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from mesh import start_mesh
+from reference import hf_greedy
 from kvmesh.v1 import common_pb2, gateway_pb2, scheduler_pb2
 
 LONG = 400  # tokens a stream asks for: many more than are generated between its first token and the fault
@@ -32,12 +32,6 @@ def mesh(model_dir):
 @pytest.fixture(scope="module")
 def hf(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir("llama"))
-
-
-def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                         do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
 
 
 def counter(mesh, name: str, **labels) -> float:

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from mesh import free_port, start_mesh
+from reference import hf_greedy
 from kvmesh.v1 import scheduler_pb2
 
 P, D = scheduler_pb2.WORKER_ROLE_PREFILL, scheduler_pb2.WORKER_ROLE_DECODE
@@ -53,12 +53,6 @@ def mesh(model_dir, metrics_port):
 @pytest.fixture(scope="module")
 def hf(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir("llama"))
-
-
-def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                         do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
 
 
 def roles(mesh) -> dict[str, tuple[int, bool, int]]:

@@ -9,10 +9,10 @@ import threading
 import time
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from mesh import start_mesh
+from reference import hf_greedy
 from kvmesh.v1 import common_pb2, gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 P, D = scheduler_pb2.WORKER_ROLE_PREFILL, scheduler_pb2.WORKER_ROLE_DECODE
@@ -30,12 +30,6 @@ def mesh(model_dir):
 @pytest.fixture(scope="module")
 def hf(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir("llama"))
-
-
-def hf_greedy(model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                         do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
 
 
 class Stream(threading.Thread):
