@@ -15,6 +15,8 @@ The layout itself (`KVLayout`) and the block hashes live in `kvmesh.services.kv_
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -56,6 +58,21 @@ class KVCache:
         else:
             self.pool = torch.zeros(shape, dtype=DTYPES[layout.dtype], device=device)
             self._bytes = self.pool.view(torch.uint8).view(layout.num_layers, 2, num_blocks, layout.block_nbytes)
+
+    def head_slice(self, rank: int, size: int) -> "KVCache":
+        """Tensor-parallel rank `rank` of `size`'s view of this pool: the same memory, its 1/size of the KV heads
+        (a strided view: each block stays whole in the pool, so transports and the cache see whole-head blocks).
+        The view serves the forward pass (`layer`); byte-level export and import stay with the whole pool."""
+        heads = self.layout.num_kv_heads
+        if size < 1 or heads % size or not 0 <= rank < size:
+            raise InvalidRequestError(f"rank {rank} of {size} cannot hold an even share of {heads} KV heads")
+        per = heads // size
+        view = KVCache.__new__(KVCache)
+        view.layout = dataclasses.replace(self.layout, num_kv_heads=per)
+        view.num_blocks = self.num_blocks
+        view.pool = self.pool[..., rank * per:(rank + 1) * per, :]
+        view._bytes = None
+        return view
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V pools of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""

@@ -40,8 +40,10 @@ class TPGroup:
         self.followers = []
         self._closed = False
 
-    def spawn(self, path: str, dtype: str, block_size: int, num_blocks: int) -> None:
-        """Start ranks 1..N-1: each loads its own shard and pool, then waits for the group (`join`)."""
+    def spawn(self, path: str, dtype: str, block_size: int, num_blocks: int,
+              shared: torch.Tensor | str | None = None) -> None:
+        """Start ranks 1..N-1: each loads its own shard and maps the shared pool (or makes its own: see
+        tp_load.rank_pool), then waits for the group (`join`)."""
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
@@ -56,7 +58,7 @@ class TPGroup:
         for rank in range(1, self.size):
             p = ctx.Process(target=follower_main, name=f"kvmesh-tp-rank{rank}", daemon=True,
                             args=(str(path), dtype, self.device, block_size, num_blocks, rank, self.size, self.port,
-                                  os.getpid(), threads))
+                                  os.getpid(), threads, shared))
             p.start()
             self.followers.append(p)
         atexit.register(self.close)
@@ -130,31 +132,63 @@ class TPGroup:
 
 class TPModel:
     """Rank 0's model: the local shard's forward pass, with the step broadcast to the followers first; every
-    other attribute is the shard model's (its config has the local head counts, as the KV pool does)."""
+    other attribute is the shard model's (its config has the local head counts).
+
+    Given the pool the ranks share (whole heads), it runs on rank 0's head slice of it. A layer hook (prefill
+    streaming a layer's KV as soon as it is written) hears of layer i only once every rank has written it: after
+    layer i's first all-reduce, which no rank reaches before its own write, i.e. when layer i+1 starts (and the
+    last layer when the step ends)."""
 
     def __init__(self, model, group: TPGroup):
         self.model, self.group = model, group
+        self._whole = self._slice = None  # the shared pool last stepped on, and rank 0's view of it
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def forward(self, batch, kv, layer_hook=None) -> torch.Tensor:
+        if kv.layout.num_kv_heads != self.model.config.num_kv_heads:  # the shared pool: rank 0's head slice
+            if self._whole is not kv:
+                self._whole, self._slice = kv, kv.head_slice(0, self.group.size)
+            kv = self._slice
+        hook = None if layer_hook is None else _AfterReduce(layer_hook)
         try:
             self.group.step(encode_batch(batch))
-            return self.model.forward(batch, kv, layer_hook)
+            logits = self.model.forward(batch, kv, hook)
         except RuntimeError as e:  # a collective with a dead peer fails (gloo: connection reset)
             self.group.check_followers(e)
             raise
+        if hook is not None:
+            hook.finish()
+        return logits
 
     def close(self) -> None:
         self.group.close()
 
 
+class _AfterReduce:
+    """A layer hook told of layer i when layer i+1 starts, and of the last layer by `finish` (see TPModel)."""
+
+    def __init__(self, hook):
+        self.hook, self.last = hook, None
+
+    def __call__(self, i: int) -> None:
+        if self.last is not None:
+            self.hook(self.last)
+        self.last = i
+
+    def finish(self) -> None:
+        if self.last is not None:
+            self.hook(self.last)
+            self.last = None
+
+
 def start_tensor_parallel(path: str | Path, dtype: str, device: str, size: int, block_size: int,
-                          num_blocks: int) -> TPModel:
-    """Start `size` ranks of the checkpoint at `path` (dtype a resolved name such as "float32"); rank 0's model."""
+                          num_blocks: int, shared: torch.Tensor | str | None = None) -> TPModel:
+    """Start `size` ranks of the checkpoint at `path` (dtype a resolved name such as "float32"); rank 0's model.
+    `shared`: the pool the ranks share (tp_load.rank_pool), None for a pool per rank."""
     group = TPGroup(device, size)
-    group.spawn(str(path), dtype, block_size, num_blocks)
+    group.spawn(str(path), dtype, block_size, num_blocks, shared)
     try:
         model = load_rank_model(path, dtype, rank_device(device, 0), 0, size)
         group.join()

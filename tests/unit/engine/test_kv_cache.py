@@ -47,6 +47,20 @@ def test_export_then_import_moves_exact_bytes():
         dst.import_blocks([0], data)
 
 
+def test_a_head_slice_writes_its_heads_of_the_whole_pool_in_place():
+    kv = KVCache(LAYOUT, 4)
+    second = kv.head_slice(1, 2)  # tensor-parallel rank 1 of 2: KV head 1
+    assert second.layout.num_kv_heads == 1 and second.num_blocks == 4
+    k, v = second.layer(2)
+    assert k.shape == (4, 16, 1, 8)
+    k.view(-1, 1, 8).index_copy_(0, torch.tensor([17, 18]), torch.ones(2, 1, 8, dtype=torch.bfloat16))
+    assert kv.pool[2, 0, 1, 1:3, 1].eq(1).all()  # slots 17, 18: block 1, offsets 1 and 2, head 1
+    assert kv.pool.count_nonzero() == 2 * 8  # nothing else, and head 0 untouched
+    for rank, size in ((2, 2), (0, 3), (-1, 2)):
+        with pytest.raises(InvalidRequestError, match="even share of 2 KV heads"):
+            kv.head_slice(rank, size)
+
+
 def test_allocator_refcounts_shared_blocks():
     alloc = BlockAllocator(4)
     a = alloc.allocate(3)

@@ -25,11 +25,12 @@ def tp_logits(path, ids, size, split):
     """Logits of every position of `ids` from `size` ranks, prefilled in two chunks split at `split`."""
     model, _, kv = load_model(path, "float32", "cpu", 16, 32, None, 1, None, size)
     try:
-        assert kv.layout.num_kv_heads == model.config.num_kv_heads  # each rank's pool holds its KV-head slice
+        # the ranks share one pool of whole-head blocks; each rank's model holds its KV-head slice
+        assert kv.layout.num_kv_heads == model.config.num_kv_heads * size
         table = list(range(31, 31 - 1 - len(ids) // 16, -1))  # non-contiguous, descending blocks
         first = model.forward(build_batch([Chunk(ids[:split], 0, table)], 16, all_logits=True), kv)
         rest = model.forward(build_batch([Chunk(ids[split:], split, table)], 16, all_logits=True), kv)
-        return torch.cat([first, rest]), kv.layout.num_kv_heads
+        return torch.cat([first, rest]), model.config.num_kv_heads
     finally:
         model.close()
 
@@ -43,6 +44,23 @@ def test_tp_logits_match_transformers(model_dir, hf_model, family, size):
     ours, kv_heads = tp_logits(path, ids, size, split=48)
     assert kv_heads == 2 // size
     assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_a_layer_hook_hears_of_a_layer_once_every_rank_wrote_it(model_dir):
+    """Prefill streams layer i's KV from its hook; in the pool the ranks share, the follower's heads of layer i
+    must be there by then (not only the driver's)."""
+    model, _, kv = load_model(model_dir("llama"), "float32", "cpu", 16, 8, None, 1, None, 2)
+    try:
+        ids = prompts_of_lengths([40], seed=7)[0]
+        seen = {}
+        model.forward(build_batch([Chunk(ids, 0, [0, 1, 2])], 16),
+                      kv, lambda i: seen.setdefault(i, kv.pool[i, :, :3].clone()))
+        assert sorted(seen) == list(range(kv.layout.num_layers))
+        for i, written in seen.items():
+            assert torch.equal(written, kv.pool[i, :, :3]), f"layer {i}"
+            assert written[..., 1, :].abs().sum() > 0  # KV head 1: the follower's
+    finally:
+        model.close()
 
 
 def test_tp3_logits_match_transformers_on_three_kv_heads(model_dir, hf_model):
