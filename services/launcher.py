@@ -128,11 +128,15 @@ def plan(args) -> list[Child]:
 
 def _worker_roles(args) -> list[tuple[str, str, int, list[str], str]]:
     """(name, role, count, extra flags, cpus) of each kind of engine worker `kvmesh up` starts."""
+    def tp(name: str) -> list[str]:
+        size = getattr(args, f"{name}_tensor_parallel_size")
+        return ["--tensor-parallel-size", str(size)] if size > 1 else []
+
     decode = ["--cache-decode-kv"] if args.cache_decode_kv else []
     if args.colocated:
-        return [("worker", "decode", args.workers, [*decode, "--colocated"], args.worker_cpus)]
-    return [("prefill", "prefill", args.prefill, [], args.prefill_cpus),
-            ("decode", "decode", args.decode, decode, args.decode_cpus)]
+        return [("worker", "decode", args.workers, [*decode, "--colocated", *tp("worker")], args.worker_cpus)]
+    return [("prefill", "prefill", args.prefill, tp("prefill"), args.prefill_cpus),
+            ("decode", "decode", args.decode, [*decode, *tp("decode")], args.decode_cpus)]
 
 
 def _workers(kind: tuple[str, str, int, list[str], str], common: list[str], env: dict[str, str]) -> list[Child]:
@@ -162,6 +166,8 @@ def add_arguments(parser) -> None:
         note = "; with --colocated" if role == "worker" else ""
         parser.add_argument(f"--{role}-cpus", default="", help=f"cores of each {role} worker, e.g. '0' or '0-1' (all "
                             f"alike) or '0/1' (one group per worker, in turn){note}")
+        parser.add_argument(f"--{role}-tensor-parallel-size", type=int, default=1, metavar="N",
+                            help=f"ranks each {role} worker splits the model over (one process per rank){note}")
     parser.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP port")
     from kvmesh.transports import kv_pools, registered_backends  # the registry is the one list of backends

@@ -234,7 +234,7 @@ async def run(server: MeshServer, setup: Setup) -> int:
         if inspect.isawaitable(result):
             await result
         port = await server.start()
-    except (BindError, NotReadyError) as exc:
+    except (BindError, NotReadyError, config_mod.ConfigError) as exc:  # one line and exit 2, no traceback
         print(f"kvmesh {server.name}: {exc}", file=sys.stderr, flush=True)
         if isinstance(exc, NotReadyError):
             await server.stop(0)

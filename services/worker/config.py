@@ -29,6 +29,9 @@ class WorkerConfig(ServerConfig):
     kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")
     max_num_batched_tokens: int = knob(2048, "Token budget of one engine step (prefill chunks + decode tokens).")
     max_num_seqs: int = knob(64, "Most sequences in one engine step.")
+    tensor_parallel_size: int = knob(1, "Ranks the model is split over (attention heads and MLP columns; one "
+                                        "process per rank, gloo on a CPU, NCCL on CUDA). On a CPU the ranks share "
+                                        "one KV pool of whole-head blocks, so peers of any degree exchange KV.")
     torch_threads: int = knob(0, "torch intra-op threads; 0 keeps torch's default (one per core), or with cpus "
                                  "one per listed core.")
     cpus: str = knob("", "CPU cores this worker's process runs on, e.g. '0' or '0-1,3' (its affinity, so that "
@@ -57,6 +60,7 @@ class WorkerConfig(ServerConfig):
         check(self.block_size > 0, f"block_size must be > 0, got {self.block_size}")
         check(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         check(self.handoff_lease_s > 0, f"handoff_lease_s must be > 0, got {self.handoff_lease_s}")
+        check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         check(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
         check(self.transport == "auto" or bool(pool_backends([self.transport], self.kv_pool)),
               f"--transport {self.transport} needs the KV pool in its own memory, not --kv-pool {self.kv_pool}; "

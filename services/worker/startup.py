@@ -51,12 +51,19 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
     with `--kv-pool local` the engine's own torch memory on its device; with prefix_caching its pool keeps
     finished requests' full blocks findable by hash."""
     from kvmesh.services.engine.engine import LLMEngine
+    from kvmesh.services.engine.loader import SharedPoolMemory
     from kvmesh.transports import LOCAL_POOL, allocate_region
+    from kvmesh.transports.shm.segment import segment_path
 
     regions = []
+    tp = config.tensor_parallel_size
 
     def storage(num_layers: int, num_blocks: int, block_nbytes: int):
-        regions.append(allocate_region(num_layers, num_blocks, block_nbytes, backends))
+        # tensor-parallel ranks map the pool by its segment's path: the pool is a segment whatever the backends
+        wanted = ["shm", *backends] if tp > 1 else backends
+        regions.append(allocate_region(num_layers, num_blocks, block_nbytes, wanted))
+        if tp > 1:
+            return SharedPoolMemory(regions[-1].array, segment_path(regions[-1].name))
         return regions[-1].array
 
     local = config.kv_pool == LOCAL_POOL
@@ -64,7 +71,7 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
                                  block_size=config.block_size, kv_cache_bytes=config.kv_cache_bytes,
                                  max_num_batched_tokens=config.max_num_batched_tokens,
                                  max_num_seqs=config.max_num_seqs, kv_storage=None if local else storage,
-                                 enable_prefix_caching=prefix_caching)
+                                 enable_prefix_caching=prefix_caching, tensor_parallel_size=tp)
     engine.model.attention = config.attention
     return engine, local_region(engine.kv_cache, config, backends) if local else regions[0]
 
@@ -177,11 +184,15 @@ async def setup_worker(config: WorkerConfig, server: MeshServer, *, name: str,
                        prefix_caching: bool = False) -> WorkerKit:
     """Apply the thread count, reclaim stale segments, load the engine (off the loop) into a region the
     transports reach, and give it a thread named `<name>-engine` (started by `WorkerKit.run`)."""
+    from kvmesh.services.engine.errors import UnsupportedModelError
     from kvmesh.transports import reclaim_stale
 
     set_threads(config)
     reclaim_stale()
     backends = config.backends()
-    engine, region = await asyncio.to_thread(load_engine, config, backends, prefix_caching)
+    try:
+        engine, region = await asyncio.to_thread(load_engine, config, backends, prefix_caching)
+    except UnsupportedModelError as exc:  # a model or a split this engine cannot run: the operator's to change
+        raise ConfigError(str(exc)) from exc
     engine_thread = EngineThread(engine, asyncio.get_running_loop(), name=f"{name}-engine")
     return WorkerKit(config, server, engine_thread, region, engine.layout.to_proto(), backends)
