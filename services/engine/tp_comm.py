@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import threading
 import time
 
 import torch
 
+from kvmesh.services.common.ports import free_port  # noqa: F401 - the rendezvous port: below the ephemeral range
+
 OP_STEP, OP_STOP = 1, 0
 TIMEOUT = datetime.timedelta(seconds=600)  # a collective waits this long for a slow peer on a loaded machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backend_for(device: str) -> str:

@@ -1,7 +1,7 @@
 """`kvmesh up` hands each child its own port: the kernel may offer a port again before the child that was given
 it binds it, so free_port never hands out a port twice, nor one the user chose for the gateway."""
 
-from kvmesh.services import children
+from kvmesh.services.common import ports as children
 
 
 class FakeSocket:
@@ -32,7 +32,7 @@ def test_a_port_offered_again_or_reserved_is_skipped(monkeypatch):
 
 
 class Picks:
-    """children._PICK whose successive choices are `ports`."""
+    """ports._PICK whose successive choices are `ports`."""
 
     def __init__(self, *ports: int) -> None:
         self.ports = list(ports)
