@@ -8,6 +8,7 @@ from kvmesh.services.common import metrics
 from kvmesh.services.scheduler.links import LinkBook
 from kvmesh.services.scheduler.registry import Registry, Role, Worker
 from kvmesh.services.scheduler.route_types import RoutePlan
+from kvmesh.services.scheduler.router import unpairable
 from kvmesh.v1 import scheduler_pb2
 
 ATTR_KV_SOURCE = "kvmesh.route.kv_source"
@@ -31,13 +32,13 @@ def record_plan(span, plan: RoutePlan) -> None:
             "wait_s": p.wait_s, "chosen": p.decode is plan.decode and p.kv_source == plan.kv_source})
 
 
-def model_of(worker: Worker) -> scheduler_pb2.WorkerModel:
-    """The WorkerModel message of a worker's current fit."""
+def model_of(worker: Worker, unpaired: str = "") -> scheduler_pb2.WorkerModel:
+    """The WorkerModel message of a worker's current fit (and why it pairs with no worker, if it does not)."""
     fit = worker.fit
     return scheduler_pb2.WorkerModel(
         worker_id=worker.worker_id, role=int(worker.spec.role), prefill=[fit.prefill.a, fit.prefill.b, fit.prefill.c],
         decode=[fit.decode.a, fit.decode.b, fit.decode.c], num_samples=fit.num_samples,
-        num_outliers=fit.num_outliers)
+        num_outliers=fit.num_outliers, unpaired=unpaired)
 
 
 def links_of(book: LinkBook | None, registry: Registry) -> list[scheduler_pb2.LinkModel]:
@@ -53,8 +54,9 @@ def links_of(book: LinkBook | None, registry: Registry) -> list[scheduler_pb2.Li
 
 def stats(registry: Registry, policy: str, book: LinkBook | None = None) -> scheduler_pb2.SchedulerStats:
     """Every live prefill and decode worker's models, and the KV link models."""
-    workers = [w for w in registry.workers() if w.spec.role in (Role.PREFILL, Role.DECODE)]
-    return scheduler_pb2.SchedulerStats(models=[model_of(w) for w in workers], policy=policy,
+    everyone = registry.workers()
+    workers = [w for w in everyone if w.spec.role in (Role.PREFILL, Role.DECODE)]
+    return scheduler_pb2.SchedulerStats(models=[model_of(w, unpairable(w, everyone)) for w in workers], policy=policy,
                                         links=links_of(book, registry))
 
 

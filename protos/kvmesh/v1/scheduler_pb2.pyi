@@ -275,20 +275,22 @@ class SchedulerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerModel(_message.Message):
-    __slots__ = ("worker_id", "role", "prefill", "decode", "num_samples", "num_outliers")
+    __slots__ = ("worker_id", "role", "prefill", "decode", "num_samples", "num_outliers", "unpaired")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTLIERS_FIELD_NUMBER: _ClassVar[int]
+    UNPAIRED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     prefill: _containers.RepeatedScalarFieldContainer[float]
     decode: _containers.RepeatedScalarFieldContainer[float]
     num_samples: int
     num_outliers: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., prefill: _Optional[_Iterable[float]] = ..., decode: _Optional[_Iterable[float]] = ..., num_samples: _Optional[int] = ..., num_outliers: _Optional[int] = ...) -> None: ...
+    unpaired: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., prefill: _Optional[_Iterable[float]] = ..., decode: _Optional[_Iterable[float]] = ..., num_samples: _Optional[int] = ..., num_outliers: _Optional[int] = ..., unpaired: _Optional[str] = ...) -> None: ...
 
 class SchedulerStats(_message.Message):
     __slots__ = ("models", "policy", "links")

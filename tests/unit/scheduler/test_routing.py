@@ -231,3 +231,17 @@ def test_registration_says_when_a_worker_maps_onto_no_peer_of_its_model():
     assert "dtype 'float32' != 'bfloat16'" in unpairable(prefill, registry.workers())
     assert unpairable(add(registry, Role.PREFILL, 3, Layout("tiny", "bfloat16", 32, 2, 2, 8)), registry.workers()) == ""
     assert unpairable(add(registry, Role.PREFILL, 4, OTHER), registry.workers()) == ""  # another model: no peer
+
+
+def test_scheduler_stats_say_which_worker_pairs_with_no_peer_and_why():
+    from kvmesh.services.scheduler.explain import stats
+
+    registry = Registry(lease_s=10)
+    decode = add(registry, Role.DECODE, 1, BF16)
+    prefill = add(registry, Role.PREFILL, 2, FP32)
+    models = {m.worker_id: m for m in stats(registry, "least_loaded").models}
+    assert "dtype 'float32' != 'bfloat16'" in models[prefill.worker_id].unpaired
+    assert "dtype 'bfloat16' != 'float32'" in models[decode.worker_id].unpaired
+    add(registry, Role.PREFILL, 3, BF16)  # now the decode worker has a peer; the float32 prefill still has none
+    models = {m.worker_id: m for m in stats(registry, "least_loaded").models}
+    assert models[decode.worker_id].unpaired == "" and models[prefill.worker_id].unpaired != ""
