@@ -93,6 +93,14 @@ class Mesh:
         stop_all(self.children)
 
 
+def planner_interval_s(args) -> float:
+    """Seconds between the schedulers' planner rounds: as given, else 10 with --flexible workers, else off."""
+    given = getattr(args, "planner_interval_s", None)
+    if given is not None:
+        return given
+    return 10.0 if getattr(args, "flexible", False) else 0.0
+
+
 def plan(args) -> list[Child]:
     """The children of `kvmesh up`, in start order, with the flags that wire them together."""
     host = "127.0.0.1"
@@ -105,8 +113,10 @@ def plan(args) -> list[Child]:
         worker += ["--transport-chaos", args.transport_chaos]
     if getattr(args, "kv_pool", ""):
         worker += ["--kv-pool", args.kv_pool]
-    children = [Child(f"scheduler{f'-{i}' if i else ''}", ["scheduler", "--port", address.split(":")[1],
-                                                            "--lease-s", str(args.lease_s), "--policy", args.policy],
+    planner = planner_interval_s(args)
+    scheduler = ["--lease-s", str(args.lease_s), "--policy", args.policy,
+                 *(["--planner-interval-s", str(planner)] if planner else [])]
+    children = [Child(f"scheduler{f'-{i}' if i else ''}", ["scheduler", "--port", address.split(":")[1], *scheduler],
                       address, stage=0)
                 for i, address in enumerate(schedulers)]
     port = free_port()
@@ -135,6 +145,10 @@ def _worker_roles(args) -> list[tuple[str, str, int, list[str], str]]:
     decode = ["--cache-decode-kv"] if args.cache_decode_kv else []
     if args.colocated:
         return [("worker", "decode", args.workers, [*decode, "--colocated", *tp("worker")], args.worker_cpus)]
+    if getattr(args, "flexible", False):  # `kvmesh worker --role auto`: both services, the scheduler picks the role
+        auto = ["--role", "auto", "--initial-role"]
+        return [("prefill", "worker", args.prefill, [*auto, "prefill", *tp("prefill")], args.prefill_cpus),
+                ("decode", "worker", args.decode, [*decode, *auto, "decode", *tp("decode")], args.decode_cpus)]
     return [("prefill", "prefill", args.prefill, tp("prefill"), args.prefill_cpus),
             ("decode", "decode", args.decode, [*decode, *tp("decode")], args.decode_cpus)]
 
@@ -162,6 +176,12 @@ def add_arguments(parser) -> None:
                         "and decode in one continuous batch (chunked prefill mixed with decode steps), behind the "
                         "same gateway, scheduler and cache — the baseline disaggregation is measured against")
     parser.add_argument("--workers", type=int, default=1, help="with --colocated: how many workers")
+    parser.add_argument("--flexible", action="store_true", help="every engine worker starts as `kvmesh worker "
+                        "--role auto` (--prefill of them in the prefill role, --decode in the decode role), and the "
+                        "schedulers' planner flips roles as the traffic's mix shifts")
+    parser.add_argument("--planner-interval-s", type=float, default=None, metavar="S",
+                        help="seconds between the schedulers' planner rounds (default: 10 with --flexible, else "
+                        "off; 0 turns it off)")
     for role in ("prefill", "decode", "worker"):
         note = "; with --colocated" if role == "worker" else ""
         parser.add_argument(f"--{role}-cpus", default="", help=f"cores of each {role} worker, e.g. '0' or '0-1' (all "
@@ -203,6 +223,10 @@ def run(args) -> int:
 
     if not args.model:
         args.model = default_model(progress=lambda m: print(f"kvmesh up: {m}", flush=True))
+    if args.colocated and args.flexible:
+        print("kvmesh up: --colocated workers prefill their own prompts; --flexible ones flip between prefill and "
+              "decode: choose one", file=sys.stderr)
+        return 2
     if (args.workers if args.colocated else min(args.prefill, args.decode, args.schedulers)) < 1:
         print("kvmesh up: --workers, or --prefill, --decode and --schedulers, need at least 1 each", file=sys.stderr)
         return 2

@@ -158,3 +158,30 @@ def test_up_tls_runs_the_mesh_over_mtls_with_a_private_folder_it_deletes(model_d
     _, cmd = _up(model_dir("llama"), "--tls", "--once", "The capital of France is", "--max-tokens", "3")
     once = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert once.returncode == 0 and "3 generated]" in once.stdout, once.stderr[-2000:]
+
+
+def test_up_flexible_runs_role_auto_workers_that_answer(model_dir):
+    """`kvmesh up --flexible`: the engine workers are `kvmesh worker --role auto` processes (one in each role at
+    first), the scheduler plans, and the mesh answers."""
+    _, cmd = _up(model_dir("llama"), "--flexible", "--once", "The capital of France is", "--max-tokens", "5")
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    argvs = {}
+    try:
+        while launcher.poll() is None:
+            for pid in _children_of(launcher.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        argvs[pid] = f.read().split(b"\0")
+                except OSError:
+                    pass
+            time.sleep(0.2)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    out = launcher.stdout.read()
+    assert launcher.returncode == 0 and "5 generated]" in out
+    roles = sorted(argv[argv.index(b"--initial-role") + 1] for argv in argvs.values() if b"--initial-role" in argv)
+    assert roles == [b"decode", b"prefill"]
+    schedulers = [argv for argv in argvs.values() if b"scheduler" in argv and b"--planner-interval-s" in argv]
+    assert len(schedulers) == 1
+    assert _wait_gone(list(argvs), 5) == []
