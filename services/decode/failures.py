@@ -34,3 +34,16 @@ def transfer_error(e: TransportError, prefill_address: str) -> errors.MeshError:
     """A failed KV transfer as the error the client sees (DATA_LOSS, DEADLINE_EXCEEDED, UNAVAILABLE, ...)."""
     return errors.MeshError.with_status(errors.status_for(e), f"KV transfer from prefill worker {prefill_address} "
                                                               f"failed: {e}")
+
+
+QUEUE_RETRY_AFTER_S = 1.0  # a refusal for want of blocks: they free as streams finish, within seconds
+
+
+def queue_refusal(num_tokens: int, waited_s: float, objective: bool, cause: Exception) -> errors.CapacityError:
+    """RESOURCE_EXHAUSTED for a request that waited `waited_s` for free KV blocks in vain: its whole
+    --queue-timeout-s, or (objective) what was left of the client's time-to-first-token objective, past which it
+    is refused rather than served late."""
+    why = ("past the client's time-to-first-token objective it is refused rather than served late" if objective
+           else "the worker's --queue-timeout-s")
+    return errors.CapacityError(f"no free KV blocks for {num_tokens} prompt tokens after {waited_s:.3g} s ({why}): "
+                                f"{cause}", retry_after_s=QUEUE_RETRY_AFTER_S)

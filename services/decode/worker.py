@@ -22,7 +22,7 @@ from kvmesh.services.common import conventions as names
 from kvmesh.services.common import errors, metrics, telemetry
 from kvmesh.services.decode.detokenizer import IncrementalDetokenizer
 from kvmesh.services.decode.load import Claims, worker_load
-from kvmesh.services.decode.failures import ended_error, peer_error, transfer_error
+from kvmesh.services.decode.failures import ended_error, peer_error, queue_refusal, transfer_error
 from kvmesh.services.decode.stream import StreamWatch, TokenStream
 from kvmesh.services.decode.writeback import offer_decoded_blocks
 from kvmesh.services.engine.errors import OutOfBlocksError
@@ -96,7 +96,9 @@ class DecodeWorker:
         to free up before giving up with RESOURCE_EXHAUSTED. Returns (Reservation, seconds queued)."""
         rid, queued, record = request.request_id, time.perf_counter(), self.handoffs.get(request.request_id)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.queue_timeout_s
+        budget = request.ttft_budget_seconds  # the client's TTFT objective: past it, refused rather than late
+        patience = min(self.queue_timeout_s, budget) if budget > 0 else self.queue_timeout_s
+        deadline = loop.time() + patience
         # before the reserve: a cancelled call still reserves in the engine thread, and the release queued after it
         # frees what it took (release is idempotent, and a no-op when nothing was reserved)
         self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
@@ -111,8 +113,7 @@ class DecodeWorker:
                     break
                 except OutOfBlocksError as e:
                     if loop.time() > deadline:
-                        raise errors.CapacityError(f"no free KV blocks for {len(ids)} prompt tokens after "
-                                                   f"{self.queue_timeout_s:g} s: {e}") from None
+                        raise queue_refusal(len(ids), patience, patience < self.queue_timeout_s, e) from None
                     await asyncio.sleep(RESERVE_POLL_S)
             span.set_attributes({names.ATTR_KV_BLOCKS: len(reservation.block_ids), names.ATTR_DECODE_HIT_BLOCKS:
                                  reservation.num_cached_tokens // self.engine.layout.block_size})

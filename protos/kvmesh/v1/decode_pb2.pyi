@@ -18,7 +18,7 @@ class PeerRef(_message.Message):
     def __init__(self, address: _Optional[str] = ..., worker_id: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "cached_prefix_tokens", "cache_salt", "prompt_block_hashes", "local_prefill", "cache_probed")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "cached_prefix_tokens", "cache_salt", "prompt_block_hashes", "local_prefill", "cache_probed", "ttft_budget_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class DecodeRequest(_message.Message):
     PROMPT_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     CACHE_PROBED_FIELD_NUMBER: _ClassVar[int]
+    TTFT_BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -37,7 +38,8 @@ class DecodeRequest(_message.Message):
     prompt_block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     local_prefill: bool
     cache_probed: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PeerRef, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., cache_salt: _Optional[str] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ...) -> None: ...
+    ttft_budget_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PeerRef, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., cache_salt: _Optional[str] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ..., ttft_budget_seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "usage", "timings")
