@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvmesh.services.common.ports import free_port, reserve_ports  # noqa: F401 - kvmesh up's, re-exported
+from kvmesh.services.ports import free_port, reserve_ports  # noqa: F401 - kvmesh up's, re-exported
 from kvmesh.services.common.tls import open_channel
 
 PR_SET_PDEATHSIG = 1

@@ -115,21 +115,31 @@ def _rank(name: str) -> int:
     return PREFERENCE.index(name) if name in PREFERENCE else len(PREFERENCE)
 
 
-def allocate_region(num_layers: int, num_blocks: int, block_nbytes: int, backends: str | Sequence[str] = ()
-                    ) -> KVRegion:
+def allocate_region(num_layers: int, num_blocks: int, block_nbytes: int, backends: str | Sequence[str] = (),
+                    mappable: bool = False) -> KVRegion:
     """Allocate a KV pool that a receiver accepting `backends` (a name or a list) can serve.
 
     Each named backend may need the pool in its own kind of memory (shm: a shared segment that a same-host sender
     maps); the first that does decides. With no backends (a sender's pool, a staging pool) it is ordinary memory.
+    mappable: the pool must also be memory other processes of this host can map by the region's `path` (the
+    ranks of a tensor-parallel worker share it); any available backend's kind of memory that is serves, and
+    ValueError when none here is.
     """
     for n, what in ((num_layers, "num_layers"), (num_blocks, "num_blocks"), (block_nbytes, "block_nbytes")):
         if n <= 0:
             raise ValueError(f"{what} must be > 0, got {n}")
     shape = (num_layers, 2, num_blocks, block_nbytes)
-    for name in [backends] if isinstance(backends, str) else list(backends):
+    names = [backends] if isinstance(backends, str) else list(backends)
+    if mappable:
+        names += [n for n in available_backends() if n not in names]
+    for name in names:
         region = backend_class(name).make_region(shape)
-        if region is not None:
+        if region is not None and (region.path or not mappable):
             return region
+        if region is not None:
+            region.close()
+    if mappable:
+        raise ValueError("no transport backend here places a KV pool in memory other processes can map")
     return KVRegion(array=np.zeros(shape, dtype=np.uint8))
 
 

@@ -28,6 +28,7 @@ class KVRegion:
     array: np.ndarray
     backend: str = "local"  # whose memory it is: "local" (process memory) or the backend that made it
     name: str = ""  # shm segment name when the pool lives in shared memory
+    path: str = ""  # the file other processes of this host map the pool by (a shared segment's), if any
     _closer: Callable[[], None] | None = field(default=None, repr=False)
 
     @property

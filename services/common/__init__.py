@@ -13,6 +13,5 @@
 | `conventions.py` | span names, attribute names and TTFT phases (written by the services, read by `kvmesh trace`) |
 | `metrics.py` | the Prometheus metrics and their `/metrics` endpoint |
 | `registration.py` | register with the scheduler, heartbeat, deregister (workers and the cache) |
-| `ports.py` | ports for processes started here (children, tensor-parallel rendezvous): below the ephemeral range, never twice |
 | `ids.py`, `sdnotify.py`, `healthcheck.py` | instance and host ids; systemd readiness and watchdog; the health probe |
 """

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from kvmesh.services.common.ports import free_port  # noqa: F401 - the rendezvous port: below the ephemeral range
+from kvmesh.services.ports import free_port  # noqa: F401 - the rendezvous port: below the ephemeral range
 
 OP_STEP, OP_STOP = 1, 0
 TIMEOUT = datetime.timedelta(seconds=600)  # a collective waits this long for a slow peer on a loaded machine

@@ -53,18 +53,14 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
     from kvmesh.services.engine.engine import LLMEngine
     from kvmesh.services.engine.loader import SharedPoolMemory
     from kvmesh.transports import LOCAL_POOL, allocate_region
-    from kvmesh.transports.shm.segment import segment_path
 
     regions = []
     tp = config.tensor_parallel_size
 
     def storage(num_layers: int, num_blocks: int, block_nbytes: int):
-        # tensor-parallel ranks map the pool by its segment's path: the pool is a segment whatever the backends
-        wanted = ["shm", *backends] if tp > 1 else backends
-        regions.append(allocate_region(num_layers, num_blocks, block_nbytes, wanted))
-        if tp > 1:
-            return SharedPoolMemory(regions[-1].array, segment_path(regions[-1].name))
-        return regions[-1].array
+        # tensor-parallel ranks map the pool by its path: then it is mappable memory whatever the backends
+        regions.append(allocate_region(num_layers, num_blocks, block_nbytes, backends, mappable=tp > 1))
+        return SharedPoolMemory(regions[-1].array, regions[-1].path) if tp > 1 else regions[-1].array
 
     local = config.kv_pool == LOCAL_POOL
     engine = LLMEngine.from_path(config.model, dtype=config.dtype, device=config.device,

@@ -1,7 +1,7 @@
 """`kvmesh up` hands each child its own port: the kernel may offer a port again before the child that was given
 it binds it, so free_port never hands out a port twice, nor one the user chose for the gateway."""
 
-from kvmesh.services.common import ports as children
+from kvmesh.services import ports as children
 
 
 class FakeSocket:

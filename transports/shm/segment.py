@@ -60,7 +60,7 @@ def create_segment(shape: tuple[int, ...]) -> KVRegion:
         unlink_segment(name)
         close_map(mem)
 
-    return KVRegion(array=array, backend="shm", name=name, _closer=close)
+    return KVRegion(array=array, backend="shm", name=name, path=segment_path(name), _closer=close)
 
 
 def open_segment(name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, mmap.mmap]:

@@ -1,5 +1,6 @@
 """Ports for processes this one starts (children of `kvmesh up`, tensor-parallel ranks' rendezvous): chosen now,
-bound by someone else later, so never in the range the kernel hands outgoing connections, and never twice."""
+bound by someone else later, so never in the range the kernel hands outgoing connections, and never twice. A
+leaf: it imports nothing of the package (the engine uses it)."""
 
 from __future__ import annotations
 
