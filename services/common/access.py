@@ -9,7 +9,7 @@ The table follows the request's way (shared/DESIGN.md) and the services' real ca
 | decode | Prefill.Prefill; Scheduler.ListWorkers, ReportFailure; Cache.Lookup, Get, Fetch, Put, Pin, Unpin |
 | prefill | KVTransfer.* (into decode workers); Scheduler.ListWorkers; Cache.Lookup, Get, Fetch, Put, Pin, Unpin |
 | cache | KVTransfer.* (blocks it serves, into prefill and decode workers) |
-| decode | KVTransfer.* (its readiness self-transfer into its own pool, through its own port) |
+| decode | KVTransfer.* (its readiness self-transfer into its own pool, through its own port; and the blocks of its pool it serves to a prefill worker's Cache.Fetch: peer pull) |
 | scheduler | Cache.Lookup (its cache probe) |
 | admin (operators' tools) | Stats of every service, Cache.Clear, Pin, Unpin, Lookup, ListWorkers, Deregister, Abort, SetWorkerRole |
 | worker (flexible workers) | exactly the union of prefill's and decode's rights: Register as prefill or decode (never cache), Heartbeat and Deregister of prefill and decode workers, and every RPC either may call |
@@ -74,7 +74,7 @@ class Rule:
     check: Callable[[object, str], str | None] | None = None
 
 
-_KV = Rule(frozenset({"prefill", "cache", "decode", FLEXIBLE}))  # decode: its readiness self-transfer
+_KV = Rule(frozenset({"prefill", "cache", "decode", FLEXIBLE}))  # decode: its self-transfer, peer pull
 TABLE: dict[str, Rule] = {
     "/kvmesh.v1.Scheduler/Register": Rule(WORKERS, _register_as_own_role),
     "/kvmesh.v1.Scheduler/Heartbeat": Rule(WORKERS),

@@ -14,6 +14,7 @@ from kvmesh.services.common import config as config_mod
 from kvmesh.services.common import metrics
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.decode.config import DecodeConfig
+from kvmesh.services.decode.peer_fetch import PoolFetchServicer
 from kvmesh.services.decode.servicer import DecodeServicer
 from kvmesh.services.decode.spill import Spiller
 from kvmesh.services.decode.worker import DecodeWorker
@@ -23,7 +24,7 @@ from kvmesh.services.worker.startup import WorkerKit, setup_worker
 from kvmesh.services.worker.transport_watch import TransportWatch
 from kvmesh.transports.receiver import Receiver
 from kvmesh.transports.service import add_to_server
-from kvmesh.v1 import decode_pb2, decode_pb2_grpc, scheduler_pb2
+from kvmesh.v1 import cache_pb2, cache_pb2_grpc, decode_pb2, decode_pb2_grpc, scheduler_pb2
 
 
 def speculator(config: DecodeConfig, max_model_len: int):
@@ -72,6 +73,10 @@ def mount(config: DecodeConfig, server: MeshServer, kit: WorkerKit) -> DecodePar
     server.add_service(Service.of(decode_pb2, decode_pb2_grpc, DecodeServicer(worker, config.prefill_timeout_s)))
     server.add_task(worker.keep_prefilling_alive)
     server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
+    pool = PoolFetchServicer(kit.engine_thread, kit.region, kit.layout, kit.backends,  # peer pull: its pool's Fetch
+                             None if config.transport == "auto" else config.transport, config.transport_chaos or None,
+                             server.tls is not None)
+    server.add_service(Service.of(cache_pb2, cache_pb2_grpc, pool))
 
     def descriptor():
         receiver.address = kit.address()
@@ -79,6 +84,7 @@ def mount(config: DecodeConfig, server: MeshServer, kit: WorkerKit) -> DecodePar
 
     async def close() -> None:
         await reporter.close()
+        await pool.close()
         receiver.close()
         if cache is not None:
             await cache.close()

@@ -158,8 +158,8 @@ class DecodeWorker:
             destination=self.receiver.descriptor(), destination_blocks=common_pb2.BlockRef(block_ids=blocks),
             cache_salt=request.cache_salt, trace_context=telemetry.inject({}), num_skip_blocks=skip,
             prompt_block_hashes=(self._plan_hashes(request, ids) or reservation.block_hashes) if same_chain else ())
-        if request.cache_probed and same_chain:  # the scheduler asked the cache: the prefill worker need not ask again
-            call.cached_prefix_tokens = request.cached_prefix_tokens
+        if request.kv_peer_address or (request.cache_probed and same_chain):  # the plan says what to fetch, whence
+            call.cached_prefix_tokens, call.kv_peer_address = request.cached_prefix_tokens, request.kv_peer_address
         reply = stats = None
         prefill = asyncio.ensure_future(stub.Prefill(call, timeout=timeout))
         landed = asyncio.ensure_future(self.receiver.wait(rid, timeout=timeout))

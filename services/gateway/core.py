@@ -219,7 +219,8 @@ def decode_request(call: GenerateCall, route: scheduler_pb2.RouteResponse) -> de
     request = decode_pb2.DecodeRequest(
         request_id=call.request_id, prompt_token_ids=call.prompt_token_ids, sampling=call.sampling,
         cache_salt=call.cache_salt, cached_prefix_tokens=route.num_cached_tokens,
-        prompt_block_hashes=route.prompt_block_hashes, cache_probed=route.cache_probed)
+        prompt_block_hashes=route.prompt_block_hashes, cache_probed=route.cache_probed,
+        kv_peer_address=route.kv_peer.address if route.HasField("kv_peer") else "")
     if call.slo_ttft_s:  # what is left of it: a request that must wait for blocks past it is refused, not late
         waited_s = (time.time_ns() - call.arrival_ns) / 1e9 if call.arrival_ns else 0.0
         request.ttft_budget_seconds = max(call.slo_ttft_s - waited_s, 1e-3)

@@ -11,6 +11,7 @@ from kvmesh.services.clients.cache import worker_cache_client
 from kvmesh.services.common import config as config_mod, tls
 from kvmesh.services.common.server import MeshServer, Service, serve
 from kvmesh.services.prefill.config import PrefillConfig
+from kvmesh.services.prefill.prefix import PeerSources
 from kvmesh.services.prefill.servicer import PrefillServicer
 from kvmesh.services.prefill.worker import PrefillWorker
 from kvmesh.services.common.transfer_telemetry import report, report_sent
@@ -38,18 +39,19 @@ class PrefillParts:
 def mount(config: PrefillConfig, server: MeshServer, kit: WorkerKit, receiver: Receiver | None = None
           ) -> PrefillParts:
     """Open a sender over kit's KV pool, build the prefill worker and host the Prefill service. receiver: one the
-    caller owns and hosts (a flexible worker's); without one, a receiver of its own (hosted here) when a cache is
-    used, which delivers cached prefixes straight into the pool."""
+    caller owns and hosts (a flexible worker's); without one, a receiver of its own (hosted here), into which the
+    cache or a decode worker's pool (peer pull) delivers cached prefixes straight."""
     region, layout, backends = kit.region, kit.layout, kit.backends
     sender = Sender(region, layout, backends=backends, force=None if config.transport == "auto" else config.transport,
                     chaos=config.transport_chaos or None, observer=report_sent,
                     tls=tls.LIVE if server.tls else None)
     cache = worker_cache_client(config, server.channels, layout)
-    own = receiver is None and cache is not None
+    own = receiver is None  # cached prefixes arrive in it: from the cache, or from a decode worker's pool
     if own:
         receiver = Receiver(region, layout, backends=backends, observer=report)
         server.add_service(Service("kvmesh.v1.KVTransfer", receiver.servicer(), add_to_server))
-    worker = PrefillWorker(kit.engine_thread, sender, config.handoff_lease_s, cache, receiver)
+    peers = PeerSources(server.channels, layout, config.cache_timeout_s)
+    worker = PrefillWorker(kit.engine_thread, sender, config.handoff_lease_s, cache, receiver, peers)
     server.add_service(Service.of(prefill_pb2, prefill_pb2_grpc, PrefillServicer(worker, config.prefill_timeout_s)))
     server.add_task(worker.keep_queued_alive)
 

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from kvmesh.services import kv_identity
+from kvmesh.services.clients.cache import CacheClient
 from kvmesh.services.common import conventions as names
 from kvmesh.services.common import telemetry
 from kvmesh.services.engine.errors import OutOfBlocksError
@@ -35,6 +36,26 @@ def prompt_chain(cache, layout, token_ids: list[int], cache_salt: str, plan_hash
     if hashes:
         return hashes, False
     return kv_identity.prompt_hashes(layout, token_ids, cache_salt), True
+
+
+class PeerSources:
+    """Clients of decode workers' pools for peer pull, one per address (the most recent `limit` kept): a decode
+    worker serves the cache service's Fetch over its own prefix cache, so the cache's client fetches from it."""
+
+    def __init__(self, channels, layout, timeout_s: float, limit: int = 64) -> None:
+        self.channels, self.layout, self.timeout_s, self.limit = channels, layout, timeout_s, limit
+        self._clients: dict[str, CacheClient] = {}
+
+    def __call__(self, address: str) -> CacheClient:
+        client = self._clients.pop(address, None)
+        if client is None:
+            async def where() -> str:
+                return address
+            client = CacheClient(self.channels, where, self.layout, self.timeout_s)
+        self._clients[address] = client  # most recent last
+        while len(self._clients) > self.limit:
+            self._clients.pop(next(iter(self._clients)))
+        return client
 
 
 def fetch_transfer_id(request_id: str) -> str:

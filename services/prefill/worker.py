@@ -70,11 +70,12 @@ class LayerStream:
 class PrefillWorker:
     """Prompts being prefilled on this worker."""
 
-    def __init__(self, engine_thread, sender, lease_s: float, cache=None, receiver=None):
+    def __init__(self, engine_thread, sender, lease_s: float, cache=None, receiver=None, peers=None):
         self.et, self.engine = engine_thread, engine_thread.engine
         self.sender = sender
         self.cache = cache  # a kvmesh.services.clients.cache.CacheClient, or None: compute every prompt
         self.receiver = receiver  # over this worker's own pool: the cache delivers cached prefixes into it
+        self.peers = peers  # address -> a client of that decode worker's pool (prefix.PeerSources): peer pull
         self.handoffs = HandoffTable(lease_s)
         self.streams: dict[str, LayerStream] = {}
         self.compute_started: dict[str, int] = {}  # request id -> time.time_ns() its completing step began
@@ -153,10 +154,11 @@ class PrefillWorker:
             self.handoffs.advance(rid, HandoffState.WRITING)
             if self.receiver is not None:  # runs before the blocks are released (cleanups run last first)
                 self.handoffs.on_release(rid, lambda: self.receiver.retire(prefix.fetch_transfer_id(rid)))
-            hashes, hashed_here = prefix.prompt_chain(self.cache, self.engine.layout, ids, request.cache_salt,
+            source = self.peers(request.kv_peer_address) if request.kv_peer_address and self.peers else self.cache
+            hashes, hashed_here = prefix.prompt_chain(source, self.engine.layout, ids, request.cache_salt,
                                                       request.prompt_block_hashes)
             probed = request.cached_prefix_tokens if request.HasField("cached_prefix_tokens") else None
-            num_cached = await prefix.import_prefix(self.et, self.cache, self.receiver, rid, ids, hashes, probed)
+            num_cached = await prefix.import_prefix(self.et, source, self.receiver, rid, ids, hashes, probed)
             start, submitted_ns = time.perf_counter(), time.time_ns()
             await self.et.call(self.engine.add_request, rid, ids, params, prefill_only=True,
                                num_cached_tokens=num_cached)

@@ -11,7 +11,7 @@ from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.registry import Worker
 
 #: Where a prompt's KV comes from.
-RECOMPUTE, CACHE, DECODE_POOL, LOCAL = "recompute", "cache", "decode_pool", "local"
+RECOMPUTE, CACHE, PEER, DECODE_POOL, LOCAL = "recompute", "cache", "peer", "decode_pool", "local"
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class RouteQuery:
     links: Links = Links()
     # its priority (lower is more urgent, as vLLM's): admission caps less urgent requests' queues lower
     priority: int = 0
+    # decode workers a prefill worker may fetch the prompt's prefix from (peer pull): every live one, whether or
+    # not it may take the request itself (a full or avoided worker still serves a fetch)
+    peers: tuple[Worker, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class RoutePlan:
     predicted_ttft_s: float = 0.0
     predicted_tpot_s: float = 0.0
     candidates: tuple[Prediction, ...] = ()
+    kv_peer: Worker | None = None  # kv_source PEER: the decode worker the prefill worker fetches the prefix from
 
 
 Policy = Callable[[RouteQuery, Sequence[Candidates]], RoutePlan]

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from kvmesh.services.common.errors import InvalidArgumentError, UnavailableError
-from kvmesh.services.scheduler import admission, pairing
+from kvmesh.services.scheduler import admission, pairing, peers
 from kvmesh.services.scheduler.predict import decode_prefills
 from kvmesh.services.scheduler.route_types import Candidates, Policy, RoutePlan, RouteQuery
 from kvmesh.services.scheduler.slo_aware import check_objectives
@@ -118,11 +118,12 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
     if not paired:
         raise pairing.unpaired(groups)
     admitted = admission.admit(query, paired, max_queue)
+    query = peers.candidates(query, workers)
     plan = policy(query, admitted)
     if plan.decode.spec.colocated:
         plan = dataclasses.replace(plan, local_prefill=True)
     elif not plan.kv_source:  # the policy did not decide where the KV comes from: the decode worker's rule
         local = decode_prefills(len(query.prompt_token_ids), plan.num_decode_cached_tokens, plan.decode)
-        plan = dataclasses.replace(plan, local_prefill=local)
+        plan = peers.with_peer(query, dataclasses.replace(plan, local_prefill=local))
     check_objectives(query, admitted, plan)  # early rejection, whatever the policy
     return plan

@@ -205,7 +205,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                            prompt_block_hashes=hashes.of(chosen), local_prefill=plan.local_prefill,
                                            cache_probed=chosen in query.cached_tokens, kv_source=plan.kv_source,
                                            predicted_ttft_seconds=plan.predicted_ttft_s,
-                                           predicted_tpot_seconds=plan.predicted_tpot_s)
+                                           predicted_tpot_seconds=plan.predicted_tpot_s,
+                                           kv_peer=self._info(plan.kv_peer) if plan.kv_peer is not None else None)
 
     async def Stats(self, request, context):
         return explain.stats(self.registry, self.policy_name, self.links.book)

@@ -16,10 +16,10 @@ import heapq
 from collections.abc import Sequence
 
 from kvmesh.services.common.errors import CapacityError
-from kvmesh.services.scheduler import predict
+from kvmesh.services.scheduler import peers, predict
 from kvmesh.services.scheduler.registry import Worker
-from kvmesh.services.scheduler.route_types import (CACHE, DECODE_POOL, LOCAL, RECOMPUTE, Candidates, Prediction,
-                                                   RoutePlan, RouteQuery)
+from kvmesh.services.scheduler.route_types import (CACHE, DECODE_POOL, LOCAL, PEER, RECOMPUTE, Candidates,
+                                                   Prediction, RoutePlan, RouteQuery)
 
 TRACE_CANDIDATES = 8  # predictions carried in the plan (and the route span): the best few
 MIN_RETRY_AFTER_S = 0.05
@@ -27,10 +27,12 @@ MIN_RETRY_AFTER_S = 0.05
 
 def best_prefill(query: RouteQuery, group: Candidates) -> tuple[float, float, Worker, str, str] | None:
     """(wait + compute seconds, wait seconds, prefill worker, KV source, why) of the group's best prefill worker
-    for the prompt: the cache's prefix is fetched only where that beats recomputing it on that worker."""
+    for the prompt: the cache's prefix, or the one a decode worker's pool holds (peer pull), is fetched only where
+    that beats recomputing it on that worker."""
     n, layout, links = len(query.prompt_token_ids), group.layout, query.links
     hit = query.cached_tokens.get(layout, 0)
     ssd = min(query.cached_ssd_tokens.get(layout, 0), hit)
+    holders: dict = {}  # by prefill layout (block sizes may differ within a group): the best peer, once each
     best = None
     for prefill in group.prefill:
         fetch = predict.fetch_s(links, layout, hit - ssd, ssd, prefill) if hit else 0.0  # its own fetch link
@@ -39,12 +41,21 @@ def best_prefill(query: RouteQuery, group: Candidates) -> tuple[float, float, Wo
         cost, source = recompute, RECOMPUTE
         if hit and fetch + predict.compute_s(prefill, hit, n - hit) < recompute:
             cost, source = fetch + predict.compute_s(prefill, hit, n - hit), CACHE
+        own = prefill.spec.layout
+        peer, held = holders[own] if own in holders else holders.setdefault(own, peers.best(query, own))
+        if held > hit and peers.reaches(peer, prefill):  # the peer's blocks move like a handoff, the other way
+            pull = predict.transfer_s(links, layout, held, peer, prefill) + predict.compute_s(prefill, held, n - held)
+            if pull < cost:
+                cost, source = pull, PEER
         if best is None or wait + cost < best[0]:
-            best = (wait + cost, wait, prefill, source, recompute)
+            best = (wait + cost, wait, prefill, source, recompute, peer, held)
     if best is None:
         return None
-    total, wait, prefill, source, recompute = best
-    if not hit:
+    total, wait, prefill, source, recompute, peer, held = best
+    if source == PEER:
+        why = (f"pull {held} tokens from decode worker {peer.worker_id}'s pool + compute the rest "
+               f"{total - wait:.4f}s < recompute {recompute:.4f}s")
+    elif not hit:
         why = "nothing cached"
     elif source == CACHE:
         why = f"fetch {hit} tokens ({ssd} from SSD) + compute the rest {total - wait:.4f}s < recompute {recompute:.4f}s"
@@ -146,8 +157,10 @@ def slo_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     reason = (f"decode worker prefills itself: predicted {chosen.ttft_s:.4f}s" if local
               else f"{why.get(chosen.prefill.worker_id, '')}; "
                    f"{predict.link_note(query.links, chosen.prefill, chosen.decode)}")
-    return RoutePlan(None if chosen.decode.spec.colocated else chosen.prefill, chosen.decode,
-                     query.cached_tokens.get(layout, 0) if chosen.kv_source == CACHE else 0, policy="slo_aware",
+    peer, held = peers.best(query, chosen.prefill.spec.layout) if chosen.kv_source == PEER else (None, 0)
+    fetched = held if peer is not None else query.cached_tokens.get(layout, 0) if chosen.kv_source == CACHE else 0
+    return RoutePlan(None if chosen.decode.spec.colocated else chosen.prefill, chosen.decode, fetched,
+                     policy="slo_aware", kv_peer=peer,
                      num_decode_cached_tokens=query.decode_cached_tokens.get(chosen.decode.worker_id, 0),
                      local_prefill=local, kv_source=chosen.kv_source, why=reason,
                      predicted_ttft_s=chosen.ttft_s, predicted_tpot_s=chosen.tpot_s,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/decode.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"A\n\x07PeerRef\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\"\xbf\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12#\n\x07prefill\x18\x04 \x01(\x0b\x32\x12.kvmesh.v1.PeerRef\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x1b\n\x13prompt_block_hashes\x18\x07 \x03(\x0c\x12\x1a\n\rlocal_prefill\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0c\x63\x61\x63he_probed\x18\t \x01(\x08\x12\x1b\n\x13ttft_budget_seconds\x18\n \x01(\x02\x42\x10\n\x0e_local_prefill\"\xd2\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.kvmesh.v1.Timings\"(\n\x12\x44\x65\x63odeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"!\n\x10\x44\x65\x63odeAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x14\n\x12WorkerStatsRequest\"\x87\x02\n\x0bWorkerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12\x14\n\x0cnum_handoffs\x18\x05 \x01(\x05\x12\x15\n\rnum_transfers\x18\x06 \x01(\x05\x12\x19\n\x11num_cached_blocks\x18\x07 \x01(\x05\x12\x1e\n\x16num_cached_free_blocks\x18\x08 \x01(\x05\x12\x19\n\x11prefix_hit_blocks\x18\t \x01(\x03\x12\x18\n\x10prefix_evictions\x18\n \x01(\x03\x32\xd0\x01\n\x06\x44\x65\x63ode\x12\x41\n\x08Generate\x12\x18.kvmesh.v1.DecodeRequest\x1a\x19.kvmesh.v1.DecodeResponse0\x01\x12\x43\n\x05\x41\x62ort\x12\x1d.kvmesh.v1.DecodeAbortRequest\x1a\x1b.kvmesh.v1.DecodeAbortReply\x12>\n\x05Stats\x12\x1d.kvmesh.v1.WorkerStatsRequest\x1a\x16.kvmesh.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvmesh/v1/decode.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\"A\n\x07PeerRef\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\"\xd8\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12#\n\x07prefill\x18\x04 \x01(\x0b\x32\x12.kvmesh.v1.PeerRef\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x05 \x01(\x05\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x1b\n\x13prompt_block_hashes\x18\x07 \x03(\x0c\x12\x1a\n\rlocal_prefill\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x0c\x63\x61\x63he_probed\x18\t \x01(\x08\x12\x1b\n\x13ttft_budget_seconds\x18\n \x01(\x02\x12\x17\n\x0fkv_peer_address\x18\x0b \x01(\tB\x10\n\x0e_local_prefill\"\xd2\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kvmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kvmesh.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.kvmesh.v1.Timings\"(\n\x12\x44\x65\x63odeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"!\n\x10\x44\x65\x63odeAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x14\n\x12WorkerStatsRequest\"\x87\x02\n\x0bWorkerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12\x14\n\x0cnum_handoffs\x18\x05 \x01(\x05\x12\x15\n\rnum_transfers\x18\x06 \x01(\x05\x12\x19\n\x11num_cached_blocks\x18\x07 \x01(\x05\x12\x1e\n\x16num_cached_free_blocks\x18\x08 \x01(\x05\x12\x19\n\x11prefix_hit_blocks\x18\t \x01(\x03\x12\x18\n\x10prefix_evictions\x18\n \x01(\x03\x32\xd0\x01\n\x06\x44\x65\x63ode\x12\x41\n\x08Generate\x12\x18.kvmesh.v1.DecodeRequest\x1a\x19.kvmesh.v1.DecodeResponse0\x01\x12\x43\n\x05\x41\x62ort\x12\x1d.kvmesh.v1.DecodeAbortRequest\x1a\x1b.kvmesh.v1.DecodeAbortReply\x12>\n\x05Stats\x12\x1d.kvmesh.v1.WorkerStatsRequest\x1a\x16.kvmesh.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEERREF']._serialized_start=61
   _globals['_PEERREF']._serialized_end=126
   _globals['_DECODEREQUEST']._serialized_start=129
-  _globals['_DECODEREQUEST']._serialized_end=448
-  _globals['_DECODERESPONSE']._serialized_start=451
-  _globals['_DECODERESPONSE']._serialized_end=661
-  _globals['_DECODEABORTREQUEST']._serialized_start=663
-  _globals['_DECODEABORTREQUEST']._serialized_end=703
-  _globals['_DECODEABORTREPLY']._serialized_start=705
-  _globals['_DECODEABORTREPLY']._serialized_end=738
-  _globals['_WORKERSTATSREQUEST']._serialized_start=740
-  _globals['_WORKERSTATSREQUEST']._serialized_end=760
-  _globals['_WORKERSTATS']._serialized_start=763
-  _globals['_WORKERSTATS']._serialized_end=1026
-  _globals['_DECODE']._serialized_start=1029
-  _globals['_DECODE']._serialized_end=1237
+  _globals['_DECODEREQUEST']._serialized_end=473
+  _globals['_DECODERESPONSE']._serialized_start=476
+  _globals['_DECODERESPONSE']._serialized_end=686
+  _globals['_DECODEABORTREQUEST']._serialized_start=688
+  _globals['_DECODEABORTREQUEST']._serialized_end=728
+  _globals['_DECODEABORTREPLY']._serialized_start=730
+  _globals['_DECODEABORTREPLY']._serialized_end=763
+  _globals['_WORKERSTATSREQUEST']._serialized_start=765
+  _globals['_WORKERSTATSREQUEST']._serialized_end=785
+  _globals['_WORKERSTATS']._serialized_start=788
+  _globals['_WORKERSTATS']._serialized_end=1051
+  _globals['_DECODE']._serialized_start=1054
+  _globals['_DECODE']._serialized_end=1262
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ class PeerRef(_message.Message):
     def __init__(self, address: _Optional[str] = ..., worker_id: _Optional[str] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "cached_prefix_tokens", "cache_salt", "prompt_block_hashes", "local_prefill", "cache_probed", "ttft_budget_seconds")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "prefill", "cached_prefix_tokens", "cache_salt", "prompt_block_hashes", "local_prefill", "cache_probed", "ttft_budget_seconds", "kv_peer_address")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class DecodeRequest(_message.Message):
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     CACHE_PROBED_FIELD_NUMBER: _ClassVar[int]
     TTFT_BUDGET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -39,7 +40,8 @@ class DecodeRequest(_message.Message):
     local_prefill: bool
     cache_probed: bool
     ttft_budget_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PeerRef, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., cache_salt: _Optional[str] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ..., ttft_budget_seconds: _Optional[float] = ...) -> None: ...
+    kv_peer_address: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefill: _Optional[_Union[PeerRef, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., cache_salt: _Optional[str] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ..., ttft_budget_seconds: _Optional[float] = ..., kv_peer_address: _Optional[str] = ...) -> None: ...
 
 class DecodeResponse(_message.Message):
     __slots__ = ("token_ids", "text", "logprobs", "finish_reason", "usage", "timings")

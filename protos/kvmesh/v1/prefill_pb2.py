@@ -26,7 +26,7 @@ from kvmesh.v1 import common_pb2 as kvmesh_dot_v1_dot_common__pb2
 from kvmesh.v1 import decode_pb2 as kvmesh_dot_v1_dot_decode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\x1a\x16kvmesh/v1/decode.proto\"\xd0\x03\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x33\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x1e.kvmesh.v1.TransportDescriptor\x12/\n\x12\x64\x65stination_blocks\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.BlockRef\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x42\n\rtrace_context\x18\x07 \x03(\x0b\x32+.kvmesh.v1.PrefillRequest.TraceContextEntry\x12\x17\n\x0fnum_skip_blocks\x18\x08 \x01(\x05\x12\x1b\n\x13prompt_block_hashes\x18\t \x03(\x0c\x12!\n\x14\x63\x61\x63hed_prefix_tokens\x18\n \x01(\x05H\x00\x88\x01\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x17\n\x15_cached_prefix_tokens\"R\n\x0fTransferSummary\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xbb\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12,\n\x08transfer\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.TransferSummary\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x32\x8b\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x1a.kvmesh.v1.PrefillResponse\x12>\n\x05Stats\x12\x1d.kvmesh.v1.WorkerStatsRequest\x1a\x16.kvmesh.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17kvmesh/v1/prefill.proto\x12\tkvmesh.v1\x1a\x16kvmesh/v1/common.proto\x1a\x16kvmesh/v1/decode.proto\"\xe9\x03\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kvmesh.v1.SamplingParams\x12\x33\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x1e.kvmesh.v1.TransportDescriptor\x12/\n\x12\x64\x65stination_blocks\x18\x05 \x01(\x0b\x32\x13.kvmesh.v1.BlockRef\x12\x12\n\ncache_salt\x18\x06 \x01(\t\x12\x42\n\rtrace_context\x18\x07 \x03(\x0b\x32+.kvmesh.v1.PrefillRequest.TraceContextEntry\x12\x17\n\x0fnum_skip_blocks\x18\x08 \x01(\x05\x12\x1b\n\x13prompt_block_hashes\x18\t \x03(\x0c\x12!\n\x14\x63\x61\x63hed_prefix_tokens\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0fkv_peer_address\x18\x0b \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x17\n\x15_cached_prefix_tokens\"R\n\x0fTransferSummary\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xbb\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.kvmesh.v1.TokenLogprob\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12,\n\x08transfer\x18\x04 \x01(\x0b\x32\x1a.kvmesh.v1.TransferSummary\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x32\x8b\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.kvmesh.v1.PrefillRequest\x1a\x1a.kvmesh.v1.PrefillResponse\x12>\n\x05Stats\x12\x1d.kvmesh.v1.WorkerStatsRequest\x1a\x16.kvmesh.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_PREFILLREQUEST']._serialized_start=87
-  _globals['_PREFILLREQUEST']._serialized_end=551
-  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_start=475
-  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_end=526
-  _globals['_TRANSFERSUMMARY']._serialized_start=553
-  _globals['_TRANSFERSUMMARY']._serialized_end=635
-  _globals['_PREFILLRESPONSE']._serialized_start=638
-  _globals['_PREFILLRESPONSE']._serialized_end=825
-  _globals['_PREFILL']._serialized_start=828
-  _globals['_PREFILL']._serialized_end=967
+  _globals['_PREFILLREQUEST']._serialized_end=576
+  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_start=500
+  _globals['_PREFILLREQUEST_TRACECONTEXTENTRY']._serialized_end=551
+  _globals['_TRANSFERSUMMARY']._serialized_start=578
+  _globals['_TRANSFERSUMMARY']._serialized_end=660
+  _globals['_PREFILLRESPONSE']._serialized_start=663
+  _globals['_PREFILLRESPONSE']._serialized_end=850
+  _globals['_PREFILL']._serialized_start=853
+  _globals['_PREFILL']._serialized_end=992
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "destination", "destination_blocks", "cache_salt", "trace_context", "num_skip_blocks", "prompt_block_hashes", "cached_prefix_tokens")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "destination", "destination_blocks", "cache_salt", "trace_context", "num_skip_blocks", "prompt_block_hashes", "cached_prefix_tokens", "kv_peer_address")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class PrefillRequest(_message.Message):
     NUM_SKIP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     CACHED_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -37,7 +38,8 @@ class PrefillRequest(_message.Message):
     num_skip_blocks: int
     prompt_block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     cached_prefix_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., destination_blocks: _Optional[_Union[_common_pb2.BlockRef, _Mapping]] = ..., cache_salt: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., num_skip_blocks: _Optional[int] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., cached_prefix_tokens: _Optional[int] = ...) -> None: ...
+    kv_peer_address: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., destination_blocks: _Optional[_Union[_common_pb2.BlockRef, _Mapping]] = ..., cache_salt: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., num_skip_blocks: _Optional[int] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., cached_prefix_tokens: _Optional[int] = ..., kv_peer_address: _Optional[str] = ...) -> None: ...
 
 class TransferSummary(_message.Message):
     __slots__ = ("backend", "bytes", "blocks", "seconds")

@@ -245,7 +245,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., transports: _Optional[_Iterable[str]] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., descriptor: _Optional[_Union[_common_pb2.TransportDescriptor, _Mapping]] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., model: _Optional[str] = ..., lease_remaining_seconds: _Optional[float] = ..., breaker_state: _Optional[_Union[BreakerState, str]] = ..., num_routed_since_heartbeat: _Optional[int] = ..., num_breaker_opened: _Optional[int] = ..., num_breaker_failures: _Optional[int] = ..., colocated: _Optional[bool] = ..., flexible: _Optional[bool] = ..., desired_role: _Optional[_Union[WorkerRole, str]] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("prefill", "decode", "num_cached_tokens", "policy", "num_decode_cached_tokens", "prompt_block_hashes", "local_prefill", "cache_probed", "kv_source", "predicted_ttft_seconds", "predicted_tpot_seconds")
+    __slots__ = ("prefill", "decode", "num_cached_tokens", "policy", "num_decode_cached_tokens", "prompt_block_hashes", "local_prefill", "cache_probed", "kv_source", "predicted_ttft_seconds", "predicted_tpot_seconds", "kv_peer")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +257,7 @@ class RouteResponse(_message.Message):
     KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TPOT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_PEER_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerInfo
     decode: WorkerInfo
     num_cached_tokens: int
@@ -268,7 +269,8 @@ class RouteResponse(_message.Message):
     kv_source: str
     predicted_ttft_seconds: float
     predicted_tpot_seconds: float
-    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., policy: _Optional[str] = ..., num_decode_cached_tokens: _Optional[int] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ..., kv_source: _Optional[str] = ..., predicted_ttft_seconds: _Optional[float] = ..., predicted_tpot_seconds: _Optional[float] = ...) -> None: ...
+    kv_peer: WorkerInfo
+    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ..., decode: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., policy: _Optional[str] = ..., num_decode_cached_tokens: _Optional[int] = ..., prompt_block_hashes: _Optional[_Iterable[bytes]] = ..., local_prefill: _Optional[bool] = ..., cache_probed: _Optional[bool] = ..., kv_source: _Optional[str] = ..., predicted_ttft_seconds: _Optional[float] = ..., predicted_tpot_seconds: _Optional[float] = ..., kv_peer: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class SchedulerStatsRequest(_message.Message):
     __slots__ = ()

@@ -48,7 +48,10 @@ def test_a_busy_holder_of_the_prompt_loses_to_an_idle_worker_when_the_transfer_s
     idle = add(registry, Role.DECODE, 3)
     query = RouteQuery("r", PROMPT, decode_cached_tokens={holder.worker_id: 3984})
     plan = route(query, registry.workers(), slo_aware, max_queue=64)
-    assert plan.decode.worker_id == idle.worker_id and plan.kv_source == "recompute" and not plan.local_prefill
+    # the prefill worker pulls the holder's 3,984 tokens from its pool (8 MB at 8 GB/s + 2 ms: 3 ms) rather than
+    # recompute them (0.4 s): the holder's queue does not stand in the way of a read of its pool
+    assert plan.decode.worker_id == idle.worker_id and plan.kv_source == "peer" and not plan.local_prefill
+    assert plan.kv_peer is holder and plan.num_cached_tokens == 3984 and "pull 3984 tokens" in plan.why
     # idle again, the holder prefills the 16-token tail itself: no prefill worker, no transfer
     registry.heartbeat(holder.worker_id, Load())
     plan = route(query, registry.workers(), slo_aware, max_queue=64)
@@ -133,3 +136,28 @@ def test_the_route_span_records_the_kv_source_why_and_each_weighed_candidates_pr
     # 12 or more weighed, the best 8 kept
     assert len(span.events) == 8 and sum(e["chosen"] for _, e in span.events) == 1
     assert all(e["predicted_ttft_s"] >= plan.predicted_ttft_s for _, e in span.events)
+
+
+def test_a_peer_pull_is_weighed_against_recomputing_and_the_cache():
+    registry = Registry(lease_s=10)
+    prefill = add(registry, Role.PREFILL, 1)
+    holder = add(registry, Role.DECODE, 2)
+    query = RouteQuery("r", PROMPT, decode_cached_tokens={holder.worker_id: 1600}, cached_tokens={LAYOUT: 3200})
+    plan = route(query, registry.workers(), slo_aware, max_queue=8)
+    assert plan.kv_source == "cache" and plan.num_cached_tokens == 3200 and plan.kv_peer is None  # the cache holds more
+    slow = Links(transfer_gbps=0.001, dram_gbps=0.001)  # 1 MB/s: pulling 1,600 tokens (3.2 MB) takes 3 s
+    query = RouteQuery("r", PROMPT, decode_cached_tokens={holder.worker_id: 1600}, links=slow)
+    plan = route(query, registry.workers(), slo_aware, max_queue=8)
+    assert plan.kv_source == "recompute" and plan.kv_peer is None
+    assert prefill is plan.prefill
+
+
+def test_a_peer_of_another_layout_is_never_pulled_from():
+    registry = Registry(lease_s=10)
+    add(registry, Role.PREFILL, 1)
+    decode = add(registry, Role.DECODE, 2)
+    other = registry.register(WorkerSpec(Role.DECODE, "127.0.0.1:3", layout=KVLayout("tiny", "float32", 32, 2, 2, 64)))
+    registry.heartbeat(other.worker_id, Load())
+    query = RouteQuery("r", PROMPT, decode_cached_tokens={other.worker_id: 3200})  # chained in 32-token blocks
+    plan = route(query, registry.workers(), slo_aware, max_queue=8)
+    assert plan.kv_source == "recompute" and plan.kv_peer is None and plan.decode in (decode, other)
