@@ -15,6 +15,7 @@ ATTR_KV_SOURCE = "kvmesh.route.kv_source"
 ATTR_WHY = "kvmesh.route.why"
 ATTR_PREDICTED_TTFT = "kvmesh.route.predicted_ttft_s"
 ATTR_PREDICTED_TPOT = "kvmesh.route.predicted_tpot_s"
+ATTR_KV_PEER = "kvmesh.route.kv_peer"  # kv_source "peer": the decode worker whose pool serves the prefix
 EVENT_CANDIDATE = "route.candidate"
 
 
@@ -25,6 +26,8 @@ def record_plan(span, plan: RoutePlan) -> None:
         return
     span.set_attributes({ATTR_KV_SOURCE: plan.kv_source, ATTR_WHY: plan.why,
                          ATTR_PREDICTED_TTFT: plan.predicted_ttft_s, ATTR_PREDICTED_TPOT: plan.predicted_tpot_s})
+    if plan.kv_peer is not None:
+        span.set_attribute(ATTR_KV_PEER, plan.kv_peer.worker_id)
     for p in plan.candidates:
         span.add_event(EVENT_CANDIDATE, {
             "prefill": p.prefill.worker_id if p.prefill is not None else "", "decode": p.decode.worker_id,

@@ -58,3 +58,25 @@ def test_no_pull_from_another_layout_an_unreachable_peer_or_for_a_local_prefill(
     short = RouteQuery("r", PROMPT[:40], decode_cached_tokens={other.worker_id: 32})  # other prefills the tail
     plan = route(short, registry.workers(), get_policy("round_robin"), max_queue=8)
     assert plan.local_prefill and plan.kv_peer is None
+
+
+def test_the_route_span_names_the_peer():
+    from kvmesh.services.scheduler.explain import ATTR_KV_PEER, ATTR_KV_SOURCE, record_plan
+
+    class Span:
+        attributes: dict = {}
+
+        def set_attributes(self, values):
+            self.attributes.update(values)
+
+        def set_attribute(self, key, value):
+            self.attributes[key] = value
+
+        def add_event(self, *_):
+            pass
+
+    registry, prefill, holder, other = mesh()
+    query = RouteQuery("r", PROMPT, decode_cached_tokens={holder.worker_id: 160})
+    span = Span()
+    record_plan(span, route(query, registry.workers(), get_policy("round_robin"), max_queue=8))
+    assert span.attributes[ATTR_KV_SOURCE] == "peer" and span.attributes[ATTR_KV_PEER] == holder.worker_id
