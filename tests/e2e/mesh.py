@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+import pytest
 
 from procs import Procs, ServiceProcess
 from kvmesh.services import children
@@ -14,6 +15,19 @@ from kvmesh.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gat
                        scheduler_pb2, scheduler_pb2_grpc)
 
 START_TIMEOUT_S = 120.0
+
+
+def per_transport(variants=((),), name=lambda variant: "") -> list:
+    """pytest params: (transport, *variant) for each variant on grpc, shm and ucx, skipped (saying why) where a
+    backend cannot run here; ids "<transport>" plus name(variant)."""
+    from kvmesh.transports import available_backends
+
+    params = []
+    for transport in ("grpc", "shm", "ucx"):
+        marks = [] if transport in available_backends() else [pytest.mark.skip(reason=f"{transport} unavailable")]
+        params += [pytest.param((transport, *variant), id=transport + name(variant), marks=marks)
+                   for variant in variants]
+    return params
 
 
 def free_port() -> int:

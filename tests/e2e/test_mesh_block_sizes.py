@@ -7,21 +7,12 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from mesh import start_mesh
+from mesh import per_transport, start_mesh
 from test_mesh_parity import MAX_TOKENS, PROMPTS, hf_greedy
-from kvmesh.transports import available_backends
 from kvmesh.v1 import scheduler_pb2
 
 
-def _params():
-    for transport in ("grpc", "shm", "ucx"):
-        marks = [] if transport in available_backends() else [pytest.mark.skip(reason=f"{transport} unavailable")]
-        for prefill_bs, decode_bs in ((16, 32), (32, 16)):
-            yield pytest.param((transport, prefill_bs, decode_bs), id=f"{transport}-p{prefill_bs}-d{decode_bs}",
-                               marks=marks)
-
-
-@pytest.fixture(scope="module", params=list(_params()))
+@pytest.fixture(scope="module", params=per_transport(((16, 32), (32, 16)), lambda v: f"-p{v[0]}-d{v[1]}"))
 def hetero_mesh(request, model_dir):
     transport, prefill_bs, decode_bs = request.param
     path = model_dir("llama")

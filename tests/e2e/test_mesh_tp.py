@@ -10,21 +10,12 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from mesh import start_mesh
+from mesh import per_transport, start_mesh
 from test_mesh_parity import MAX_TOKENS, PROMPTS, hf_greedy
-from kvmesh.transports import available_backends
 from kvmesh.v1 import scheduler_pb2
 
 
-def _params():
-    for transport in ("grpc", "shm", "ucx"):
-        marks = [] if transport in available_backends() else [pytest.mark.skip(reason=f"{transport} unavailable")]
-        for prefill_tp, decode_tp in ((2, 1), (1, 2)):
-            yield pytest.param((transport, prefill_tp, decode_tp), id=f"{transport}-p{prefill_tp}-d{decode_tp}",
-                               marks=marks)
-
-
-@pytest.fixture(scope="module", params=list(_params()))
+@pytest.fixture(scope="module", params=per_transport(((2, 1), (1, 2)), lambda v: f"-p{v[0]}-d{v[1]}"))
 def tp_mesh(request, model_dir):
     transport, prefill_tp, decode_tp = request.param
     path = model_dir("llama")

@@ -11,23 +11,17 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from mesh import start_mesh
+from mesh import per_transport, start_mesh
 from test_mesh_parity import hf_greedy
-from kvmesh.transports import available_backends
 from kvmesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 SHARED = ("A key value cache stores the keys and values of every token that attention has seen, so that the next "
           "token needs only its own. ") * 2
 
 
-def _transports():
-    for transport in ("grpc", "shm", "ucx"):
-        marks = [] if transport in available_backends() else [pytest.mark.skip(reason=f"{transport} unavailable")]
-        yield pytest.param(transport, id=transport, marks=marks)
-
-
-@pytest.mark.parametrize("transport", list(_transports()))
+@pytest.mark.parametrize("transport", per_transport())
 def test_a_prefill_worker_pulls_the_prefix_from_another_decode_workers_pool(model_dir, transport):
+    transport, = transport
     path = model_dir("llama")
     mesh = start_mesh(str(path), decode=2, transport=transport, policy="round_robin",
                       prefill_args=("--cache", "none"))
