@@ -1,6 +1,7 @@
 """The decode worker's own prefix cache, with real processes: a prompt sharing a long prefix with an earlier one
 is routed (kv_aware) to the decode worker holding it, gets the same tokens as HF, reports the hit as cached
-tokens, and has only its uncached blocks sent by the prefill worker; a short tail is prefilled on the decode
+tokens, and has only its uncached blocks sent by the prefill worker (which pulls the prefix from that same pool
+rather than compute it: peer pull); a short tail is prefilled on the decode
 worker itself; and once every request is done, no block, handoff or transfer is left behind."""
 
 import time
@@ -61,7 +62,9 @@ def test_a_shared_prefix_is_routed_to_its_holder_and_only_the_rest_is_sent(mesh,
     while route(mesh, second).num_decode_cached_tokens != 6 * BLOCK:  # the holder's KV events reach the scheduler
         assert time.monotonic() < deadline, "the scheduler never learnt what the decode worker holds"
         time.sleep(0.1)
-    assert route(mesh, second).decode.address == holder
+    plan = route(mesh, second)
+    assert plan.decode.address == holder
+    assert plan.kv_source == "peer" and plan.kv_peer.address == holder  # the prefill worker pulls, not recomputes
     before = decode_stats(mesh)
     got, responses = mesh.generate(second, MAX_TOKENS, ignore_eos=True)
     assert got == hf_greedy(hf, second)
@@ -70,7 +73,8 @@ def test_a_shared_prefix_is_routed_to_its_holder_and_only_the_rest_is_sent(mesh,
     # prompt of 121 tokens = 8 blocks; 6 shared, so only 2 blocks moved
     assert warm.timings.kv_transfer_bytes == 2 * TINY_BLOCK_BYTES < cold.timings.kv_transfer_bytes
     after = decode_stats(mesh)
-    assert after[holder].prefix_hit_blocks - before[holder].prefix_hit_blocks == 6
+    # the 6 shared blocks served twice: to the request's own reservation, and to the prefill worker's pull
+    assert after[holder].prefix_hit_blocks - before[holder].prefix_hit_blocks == 2 * 6
     assert mesh.wait_blocks_free(5.0)
 
 
