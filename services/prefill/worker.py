@@ -93,15 +93,17 @@ class PrefillWorker:
     async def keep_queued_alive(self, _server=None) -> None:
         """Background task: a request waiting in this worker's running engine (queued, or its prompt computing) is
         alive, not stalled — renew its handoff here and, through its transfer, on the decode worker, a third of a
-        lease at a time; once a layer is handed to the transfer, its bytes' progress is what counts. A
-        worker that stops (SIGSTOP, death) or whose engine thread died renews nothing: the leases then lapse as
-        before, and `--prefill-timeout-s` bounds the wait in a queue."""
+        lease at a time, until the engine has handed every layer to the transfer; from then on its bytes' progress
+        is what counts. (Not from the first layer on: the layers of a prompt come out of one step, and on a loaded
+        machine that step can outlast a lease between two layers.) A worker that stops (SIGSTOP, death) or whose
+        engine thread died renews nothing: the leases then lapse as before, and `--prefill-timeout-s` bounds the
+        wait in a queue."""
         while True:
             await asyncio.sleep(self.handoffs.lease_s / 3)
             if not self.et.alive:
                 continue
             for rid, stream in list(self.streams.items()):
-                if stream.num_layers_pushed == 0:  # no layer handed over yet; after that, the bytes' progress speaks
+                if stream.num_layers_pushed < self.engine.layout.num_layers:  # the engine still owes layers
                     self.handoffs.renew(rid)
                     stream.transfer.keep_alive()
 
