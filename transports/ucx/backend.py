@@ -85,6 +85,7 @@ class UcxTransfer(Transfer):
     stream out back to back instead of each waiting for the previous one's completion round trip."""
 
     _inflight: list | None = None  # (handle, scratch registrations) of posted WRITEs
+    _driver: asyncio.Task | None = None  # progresses them between layers (see _drive)
 
     async def _write(self, runs: list[Run], hasher=None) -> None:
         if not runs:
@@ -110,9 +111,32 @@ class UcxTransfer(Transfer):
         self._inflight.append((handle, registered))
         if state not in ("PROC", "DONE"):
             raise errors.PeerUnavailable(f"transfer {self.transfer_id}: NIXL write ended {state}")
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        """Progress the posted WRITEs while the next layers compute. There is no NIXL progress thread (it spins a
+        whole core), and a large WRITE (UCX's rendezvous) moves only while the sender's side is progressed: without
+        this a layer would land, and its notification reach the receiver, only at the Commit's flush. Only polls;
+        `_flush` collects and releases the handles (same event loop: never one this is using)."""
+        polls = 0
+        while self._inflight:
+            try:  # the newest WRITE: progressing the agent moves every posted one
+                if self.link.agent.check_xfer_state(self._inflight[-1][0]) != "PROC":
+                    return  # landed (the next _write drives again), or failed: _flush reports it
+            except Exception:
+                return
+            await asyncio.sleep(POLL_S[min(polls, len(POLL_S) - 1)])
+            polls += 1
+
+    def _stop_driving(self) -> None:
+        if self._driver is not None:
+            self._driver.cancel()
+            self._driver = None
 
     async def _flush(self) -> None:
         """Wait until every posted WRITE completed (NIXL's DONE: the data is at the target)."""
+        self._stop_driving()
         agent, polls = self.link.agent, 0
         while self._inflight:
             handle, registered = self._inflight[0]
@@ -129,6 +153,7 @@ class UcxTransfer(Transfer):
             polls += 1
 
     async def _cancel(self) -> None:
+        self._stop_driving()
         agent = self.link.agent
         for handle, registered in self._inflight or []:  # NIXL aborts a still-running write on release
             self._release(agent, handle, registered)
