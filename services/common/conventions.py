@@ -29,6 +29,7 @@ ATTR_CACHED_TOKENS = "kvmesh.cached_tokens"
 ATTR_ROUTE_PREFILL = "kvmesh.route.prefill"
 ATTR_ROUTE_DECODE = "kvmesh.route.decode"
 ATTR_ROUTE_REASON = "kvmesh.route.reason"
+ATTR_ROUTE_LOCAL_PREFILL = "kvmesh.route.local_prefill"  # the decode worker prefills (no prefill hop, no transfer)
 ATTR_KV_BYTES = "kvmesh.kv.bytes"
 ATTR_KV_BLOCKS = "kvmesh.kv.blocks"
 ATTR_KV_BACKEND = "kvmesh.kv.backend"

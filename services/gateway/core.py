@@ -149,7 +149,9 @@ class Gateway:
                 route = await self.schedulers.call("Route", request, timeout=budget)
             except grpc.aio.AioRpcError as e:
                 raise MeshError.with_status(e.code(), f"routing failed: {peer_text(e)}") from e
-            span.set_attributes({names.ATTR_ROUTE_PREFILL: route.prefill.worker_id,
+            local = route.local_prefill  # the decode worker prefills: no prefill worker is on this request's way
+            span.set_attributes({names.ATTR_ROUTE_PREFILL: "" if local else route.prefill.worker_id,
+                                 names.ATTR_ROUTE_LOCAL_PREFILL: local,
                                  names.ATTR_ROUTE_DECODE: route.decode.worker_id,
                                  names.ATTR_ROUTE_REASON: route.policy,
                                  names.ATTR_CACHED_TOKENS: route.num_cached_tokens,

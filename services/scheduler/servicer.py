@@ -190,10 +190,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                  query.request_id)
             if plan.prefill is not None and not plan.local_prefill:
                 self.registry.routed(plan.prefill, len(query.prompt_token_ids))
-        prefill_id = plan.prefill.worker_id if plan.prefill is not None else ""  # "": a colocated worker prefills
+        # "": the decode (or colocated) worker prefills; a plan may still name a prefill worker it would have used
+        prefill_id = plan.prefill.worker_id if plan.prefill is not None and not plan.local_prefill else ""
         explain.record_plan(trace.get_current_span(), plan)
         trace.get_current_span().set_attributes({
-            "kvmesh.route.prefill": prefill_id, "kvmesh.route.decode": plan.decode.worker_id,
+            names.ATTR_ROUTE_PREFILL: prefill_id, names.ATTR_ROUTE_LOCAL_PREFILL: plan.local_prefill,
+            "kvmesh.route.decode": plan.decode.worker_id,
             "kvmesh.route.reason": plan.policy or self.policy_name, "kvmesh.cached_tokens": plan.num_cached_tokens,
             "kvmesh.route.priority": query.priority,
             names.ATTR_DECODE_CACHED_TOKENS: plan.num_decode_cached_tokens})

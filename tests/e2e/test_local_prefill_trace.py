@@ -1,0 +1,92 @@
+"""Conditional disaggregation, seen in the trace: when slo_aware's plan says the decode worker prefills a prompt
+itself (it holds every full block and the tail is short), that request's trace has no prefill hop and no KV
+transfer, and both route spans say so (`kvmesh.route.local_prefill`, no prefill worker named); the request that
+warmed the pool went through the prefill worker, and its trace shows that hop. Tokens equal HF's both times."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mesh import start_mesh
+from kvmesh.services.common import conventions as names
+from kvmesh.services.trace.spans import group_traces, read_jsonl
+from kvmesh.v1 import common_pb2, gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+BLOCK = 16
+MAX_TOKENS = 6
+PROMPT = [(i * 37 + 11) % 1000 + 3 for i in range(2 * BLOCK + 3)]  # two full blocks and a 3-token tail
+PREFILL_HOP = {names.PREFILL_QUEUE, names.PREFILL_COMPUTE, names.KV_TRANSFER}
+
+
+@pytest.fixture(scope="module")
+def traced(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("traces") / "spans.jsonl"
+    env = {"OTEL_TRACES_EXPORTER": "jsonl", "KVMESH_TRACES_FILE": str(path), "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    mesh = start_mesh(str(model_dir("llama")), env=env, policy="slo_aware")
+    yield mesh, path
+    mesh.close()
+
+
+def _generate(mesh, request_id: str) -> list[int]:
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    request = gateway_pb2.GenerateRequest(prompt_token_ids=PROMPT, request_id=request_id, sampling=sampling)
+    return [t for r in mesh.gateway_stub().Generate(request, timeout=60) for t in r.token_ids]
+
+
+def _trace_of(path, request_id: str, timeout_s: float = 10.0):
+    """The request's trace once its root and its decode stream are exported and every span's parent is in it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        spans = read_jsonl(path) if path.exists() else []
+        roots = [s for s in spans if s.name == names.REQUEST_SPAN
+                 and s.attributes.get(names.ATTR_REQUEST_ID) == request_id]
+        if roots:
+            trace = group_traces(s for s in spans if s.trace_id == roots[0].trace_id)[roots[0].trace_id]
+            ids = {s.span_id for s in trace.spans}
+            if names.DECODE_STREAM in {s.name for s in trace.spans} \
+                    and all(s.parent_id in ids for s in trace.spans if s.name != names.REQUEST_SPAN):
+                return trace
+        assert time.monotonic() < deadline, f"no complete trace for {request_id} within {timeout_s}s"
+        time.sleep(0.1)
+
+
+def test_a_prompt_the_plan_prefills_on_the_decode_worker_has_no_prefill_hop_in_its_trace(traced, model_dir):
+    mesh, path = traced
+    hf = AutoModelForCausalLM.from_pretrained(model_dir("llama"))
+    want = hf.generate(torch.tensor([PROMPT]), max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)[0, len(PROMPT):].tolist()
+    cold = f"cold-{uuid.uuid4().hex}"
+    assert _generate(mesh, cold) == want
+    cold_names = {s.name for s in _trace_of(path, cold).spans}
+    assert PREFILL_HOP <= cold_names  # a fresh prompt: the prefill worker computed it and sent its KV
+
+    stub = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address))
+    deadline = time.monotonic() + 10
+    while True:  # once a heartbeat carried the decode worker's KV events, the plan is to prefill the tail there
+        plan = stub.Route(scheduler_pb2.RouteRequest(prompt_token_ids=PROMPT, dry_run=True), timeout=5)
+        if plan.local_prefill:
+            break
+        assert time.monotonic() < deadline, f"the plan never became a local prefill: {plan}"
+        time.sleep(0.1)
+    assert plan.num_decode_cached_tokens == 2 * BLOCK and plan.kv_source == "decode_pool"
+
+    warm = f"warm-{uuid.uuid4().hex}"
+    assert _generate(mesh, warm) == want
+    time.sleep(0.5)  # a prefill hop's spans, were there one, end before the stream's: give them time to arrive
+    trace = _trace_of(path, warm)
+    assert not PREFILL_HOP & {s.name for s in trace.spans}
+    assert "kvmesh-prefill" not in {s.service for s in trace.spans}
+    # the gateway's span around the Route call, and the scheduler's server span of it
+    routes = {s.service: s for s in trace.spans if (s.service, s.name) in (
+        ("kvmesh-gateway", names.SCHEDULER_ROUTE), ("kvmesh-scheduler", "/kvmesh.v1.Scheduler/Route"))}
+    assert set(routes) == {"kvmesh-gateway", "kvmesh-scheduler"}
+    for span in routes.values():
+        assert span.attributes[names.ATTR_ROUTE_LOCAL_PREFILL] is True
+        assert span.attributes[names.ATTR_ROUTE_PREFILL] == ""
+    assert routes["kvmesh-scheduler"].attributes["kvmesh.route.kv_source"] == "decode_pool"
+    assert mesh.wait_blocks_free(5.0)
