@@ -4,10 +4,11 @@
         [--warmup 20] [--concurrency 2] [--input-len 200] [--output-len 32]
 
 Starts scheduler, cache, one prefill and one decode worker and the gateway (the e2e tests' helper), then runs
-`--concurrency` clients that each, per request, ask the scheduler where a prompt would go (a dry-run Route:
-the predicted TTFT and TPOT on the state the real route sees a moment later) and generate it through the
-gateway's gRPC API, timing the first token and the tokens after it. Prints, after the warm-up requests, the
-median of predicted / measured for TTFT and TPOT, and the CPU's model and flags.
+`--concurrency` clients that each, per request, ask the scheduler where a prompt would go (a dry-run Route)
+and generate it through the gateway's gRPC API, timing the first token and the tokens after it. The prediction
+compared is the real route's (the scheduler's Route span carries it; spans go to a JSON-lines file): a dry run
+does not see the requests other clients send at the same moment, the real route does. Prints, after the warm-up
+requests, the median of predicted / measured for TTFT and TPOT (the dry run's too), and the CPU's flags.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
 from mesh import start_mesh  # noqa: E402
+from kvmesh.services.common import conventions as names  # noqa: E402
+from kvmesh.services.scheduler.explain import ATTR_PREDICTED_TPOT, ATTR_PREDICTED_TTFT  # noqa: E402
+from kvmesh.services.trace.spans import read_jsonl  # noqa: E402
 from kvmesh.v1 import common_pb2, gateway_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
 
 
@@ -30,14 +36,22 @@ def one(mesh, prompt: list[int], max_tokens: int) -> dict:
     scheduler = scheduler_pb2_grpc.SchedulerStub(mesh.channel(mesh.scheduler.address))
     plan = scheduler.Route(scheduler_pb2.RouteRequest(prompt_token_ids=prompt, dry_run=True), timeout=10)
     params = common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    start, stamps = time.perf_counter(), []
-    for response in mesh.gateway_stub().Generate(gateway_pb2.GenerateRequest(prompt_token_ids=prompt,
-                                                                              sampling=params), timeout=120):
+    start, stamps, rid = time.perf_counter(), [], uuid.uuid4().hex
+    for response in mesh.gateway_stub().Generate(gateway_pb2.GenerateRequest(
+            prompt_token_ids=prompt, sampling=params, request_id=rid), timeout=120):
         stamps += [time.perf_counter()] * len(response.token_ids)
     ttft = stamps[0] - start
     tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
-    return {"predicted_ttft_s": plan.predicted_ttft_seconds, "predicted_tpot_s": plan.predicted_tpot_seconds,
+    return {"request_id": rid, "dry_ttft_s": plan.predicted_ttft_seconds, "dry_tpot_s": plan.predicted_tpot_seconds,
             "ttft_s": ttft, "tpot_s": tpot, "kv_source": plan.kv_source}
+
+
+def real_predictions(path: Path) -> dict[str, tuple[float, float]]:
+    """request id -> (predicted TTFT, TPOT) of its real route, from the scheduler's Route spans."""
+    spans = read_jsonl(path)
+    rid_of = {s.trace_id: s.attributes.get(names.ATTR_REQUEST_ID) for s in spans if s.name == names.REQUEST_SPAN}
+    return {rid_of[s.trace_id]: (s.attributes[ATTR_PREDICTED_TTFT], s.attributes[ATTR_PREDICTED_TPOT])
+            for s in spans if s.trace_id in rid_of and ATTR_PREDICTED_TTFT in s.attributes}
 
 
 def main() -> None:
@@ -50,7 +64,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    mesh = start_mesh(args.model, worker_args=("--torch-threads", "1"))
+    spans = Path(tempfile.mkdtemp(prefix="route-accuracy-")) / "spans.jsonl"
+    env = {"OTEL_TRACES_EXPORTER": "jsonl", "KVMESH_TRACES_FILE": str(spans), "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    mesh = start_mesh(args.model, worker_args=("--torch-threads", "1"), env=env)
     rows, lock = [], threading.Lock()
     try:
         def client(c: int) -> None:
@@ -67,12 +83,16 @@ def main() -> None:
             t.join()
     finally:
         mesh.close()
-    steady = [r for r in rows if r["index"] >= args.warmup]
-    ttft = statistics.median(r["predicted_ttft_s"] / r["ttft_s"] for r in steady)
-    tpot = statistics.median(r["predicted_tpot_s"] / r["tpot_s"] for r in steady if r["tpot_s"] > 0)
+    real = real_predictions(spans)
+    for r in rows:
+        r["predicted_ttft_s"], r["predicted_tpot_s"] = real.get(r["request_id"], (float("nan"), float("nan")))
+    steady = [r for r in rows if r["index"] >= args.warmup and r["request_id"] in real]
     print(f"{len(steady)} requests after {args.warmup} of warm-up, concurrency {args.concurrency}, "
           f"{args.input_len} prompt / {args.output_len} output tokens")
-    print(f"median predicted/measured: TTFT {ttft:.2f}, TPOT {tpot:.2f}")
+    for label, key in (("real route", "predicted"), ("dry run", "dry")):
+        ttft = statistics.median(r[f"{key}_ttft_s"] / r["ttft_s"] for r in steady)
+        tpot = statistics.median(r[f"{key}_tpot_s"] / r["tpot_s"] for r in steady if r["tpot_s"] > 0)
+        print(f"median predicted/measured, {label}: TTFT {ttft:.2f}, TPOT {tpot:.2f}")
     print(f"measured p50: TTFT {1e3 * statistics.median(r['ttft_s'] for r in steady):.0f} ms, TPOT "
           f"{1e3 * statistics.median(r['tpot_s'] for r in steady):.1f} ms; predicted p50: TTFT "
           f"{1e3 * statistics.median(r['predicted_ttft_s'] for r in steady):.0f} ms, TPOT "

@@ -149,7 +149,8 @@ class PrefillWorker:
         try:
             transfer = await self.sender.open(request.destination, rid, dst, timeout=timeout,
                                               src_token_offset=offset)
-            self.handoffs.on_release(rid, lambda: self.et.call(self.engine.release, rid))
+            # posted, not awaited: the answer must not wait for the next request's prefill step to end
+            self.handoffs.on_release(rid, lambda: self.et.post(self.engine.release, rid))
             self.handoffs.on_release(rid, lambda: None if transfer_done else transfer.abort())
             stream = self.streams[rid] = LayerStream(transfer, needed, skip, lambda: self.handoffs.renew(rid))
             self.handoffs.on_release(rid, stream.cancel)

@@ -9,6 +9,7 @@ request's outputs on its own asyncio queue. The thread sleeps when the engine ha
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 from kvmesh.services.cost_model import step_shape
 
+log = logging.getLogger(__name__)
 _STOP = object()
 STEP_SAMPLES = 64
 
@@ -64,6 +66,11 @@ class EngineThread:
         future = self._loop.create_future()
         self._commands.put((fn, args, kwargs, future))
         return future
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue fn(*args) for the engine thread without waiting for it: for work whose caller must not wait out
+        the step in progress (freeing a finished prefill's blocks before answering). An error it raises is logged."""
+        self.submit(fn, *args).add_done_callback(_log_failure)
 
     def subscribe(self, request_id: str) -> asyncio.Queue:
         """The queue on which this request's RequestOutputs will arrive (call before adding the request)."""
@@ -144,3 +151,8 @@ class EngineThread:
             self._sample_step()
             if outputs:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("engine command failed", exc_info=future.exception())
