@@ -4,8 +4,9 @@ One regression per worker over a recent window: step seconds = a + b·prompt tok
 + d·decoding sequences + e·context tokens. Its prompt part is the worker's `PrefillModel` (a, b, c) and its decode
 part its `DecodeModel` (a, d, e): the closed forms of `kvmesh plan`, so a colocated worker's mixed steps fit both.
 Robust: non-negative least squares on relative errors, then the samples the fit misses by more than a few median
-deviations are dropped and the rest refitted. Priors answer until a worker has reported enough samples, and for a
-part its samples never exercised (a prefill worker's decode part).
+deviations are dropped and the rest refitted. Until a worker has reported enough samples, the priors answer,
+scaled to the speed its first steps showed; and for a part its samples never exercised (a prefill worker's decode
+part), the priors as they are.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def fit_steps(samples: list[StepSample], prior: Fit = Fit()) -> Fit:
     """The robust fit of samples; the prior where they are too few, or where a part was never exercised."""
     samples = [s for s in samples if s.seconds > 0]
     if len(samples) < MIN_SAMPLES:
-        return Fit(prior.prefill, prior.decode, len(samples), 0)
+        return scaled_prior(samples, prior)
     rows = np.array([_row(s.shape) for s in samples])
     coef, num_outliers = robust_least_squares(rows, np.array([s.seconds for s in samples]), MIN_SAMPLES)
     a, b, c, d, e = coef
@@ -64,6 +65,28 @@ def fit_steps(samples: list[StepSample], prior: Fit = Fit()) -> Fit:
     prefill = PrefillModel(a, b, c) if has_prefill else prior.prefill
     decode = DecodeModel(a, d, e) if has_decode else prior.decode
     return Fit(prefill, decode, len(samples), num_outliers, bool(has_prefill))
+
+
+def _prior_seconds(prior: Fit, shape: StepShape) -> float:
+    intercept = prior.prefill.a if shape.num_prefill_tokens else prior.decode.a
+    return (intercept + prior.prefill.b * shape.num_prefill_tokens + prior.prefill.c * shape.num_attention_pairs
+            + prior.decode.b * shape.num_decode_seqs + prior.decode.c * shape.num_context_tokens)
+
+
+def scaled_prior(samples: list[StepSample], prior: Fit = Fit()) -> Fit:
+    """Too few samples to fit the coefficients, enough to say how much slower or faster than the prior this worker
+    is: each part of the prior scaled by the median ratio of measured to predicted seconds over the steps that
+    exercised it (a part no step exercised takes the other part's ratio: it is one machine). A prior that is 10x
+    off this CPU would otherwise steer every route until MIN_SAMPLES steps have been reported. No samples: the
+    prior itself."""
+    def ratio(steps: list[StepSample]) -> float | None:
+        return float(np.median([s.seconds / _prior_seconds(prior, s.shape) for s in steps])) if steps else None
+
+    prefill = ratio([s for s in samples if s.shape.num_prefill_tokens])
+    decode = ratio([s for s in samples if not s.shape.num_prefill_tokens and s.shape.num_decode_seqs])
+    rp, rd = prefill or decode or 1.0, decode or prefill or 1.0
+    p, d = prior.prefill, prior.decode
+    return Fit(PrefillModel(p.a * rp, p.b * rp, p.c * rp), DecodeModel(d.a * rd, d.b * rd, d.c * rd), len(samples), 0)
 
 
 def robust_least_squares(rows: np.ndarray, seconds: np.ndarray, min_samples: int) -> tuple[tuple[float, ...], int]:

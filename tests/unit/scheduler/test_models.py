@@ -34,8 +34,26 @@ def mixed_steps(rng, count):
 
 
 def test_priors_answer_until_enough_samples_arrive():
+    assert (fit_steps([]).prefill, fit_steps([]).decode) == (PRIOR_PREFILL, PRIOR_DECODE)
     fit = fit_steps(mixed_steps(random.Random(1), MIN_SAMPLES - 1))
-    assert (fit.prefill, fit.decode, fit.num_samples) == (PRIOR_PREFILL, PRIOR_DECODE, MIN_SAMPLES - 1)
+    assert fit.num_samples == MIN_SAMPLES - 1 and not fit.prefill_fitted
+
+
+def test_a_worker_ten_times_slower_than_the_prior_is_priced_so_from_its_first_steps():
+    """A CPU 10x slower than the prior's: before MIN_SAMPLES steps the prior's shape, scaled by what was measured
+    (prefill from prompt steps, decode from decode steps), not the prior's 10x-too-fast figures."""
+    def slow(shape: StepShape) -> StepSample:
+        return StepSample(shape, 10 * (PRIOR_PREFILL.seconds(shape.num_prefill_tokens) if shape.num_prefill_tokens
+                                       else PRIOR_DECODE.seconds(shape.num_decode_seqs, shape.num_context_tokens)))
+
+    prompts = [slow(step_shape([(0, n)])) for n in (200, 731)]
+    fit = fit_steps(prompts)
+    assert fit.prefill.seconds(731) == pytest.approx(10 * PRIOR_PREFILL.seconds(731))
+    assert fit.decode.seconds(8, 2000) == pytest.approx(10 * PRIOR_DECODE.seconds(8, 2000))  # one machine
+    decodes = [slow(step_shape([(500, 1)] * 8)) for _ in range(3)]
+    fit = fit_steps(decodes + [StepSample(step_shape([(0, 300)]), 2 * PRIOR_PREFILL.seconds(300))])
+    assert fit.decode.seconds(8, 4000) == pytest.approx(10 * PRIOR_DECODE.seconds(8, 4000))
+    assert fit.prefill.seconds(300) == pytest.approx(2 * PRIOR_PREFILL.seconds(300))
 
 
 def test_the_fit_recovers_both_closed_forms_from_mixed_steps_despite_outliers():
