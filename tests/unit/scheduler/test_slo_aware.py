@@ -161,3 +161,25 @@ def test_a_peer_of_another_layout_is_never_pulled_from():
     query = RouteQuery("r", PROMPT, decode_cached_tokens={other.worker_id: 3200})  # chained in 32-token blocks
     plan = route(query, registry.workers(), slo_aware, max_queue=8)
     assert plan.kv_source == "recompute" and plan.kv_peer is None and plan.decode in (decode, other)
+
+
+def test_a_burst_is_priced_by_each_queued_prompts_attention_too():
+    """A fit whose cost sits in the quadratic (attention) part, as one prompt length makes it: every prompt routed
+    since the heartbeat adds its whole predicted compute to the next one's wait, so a burst past the TTFT
+    objective is refused rather than admitted on linear terms that price each queued prompt near zero."""
+    registry = Registry(lease_s=10)
+    quadratic = Fit(PrefillModel(0.0, 0.0, 1e-5), DecodeModel(0.01, 1e-3, 1e-7), 64)  # 256 tokens: 0.655 s
+    prefill = add(registry, Role.PREFILL, 1, fit=quadratic)
+    add(registry, Role.DECODE, 2, fit=quadratic, local_prefill_max_tokens=0)
+    prompt = tuple(range(1, 257))
+    one = 1e-5 * 256 * 256
+    plans = []
+    with pytest.raises(CapacityError):
+        for i in range(10):
+            plan = route(RouteQuery(f"r{i}", prompt, slo_ttft_s=2.0), registry.workers(), slo_aware, max_queue=64)
+            registry.routed(plan.prefill, len(prompt))
+            plans.append(plan)
+    assert len(plans) == 3  # 3 x 0.655 s fits 2 s; the 4th would start after 1.97 s of queue
+    for k, plan in enumerate(plans):
+        assert plan.predicted_ttft_s == pytest.approx((k + 1) * one, abs=0.05)
+    assert prefill.num_routed == 3
