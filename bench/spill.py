@@ -119,7 +119,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one round instead of three")
     parser.add_argument("--results", type=Path, help="append a table to this markdown file")
     parser.add_argument("--model", help="a model folder (default: make the small preset in a temporary folder)")
+    parser.add_argument("--clients", type=int, default=N)
+    parser.add_argument("--requests", type=int, default=R, help="requests per client, one after another")
+    parser.add_argument("--prompt-len", type=int, default=P)
+    parser.add_argument("--output-len", type=int, default=O)
+    parser.add_argument("--spare-blocks", type=int, default=None,
+                        help="pool blocks beyond the prompts' (default: room for about one sequence to grow)")
     args = parser.parse_args()
+    global N, R, P, O, POOL_BLOCKS  # the workload's shape, read by run_mode and write_results
+    N, R, P, O = args.clients, args.requests, args.prompt_len, args.output_len
+    POOL_BLOCKS = N * P // BLOCK + (O // BLOCK + 2 if args.spare_blocks is None else args.spare_blocks)
     os.environ.setdefault("KVMESH_TORCH_THREADS", "1")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
