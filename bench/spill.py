@@ -114,6 +114,7 @@ def write_results(rows: list[dict], total: dict, command: str, info: dict, path:
 
 
 def main() -> None:
+    global N, R, P, O, POOL_BLOCKS  # the workload's shape, read by run_mode and write_results
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--quick", action="store_true", help="one round instead of three")
@@ -126,7 +127,6 @@ def main() -> None:
     parser.add_argument("--spare-blocks", type=int, default=None,
                         help="pool blocks beyond the prompts' (default: room for about one sequence to grow)")
     args = parser.parse_args()
-    global N, R, P, O, POOL_BLOCKS  # the workload's shape, read by run_mode and write_results
     N, R, P, O = args.clients, args.requests, args.prompt_len, args.output_len
     POOL_BLOCKS = N * P // BLOCK + (O // BLOCK + 2 if args.spare_blocks is None else args.spare_blocks)
     os.environ.setdefault("KVMESH_TORCH_THREADS", "1")
