@@ -182,3 +182,26 @@ def start_mesh(model: str, *, prefill: int = 1, decode: int = 1, transport: str 
 def make_certs(folder) -> str:
     """A CA and every role's certificate in folder (for start_mesh's tls_dir)."""
     return str(certs.init_dir(folder, force=True))
+
+
+def wait_for_trace(path, request_id: str, complete, timeout_s: float = 10.0):
+    """The trace (from the JSON-lines span file at path) whose root carries request_id, once `complete(trace)` holds
+    and every span but the root has its parent in it: a service exports a span when it ends, so a client span may
+    reach the file after the spans under it."""
+    from kvmesh.services.common import conventions as names
+    from kvmesh.services.trace.spans import group_traces, read_jsonl
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        spans = read_jsonl(path) if path.exists() else []
+        roots = [s for s in spans if s.name == names.REQUEST_SPAN
+                 and s.attributes.get(names.ATTR_REQUEST_ID) == request_id]
+        if roots:
+            trace = group_traces(s for s in spans if s.trace_id == roots[0].trace_id)[roots[0].trace_id]
+            ids = {s.span_id for s in trace.spans}
+            if complete(trace) and all(s.parent_id in ids for s in trace.spans if s.name != names.REQUEST_SPAN):
+                return trace
+        if time.monotonic() > deadline:
+            seen = sorted({(s.service, s.name) for s in spans if roots and s.trace_id == roots[0].trace_id})
+            raise AssertionError(f"no complete trace for {request_id} within {timeout_s}s; saw {seen}")
+        time.sleep(0.1)

@@ -12,9 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mesh import start_mesh
+from mesh import start_mesh, wait_for_trace
 from kvmesh.services.common import conventions as names
-from kvmesh.services.trace.spans import group_traces, read_jsonl
 from kvmesh.v1 import common_pb2, gateway_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 BLOCK = 16
@@ -38,21 +37,9 @@ def _generate(mesh, request_id: str) -> list[int]:
     return [t for r in mesh.gateway_stub().Generate(request, timeout=60) for t in r.token_ids]
 
 
-def _trace_of(path, request_id: str, timeout_s: float = 10.0):
-    """The request's trace once its root and its decode stream are exported and every span's parent is in it."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        spans = read_jsonl(path) if path.exists() else []
-        roots = [s for s in spans if s.name == names.REQUEST_SPAN
-                 and s.attributes.get(names.ATTR_REQUEST_ID) == request_id]
-        if roots:
-            trace = group_traces(s for s in spans if s.trace_id == roots[0].trace_id)[roots[0].trace_id]
-            ids = {s.span_id for s in trace.spans}
-            if names.DECODE_STREAM in {s.name for s in trace.spans} \
-                    and all(s.parent_id in ids for s in trace.spans if s.name != names.REQUEST_SPAN):
-                return trace
-        assert time.monotonic() < deadline, f"no complete trace for {request_id} within {timeout_s}s"
-        time.sleep(0.1)
+def _trace_of(path, request_id: str):
+    """The request's trace once its decode stream is exported too."""
+    return wait_for_trace(path, request_id, lambda trace: names.DECODE_STREAM in {s.name for s in trace.spans})
 
 
 def test_a_prompt_the_plan_prefills_on_the_decode_worker_has_no_prefill_hop_in_its_trace(traced, model_dir):

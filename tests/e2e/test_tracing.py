@@ -14,10 +14,10 @@ import uuid
 import grpc
 import pytest
 
-from mesh import start_mesh
+from mesh import start_mesh, wait_for_trace
 from kvmesh.services.common import conventions as names
 from kvmesh.services.trace.breakdown import breakdown
-from kvmesh.services.trace.spans import group_traces, read_jsonl
+from kvmesh.services.trace.spans import read_jsonl
 from kvmesh.v1 import common_pb2, gateway_pb2
 
 MAX_TOKENS = 6
@@ -49,24 +49,8 @@ def _generate(mesh, request_id: str, metadata=()) -> list[gateway_pb2.GenerateRe
 
 def _trace_of(path, request_id: str, timeout_s: float = 10.0):
     """The trace whose root carries request_id, once every service's spans of it are in the file."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        spans = read_jsonl(path) if path.exists() else []
-        roots = [s for s in spans if s.name == names.REQUEST_SPAN
-                 and s.attributes.get(names.ATTR_REQUEST_ID) == request_id]
-        if roots:
-            trace = group_traces(s for s in spans if s.trace_id == roots[0].trace_id)[roots[0].trace_id]
-            ids = {s.span_id for s in trace.spans}
-            parentless = [s for s in trace.spans if s.parent_id not in ids and s.name != names.REQUEST_SPAN]
-            # a service exports a span when it ends: a client span may end (and reach the file) after the spans
-            # under it, so the trace is read once every span but the root has its parent in it
-            if {s.service for s in trace.spans} >= SERVICES and {s.name for s in trace.spans} >= NEEDED \
-                    and not parentless:
-                return trace
-        if time.monotonic() > deadline:
-            seen = sorted({(s.service, s.name) for s in spans if roots and s.trace_id == roots[0].trace_id})
-            raise AssertionError(f"no complete trace for {request_id} within {timeout_s}s; saw {seen}")
-        time.sleep(0.1)
+    return wait_for_trace(path, request_id, lambda trace: {s.service for s in trace.spans} >= SERVICES
+                          and {s.name for s in trace.spans} >= NEEDED, timeout_s)
 
 
 def _assert_single_tree(trace) -> None:
