@@ -80,7 +80,8 @@ def scaled_prior(samples: list[StepSample], prior: Fit = Fit()) -> Fit:
     off this CPU would otherwise steer every route until MIN_SAMPLES steps have been reported. No samples: the
     prior itself."""
     def ratio(steps: list[StepSample]) -> float | None:
-        return float(np.median([s.seconds / _prior_seconds(prior, s.shape) for s in steps])) if steps else None
+        ratios = [s.seconds / p for s in steps if (p := _prior_seconds(prior, s.shape)) > 0]  # a fitted prior's 0s
+        return float(np.median(ratios)) if ratios else None
 
     prefill = ratio([s for s in samples if s.shape.num_prefill_tokens])
     decode = ratio([s for s in samples if not s.shape.num_prefill_tokens and s.shape.num_decode_seqs])
