@@ -1,7 +1,8 @@
 """A 10x overload burst against `kvmesh up`: refused at once, admitted ones on time, memory bounded.
 
     python bench/overload_burst.py [--model DIR] [--input-len 256] [--output-len 32] [--slo-ttft-ms 2000]
-        [--unloaded 20] [--burst-rate 15] [--burst-s 10] [--bursts 2] [--out bench/overload_burst.json]
+        [--unloaded 20] [--burst-rate 15] [--burst-s 10] [--bursts 2] [--pack-prompt-tokens 0]
+        [--out bench/overload_burst.json]
 
 One mesh (`kvmesh up`, 1 prefill + 1 decode, slo_aware, the TTFT objective as the scheduler's default) serves:
 first `--unloaded` requests one at a time (the unloaded TTFT p99), then `--bursts` Poisson bursts at
@@ -9,7 +10,8 @@ first `--unloaded` requests one at a time (the unloaded TTFT p99), then `--burst
 prompts on this machine: 256 tokens take ~0.7 s), with a pause between them for the mesh to drain. Reports, per
 burst: how many were refused (429) and how fast (send to status, p50/p99/max), the admitted requests' TTFT p99
 against the unloaded p99, and every service's RSS after each phase (from /proc), so growth from burst to burst
-shows. Retry-After on every 429 is asserted by the e2e tests (tests/e2e/test_admission_blocks.py,
+shows. `--pack-prompt-tokens` sets the workers' knob of that name (0: the engine packs every queued prompt its
+token budget holds into one step). Retry-After on every 429 is asserted by the e2e tests (tests/e2e/test_admission_blocks.py,
 test_slo_routing.py); here it is the timing.
 """
 
@@ -92,6 +94,7 @@ def main() -> int:
     parser.add_argument("--burst-rate", type=float, default=15.0)
     parser.add_argument("--burst-s", type=float, default=10.0)
     parser.add_argument("--bursts", type=int, default=2)
+    parser.add_argument("--pack-prompt-tokens", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "overload_burst.json"))
     args = parser.parse_args()
     if not args.model:
@@ -99,7 +102,9 @@ def main() -> int:
 
         args.model = str(default_model(progress=lambda m: print(m, file=sys.stderr)))
     http_port = free_port()
-    env = {"KVMESH_SCHEDULER_SLO_TTFT_S": str(args.slo_ttft_ms / 1000)}
+    env = {"KVMESH_SCHEDULER_SLO_TTFT_S": str(args.slo_ttft_ms / 1000),
+           "KVMESH_PREFILL_PACK_PROMPT_TOKENS": str(args.pack_prompt_tokens),
+           "KVMESH_DECODE_PACK_PROMPT_TOKENS": str(args.pack_prompt_tokens)}
     proc = start_mesh(args.model, ["--threads-per-worker", "1"], env, http_port, free_port())
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args), "rss_mib": {}}
     try:

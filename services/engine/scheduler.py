@@ -3,8 +3,11 @@
 Each step first serves the running sequences (one decode token each, then the next chunk of each long
 prompt still prefilling, oldest first), then admits waiting ones (by priority, lower first, as vLLM's
 `--scheduling-policy priority` orders its queue; arrival order within a priority) while the token budget
-(max_num_batched_tokens), the free blocks and max_num_seqs allow. When a running sequence needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens. With a
+(max_num_batched_tokens), the free blocks and max_num_seqs allow. With `pack_prompt_tokens` set, a waiting prompt
+starts only while the step holds fewer prompt tokens than that: on a compute-bound worker (a CPU, where a step's
+time grows with every token) packing a second long prompt into a step adds no throughput and delays the first
+one's first token by the second's whole cost. When a running sequence needs a block and none is free, the newest
+running sequence is preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens. With a
 `swap` (swap.py) the victim's oldest blocks are spilled to a store instead, and paged back before it runs again;
 swapped sequences come back before any waiting one is admitted.
 With a prefix cache, a waiting sequence that holds no blocks (new, or preempted) shares its cached leading
@@ -33,6 +36,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.swap = None  # a swap.Swap: spill blocks to a store instead of preempting (None: preempt)
+        self.pack_prompt_tokens = 0  # start a waiting prompt only below this many prompt tokens (0: budget only)
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence behind every waiting one of its priority or a more urgent one (lower value), ahead of
@@ -78,6 +82,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
+        prompt_tokens = 0  # of prompts being prefilled, in this step
         # decodes first (stable: oldest first within each group), so a long prompt's chunks never starve them
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
@@ -96,9 +101,12 @@ class Scheduler:
             self._grow(seq, n)
             scheduled.append((seq, n))
             budget -= n
+            prompt_tokens += n if n > 1 else 0
         if self.swap is not None and not preempted:
             self.swap.page_back(self)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            if self.pack_prompt_tokens and prompt_tokens >= self.pack_prompt_tokens:
+                break
             seq = self.waiting[0]
             if self.num_swapped and not seq.block_table:  # swapped ones first; one holding a reservation goes on
                 break
@@ -112,6 +120,7 @@ class Scheduler:
             self.add_running(seq)
             scheduled.append((seq, n))
             budget -= n
+            prompt_tokens += n
         return scheduled
 
     def _make_room(self, seq: Sequence, need: int, busy: list[Sequence]) -> Sequence:

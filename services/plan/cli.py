@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=_ints, default=(16, 64), help="grid of max_num_seqs, e.g. 16,64")
     parser.add_argument("--max-num-batched-tokens", type=_ints, default=(512, 2048),
                         help="grid of max_num_batched_tokens (chunk size), e.g. 512,2048")
+    parser.add_argument("--pack-prompt-tokens", type=_ints, default=(0,),
+                        help="grid of pack_prompt_tokens (a step starts another prompt only below this many prompt "
+                             "tokens; 0: to the budget), e.g. 0,64")
     parser.add_argument("--policy", default="least_loaded", help="the scheduler's routing policy to simulate")
     parser.add_argument("--heartbeat-s", type=float, default=1.0, help="workers' heartbeat interval as the "
                         "scheduler sees loads (its lease / 3); 0: every load change at once")
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         arrivals = (read_trace(args.trace) if args.trace else
                     poisson(args.rate, args.input_len, args.output_len, args.num_requests, args.seed))
         space = SearchSpace(args.cores, args.cores_per_worker, args.max_num_seqs, args.max_num_batched_tokens,
-                            args.policy, not args.no_cache, args.heartbeat_s, args.trace_block_size)
+                            args.policy, not args.no_cache, args.heartbeat_s, args.trace_block_size,
+                            args.pack_prompt_tokens)
         space.validate()
     except (OSError, ValueError, KeyError) as exc:
         print(f"kvmesh plan: {exc}", file=sys.stderr)

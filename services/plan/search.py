@@ -21,7 +21,7 @@ DEFAULT_SEQS, DEFAULT_TOKENS = 64, 2048
 @dataclass(frozen=True)
 class SearchSpace:
     """What the search may choose from: `cores` in all, `cores_per_worker` each, and the grids of max_num_seqs
-    (colocated workers) and max_num_batched_tokens (prefill and colocated workers)."""
+    (colocated workers), max_num_batched_tokens and pack_prompt_tokens (prefill and colocated workers)."""
 
     cores: int
     cores_per_worker: int = 1
@@ -31,6 +31,7 @@ class SearchSpace:
     cache: bool = True
     heartbeat_s: float = 1.0
     trace_block_tokens: int = 512
+    pack_prompt_tokens: tuple[int, ...] = (0,)
 
     def validate(self) -> None:
         """Raise ValueError when not even one worker fits or a grid is empty or not positive."""
@@ -39,6 +40,8 @@ class SearchSpace:
         if not self.max_num_seqs or not self.max_num_batched_tokens or min(
                 self.max_num_seqs + self.max_num_batched_tokens) < 1:
             raise ValueError("the max_num_seqs and max_num_batched_tokens grids must be positive and non-empty")
+        if not self.pack_prompt_tokens or min(self.pack_prompt_tokens) < 0:
+            raise ValueError("the pack_prompt_tokens grid must be non-empty and >= 0 (0: pack to the budget)")
 
 
 @dataclass(frozen=True)
@@ -85,13 +88,14 @@ def candidates(space: SearchSpace) -> list[MeshConfig]:
     for p, d, w in _counts(space.cores // space.cores_per_worker):
         base = dict(prefill=p, decode=d, colocated=w, policy=space.policy, cache=space.cache,
                     heartbeat_s=space.heartbeat_s, trace_block_tokens=space.trace_block_tokens)
+        packs = space.pack_prompt_tokens
         if w:
-            found += [MeshConfig(**base, decode_limits=RoleLimits(s, t))
-                      for s in space.max_num_seqs for t in space.max_num_batched_tokens]
-        else:  # a decode worker's max_num_seqs never binds (landed KV joins at once): only the chunk size varies
-            found += [MeshConfig(**base, prefill_limits=RoleLimits(DEFAULT_SEQS, t),
+            found += [MeshConfig(**base, decode_limits=RoleLimits(s, t, k))
+                      for s in space.max_num_seqs for t in space.max_num_batched_tokens for k in packs]
+        else:  # a decode worker's max_num_seqs never binds (landed KV joins at once): only the chunking varies
+            found += [MeshConfig(**base, prefill_limits=RoleLimits(DEFAULT_SEQS, t, k),
                                  decode_limits=RoleLimits(DEFAULT_SEQS, DEFAULT_TOKENS))
-                      for t in space.max_num_batched_tokens]
+                      for t in space.max_num_batched_tokens for k in packs]
     return found
 
 
@@ -108,12 +112,18 @@ def command(config: MeshConfig, cores_per_worker: int = 1) -> str:
     c, k = config, cores_per_worker
     policy = f"KVMESH_SCHEDULER_POLICY={c.policy} "
     if c.colocated:
+        pack = _pack("DECODE", c.decode_limits)
         return (f"{policy}KVMESH_DECODE_MAX_NUM_SEQS={c.decode_limits.max_num_seqs} "
-                f"KVMESH_DECODE_MAX_NUM_BATCHED_TOKENS={c.decode_limits.max_num_batched_tokens} "
+                f"KVMESH_DECODE_MAX_NUM_BATCHED_TOKENS={c.decode_limits.max_num_batched_tokens} {pack}"
                 f"kvmesh up --colocated --workers {c.colocated} --worker-cpus {_cpus(0, c.colocated, k)}")
     return (f"{policy}KVMESH_PREFILL_MAX_NUM_BATCHED_TOKENS={c.prefill_limits.max_num_batched_tokens} "
+            f"{_pack('PREFILL', c.prefill_limits)}"
             f"kvmesh up --prefill {c.prefill} --decode {c.decode} --prefill-cpus {_cpus(0, c.prefill, k)} "
             f"--decode-cpus {_cpus(c.prefill * k, c.decode, k)}")
+
+
+def _pack(role: str, limits: RoleLimits) -> str:
+    return f"KVMESH_{role}_PACK_PROMPT_TOKENS={limits.pack_prompt_tokens} " if limits.pack_prompt_tokens else ""
 
 
 def search(profile: Profile, arrivals: Sequence[Arrival], slo: SLO, space: SearchSpace,

@@ -1,11 +1,12 @@
 """One simulated engine worker: the step loop of services/engine/scheduler.py priced by the fitted cost models.
 
 Each step first serves the running decodes (one token each), then prompt chunks, oldest first, within the token
-budget (max_num_batched_tokens) and max_num_seqs — the real engine's order. A prefill worker only chunks prompts
-and hands each finished one off; a decode worker only decodes sequences whose KV has landed, which join its batch
-at the next step whatever max_num_seqs (as `LLMEngine.add_prefilled` does; a batch over the token budget, where
-the engine would skip some decodes for a step, is not modelled); a colocated worker does both in one step. A decode step is O(1) in the batch: the batch's total context grows by the batch size per
-step, and a sequence's finishing step is known when it joins (a heap), so no Python loop runs per token.
+budget (max_num_batched_tokens), max_num_seqs and pack_prompt_tokens — the real engine's order. A prefill worker
+only chunks prompts and hands each finished one off; a decode worker only decodes sequences whose KV has landed,
+which join its batch at the next step whatever max_num_seqs (as `LLMEngine.add_prefilled` does; a batch over the
+token budget, where the engine would skip some decodes for a step, is not modelled); a colocated worker does both
+in one step. A decode step is O(1) in the batch: the batch's total context grows by the batch size per step, and
+a sequence's finishing step is known when it joins (a heap), so no Python loop runs per token.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from kvmesh.services.scheduler.registry import Load, Worker
 
 @dataclass(frozen=True)
 class RoleLimits:
-    """A worker role's engine limits (the worker's --max-num-seqs and --max-num-batched-tokens)."""
+    """A worker role's engine limits (the worker's --max-num-seqs, --max-num-batched-tokens and
+    --pack-prompt-tokens)."""
 
     max_num_seqs: int
     max_num_batched_tokens: int
+    pack_prompt_tokens: int = 0
 
 
 class Job:
@@ -110,7 +113,10 @@ class SimWorker:
             seconds += self._chunk(job, budget)
             budget -= self._chunks[-1][1]
         queue = self.waiting if self.prefills else self.local
+        pack = self.limits.pack_prompt_tokens
         while queue and budget > 0 and len(self.prefilling) < seats:
+            if pack and sum(k for _, k in self._chunks) >= pack:
+                break
             job = queue.popleft()
             self.prefilling.append(job)
             seconds += self._chunk(job, budget)

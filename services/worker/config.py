@@ -29,6 +29,10 @@ class WorkerConfig(ServerConfig):
     kv_cache_bytes: int = knob(512 * 2**20, "Bytes of the KV block pool.")
     max_num_batched_tokens: int = knob(2048, "Token budget of one engine step (prefill chunks + decode tokens).")
     max_num_seqs: int = knob(64, "Most sequences in one engine step.")
+    pack_prompt_tokens: int = knob(0, "A step starts another waiting prompt only while it holds fewer prompt tokens "
+                                      "than this (0: while the token budget allows). On a CPU, where a step's time "
+                                      "grows with every token, packing a second long prompt adds no throughput and "
+                                      "delays the first one's first token by the second's whole cost: try 64.")
     tensor_parallel_size: int = knob(1, "Ranks the model is split over (attention heads and MLP columns; one "
                                         "process per rank, gloo on a CPU, NCCL on CUDA). On a CPU the ranks share "
                                         "one KV pool of whole-head blocks, so peers of any degree exchange KV.")
@@ -61,6 +65,7 @@ class WorkerConfig(ServerConfig):
         check(self.kv_cache_bytes > 0, f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         check(self.handoff_lease_s > 0, f"handoff_lease_s must be > 0, got {self.handoff_lease_s}")
         check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        check(self.pack_prompt_tokens >= 0, f"pack_prompt_tokens must be >= 0, got {self.pack_prompt_tokens}")
         check(self.torch_threads >= 0, f"torch_threads must be >= 0, got {self.torch_threads}")
         check(self.transport == "auto" or bool(pool_backends([self.transport], self.kv_pool)),
               f"--transport {self.transport} needs the KV pool in its own memory, not --kv-pool {self.kv_pool}; "

@@ -69,6 +69,7 @@ def load_engine(config: WorkerConfig, backends: list[str], prefix_caching: bool 
                                  max_num_seqs=config.max_num_seqs, kv_storage=None if local else storage,
                                  enable_prefix_caching=prefix_caching, tensor_parallel_size=tp)
     engine.model.attention = config.attention
+    engine.scheduler.pack_prompt_tokens = config.pack_prompt_tokens
     return engine, local_region(engine.kv_cache, config, backends) if local else regions[0]
 
 

@@ -44,3 +44,15 @@ def test_commands_start_the_mesh_that_was_simulated():
     colocated = command(MeshConfig(colocated=2, decode_limits=RoleLimits(16, 256)))
     assert "KVMESH_DECODE_MAX_NUM_SEQS=16 KVMESH_DECODE_MAX_NUM_BATCHED_TOKENS=256 " in colocated
     assert command(MeshConfig(colocated=2), 2).endswith("kvmesh up --colocated --workers 2 --worker-cpus 0-1/2-3")
+
+
+def test_a_pack_grid_multiplies_the_candidates_and_its_setting_reaches_the_command():
+    plain = candidates(SearchSpace(cores=2, max_num_seqs=(8,), max_num_batched_tokens=(256,)))
+    packed = candidates(SearchSpace(cores=2, max_num_seqs=(8,), max_num_batched_tokens=(256,),
+                                    pack_prompt_tokens=(0, 64)))
+    assert len(packed) == 2 * len(plain)
+    split = MeshConfig(prefill=1, decode=1, prefill_limits=RoleLimits(64, 512, 64))
+    assert "KVMESH_PREFILL_PACK_PROMPT_TOKENS=64 kvmesh up --prefill 1" in command(split)
+    colocated = command(MeshConfig(colocated=1, decode_limits=RoleLimits(16, 256, 32)))
+    assert "KVMESH_DECODE_PACK_PROMPT_TOKENS=32 kvmesh up --colocated" in colocated
+    assert "PACK" not in command(MeshConfig(prefill=1, decode=1))

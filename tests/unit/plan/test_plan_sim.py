@@ -180,3 +180,10 @@ def test_slo_aware_prefills_on_the_decode_worker_when_the_prefill_queue_is_long_
     assert all(f >= a for f, a, r in zip(result.finish_s, result.arrival_s, result.rejected) if not r)
     idle = run(MeshConfig(prefill=1, decode=1, policy="slo_aware", heartbeat_s=0.0), poisson(0.5, 512, 4, 20))
     assert idle.routes == {("slo_aware", False): 20}  # no queue: every prompt goes to the prefill worker
+
+
+def test_a_pack_limit_gives_each_prompt_its_own_step_as_the_engine_does():
+    config = MeshConfig(prefill=1, decode=1, prefill_limits=RoleLimits(64, 512, pack_prompt_tokens=64))
+    result = run(config, [Arrival(0.0, 200, 1), Arrival(0.0, 200, 1)])
+    step = 0.01 + 0.001 * 200 + 1e-6 * 200 ** 2  # one prompt per step: the first's token comes a step sooner
+    assert result.first_token_s == pytest.approx((step + 200e-6, 2 * step + 200e-6))
