@@ -2,7 +2,7 @@
 
     python bench/overload_burst.py [--model DIR] [--input-len 256] [--output-len 32] [--slo-ttft-ms 2000]
         [--unloaded 20] [--burst-rate 15] [--burst-s 10] [--bursts 2] [--pack-prompt-tokens 0]
-        [--out bench/overload_burst.json]
+        [--worker-nice 0] [--out bench/overload_burst.json]
 
 One mesh (`kvmesh up`, 1 prefill + 1 decode, slo_aware, the TTFT objective as the scheduler's default) serves:
 first `--unloaded` requests one at a time (the unloaded TTFT p99), then `--bursts` Poisson bursts at
@@ -11,7 +11,8 @@ prompts on this machine: 256 tokens take ~0.7 s), with a pause between them for 
 burst: how many were refused (429) and how fast (send to status, p50/p99/max), the admitted requests' TTFT p99
 against the unloaded p99, and every service's RSS after each phase (from /proc), so growth from burst to burst
 shows. `--pack-prompt-tokens` sets the workers' knob of that name (0: the engine packs every queued prompt its
-token budget holds into one step). Retry-After on every 429 is asserted by the e2e tests (tests/e2e/test_admission_blocks.py,
+token budget holds into one step); `--worker-nice N` lowers every engine worker thread's CPU priority by N once
+the mesh is up (does the gateway's and scheduler's refusal then win the cores?). Retry-After on every 429 is asserted by the e2e tests (tests/e2e/test_admission_blocks.py,
 test_slo_routing.py); here it is the timing.
 """
 
@@ -32,8 +33,8 @@ sys.path.insert(0, str(HERE))
 from disagg import free_port, start_mesh  # noqa: E402
 
 
-def rss_by_service(root: int) -> dict[str, float]:
-    """MiB of resident memory per child of `kvmesh up` (named by its subcommand), its own children included."""
+def process_tree() -> dict[int, list[int]]:
+    """Every process's children, by parent pid (from /proc)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -42,6 +43,12 @@ def rss_by_service(root: int) -> dict[str, float]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def rss_by_service(root: int) -> dict[str, float]:
+    """MiB of resident memory per child of `kvmesh up` (named by its subcommand), its own children included."""
+    children = process_tree()
 
     def rss(pid: int) -> float:
         try:
@@ -57,6 +64,21 @@ def rss_by_service(root: int) -> dict[str, float]:
                                                                   "gateway", "worker")), str(pid))
         out[f"{name}-{pid}"] = round(rss(pid), 1)
     return out
+
+
+def renice_workers(root: int, niceness: int) -> list[int]:
+    """Lower the CPU priority of every thread of the mesh's engine workers (prefill, decode, their children) by
+    `niceness`, so the gateway and scheduler win the cores under load; the workers' pids."""
+    children = process_tree()
+    pids = [int(name.rsplit("-", 1)[1]) for name in rss_by_service(root) if name.split("-")[0] in ("prefill",
+                                                                                                   "decode")]
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        for task in Path(f"/proc/{pid}/task").iterdir():  # nice is per thread on Linux
+            os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+    return pids
 
 
 def serve(http_port: int, out: Path, args, extra: list[str]) -> dict:
@@ -95,6 +117,7 @@ def main() -> int:
     parser.add_argument("--burst-s", type=float, default=10.0)
     parser.add_argument("--bursts", type=int, default=2)
     parser.add_argument("--pack-prompt-tokens", type=int, default=0)
+    parser.add_argument("--worker-nice", type=int, default=0, help="renice the engine workers' threads by this")
     parser.add_argument("--out", default=str(HERE / "overload_burst.json"))
     args = parser.parse_args()
     if not args.model:
@@ -107,6 +130,8 @@ def main() -> int:
            "KVMESH_DECODE_PACK_PROMPT_TOKENS": str(args.pack_prompt_tokens)}
     proc = start_mesh(args.model, ["--threads-per-worker", "1"], env, http_port, free_port())
     report = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args), "rss_mib": {}}
+    if args.worker_nice:
+        report["reniced"] = renice_workers(proc.pid, args.worker_nice)
     try:
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
