@@ -4,7 +4,8 @@ import os
 
 import torch
 
-NEW_FAMILIES = ["qwen3", "phi3", "mixtral", "qwen2_moe"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe"]
+NEW_FAMILIES = ["qwen3", "phi3", *MOE_FAMILIES]
 FAMILIES = ["llama", "qwen2", "mistral", *NEW_FAMILIES]
 
 

