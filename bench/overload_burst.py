@@ -12,8 +12,8 @@ burst: how many were refused (429) and how fast (send to status, p50/p99/max), t
 against the unloaded p99, and every service's RSS after each phase (from /proc), so growth from burst to burst
 shows. `--pack-prompt-tokens` sets the workers' knob of that name (0: the engine packs every queued prompt its
 token budget holds into one step); `--worker-nice N` lowers every engine worker thread's CPU priority by N once
-the mesh is up (does the gateway's and scheduler's refusal then win the cores?). Retry-After on every 429 is asserted by the e2e tests (tests/e2e/test_admission_blocks.py,
-test_slo_routing.py); here it is the timing.
+the mesh is up (does the gateway's and scheduler's refusal then win the cores?). Retry-After on every 429 is
+asserted by the e2e tests (tests/e2e/test_admission_blocks.py, test_slo_routing.py); here it is the timing.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ prompt still prefilling, oldest first), then admits waiting ones (by priority, l
 starts only while the step holds fewer prompt tokens than that: on a compute-bound worker (a CPU, where a step's
 time grows with every token) packing a second long prompt into a step adds no throughput and delays the first
 one's first token by the second's whole cost. When a running sequence needs a block and none is free, the newest
-running sequence is preempted: its blocks are freed and it waits at the front of the queue to be recomputed from its tokens. With a
-`swap` (swap.py) the victim's oldest blocks are spilled to a store instead, and paged back before it runs again;
-swapped sequences come back before any waiting one is admitted.
+running sequence is preempted: its blocks are freed and it waits at the front of the queue to be recomputed from
+its tokens. With a `swap` (swap.py) the victim's oldest blocks are spilled to a store instead, and paged back
+before it runs again; swapped sequences come back before any waiting one is admitted.
 With a prefix cache, a waiting sequence that holds no blocks (new, or preempted) shares its cached leading
 blocks when it is admitted, so only the rest is computed; a waiting sequence never pins cached blocks.
 """
