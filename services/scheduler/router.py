@@ -103,6 +103,23 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
     room in its KV pool for the request's prompt plus max_tokens, counting those routed since its last
     heartbeat), or when the policy finds no route that meets the request's objectives.
     """
+    admitted = admissible(query, workers, max_queue)
+    query = peers.candidates(query, workers)
+    plan = policy(query, admitted)
+    if plan.decode.spec.colocated:
+        plan = dataclasses.replace(plan, local_prefill=True)
+    elif not plan.kv_source:  # the policy did not decide where the KV comes from: the decode worker's rule
+        local = decode_prefills(len(query.prompt_token_ids), plan.num_decode_cached_tokens, plan.decode)
+        plan = peers.with_peer(query, dataclasses.replace(plan, local_prefill=local))
+    check_objectives(query, admitted, plan)  # early rejection, whatever the policy
+    return plan
+
+
+def admissible(query: RouteQuery, workers: Sequence[Worker],
+               max_queue: int | admission.QueueLimits) -> list[Candidates]:
+    """The candidate groups that may take the request, by everything route checks before any policy weighs it
+    (the prompt, layouts and pairing, queue and pool limits); raises what route would. None of it depends on the
+    cache, so the scheduler asks it before its cache probe: such a refusal never waits on the cache."""
     if not query.prompt_token_ids:
         raise InvalidArgumentError("prompt_token_ids must not be empty")
     if min(query.prompt_token_ids) < 0:
@@ -117,13 +134,4 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
     paired = [g for group in groups for g in pairing.split(group)]
     if not paired:
         raise pairing.unpaired(groups)
-    admitted = admission.admit(query, paired, max_queue)
-    query = peers.candidates(query, workers)
-    plan = policy(query, admitted)
-    if plan.decode.spec.colocated:
-        plan = dataclasses.replace(plan, local_prefill=True)
-    elif not plan.kv_source:  # the policy did not decide where the KV comes from: the decode worker's rule
-        local = decode_prefills(len(query.prompt_token_ids), plan.num_decode_cached_tokens, plan.decode)
-        plan = peers.with_peer(query, dataclasses.replace(plan, local_prefill=local))
-    check_objectives(query, admitted, plan)  # early rejection, whatever the policy
-    return plan
+    return admission.admit(query, paired, max_queue)

@@ -171,6 +171,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.window.record(len(query.prompt_token_ids), query.max_tokens)
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
+            try:  # a refusal by limits never waits on the cache
+                router.admissible(query, self.registry.routable(), self.max_queue)
+            except MeshError as e:
+                metrics.ROUTE_REJECTIONS.labels(reason=_rejection_reason(e)).inc()
+                raise
             cached = await self.cache_probe.cached_tokens(query, self.registry.workers(), hashes)
             query = dataclasses.replace(query, cached_tokens=cached)
         held = self.registry.kv_index.hit_tokens(self.registry.workers(Role.DECODE), query.prompt_token_ids,

@@ -82,3 +82,35 @@ def test_a_full_queue_is_still_refused_for_its_queue():
     with pytest.raises(CapacityError, match="8 or more requests queued") as refused:
         route(QUERY, registry.workers(), get_policy("least_loaded"), 8)
     assert not isinstance(refused.value, PoolFullError)
+
+
+class CountingProbe:
+    """A cache probe that holds nothing and counts how often it was asked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def cached_tokens(self, query, workers, hashes=None):
+        self.calls += 1
+        return {}
+
+
+def test_a_refusal_by_the_queue_limit_never_waits_on_the_cache_probe():
+    import asyncio
+
+    from kvmesh.services.scheduler.servicer import SchedulerServicer
+    from kvmesh.v1 import scheduler_pb2
+
+    registry = Registry(lease_s=10)
+    decode = add(registry, Role.DECODE, 1, Load(num_waiting=2))
+    add(registry, Role.PREFILL, 2)
+    probe = CountingProbe()
+    servicer = SchedulerServicer(registry, get_policy("slo_aware"), "slo_aware", max_queue=2, cache_probe=probe)
+    request = scheduler_pb2.RouteRequest(request_id="r", prompt_token_ids=list(range(40)), max_tokens=24,
+                                         layout=FP32.to_proto())
+    with pytest.raises(CapacityError, match="2 or more requests queued"):
+        asyncio.run(servicer.Route(request, None))
+    assert probe.calls == 0
+    registry.heartbeat(decode.worker_id, Load(num_waiting=1))  # room again: the probe is asked, once
+    assert asyncio.run(servicer.Route(request, None)).decode.worker_id == decode.worker_id
+    assert probe.calls == 1
