@@ -171,7 +171,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.window.record(len(query.prompt_token_ids), query.max_tokens)
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
-            try:  # a refusal by limits never waits on the cache
+            # a refusal by limits never waits on the cache; route checks again after the probe, since requests
+            # routed while it waited count against the same limits
+            try:
                 router.admissible(query, self.registry.routable(), self.max_queue)
             except MeshError as e:
                 metrics.ROUTE_REJECTIONS.labels(reason=_rejection_reason(e)).inc()
