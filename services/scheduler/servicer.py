@@ -173,10 +173,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if self.cache_probe is not None:
             # a refusal by limits never waits on the cache; route checks again after the probe, since requests
             # routed while it waited count against the same limits
+            start = time.perf_counter()
             try:
                 router.admissible(query, self.registry.routable(), self.max_queue)
             except MeshError as e:
-                metrics.ROUTE_REJECTIONS.labels(reason=_rejection_reason(e)).inc()
+                _count_rejection(e, start)
                 raise
             cached = await self.cache_probe.cached_tokens(query, self.registry.workers(), hashes)
             query = dataclasses.replace(query, cached_tokens=cached)
@@ -187,10 +188,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             plan = router.route(query, self.registry.routable(), self.policy, self.max_queue)
         except MeshError as e:
-            metrics.ROUTE_REJECTIONS.labels(reason=_rejection_reason(e)).inc()
+            _count_rejection(e, start)
             raise
-        finally:
-            metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
+        metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
         if not request.dry_run:  # a dry run only answers: it must not steer the next real route
             metrics.ROUTE_DECISIONS.labels(reason=plan.policy or self.policy_name).inc()
             self.registry.routed(plan.decode, len(query.prompt_token_ids), blocks_needed(query, plan.decode),
@@ -259,6 +259,12 @@ def _code_name(code: int) -> str:
     """The name of a gRPC status number ("unknown" for one out of range)."""
     named = {c.value[0]: c.name for c in grpc.StatusCode}
     return named.get(code, "UNKNOWN")
+
+
+def _count_rejection(error: MeshError, start: float) -> None:
+    """A refused Route counts once in the rejections by reason and once in route_seconds, early or late."""
+    metrics.ROUTE_REJECTIONS.labels(reason=_rejection_reason(error)).inc()
+    metrics.ROUTE_SECONDS.observe(time.perf_counter() - start)
 
 
 def _rejection_reason(error: MeshError) -> str:

@@ -108,9 +108,20 @@ def test_a_refusal_by_the_queue_limit_never_waits_on_the_cache_probe():
     servicer = SchedulerServicer(registry, get_policy("slo_aware"), "slo_aware", max_queue=2, cache_probe=probe)
     request = scheduler_pb2.RouteRequest(request_id="r", prompt_token_ids=list(range(40)), max_tokens=24,
                                          layout=FP32.to_proto())
+    routes, refusals = route_counts()
     with pytest.raises(CapacityError, match="2 or more requests queued"):
         asyncio.run(servicer.Route(request, None))
     assert probe.calls == 0
+    assert route_counts() == (routes + 1, refusals + 1)  # the early refusal is still counted and timed, once
     registry.heartbeat(decode.worker_id, Load(num_waiting=1))  # room again: the probe is asked, once
     assert asyncio.run(servicer.Route(request, None)).decode.worker_id == decode.worker_id
     assert probe.calls == 1
+    assert route_counts() == (routes + 2, refusals + 1)
+
+
+def route_counts() -> tuple[float, float]:
+    """How many Route answers route_seconds has timed, and how many the queue limit refused."""
+    from kvmesh.services.common import metrics
+
+    return (metrics.REGISTRY.get_sample_value("kvmesh:route_seconds_count"),
+            metrics.REGISTRY.get_sample_value("kvmesh:route_rejections_total", {"reason": "overloaded"}) or 0.0)
