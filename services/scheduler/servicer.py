@@ -171,8 +171,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.window.record(len(query.prompt_token_ids), query.max_tokens)
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
-            # a refusal by limits never waits on the cache; route checks again after the probe, since requests
-            # routed while it waited count against the same limits
+            # a refusal by limits, or by objectives that even a full hit would miss, never waits on the cache;
+            # route checks again after the probe, since requests routed while it waited count against the same
             start = time.perf_counter()
             try:
                 router.admissible(query, self.registry.routable(), self.max_queue)

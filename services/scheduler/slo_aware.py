@@ -144,6 +144,33 @@ def check_objectives(query: RouteQuery, groups: Sequence[Candidates], plan: Rout
         raise _refuse(query, chosen)
 
 
+def check_floors(query: RouteQuery, groups: Sequence[Candidates]) -> None:
+    """Early rejection before the cache is asked: CapacityError when no route could meet the request's objectives
+    whatever the cache holds. Each route's TTFT is at least its queue wait (the least of its group's prefill
+    workers', or the decode worker's own when it prefills) plus the decode worker's next step, since computing,
+    fetching and handing off cost no less than nothing (the fits are non-negative); its TPOT does not depend on
+    the cache. So a request this refuses, every policy would refuse after the probe too."""
+    if not (query.slo_ttft_s or query.slo_tpot_s):
+        return
+    n, floors = len(query.prompt_token_ids), []
+    for group in groups:
+        remote = min((predict.prefill_backlog_s(p, n) for p in group.prefill), default=None)
+        num_output = predict.output_estimate(query.max_tokens, group.decode)
+        for decode in group.decode:
+            local = predict.local_backlog_s(decode)
+            wait = local if remote is None else min(remote, local)
+            batch, context = predict.decode_batch(decode)
+            tpot = predict.lifetime_tpot_s(decode, batch, context, n, num_output)
+            floors.append(Prediction(None, decode, "", wait + predict.step_s(decode), tpot, wait))
+    if floors and not any(_meets(query, p) for p in floors):
+        best = _refuse(query, floors)
+        raise CapacityError(f"no route is predicted to meet the objectives (TTFT {query.slo_ttft_s or '-'} s, TPOT "
+                            f"{query.slo_tpot_s or '-'} s) whatever the cache holds: TTFT at least "
+                            f"{min(p.ttft_s for p in floors):.3f} s behind the queues, TPOT at least "
+                            f"{min(p.tpot_s for p in floors):.3f} s; retry later or relax the objectives",
+                            retry_after_s=best.retry_after_s)
+
+
 def slo_aware(query: RouteQuery, groups: Sequence[Candidates]) -> RoutePlan:
     """The route with the least predicted TTFT among those whose predicted TTFT and TPOT meet the request's
     objectives (ties: the lower TPOT); CapacityError with a retry-after when none does."""

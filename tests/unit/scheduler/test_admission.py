@@ -125,3 +125,25 @@ def route_counts() -> tuple[float, float]:
 
     return (metrics.REGISTRY.get_sample_value("kvmesh:route_seconds_count"),
             metrics.REGISTRY.get_sample_value("kvmesh:route_rejections_total", {"reason": "overloaded"}) or 0.0)
+
+
+def test_a_ttft_objective_no_cache_hit_could_meet_is_refused_without_the_cache_probe():
+    import asyncio
+
+    from kvmesh.services.scheduler.servicer import SchedulerServicer
+    from kvmesh.v1 import scheduler_pb2
+
+    registry = Registry(lease_s=10)
+    backlog = Load(num_pending_prefill=8, num_pending_prefill_tokens=40_000, num_running=8)  # seconds of prompts
+    add(registry, Role.DECODE, 1, backlog)
+    add(registry, Role.PREFILL, 2, backlog)
+    probe = CountingProbe()
+    servicer = SchedulerServicer(registry, get_policy("slo_aware"), "slo_aware", max_queue=64, cache_probe=probe)
+    request = scheduler_pb2.RouteRequest(request_id="r", prompt_token_ids=list(range(40)), max_tokens=24,
+                                         layout=FP32.to_proto(), slo_ttft_seconds=0.5)
+    with pytest.raises(CapacityError, match="whatever the cache holds") as refused:
+        asyncio.run(servicer.Route(request, None))
+    assert probe.calls == 0 and refused.value.retry_after_s > 0
+    request.slo_ttft_seconds = 600.0  # an objective the queues leave room for: the probe is asked
+    asyncio.run(servicer.Route(request, None))
+    assert probe.calls == 1

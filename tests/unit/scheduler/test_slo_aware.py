@@ -183,3 +183,75 @@ def test_a_burst_is_priced_by_each_queued_prompts_attention_too():
     for k, plan in enumerate(plans):
         assert plan.predicted_ttft_s == pytest.approx((k + 1) * one, abs=0.05)
     assert prefill.num_routed == 3
+
+
+def test_a_refusal_before_the_cache_probe_is_one_every_cache_outcome_would_give():
+    """check_floors (asked before the scheduler's cache probe) refuses only what route refuses, under every policy,
+    whatever the probe would have found: no hit, a partial or full hit in DRAM or on SSD, a decode worker's pool."""
+    import random
+
+    from kvmesh.services.scheduler.slo_aware import check_floors
+
+    rng = random.Random(7)
+    early = admitted = 0
+    for trial in range(300):
+        registry = Registry(lease_s=10)
+        for port in range(1, 1 + rng.randint(0, 2)):
+            prefill_fit = Fit(PrefillModel(rng.uniform(0, 0.02), rng.uniform(0, 4e-4), rng.uniform(0, 1e-7)),
+                              FAST.decode, 64)
+            add(registry, Role.PREFILL, port, Load(num_running=rng.randint(0, 4), num_pending_prefill=rng.randint(
+                0, 4), num_pending_prefill_tokens=rng.randint(0, 30_000)), fit=prefill_fit)
+        colocated = not registry.workers()
+        for port in range(10, 10 + rng.randint(1, 2)):
+            decode_fit = Fit(FAST.prefill, DecodeModel(rng.uniform(0, 0.02), rng.uniform(0, 2e-3), 1e-7), 64)
+            add(registry, Role.DECODE, port, Load(num_running=rng.randint(0, 40), num_pending_prefill=rng.randint(
+                0, 2), num_pending_prefill_tokens=rng.randint(0, 8000)), fit=decode_fit, colocated=colocated)
+        n = rng.choice([16, 500, 4000])
+        objectives = {"slo_ttft_s": rng.choice([0.0, 0.3, 1.0, 3.0]), "slo_tpot_s": rng.choice([0.0, 0.03, 0.1])}
+        query = RouteQuery(f"r{trial}", PROMPT[:n], max_tokens=64, **objectives)
+        groups = group_by_layout(query, registry.workers())
+        try:
+            check_floors(query, groups)
+        except CapacityError as refused:
+            early += 1
+            assert "whatever the cache holds" in str(refused) and refused.retry_after_s > 0
+            decodes = [w.worker_id for w in registry.workers(Role.DECODE)]
+            for hit, ssd, held in [(0, 0, 0), (n // 2, 0, 0), (n - 1, 0, 0), (n - 1, n - 1, 0), (n, 0, 0),
+                                   (0, 0, n - 1), (0, 0, n), (n // 2, n // 4, n // 2)]:
+                outcome = RouteQuery(query.request_id, query.prompt_token_ids, max_tokens=64, **objectives,
+                                     cached_tokens={LAYOUT: hit}, cached_ssd_tokens={LAYOUT: ssd},
+                                     decode_cached_tokens={d: held for d in decodes})
+                for name in POLICIES:
+                    with pytest.raises(CapacityError):
+                        route(outcome, registry.workers(), POLICIES[name], max_queue=64)
+        else:
+            admitted += 1
+    assert early > 30 and admitted > 30  # both sides of the floor were tried
+
+
+def test_the_floor_never_exceeds_the_best_ttft_any_cache_outcome_gives():
+    """The floor's soundness at its edge: a TTFT objective equal to the least TTFT slo_aware predicts over the
+    cache outcomes (a prompt held whole by a decode worker's pool among them) is never refused before the probe."""
+    import random
+
+    from kvmesh.services.scheduler.slo_aware import check_floors
+
+    rng = random.Random(11)
+    for trial in range(200):
+        registry = Registry(lease_s=10)
+        add(registry, Role.PREFILL, 1, Load(num_running=2, num_pending_prefill=2,
+                                             num_pending_prefill_tokens=rng.randint(0, 30_000)))
+        for port in (10, 11):
+            add(registry, Role.DECODE, port, Load(num_running=rng.randint(0, 40), num_pending_prefill=1,
+                                                  num_pending_prefill_tokens=rng.randint(0, 8000)))
+        n = rng.choice([16, 500, 4000])
+        decodes = [w.worker_id for w in registry.workers(Role.DECODE)]
+        best = min(route(RouteQuery("r", PROMPT[:n], max_tokens=64, cached_tokens={LAYOUT: hit},
+                                    decode_cached_tokens={d: held for d in decodes}),
+                         registry.workers(), slo_aware, max_queue=64).predicted_ttft_s
+                   for hit, held in [(0, 0), (n, 0), (0, n), (n // 2, n - 1)])
+        query = RouteQuery("r", PROMPT[:n], max_tokens=64, slo_ttft_s=best)
+        check_floors(query, group_by_layout(query, registry.workers()))  # must not raise
+        with pytest.raises(CapacityError):  # and the floor is not far below: 3 x under the best is refused
+            tight = RouteQuery("r", PROMPT[:n], max_tokens=64, slo_ttft_s=best / 3)
+            check_floors(tight, group_by_layout(tight, registry.workers()))
