@@ -179,6 +179,11 @@ SCHEDULER_LINK_MODEL = Gauge(
     "for a backend's fit across pairs) or fetch (the cache's delivery per requester; empty: across requesters); "
     "seconds = fixed_s + bytes / (gbps * 1e9), a fetch's SSD bytes at ssd_gbps; samples in the window under n.",
     ["kind", "sender_id", "receiver", "backend", "coef"], registry=REGISTRY)
+SCHEDULER_UNWATCHED = Counter(
+    "kvmesh:scheduler_unwatched_seconds_total",
+    "Seconds the scheduler's event loop could not run (a loaded machine, a pause), left out of every worker's "
+    "lease so that no worker lapses while its heartbeats wait to be read.",
+    registry=REGISTRY)
 WORKER_FAILURE_REPORTS = Counter(
     "kvmesh:scheduler_failure_reports_total",
     "Failed calls to a worker reported to the scheduler (feeding its breaker), by the worker's role and the "

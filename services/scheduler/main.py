@@ -14,6 +14,7 @@ from kvmesh.services.scheduler.breaker import Breaker
 from kvmesh.services.scheduler.cache_probe import CacheProbe
 from kvmesh.services.scheduler.config import SchedulerConfig
 from kvmesh.services.scheduler.explain import observe_links, observe_models
+from kvmesh.services.scheduler.lease_clock import WatchedClock
 from kvmesh.services.scheduler.links import LinkBook
 from kvmesh.services.scheduler.policies import get_policy
 from kvmesh.services.scheduler.health_probe import HealthProber
@@ -45,7 +46,8 @@ async def expire_leases(registry: Registry, interval_s: float, book: LinkBook | 
 
 def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
     """Host the Scheduler service and its expiry task on server; return the servicer."""
-    registry = Registry(config.lease_s, breaker=partial(
+    clock = WatchedClock(tick_s=min(0.1, config.lease_s / 10), warn_s=config.lease_s / 4)
+    registry = Registry(config.lease_s, clock=clock, breaker=partial(
         Breaker, config.breaker_failures, config.breaker_cooldown_s, config.breaker_probe_window_s))
     probe = CacheProbe() if config.cache_probe else None
     prober = HealthProber(registry, config.health_check_timeout_s)
@@ -60,6 +62,10 @@ def setup(config: SchedulerConfig, server: MeshServer) -> SchedulerServicer:
     async def recheck(_server: MeshServer) -> None:
         await prober.watch_open(min(0.25, config.breaker_cooldown_s / 4))
 
+    async def watch(_server: MeshServer) -> None:
+        await clock.tick()
+
+    server.add_task(watch)
     server.add_task(expiry)
     server.add_task(recheck)
     if config.planner_interval_s > 0:

@@ -103,7 +103,9 @@ def test_heartbeats_carry_deltas_resync_after_registration_and_route_reports_the
         return scheduler_pb2.KVEvents(stored=stored, full=full)
 
     async def body():
-        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=3, policy="kv_aware", cache_probe=False),
+        # the prefill worker below is registered by hand and never heartbeats: its lease must outlast the test on a
+        # loaded machine (with 3 s it lapsed mid-test under load, and Route found no pair)
+        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=600, policy="kv_aware", cache_probe=False),
                                "scheduler")
         servicer = scheduler_main.setup(scheduler.config, scheduler)
         await scheduler.start()
@@ -151,7 +153,7 @@ def scheduler_main_spec(request):
 
 def test_the_scheduler_asks_for_a_resync_when_it_cannot_place_deltas():
     async def body():
-        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=3, cache_probe=False), "scheduler")
+        scheduler = MeshServer(SchedulerConfig(port=0, lease_s=600, cache_probe=False), "scheduler")
         servicer = scheduler_main.setup(scheduler.config, scheduler)
         proto_layout = common_pb2.KVLayout(model_id="tiny", dtype="float32", block_size=16, num_layers=2,
                                            num_kv_heads=2, head_dim=8)
