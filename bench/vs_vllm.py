@@ -28,6 +28,10 @@ sys.path.insert(0, str(HERE))
 from disagg import CONFIGS, free_port, start_mesh  # noqa: E402
 from machine import machine  # noqa: E402
 
+# one colocated engine on both cores with a smaller step budget: a prompt's prefill split over steps, so the
+# decodes it joins wait less each step (Sarathi-style), its own first token a little later
+CONFIGS = {**CONFIGS, **{f"colocated1-chunk{n}": (CONFIGS["colocated1"][0], {"KVMESH_MAX_NUM_BATCHED_TOKENS": str(n)})
+                         for n in (64, 128, 256)}}
 WORKLOADS = {"fixed": ("256", "64"), "mixed": ("lognormal:256:0.8", "uniform:16:128")}
 
 
