@@ -42,7 +42,9 @@ class WatchedClock:
         return now - self.unwatched_s
 
     async def tick(self) -> None:
-        """Read the clock every tick_s, forever (cancelled at stop)."""
+        """Read the clock every tick_s, forever (cancelled at stop). The watch starts here: the time the service
+        took to start before it is no stall."""
+        self._last = max(self._last, self._now())
         while True:
             await asyncio.sleep(self.tick_s)
             self()

@@ -172,7 +172,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
             # a refusal by limits, or by objectives that even a full hit would miss, never waits on the cache;
-            # route checks again after the probe, since requests routed while it waited count against the same
+            # route checks again after the probe, since requests routed while it waited change those queues
             start = time.perf_counter()
             try:
                 router.admissible(query, self.registry.routable(), self.max_queue)
