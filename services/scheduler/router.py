@@ -9,7 +9,7 @@ from kvmesh.services.common.errors import InvalidArgumentError, UnavailableError
 from kvmesh.services.scheduler import admission, pairing, peers
 from kvmesh.services.scheduler.predict import decode_prefills
 from kvmesh.services.scheduler.route_types import Candidates, Policy, RoutePlan, RouteQuery
-from kvmesh.services.scheduler.slo_aware import check_floors, check_objectives
+from kvmesh.services.scheduler.slo_aware import check_objectives
 from kvmesh.services.kv_identity import KVLayout
 from kvmesh.services.scheduler.registry import Role, Worker
 from kvmesh.transports.rechunk import unmappable
@@ -118,9 +118,8 @@ def route(query: RouteQuery, workers: Sequence[Worker], policy: Policy,
 def admissible(query: RouteQuery, workers: Sequence[Worker],
                max_queue: int | admission.QueueLimits) -> list[Candidates]:
     """The candidate groups that may take the request, by everything route checks before any policy weighs it
-    (the prompt, layouts and pairing, queue and pool limits, objectives that even a full cache hit would miss);
-    raises what route would. None of it depends on the cache, so the scheduler asks it before its cache probe:
-    such a refusal never waits on the cache."""
+    (the prompt, layouts and pairing, queue and pool limits); raises what route would. None of it depends on the
+    cache, so the scheduler asks it before its cache probe: such a refusal never waits on the cache."""
     if not query.prompt_token_ids:
         raise InvalidArgumentError("prompt_token_ids must not be empty")
     if min(query.prompt_token_ids) < 0:
@@ -135,6 +134,4 @@ def admissible(query: RouteQuery, workers: Sequence[Worker],
     paired = [g for group in groups for g in pairing.split(group)]
     if not paired:
         raise pairing.unpaired(groups)
-    admitted = admission.admit(query, paired, max_queue)
-    check_floors(query, admitted)  # objectives no cache hit could rescue
-    return admitted
+    return admission.admit(query, paired, max_queue)

@@ -16,6 +16,7 @@ from kvmesh.services.scheduler import explain, router
 from kvmesh.services.scheduler.admission import PoolFullError, blocks_needed
 from kvmesh.services.scheduler.breaker import BreakerState
 from kvmesh.services.scheduler.policies import Links, Policy, RouteQuery
+from kvmesh.services.scheduler.slo_aware import check_floors
 from kvmesh.services.kv_identity import KVLayout, PromptHashes
 from kvmesh.services.cost_model import StepShape
 from kvmesh.services.scheduler.links import LinkBook, LinkSample, Reported
@@ -171,11 +172,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.window.record(len(query.prompt_token_ids), query.max_tokens)
         hashes = PromptHashes(query.prompt_token_ids, query.cache_salt or "")  # hashed once, carried in the plan
         if self.cache_probe is not None:
-            # a refusal by limits, or by objectives that even a full hit would miss, never waits on the cache;
-            # route checks again after the probe, since requests routed while it waited change those queues
+            # a refusal by limits, or by objectives that even a full hit would miss (floors: asked here only), never
+            # waits on the cache; route checks again after the probe, as requests routed meanwhile change the queues
             start = time.perf_counter()
             try:
-                router.admissible(query, self.registry.routable(), self.max_queue)
+                check_floors(query, router.admissible(query, self.registry.routable(), self.max_queue))
             except MeshError as e:
                 _count_rejection(e, start)
                 raise
